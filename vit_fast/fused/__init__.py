@@ -1,0 +1,7 @@
+"""Registered torch ops (namespace ``vit_fast``) around our kernels, one module per op.
+
+Each module validates inputs, allocates outputs, picks a launch configuration, launches the
+kernels of ``vit_fast.kernels`` (Triton) or ``vit_fast._C`` (C++/CUDA), and registers fake
+(meta) and autograd implementations so the ops work under ``torch.compile(fullgraph=True)``.
+Modules are imported on first use, so a missing compiler or extension only matters to its op.
+"""
