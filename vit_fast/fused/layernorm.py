@@ -1,0 +1,326 @@
+"""LayerNorm and the pre-LN block's fused residual add + LayerNorm, as torch ops (namespace vit_fast).
+
+Public API (the same math as ``vit_fast.reference.layer_norm`` / ``add_layer_norm``):
+
+    layer_norm(x, weight, bias, eps=1e-6) -> y
+    add_layer_norm(x, residual, weight, bias, eps=1e-6) -> (y, s)     s = x + residual, y = LN(s)
+
+Registered ops (``torch.library.custom_op``, each with a fake implementation; the two forward ops
+have autograd formulas that call the backward op):
+
+    vit_fast::layer_norm_fwd(x, weight, bias, eps) -> (y, mean, rstd)
+    vit_fast::add_layer_norm_fwd(x, residual, weight, bias, eps) -> (y, s, mean, rstd)
+    vit_fast::layer_norm_bwd(dy, ds?, x, weight, mean, rstd) -> (dx, dweight, dbias)
+
+Fusing the residual add saves a full read and write of the activation tensor per LayerNorm: the
+unfused block reads x and residual, writes s, then reads s again to normalize it. In the backward
+the gradient of s (the next residual stream) is added to dx inside the same kernel.
+
+Inputs: x of any shape (..., N), normalized over the last dimension; leading dimensions are
+flattened into rows without a copy whenever a single row stride describes them. fp32, fp16, bf16
+(and fp64, computed in fp64, for gradcheck). weight and bias (N,) share one dtype, either x's or
+fp32 (fp32 parameters with bf16 activations is what mixed-precision training hands a LayerNorm).
+Outputs are in x's dtype; the statistics are computed in fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from vit_fast.kernels.layernorm import column_sum_kernel, layer_norm_bwd_kernel, layer_norm_fwd_kernel
+
+__all__ = ["LayerNormConfig", "MAX_WIDTH", "add_layer_norm", "backward_config", "forward_config", "layer_norm"]
+
+# A whole row lives in one program's registers. Wider rows would need a looping kernel; ViT widths
+# are at most 1664 (ViT-bigG), far below this.
+MAX_WIDTH = 16384
+
+# Elements of x one program holds at a time. The backward holds about twice as many live values
+# per element (x, dy, ds, xhat, two accumulators), so it takes half the tile.
+_FWD_TILE_ELEMENTS = 4096
+_BWD_TILE_ELEMENTS = 2048
+_MAX_ROWS_PER_TILE = 16
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class LayerNormConfig:
+    """Launch configuration of the forward kernel or of the backward kernel."""
+
+    BLOCK_M: int  # rows per tile: several narrow rows share one program
+    BLOCK_N: int  # next power of two >= width: the whole row is one block
+    num_warps: int
+
+
+def _config(width: int, dtype: torch.dtype, tile_elements: int) -> LayerNormConfig:
+    if not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"LayerNorm width must be in [1, {MAX_WIDTH}], got {width}")
+    block_n = triton.next_power_of_2(width)
+    block_m = max(1, min(_MAX_ROWS_PER_TILE, tile_elements // block_n))
+    # Each thread should load two 16-byte vectors of every tensor it reads: 8 fp32 or 16 fp16/bf16
+    # elements. Fewer per thread wastes issue slots on address math; more raises register pressure.
+    elements_per_thread = 2 * 16 // torch.empty((), dtype=dtype).element_size()
+    num_warps = block_m * block_n // (32 * elements_per_thread)
+    num_warps = max(1, min(16, num_warps))
+    return LayerNormConfig(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+
+
+def forward_config(width: int, dtype: torch.dtype) -> LayerNormConfig:
+    """Forward launch configuration: a pure function of (width, dtype), the same on a GPU and
+    under the interpreter (no autotuning, which the interpreter cannot run).
+
+    BLOCK_N = next_power_of_2(width); BLOCK_M = 4096 // BLOCK_N rows per program (1 to 16), so
+    narrow rows (192, 384) are processed 16 and 8 to a program rather than one; num_warps gives each
+    thread two 16-byte vectors of the tile (1 to 16 warps).
+    """
+    return _config(width, dtype, _FWD_TILE_ELEMENTS)
+
+
+def backward_config(width: int, dtype: torch.dtype) -> LayerNormConfig:
+    """Backward launch configuration: as ``forward_config`` with 2048-element tiles."""
+    return _config(width, dtype, _BWD_TILE_ELEMENTS)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _backward_programs(rows: int, block_m: int, device: torch.device) -> int:
+    """Programs of the backward grid. Each writes one row of weight/bias partial sums, so the count
+    trades the second reduction's size against parallelism: a few programs per SM on a GPU, a fixed
+    8 under the interpreter. It depends only on the shape and the device, never on timing, so the
+    summation order (and the result) is the same on every run."""
+    per_program_tiles = 4 * _multiprocessor_count(device.index or 0) if device.type == "cuda" else 8
+    return max(1, min(triton.cdiv(rows, block_m), per_program_tiles))
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks, shared by the real and the fake implementations so torch.compile raises them too.
+
+
+def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None = None) -> None:
+    if x.dim() < 1:
+        raise ValueError("layer_norm expects x of shape (..., N) with at least one dimension, got a scalar")
+    width = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p.dim() != 1 or p.shape[0] != width:
+            raise ValueError(
+                f"layer_norm: {name} must have shape ({width},) to match the last dimension of x "
+                f"{tuple(x.shape)}, got {tuple(p.shape)}"
+            )
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"layer_norm: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if weight.dtype != bias.dtype:
+        raise TypeError(f"layer_norm: weight and bias must share a dtype, got {weight.dtype} and {bias.dtype}")
+    if weight.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"layer_norm: weight and bias must be {x.dtype} (like x) or torch.float32, got {weight.dtype}")
+    tensors = {"x": x, "weight": weight, "bias": bias}
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(
+                f"add_layer_norm: residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}"
+            )
+        if residual.dtype != x.dtype:
+            raise TypeError(f"add_layer_norm: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
+        tensors["residual"] = residual
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"layer_norm: all tensors must be on one device, got {devices}")
+
+
+def _check_launchable(x: Tensor) -> None:
+    """Real implementations only: where Triton can run (the fake ones run on the meta device)."""
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreting()):
+        raise ValueError(
+            f"layer_norm: tensors on {x.device} cannot run the Triton kernels; use CUDA tensors "
+            "(or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
+        )
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(..., N) -> (M, N), a view whenever one exists (so expanded or sliced tensors aren't copied)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+
+
+def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor, eps: float):
+    _check_inputs(x, weight, bias, residual)
+    _check_launchable(x)
+    width = x.shape[-1]
+    x2 = _rows(x)
+    res2 = _rows(residual) if residual is not None else x2
+    rows = x2.shape[0]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else y
+    mean = torch.empty(x.shape[:-1], dtype=_stats_dtype(x), device=x.device)
+    rstd = torch.empty_like(mean)
+    if rows > 0:
+        cfg = forward_config(width, x.dtype)
+        grid = (triton.cdiv(rows, cfg.BLOCK_M),)
+        layer_norm_fwd_kernel[grid](
+            x2, res2, weight.contiguous(), bias.contiguous(), y, s, mean, rstd,
+            x2.stride(0), x2.stride(1), res2.stride(0), res2.stride(1),
+            width, width,  # y and s are contiguous (M, N)
+            rows, width, eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
+        )
+    return y, s, mean, rstd
+
+
+@torch.library.custom_op("vit_fast::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm of x over its last dimension; also returns the fp32 mean and rstd, shape x.shape[:-1]."""
+    y, _, mean, rstd = _forward(x, None, weight, bias, eps)
+    return y, mean, rstd
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    _check_inputs(x, weight, bias)
+    mean = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("vit_fast::add_layer_norm_fwd", mutates_args=())
+def add_layer_norm_fwd(
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """s = x + residual and LayerNorm(s) in one pass; returns (y, s, mean, rstd)."""
+    return _forward(x, residual, weight, bias, eps)
+
+
+@add_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps):
+    _check_inputs(x, weight, bias, residual)
+    mean = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    s = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return y, s, mean, torch.empty_like(mean)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+
+
+@torch.library.custom_op("vit_fast::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(
+    dy: Tensor, ds: Tensor | None, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dx, dweight, dbias) of y = LayerNorm(x), given dy and, for the fused residual
+    variant, ds, the gradient reaching s = x + residual directly (added to dx). ``x`` is the tensor
+    that was normalized (s in the residual variant); mean and rstd are the forward's statistics."""
+    _check_launchable(x)
+    width = x.shape[-1]
+    x2, dy2 = _rows(x), _rows(dy)
+    ds2 = _rows(ds) if ds is not None else dy2
+    rows = x2.shape[0]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dweight = torch.empty_like(weight)
+    dbias = torch.empty_like(weight)
+    if rows == 0:
+        return dx, dweight.zero_(), dbias.zero_()
+
+    cfg = backward_config(width, x.dtype)
+    programs = _backward_programs(rows, cfg.BLOCK_M, x.device)
+    # Whole tiles per program, so no tile straddles two programs.
+    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), cfg.BLOCK_M) * cfg.BLOCK_M
+    programs = triton.cdiv(rows, rows_per_program)
+    dw_partial = torch.empty((programs, width), dtype=mean.dtype, device=x.device)
+    db_partial = torch.empty_like(dw_partial)
+    layer_norm_bwd_kernel[(programs,)](
+        x2, weight.contiguous(), mean, rstd, dy2, ds2, dx, dw_partial, db_partial,
+        x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), ds2.stride(0), ds2.stride(1),
+        width,  # dx is contiguous (M, N)
+        rows, width, rows_per_program,
+        HAS_DS=ds is not None,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
+    )
+    red = column_sum_config(width)
+    column_sum_kernel[(triton.cdiv(width, red.BLOCK_N),)](
+        dw_partial, db_partial, dweight, dbias, programs, width,
+        BLOCK_P=red.BLOCK_M, BLOCK_N=red.BLOCK_N, num_warps=red.num_warps,
+    )
+    return dx, dweight, dbias
+
+
+def column_sum_config(width: int) -> LayerNormConfig:
+    """The partial-sum reduction reads a (programs, N) fp32 buffer of a few hundred rows: 32 rows
+    by 128 columns per step (BLOCK_M here counts partial rows), 4 warps, one program per 128 columns."""
+    return LayerNormConfig(BLOCK_M=32, BLOCK_N=min(128, triton.next_power_of_2(width)), num_warps=4)
+
+
+@layer_norm_bwd.register_fake
+def _(dy, ds, x, weight, mean, rstd):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, weight, _bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = layer_norm_bwd(dy, None, x, weight, mean, rstd)
+    return dx, dweight, dbias, None
+
+
+layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
+
+
+def _add_layer_norm_setup_context(ctx, inputs, output):
+    _x, _residual, weight, _bias, _eps = inputs
+    _y, s, mean, rstd = output
+    ctx.save_for_backward(s, weight, mean, rstd)
+
+
+def _add_layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = layer_norm_bwd(dy, ds, s, weight, mean, rstd)
+    # s = x + residual: both receive the same gradient. Returning one tensor for both is safe;
+    # autograd copies it before accumulating into either input's .grad.
+    return dx, dx, dweight, dbias, None
+
+
+add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
+    """LayerNorm of x over its last dimension (fused Triton kernels); see ``vit_fast.reference``."""
+    return layer_norm_fwd(x, weight, bias, eps)[0]
+
+
+def add_layer_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """s = x + residual, y = LayerNorm(s) in one kernel; returns (y, s). Gradients flow through both."""
+    y, s, _mean, _rstd = add_layer_norm_fwd(x, residual, weight, bias, eps)
+    return y, s
