@@ -20,12 +20,17 @@ import torch
 from torch import Tensor
 
 
+def _acc(t: Tensor) -> Tensor:
+    """``t`` in the accumulation dtype: fp32 for 16-bit inputs, fp32/fp64 unchanged."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
-    """LayerNorm over the last dimension from its mean and (biased) variance, in fp32."""
-    xf = x.float()
+    """LayerNorm over the last dimension from its mean and (biased) variance, in fp32 or wider."""
+    xf = _acc(x)
     mean = xf.mean(dim=-1, keepdim=True)
     var = (xf - mean).pow(2).mean(dim=-1, keepdim=True)
-    y = (xf - mean) * torch.rsqrt(var + eps) * weight.float() + bias.float()
+    y = (xf - mean) * torch.rsqrt(var + eps) * _acc(weight) + _acc(bias)
     return y.to(x.dtype)
 
 
@@ -38,8 +43,8 @@ def add_layer_norm(
 
 
 def softmax(scores: Tensor, dim: int = -1) -> Tensor:
-    """exp(s - max s) / sum exp(s - max s), in fp32 (subtracting the max keeps exp finite)."""
-    sf = scores.float()
+    """exp(s - max s) / sum exp(s - max s), in fp32 or wider (subtracting the max keeps exp finite)."""
+    sf = _acc(scores)
     e = torch.exp(sf - sf.amax(dim=dim, keepdim=True))
     return (e / e.sum(dim=dim, keepdim=True)).to(scores.dtype)
 

@@ -37,12 +37,13 @@ from vit_fast.kernels.layernorm import column_sum_kernel, layer_norm_bwd_kernel,
 
 __all__ = ["LayerNormConfig", "MAX_WIDTH", "add_layer_norm", "backward_config", "forward_config", "layer_norm"]
 
-# A whole row lives in one program's registers. Wider rows would need a looping kernel; ViT widths
-# are at most 1664 (ViT-bigG), far below this.
-MAX_WIDTH = 16384
+# A whole row lives in one program's registers. Up to 4096 every configuration compiles without
+# spills (the AOT test checks); wider rows would need a kernel that loops over the row. ViT widths
+# are at most 1664 (ViT-bigG).
+MAX_WIDTH = 4096
 
-# Elements of x one program holds at a time. The backward holds about twice as many live values
-# per element (x, dy, ds, xhat, two accumulators), so it takes half the tile.
+# Elements of x one program holds at a time. The backward keeps about seven live values per element
+# (x, dy, ds, xhat, w * dy, two accumulators) against the forward's three, so it takes half the tile.
 _FWD_TILE_ELEMENTS = 4096
 _BWD_TILE_ELEMENTS = 2048
 _MAX_ROWS_PER_TILE = 16
@@ -62,16 +63,12 @@ class LayerNormConfig:
     num_warps: int
 
 
-def _config(width: int, dtype: torch.dtype, tile_elements: int) -> LayerNormConfig:
+def _config(width: int, tile_elements: int, elements_per_thread: int) -> LayerNormConfig:
     if not 1 <= width <= MAX_WIDTH:
-        raise ValueError(f"LayerNorm width must be in [1, {MAX_WIDTH}], got {width}")
+        raise ValueError(f"LayerNorm width (the last dimension of x) must be in [1, {MAX_WIDTH}], got {width}")
     block_n = triton.next_power_of_2(width)
     block_m = max(1, min(_MAX_ROWS_PER_TILE, tile_elements // block_n))
-    # Each thread should load two 16-byte vectors of every tensor it reads: 8 fp32 or 16 fp16/bf16
-    # elements. Fewer per thread wastes issue slots on address math; more raises register pressure.
-    elements_per_thread = 2 * 16 // torch.empty((), dtype=dtype).element_size()
-    num_warps = block_m * block_n // (32 * elements_per_thread)
-    num_warps = max(1, min(16, num_warps))
+    num_warps = max(1, min(16, block_m * block_n // (32 * elements_per_thread)))
     return LayerNormConfig(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
 
 
@@ -79,16 +76,23 @@ def forward_config(width: int, dtype: torch.dtype) -> LayerNormConfig:
     """Forward launch configuration: a pure function of (width, dtype), the same on a GPU and
     under the interpreter (no autotuning, which the interpreter cannot run).
 
-    BLOCK_N = next_power_of_2(width); BLOCK_M = 4096 // BLOCK_N rows per program (1 to 16), so
-    narrow rows (192, 384) are processed 16 and 8 to a program rather than one; num_warps gives each
-    thread two 16-byte vectors of the tile (1 to 16 warps).
+    BLOCK_N = next_power_of_2(width). BLOCK_M = 4096 // BLOCK_N rows per program (1 to 16), so
+    narrow rows share a program (16 rows of 192, 8 of 384) instead of leaving most lanes idle.
+    num_warps gives each thread two 16-byte vectors of every tensor it loads: 8 fp32 or 16
+    fp16/bf16 elements (1 to 16 warps). Fewer per thread spends issue slots on address math and
+    reductions; the forward's few live values per element leave room for more.
     """
-    return _config(width, dtype, _FWD_TILE_ELEMENTS)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return _config(width, _FWD_TILE_ELEMENTS, elements_per_thread=2 * 16 // itemsize)
 
 
 def backward_config(width: int, dtype: torch.dtype) -> LayerNormConfig:
-    """Backward launch configuration: as ``forward_config`` with 2048-element tiles."""
-    return _config(width, dtype, _BWD_TILE_ELEMENTS)
+    """Backward launch configuration: 2048-element tiles (BLOCK_M = 2048 // BLOCK_N, 1 to 16) and
+    8 elements per thread whatever the dtype: the backward is bound by registers (its values are
+    fp32 whatever the input), and 8 per thread keeps it near 128 registers with no spills.
+    ``dtype`` is accepted so callers treat both directions alike; it does not change the choice."""
+    del dtype
+    return _config(width, _BWD_TILE_ELEMENTS, elements_per_thread=8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,6 +117,8 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | No
     if x.dim() < 1:
         raise ValueError("layer_norm expects x of shape (..., N) with at least one dimension, got a scalar")
     width = x.shape[-1]
+    if not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"layer_norm: the last dimension of x {tuple(x.shape)} must be in [1, {MAX_WIDTH}], got {width}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p.dim() != 1 or p.shape[0] != width:
             raise ValueError(
@@ -221,6 +227,12 @@ def _(x, residual, weight, bias, eps):
 # Backward
 
 
+def column_sum_config(width: int) -> LayerNormConfig:
+    """The partial-sum reduction reads a (programs, N) fp32 buffer of a few hundred rows: 32 rows
+    by 128 columns per step (BLOCK_M here counts partial rows), 4 warps, one program per 128 columns."""
+    return LayerNormConfig(BLOCK_M=32, BLOCK_N=min(128, triton.next_power_of_2(width)), num_warps=4)
+
+
 @torch.library.custom_op("vit_fast::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(
     dy: Tensor, ds: Tensor | None, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor
@@ -260,12 +272,6 @@ def layer_norm_bwd(
         BLOCK_P=red.BLOCK_M, BLOCK_N=red.BLOCK_N, num_warps=red.num_warps,
     )
     return dx, dweight, dbias
-
-
-def column_sum_config(width: int) -> LayerNormConfig:
-    """The partial-sum reduction reads a (programs, N) fp32 buffer of a few hundred rows: 32 rows
-    by 128 columns per step (BLOCK_M here counts partial rows), 4 warps, one program per 128 columns."""
-    return LayerNormConfig(BLOCK_M=32, BLOCK_N=min(128, triton.next_power_of_2(width)), num_warps=4)
 
 
 @layer_norm_bwd.register_fake

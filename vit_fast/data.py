@@ -1,0 +1,288 @@
+"""Datasets held as uint8 tensors on the training device, augmented there in batched tensor ops.
+
+A ViT on 32x32 images eats tens of thousands of images per second on one GPU; a per-image
+PIL/worker pipeline cannot keep up. So the whole dataset (CIFAR-100 train is 150 MB as uint8)
+lives on the device and each batch is cropped, flipped, normalised (and optionally mixed) by a
+handful of tensor ops.
+
+Sources: CIFAR-100 and CIFAR-10 in their official python-pickle format (downloaded through
+torchvision when missing and online), an image folder (``root/train/<class>/*.png`` and
+``root/val/<class>/*``), and a synthetic, learnable task for smoke runs and tests.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DATASETS = ("cifar100", "cifar10", "imagefolder", "synthetic")
+
+# Official archives (https://www.cs.toronto.edu/~kriz/cifar.html) and their published MD5 sums.
+_CIFAR = {
+    "cifar100": dict(
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        folder="cifar-100-python",
+        train=["train"],
+        test=["test"],
+        meta="meta",
+        label_key="fine_labels",
+        names_key="fine_label_names",
+        num_classes=100,
+    ),
+    "cifar10": dict(
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+        folder="cifar-10-batches-py",
+        train=[f"data_batch_{i}" for i in range(1, 6)],
+        test=["test_batch"],
+        meta="batches.meta",
+        label_key="labels",
+        names_key="label_names",
+        num_classes=10,
+    ),
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class ImageDataset:
+    """Images (N, C, H, W) uint8 and labels (N,) int64, with the class names."""
+
+    images: Tensor
+    labels: Tensor
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
+        if len(self.labels) and not (0 <= int(self.labels.min()) and int(self.labels.max()) < len(self.classes)):
+            raise ValueError(f"labels must lie in [0, {len(self.classes)}), got [{int(self.labels.min())}, {int(self.labels.max())}]")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device) -> "ImageDataset":
+        return ImageDataset(self.images.to(device), self.labels.to(device), self.classes)
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def load_cifar(root: str | Path, name: str = "cifar100", train: bool = True, download: bool = True) -> ImageDataset:
+    """Read CIFAR-10/100 from the official python-pickle files under ``root``.
+
+    When the files are missing and ``download`` is set, fetch and verify the official archive
+    through torchvision; when that fails (offline), raise an error that says what to put where.
+    """
+    spec = _CIFAR[name]
+    folder = Path(root) / spec["folder"]
+    files = spec["train"] if train else spec["test"]
+    wanted = [folder / f for f in [*files, spec["meta"]]]
+    if not all(p.exists() for p in wanted) and download:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        try:
+            download_and_extract_archive(spec["url"], download_root=str(root), md5=spec["md5"])
+        except Exception as err:  # offline, proxy, disk: all end in the same advice
+            print(f"download of {spec['url']} failed: {err}")
+    missing = [str(p) for p in wanted if not p.exists()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"{name} not found in {Path(root).resolve()}: missing {missing}. Download "
+            f"{spec['url']} and extract it there (it unpacks to {spec['folder']}/), or run once "
+            "with network access so it downloads itself."
+        )
+    data, labels = [], []
+    for f in files:
+        batch = _unpickle(folder / f)
+        data.append(np.asarray(batch["data"], dtype=np.uint8))
+        labels.extend(batch[spec["label_key"]])
+    raw = np.concatenate(data)
+    if raw.ndim != 2 or raw.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{folder}: expected rows of 3072 bytes (3x32x32), got array of shape {raw.shape}")
+    images = torch.from_numpy(raw.reshape(-1, 3, 32, 32).copy())  # rows are stored channel-major
+    classes = list(_unpickle(folder / spec["meta"])[spec["names_key"]])
+    if len(classes) != spec["num_classes"]:
+        raise ValueError(f"{folder / spec['meta']}: expected {spec['num_classes']} class names, got {len(classes)}")
+    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), classes)
+
+
+def load_image_folder(root: str | Path, train: bool, image_size: int) -> ImageDataset:
+    """``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` (or ``test/``), resized
+    to image_size x image_size RGB and held as uint8."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    split_dirs = ["train"] if train else ["val", "test"]
+    split = next((Path(root) / s for s in split_dirs if (Path(root) / s).is_dir()), None)
+    if split is None:
+        raise DatasetNotFoundError(
+            f"image folder {Path(root).resolve()} has no {' or '.join(split_dirs)}/ directory; expected "
+            f"{root}/train/<class>/<image> and {root}/val/<class>/<image>"
+        )
+    to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize((image_size, image_size), antialias=True)])
+    folder = ImageFolder(str(split), transform=lambda img: to_tensor(img.convert("RGB")))
+    images = torch.stack([folder[i][0] for i in range(len(folder))])
+    return ImageDataset(images, torch.tensor(folder.targets, dtype=torch.int64), list(folder.classes))
+
+
+def synthetic(num_images: int, num_classes: int, image_size: int = 32, seed: int = 0) -> ImageDataset:
+    """A learnable task: each class is a fixed random low-frequency pattern, each image that
+    pattern plus noise. A model that learns drives the loss well below log(num_classes)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(num_classes, 3, 4, 4, generator=g)
+    templates = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    labels = torch.randint(num_classes, (num_images,), generator=g)
+    noise = 0.15 * torch.randn(num_images, 3, image_size, image_size, generator=g)
+    images = ((templates[labels] + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageDataset(images, labels, [f"class_{i}" for i in range(num_classes)])
+
+
+def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units (computed in chunks)."""
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    for chunk in images.split(4096):
+        x = chunk.to(torch.float64) / 255
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += x.pow(2).sum(dim=(0, 2, 3))
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / n
+    std = (total_sq / n - mean.pow(2)).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def normalize(images: Tensor, mean: list[float], std: list[float]) -> Tensor:
+    """uint8 (B, C, H, W) -> float32, (x/255 - mean) / std per channel."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255 - m) / s
+
+
+def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
+    """Per-image random crop from the zero-padded image and random horizontal flip, as one gather."""
+    if padding == 0 and not flip:
+        return images
+    B, C, H, W = images.shape
+    dev = images.device
+    padded = F.pad(images, (padding,) * 4) if padding else images
+    oy = torch.randint(0, 2 * padding + 1, (B, 1), generator=generator, device=dev)
+    ox = torch.randint(0, 2 * padding + 1, (B, 1), generator=generator, device=dev)
+    rows = (oy + torch.arange(H, device=dev)).view(B, 1, H, 1)
+    cols = ox + torch.arange(W, device=dev)  # (B, W)
+    if flip:
+        flipped = torch.rand(B, 1, generator=generator, device=dev) < 0.5
+        cols = torch.where(flipped, cols.flip(1), cols)
+    cols = cols.view(B, 1, 1, W)
+    batch = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    chan = torch.arange(C, device=dev).view(1, C, 1, 1)
+    return padded[batch, chan, rows, cols]  # (B, C, H, W): one gather
+
+
+def mix(
+    images: Tensor, targets: Tensor, mixup_alpha: float, cutmix_alpha: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), one of them per batch at random.
+
+    ``images`` float (B, C, H, W), ``targets`` soft labels (B, K). The batch is mixed with its
+    reverse; returns the mixed images and targets."""
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand((), generator=generator).item() < 0.5)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = float(np.random.default_rng(int(torch.randint(2**31, (), generator=generator))).beta(alpha, alpha))
+    flipped = images.flip(0)
+    if use_cutmix:
+        H, W = images.shape[-2:]
+        cut_h, cut_w = int(H * (1 - lam) ** 0.5), int(W * (1 - lam) ** 0.5)
+        cy = int(torch.randint(H, (), generator=generator))
+        cx = int(torch.randint(W, (), generator=generator))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
+        images = images.clone()
+        images[:, :, y0:y1, x0:x1] = flipped[:, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # the area actually pasted
+    else:
+        images = lam * images + (1 - lam) * flipped
+    return images, lam * targets + (1 - lam) * targets.flip(0)
+
+
+@dataclass
+class Augment:
+    padding: int = 4  # random crop from the image zero-padded by this many pixels (0 = off)
+    flip: bool = True
+    mixup_alpha: float = 0.0  # 0 = off
+    cutmix_alpha: float = 0.0  # 0 = off
+
+
+class DeviceLoader:
+    """Batches of a device-resident ImageDataset: shuffled, augmented and normalised on device.
+
+    Every epoch's order and augmentation come from a generator seeded with (seed, epoch), so an
+    epoch is the same whether or not the run was interrupted before it.
+    """
+
+    def __init__(
+        self,
+        data: ImageDataset,
+        batch_size: int,
+        mean: list[float],
+        std: list[float],
+        train: bool,
+        augment: Augment | None = None,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.data, self.batch_size, self.mean, self.std = data, batch_size, mean, std
+        self.train, self.augment, self.seed, self.drop_last = train, augment or Augment(), seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.num_classes = len(data.classes)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self, generator: torch.Generator) -> Tensor:
+        n = len(self.data)
+        idx = torch.randperm(n, generator=generator, device="cpu") if self.train else torch.arange(n)
+        # Each rank takes every world_size-th sample of the same permutation (a disjoint shard).
+        return idx[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        n = len(range(self.rank, len(self.data), self.world_size))
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        dev = self.data.images.device
+        gen_cpu = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        gen_dev = torch.Generator(device=dev).manual_seed(self.seed * 100_003 + self.epoch + 1)
+        idx = self._indices(gen_cpu).to(dev)
+        aug = self.augment
+        for b in range(len(self)):
+            sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
+            images, labels = self.data.images[sel], self.data.labels[sel]
+            if self.train:
+                images = random_crop_flip(images, aug.padding, aug.flip, gen_dev)
+            x = normalize(images, self.mean, self.std)
+            if self.train and (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0):
+                soft = F.one_hot(labels, self.num_classes).float()
+                x, soft = mix(x, soft, aug.mixup_alpha, aug.cutmix_alpha, gen_dev)
+                yield x, soft
+            else:
+                yield x, labels

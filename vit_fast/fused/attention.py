@@ -1,0 +1,396 @@
+"""Fused attention as torch ops: ``vit_fast::attention`` and ``vit_fast::attention_packed``.
+
+Both ops run the Triton kernels of ``vit_fast.kernels.attention`` on (B, H, N, D) strided views:
+the plain op on q, k, v themselves, the packed op on views into the qkv projection output
+(B, N, 3, H, D), with its output written straight into (B, N, H*D) and its gradient straight into
+one (B, N, 3, H, D) tensor. No permute, transpose or contiguous copy happens on either path.
+
+Public API (matches ``vit_fast.reference.attention`` / ``attention_packed``):
+    attention(q, k, v, scale=None)      q, k, v (B, H, N, D) -> (B, H, N, D)
+    attention_packed(qkv, scale=None)   qkv (B, N, 3, H, D)  -> (B, N, H*D)
+
+Registered ops (custom_op + register_fake + register_autograd, so they pass opcheck and trace
+under torch.compile(fullgraph=True); the forward ops return the row log-sum-exp the backward
+needs as a second output):
+    vit_fast::attention(q, k, v, scale) -> (out, lse)
+    vit_fast::attention_backward(grad_out, q, k, v, out, lse, scale) -> (dq, dk, dv)
+    vit_fast::attention_packed(qkv, scale) -> (out, lse)
+    vit_fast::attention_packed_backward(grad_out, qkv, out, lse, scale) -> dqkv
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from vit_fast.kernels.attention import (
+    _attn_bwd_dkdv_kernel,
+    _attn_bwd_dq_kernel,
+    _attn_bwd_preprocess_kernel,
+    _attn_fwd_kernel,
+)
+
+MAX_HEAD_DIM = 128
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the tile loop (shared-memory buffers)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """One launch configuration per kernel of a forward + backward pass."""
+
+    forward: KernelConfig
+    preprocess: KernelConfig  # delta = rowsum(dO * O); only block_m is used
+    dkdv: KernelConfig  # block_n keys owned per program, block_m queries per loop step
+    dq: KernelConfig  # block_m queries owned per program, block_n keys per loop step
+
+
+# Under TRITON_INTERPRET=1 the numbers only shape the arithmetic, so one fixed, small, asymmetric
+# choice is used: BLOCK_M != BLOCK_N catches mixed-up masks, and 32-wide tiles make every test
+# sequence length above 32 (65, 197) run several tiles with a ragged last one.
+INTERPRETER_CONFIG = AttentionConfig(
+    forward=KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1),
+    preprocess=KernelConfig(block_m=32, block_n=0, num_warps=4, num_stages=1),
+    dkdv=KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1),
+    dq=KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1),
+)
+
+SINGLE_TILE_MAX_SEQ = 128  # sequences up to this length are covered by one key tile
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two, at least 16 (the minimum tl.dot operand size)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def choose_config(head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bool | None = None) -> AttentionConfig:
+    """Launch configuration from head dim, sequence length and dtype (no autotuning, which the
+    interpreter cannot run and which would make timings depend on the first shape seen).
+
+    - Short sequences (N <= 128, ViT on CIFAR has N = 65): one key tile of next_pow2(N) covers
+      the whole sequence, so the forward and dQ passes run a single loop iteration with no online
+      rescaling, and the dK/dV pass owns all keys of a head in one program.
+    - Longer sequences: 128 x 64 forward tiles as in the FlashAttention-2 / Triton-tutorial
+      forward, 64 x 64 tiles for the backward; BLOCK_D = 128 halves the tiles that keep two
+      head-dim-wide fp32 accumulators in registers (dK/dV), so nothing spills (checked for sm_80
+      and sm_90 by tests/test_attention.py::test_aot_every_config).
+    - 8 warps once a tile's logits or accumulators reach 128 x 128 fp32 (64 KiB), 4 otherwise.
+    - fp32/fp64 inputs take twice the registers per operand: their tiles are halved (they exist
+      for testing, not speed).
+    """
+    if interpret is None:
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if interpret:
+        return INTERPRETER_CONFIG
+    bd = block_d(head_dim)
+    wide = dtype in (torch.float32, torch.float64)
+    if seq_len <= SINGLE_TILE_MAX_SEQ:
+        bn = max(16, triton.next_power_of_2(seq_len))
+        fwd_m = min(64, bn)
+        forward = KernelConfig(fwd_m, bn, num_warps=8 if bn * bd >= 128 * 128 else 4, num_stages=2)
+        dkdv = KernelConfig(block_m=min(32, bn), block_n=bn, num_warps=8 if bn * bd >= 64 * 128 else 4, num_stages=2)
+        dq = KernelConfig(block_m=min(64, bn), block_n=bn, num_warps=8 if bn * bd >= 128 * 128 else 4, num_stages=2)
+    else:
+        forward = KernelConfig(128, 64, num_warps=8 if bd >= 128 else 4, num_stages=3)
+        dkdv = KernelConfig(block_m=32, block_n=64, num_warps=8 if bd >= 128 else 4, num_stages=2)
+        dq = KernelConfig(block_m=64, block_n=64, num_warps=8 if bd >= 128 else 4, num_stages=2)
+    if wide:
+        forward = KernelConfig(max(16, forward.block_m // 2), max(16, forward.block_n // 2), forward.num_warps, 1)
+        dkdv = KernelConfig(max(16, dkdv.block_m // 2), max(16, dkdv.block_n // 2), dkdv.num_warps, 1)
+        dq = KernelConfig(max(16, dq.block_m // 2), max(16, dq.block_n // 2), dq.num_warps, 1)
+    preprocess = KernelConfig(block_m=64, block_n=0, num_warps=4, num_stages=1)
+    return AttentionConfig(forward, preprocess, dkdv, dq)
+
+
+def all_configs(head_dim: int, dtype: torch.dtype) -> set[AttentionConfig]:
+    """Every configuration ``choose_config`` can return for this head dim and dtype on a GPU.
+
+    The choice depends on the sequence length only up to SINGLE_TILE_MAX_SEQ + 1, so sweeping
+    1..SINGLE_TILE_MAX_SEQ + 1 enumerates them all (the ahead-of-time test compiles each).
+    """
+    return {choose_config(head_dim, n, dtype, interpret=False) for n in range(1, SINGLE_TILE_MAX_SEQ + 2)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_head_dim(head_dim: int) -> None:
+    if head_dim > MAX_HEAD_DIM or head_dim % 8 != 0 or head_dim <= 0:
+        raise ValueError(
+            f"fused attention supports head dims that are positive multiples of 8 up to {MAX_HEAD_DIM}, got {head_dim}"
+        )
+
+
+def _check_tensor(name: str, t: Tensor, rank: int, layout: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have shape {layout} (rank {rank}), got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; fused attention supports {SUPPORTED_DTYPES}")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if t.device.type != "cuda" and not (interpret and t.device.type == "cpu"):
+        raise ValueError(
+            f"{name} is on {t.device}; fused attention runs on CUDA tensors "
+            "(or CPU tensors under TRITON_INTERPRET=1)"
+        )
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 4, "(B, H, N, D)")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"q, k and v must have the same shape (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    _check_head_dim(q.shape[-1])
+
+
+def _check_packed(qkv: Tensor) -> None:
+    _check_tensor("qkv", qkv, 5, "(B, N, 3, H, D)")
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)} (dim 2 is {qkv.shape[2]}, expected 3)")
+    _check_head_dim(qkv.shape[-1])
+
+
+def _resolve_scale(scale: float | None, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: every tensor is a (B, H, N, D) view whose last stride is 1
+# ----------------------------------------------------------------------------------------------
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    """The kernels need stride 1 on the head dim (vectorised loads). Projection outputs have it;
+    incoming gradients may not (``out.sum().backward()`` hands over an expanded, stride-0 tensor),
+    and those are copied here, deliberately and only then."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernel_dtypes(dtype: torch.dtype) -> dict:
+    """The DOT_PRECISION and ACC_DTYPE constexprs for an input dtype."""
+    import triton.language as tl
+
+    wide = dtype in (torch.float32, torch.float64)
+    return {"DOT_PRECISION": "ieee" if wide else "tf32", "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32}
+
+
+def _strides3(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def launch_forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float, config: AttentionConfig | None = None) -> Tensor:
+    """out <- softmax(q k^T * scale) v on (B, H, N, D) views; returns lse (B, H, N)."""
+    B, H, N, D = q.shape
+    cfg = (config or choose_config(D, N, q.dtype)).forward
+    lse = torch.empty((B, H, N), device=q.device, dtype=_acc_dtype(q.dtype))
+    grid = (triton.cdiv(N, cfg.block_m), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
+        H, N, D, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D), **_kernel_dtypes(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return lse
+
+
+def launch_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+    dq: Tensor, dk: Tensor, dv: Tensor, config: AttentionConfig | None = None,
+) -> None:
+    """dq, dk, dv <- gradients of the attention on (B, H, N, D) views (written, not accumulated)."""
+    B, H, N, D = q.shape
+    cfg = config or choose_config(D, N, q.dtype)
+    dtypes = _kernel_dtypes(q.dtype)
+    bd = block_d(D)
+    delta = torch.empty_like(lse)
+    pre = cfg.preprocess
+    _attn_bwd_preprocess_kernel[(triton.cdiv(N, pre.block_m), B * H)](
+        out, grad_out, delta, *_strides3(out), *_strides3(grad_out), H, N, D,
+        BLOCK_M=pre.block_m, BLOCK_D=bd, ACC_DTYPE=dtypes["ACC_DTYPE"],
+        num_warps=pre.num_warps, num_stages=pre.num_stages,
+    )
+    c = cfg.dkdv
+    _attn_bwd_dkdv_kernel[(triton.cdiv(N, c.block_n), B * H)](
+        q, k, v, grad_out, dk, dv, lse, delta,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dk), *_strides3(dv),
+        H, N, D, scale,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd, **dtypes,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+    c = cfg.dq
+    _attn_bwd_dq_kernel[(triton.cdiv(N, c.block_m), B * H)](
+        q, k, v, grad_out, dq, lse, delta,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dq),
+        H, N, D, scale,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd, **dtypes,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+
+
+def _split_packed(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, N, 3, H, D) -> three (B, H, N, D) views, no copy."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def _packed_out_view(out: Tensor, H: int) -> Tensor:
+    """(B, N, H*D) -> (B, H, N, D) view of the same memory."""
+    B, N, HD = out.shape
+    return out.view(B, N, H, HD // H).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered ops
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("vit_fast::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = launch_forward(q, k, v, out, scale)
+    return out, lse
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale):
+    B, H, N, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, N), dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("vit_fast::attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    grad_out, q, k, v = (_unit_last_stride(t) for t in (grad_out, q, k, v))
+    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    launch_backward(grad_out, q, k, v, out, lse, scale, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    # lse is an internal by-product: nothing the public API returns depends on it.
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+@torch.library.custom_op("vit_fast::attention_packed", mutates_args=())
+def _attention_packed_op(qkv: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    qkv = _unit_last_stride(qkv)
+    B, N, _, H, D = qkv.shape
+    out = torch.empty((B, N, H * D), device=qkv.device, dtype=qkv.dtype)  # ready for the projection
+    lse = launch_forward(*_split_packed(qkv), _packed_out_view(out, H), scale)
+    return out, lse
+
+
+@_attention_packed_op.register_fake
+def _(qkv, scale):
+    B, N, _, H, D = qkv.shape
+    return qkv.new_empty((B, N, H * D)), qkv.new_empty((B, H, N), dtype=_acc_dtype(qkv.dtype))
+
+
+@torch.library.custom_op("vit_fast::attention_packed_backward", mutates_args=())
+def _attention_packed_backward_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float) -> Tensor:
+    grad_out, qkv = _unit_last_stride(grad_out), _unit_last_stride(qkv)
+    H = qkv.shape[3]
+    # One (B, N, 3, H, D) gradient, the layout of qkv: dq, dk, dv are written into it through
+    # strides, so it flows back into the qkv projection with no cat or copy.
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    dq, dk, dv = _split_packed(dqkv)
+    launch_backward(
+        _packed_out_view(grad_out, H), *_split_packed(qkv), _packed_out_view(out, H), lse, scale, dq, dk, dv
+    )
+    return dqkv
+
+
+@_attention_packed_backward_op.register_fake
+def _(grad_out, qkv, out, lse, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _attention_packed_setup_context(ctx, inputs, output):
+    qkv, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.scale = scale
+
+
+def _attention_packed_backward(ctx, grad_out, grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    return _attention_packed_backward_op(grad_out, qkv, out, lse, ctx.scale), None
+
+
+_attention_packed_op.register_autograd(_attention_packed_backward, setup_context=_attention_packed_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """softmax(q k^T * scale) v for q, k, v of shape (B, H, N, D); scale defaults to 1/sqrt(D).
+
+    Same contract as ``vit_fast.reference.attention`` (without dropout). D must be a multiple of 8
+    up to 128; fp16, bf16 (fp32 accumulation), fp32 and fp64.
+    """
+    _check_qkv(q, k, v)
+    out, _ = _attention_op(q, k, v, _resolve_scale(scale, q.shape[-1]))
+    return out
+
+
+def attention_packed(qkv: Tensor, scale: float | None = None) -> Tensor:
+    """Attention read from the packed projection output (B, N, 3, H, D), as produced by
+    ``linear(x).view(B, N, 3, H, D)``; returns (B, N, H*D), ready for the output projection.
+
+    Same contract as ``vit_fast.reference.attention_packed`` (without dropout).
+    """
+    _check_packed(qkv)
+    out, _ = _attention_packed_op(qkv, _resolve_scale(scale, qkv.shape[-1]))
+    return out

@@ -1,0 +1,367 @@
+"""The fused transformer MLP as torch ops: fc2(GELU(fc1(x))) (+ residual), forward and backward.
+
+Public API (shapes as in ``vit_fast.reference``; weights in nn.Linear layout (out, in)):
+
+    mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate="none", residual=None)
+    linear(x, weight, bias=None, residual=None)
+
+Registered ops (namespace ``vit_fast``), each with a fake (meta) implementation:
+
+    vit_fast::mlp            (x, w1, b1, w2, b2, approximate, residual?) -> (y, hidden)   + autograd
+    vit_fast::mlp_gelu_grad  (grad_y, x, w1, b1, w2, approximate) -> grad_pre             backward helper
+    vit_fast::linear         (x, w, b?, residual?) -> y                                   + autograd
+
+Forward: two launches of ``linear_fwd_kernel``, fc1 with bias + GELU in the epilogue (the
+hidden activation is written once, the pre-activation never), fc2 with bias + residual.
+Backward: ``gelu_bwd_kernel`` computes grad_pre = (dY W2) * GELU'(pre), recomputing pre in the
+same program (why: ``kernels/mlp.py``); the other products go to cuBLAS (why: ``_mlp_backward``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vit_fast.kernels.mlp import gelu_bwd_kernel, linear_fwd_kernel
+
+_APPROXIMATE_TO_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- launch configs
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    block_m: int  # rows of the output tile
+    block_n: int  # columns of the output tile
+    block_k: int  # reduction step per tl.dot (>= 16, the tensor-core minimum)
+    group_m: int = 8  # row tiles per L2-friendly group (see _tile_coordinates)
+    num_warps: int = 4
+    num_stages: int = 3  # software-pipelining depth of the K loop (shared-memory buffers)
+
+
+# Under TRITON_INTERPRET=1 one fixed, modest config: tiles of 64 keep the number of programs (the
+# interpreter's cost) low while test shapes still span several tiles and K steps.
+INTERPRETER_CONFIG = MatmulConfig(block_m=64, block_n=64, block_k=32, group_m=4, num_warps=4, num_stages=1)
+
+# One wave of 128x128 tiles covers the SMs of an A100 (108) or H100 (132); below that, halve the
+# tile so the grid still fills the GPU.
+_ONE_WAVE_TILES = 128
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype) -> MatmulConfig:
+    """The launch configuration of ``kernel`` ("linear" or "gelu_bwd") for an (M, K) x (K, N) product.
+
+    - BLOCK_K by element size, so a pipeline stage of 16-bit operands is 64 deep (128-byte rows)
+      and the stages of 32-bit operands fit the 163 KiB of shared memory of an A100.
+    - "linear": 128x128 tiles with 8 warps when the grid has at least a wave of them, else 64x128
+      with 4 warps and one more stage. Accumulator: 64 fp32 registers per thread either way.
+    - "gelu_bwd" holds two accumulators (dY W2 and the recomputed pre-activation): 128x64 tiles
+      with 8 warps (or 64x64 with 4) keep them at 64 fp32 registers per thread in total.
+    - fp64 (gradcheck only): small 64x64x16 tiles, register-light.
+    A heuristic from tile counts and register/shared-memory budgets, to be tuned on a GPU with
+    benchmarks/bench_mlp.py; ``tests/test_mlp.py`` compiles every config it can return.
+    """
+    if kernel not in ("linear", "gelu_bwd"):
+        raise ValueError(f"kernel must be 'linear' or 'gelu_bwd', got {kernel!r}")
+    if interpreting():
+        return INTERPRETER_CONFIG
+    if dtype == torch.float64:
+        return MatmulConfig(64, 64, 16, group_m=8, num_warps=4, num_stages=2)
+    block_k = 64 if dtype in (torch.float16, torch.bfloat16) else 32
+    big = math.ceil(M / 128) * math.ceil(N / 128) >= _ONE_WAVE_TILES
+    if kernel == "linear":
+        if big:
+            return MatmulConfig(128, 128, block_k, group_m=8, num_warps=8, num_stages=3)
+        return MatmulConfig(64, 128, block_k, group_m=8, num_warps=4, num_stages=4)
+    if big:
+        return MatmulConfig(128, 64, block_k, group_m=8, num_warps=8, num_stages=3)
+    return MatmulConfig(64, 64, block_k, group_m=8, num_warps=4, num_stages=3)
+
+
+def _precision_args(dtype: torch.dtype) -> dict:
+    import triton.language as tl
+
+    wide = dtype in (torch.float32, torch.float64)
+    return {
+        "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
+        # fp32 inputs get exact fp32 products (no TF32 rounding), so fp32 tests can be tight.
+        "INPUT_PRECISION": "ieee" if wide else "tf32",
+    }
+
+
+def _grid(M: int, N: int, cfg: MatmulConfig) -> tuple[int]:
+    return (math.ceil(M / cfg.block_m) * math.ceil(N / cfg.block_n),)
+
+
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device; make it the tensors' one."""
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], residual2d: Optional[Tensor],
+                   activation: str) -> Tensor:
+    """act(x2d W^T + bias) + residual2d for x2d (M, K), weight (N, K) -> (M, N)."""
+    M, K = x2d.shape
+    N = weight.shape[0]
+    out = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
+    if M == 0 or N == 0:
+        return out
+    cfg = choose_config("linear", M, N, K, x2d.dtype)
+    # Unused pointer arguments get `out`: a valid pointer the kernel never reads (flag is off).
+    bias_arg = bias if bias is not None else out
+    res_arg = residual2d if residual2d is not None else out
+    with _on_device(x2d):
+        linear_fwd_kernel[_grid(M, N, cfg)](
+            x2d, weight, bias_arg, res_arg, out,
+            M, N, K,
+            x2d.stride(0), x2d.stride(1),
+            weight.stride(0), weight.stride(1),
+            res_arg.stride(0), res_arg.stride(1),
+            out.stride(0), out.stride(1),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual2d is not None, ACTIVATION=activation,
+            **_precision_args(x2d.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out
+
+
+def _launch_gelu_bwd(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, activation: str) -> Tensor:
+    """(grad_y2d W2) * GELU'(x2d W1^T + b1) -> (M, hidden)."""
+    M, k_in = x2d.shape
+    hidden, k_out = w1.shape[0], w2.shape[0]
+    grad_pre = torch.empty((M, hidden), device=x2d.device, dtype=x2d.dtype)
+    if M == 0 or hidden == 0:
+        return grad_pre
+    cfg = choose_config("gelu_bwd", M, hidden, max(k_in, k_out), x2d.dtype)
+    with _on_device(x2d):
+        gelu_bwd_kernel[_grid(M, hidden, cfg)](
+            grad_y2d, w2, x2d, w1, b1, grad_pre,
+            M, hidden, k_out, k_in,
+            grad_y2d.stride(0), grad_y2d.stride(1),
+            w2.stride(0), w2.stride(1),  # W2 (out, hidden) is already the (K_OUT, N) operand
+            x2d.stride(0), x2d.stride(1),
+            w1.stride(0), w1.stride(1),
+            grad_pre.stride(0), grad_pre.stride(1),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            ACTIVATION=activation,
+            **_precision_args(x2d.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return grad_pre
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_common(tensors: dict[str, Optional[Tensor]]) -> None:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    for name, t in present.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    first_name, first = next(iter(present.items()))
+    if first.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{first_name} has dtype {first.dtype}; supported: float16, bfloat16, float32, float64")
+    for name, t in present.items():
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; all tensors must share one dtype")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all tensors must share one device")
+    if first.device.type == "cpu" and not interpreting():
+        raise RuntimeError("the fused MLP runs Triton kernels: CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    if first.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"the fused MLP runs on CUDA (or CPU under TRITON_INTERPRET=1), got device {first.device}")
+
+
+def _check_linear_shapes(prefix: str, x_shape, weight: Tensor, bias: Optional[Tensor]) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"{prefix}weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x_shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{prefix}weight of shape {tuple(weight.shape)} expects inputs of width {weight.shape[1]}, "
+            f"got width {x_shape[-1]} (input shape {tuple(x_shape)})"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{prefix}bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _check_residual(residual: Optional[Tensor], out_shape: tuple) -> None:
+    if residual is not None and tuple(residual.shape) != tuple(out_shape):
+        raise ValueError(f"residual must have the output's shape {tuple(out_shape)}, got {tuple(residual.shape)}")
+
+
+def _check_approximate(approximate: str) -> None:
+    if approximate not in _APPROXIMATE_TO_ACTIVATION:
+        raise ValueError(f"approximate must be 'none' (erf GELU) or 'tanh', got {approximate!r}")
+
+
+def _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual) -> None:
+    _check_approximate(approximate)
+    _check_common({"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight,
+                   "fc2_bias": fc2_bias, "residual": residual})
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
+    _check_linear_shapes("fc1_", x.shape, fc1_weight, fc1_bias)
+    _check_linear_shapes("fc2_", (*x.shape[:-1], fc1_weight.shape[0]), fc2_weight, fc2_bias)
+    _check_residual(residual, (*x.shape[:-1], fc2_weight.shape[0]))
+
+
+# ----------------------------------------------------------------------------- vit_fast::mlp
+
+
+@torch.library.custom_op("vit_fast::mlp", mutates_args=())
+def _mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
+            approximate: str, residual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual)
+    lead, d_out = x.shape[:-1], fc2_weight.shape[0]
+    x2d = x.reshape(-1, x.shape[-1])  # (M, D_in), a view whenever the strides allow
+    hidden = _launch_linear(x2d, fc1_weight, fc1_bias, None, _APPROXIMATE_TO_ACTIVATION[approximate])  # (M, Hd)
+    res2d = residual.reshape(-1, d_out) if residual is not None else None
+    y = _launch_linear(hidden, fc2_weight, fc2_bias, res2d, "none")  # (M, D_out)
+    return y.reshape(*lead, d_out), hidden
+
+
+@_mlp_op.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual):
+    M = math.prod(x.shape[:-1])
+    y = x.new_empty((*x.shape[:-1], fc2_weight.shape[0]))
+    return y, x.new_empty((M, fc1_weight.shape[0]))
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, fc2_weight, _fc2_bias, approximate, residual = inputs
+    _y, hidden = output
+    # Saved: the inputs and the hidden activation H (dW2 = dY^T H needs it). Not saved: the
+    # pre-activation, recomputed in gelu_bwd_kernel (kernels/mlp.py says why).
+    ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, hidden)
+    ctx.approximate = approximate
+    ctx.has_residual = residual is not None
+    # `hidden` is returned only to be saved here; it carries no gradient.
+    ctx.mark_non_differentiable(hidden)
+
+
+def _sum_rows(t: Tensor) -> Tensor:
+    """Column sums (the bias gradient) accumulated in fp32 (fp64 for fp64), rounded once."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return t.sum(0, dtype=acc).to(t.dtype)
+
+
+def _mlp_backward(ctx, grad_y: Tensor, _grad_hidden: Optional[Tensor]):
+    x, w1, b1, w2, hidden = ctx.saved_tensors
+    d_in, d_out = x.shape[-1], w2.shape[0]
+    gy2d = grad_y.reshape(-1, d_out)  # may be a stride-0 view: the kernel and cuBLAS take strides
+    x2d = x.reshape(-1, d_in)
+    # The only product with an elementwise tail (GELU') is fused; it needs no pre-activation.
+    grad_pre = torch.ops.vit_fast.mlp_gelu_grad(gy2d, x2d, w1, b1, w2, ctx.approximate)  # (M, Hd)
+    # The other gradients are plain GEMMs (and column sums) with nothing to fuse into them:
+    # cuBLAS runs them near the roofline already, where a Triton copy would have to match it on
+    # every shape, and both cuBLAS GEMMs and torch's sum reductions are deterministic run to run
+    # (no atomics, no split-K reductions in arbitrary order). To be confirmed against a Triton
+    # alternative by benchmarks/bench_mlp.py on a GPU.
+    need = ctx.needs_input_grad
+    grad_x = (grad_pre @ w1).reshape(x.shape) if need[0] else None
+    grad_w1 = grad_pre.t() @ x2d if need[1] else None
+    grad_b1 = _sum_rows(grad_pre) if need[2] else None
+    grad_w2 = gy2d.t() @ hidden if need[3] else None
+    grad_b2 = _sum_rows(gy2d) if need[4] else None
+    grad_residual = grad_y if ctx.has_residual and need[6] else None
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, grad_residual
+
+
+_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+
+
+@torch.library.custom_op("vit_fast::mlp_gelu_grad", mutates_args=())
+def _mlp_gelu_grad_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
+                      approximate: str) -> Tensor:
+    """(grad_y W2) * GELU'(x W1^T + b1) for grad_y (M, D_out), x (M, D_in) -> (M, hidden)."""
+    _check_approximate(approximate)
+    _check_common({"grad_y": grad_y, "x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight})
+    return _launch_gelu_bwd(grad_y, x, fc1_weight, fc1_bias, fc2_weight, _APPROXIMATE_TO_ACTIVATION[approximate])
+
+
+@_mlp_gelu_grad_op.register_fake
+def _(grad_y, x, fc1_weight, fc1_bias, fc2_weight, approximate):
+    return x.new_empty((x.shape[0], fc1_weight.shape[0]))
+
+
+# ----------------------------------------------------------------------------- vit_fast::linear
+
+
+@torch.library.custom_op("vit_fast::linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:
+    lead, n = x.shape[:-1], weight.shape[0]
+    res2d = residual.reshape(-1, n) if residual is not None else None
+    y = _launch_linear(x.reshape(-1, x.shape[-1]), weight, bias, res2d, "none")
+    return y.reshape(*lead, n)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, residual):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, bias, residual = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+
+
+def _linear_backward(ctx, grad_y: Tensor):
+    x, weight = ctx.saved_tensors
+    gy2d = grad_y.reshape(-1, weight.shape[0])
+    need = ctx.needs_input_grad
+    grad_x = (gy2d @ weight).reshape(x.shape) if need[0] else None
+    grad_w = gy2d.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
+    grad_b = _sum_rows(gy2d) if ctx.has_bias and need[2] else None
+    grad_residual = grad_y if ctx.has_residual and need[3] else None
+    return grad_x, grad_w, grad_b, grad_residual
+
+
+_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def mlp(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    approximate: str = "none",
+    residual: Tensor | None = None,
+) -> Tensor:
+    """fc2(GELU(fc1(x))) (+ residual), as ``vit_fast.reference.mlp``; differentiable in every tensor.
+
+    x (..., D_in); fc1_weight (Hd, D_in); fc1_bias (Hd,); fc2_weight (D_out, Hd); fc2_bias (D_out,);
+    residual, if given, (..., D_out). ``approximate``: "none" (erf GELU) or "tanh".
+    """
+    _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual)
+    y, _hidden = torch.ops.vit_fast.mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual)
+    return y
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    """x W^T + bias (+ residual) with the adds fused into the matmul's epilogue; x (..., in), weight (out, in)."""
+    _check_common({"x": x, "weight": weight, "bias": bias, "residual": residual})
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
+    _check_linear_shapes("", x.shape, weight, bias)
+    _check_residual(residual, (*x.shape[:-1], weight.shape[0]))
+    return torch.ops.vit_fast.linear(x, weight, bias, residual)

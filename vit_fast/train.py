@@ -1,0 +1,306 @@
+"""Train a ViT on CIFAR-100 (or CIFAR-10, an image folder, a synthetic task).
+
+    python -m vit_fast.train                      # vit-cifar on CIFAR-100, the published recipe
+    python -m vit_fast.train --dataset synthetic --epochs 2 --preset vit-cifar --depth 2
+
+The default recipe follows the setup Lee et al. 2021 ("Vision Transformer for Small-Size
+Datasets") report for their CIFAR ViT: AdamW (lr 1e-3, weight decay 0.05), batch 128, linear
+warm-up then cosine decay, label smoothing 0.1, stochastic depth 0.1, 100 epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import data as data_mod
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import BACKENDS, PRESETS, get_preset
+from .model import ViTClassifier
+
+# Arguments that must not change when a run is resumed: the schedule and data order depend on them.
+RECIPE_ARGS = (
+    "dataset", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing",
+    "mixup", "cutmix", "crop_padding", "no_flip", "clip_grad", "seed", "beta1", "beta2",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vit_fast.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="vit-cifar", choices=sorted(PRESETS))
+    m.add_argument("--backend", default="torch", choices=BACKENDS,
+                   help="reference: the math written out; torch: PyTorch built-ins; fused: our kernels")
+    m.add_argument("--depth", type=int, help="override the preset's depth")
+    m.add_argument("--dim", type=int, help="override the preset's width")
+    m.add_argument("--heads", type=int, help="override the preset's number of heads")
+    m.add_argument("--patch-size", type=int, help="override the preset's patch size (must divide the image size)")
+    m.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
+    m.add_argument("--dropout", type=float, default=0.0)
+    m.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="cifar100", choices=data_mod.DATASETS)
+    d.add_argument("--data-dir", default="./data", help="where the dataset is (or is downloaded to)")
+    d.add_argument("--no-download", action="store_true", help="never try to download a missing dataset")
+    d.add_argument("--image-size", type=int, default=32, help="image folder and synthetic data are resized to this")
+    d.add_argument("--synthetic-size", type=int, default=2048, help="training images of --dataset synthetic")
+    d.add_argument("--synthetic-classes", type=int, default=10)
+    d.add_argument("--crop-padding", type=int, default=4, help="random crop from the image padded by this (0 = off)")
+    d.add_argument("--no-flip", action="store_true", help="disable random horizontal flips")
+    d.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(alpha, alpha); 0 = off")
+    d.add_argument("--cutmix", type=float, default=0.0, help="cutmix Beta(alpha, alpha); 0 = off")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=100)
+    o.add_argument("--batch-size", type=int, default=128)
+    o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    o.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
+    o.add_argument("--warmup-epochs", type=float, default=10.0)
+    o.add_argument("--weight-decay", type=float, default=0.05)
+    o.add_argument("--beta1", type=float, default=0.9)
+    o.add_argument("--beta2", type=float, default=0.999)
+    o.add_argument("--label-smoothing", type=float, default=0.1)
+    o.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 = off)")
+    o.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    r = p.add_argument_group("run")
+    r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out-dir", default="runs/vit", help="checkpoint.pt and metrics.jsonl go here")
+    r.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    r.add_argument("--overwrite", action="store_true", help="start afresh even if OUT_DIR has a checkpoint")
+    r.add_argument("--stop-after", type=int, default=None,
+                   help="leave after this many epochs in this invocation (time-sliced jobs; continue with --resume)")
+    r.add_argument("--eval-batch-size", type=int, default=512)
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    def positive(name):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+    for name in ("epochs", "batch_size", "lr", "eval_batch_size", "synthetic_size", "synthetic_classes",
+                 "image_size", "depth", "dim", "heads", "patch_size", "stop_after"):
+        positive(name)
+    for name in ("min_lr", "weight_decay", "warmup_epochs", "clip_grad", "mixup", "cutmix", "crop_padding"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.label_smoothing < 1:
+        raise SystemExit(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def load_data(args) -> tuple[data_mod.ImageDataset, data_mod.ImageDataset]:
+    if args.dataset in ("cifar100", "cifar10"):
+        dl = not args.no_download
+        return (data_mod.load_cifar(args.data_dir, args.dataset, True, dl),
+                data_mod.load_cifar(args.data_dir, args.dataset, False, dl))
+    if args.dataset == "imagefolder":
+        return (data_mod.load_image_folder(args.data_dir, True, args.image_size),
+                data_mod.load_image_folder(args.data_dir, False, args.image_size))
+    n, k, s = args.synthetic_size, args.synthetic_classes, args.image_size
+    # One draw split in two, so that train and test share the class patterns.
+    both = data_mod.synthetic(n + max(n // 4, 1), k, s, seed=args.seed)
+    split = lambda sl: data_mod.ImageDataset(both.images[sl], both.labels[sl], both.classes)  # noqa: E731
+    return split(slice(0, n)), split(slice(n, None))
+
+
+def model_config(args, num_classes: int, image_size: int):
+    overrides = dict(num_classes=num_classes, image_size=image_size, drop_path=args.drop_path, dropout=args.dropout)
+    for arg, field in (("depth", "depth"), ("dim", "dim"), ("heads", "num_heads"), ("patch_size", "patch_size")):
+        if getattr(args, arg) is not None:
+            overrides[field] = getattr(args, arg)
+    try:
+        return get_preset(args.preset, **overrides)
+    except ValueError as err:
+        raise SystemExit(f"invalid model configuration: {err}") from err
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, LayerNorm parameters, the class token and positional embedding."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name in ("cls_token", "pos_embed") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """Multiplier of the peak lr at optimizer step ``s``: linear warm-up, then cosine to min_ratio."""
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        t = (s - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp: bool) -> dict:
+    model.eval()
+    loss_sum, top1, top5, n = 0.0, 0, 0, 0
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += (top[:, 0] == y).sum().item()
+        top5 += (top == y[:, None]).any(dim=1).sum().item()
+        n += y.numel()
+    return {"val_loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _progress(iterable, total: int, desc: str):
+    from tqdm import tqdm
+
+    # Quiet when stderr is not a terminal (CI logs, nohup): the per-epoch summary line remains.
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run the training job described by ``args``; returns the last epoch's metrics."""
+    check_args(args)
+    device = resolve_device(args.device)
+    out_dir = Path(args.out_dir)
+    ckpt_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
+    resume_state = None
+    if args.resume:
+        resume_state = load_checkpoint(ckpt_path)
+        saved = resume_state["args"]
+        changed = {k: (saved.get(k), getattr(args, k)) for k in RECIPE_ARGS if saved.get(k) != getattr(args, k)}
+        if changed:
+            raise SystemExit(f"--resume with a different recipe than {ckpt_path} was trained with "
+                             f"(name: (checkpoint, now)): {changed}")
+    elif ckpt_path.exists() and not args.overwrite:
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, --overwrite to replace it, "
+                         "or choose another --out-dir")
+
+    torch.manual_seed(args.seed)
+    train_set, test_set = load_data(args)
+    image_size = train_set.images.shape[-1]
+    cfg = model_config(args, len(train_set.classes), image_size)
+    if resume_state is not None and resume_state["config"] != cfg.to_dict():
+        diff = {k: (v, cfg.to_dict()[k]) for k, v in resume_state["config"].items() if cfg.to_dict().get(k) != v}
+        raise SystemExit(f"--resume: the model configuration differs from {ckpt_path} (checkpoint, now): {diff}")
+    mean, std = data_mod.channel_stats(train_set.images)
+    train_set, test_set = train_set.to(device), test_set.to(device)
+    augment = data_mod.Augment(args.crop_padding, not args.no_flip, args.mixup, args.cutmix)
+    train_loader = data_mod.DeviceLoader(train_set, args.batch_size, mean, std, train=True, augment=augment, seed=args.seed)
+    test_loader = data_mod.DeviceLoader(test_set, args.eval_batch_size, mean, std, train=False)
+
+    model = ViTClassifier(cfg, backend=args.backend).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(args.beta1, args.beta2))
+    steps_per_epoch = len(train_loader)
+    total_steps = args.epochs * steps_per_epoch
+    factor = warmup_cosine(round(args.warmup_epochs * steps_per_epoch), total_steps, args.min_lr / args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    start_epoch, step = 0, 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        start_epoch, step = resume_state["epoch"], resume_state["step"]
+        set_rng_state(resume_state["rng"])
+        _truncate_metrics(metrics_path, start_epoch)
+    elif metrics_path.exists():
+        metrics_path.unlink()  # --overwrite, or a run that died before its first checkpoint
+    forward = torch.compile(model) if args.compile else model
+    amp = device.type == "cuda" and not args.no_amp
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"vit_fast: {args.preset} ({n_params / 1e6:.2f}M parameters, backend {args.backend}) on {device}, "
+          f"{args.dataset}: {len(train_set)} train / {len(test_set)} test images, batch {args.batch_size}, "
+          f"{args.epochs} epochs of {steps_per_epoch} steps" + (f", resuming after epoch {start_epoch}" if start_epoch else ""))
+
+    metrics = {}
+    for epoch in range(start_epoch, args.epochs):
+        if args.stop_after is not None and epoch - start_epoch >= args.stop_after:
+            print(f"stopping after {args.stop_after} epoch(s) as asked; continue with --resume")
+            break
+        model.train()
+        train_loader.set_epoch(epoch)
+        loss_sum, seen = torch.zeros((), device=device), 0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        bar = _progress(train_loader, steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}")
+        for x, y in bar:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = forward(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_sum += loss.detach() * x.shape[0]
+            seen += x.shape[0]
+            if not bar.disable and step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        metrics = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum.item() / seen,
+                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / elapsed, "epoch_time_s": elapsed,
+                   **evaluate(model, test_loader, device, amp)}
+        save_checkpoint({
+            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step, "rng": rng_state(),
+            "args": {k: v for k, v in vars(args).items()},
+            "data": {"dataset": args.dataset, "classes": list(train_set.classes), "mean": mean, "std": std},
+            "metrics": metrics,
+        }, ckpt_path)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+              f"top1 {metrics['top1']:5.2f}%  top5 {metrics['top5']:5.2f}%  lr {metrics['lr']:.2e}  "
+              f"{metrics['images_per_s']:.0f} img/s", flush=True)
+    return metrics
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop metric lines of epochs after the checkpoint (they will be recomputed)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epochs_done]
+    path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        train(args)
+    except data_mod.DatasetNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
