@@ -1,0 +1,214 @@
+"""Triton kernels of the transformer MLP: fc2(GELU(fc1(x))) (+ residual), forward and backward.
+
+Two kernels, both tiled matmuls (one output tile of BLOCK_M x BLOCK_N per program, a K loop of
+``tl.dot`` accumulating in fp32, or fp64 for fp64 inputs) that differ only in their epilogue:
+
+  linear_fwd_kernel      Out = act(X @ W^T + bias) + residual
+                         fc1: act = GELU (erf, or tanh approximation), no residual
+                         fc2: act = identity, optional residual (the block's skip connection)
+  gelu_bwd_kernel        DPre = (DY @ W2) * GELU'(X @ W1^T + b1)
+                         the gradient through fc2 and the GELU in one kernel; the
+                         pre-activation is recomputed in the same program (see below)
+
+The remaining backward products (dX = DPre @ W1, dW1 = DPre^T @ X, dW2 = DY^T @ H, bias sums)
+have no elementwise work to fuse and run through cuBLAS; see ``vit_fast.fused.mlp``.
+
+Pre-activation: recomputed, not saved. Per element of the hidden (M, Hd) tensor, saving the
+pre-activation in 16 bits costs 2 bytes written by the forward plus 2 bytes read by the
+backward (and M*Hd*2 bytes of activation memory held between them); recomputing it inside the
+backward kernel costs 2*D FLOPs (a second ``tl.dot`` over the same output tile) and no extra
+bytes of the hidden size (the X tiles it reads are M*D, a factor Hd/D smaller, and L2-resident
+across the N tiles of a group). On a roofline, with the H100 SXM's 989 TFLOP/s dense fp16 and
+3.35 TB/s, 4 bytes cost 1.19 ps and 2*D FLOPs cost 0.39 ps at D = 192 and 0.78 ps at D = 384:
+for the CIFAR widths the backward kernel is memory bound and the recompute is the cheaper of
+the two (and the forward writes half the bytes); break-even is near D = 590 (A100: D = 400),
+so at D = 768 saving would win by the same model. Achieved rates at K = 192 are below peak,
+so this choice is to be confirmed by ``benchmarks/bench_mlp.py`` on a GPU.
+
+All offsets that multiply a row index by a stride are int64 (M * stride overflows int32 at
+2**31 elements); every load and store is masked, so M, N and K need not be multiples of the
+block sizes. Strides are passed for every operand: incoming gradients may be non-contiguous
+(even stride 0, from ``y.sum().backward()``) and are read as they are.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Activation names understood by the epilogues (constexpr strings select code at compile time).
+ACTIVATIONS = ("none", "gelu", "gelu_tanh")
+
+_RSQRT_2: tl.constexpr = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
+_RSQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi), the normal density at 0
+_SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)  # sqrt(2/pi)
+_TANH_CUBIC: tl.constexpr = tl.constexpr(0.044715)  # Hendrycks & Gimpel's cubic coefficient
+# (In expressions a tensor comes first: constexpr * tensor breaks in the interpreter of triton 3.8.)
+
+
+@triton.jit
+def _tanh(u):
+    # tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits at both ends (exp -> inf gives 1, exp -> 0
+    # gives -1) and no libdevice call, so the interpreter runs the same code.
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _gelu(x, ACTIVATION: tl.constexpr):
+    """GELU(x) = x * Phi(x) (erf form) or its tanh approximation; identity for "none"."""
+    if ACTIVATION == "gelu":
+        return 0.5 * x * (1.0 + tl.math.erf(x * _RSQRT_2))
+    elif ACTIVATION == "gelu_tanh":
+        return 0.5 * x * (1.0 + _tanh((x + x * x * x * _TANH_CUBIC) * _SQRT_2_OVER_PI))
+    else:
+        return x
+
+
+@triton.jit
+def _gelu_grad(x, ACTIVATION: tl.constexpr):
+    """d GELU / dx: Phi(x) + x * phi(x) for the erf form; the chain rule through tanh otherwise."""
+    if ACTIVATION == "gelu":
+        cdf = 0.5 * (1.0 + tl.math.erf(x * _RSQRT_2))
+        pdf = tl.exp(-0.5 * x * x) * _RSQRT_2PI
+        return cdf + x * pdf
+    else:
+        t = _tanh((x + x * x * x * _TANH_CUBIC) * _SQRT_2_OVER_PI)
+        dt_dx = (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + x * x * (3.0 * _TANH_CUBIC))
+        return 0.5 * (1.0 + t) + 0.5 * x * dt_dx
+
+
+@triton.jit
+def _tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, visiting tiles in column-major groups of GROUP_M rows.
+
+    Consecutive programs then share the same few row panels of the left operand and walk across
+    the right operand together, so both stay in L2 instead of being re-read from HBM per tile.
+    """
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * tiles_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)  # the last group may be short
+    pid_m = first_m + (pid % tiles_per_group) % rows_in_group
+    pid_n = (pid % tiles_per_group) // rows_in_group
+    return pid_m, pid_n
+
+
+@triton.jit
+def _matmul_tile(
+    acc,  # (BLOCK_M, BLOCK_N) accumulator, returned with A[rows] @ B[:, cols] added
+    A, stride_am, stride_ak,  # left operand (M, K)
+    B, stride_bk, stride_bn,  # right operand (K, N); a transposed weight is just swapped strides
+    offs_m, offs_n,  # (BLOCK_M,) int64 rows and (BLOCK_N,) int64 columns of this tile
+    M, N, K,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
+    row_ok = offs_m < M
+    col_ok = offs_n < N
+    for k_start in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k_start  # masked (zero) lanes contribute nothing to the dot
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def linear_fwd_kernel(
+    X,  # (M, K) input rows
+    W,  # (N, K) weight in nn.Linear layout (out_features, in_features)
+    Bias,  # (N,) bias; not read unless HAS_BIAS
+    Residual,  # (M, N) added after the activation; not read unless HAS_RESIDUAL
+    Out,  # (M, N) output: act(X W^T + bias) + residual
+    M, N, K,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_rm, stride_rn,
+    stride_om, stride_on,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # "none", "gelu" (erf) or "gelu_tanh"
+    ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 (no TF32 rounding), "tf32" otherwise
+):
+    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    # X W^T: the weight read as a (K, N) operand by swapping its strides, no transpose copy.
+    acc = _matmul_tile(acc, X, stride_xm, stride_xk, W, stride_wk, stride_wn, offs_m, offs_n, M, N, K,
+                       BLOCK_K, INPUT_PRECISION)
+
+    # Epilogue, on the fp32 accumulator while the tile is still in registers: the pre-activation
+    # never reaches memory, and the output is rounded to its dtype exactly once.
+    row_ok = offs_m < M
+    col_ok = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
+    acc = _gelu(acc, ACTIVATION)
+    mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_RESIDUAL:
+        r_ptrs = Residual + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
+        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
+    out_ptrs = Out + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gelu_bwd_kernel(
+    DY,  # (M, K_OUT) gradient of the MLP output (any strides, stride 0 included)
+    W2,  # (K_OUT, N) fc2 weight, nn.Linear layout (out_features, hidden)
+    X,  # (M, K_IN) MLP input
+    W1,  # (N, K_IN) fc1 weight, nn.Linear layout (hidden, in_features)
+    B1,  # (N,) fc1 bias
+    DPre,  # (M, N) output: gradient w.r.t. fc1's pre-activation, (DY W2) * GELU'(X W1^T + b1)
+    M, N, K_OUT, K_IN,
+    stride_dym, stride_dyk,
+    stride_w2k, stride_w2n,
+    stride_xm, stride_xk,
+    stride_w1n, stride_w1k,
+    stride_dpm, stride_dpn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # "gelu" (erf) or "gelu_tanh": the form the forward used
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+
+    # Gradient of the hidden activation H, reduced over fc2's output width.
+    grad_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    grad_h = _matmul_tile(grad_h, DY, stride_dym, stride_dyk, W2, stride_w2k, stride_w2n, offs_m, offs_n,
+                          M, N, K_OUT, BLOCK_K, INPUT_PRECISION)
+    # The same tile of fc1's pre-activation, recomputed (module docstring: cheaper than saving it
+    # at the CIFAR widths), reduced over fc1's input width; two loops because the MLP's input and
+    # output widths may differ when there is no residual.
+    pre = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    pre = _matmul_tile(pre, X, stride_xm, stride_xk, W1, stride_w1k, stride_w1n, offs_m, offs_n,
+                       M, N, K_IN, BLOCK_K, INPUT_PRECISION)
+
+    row_ok = offs_m < M
+    col_ok = offs_n < N
+    pre += tl.load(B1 + offs_n, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
+    # The recomputed pre-activation can differ from the forward's in the last fp32 bits (its
+    # tile configuration, hence summation order, may differ); GELU' is smooth, so that is far
+    # below the rounding of the 16-bit result.
+    grad_pre = grad_h * _gelu_grad(pre, ACTIVATION)
+    dp_ptrs = DPre + offs_m[:, None] * stride_dpm + offs_n[None, :] * stride_dpn
+    tl.store(dp_ptrs, grad_pre.to(DPre.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
