@@ -91,15 +91,14 @@ def choose_config(head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bo
       head-dim-wide fp32 accumulators in registers (dK/dV), so nothing spills (checked for sm_80
       and sm_90 by tests/test_attention.py::test_aot_every_config).
     - 8 warps once a tile's logits or accumulators reach 128 x 128 fp32 (64 KiB), 4 otherwise.
-    - fp32/fp64 inputs take twice the registers per operand: their tiles are halved (they exist
-      for testing, not speed).
+    - fp32 inputs take twice the registers per operand: their tiles are halved; fp64 uses 16 x 16
+      tiles (both exist for testing, not speed).
     """
     if interpret is None:
         interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if interpret:
         return INTERPRETER_CONFIG
     bd = block_d(head_dim)
-    wide = dtype in (torch.float32, torch.float64)
     if seq_len <= SINGLE_TILE_MAX_SEQ:
         bn = max(16, triton.next_power_of_2(seq_len))
         fwd_m = min(64, bn)
@@ -110,10 +109,15 @@ def choose_config(head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bo
         forward = KernelConfig(128, 64, num_warps=8 if bd >= 128 else 4, num_stages=3)
         dkdv = KernelConfig(block_m=32, block_n=64, num_warps=8 if bd >= 128 else 4, num_stages=2)
         dq = KernelConfig(block_m=64, block_n=64, num_warps=8 if bd >= 128 else 4, num_stages=2)
-    if wide:
-        forward = KernelConfig(max(16, forward.block_m // 2), max(16, forward.block_n // 2), forward.num_warps, 1)
-        dkdv = KernelConfig(max(16, dkdv.block_m // 2), max(16, dkdv.block_n // 2), dkdv.num_warps, 1)
-        dq = KernelConfig(max(16, dq.block_m // 2), max(16, dq.block_n // 2), dq.num_warps, 1)
+    if dtype == torch.float64:
+        # fp64 exists for gradcheck only; its dots run on FMA units through shared memory, and
+        # 16 x 16 tiles keep that within sm_80's 163 KiB at BLOCK_D = 128.
+        forward = dkdv = dq = KernelConfig(16, 16, num_warps=4, num_stages=1)
+    elif dtype == torch.float32:
+        forward, dkdv, dq = (
+            KernelConfig(max(16, c.block_m // 2), max(16, c.block_n // 2), c.num_warps, num_stages=1)
+            for c in (forward, dkdv, dq)
+        )
     preprocess = KernelConfig(block_m=64, block_n=0, num_warps=4, num_stages=1)
     return AttentionConfig(forward, preprocess, dkdv, dq)
 

@@ -1,0 +1,252 @@
+"""FlashAttention-style fused attention in Triton: forward and deterministic backward.
+
+Non-causal softmax(Q K^T * scale) V for one (batch, head) pair per program column, computed tile
+by tile so that the (N, N) attention matrix never reaches global memory (Dao et al., 2022,
+"FlashAttention", arXiv:2205.14135; the backward follows FlashAttention-2, arXiv:2307.08691,
+Algorithm 2, split into a dK/dV pass and a dQ pass so that no atomics are needed).
+
+Layout contract, shared by every kernel here: each of q, k, v, o, do, dq, dk, dv is addressed as a
+(B, H, N, D) tensor through four strides, of which the last (head dim) is 1. That covers both the
+plain contiguous (B, H, N, D) layout and views into the packed projection output (B, N, 3, H, D)
+or into an output of shape (B, N, H, D) == (B, N, H*D), so no permute or copy is ever needed.
+The per-row statistics LSE and Delta are contiguous (B, H, N) in the accumulation dtype.
+
+Numerics: logits, the running max, the running sum and the accumulators are fp32 (fp64 for fp64
+inputs, which exist so that gradcheck can verify the real kernels); the softmax
+uses exp2 with the scale folded into log2(e) * scale. Probabilities are cast to the input dtype
+only as tl.dot operands (the same rounding FlashAttention does). Padding, to the tile size in N
+and to a power of two in D, is done with masked loads (zeros) and with -inf / 0 on the logits of
+keys past the end; nothing is copied.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,  # (B, H, N, D) each, any strides with stride_*d == 1
+    Out,  # (B, H, N, D) view of the output, written in the input dtype
+    LSE,  # (B, H, N) ACC_DTYPE, contiguous: log-sum-exp of each row of scaled logits (natural log)
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H,  # number of heads
+    N_CTX,  # sequence length N
+    HEAD_DIM,  # D, a multiple of 8 not above BLOCK_D
+    sm_scale,  # softmax scale (usually 1/sqrt(D))
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per loop iteration; >= N means one tile covers the sequence
+    BLOCK_D: tl.constexpr,  # head dim padded to a power of two (>= 16 for tl.dot)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 inputs (no TF32 rounding), else "tf32" (ignored)
+    ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs (so gradcheck can verify)
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    Out += off_b * stride_ob + off_h * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_CTX
+    mask_d = offs_d < HEAD_DIM
+
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    qk_scale = sm_scale * LOG2E  # logits in log2 units, so the softmax is exp2
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)  # running row max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)  # running row sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)  # running unnormalised output
+
+    for start_n in range(0, N_CTX, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_CTX
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        # Keys past the end get -inf. Every tile starts below N_CTX, so each row keeps at least
+        # one finite logit and m_new is finite: no inf - inf below.
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max (0 at first)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(Out + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(Out.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    # Back to natural-log units: lse = ln(sum_j exp(scale * q.k_j)).
+    lse = (m_i + tl.log2(l_i)) / LOG2E
+    tl.store(LSE + pid_bh.to(tl.int64) * N_CTX + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out, dOut,  # (B, H, N, D) each, stride_*d == 1
+    Delta,  # (B, H, N) ACC_DTYPE, contiguous: rowsum(dO * O), the softmax-backward correction
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    H, N_CTX, HEAD_DIM,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_CTX
+    mask = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=mask, other=0.0).to(ACC_DTYPE)
+    do = tl.load(dOut + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=mask, other=0.0).to(ACC_DTYPE)
+    tl.store(Delta + pid_bh.to(tl.int64) * N_CTX + offs_m, tl.sum(o * do, axis=1), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, dOut,  # (B, H, N, D) each, stride_*d == 1
+    dK, dV,  # (B, H, N, D) views of the gradients, written in the input dtype
+    LSE, Delta,  # (B, H, N) ACC_DTYPE, contiguous
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, N_CTX, HEAD_DIM,
+    sm_scale,
+    BLOCK_M: tl.constexpr,  # query rows per loop iteration
+    BLOCK_N: tl.constexpr,  # keys owned by this program
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """One program owns a tile of keys and accumulates its dK and dV over all query tiles, so each
+    element of dK and dV is written once, by one program: deterministic without atomics.
+
+    Works on transposed tiles (keys along rows) so that both accumulations are plain products:
+    dV = P^T dO and dK = scale * dS^T Q, with dS = P * (dP - Delta) and dP = dO V^T.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    dOut += off_b * stride_dob + off_h * stride_doh
+    dK += off_b * stride_dkb + off_h * stride_dkh
+    dV += off_b * stride_dvb + off_h * stride_dvh
+    LSE += pid_bh.to(tl.int64) * N_CTX
+    Delta += pid_bh.to(tl.int64) * N_CTX
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    kv_mask = (offs_n < N_CTX)[:, None] & mask_d[None, :]
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    qk_scale = sm_scale * LOG2E
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+    for start_m in range(0, N_CTX, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N_CTX
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(dOut + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+        lse2 = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * LOG2E  # (BLOCK_M,)
+        delta = tl.load(Delta + offs_m, mask=mask_m, other=0.0)
+
+        # P^T recomputed from the saved log-sum-exp: exactly the forward's normalised softmax.
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t - lse2[None, :])
+        # Query rows past the end would see p = exp2(0 - 0) = 1: zero them. (Keys past the end
+        # only reach rows of dK/dV that are never stored.)
+        p_t = tl.where(mask_m[None, :], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+
+    dk *= sm_scale  # d(scale * q.k)/dk = scale * q; applied once instead of per tile
+    tl.store(dK + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(dK.dtype.element_ty), mask=kv_mask)
+    tl.store(dV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(dV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, dOut,  # (B, H, N, D) each, stride_*d == 1
+    dQ,  # (B, H, N, D) view of the gradient, written in the input dtype
+    LSE, Delta,  # (B, H, N) ACC_DTYPE, contiguous
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    H, N_CTX, HEAD_DIM,
+    sm_scale,
+    BLOCK_M: tl.constexpr,  # query rows owned by this program
+    BLOCK_N: tl.constexpr,  # keys per loop iteration
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """One program owns a tile of queries and accumulates dQ = scale * dS K over all key tiles."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    dOut += off_b * stride_dob + off_h * stride_doh
+    dQ += off_b * stride_dqb + off_h * stride_dqh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_CTX
+    mask_d = offs_d < HEAD_DIM
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(dOut + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N_CTX + offs_m, mask=mask_m, other=0.0) * LOG2E
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * N_CTX + offs_m, mask=mask_m, other=0.0)
+    qk_scale = sm_scale * LOG2E
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+    for start_n in range(0, N_CTX, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_CTX
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        # Keys past the end are zero vectors, whose p would be exp2(-lse2) != 0: zero them.
+        p = tl.where(mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+
+    dq *= sm_scale
+    tl.store(dQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=q_mask)
