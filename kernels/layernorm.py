@@ -29,6 +29,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr, BF16_RNE_IN_SOFTWARE: tl.constexpr):
+    """Cast fp32 ``x`` to ``dtype``, rounding to nearest even as the GPU's conversion does.
+
+    Triton 3.8's interpreter truncates fp32 -> bf16 casts (``cast_impl`` in
+    triton/runtime/interpreter.py ignores the rounding mode), which doubles bf16 errors and breaks
+    parity with torch. The launchers set BF16_RNE_IN_SOFTWARE only under the interpreter; the
+    compiled kernels keep the hardware conversion (cvt.rn.bf16.f32).
+    """
+    if BF16_RNE_IN_SOFTWARE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            # Add just under half an ulp of bf16, plus the kept lsb for ties-to-even, then clear
+            # the 16 bits the cast drops; the truncating cast is then exact.
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+            x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN stays NaN
+    return x.to(dtype)
+
+
+@triton.jit
 def layer_norm_fwd_kernel(
     X,  # (M, N) input, any strides
     RES,  # (M, N) residual, any strides; read only when HAS_RESIDUAL
@@ -47,6 +66,7 @@ def layer_norm_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # power of two >= N: the whole row is one block
+    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see _round_to
 ):
     acc_dtype = Mean.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -63,7 +83,7 @@ def layer_norm_fwd_kernel(
         res = tl.load(RES + rows64 * stride_resm + cols64 * stride_resn, mask=mask, other=0.0)
         # Round the sum to the input dtype before normalizing it: the stored s is what the next
         # block reads, and LayerNorm(s) must be the LayerNorm of exactly that tensor.
-        s = (x + res.to(acc_dtype)).to(S.dtype.element_ty)
+        s = _round_to(x + res.to(acc_dtype), S.dtype.element_ty, BF16_RNE_IN_SOFTWARE)
         tl.store(S + rows64 * stride_sm + cols64, s, mask=mask)
         x = s.to(acc_dtype)
 
@@ -82,7 +102,7 @@ def layer_norm_fwd_kernel(
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(acc_dtype)
     b = tl.load(B + cols, mask=col_mask, other=0.0).to(acc_dtype)
     y = xc * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(Y + rows64 * stride_ym + cols64, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows64 * stride_ym + cols64, _round_to(y, Y.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=mask)
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
@@ -107,6 +127,7 @@ def layer_norm_bwd_kernel(
     HAS_DS: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # power of two >= N
+    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see _round_to
 ):
     acc_dtype = Mean.dtype.element_ty
     pid = tl.program_id(0)
@@ -133,14 +154,19 @@ def layer_norm_bwd_kernel(
         mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
 
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        # Re-centre as the forward did: the saved fp32 mean of a row like mean 1e4, std 1e-3 is
+        # off by up to half an ulp of 1e4 (5e-4), half the spread; x - mean is exact (Sterbenz),
+        # and subtracting its own mean recovers the forward's accurate centring.
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        xc = tl.where(mask, xc - (tl.sum(xc, axis=1) / N)[:, None], 0.0)
+        xhat = xc * rstd[:, None]
         g = dy * w[None, :]
         mean_g = tl.sum(g, axis=1) / N
         mean_gxhat = tl.sum(g * xhat, axis=1) / N
         dx = (g - mean_g[:, None] - xhat * mean_gxhat[:, None]) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows64 * stride_dsm + cols64 * stride_dsn, mask=mask, other=0.0).to(acc_dtype)
-        tl.store(DX + rows64 * stride_dxm + cols64, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows64 * stride_dxm + cols64, _round_to(dx, DX.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=mask)
 
         dw_acc += dy * xhat
         db_acc += dy
@@ -158,6 +184,7 @@ def column_sum_kernel(
     P, N,
     BLOCK_P: tl.constexpr,  # partial rows summed per step
     BLOCK_N: tl.constexpr,  # columns per program
+    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see _round_to
 ):
     """Second stage of the weight and bias gradients: sums the per-program partials in a fixed
     order (the same tiles, the same tree), so the result is deterministic."""
@@ -171,5 +198,5 @@ def column_sum_kernel(
         offsets = ps.to(tl.int64)[:, None] * N + cols[None, :]
         dw += tl.load(DW_partial + offsets, mask=mask, other=0.0)
         db += tl.load(DB_partial + offsets, mask=mask, other=0.0)
-    tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=col_mask)
-    tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=col_mask)
+    tl.store(DW + cols, _round_to(tl.sum(dw, axis=0), DW.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=col_mask)
+    tl.store(DB + cols, _round_to(tl.sum(db, axis=0), DB.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=col_mask)

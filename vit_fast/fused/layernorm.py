@@ -187,7 +187,8 @@ def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor, e
             width, width,  # y and s are contiguous (M, N)
             rows, width, eps,
             HAS_RESIDUAL=residual is not None,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BF16_RNE_IN_SOFTWARE=_interpreting(),
+            num_warps=cfg.num_warps,
         )
     return y, s, mean, rstd
 
@@ -264,12 +265,14 @@ def layer_norm_bwd(
         width,  # dx is contiguous (M, N)
         rows, width, rows_per_program,
         HAS_DS=ds is not None,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BF16_RNE_IN_SOFTWARE=_interpreting(),
+        num_warps=cfg.num_warps,
     )
     red = column_sum_config(width)
     column_sum_kernel[(triton.cdiv(width, red.BLOCK_N),)](
         dw_partial, db_partial, dweight, dbias, programs, width,
-        BLOCK_P=red.BLOCK_M, BLOCK_N=red.BLOCK_N, num_warps=red.num_warps,
+        BLOCK_P=red.BLOCK_M, BLOCK_N=red.BLOCK_N, BF16_RNE_IN_SOFTWARE=_interpreting(),
+        num_warps=red.num_warps,
     )
     return dx, dweight, dbias
 

@@ -1,0 +1,307 @@
+"""Fused LayerNorm (+ residual add): parity with vit_fast.reference, forward and backward.
+
+Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py); the AOT test
+compiles every launch configuration for sm_80 and sm_90 to cover what the interpreter cannot.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vit_fast import reference
+from vit_fast.fused import layernorm as fused
+from vit_fast.testing import assert_parity
+
+EPS = 1e-6
+
+# (shape of x, residual variant): ViT widths, an awkward width (1000), odd small ones, one row,
+# a prime row count, CIFAR-like 65-token sequences, and the widest row the launcher accepts.
+CASES = [
+    ((1, 192), False),
+    ((7, 384), True),
+    ((3, 65, 192), True),
+    ((3, 65, 768), False),
+    ((2, 7, 1000), True),
+    ((7, 1), False),
+    ((5, 33), True),
+    ((2, 3, 5), False),
+    ((2, fused.MAX_WIDTH), True),
+]
+
+
+def _make(shape, dtype, device, weight_dtype=None, residual=True):
+    """Inputs (x, residual, weight, bias) as leaves; weight/bias not all-ones so they matter."""
+    width = shape[-1]
+    weight_dtype = weight_dtype or dtype
+    x = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    res = torch.randn(shape, device=device).to(dtype).requires_grad_() if residual else None
+    w = (1 + 0.5 * torch.randn(width, device=device)).to(weight_dtype).requires_grad_()
+    b = (0.5 * torch.randn(width, device=device)).to(weight_dtype).requires_grad_()
+    return x, res, w, b
+
+
+def _run(impl, x, res, w, b, grads):
+    """Forward of ``impl`` (fused or reference module) and gradients of every input.
+
+    ``grads`` = (dy, ds): incoming gradients of y and, in the residual variant, of s. Returns
+    (outputs, input gradients) as lists of tensors.
+    """
+    if res is None:
+        outs = [impl.layer_norm(x, w, b, EPS)]
+        inputs = [x, w, b]
+    else:
+        outs = list(impl.add_layer_norm(x, res, w, b, EPS))
+        inputs = [x, res, w, b]
+    return outs, list(torch.autograd.grad(outs, inputs, grad_outputs=list(grads[: len(outs)])))
+
+
+def _detached_copy(tensors, dtype=None):
+    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity
+
+
+@pytest.mark.parametrize("shape,residual", CASES, ids=lambda v: str(v))
+def test_parity_fp32(shape, residual, device):
+    x, res, w, b = _make(shape, torch.float32, device, residual=residual)
+    grads = (torch.randn(shape, device=device), torch.randn(shape, device=device))
+    outs, dins = _run(fused, x, res, w, b, grads)
+    outs_ref, dins_ref = _run(reference, *_detached_copy([x, res, w, b]), grads)
+    for out, ref in zip(outs + dins, outs_ref + dins_ref):
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        # dweight/dbias sum over up to 195 rows: their error grows with the row count.
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5 * max(1.0, ref.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,residual,weight_dtype",
+    [((3, 65, 192), True, None), ((7, 1000), False, None), ((5, 384), True, torch.float32), ((1, 33), False, None)],
+    ids=str,
+)
+def test_parity_low_precision(dtype, shape, residual, weight_dtype, device):
+    """fp16/bf16 by the parity rule; weight_dtype=fp32 is the mixed-precision case (fp32 params)."""
+    x, res, w, b = _make(shape, dtype, device, weight_dtype, residual)
+    grads = (torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype))
+    outs, dins = _run(fused, x, res, w, b, grads)
+    outs_pt, dins_pt = _run(reference, *_detached_copy([x, res, w, b]), grads)
+    outs_ref, dins_ref = _run(
+        reference, *_detached_copy([x, res, w, b], torch.float32), [g.float() for g in grads]
+    )
+    names = ["y", "s"][: len(outs)] + ["dx", "dresidual"][: len(dins) - 2] + ["dweight", "dbias"]
+    for name, out, pt, ref in zip(names, outs + dins, outs_pt + dins_pt, outs_ref + dins_ref):
+        assert out.dtype == pt.dtype, f"{name}: dtype {out.dtype}, expected {pt.dtype}"
+        assert_parity(out, pt, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), name=name)
+
+
+def test_gradcheck_fp64(device):
+    """fp64 inputs are computed in fp64 by the same kernels, so gradcheck tests the backward math."""
+    x, res, w, b = _make((2, 3, 7), torch.float64, device)
+    assert torch.autograd.gradcheck(lambda *t: fused.layer_norm(*t, EPS), (x, w, b))
+    assert torch.autograd.gradcheck(lambda *t: fused.add_layer_norm(*t, EPS), (x, res, w, b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Strides: non-contiguous inputs and incoming gradients
+
+
+def _incoming_grads(kind, shape, device):
+    """Incoming gradients with unusual strides, as autograd hands them to the backward."""
+    if kind == "expanded":  # what y.sum().backward() passes: one value, every stride 0
+        g = torch.tensor(0.7, device=device).expand(shape)
+        assert g.stride() == (0,) * len(shape)
+    elif kind == "transposed":  # last dimension strided: column stride = rows
+        g = torch.randn(shape[::-1], device=device).transpose(0, -1)
+        assert g.stride(-1) != 1
+    else:  # "permuted": leading dims cannot be flattened into one row stride, so the op copies
+        g = torch.randn(shape[1], shape[0], shape[2], device=device).transpose(0, 1)
+    return g
+
+
+@pytest.mark.parametrize("kind", ["expanded", "transposed", "permuted"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_noncontiguous_incoming_grads(kind, residual, device):
+    shape = (5, 13, 192)
+    x, res, w, b = _make(shape, torch.float32, device, residual=residual)
+    grads = (_incoming_grads(kind, shape, device), _incoming_grads(kind, shape, device).flip(-1))
+    outs, dins = _run(fused, x, res, w, b, grads)
+    _, dins_ref = _run(reference, *_detached_copy([x, res, w, b]), [g.contiguous() for g in grads])
+    for out, ref in zip(dins, dins_ref):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5 * max(1.0, ref.abs().max().item()))
+
+
+def test_sum_backward_reaches_every_input(device):
+    """The block's usage: both y and s feed the loss, gradients accumulate into leaves twice."""
+    x, res, w, b = _make((3, 65, 192), torch.float32, device)
+    xr, rr, wr, br = _detached_copy([x, res, w, b])
+    for _ in range(2):  # the second pass accumulates into .grad: x.grad and res.grad must not alias
+        y, s = fused.add_layer_norm(x, res, w, b, EPS)
+        (y.sum() + (s * s).sum()).backward()
+        y, s = reference.add_layer_norm(xr, rr, wr, br, EPS)
+        (y.sum() + (s * s).sum()).backward()
+    assert x.grad.data_ptr() != res.grad.data_ptr()
+    for t, r in zip([x, res, w, b], [xr, rr, wr, br]):
+        torch.testing.assert_close(t.grad, r.grad, rtol=1e-5, atol=1e-4 * max(1.0, r.grad.abs().max().item()))
+
+
+@pytest.mark.parametrize("layout", ["sliced", "transposed"])
+def test_noncontiguous_inputs(layout, device):
+    """Row strides other than the width (a slice of a wider tensor) and a strided last dimension."""
+    rows, width = 21, 100
+    if layout == "sliced":
+        x = torch.randn(3, 7, width + 28, device=device)[..., :width]
+        res = torch.randn(3, 7, width + 4, device=device)[..., 4:]
+    else:
+        x = torch.randn(width, rows, device=device).t()
+        res = torch.randn(width, rows, device=device).t()
+    assert not x.is_contiguous() and not res.is_contiguous()
+    x.requires_grad_()
+    res.requires_grad_()
+    w = torch.randn(width, device=device, requires_grad=True)
+    b = torch.randn(width, device=device, requires_grad=True)
+    grads = (torch.randn(x.shape, device=device), torch.randn(x.shape, device=device))
+    outs, dins = _run(fused, x, res, w, b, grads)
+    outs_ref, dins_ref = _run(reference, *_detached_copy([x, res, w, b]), grads)
+    for out, ref in zip(outs + dins, outs_ref + dins_ref):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5 * max(1.0, ref.abs().max().item()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerical robustness and determinism
+
+
+def _fp64_truth(x, w, b, dy):
+    """F.layer_norm in fp64 on the same fp32 values: an independent ground truth."""
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y = F.layer_norm(xd, (xd.shape[-1],), wd, bd, EPS)
+    return [y] + list(torch.autograd.grad(y, (xd, wd, bd), dy.double()))
+
+
+def test_large_mean_tiny_spread(device):
+    """Rows of mean 1e4 and std 1e-3 in fp32: E[x^2] - E[x]^2 would cancel to noise (or a negative
+    variance); the centred two-pass statistics must match fp64."""
+    x = (1e4 + 1e-3 * torch.randn(7, 768, device=device)).requires_grad_()
+    w = (1 + 0.5 * torch.randn(768, device=device)).requires_grad_()
+    b = torch.randn(768, device=device).requires_grad_()
+    dy = torch.randn(7, 768, device=device)
+    y = fused.layer_norm(x, w, b, EPS)
+    got = [y] + list(torch.autograd.grad(y, (x, w, b), dy))
+    truth = _fp64_truth(x, w, b, dy)
+    for name, g, t in zip(["y", "dx", "dweight", "dbias"], got, truth):
+        assert torch.isfinite(g).all(), name
+        # Relative to the result's scale (dx ~ rstd ~ 1e3): fp32 rounding, not cancellation.
+        torch.testing.assert_close(g.double(), t, rtol=1e-4, atol=1e-4 * t.abs().max().item(), msg=name)
+
+
+def test_constant_rows(device):
+    """Zero-variance rows (zeros, ones, 1e4): rstd = 1/sqrt(eps) stays finite and y equals the bias."""
+    x = torch.tensor([0.0, 1.0, 1e4, -3.0], device=device)[:, None].repeat(1, 384).requires_grad_()
+    w = torch.randn(384, device=device, requires_grad=True)
+    b = torch.randn(384, device=device, requires_grad=True)
+    dy = torch.randn(4, 384, device=device)
+    y = fused.layer_norm(x, w, b, EPS)
+    torch.testing.assert_close(y, b.detach().expand(4, -1), rtol=0, atol=0)
+    got = [y] + list(torch.autograd.grad(y, (x, w, b), dy))
+    truth = _fp64_truth(x, w, b, dy)
+    for name, g, t in zip(["y", "dx", "dweight", "dbias"], got, truth):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.double(), t, rtol=1e-5, atol=1e-5 * max(1.0, t.abs().max().item()), msg=name)
+
+
+def test_backward_is_deterministic(device):
+    """dweight/dbias come from per-program partial sums reduced in a fixed order: bitwise equal."""
+    x, res, w, b = _make((3, 65, 384), torch.float32, device)
+    grads = (torch.randn(x.shape, device=device), torch.randn(x.shape, device=device))
+    _, first = _run(fused, x, res, w, b, grads)
+    _, second = _run(fused, x, res, w, b, grads)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+def test_empty_rows(device):
+    x, res, w, b = _make((0, 192), torch.float32, device)
+    y, s = fused.add_layer_norm(x, res, w, b, EPS)
+    assert y.shape == s.shape == (0, 192)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: opcheck, torch.compile
+
+
+def test_opcheck(device):
+    x, res, w, b = _make((3, 5, 33), torch.float32, device)
+    ops = torch.ops.vit_fast
+    torch.library.opcheck(ops.layer_norm_fwd.default, (x, w, b, EPS))
+    torch.library.opcheck(ops.add_layer_norm_fwd.default, (x, res, w, b, EPS))
+    y, mean, rstd = ops.layer_norm_fwd(x.detach(), w.detach(), b.detach(), EPS)
+    dy, ds = torch.randn_like(y), torch.randn_like(y)
+    torch.library.opcheck(ops.layer_norm_bwd.default, (dy, None, x.detach(), w.detach(), mean, rstd))
+    torch.library.opcheck(ops.layer_norm_bwd.default, (dy, ds, x.detach(), w.detach(), mean, rstd))
+
+
+class _PreNormResidual(torch.nn.Module):
+    """A pre-LN block's two norms: norm1 of the stream, then add + norm2 of the updated stream."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(width, eps=EPS)
+        self.norm2 = torch.nn.LayerNorm(width, eps=EPS)
+        self.proj = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        h = fused.layer_norm(x, self.norm1.weight, self.norm1.bias, EPS)
+        y, s = fused.add_layer_norm(self.proj(h), x, self.norm2.weight, self.norm2.bias, EPS)
+        return y + s
+
+
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    module = _PreNormResidual(48).to(device)
+    x = torch.randn(2, 5, 48, device=device, requires_grad=True)
+    eager = module(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), [x, *module.parameters()])
+    compiled = torch.compile(module, fullgraph=True)(x)
+    compiled_grads = torch.autograd.grad(compiled.square().sum(), [x, *module.parameters()])
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for g, e in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_inputs(device):
+    x, res, w, b = (t.detach() for t in _make((4, 16), torch.float32, device))
+    with pytest.raises(ValueError, match=r"weight must have shape \(16,\).*got \(15,\)"):
+        fused.layer_norm(x, w[:15], b)
+    with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+        fused.layer_norm(x, w, b[None])
+    with pytest.raises(TypeError, match="weight and bias must share a dtype"):
+        fused.layer_norm(x, w, b.double())
+    with pytest.raises(TypeError, match=r"must be torch.float16 \(like x\) or torch.float32, got torch.bfloat16"):
+        fused.layer_norm(x.half(), w.bfloat16(), b.bfloat16())
+    with pytest.raises(TypeError, match="x must be float32, float16, bfloat16 or float64, got torch.int32"):
+        fused.layer_norm(x.int(), w, b)
+    with pytest.raises(ValueError, match=r"residual must have the shape of x \(4, 16\), got \(2, 2, 16\)"):
+        fused.add_layer_norm(x, res.reshape(2, 2, 16), w, b)
+    with pytest.raises(TypeError, match="residual must have the dtype of x"):
+        fused.add_layer_norm(x, res.half(), w, b)
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        fused.layer_norm(x, w.to("meta"), b)
+    with pytest.raises(ValueError, match=rf"must be in \[1, {fused.MAX_WIDTH}\], got {fused.MAX_WIDTH + 1}"):
+        wide = torch.ones(fused.MAX_WIDTH + 1, device=device)
+        fused.layer_norm(torch.randn(2, fused.MAX_WIDTH + 1, device=device), wide, wide)
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="cannot run the Triton kernels"):
+        fused.layer_norm(x, torch.ones(8), torch.zeros(8))
