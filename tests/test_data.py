@@ -1,0 +1,154 @@
+"""Data: the official CIFAR file formats, image folders, device-side augmentation and batching."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from vit_fast import data
+
+
+def write_cifar100(root, n_train=20, n_test=10, seed=0):
+    """A small dataset in the official cifar-100-python format (pickled dicts, rows of 3072 bytes)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        fine = rng.integers(0, 100, size=n).tolist()
+        batch = {"filenames": [f"img_{i}.png" for i in range(n)], "batch_label": f"{split} batch",
+                 "fine_labels": fine, "coarse_labels": [f // 5 for f in fine], "data": rows}
+        with open(folder / split, "wb") as f:
+            pickle.dump(batch, f)
+        arrays[split] = (rows, fine)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"fine_{i}" for i in range(100)],
+                     "coarse_label_names": [f"coarse_{i}" for i in range(20)]}, f)
+    return arrays
+
+
+def test_cifar100_official_format(tmp_path):
+    arrays = write_cifar100(tmp_path)
+    train = data.load_cifar(tmp_path, "cifar100", train=True, download=False)
+    test = data.load_cifar(tmp_path, "cifar100", train=False, download=False)
+    assert train.images.shape == (20, 3, 32, 32) and test.images.shape == (10, 3, 32, 32)
+    assert train.images.dtype == torch.uint8 and len(train.classes) == 100 and train.classes[7] == "fine_7"
+    rows, fine = arrays["train"]
+    assert train.labels.tolist() == fine
+    # Official layout: 1024 red, then 1024 green, then 1024 blue values, each row-major.
+    i, c, y, x = 3, 2, 5, 30
+    assert train.images[i, c, y, x].item() == rows[i, c * 1024 + y * 32 + x]
+
+
+def test_cifar10_official_format(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 9, 3, 3]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    train = data.load_cifar(tmp_path, "cifar10", train=True, download=False)
+    assert train.images.shape == (20, 3, 32, 32) and train.labels.tolist()[:4] == [0, 9, 3, 3]
+
+
+def test_missing_dataset_names_the_directory(tmp_path):
+    with pytest.raises(data.DatasetNotFoundError, match=r"cifar100 not found in .*cifar-100-python.tar.gz"):
+        data.load_cifar(tmp_path / "nowhere", "cifar100", train=True, download=False)
+
+
+def test_corrupt_cifar_rows_are_rejected(tmp_path):
+    write_cifar100(tmp_path)
+    with open(tmp_path / "cifar-100-python" / "train", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 100), np.uint8), "fine_labels": [0, 1]}, f)
+    with pytest.raises(ValueError, match="expected rows of 3072 bytes"):
+        data.load_cifar(tmp_path, "cifar100", train=True, download=False)
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (40, 24), color).save(tmp_path / split / cls / f"{i}.png")
+    ds = data.load_image_folder(tmp_path, train=True, image_size=32)
+    assert ds.images.shape == (4, 3, 32, 32) and ds.classes == ["cat", "dog"]
+    assert ds.images[0, 0].float().mean() > 250 and ds.images[3, 2].float().mean() > 250
+    with pytest.raises(data.DatasetNotFoundError, match="has no train/ directory"):
+        data.load_image_folder(tmp_path / "val", train=True, image_size=32)
+
+
+def test_random_crop_flip_is_a_window_of_the_padded_image():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    out = data.random_crop_flip(images, 2, True, g)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for i in range(16):  # every output is one of the 25 crops, possibly mirrored
+        windows = [padded[i, :, y:y + 8, x:x + 8] for y in range(5) for x in range(5)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
+    assert torch.equal(data.random_crop_flip(images, 0, False, g), images)
+    flipped_only = data.random_crop_flip(images, 0, True, torch.Generator().manual_seed(1))
+    assert all(torch.equal(flipped_only[i], images[i]) or torch.equal(flipped_only[i], images[i].flip(-1)) for i in range(16))
+    assert not torch.equal(flipped_only, images)
+
+
+def test_device_loader_covers_each_sample_once_and_repeats_per_epoch():
+    ds = data.synthetic(50, 5, seed=0)
+    ds.images[:, 0, 0, 0] = torch.arange(50, dtype=torch.uint8)  # tag each image
+    mean, std = data.channel_stats(ds.images)
+    aug = data.Augment(padding=0, flip=False)
+    loader = data.DeviceLoader(ds, 16, mean, std, train=True, augment=aug, seed=3)
+    assert len(loader) == 4
+
+    def epoch_tags(e):
+        loader.set_epoch(e)
+        batches = list(loader)
+        x = torch.cat([b[0] for b in batches])
+        return torch.round((x[:, 0, 0, 0] * std[0] + mean[0]) * 255).long()
+
+    tags0 = epoch_tags(0)
+    assert sorted(tags0.tolist()) == list(range(50))
+    assert torch.equal(tags0, epoch_tags(0))  # the same epoch replays identically (resume)
+    assert not torch.equal(tags0, epoch_tags(1))
+
+
+def test_sharded_loaders_partition_the_epoch():
+    ds = data.synthetic(30, 3, seed=0)
+    ds.images[:, 0, 0, 0] = torch.arange(30, dtype=torch.uint8)
+    aug = data.Augment(padding=0, flip=False)
+    tags = []
+    for rank in range(3):
+        loader = data.DeviceLoader(ds, 4, [0.0] * 3, [1.0] * 3, True, aug, seed=1, rank=rank, world_size=3)
+        tags += [round(v) for b in loader for v in (b[0][:, 0, 0, 0] * 255).tolist()]
+    assert sorted(tags) == list(range(30))
+
+
+def test_mixup_and_cutmix_targets_are_distributions():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.nn.functional.one_hot(torch.arange(8) % 4, 4).float()
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+        xm, ym = data.mix(x, y, mixup, cutmix, g)
+        assert xm.shape == x.shape
+        torch.testing.assert_close(ym.sum(1), torch.ones(8))
+        assert not torch.equal(xm, x)
+
+
+def test_normalize_and_channel_stats():
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    mean, std = data.channel_stats(images)
+    x = data.normalize(images, mean, std)
+    torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+
+
+def test_dataset_validation():
+    with pytest.raises(ValueError, match="labels must lie in"):
+        data.ImageDataset(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 5]), ["a", "b"])
+    with pytest.raises(ValueError, match="images must be uint8"):
+        data.ImageDataset(torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]), ["a", "b"])
