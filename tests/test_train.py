@@ -115,3 +115,9 @@ def test_cli_trains_cifar100_files(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "cifar100: 64 train / 16 test images" in proc.stdout and "epoch   1/1" in proc.stdout
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["num_classes"] == 100
+
+
+def test_fused_without_cuda_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit, match="--fused runs our Triton and CUDA kernels, which need an NVIDIA GPU"):
+        run(tmp_path, "--fused", "--epochs", "1")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="vit-cifar", choices=sorted(PRESETS))
     m.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="reference: the math written out; torch: PyTorch built-ins; fused: our kernels")
+    m.add_argument("--fused", action="store_true", help="shorthand for --backend fused (needs an NVIDIA GPU)")
     m.add_argument("--depth", type=int, help="override the preset's depth")
     m.add_argument("--dim", type=int, help="override the preset's width")
     m.add_argument("--heads", type=int, help="override the preset's number of heads")
@@ -94,6 +96,15 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.label_smoothing < 1:
         raise SystemExit(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+
+
+def check_backend_device(backend: str, device: torch.device) -> None:
+    if backend == "fused" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit(
+            f"--fused runs our Triton and CUDA kernels, which need an NVIDIA GPU, but the device is {device}. "
+            "Use --backend torch on this machine, or set TRITON_INTERPRET=1 to run the kernels in Triton's "
+            "interpreter on the CPU (very slow; for debugging only)."
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,7 +198,10 @@ def _progress(iterable, total: int, desc: str):
 def train(args: argparse.Namespace) -> dict:
     """Run the training job described by ``args``; returns the last epoch's metrics."""
     check_args(args)
+    if args.fused:
+        args.backend = "fused"
     device = resolve_device(args.device)
+    check_backend_device(args.backend, device)
     out_dir = Path(args.out_dir)
     ckpt_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
     resume_state = None
