@@ -1,0 +1,327 @@
+"""Fused patch embedding (vit_fast._C) against vit_fast.reference.patch_embed.
+
+CPU: the C++ implementation, which calls the same index helpers (csrc/patch_embed_index.h) as the
+CUDA kernels, forward and every gradient, fp32 tight and fp64 gradcheck, awkward and strided
+inputs, opcheck, errors, torch.compile. When the extension was built with nvcc, the compiled
+kernels' resource usage is read with cuobjdump (sm_80 and sm_90 code, no spills). On a GPU the same
+parity tests run on CUDA in fp32, fp16 and bf16.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from vit_fast import reference
+from vit_fast.fused import patch_embed as fused
+from vit_fast.testing import assert_parity
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA parity needs a CUDA GPU")
+
+
+def test_extension_is_built():
+    # Everything below needs the extension; say how to get it rather than fail 40 times obscurely.
+    assert fused.extension_available(), f"{fused._LOAD_ERROR}; rebuild with: {fused.REBUILD_COMMAND}"
+
+
+def make_inputs(batch, channels, height, width, patch, dim, dtype=torch.float32, device="cpu"):
+    n = (height // patch) * (width // patch)
+    kw = dict(dtype=dtype, device=device)
+    return (
+        torch.randn(batch, channels, height, width, **kw),
+        torch.randn(dim, channels, patch, patch, **kw) * (channels * patch * patch) ** -0.5,
+        torch.randn(dim, **kw),
+        torch.randn(1, 1, dim, **kw),
+        torch.randn(1, n + 1, dim, **kw),
+    )
+
+
+def forward_and_grads(fn, inputs, grad_out):
+    """fn(*inputs) and the gradients of <fn(*inputs), grad_out> w.r.t. every input."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out.detach(), grads
+
+
+NAMES = ["images", "weight", "bias", "cls_token", "pos_embed"]
+
+# (batch, channels, height, width, patch, dim): the issue's image and patch sizes, batch 1 and a
+# prime batch, D not a multiple of the CUDA tile (64) nor of 16, plus a non-square image (row and
+# column index mix-ups) and an odd channel count.
+SHAPES = [
+    (1, 3, 32, 32, 4, 40),
+    (7, 3, 32, 32, 4, 40),
+    (7, 3, 32, 32, 16, 40),
+    (1, 3, 224, 224, 16, 72),
+    (7, 3, 224, 224, 16, 24),
+    (7, 3, 224, 224, 4, 24),
+    (3, 5, 24, 40, 4, 17),
+]
+
+
+def assert_matches_reference(inputs, grad_out):
+    """fp32 fused vs the fp64 reference, tight: the error of the fp32 reference itself plus 1e-5
+    relative slack (fp32 accumulation, different summation order)."""
+    out, grads = forward_and_grads(fused.patch_embed, inputs, grad_out)
+    ref64, grads64 = forward_and_grads(reference.patch_embed, [t.double() for t in inputs], grad_out.double())
+    ref32, grads32 = forward_and_grads(reference.patch_embed, inputs, grad_out)
+    for name, a, a32, a64 in zip(["tokens", *NAMES], [out, *grads], [ref32, *grads32], [ref64, *grads64]):
+        assert a.shape == a64.shape and a.dtype == a32.dtype, f"{name}: {a.shape}/{a.dtype} vs {a64.shape}"
+        scale = a64.abs().max().item()
+        err = (a.double() - a64).abs().max().item()
+        err32 = (a32.double() - a64).abs().max().item()
+        assert err <= 2 * err32 + 1e-5 * scale + 1e-6, f"{name}: error {err:.3e}, fp32 reference {err32:.3e}, scale {scale:.2e}"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_C{}_{}x{}_p{}_D{}".format(*s))
+def test_parity_fp32(shape):
+    inputs = make_inputs(*shape)
+    B, _, H, W, p, D = shape
+    assert_matches_reference(inputs, torch.randn(B, (H // p) * (W // p) + 1, D))
+
+
+def test_parity_non_contiguous_inputs():
+    # channels_last images, a sliced batch of those, and parameters that are strided views.
+    images, weight, bias, cls_token, pos_embed = make_inputs(9, 3, 32, 24, 4, 40)
+    images = images.to(memory_format=torch.channels_last)[1::2]  # batch 4, strides of neither layout
+    weight = weight.transpose(2, 3).contiguous().transpose(2, 3)  # same values, (C, p, p) strides swapped
+    bias = torch.stack([bias, bias], dim=1)[:, 0]  # stride 2
+    pos_big = torch.randn(1, pos_embed.shape[1], 2 * 40)
+    pos_embed = pos_big[:, :, ::2]  # stride 2 along D
+    cls_token = cls_token.expand(1, 1, 40)
+    assert not images.is_contiguous() and not images.is_contiguous(memory_format=torch.channels_last)
+    assert not weight.is_contiguous() and not bias.is_contiguous() and not pos_embed.is_contiguous()
+    grad_out = torch.randn(40, pos_embed.shape[1], 4).permute(2, 1, 0)  # non-contiguous grad
+    assert_matches_reference([images, weight, bias, cls_token, pos_embed], grad_out)
+
+
+def test_stride_zero_grad_from_sum():
+    # out.sum().backward() hands back an expanded (stride-0) gradient.
+    inputs = make_inputs(3, 3, 16, 16, 4, 20)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    fused.patch_embed(*leaves).sum().backward()
+    ref_leaves = [t.double().requires_grad_() for t in inputs]
+    reference.patch_embed(*ref_leaves).sum().backward()
+    for name, a, b in zip(NAMES, leaves, ref_leaves):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_images_without_grad_skip_the_image_gradient():
+    images, *params = make_inputs(2, 3, 8, 12, 4, 6)
+    params = [p.requires_grad_() for p in params]
+    out = fused.patch_embed(images, *params)
+    out.backward(torch.randn_like(out))
+    assert images.grad is None and all(p.grad is not None for p in params)
+
+
+def test_gradcheck_fp64():
+    inputs = [t.requires_grad_() for t in make_inputs(2, 2, 8, 12, 4, 5, dtype=torch.float64)]
+    assert torch.autograd.gradcheck(fused.patch_embed, inputs)
+    # Only some inputs differentiable: the image-gradient op is skipped, the others stay right.
+    inputs[0].requires_grad_(False)
+    inputs[3].requires_grad_(False)
+    assert torch.autograd.gradcheck(fused.patch_embed, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_low_precision_parity(dtype):
+    inputs = make_inputs(3, 3, 32, 32, 4, 40)
+    grad_out = torch.randn(3, 65, 40)
+    low = [t.to(dtype) for t in inputs]
+    out, grads = forward_and_grads(fused.patch_embed, low, grad_out.to(dtype))
+    out_pt, grads_pt = forward_and_grads(reference.patch_embed, low, grad_out.to(dtype))
+    out_ref, grads_ref = forward_and_grads(reference.patch_embed, inputs, grad_out)
+    for name, a, b, c in zip(["tokens", *NAMES], [out, *grads], [out_pt, *grads_pt], [out_ref, *grads_ref]):
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
+        assert_parity(a, b, c, atol=1e-2, name=name)
+
+
+def test_deterministic():
+    inputs = make_inputs(7, 3, 32, 32, 4, 40)
+    grad_out = torch.randn(7, 65, 40)
+    first = forward_and_grads(fused.patch_embed, inputs, grad_out)
+    second = forward_and_grads(fused.patch_embed, inputs, grad_out)
+    for a, b in zip([first[0], *first[1]], [second[0], *second[1]]):
+        assert torch.equal(a, b)
+
+
+def test_opcheck():
+    images, weight, bias, cls_token, pos_embed = make_inputs(3, 3, 8, 12, 4, 5)
+    args = (images.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(),
+            cls_token.requires_grad_(), pos_embed.requires_grad_())
+    torch.library.opcheck(torch.ops.vit_fast.patch_embed_forward.default, args)
+    grad_out = torch.randn(3, 7, 5)
+    torch.library.opcheck(torch.ops.vit_fast.patch_embed_backward_params.default, (grad_out, images.detach(), weight.detach()))
+    torch.library.opcheck(torch.ops.vit_fast.patch_embed_backward_images.default, (grad_out, weight.detach(), 8, 12))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda x: {**x, "images": x["images"][:, :2]}, r"weight \[5, 3, 4, 4\] expects 3 input channels but the images have 2"),
+        (lambda x: {**x, "images": x["images"][..., :10]}, r"image size \(8, 10\) must be a multiple of the patch size 4"),
+        (lambda x: {**x, "images": x["images"][0]}, r"images must have shape \(B, C, H, W\), got \[3, 8, 12\]"),
+        (lambda x: {**x, "weight": x["weight"][..., :3]}, r"square patches, got \[5, 3, 4, 3\]"),
+        (lambda x: {**x, "bias": x["bias"][:4]}, r"bias must have shape \(5,\) to match weight \[5, 3, 4, 4\], got \[4\]"),
+        (lambda x: {**x, "cls_token": x["cls_token"][0]}, r"cls_token must have shape \(1, 1, 5\), got \[1, 5\]"),
+        (lambda x: {**x, "pos_embed": x["pos_embed"][:, :6]}, r"pos_embed must have shape \(1, 7, 5\) for 6 patches"),
+        (lambda x: {**x, "bias": x["bias"].double()}, r"bias has dtype Double but images have dtype Float"),
+    ],
+    ids=["channels", "indivisible", "rank", "non_square", "bias", "cls", "pos", "dtype"],
+)
+def test_errors_name_the_shapes(change, message):
+    inputs = dict(zip(NAMES, make_inputs(2, 3, 8, 12, 4, 5)))
+    with pytest.raises(RuntimeError, match=message):
+        fused.patch_embed(**change(inputs))
+
+
+def test_backward_error_names_the_grad_shape():
+    images, weight, *_ = make_inputs(2, 3, 8, 12, 4, 5)
+    with pytest.raises(RuntimeError, match=r"grad_out must have shape \(2, 7, 5\), got \[2, 6, 5\]"):
+        torch.ops.vit_fast.patch_embed_backward_params(torch.randn(2, 6, 5), images, weight)
+
+
+def test_torch_compile_fullgraph():
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Conv2d(3, 24, kernel_size=4, stride=4)
+            self.cls_token = torch.nn.Parameter(torch.randn(1, 1, 24))
+            self.pos_embed = torch.nn.Parameter(torch.randn(1, 17, 24))
+
+        def forward(self, x):
+            return fused.patch_embed(x, self.proj.weight, self.proj.bias, self.cls_token, self.pos_embed).tanh()
+
+    module = Embed()
+    x = torch.randn(3, 3, 16, 16, requires_grad=True)
+    eager = module(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), [x, *module.parameters()])
+    compiled = torch.compile(module, fullgraph=True)(x)
+    compiled_grads = torch.autograd.grad(compiled.square().sum(), [x, *module.parameters()])
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for g, e in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_stale_extension_is_refused(tmp_path, monkeypatch):
+    # A source newer than the library: the loader must refuse it and name the rebuild command.
+    source = tmp_path / "patch_embed.cpp"
+    source.write_text("// newer than the library")
+    monkeypatch.setattr(fused, "_CSRC", tmp_path)
+    os.utime(source, (4e9, 4e9))  # far in the future
+    error = fused._load_extension()
+    assert error is not None and "stale" in error and str(source) in error
+    monkeypatch.setattr(fused, "_LOAD_ERROR", error)
+    with pytest.raises(RuntimeError, match=re.escape(fused.REBUILD_COMMAND)):
+        fused.patch_embed(*make_inputs(1, 3, 8, 8, 4, 5))
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA
+# ----------------------------------------------------------------------------------------------
+
+CUDA_SHAPES = [(256, 3, 32, 32, 4, 192), (7, 3, 32, 32, 4, 40), (5, 3, 224, 224, 16, 200), (3, 5, 24, 40, 4, 17)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "B{}_C{}_{}x{}_p{}_D{}".format(*s))
+def test_cuda_parity(shape, dtype):
+    inputs = make_inputs(*shape, device="cuda")
+    B, _, H, W, p, D = shape
+    grad_out = torch.randn(B, (H // p) * (W // p) + 1, D, device="cuda")
+    low = [t.to(dtype) for t in inputs]
+    out, grads = forward_and_grads(fused.patch_embed, low, grad_out.to(dtype))
+    out_pt, grads_pt = forward_and_grads(reference.patch_embed, low, grad_out.to(dtype))
+    out_ref, grads_ref = forward_and_grads(reference.patch_embed, [t.double() for t in inputs], grad_out.double())
+    for name, a, b, c in zip(["tokens", *NAMES], [out, *grads], [out_pt, *grads_pt], [out_ref, *grads_ref]):
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
+        assert_parity(a, b, c, atol=1e-5 if dtype == torch.float32 else 1e-2, name=name)
+
+
+@requires_cuda
+def test_cuda_non_contiguous_and_deterministic():
+    images, weight, bias, cls_token, pos_embed = make_inputs(9, 3, 32, 32, 4, 40, device="cuda")
+    images = images.to(memory_format=torch.channels_last)[1::2]
+    grad_out = torch.randn(40, 65, 5, device="cuda").permute(2, 1, 0)
+    inputs = [images, weight, bias, cls_token, pos_embed]
+    out, grads = forward_and_grads(fused.patch_embed, inputs, grad_out)
+    ref, ref_grads = forward_and_grads(reference.patch_embed, [t.double() for t in inputs], grad_out.double())
+    for name, a, b in zip(["tokens", *NAMES], [out, *grads], [ref, *ref_grads]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=name)
+    again, grads_again = forward_and_grads(fused.patch_embed, inputs, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip([out, *grads], [again, *grads_again]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled kernels: sm_80 and sm_90 code, zero spills (needs an nvcc build, not a GPU)
+# ----------------------------------------------------------------------------------------------
+
+KERNELS = [
+    "patch_embed_forward_kernel",
+    "patch_embed_backward_images_kernel",
+    "patch_embed_weight_grad_partial_kernel",
+    "patch_embed_weight_grad_reduce_kernel",
+    "patch_embed_pos_grad_kernel",
+    "patch_embed_bias_grad_kernel",
+]
+KERNEL_DTYPES = ["f", "6__half", "13__nv_bfloat16"]  # Itanium mangling of the template argument
+
+
+def built_with_cuda() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("vit_fast::patch_embed_forward", "CUDA")
+
+
+def find_cuobjdump() -> str | None:
+    import triton
+
+    candidates = [
+        shutil.which("cuobjdump"),
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+        "/usr/local/cuda/bin/cuobjdump",
+        os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"),
+    ]
+    return next((c for c in candidates if c and os.path.isfile(c)), None)
+
+
+def parse_resource_usage(text: str) -> dict[str, dict[str, dict[str, int]]]:
+    """cuobjdump -res-usage output -> {arch: {mangled function: {REG: .., LOCAL: .., ...}}}."""
+    usage: dict[str, dict[str, dict[str, int]]] = {}
+    arch = function = None
+    for line in text.splitlines():
+        line = line.strip()
+        if m := re.match(r"arch = (sm_\d+)", line):
+            arch = m.group(1)
+            usage.setdefault(arch, {})
+        elif m := re.match(r"Function (\S+):", line):
+            function = m.group(1)
+        elif function and arch and line.startswith("REG:"):
+            usage[arch][function] = {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d\])?):(\d+)", line)}
+            function = None
+    return usage
+
+
+@pytest.mark.skipif(not built_with_cuda(), reason="vit_fast._C was built for the CPU only (no nvcc or VIT_FAST_CPU_ONLY=1)")
+def test_compiled_kernels_sm80_sm90_no_spills():
+    cuobjdump = find_cuobjdump()
+    assert cuobjdump, "cuobjdump not found (looked on PATH, in $CUDA_HOME/bin, /usr/local/cuda/bin and the triton wheel)"
+    import vit_fast._C
+
+    result = subprocess.run([cuobjdump, "-res-usage", vit_fast._C.__file__], capture_output=True, text=True, check=True)
+    usage = parse_resource_usage(result.stdout)
+    for arch in ("sm_80", "sm_90"):
+        assert arch in usage, f"no {arch} code in {vit_fast._C.__file__} (found {sorted(usage)})"
+        functions = usage[arch]
+        for kernel in KERNELS:
+            for dtype in KERNEL_DTYPES:
+                matches = [f for f in functions if f"{len(kernel)}{kernel}I{dtype}E" in f]
+                assert len(matches) == 1, f"{arch}: expected one {kernel}<{dtype}>, found {matches}"
+                stats = functions[matches[0]]
+                assert stats["LOCAL"] == 0, f"{arch} {kernel}<{dtype}> spills: {stats}"
+        assert len(functions) == len(KERNELS) * len(KERNEL_DTYPES), f"{arch}: unexpected kernels {sorted(functions)}"

@@ -1,0 +1,129 @@
+"""Fused patch embedding from the C++/CUDA extension ``vit_fast._C`` (sources in csrc/).
+
+Images (B, C, H, W) -> tokens (B, N+1, D) in one pass: patchify, project with the Conv2d weight
+(D, C, p, p), add the bias, prepend the class token, add the positional embedding. Matches
+``vit_fast.reference.patch_embed``.
+
+Public API:
+    patch_embed(images, weight, bias, cls_token, pos_embed) -> Tensor
+    extension_available() -> bool
+
+Registered ops (schema and CPU/CUDA kernels in csrc/patch_embed.cpp; the fake and autograd
+implementations below make them work under opcheck and torch.compile(fullgraph=True)):
+    vit_fast::patch_embed_forward(images, weight, bias, cls_token, pos_embed) -> tokens
+    vit_fast::patch_embed_backward_params(grad_out, images, weight)
+        -> (grad_weight, grad_bias, grad_cls_token, grad_pos_embed)
+    vit_fast::patch_embed_backward_images(grad_out, weight, height, width) -> grad_images
+The image gradient is its own op and runs only when the images require grad (the usual training
+step feeds images that do not).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+REBUILD_COMMAND = "pip install --no-build-isolation -e ."
+# The extension's sources, present in a source checkout (editable install); absent from a wheel.
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_SOURCE_SUFFIXES = {".cpp", ".cu", ".h", ".cuh"}
+
+
+def _load_extension() -> str | None:
+    """Import vit_fast._C; return None on success, else why it cannot be used.
+
+    A library older than any of its sources is refused rather than imported: it would register
+    ops that no longer match the code, and the failure would surface far from its cause.
+    """
+    spec = importlib.util.find_spec("vit_fast._C")
+    if spec is None or spec.origin is None:
+        return "the extension vit_fast._C is not built"
+    library = Path(spec.origin)
+    if _CSRC.is_dir():
+        sources = [p for p in _CSRC.iterdir() if p.suffix in _SOURCE_SUFFIXES]
+        newest = max(sources, key=lambda p: p.stat().st_mtime, default=None)
+        if newest is not None and newest.stat().st_mtime > library.stat().st_mtime:
+            return f"the extension {library} is stale: {newest} changed after it was built"
+    try:
+        importlib.import_module("vit_fast._C")
+    except (ImportError, OSError) as exc:
+        return f"importing the extension {library} failed ({exc})"
+    return None
+
+
+_LOAD_ERROR = _load_extension()
+
+
+def extension_available() -> bool:
+    """True when vit_fast._C is built, up to date and imported (its ops are registered)."""
+    return _LOAD_ERROR is None
+
+
+def _require_extension() -> None:
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(
+            f"vit_fast fused patch_embed is unavailable: {_LOAD_ERROR}. "
+            f"Rebuild it from the repository root with: {REBUILD_COMMAND}"
+        )
+
+
+def patch_embed(images: Tensor, weight: Tensor, bias: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor:
+    """Images (B, C, H, W) -> tokens (B, N+1, D); weight (D, C, p, p), bias (D,), cls_token
+    (1, 1, D), pos_embed (1, N+1, D), all of one dtype and device. Differentiable in every input."""
+    _require_extension()
+    return torch.ops.vit_fast.patch_embed_forward(images, weight, bias, cls_token, pos_embed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake (shape-only) and autograd implementations of the C++ ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _register() -> None:
+    @torch.library.register_fake("vit_fast::patch_embed_forward")
+    def _forward_fake(images, weight, bias, cls_token, pos_embed):
+        B, _, H, W = images.shape
+        D, _, p, _ = weight.shape
+        return images.new_empty((B, (H // p) * (W // p) + 1, D))
+
+    @torch.library.register_fake("vit_fast::patch_embed_backward_params")
+    def _backward_params_fake(grad_out, images, weight):
+        D = weight.shape[0]
+        return (
+            weight.new_empty(weight.shape),
+            weight.new_empty((D,)),
+            weight.new_empty((1, 1, D)),
+            weight.new_empty((1, grad_out.shape[1], D)),
+        )
+
+    @torch.library.register_fake("vit_fast::patch_embed_backward_images")
+    def _backward_images_fake(grad_out, weight, height, width):
+        return grad_out.new_empty((grad_out.shape[0], weight.shape[1], height, width))
+
+    def setup_context(ctx, inputs, output):
+        images, weight, _bias, _cls_token, _pos_embed = inputs
+        ctx.save_for_backward(images, weight)
+
+    def backward(ctx, grad_out):
+        images, weight = ctx.saved_tensors
+        needs_images, *needs_params = ctx.needs_input_grad
+        grad_images = None
+        if needs_images:
+            grad_images = torch.ops.vit_fast.patch_embed_backward_images(
+                grad_out, weight, images.shape[2], images.shape[3]
+            )
+        param_grads = [None] * 4
+        if any(needs_params):
+            # One pass yields all four; the ones nobody asked for are dropped (they are small).
+            param_grads = torch.ops.vit_fast.patch_embed_backward_params(grad_out, images, weight)
+        return grad_images, *(g if need else None for g, need in zip(param_grads, needs_params))
+
+    torch.library.register_autograd("vit_fast::patch_embed_forward", backward, setup_context=setup_context)
+
+
+if _LOAD_ERROR is None:
+    _register()
