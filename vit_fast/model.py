@@ -149,7 +149,7 @@ class ViTClassifier(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim))
         self.pos_drop = nn.Dropout(cfg.dropout)
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # stochastic depth rule
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear rule, as timm
         self.blocks = nn.Sequential(*(ViTEncoder(cfg, r) for r in rates))
         self.norm = LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.head = Linear(cfg.dim, cfg.num_classes)
