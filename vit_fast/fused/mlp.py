@@ -19,6 +19,7 @@ same program (why: ``kernels/mlp.py``); the other products go to cuBLAS (why: ``
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype) -> MatmulConfig:
+def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype,
+                  interpret: Optional[bool] = None) -> MatmulConfig:
     """The launch configuration of ``kernel`` ("linear" or "gelu_bwd") for an (M, K) x (K, N) product.
 
     - BLOCK_K by element size, so a pipeline stage of 16-bit operands is 64 deep (128-byte rows)
@@ -71,10 +73,13 @@ def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype) -> Ma
     - fp64 (gradcheck only): small 64x64x16 tiles, register-light.
     A heuristic from tile counts and register/shared-memory budgets, to be tuned on a GPU with
     benchmarks/bench_mlp.py; ``tests/test_mlp.py`` compiles every config it can return.
+    ``interpret`` defaults to whether TRITON_INTERPRET=1 is set (then the fixed config).
     """
     if kernel not in ("linear", "gelu_bwd"):
         raise ValueError(f"kernel must be 'linear' or 'gelu_bwd', got {kernel!r}")
-    if interpreting():
+    if interpret is None:
+        interpret = interpreting()
+    if interpret:
         return INTERPRETER_CONFIG
     if dtype == torch.float64:
         return MatmulConfig(64, 64, 16, group_m=8, num_warps=4, num_stages=2)
@@ -104,63 +109,81 @@ def _grid(M: int, N: int, cfg: MatmulConfig) -> tuple[int]:
     return (math.ceil(M / cfg.block_m) * math.ceil(N / cfg.block_n),)
 
 
-def _on_device(t: Tensor):
-    """Triton launches on the current CUDA device; make it the tensors' one."""
-    import contextlib
+@dataclass
+class KernelLaunch:
+    """Everything one kernel launch passes: the AOT test compiles exactly what the launcher runs."""
 
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    kernel: object  # the @triton.jit function
+    grid: tuple[int]
+    args: dict  # runtime arguments by name (tensors and ints)
+    constexprs: dict  # compile-time arguments by name
+    config: MatmulConfig
+
+    def run(self) -> None:
+        first = next(v for v in self.args.values() if isinstance(v, Tensor))
+        # Triton launches on the current CUDA device: make it the tensors' one.
+        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+            self.kernel[self.grid](**self.args, **self.constexprs,
+                                   num_warps=self.config.num_warps, num_stages=self.config.num_stages)
 
 
-def _launch_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], residual2d: Optional[Tensor],
-                   activation: str) -> Tensor:
-    """act(x2d W^T + bias) + residual2d for x2d (M, K), weight (N, K) -> (M, N)."""
+def linear_launch(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], residual2d: Optional[Tensor], out: Tensor,
+                  activation: str, interpret: Optional[bool] = None) -> KernelLaunch:
+    """The launch computing out = act(x2d W^T + bias) + residual2d; x2d (M, K), weight (N, K), out (M, N)."""
     M, K = x2d.shape
     N = weight.shape[0]
-    out = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
-    if M == 0 or N == 0:
-        return out
-    cfg = choose_config("linear", M, N, K, x2d.dtype)
-    # Unused pointer arguments get `out`: a valid pointer the kernel never reads (flag is off).
+    cfg = choose_config("linear", M, N, K, x2d.dtype, interpret)
+    # Unused pointer arguments get `out`: a valid pointer the kernel never reads (its flag is off).
     bias_arg = bias if bias is not None else out
     res_arg = residual2d if residual2d is not None else out
-    with _on_device(x2d):
-        linear_fwd_kernel[_grid(M, N, cfg)](
-            x2d, weight, bias_arg, res_arg, out,
-            M, N, K,
-            x2d.stride(0), x2d.stride(1),
-            weight.stride(0), weight.stride(1),
-            res_arg.stride(0), res_arg.stride(1),
-            out.stride(0), out.stride(1),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual2d is not None, ACTIVATION=activation,
-            **_precision_args(x2d.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    args = dict(
+        X=x2d, W=weight, Bias=bias_arg, Residual=res_arg, Out=out, M=M, N=N, K=K,
+        stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
+        stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_rm=res_arg.stride(0), stride_rn=res_arg.stride(1),
+        stride_om=out.stride(0), stride_on=out.stride(1),
+    )
+    constexprs = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual2d is not None, ACTIVATION=activation,
+        **_precision_args(x2d.dtype),
+    )
+    return KernelLaunch(linear_fwd_kernel, _grid(M, N, cfg), args, constexprs, cfg)
+
+
+def gelu_bwd_launch(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, grad_pre: Tensor,
+                    activation: str, interpret: Optional[bool] = None) -> KernelLaunch:
+    """The launch computing grad_pre = (grad_y2d W2) * GELU'(x2d W1^T + b1), (M, hidden)."""
+    M, k_in = x2d.shape
+    hidden, k_out = w1.shape[0], w2.shape[0]
+    cfg = choose_config("gelu_bwd", M, hidden, max(k_in, k_out), x2d.dtype, interpret)
+    args = dict(
+        DY=grad_y2d, W2=w2, X=x2d, W1=w1, B1=b1, DPre=grad_pre, M=M, N=hidden, K_OUT=k_out, K_IN=k_in,
+        stride_dym=grad_y2d.stride(0), stride_dyk=grad_y2d.stride(1),
+        stride_w2k=w2.stride(0), stride_w2n=w2.stride(1),  # W2 (out, hidden) is the (K_OUT, N) operand as is
+        stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
+        stride_w1n=w1.stride(0), stride_w1k=w1.stride(1),
+        stride_dpm=grad_pre.stride(0), stride_dpn=grad_pre.stride(1),
+    )
+    constexprs = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        ACTIVATION=activation, **_precision_args(x2d.dtype),
+    )
+    return KernelLaunch(gelu_bwd_kernel, _grid(M, hidden, cfg), args, constexprs, cfg)
+
+
+def _linear_fwd(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], residual2d: Optional[Tensor],
+                activation: str) -> Tensor:
+    out = torch.empty((x2d.shape[0], weight.shape[0]), device=x2d.device, dtype=x2d.dtype)
+    if out.numel():  # an empty grid is not a valid launch
+        linear_launch(x2d, weight, bias, residual2d, out, activation).run()
     return out
 
 
-def _launch_gelu_bwd(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, activation: str) -> Tensor:
-    """(grad_y2d W2) * GELU'(x2d W1^T + b1) -> (M, hidden)."""
-    M, k_in = x2d.shape
-    hidden, k_out = w1.shape[0], w2.shape[0]
-    grad_pre = torch.empty((M, hidden), device=x2d.device, dtype=x2d.dtype)
-    if M == 0 or hidden == 0:
-        return grad_pre
-    cfg = choose_config("gelu_bwd", M, hidden, max(k_in, k_out), x2d.dtype)
-    with _on_device(x2d):
-        gelu_bwd_kernel[_grid(M, hidden, cfg)](
-            grad_y2d, w2, x2d, w1, b1, grad_pre,
-            M, hidden, k_out, k_in,
-            grad_y2d.stride(0), grad_y2d.stride(1),
-            w2.stride(0), w2.stride(1),  # W2 (out, hidden) is already the (K_OUT, N) operand
-            x2d.stride(0), x2d.stride(1),
-            w1.stride(0), w1.stride(1),
-            grad_pre.stride(0), grad_pre.stride(1),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            ACTIVATION=activation,
-            **_precision_args(x2d.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+def _gelu_bwd(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, activation: str) -> Tensor:
+    grad_pre = torch.empty((x2d.shape[0], w1.shape[0]), device=x2d.device, dtype=x2d.dtype)
+    if grad_pre.numel():
+        gelu_bwd_launch(grad_y2d, x2d, w1, b1, w2, grad_pre, activation).run()
     return grad_pre
 
 
@@ -219,6 +242,14 @@ def _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, resid
     _check_residual(residual, (*x.shape[:-1], fc2_weight.shape[0]))
 
 
+def _check_linear(x, weight, bias, residual) -> None:
+    _check_common({"x": x, "weight": weight, "bias": bias, "residual": residual})
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
+    _check_linear_shapes("", x.shape, weight, bias)
+    _check_residual(residual, (*x.shape[:-1], weight.shape[0]))
+
+
 # ----------------------------------------------------------------------------- vit_fast::mlp
 
 
@@ -228,9 +259,9 @@ def _mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
     _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual)
     lead, d_out = x.shape[:-1], fc2_weight.shape[0]
     x2d = x.reshape(-1, x.shape[-1])  # (M, D_in), a view whenever the strides allow
-    hidden = _launch_linear(x2d, fc1_weight, fc1_bias, None, _APPROXIMATE_TO_ACTIVATION[approximate])  # (M, Hd)
+    hidden = _linear_fwd(x2d, fc1_weight, fc1_bias, None, _APPROXIMATE_TO_ACTIVATION[approximate])  # (M, Hd)
     res2d = residual.reshape(-1, d_out) if residual is not None else None
-    y = _launch_linear(hidden, fc2_weight, fc2_bias, res2d, "none")  # (M, D_out)
+    y = _linear_fwd(hidden, fc2_weight, fc2_bias, res2d, "none")  # (M, D_out)
     return y.reshape(*lead, d_out), hidden
 
 
@@ -290,7 +321,7 @@ def _mlp_gelu_grad_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: T
     """(grad_y W2) * GELU'(x W1^T + b1) for grad_y (M, D_out), x (M, D_in) -> (M, hidden)."""
     _check_approximate(approximate)
     _check_common({"grad_y": grad_y, "x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight})
-    return _launch_gelu_bwd(grad_y, x, fc1_weight, fc1_bias, fc2_weight, _APPROXIMATE_TO_ACTIVATION[approximate])
+    return _gelu_bwd(grad_y, x, fc1_weight, fc1_bias, fc2_weight, _APPROXIMATE_TO_ACTIVATION[approximate])
 
 
 @_mlp_gelu_grad_op.register_fake
@@ -303,9 +334,10 @@ def _(grad_y, x, fc1_weight, fc1_bias, fc2_weight, approximate):
 
 @torch.library.custom_op("vit_fast::linear", mutates_args=())
 def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:
+    _check_linear(x, weight, bias, residual)
     lead, n = x.shape[:-1], weight.shape[0]
     res2d = residual.reshape(-1, n) if residual is not None else None
-    y = _launch_linear(x.reshape(-1, x.shape[-1]), weight, bias, res2d, "none")
+    y = _linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, res2d, "none")
     return y.reshape(*lead, n)
 
 
@@ -359,9 +391,5 @@ def mlp(
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
     """x W^T + bias (+ residual) with the adds fused into the matmul's epilogue; x (..., in), weight (out, in)."""
-    _check_common({"x": x, "weight": weight, "bias": bias, "residual": residual})
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
-    _check_linear_shapes("", x.shape, weight, bias)
-    _check_residual(residual, (*x.shape[:-1], weight.shape[0]))
+    _check_linear(x, weight, bias, residual)
     return torch.ops.vit_fast.linear(x, weight, bias, residual)
