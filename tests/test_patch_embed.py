@@ -76,7 +76,9 @@ def assert_matches_reference(inputs, grad_out):
         scale = a64.abs().max().item()
         err = (a.double() - a64).abs().max().item()
         err32 = (a32.double() - a64).abs().max().item()
-        assert err <= 2 * err32 + 1e-5 * scale + 1e-6, f"{name}: error {err:.3e}, fp32 reference {err32:.3e}, scale {scale:.2e}"
+        assert err <= 2 * err32 + 1e-5 * scale + 1e-6, (
+            f"{name}: error {err:.3e} vs fp64, fp32 reference's error {err32:.3e}, scale {scale:.2e}"
+        )
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_C{}_{}x{}_p{}_D{}".format(*s))
@@ -157,28 +159,31 @@ def test_opcheck():
             cls_token.requires_grad_(), pos_embed.requires_grad_())
     torch.library.opcheck(torch.ops.vit_fast.patch_embed_forward.default, args)
     grad_out = torch.randn(3, 7, 5)
-    torch.library.opcheck(torch.ops.vit_fast.patch_embed_backward_params.default, (grad_out, images.detach(), weight.detach()))
-    torch.library.opcheck(torch.ops.vit_fast.patch_embed_backward_images.default, (grad_out, weight.detach(), 8, 12))
+    ops = torch.ops.vit_fast
+    torch.library.opcheck(ops.patch_embed_backward_params.default, (grad_out, images.detach(), weight.detach()))
+    torch.library.opcheck(ops.patch_embed_backward_images.default, (grad_out, weight.detach(), 8, 12))
 
 
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (lambda x: {**x, "images": x["images"][:, :2]}, r"weight \[5, 3, 4, 4\] expects 3 input channels but the images have 2"),
-        (lambda x: {**x, "images": x["images"][..., :10]}, r"image size \(8, 10\) must be a multiple of the patch size 4"),
-        (lambda x: {**x, "images": x["images"][0]}, r"images must have shape \(B, C, H, W\), got \[3, 8, 12\]"),
-        (lambda x: {**x, "weight": x["weight"][..., :3]}, r"square patches, got \[5, 3, 4, 3\]"),
-        (lambda x: {**x, "bias": x["bias"][:4]}, r"bias must have shape \(5,\) to match weight \[5, 3, 4, 4\], got \[4\]"),
-        (lambda x: {**x, "cls_token": x["cls_token"][0]}, r"cls_token must have shape \(1, 1, 5\), got \[1, 5\]"),
-        (lambda x: {**x, "pos_embed": x["pos_embed"][:, :6]}, r"pos_embed must have shape \(1, 7, 5\) for 6 patches"),
-        (lambda x: {**x, "bias": x["bias"].double()}, r"bias has dtype Double but images have dtype Float"),
-    ],
-    ids=["channels", "indivisible", "rank", "non_square", "bias", "cls", "pos", "dtype"],
-)
-def test_errors_name_the_shapes(change, message):
+# (input to replace, how, the message expected): each names the offending shape and the expectation.
+BAD_INPUTS = {
+    "channels": ("images", lambda t: t[:, :2], r"weight \[5, 3, 4, 4\] expects 3 input channels but the images have 2"),
+    "indivisible": ("images", lambda t: t[..., :10], r"image size \(8, 10\) must be a multiple of the patch size 4"),
+    "rank": ("images", lambda t: t[0], r"images must have shape \(B, C, H, W\), got \[3, 8, 12\]"),
+    "non_square": ("weight", lambda t: t[..., :3], r"square patches, got \[5, 3, 4, 3\]"),
+    "bias": ("bias", lambda t: t[:4], r"bias must have shape \(5,\) to match weight \[5, 3, 4, 4\], got \[4\]"),
+    "cls": ("cls_token", lambda t: t[0], r"cls_token must have shape \(1, 1, 5\), got \[1, 5\]"),
+    "pos": ("pos_embed", lambda t: t[:, :6], r"pos_embed must have shape \(1, 7, 5\) for 6 patches"),
+    "dtype": ("bias", lambda t: t.double(), r"bias has dtype Double but images have dtype Float"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_errors_name_the_shapes(case):
+    name, change, message = BAD_INPUTS[case]
     inputs = dict(zip(NAMES, make_inputs(2, 3, 8, 12, 4, 5)))
+    inputs[name] = change(inputs[name])
     with pytest.raises(RuntimeError, match=message):
-        fused.patch_embed(**change(inputs))
+        fused.patch_embed(**inputs)
 
 
 def test_backward_error_names_the_grad_shape():
@@ -275,7 +280,10 @@ KERNEL_DTYPES = ["f", "6__half", "13__nv_bfloat16"]  # Itanium mangling of the t
 
 
 def built_with_cuda() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("vit_fast::patch_embed_forward", "CUDA")
+    """Whether vit_fast._C registered CUDA kernels, i.e. was compiled WITH_CUDA by nvcc."""
+    return fused.extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "vit_fast::patch_embed_forward", "CUDA"
+    )
 
 
 def find_cuobjdump() -> str | None:
@@ -307,16 +315,20 @@ def parse_resource_usage(text: str) -> dict[str, dict[str, dict[str, int]]]:
     return usage
 
 
-@pytest.mark.skipif(not built_with_cuda(), reason="vit_fast._C was built for the CPU only (no nvcc or VIT_FAST_CPU_ONLY=1)")
+@pytest.mark.skipif(
+    not built_with_cuda(), reason="vit_fast._C was built for the CPU only (no nvcc found, or VIT_FAST_CPU_ONLY=1)"
+)
 def test_compiled_kernels_sm80_sm90_no_spills():
     cuobjdump = find_cuobjdump()
-    assert cuobjdump, "cuobjdump not found (looked on PATH, in $CUDA_HOME/bin, /usr/local/cuda/bin and the triton wheel)"
+    assert cuobjdump, "cuobjdump not found on PATH, in $CUDA_HOME/bin, /usr/local/cuda/bin or the triton wheel"
     import vit_fast._C
 
-    result = subprocess.run([cuobjdump, "-res-usage", vit_fast._C.__file__], capture_output=True, text=True, check=True)
-    usage = parse_resource_usage(result.stdout)
+    library = vit_fast._C.__file__
+    usage = parse_resource_usage(
+        subprocess.run([cuobjdump, "-res-usage", library], capture_output=True, text=True, check=True).stdout
+    )
     for arch in ("sm_80", "sm_90"):
-        assert arch in usage, f"no {arch} code in {vit_fast._C.__file__} (found {sorted(usage)})"
+        assert arch in usage, f"no {arch} code in {library} (found {sorted(usage)})"
         functions = usage[arch]
         for kernel in KERNELS:
             for dtype in KERNEL_DTYPES:
@@ -324,4 +336,5 @@ def test_compiled_kernels_sm80_sm90_no_spills():
                 assert len(matches) == 1, f"{arch}: expected one {kernel}<{dtype}>, found {matches}"
                 stats = functions[matches[0]]
                 assert stats["LOCAL"] == 0, f"{arch} {kernel}<{dtype}> spills: {stats}"
-        assert len(functions) == len(KERNELS) * len(KERNEL_DTYPES), f"{arch}: unexpected kernels {sorted(functions)}"
+        expected = len(KERNELS) * len(KERNEL_DTYPES)
+        assert len(functions) == expected, f"{arch}: unexpected kernels {sorted(functions)}"
