@@ -173,24 +173,41 @@ def normalize(images: Tensor, mean: list[float], std: list[float]) -> Tensor:
     return (images.float() / 255 - m) / s
 
 
-def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
-    """Per-image random crop from the zero-padded image and random horizontal flip, as one gather."""
-    if padding == 0 and not flip:
-        return images
+def crop_flip_offsets(
+    batch: int, padding: int, flip: bool, generator: torch.Generator, device
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The random draws of ``random_crop_flip`` for ``batch`` images: crop offsets oy, ox (B, 1)
+    into the image padded by ``padding``, and the flip decisions (B, 1) bool (None without flips).
+
+    Kept apart from applying them so that data-parallel ranks can draw for the whole global batch
+    and each apply its own rows: the images then match a single-process run exactly."""
+    oy = torch.randint(0, 2 * padding + 1, (batch, 1), generator=generator, device=device)
+    ox = torch.randint(0, 2 * padding + 1, (batch, 1), generator=generator, device=device)
+    flipped = torch.rand(batch, 1, generator=generator, device=device) < 0.5 if flip else None
+    return oy, ox, flipped
+
+
+def apply_crop_flip(images: Tensor, padding: int, oy: Tensor, ox: Tensor, flipped: Tensor | None) -> Tensor:
+    """Crop each image (B, C, H, W) at (oy, ox) of its zero-padded copy, mirror where flipped, as one gather."""
     B, C, H, W = images.shape
     dev = images.device
     padded = F.pad(images, (padding,) * 4) if padding else images
-    oy = torch.randint(0, 2 * padding + 1, (B, 1), generator=generator, device=dev)
-    ox = torch.randint(0, 2 * padding + 1, (B, 1), generator=generator, device=dev)
     rows = (oy + torch.arange(H, device=dev)).view(B, 1, H, 1)
     cols = ox + torch.arange(W, device=dev)  # (B, W)
-    if flip:
-        flipped = torch.rand(B, 1, generator=generator, device=dev) < 0.5
+    if flipped is not None:
         cols = torch.where(flipped, cols.flip(1), cols)
     cols = cols.view(B, 1, 1, W)
     batch = torch.arange(B, device=dev).view(B, 1, 1, 1)
     chan = torch.arange(C, device=dev).view(1, C, 1, 1)
     return padded[batch, chan, rows, cols]  # (B, C, H, W): one gather
+
+
+def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
+    """Per-image random crop from the zero-padded image and random horizontal flip, as one gather."""
+    if padding == 0 and not flip:
+        return images
+    offsets = crop_flip_offsets(images.shape[0], padding, flip, generator, images.device)
+    return apply_crop_flip(images, padding, *offsets)
 
 
 def mix(
@@ -232,6 +249,14 @@ class DeviceLoader:
 
     Every epoch's order and augmentation come from a generator seeded with (seed, epoch), so an
     epoch is the same whether or not the run was interrupted before it.
+
+    Data parallel: with ``world_size`` ranks, ``batch_size`` is the per-rank batch. The epoch is
+    cut into global batches of ``batch_size * world_size`` images of one permutation (the same on
+    every rank), and rank r takes positions r, r + world_size, ... of each. Crop and flip offsets
+    are drawn for the whole global batch and each rank applies its rows, so the ranks together
+    see exactly the images a single process with the global batch sees. Mixup and cutmix pair
+    images within the rank's own batch (as data-parallel training usually does), so with them
+    the multi-rank run is a different, equally valid, draw.
     """
 
     def __init__(
@@ -249,6 +274,8 @@ class DeviceLoader:
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size), got rank {rank} of world_size {world_size}")
         self.data, self.batch_size, self.mean, self.std = data, batch_size, mean, std
         self.train, self.augment, self.seed, self.drop_last = train, augment or Augment(), seed, drop_last
         self.rank, self.world_size = rank, world_size
@@ -260,25 +287,39 @@ class DeviceLoader:
 
     def _indices(self, generator: torch.Generator) -> Tensor:
         n = len(self.data)
-        idx = torch.randperm(n, generator=generator, device="cpu") if self.train else torch.arange(n)
-        # Each rank takes every world_size-th sample of the same permutation (a disjoint shard).
-        return idx[self.rank :: self.world_size]
+        return torch.randperm(n, generator=generator, device="cpu") if self.train else torch.arange(n)
+
+    def _spans(self) -> list[tuple[int, int]]:
+        """(start, stop) positions in the epoch's order of the global batches this rank takes part in."""
+        n, g, w = len(self.data), self.batch_size * self.world_size, self.world_size
+        spans = [(s, min(s + g, n)) for s in range(0, n, g)]
+        if spans:
+            last = spans[-1][1] - spans[-1][0]
+            # Training ranks step together (every rank must run every step for the gradient
+            # all-reduce), so a last global batch too small to give each rank an image is dropped.
+            if (self.drop_last and last < g) or (self.train and w > 1 and last < w):
+                spans.pop()
+        return [(s, e) for s, e in spans if s + self.rank < e]
+
+    def global_batch_sizes(self) -> list[int]:
+        """Images in each global batch of an epoch (all ranks together), in step order."""
+        return [e - s for s, e in self._spans()]
 
     def __len__(self) -> int:
-        n = len(range(self.rank, len(self.data), self.world_size))
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self._spans())
 
     def __iter__(self):
         dev = self.data.images.device
         gen_cpu = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         gen_dev = torch.Generator(device=dev).manual_seed(self.seed * 100_003 + self.epoch + 1)
         idx = self._indices(gen_cpu).to(dev)
-        aug = self.augment
-        for b in range(len(self)):
-            sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
+        aug, mine = self.augment, slice(self.rank, None, self.world_size)
+        for start, stop in self._spans():
+            sel = idx[start:stop][mine]
             images, labels = self.data.images[sel], self.data.labels[sel]
-            if self.train:
-                images = random_crop_flip(images, aug.padding, aug.flip, gen_dev)
+            if self.train and (aug.padding or aug.flip):
+                oy, ox, flipped = crop_flip_offsets(stop - start, aug.padding, aug.flip, gen_dev, dev)
+                images = apply_crop_flip(images, aug.padding, oy[mine], ox[mine], None if flipped is None else flipped[mine])
             x = normalize(images, self.mean, self.std)
             if self.train and (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0):
                 soft = F.one_hot(labels, self.num_classes).float()

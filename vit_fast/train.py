@@ -2,6 +2,7 @@
 
     python -m vit_fast.train                      # vit-cifar on CIFAR-100, the published recipe
     python -m vit_fast.train --dataset synthetic --epochs 2 --preset vit-cifar --depth 2
+    torchrun --nproc_per_node=4 -m vit_fast.train  # data parallel: --batch-size is the global batch
 
 The default recipe follows the setup Lee et al. 2021 ("Vision Transformer for Small-Size
 Datasets") report for their CIFAR ViT: AdamW (lr 1e-3, weight decay 0.05), batch 128, linear
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_mod
+from . import distributed as dist_mod
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import BACKENDS, PRESETS, get_preset
 from .model import ViTClassifier
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cutmix", type=float, default=0.0, help="cutmix Beta(alpha, alpha); 0 = off")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=100)
-    o.add_argument("--batch-size", type=int, default=128)
+    o.add_argument("--batch-size", type=int, default=128,
+                   help="global batch: under torchrun each of the N ranks takes batch-size / N images per step")
     o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     o.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
     o.add_argument("--warmup-epochs", type=float, default=10.0)
@@ -79,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="start afresh even if OUT_DIR has a checkpoint")
     r.add_argument("--stop-after", type=int, default=None,
                    help="leave after this many epochs in this invocation (time-sliced jobs; continue with --resume)")
-    r.add_argument("--eval-batch-size", type=int, default=512)
+    r.add_argument("--eval-batch-size", type=int, default=512, help="per rank")
     return p
 
 
@@ -116,19 +119,31 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def load_data(args) -> tuple[data_mod.ImageDataset, data_mod.ImageDataset]:
+def load_split(args, train: bool) -> data_mod.ImageDataset:
+    """The training or the test split of ``args.dataset`` (the fields of the data argument group)."""
     if args.dataset in ("cifar100", "cifar10"):
-        dl = not args.no_download
-        return (data_mod.load_cifar(args.data_dir, args.dataset, True, dl),
-                data_mod.load_cifar(args.data_dir, args.dataset, False, dl))
+        return data_mod.load_cifar(args.data_dir, args.dataset, train, not args.no_download)
     if args.dataset == "imagefolder":
-        return (data_mod.load_image_folder(args.data_dir, True, args.image_size),
-                data_mod.load_image_folder(args.data_dir, False, args.image_size))
+        return data_mod.load_image_folder(args.data_dir, train, args.image_size)
     n, k, s = args.synthetic_size, args.synthetic_classes, args.image_size
     # One draw split in two, so that train and test share the class patterns.
     both = data_mod.synthetic(n + max(n // 4, 1), k, s, seed=args.seed)
-    split = lambda sl: data_mod.ImageDataset(both.images[sl], both.labels[sl], both.classes)  # noqa: E731
-    return split(slice(0, n)), split(slice(n, None))
+    sl = slice(0, n) if train else slice(n, None)
+    return data_mod.ImageDataset(both.images[sl], both.labels[sl], both.classes)
+
+
+def load_data(args) -> tuple[data_mod.ImageDataset, data_mod.ImageDataset]:
+    return load_split(args, True), load_split(args, False)
+
+
+def per_rank_batch(global_batch: int, world: dist_mod.World) -> int:
+    """The images each rank takes per step when ``global_batch`` is shared by ``world.size`` ranks."""
+    if global_batch % world.size:
+        raise SystemExit(
+            f"--batch-size {global_batch} is the global batch and must be divisible by the number of "
+            f"processes ({world.size}); use e.g. {max(1, round(global_batch / world.size)) * world.size}"
+        )
+    return global_batch // world.size
 
 
 def model_config(args, num_classes: int, image_size: int):
@@ -161,17 +176,29 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp: bool) -> dict:
+def predict_topk(model, loader, device, amp: bool, k: int = 5) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The model's k best classes (N, k) and the labels (N,) of every image of ``loader``, and
+    the summed cross-entropy; the model is left in eval mode."""
     model.eval()
-    loss_sum, top1, top5, n = 0.0, 0, 0, 0
+    loss_sum, tops, labels = 0.0, [], []
     for x, y in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        top1 += (top[:, 0] == y).sum().item()
-        top5 += (top == y[:, None]).any(dim=1).sum().item()
-        n += y.numel()
+        tops.append(logits.topk(min(k, logits.shape[1]), dim=1).indices)
+        labels.append(y)
+    if not labels:  # a rank whose shard of a tiny test set is empty
+        return torch.zeros(0, k, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device), 0.0
+    return torch.cat(tops), torch.cat(labels), loss_sum
+
+
+def evaluate(model, loader, device, amp: bool, world: dist_mod.World = dist_mod.World()) -> dict:
+    """Loss, top-1 and top-5 (%) over the test set; under torchrun each rank evaluates its shard
+    and the sums are all-reduced, so every rank returns the figures of the whole test set."""
+    top, labels, loss_sum = predict_topk(model, loader, device, amp)
+    sums = torch.tensor([loss_sum, (top[:, 0] == labels).sum().item(), (top == labels[:, None]).any(dim=1).sum().item(),
+                         labels.numel()], dtype=torch.float64, device=device)
+    loss_sum, top1, top5, n = dist_mod.all_reduce_sum(sums, world).tolist()
     return {"val_loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
 
 
@@ -188,25 +215,43 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _progress(iterable, total: int, desc: str):
+def _progress(iterable, total: int, desc: str, enabled: bool = True):
     from tqdm import tqdm
 
     # Quiet when stderr is not a terminal (CI logs, nohup): the per-epoch summary line remains.
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
 
 
 def train(args: argparse.Namespace) -> dict:
-    """Run the training job described by ``args``; returns the last epoch's metrics."""
+    """Run the training job described by ``args``; returns the last epoch's metrics.
+
+    Started by torchrun, this process is one rank of a data-parallel job (see vit_fast.distributed);
+    otherwise it trains alone, with no process group.
+    """
     check_args(args)
     if args.fused:
         args.backend = "fused"
-    device = resolve_device(args.device)
+    world = dist_mod.world_from_env()
+    device = dist_mod.device_for(world, args.device) if world.is_distributed else resolve_device(args.device)
     check_backend_device(args.backend, device)
+    per_rank_batch(args.batch_size, world)
+    dist_mod.init(world, device)
+    try:
+        metrics = _train(args, world, device)
+        dist_mod.barrier(world)  # rank 0 has written its last checkpoint and plot
+        return metrics
+    finally:
+        dist_mod.shutdown()
+
+
+def _train(args: argparse.Namespace, world: dist_mod.World, device: torch.device) -> dict:
+    log = print if world.is_main else (lambda *a, **k: None)
     out_dir = Path(args.out_dir)
     ckpt_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
     resume_state = None
     if args.resume:
-        resume_state = load_checkpoint(ckpt_path)
+        resume_state = load_checkpoint(ckpt_path)  # every rank reads it
         saved = resume_state["args"]
         changed = {k: (saved.get(k), getattr(args, k)) for k in RECIPE_ARGS if saved.get(k) != getattr(args, k)}
         if changed:
@@ -226,8 +271,10 @@ def train(args: argparse.Namespace) -> dict:
     mean, std = data_mod.channel_stats(train_set.images)
     train_set, test_set = train_set.to(device), test_set.to(device)
     augment = data_mod.Augment(args.crop_padding, not args.no_flip, args.mixup, args.cutmix)
-    train_loader = data_mod.DeviceLoader(train_set, args.batch_size, mean, std, train=True, augment=augment, seed=args.seed)
-    test_loader = data_mod.DeviceLoader(test_set, args.eval_batch_size, mean, std, train=False)
+    shard = dict(rank=world.rank, world_size=world.size)
+    train_loader = data_mod.DeviceLoader(train_set, per_rank_batch(args.batch_size, world), mean, std, train=True,
+                                         augment=augment, seed=args.seed, **shard)
+    test_loader = data_mod.DeviceLoader(test_set, args.eval_batch_size, mean, std, train=False, **shard)
 
     model = ViTClassifier(cfg, backend=args.backend).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(args.beta1, args.beta2))
@@ -235,41 +282,64 @@ def train(args: argparse.Namespace) -> dict:
     total_steps = args.epochs * steps_per_epoch
     factor = warmup_cosine(round(args.warmup_epochs * steps_per_epoch), total_steps, args.min_lr / args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if world.is_distributed:
+        # Every rank built the same initial weights; from here on each rank draws its own
+        # stochastic-depth and dropout masks, so it gets a generator of its own.
+        torch.manual_seed(rank_seed(args.seed, world.rank))
     start_epoch, step = 0, 0
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         start_epoch, step = resume_state["epoch"], resume_state["step"]
-        set_rng_state(resume_state["rng"])
-        _truncate_metrics(metrics_path, start_epoch)
-    elif metrics_path.exists():
+        _restore_rng(resume_state, world, args.seed, start_epoch, log)
+        if world.is_main:
+            _truncate_metrics(metrics_path, start_epoch)
+    elif metrics_path.exists() and world.is_main:
         metrics_path.unlink()  # --overwrite, or a run that died before its first checkpoint
-    forward = torch.compile(model) if args.compile else model
+    trained = model
+    if world.is_distributed:
+        # DDP broadcasts rank 0's weights, then averages gradients over the ranks in backward
+        # (NCCL or gloo all-reduce); the backend switch inside the model is untouched.
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(trained) if args.compile else trained
     amp = device.type == "cuda" and not args.no_amp
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"vit_fast: {args.preset} ({n_params / 1e6:.2f}M parameters, backend {args.backend}) on {device}, "
-          f"{args.dataset}: {len(train_set)} train / {len(test_set)} test images, batch {args.batch_size}, "
-          f"{args.epochs} epochs of {steps_per_epoch} steps" + (f", resuming after epoch {start_epoch}" if start_epoch else ""))
+    if world.is_distributed:
+        backend = torch.distributed.get_backend()
+        batch = (f"global batch {args.batch_size} = {world.size} ranks x {train_loader.batch_size} per rank "
+                 f"({backend})")
+    else:
+        batch = f"batch {args.batch_size}"
+    log(f"vit_fast: {args.preset} ({n_params / 1e6:.2f}M parameters, backend {args.backend}) on {device}, "
+        f"{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {batch}, peak lr {args.lr:.2e}, "
+        f"{args.epochs} epochs of {steps_per_epoch} steps" + (f", resuming after epoch {start_epoch}" if start_epoch else ""))
 
     metrics = {}
     for epoch in range(start_epoch, args.epochs):
         if args.stop_after is not None and epoch - start_epoch >= args.stop_after:
-            print(f"stopping after {args.stop_after} epoch(s) as asked; continue with --resume")
+            log(f"stopping after {args.stop_after} epoch(s) as asked; continue with --resume")
             break
         model.train()
         train_loader.set_epoch(epoch)
+        global_sizes = train_loader.global_batch_sizes()
         loss_sum, seen = torch.zeros((), device=device), 0
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        bar = _progress(train_loader, steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}")
-        for x, y in bar:
+        bar = _progress(train_loader, steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=world.is_main)
+        for i, (x, y) in enumerate(bar):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+            # DDP averages the ranks' gradients. Weighting each rank's mean loss by its share of the
+            # global batch makes that average the gradient of the global batch's mean loss, as a
+            # single process computes it (the factor is exactly 1 unless the last batch is uneven).
+            scale = x.shape[0] * world.size / global_sizes[i] if world.is_distributed else 1.0
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * scale if scale != 1.0 else loss).backward()
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
@@ -278,26 +348,64 @@ def train(args: argparse.Namespace) -> dict:
             loss_sum += loss.detach() * x.shape[0]
             seen += x.shape[0]
             if not bar.disable and step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen * world.size / (time.perf_counter() - t0):.0f}")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
-        metrics = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum.item() / seen,
-                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / elapsed, "epoch_time_s": elapsed,
-                   **evaluate(model, test_loader, device, amp)}
-        save_checkpoint({
-            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step, "rng": rng_state(),
-            "args": {k: v for k, v in vars(args).items()},
-            "data": {"dataset": args.dataset, "classes": list(train_set.classes), "mean": mean, "std": std},
-            "metrics": metrics,
-        }, ckpt_path)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
-              f"top1 {metrics['top1']:5.2f}%  top5 {metrics['top5']:5.2f}%  lr {metrics['lr']:.2e}  "
-              f"{metrics['images_per_s']:.0f} img/s", flush=True)
+        totals = dist_mod.all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(seen, device=device, dtype=torch.float64)]), world)
+        train_loss, seen_all = totals.tolist()
+        metrics = {"epoch": epoch + 1, "step": step, "train_loss": train_loss / seen_all,
+                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen_all / elapsed, "epoch_time_s": elapsed,
+                   **evaluate(model, test_loader, device, amp, world)}
+        rng_ranks = dist_mod.all_gather_objects(rng_state(), world)  # a collective: every rank takes part
+        if world.is_main:
+            state = {
+                "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step, "rng": rng_ranks[0],
+                "args": {k: v for k, v in vars(args).items()},
+                "data": {"dataset": args.dataset, "classes": list(train_set.classes), "mean": mean, "std": std},
+                "metrics": metrics,
+            }
+            if world.is_distributed:
+                state["rng_ranks"] = rng_ranks
+            save_checkpoint(state, ckpt_path)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        log(f"epoch {epoch + 1:3d}/{args.epochs}  loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+            f"top1 {metrics['top1']:5.2f}%  top5 {metrics['top5']:5.2f}%  lr {metrics['lr']:.2e}  "
+            f"{metrics['images_per_s']:.0f} img/s", flush=True)
+    if world.is_main and metrics_path.exists():
+        write_curves(metrics_path, out_dir / "curves.png")
     return metrics
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s torch generator in a data-parallel run."""
+    return seed * 1_000_003 + rank + 1
+
+
+def _restore_rng(ckpt: dict, world: dist_mod.World, seed: int, epoch: int, log) -> None:
+    """Each rank continues its own random stream when the world size is unchanged."""
+    ranks = ckpt.get("rng_ranks")
+    if not world.is_distributed:
+        set_rng_state(ckpt["rng"])
+    elif ranks is not None and len(ranks) == world.size:
+        set_rng_state(ranks[world.rank])
+    else:
+        saved = len(ranks) if ranks is not None else 1
+        torch.manual_seed(rank_seed(seed, world.rank) + 7919 * epoch)
+        log(f"note: the checkpoint was written by {saved} process(es), this run has {world.size}: the data order "
+            "and augmentation continue exactly, stochastic depth and dropout masks from fresh per-rank seeds")
+
+
+def write_curves(metrics_path: Path, png: Path) -> None:
+    """Plot the training curves; a failure here never fails the training run."""
+    try:
+        from .plots import plot_metrics
+
+        plot_metrics(metrics_path, png)
+    except Exception as err:  # noqa: BLE001 - a plot is a convenience, the checkpoint is what matters
+        print(f"warning: could not plot the training curves to {png}: {type(err).__name__}: {err}", file=sys.stderr)
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
