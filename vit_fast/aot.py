@@ -9,11 +9,13 @@ wheel tells registers, spills (LOCAL) and shared memory per kernel.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 # Maximum dynamic shared memory one block may use (CUDA programming guide, "Compute capabilities").
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -50,11 +52,19 @@ def compile_kernel(
     capability: int,
     num_warps: int = 4,
     num_stages: int = 3,
+    divisible_by_16: tuple[str, ...] | list[str] = (),
 ) -> KernelResources:
     """Compile ``fn`` (a ``@triton.jit`` function) for ``sm_<capability>`` and read its resources.
 
     ``signature`` maps every argument name to a Triton type ("*fp16", "i32", "fp32", ...) or to
-    "constexpr"; ``constexprs`` gives the value of each constexpr argument.
+    "constexpr"; ``constexprs`` gives the value of each constexpr argument. ``divisible_by_16``
+    names the pointer and integer arguments a real launch would see as multiples of 16 (Triton
+    specialises on that at launch): without these hints every load compiles scalar and loops are
+    not pipelined, and the registers and shared memory read off would be those of a kernel that
+    never runs.
+
+    Must run where TRITON_INTERPRET is unset (under the interpreter ``@triton.jit`` functions are
+    interpreted functions that cannot be compiled): see ``compile_launches``.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -64,7 +74,8 @@ def compile_kernel(
     sig = dict(signature)
     for name in consts:
         sig[name] = "constexpr"
-    src = ASTSource(fn, signature=sig, constexprs=consts)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
+    src = ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs)
     kernel = triton.compile(
         src,
         target=GPUTarget("cuda", capability, 32),
@@ -89,3 +100,67 @@ def compile_kernel(
         stack_bytes=stack,
         shared_bytes=max(static_shared, int(kernel.metadata.shared)),
     )
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel configuration as a launcher would run it, in a form that crosses processes.
+
+    Constexpr values that are Triton dtypes are written as strings "tl.float32" etc.
+    """
+
+    module: str  # e.g. "vit_fast.kernels.attention"
+    kernel: str  # the @triton.jit function's name in that module
+    signature: dict = field(hash=False)  # non-constexpr argument name -> Triton type
+    constexprs: dict = field(hash=False)
+    divisible_by_16: tuple = ()
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @property
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=str)
+
+    def describe(self) -> str:
+        consts = " ".join(f"{k}={v}" for k, v in sorted(self.constexprs.items()))
+        return f"{self.kernel}[{consts} warps={self.num_warps} stages={self.num_stages}]"
+
+
+def _compile_launch(launch: KernelLaunch, capability: int) -> KernelResources:
+    import importlib
+
+    import triton.language as tl
+
+    fn = getattr(importlib.import_module(launch.module), launch.kernel)
+    consts = {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
+              for k, v in launch.constexprs.items()}
+    return compile_kernel(fn, launch.signature, consts, capability, launch.num_warps, launch.num_stages,
+                          launch.divisible_by_16)
+
+
+def compile_launches(launches, targets=TARGETS, timeout: float = 1800) -> list[tuple[KernelLaunch, KernelResources]]:
+    """Compile each distinct launch for each target in a fresh interpreter with TRITON_INTERPRET
+    unset (so this works from a test session that runs the kernels in the interpreter)."""
+    unique = list({launch.key: launch for launch in launches}.values())
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    payload = json.dumps({"launches": [asdict(launch) for launch in unique], "targets": list(targets)})
+    child = subprocess.run([sys.executable, "-m", "vit_fast.aot"], input=payload, env=env,
+                           capture_output=True, text=True, timeout=timeout)
+    if child.returncode != 0:
+        raise RuntimeError(f"ahead-of-time compilation failed:\n{child.stderr[-6000:]}")
+    results = json.loads(child.stdout.splitlines()[-1])
+    return [(unique[i], KernelResources(**r)) for i, r in results]
+
+
+def _child_main() -> None:
+    payload = json.load(sys.stdin)
+    results = []
+    for i, d in enumerate(payload["launches"]):
+        launch = KernelLaunch(**{**d, "divisible_by_16": tuple(d["divisible_by_16"])})
+        for capability in payload["targets"]:
+            results.append((i, asdict(_compile_launch(launch, capability))))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _child_main()
