@@ -72,27 +72,30 @@ def _config(width: int, tile_elements: int, elements_per_thread: int) -> LayerNo
     return LayerNormConfig(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
 
 
+def _elements_per_thread(dtype: torch.dtype) -> int:
+    # Two 16-byte vectors of every tensor a thread loads: 8 fp32 or 16 fp16/bf16 elements. Fewer
+    # spends issue slots on address math and reductions; more raises register pressure.
+    return 2 * 16 // torch.empty((), dtype=dtype).element_size()
+
+
 def forward_config(width: int, dtype: torch.dtype) -> LayerNormConfig:
     """Forward launch configuration: a pure function of (width, dtype), the same on a GPU and
     under the interpreter (no autotuning, which the interpreter cannot run).
 
     BLOCK_N = next_power_of_2(width). BLOCK_M = 4096 // BLOCK_N rows per program (1 to 16), so
     narrow rows share a program (16 rows of 192, 8 of 384) instead of leaving most lanes idle.
-    num_warps gives each thread two 16-byte vectors of every tensor it loads: 8 fp32 or 16
-    fp16/bf16 elements (1 to 16 warps). Fewer per thread spends issue slots on address math and
-    reductions; the forward's few live values per element leave room for more.
+    num_warps gives each thread two 16-byte vectors of the tile: 8 fp32 or 16 fp16/bf16 elements
+    per thread (1 to 16 warps).
     """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return _config(width, _FWD_TILE_ELEMENTS, elements_per_thread=2 * 16 // itemsize)
+    return _config(width, _FWD_TILE_ELEMENTS, _elements_per_thread(dtype))
 
 
 def backward_config(width: int, dtype: torch.dtype) -> LayerNormConfig:
-    """Backward launch configuration: 2048-element tiles (BLOCK_M = 2048 // BLOCK_N, 1 to 16) and
-    8 elements per thread whatever the dtype: the backward is bound by registers (its values are
-    fp32 whatever the input), and 8 per thread keeps it near 128 registers with no spills.
-    ``dtype`` is accepted so callers treat both directions alike; it does not change the choice."""
-    del dtype
-    return _config(width, _BWD_TILE_ELEMENTS, elements_per_thread=8)
+    """Backward launch configuration: as ``forward_config`` with half the tile (2048 elements,
+    BLOCK_M = 2048 // BLOCK_N), since the backward keeps more values live per element. With 8
+    fp16/bf16 elements per thread instead, ptxas caps some variants at 64 registers and spills
+    (sm_90, width 384); the AOT test checks every choice for spills."""
+    return _config(width, _BWD_TILE_ELEMENTS, _elements_per_thread(dtype))
 
 
 @functools.lru_cache(maxsize=None)
