@@ -122,10 +122,19 @@ ImageStrides image_strides(const at::Tensor& images) {
 // ---------------------------------------------------------------------------------------------
 // CPU implementation. Grain sizes keep at::parallel_for chunks large enough to amortize a task.
 
+// patch_inner_offset(k) for every k: a patch's pixels are its origin plus these (the same
+// separation the CUDA kernels use for their shared-memory offset tables).
+std::vector<int64_t> inner_offsets(const PatchEmbedShape& s, const ImageStrides& st) {
+  std::vector<int64_t> offsets(s.inner);
+  for (int k = 0; k < s.inner; ++k) offsets[k] = patch_inner_offset(k, s, st);
+  return offsets;
+}
+
 template <typename scalar_t>
 void forward_cpu_impl(const scalar_t* images, ImageStrides st, const scalar_t* weight, const scalar_t* bias,
                       const scalar_t* cls_token, const scalar_t* pos_embed, scalar_t* out, const PatchEmbedShape& s) {
   using acc_t = at::opmath_type<scalar_t>;
+  const std::vector<int64_t> inner = inner_offsets(s, st);
   at::parallel_for(0, num_token_rows(s), 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> patch(s.inner);
     for (int64_t r = begin; r < end; ++r) {
@@ -138,7 +147,8 @@ void forward_cpu_impl(const scalar_t* images, ImageStrides st, const scalar_t* w
         for (int d = 0; d < s.dim; ++d) out_row[d] = static_cast<acc_t>(cls_token[d]) + static_cast<acc_t>(pos_row[d]);
         continue;
       }
-      for (int k = 0; k < s.inner; ++k) patch[k] = static_cast<acc_t>(images[patch_pixel_offset(b, t - 1, k, s, st)]);
+      const scalar_t* origin = images + patch_origin_offset(b, t - 1, s, st);
+      for (int k = 0; k < s.inner; ++k) patch[k] = static_cast<acc_t>(origin[inner[k]]);
       for (int d = 0; d < s.dim; ++d) {
         const scalar_t* w_row = weight + static_cast<int64_t>(d) * s.inner;
         acc_t acc = 0;
@@ -178,10 +188,12 @@ void backward_params_cpu_impl(const scalar_t* grad_out, const scalar_t* images, 
   // grad_weight[d, k] = sum_m grad_patches[m, d] * patches[m, k]; gather the patches once.
   const int64_t rows = num_patch_rows(s);
   std::vector<acc_t> patches(rows * s.inner);
+  const std::vector<int64_t> inner = inner_offsets(s, st);
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m)
-      for (int k = 0; k < s.inner; ++k)
-        patches[m * s.inner + k] = static_cast<acc_t>(images[patch_row_pixel_offset(m, k, s, st)]);
+    for (int64_t m = begin; m < end; ++m) {
+      const scalar_t* origin = images + patch_row_origin_offset(m, s, st);
+      for (int k = 0; k < s.inner; ++k) patches[m * s.inner + k] = static_cast<acc_t>(origin[inner[k]]);
+    }
   });
   at::parallel_for(0, s.dim, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(s.inner);
@@ -201,8 +213,8 @@ template <typename scalar_t>
 void backward_images_cpu_impl(const scalar_t* grad_out, const scalar_t* weight, scalar_t* grad_images,
                               const PatchEmbedShape& s) {
   using acc_t = at::opmath_type<scalar_t>;
-  const ImageStrides contiguous{static_cast<int64_t>(s.channels) * s.height * s.width,
-                                static_cast<int64_t>(s.height) * s.width, s.width, 1};
+  const ImageStrides contiguous = contiguous_image_strides(s);
+  const std::vector<int64_t> inner = inner_offsets(s, contiguous);
   at::parallel_for(0, num_patch_rows(s), 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(s.inner);
     for (int64_t m = begin; m < end; ++m) {
@@ -214,7 +226,8 @@ void backward_images_cpu_impl(const scalar_t* grad_out, const scalar_t* weight, 
         for (int k = 0; k < s.inner; ++k) acc[k] += gd * static_cast<acc_t>(w_row[k]);
       }
       // Patches do not overlap: each pixel is written by exactly one (m, k).
-      for (int k = 0; k < s.inner; ++k) grad_images[patch_row_pixel_offset(m, k, s, contiguous)] = acc[k];
+      scalar_t* origin = grad_images + patch_row_origin_offset(m, s, contiguous);
+      for (int k = 0; k < s.inner; ++k) origin[inner[k]] = acc[k];
     }
   });
 }

@@ -12,7 +12,10 @@
 //
 // All three GEMM-shaped kernels (forward, image gradient, weight gradient) share one SIMT tile
 // loop, `tile_matmul`: a 64 x 64 output tile per 256-thread block, 4 x 4 outputs per thread,
-// reduction in steps of 16 through shared memory, fp32 accumulation for every input dtype.
+// reduction in steps of 16 through shared memory, fp32 accumulation for every input dtype. The
+// gather costs integer divisions (token -> image, patch; k -> channel, row, column); they are
+// paid once per tile row and once per k into shared-memory offset tables, not per element
+// (see Operand).
 //
 // Why SIMT and not tensor cores / a library GEMM:
 //  * CIFAR (p = 4, K = C * p * p = 48, D = 192): K is tiny, so the work is bound by memory traffic
@@ -67,45 +70,75 @@ constexpr int THREAD_N = BLOCK_N / 16;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// acc[i][j] += sum_{k in [k_begin, k_end)} A(m0 + ty + 16 i, k) * B(k, n0 + tx + 16 j).
-// load_a(m, k) / load_b(k, n) return the operand as fp32, and 0 outside the matrix (they do their
-// own row/column bounds checks; the reduction bound is checked here). A_K_FASTEST / B_K_FASTEST
-// pick which index consecutive threads walk when filling shared memory: the one along which the
-// operand is contiguous in global memory, so the loads coalesce. The +1 padding keeps the
-// transposing stores free of bank conflicts either way.
-template <bool A_K_FASTEST, bool B_K_FASTEST, class LoadA, class LoadB>
+// A GEMM operand whose element (outer, k) lives at data[outer(outer) + reduction(k)]: `outer`
+// indexes the output rows (operand A) or columns (operand B), k the reduction. Every operand of
+// the patch embedding has this separable form, the gathered image patches included
+// (patch_origin_offset + patch_inner_offset), so tile_matmul evaluates `outer` once per tile row
+// and `reduction` once per reduction step into shared-memory offset tables: the integer divisions
+// that locate a patch's pixels are paid per row and per k, not per element. An offset of -1 reads
+// as zero (outside the matrix, or a class-token row).
+template <typename T, class Outer, class Reduction>
+struct Operand {
+  const T* data;
+  Outer outer;          // (int64_t index) -> int64_t offset, or -1
+  Reduction reduction;  // (int64_t k) -> int64_t offset; called only for k in range
+};
+
+template <typename T, class Outer, class Reduction>
+__device__ __forceinline__ Operand<T, Outer, Reduction> make_operand(const T* data, Outer outer, Reduction reduction) {
+  return Operand<T, Outer, Reduction>{data, outer, reduction};
+}
+
+// acc[i][j] += sum_{k in [k_begin, k_end)} A(m0 + ty + 16 i, k) * B(k, n0 + tx + 16 j), in fp32.
+// A_K_FASTEST / B_K_FASTEST pick which index consecutive threads walk when filling the tiles: the
+// one along which the operand is contiguous in global memory, so the loads coalesce. The +1
+// padding keeps the transposing shared-memory stores free of bank conflicts either way.
+template <bool A_K_FASTEST, bool B_K_FASTEST, class OperandA, class OperandB>
 __device__ __forceinline__ void tile_matmul(int64_t m0, int64_t n0, int64_t k_begin, int64_t k_end,
-                                            const LoadA& load_a, const LoadB& load_b,
+                                            const OperandA& a, const OperandB& b,
                                             float (&acc)[THREAD_M][THREAD_N]) {
   __shared__ float a_tile[BLOCK_K][BLOCK_M + 1];
   __shared__ float b_tile[BLOCK_K][BLOCK_N + 1];
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  __shared__ int64_t a_outer[BLOCK_M], b_outer[BLOCK_N];     // per tile row / column, once
+  __shared__ int64_t a_reduction[BLOCK_K], b_reduction[BLOCK_K];  // per reduction step
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  static_assert(kThreads >= BLOCK_M && kThreads >= BLOCK_N && kThreads >= 2 * BLOCK_K, "one table entry per thread");
 
+  if (tid < BLOCK_M) a_outer[tid] = a.outer(m0 + tid);
+  if (tid < BLOCK_N) b_outer[tid] = b.outer(n0 + tid);
   for (int64_t k0 = k_begin; k0 < k_end; k0 += BLOCK_K) {
-    for (int e = threadIdx.x; e < BLOCK_M * BLOCK_K; e += kThreads) {
+    if (tid < BLOCK_K) {
+      a_reduction[tid] = k0 + tid < k_end ? a.reduction(k0 + tid) : -1;
+    } else if (tid < 2 * BLOCK_K) {
+      b_reduction[tid - BLOCK_K] = k0 + tid - BLOCK_K < k_end ? b.reduction(k0 + tid - BLOCK_K) : -1;
+    }
+    __syncthreads();  // tables ready (and, on the first step, the outer tables too)
+    for (int e = tid; e < BLOCK_M * BLOCK_K; e += kThreads) {
       const int kk = A_K_FASTEST ? e % BLOCK_K : e / BLOCK_M;
       const int mm = A_K_FASTEST ? e / BLOCK_K : e % BLOCK_M;
-      a_tile[kk][mm] = k0 + kk < k_end ? load_a(m0 + mm, k0 + kk) : 0.f;
+      const int64_t row = a_outer[mm], col = a_reduction[kk];
+      a_tile[kk][mm] = row >= 0 && col >= 0 ? to_float(a.data[row + col]) : 0.f;
     }
-    for (int e = threadIdx.x; e < BLOCK_N * BLOCK_K; e += kThreads) {
+    for (int e = tid; e < BLOCK_N * BLOCK_K; e += kThreads) {
       const int kk = B_K_FASTEST ? e % BLOCK_K : e / BLOCK_N;
       const int nn = B_K_FASTEST ? e / BLOCK_K : e % BLOCK_N;
-      b_tile[kk][nn] = k0 + kk < k_end ? load_b(k0 + kk, n0 + nn) : 0.f;
+      const int64_t row = b_reduction[kk], col = b_outer[nn];
+      b_tile[kk][nn] = row >= 0 && col >= 0 ? to_float(b.data[row + col]) : 0.f;
     }
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < BLOCK_K; ++kk) {
-      float a[THREAD_M], b[THREAD_N];
+      float a_frag[THREAD_M], b_frag[THREAD_N];
 #pragma unroll
-      for (int i = 0; i < THREAD_M; ++i) a[i] = a_tile[kk][ty + 16 * i];
+      for (int i = 0; i < THREAD_M; ++i) a_frag[i] = a_tile[kk][ty + 16 * i];
 #pragma unroll
-      for (int j = 0; j < THREAD_N; ++j) b[j] = b_tile[kk][tx + 16 * j];
+      for (int j = 0; j < THREAD_N; ++j) b_frag[j] = b_tile[kk][tx + 16 * j];
 #pragma unroll
       for (int i = 0; i < THREAD_M; ++i)
 #pragma unroll
-        for (int j = 0; j < THREAD_N; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        for (int j = 0; j < THREAD_N; ++j) acc[i][j] = fmaf(a_frag[i], b_frag[j], acc[i][j]);
     }
-    __syncthreads();  // the tiles are overwritten by the next step
+    __syncthreads();  // tiles and reduction tables are overwritten by the next step
   }
 }
 
@@ -124,20 +157,21 @@ __global__ void __launch_bounds__(kThreads) patch_embed_forward_kernel(
   const int64_t d0 = static_cast<int64_t>(blockIdx.y) * BLOCK_N;
 
   // A(r, k): pixel k of the patch behind token row r; class-token rows multiply zeros.
-  auto load_a = [&](int64_t r, int64_t k) -> float {
-    if (r >= rows) return 0.f;
-    int64_t b;
-    int t;
-    split_token_row(r, s.num_patches, &b, &t);
-    if (t == 0) return 0.f;
-    return to_float(images[patch_pixel_offset(b, t - 1, static_cast<int>(k), s, image_strides)]);
-  };
+  const auto patches = make_operand(
+      images,
+      [&](int64_t r) -> int64_t {
+        if (r >= rows) return -1;
+        int64_t b;
+        int t;
+        split_token_row(r, s.num_patches, &b, &t);
+        return t == 0 ? -1 : patch_origin_offset(b, t - 1, s, image_strides);
+      },
+      [&](int64_t k) { return patch_inner_offset(static_cast<int>(k), s, image_strides); });
   // B(k, d) = weight[d, k]: contiguous along k.
-  auto load_b = [&](int64_t k, int64_t d) -> float {
-    return d < s.dim ? to_float(weight[d * s.inner + k]) : 0.f;
-  };
+  const auto weight_t = make_operand(
+      weight, [&](int64_t d) -> int64_t { return d < s.dim ? d * s.inner : -1; }, [](int64_t k) { return k; });
   float acc[THREAD_M][THREAD_N] = {};
-  tile_matmul</*A_K_FASTEST=*/true, /*B_K_FASTEST=*/true>(row0, d0, 0, s.inner, load_a, load_b, acc);
+  tile_matmul</*A_K_FASTEST=*/true, /*B_K_FASTEST=*/true>(row0, d0, 0, s.inner, patches, weight_t, acc);
 
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
@@ -170,27 +204,33 @@ __global__ void __launch_bounds__(kThreads) patch_embed_backward_images_kernel(
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BLOCK_M;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * BLOCK_N;
 
-  auto load_a = [&](int64_t m, int64_t d) -> float {  // grad of patch row m, contiguous along d
-    return m < rows ? to_float(grad_out[token_row_of_patch_row(m, s.num_patches) * s.dim + d]) : 0.f;
-  };
-  auto load_b = [&](int64_t d, int64_t k) -> float {  // weight[d, k], contiguous along k
-    return k < s.inner ? to_float(weight[d * s.inner + k]) : 0.f;
-  };
+  // A(m, d): the gradient of patch row m's token, contiguous along d.
+  const auto grad_patches = make_operand(
+      grad_out,
+      [&](int64_t m) -> int64_t { return m < rows ? token_row_of_patch_row(m, s.num_patches) * s.dim : -1; },
+      [](int64_t d) { return d; });
+  // B(d, k) = weight[d, k]: contiguous along k.
+  const auto weight_op = make_operand(
+      weight, [&](int64_t k) -> int64_t { return k < s.inner ? k : -1; }, [&](int64_t d) { return d * s.inner; });
   float acc[THREAD_M][THREAD_N] = {};
-  tile_matmul</*A_K_FASTEST=*/true, /*B_K_FASTEST=*/false>(m0, k0, 0, s.dim, load_a, load_b, acc);
+  tile_matmul</*A_K_FASTEST=*/true, /*B_K_FASTEST=*/false>(m0, k0, 0, s.dim, grad_patches, weight_op, acc);
 
-  const ImageStrides contiguous{static_cast<int64_t>(s.channels) * s.height * s.width,
-                                static_cast<int64_t>(s.height) * s.width, s.width, 1};
+  const ImageStrides contiguous = contiguous_image_strides(s);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  int64_t inner[THREAD_N];
+#pragma unroll
+  for (int j = 0; j < THREAD_N; ++j) {
+    const int64_t k = k0 + tx + 16 * j;
+    inner[j] = k < s.inner ? patch_inner_offset(static_cast<int>(k), s, contiguous) : -1;
+  }
 #pragma unroll
   for (int i = 0; i < THREAD_M; ++i) {
     const int64_t m = m0 + ty + 16 * i;
     if (m >= rows) continue;
+    const int64_t origin = patch_row_origin_offset(m, s, contiguous);
 #pragma unroll
     for (int j = 0; j < THREAD_N; ++j) {
-      const int64_t k = k0 + tx + 16 * j;
-      if (k >= s.inner) continue;
-      grad_images[patch_row_pixel_offset(m, static_cast<int>(k), s, contiguous)] = from_float<T>(acc[i][j]);
+      if (inner[j] >= 0) grad_images[origin + inner[j]] = from_float<T>(acc[i][j]);
     }
   }
 }
@@ -209,14 +249,19 @@ __global__ void __launch_bounds__(kThreads) patch_embed_weight_grad_partial_kern
   const int64_t m_begin = static_cast<int64_t>(blockIdx.z) * rows_per_split;
   const int64_t m_end = m_begin + rows_per_split < rows ? m_begin + rows_per_split : rows;
 
-  auto load_a = [&](int64_t d, int64_t m) -> float {  // grad_patches[m, d], contiguous along d
-    return d < s.dim ? to_float(grad_out[token_row_of_patch_row(m, s.num_patches) * s.dim + d]) : 0.f;
-  };
-  auto load_b = [&](int64_t m, int64_t k) -> float {  // patches[m, k]
-    return k < s.inner ? to_float(images[patch_row_pixel_offset(m, static_cast<int>(k), s, image_strides)]) : 0.f;
-  };
+  // A(d, m) = grad_patches[m, d], contiguous along d.
+  const auto grad_patches_t = make_operand(
+      grad_out, [&](int64_t d) -> int64_t { return d < s.dim ? d : -1; },
+      [&](int64_t m) { return token_row_of_patch_row(m, s.num_patches) * s.dim; });
+  // B(m, k) = patches[m, k], gathered from the images.
+  const auto patches = make_operand(
+      images,
+      [&](int64_t k) -> int64_t {
+        return k < s.inner ? patch_inner_offset(static_cast<int>(k), s, image_strides) : -1;
+      },
+      [&](int64_t m) { return patch_row_origin_offset(m, s, image_strides); });
   float acc[THREAD_M][THREAD_N] = {};
-  tile_matmul</*A_K_FASTEST=*/false, /*B_K_FASTEST=*/false>(d0, k0, m_begin, m_end, load_a, load_b, acc);
+  tile_matmul</*A_K_FASTEST=*/false, /*B_K_FASTEST=*/false>(d0, k0, m_begin, m_end, grad_patches_t, patches, acc);
 
   float* slice = partials + static_cast<int64_t>(blockIdx.z) * s.dim * s.inner;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;

@@ -39,10 +39,6 @@ struct ImageStrides {
   int64_t b, c, h, w;
 };
 
-struct Pixel {
-  int c, y, x;
-};
-
 // Number of token rows (B * (N + 1)) and of patch rows (B * N) of a problem.
 VIT_FAST_HOST_DEVICE int64_t num_token_rows(const PatchEmbedShape& s) {
   return s.batch * (s.num_patches + 1);
@@ -64,27 +60,35 @@ VIT_FAST_HOST_DEVICE int64_t token_row_of_patch_row(int64_t m, int num_patches) 
   return m + b + 1;  // b * (N + 1) + (n + 1) with n = m - b * N
 }
 
-// Pixel read by patch n at inner index k (the conv-weight order (C, p, p)).
-VIT_FAST_HOST_DEVICE Pixel patch_pixel(int n, int k, int grid_w, int patch) {
-  const int ph = n / grid_w, pw = n - ph * grid_w;
-  const int pp = patch * patch;
+// The element offset of pixel (c, ph * p + i, pw * p + j) of image b splits into a part that
+// depends only on the patch and a part that depends only on the inner index k:
+//   offset(b, n, k) = patch_origin_offset(b, n) + patch_inner_offset(k)
+// so kernels compute each part once per patch row and once per k (tables), not once per element.
+
+// Offset of the top-left pixel of channel 0 of patch n = ph * Wp + pw of image b.
+VIT_FAST_HOST_DEVICE int64_t patch_origin_offset(int64_t b, int n, const PatchEmbedShape& s, const ImageStrides& st) {
+  const int ph = n / s.grid_w, pw = n - ph * s.grid_w;
+  return b * st.b + static_cast<int64_t>(ph) * s.patch * st.h + static_cast<int64_t>(pw) * s.patch * st.w;
+}
+
+// Offset of inner index k = (c * p + i) * p + j (the Conv2d weight order) from a patch's origin.
+VIT_FAST_HOST_DEVICE int64_t patch_inner_offset(int k, const PatchEmbedShape& s, const ImageStrides& st) {
+  const int pp = s.patch * s.patch;
   const int c = k / pp, r = k - c * pp;
-  const int i = r / patch, j = r - i * patch;
-  return Pixel{c, ph * patch + i, pw * patch + j};
+  const int i = r / s.patch, j = r - i * s.patch;
+  return c * st.c + i * st.h + j * st.w;
 }
 
-// Element offset of (image b, patch n, inner k) in images with the given strides.
-VIT_FAST_HOST_DEVICE int64_t patch_pixel_offset(int64_t b, int n, int k, const PatchEmbedShape& s,
-                                                const ImageStrides& st) {
-  const Pixel px = patch_pixel(n, k, s.grid_w, s.patch);
-  return b * st.b + px.c * st.c + px.y * st.h + px.x * st.w;
-}
-
-// Offset of the same element for patch row m = b * N + n.
-VIT_FAST_HOST_DEVICE int64_t patch_row_pixel_offset(int64_t m, int k, const PatchEmbedShape& s,
-                                                    const ImageStrides& st) {
+// Origin offset of the patch in patch row m = b * N + n.
+VIT_FAST_HOST_DEVICE int64_t patch_row_origin_offset(int64_t m, const PatchEmbedShape& s, const ImageStrides& st) {
   const int64_t b = m / s.num_patches;
-  return patch_pixel_offset(b, static_cast<int>(m - b * s.num_patches), k, s, st);
+  return patch_origin_offset(b, static_cast<int>(m - b * s.num_patches), s, st);
+}
+
+// Strides of a contiguous (B, C, H, W) tensor of this problem (the image gradient's layout).
+VIT_FAST_HOST_DEVICE ImageStrides contiguous_image_strides(const PatchEmbedShape& s) {
+  const int64_t plane = static_cast<int64_t>(s.height) * s.width;
+  return ImageStrides{s.channels * plane, plane, s.width, 1};
 }
 
 }  // namespace vit_fast
