@@ -315,75 +315,51 @@ _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 AOT_WIDTHS = (192, 384, 768, 1024, fused.MAX_WIDTH)
 
 
-def _aot_variants():
-    """Every (kernel, signature, constexprs, num_warps) the launchers can pick at AOT_WIDTHS, for
-    each input dtype, parameter dtype (x's or fp32) and flag, without duplicates (768 and 1024 share
-    configurations). Unit column strides are compiled as the constant 1, as Triton specializes them
-    at launch: that is the contiguous fast path."""
-    variants = {}
+def _aot_launches():
+    """Every kernel launch the launchers can pick at AOT_WIDTHS, for each input dtype, parameter
+    dtype (x's or fp32) and flag, as a real launch specializes it: unit column strides are the
+    constant 1 and pointers, row strides and the width (a multiple of 16 at these widths) carry
+    the divisibility Triton sees at launch. Duplicates (768 and 1024 share a tile) compile once."""
+    from vit_fast.aot import KernelLaunch
 
-    def add(label, fn, sig, consts, num_warps):
-        key = (fn.__name__, tuple(sig.items()), tuple(consts.items()), num_warps)
-        variants.setdefault(key, (label, fn, sig, consts, num_warps))
-
+    module, launches = "vit_fast.kernels.layernorm", []
     for width in AOT_WIDTHS:
+        assert width % 16 == 0
         for dtype, t in _TL.items():
             fwd, bwd, red = fused.forward_config(width, dtype), fused.backward_config(width, dtype), fused.column_sum_config(width)
             for p in sorted({t, "fp32"}):
                 for flag in (False, True):
-                    label = f"width={width} x={t} weight={p} residual={flag}"
                     sig = dict(X=f"*{t}", RES=f"*{t}", W=f"*{p}", B=f"*{p}", Y=f"*{t}", S=f"*{t}",
                                Mean="*fp32", Rstd="*fp32", stride_xm="i32", stride_resm="i32",
                                stride_ym="i32", stride_sm="i32", M="i32", N="i32", eps="fp32")
                     consts = dict(stride_xn=1, stride_resn=1, HAS_RESIDUAL=flag, BLOCK_M=fwd.BLOCK_M,
                                   BLOCK_N=fwd.BLOCK_N, BF16_RNE_IN_SOFTWARE=False)
-                    add(f"forward {label}", layer_norm_fwd_kernel, sig, consts, fwd.num_warps)
+                    aligned = tuple(n for n, ty in sig.items() if ty.startswith("*") or n.startswith("stride") or n == "N")
+                    launches.append(KernelLaunch(module, "layer_norm_fwd_kernel", sig, consts, aligned, fwd.num_warps))
                     sig = dict(X=f"*{t}", W=f"*{p}", Mean="*fp32", Rstd="*fp32", DY=f"*{t}", DS=f"*{t}",
                                DX=f"*{t}", DW_partial="*fp32", DB_partial="*fp32", stride_xm="i32",
                                stride_dym="i32", stride_dsm="i32", stride_dxm="i32", M="i32", N="i32",
                                rows_per_program="i32")
                     consts = dict(stride_xn=1, stride_dyn=1, stride_dsn=1, HAS_DS=flag, BLOCK_M=bwd.BLOCK_M,
                                   BLOCK_N=bwd.BLOCK_N, BF16_RNE_IN_SOFTWARE=False)
-                    add(f"backward {label}", layer_norm_bwd_kernel, sig, consts, bwd.num_warps)
+                    aligned = tuple(n for n, ty in sig.items() if ty.startswith("*") or n.startswith("stride") or n == "N")
+                    launches.append(KernelLaunch(module, "layer_norm_bwd_kernel", sig, consts, aligned, bwd.num_warps))
                 sig = dict(DW_partial="*fp32", DB_partial="*fp32", DW=f"*{p}", DB=f"*{p}", P="i32", N="i32")
                 consts = dict(BLOCK_P=red.BLOCK_M, BLOCK_N=red.BLOCK_N, BF16_RNE_IN_SOFTWARE=False)
-                add(f"column sum width={width} weight={p}", column_sum_kernel, sig, consts, red.num_warps)
-    return list(variants.values())
-
-
-# Run in a fresh interpreter: once triton is imported with TRITON_INTERPRET=1 every @triton.jit
-# function, tl.sum's combine function included, is an InterpretedFunction that triton.compile
-# cannot take. The child compiles each variant (given on stdin) and prints the resources as JSON.
-_AOT_CHILD = """
-import json, sys
-from vit_fast.aot import compile_kernel
-from vit_fast.kernels import layernorm as kernels
-results = []
-for label, name, sig, consts, num_warps in json.load(sys.stdin):
-    for capability in (80, 90):
-        r = compile_kernel(getattr(kernels, name), sig, consts, capability, num_warps=num_warps)
-        results.append(dict(label=f"{label} sm_{capability}", registers=r.registers, spill_bytes=r.spill_bytes,
-                            stack_bytes=r.stack_bytes, shared_bytes=r.shared_bytes, fits=r.fits_shared_memory))
-print(json.dumps(results))
-"""
+                launches.append(KernelLaunch(module, "column_sum_kernel", sig, consts,
+                                             ("DW_partial", "DB_partial", "DW", "DB", "N"), red.num_warps))
+    return launches
 
 
 def test_aot_compiles_without_spills():
-    import json
-    import os
-    import subprocess
-    import sys
+    from vit_fast.aot import TARGETS, compile_launches
 
-    variants = [(label, fn.__name__, sig, consts, warps) for label, fn, sig, consts, warps in _aot_variants()]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    child = subprocess.run(
-        [sys.executable, "-c", _AOT_CHILD], input=json.dumps(variants), env=env, capture_output=True, text=True
-    )
-    assert child.returncode == 0, child.stderr[-4000:]
-    results = json.loads(child.stdout.splitlines()[-1])
-    assert len(results) == 2 * len(variants)
-    for r in results:
-        # ptxas reports spilled registers as LOCAL, or as STACK when it spills to the call stack;
+    results = compile_launches(_aot_launches())
+    assert {r.name for _, r in results} == {"layer_norm_fwd_kernel", "layer_norm_bwd_kernel", "column_sum_kernel"}
+    assert {r.capability for _, r in results} == set(TARGETS)
+    for launch, r in results:
+        where = f"{launch.describe()} {launch.signature['X' if 'X' in launch.signature else 'DW']} sm_{r.capability}"
+        # ptxas reports spilled registers as LOCAL, or in the STACK frame (seen at width 8192);
         # these kernels make no calls and have no local arrays, so either being non-zero is a spill.
-        assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, f"{r['label']} spills: {r}"
-        assert r["fits"], f"{r['label']} needs {r['shared_bytes']} B of shared memory"
+        assert r.spill_bytes == 0 and r.stack_bytes == 0, f"{where} spills: {r}"
+        assert r.fits_shared_memory, f"{where} needs {r.shared_bytes} B of shared memory"
