@@ -64,13 +64,13 @@ def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype,
                   interpret: Optional[bool] = None) -> MatmulConfig:
     """The launch configuration of ``kernel`` ("linear" or "gelu_bwd") for an (M, K) x (K, N) product.
 
-    - BLOCK_K by element size, so a pipeline stage of 16-bit operands is 64 deep (128-byte rows)
-      and the stages of 32-bit operands fit the 163 KiB of shared memory of an A100.
+    - 16-bit inputs (the performance path): BLOCK_K = 64, a 128-byte row per pipeline stage.
     - "linear": 128x128 tiles with 8 warps when the grid has at least a wave of them, else 64x128
       with 4 warps and one more stage. Accumulator: 64 fp32 registers per thread either way.
     - "gelu_bwd" holds two accumulators (dY W2 and the recomputed pre-activation): 128x64 tiles
       with 8 warps (or 64x64 with 4) keep them at 64 fp32 registers per thread in total.
-    - fp64 (gradcheck only): small 64x64x16 tiles, register-light.
+    - fp32 and fp64 are accuracy paths (tests, gradcheck), not performance paths: one small
+      config each (64x64x16 and 32x32x16) whose fp32/fp64 accumulators stay clear of spills.
     A heuristic from tile counts and register/shared-memory budgets, to be tuned on a GPU with
     benchmarks/bench_mlp.py; ``tests/test_mlp.py`` compiles every config it can return.
     ``interpret`` defaults to whether TRITON_INTERPRET=1 is set (then the fixed config).
@@ -81,9 +81,11 @@ def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype,
         interpret = interpreting()
     if interpret:
         return INTERPRETER_CONFIG
+    if dtype == torch.float32:
+        return MatmulConfig(64, 64, 16, group_m=8, num_warps=4, num_stages=3)
     if dtype == torch.float64:
-        return MatmulConfig(64, 64, 16, group_m=8, num_warps=4, num_stages=2)
-    block_k = 64 if dtype in (torch.float16, torch.bfloat16) else 32
+        return MatmulConfig(32, 32, 16, group_m=8, num_warps=4, num_stages=2)
+    block_k = 64
     big = math.ceil(M / 128) * math.ceil(N / 128) >= _ONE_WAVE_TILES
     if kernel == "linear":
         if big:
