@@ -42,7 +42,7 @@ class MatmulConfig:
     block_m: int  # rows of the output tile
     block_n: int  # columns of the output tile
     block_k: int  # reduction step per tl.dot (>= 16, the tensor-core minimum)
-    group_m: int = 8  # row tiles per L2-friendly group (see _tile_coordinates)
+    group_m: int = 8  # row tiles per L2-friendly group (see _tile_coordinates in kernels/mlp.py)
     num_warps: int = 4
     num_stages: int = 3  # software-pipelining depth of the K loop (shared-memory buffers)
 
