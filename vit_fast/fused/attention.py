@@ -83,14 +83,15 @@ def choose_config(head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bo
     """Launch configuration from head dim, sequence length and dtype (no autotuning, which the
     interpreter cannot run and which would make timings depend on the first shape seen).
 
-    - Short sequences (N <= 128, ViT on CIFAR has N = 65): one key tile of next_pow2(N) covers
+    - Short sequences (N <= 128, ViT on CIFAR has N = 65): one key tile of 64 or 128 covers
       the whole sequence, so the forward and dQ passes run a single loop iteration with no online
       rescaling, and the dK/dV pass owns all keys of a head in one program.
     - Longer sequences: 128 x 64 forward tiles as in the FlashAttention-2 / Triton-tutorial
       forward, 64 x 64 tiles for the backward; BLOCK_D = 128 halves the tiles that keep two
       head-dim-wide fp32 accumulators in registers (dK/dV), so nothing spills (checked for sm_80
       and sm_90 by tests/test_attention.py::test_aot_every_config).
-    - 8 warps once a tile's logits or accumulators reach 128 x 128 fp32 (64 KiB), 4 otherwise.
+    - 8 warps once the fp32 tiles a program keeps live would exceed ~128 registers per thread at
+      4 warps (thresholds per kernel below, each the smallest that compiles without spills).
     - fp32 inputs take twice the registers per operand: their tiles are halved; fp64 uses 16 x 16
       tiles (both exist for testing, not speed).
     """
@@ -100,11 +101,14 @@ def choose_config(head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bo
         return INTERPRETER_CONFIG
     bd = block_d(head_dim)
     if seq_len <= SINGLE_TILE_MAX_SEQ:
-        bn = max(16, triton.next_power_of_2(seq_len))
-        fwd_m = min(64, bn)
-        forward = KernelConfig(fwd_m, bn, num_warps=8 if bn * bd >= 128 * 128 else 4, num_stages=2)
-        dkdv = KernelConfig(block_m=min(32, bn), block_n=bn, num_warps=8 if bn * bd >= 64 * 128 else 4, num_stages=2)
-        dq = KernelConfig(block_m=min(64, bn), block_n=bn, num_warps=8 if bn * bd >= 128 * 128 else 4, num_stages=2)
+        # Two tile widths rather than next_pow2(N): a 64-wide tile wastes little at N = 1 or 2,
+        # and fewer distinct configurations keep the ahead-of-time test affordable.
+        bn = 64 if seq_len <= 64 else 128
+        forward = KernelConfig(64, bn, num_warps=8 if bn * bd >= 128 * 128 else 4, num_stages=2)
+        dkdv = KernelConfig(block_m=32, block_n=bn, num_warps=8 if bn * bd >= 64 * 128 else 4, num_stages=2)
+        # 64 x 128 dQ programs (q, dO, dq beside the fp32 S and dP tiles) spill on sm_80 at 4 and
+        # at 8 warps; 32 query rows per program do not.
+        dq = KernelConfig(block_m=64 if bn == 64 else 32, block_n=bn, num_warps=8 if bn * bd >= 128 * 128 else 4, num_stages=2)
     else:
         forward = KernelConfig(128, 64, num_warps=8 if bd >= 128 else 4, num_stages=3)
         dkdv = KernelConfig(block_m=32, block_n=64, num_warps=8 if bd >= 128 else 4, num_stages=2)

@@ -1,0 +1,384 @@
+"""Fused attention (vit_fast.fused.attention) against the reference math and against PyTorch SDPA.
+
+Without a GPU the real Triton kernels run under TRITON_INTERPRET=1 (see conftest.py); on a CUDA
+machine the same tests run the compiled kernels. Shapes are the awkward ones a ViT meets: 1 and
+2 tokens, 65 (CIFAR with 4x4 patches, one ragged tile past 64), 197 (ImageNet at 16x16 patches);
+head dims 16, 48 (padded to 64 with masking), 64 and 128.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vit_fast import reference
+from vit_fast.fused import attention as fused
+from vit_fast.testing import assert_parity
+
+ON_CUDA = torch.cuda.is_available()
+BF16_ON_CPU_REASON = (
+    "bf16 tl.dot returns garbage under TRITON_INTERPRET=1 (upstream triton issue 11584); bf16 runs "
+    "on CUDA and is compiled for sm_80/sm_90 by test_aot_every_config"
+)
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not ON_CUDA, reason=BF16_ON_CPU_REASON)),
+]
+# (N, D): every test sequence length and head dim appears, including the CIFAR and ImageNet cases.
+SHAPES = [(1, 16), (2, 48), (2, 128), (65, 16), (65, 64), (65, 128), (197, 48), (197, 128)]
+# fp32 is compared directly with the fp64 reference; the error observed is ~5e-7.
+FP32_TOL = dict(atol=5e-6, rtol=1e-5)
+
+
+def _batch_heads(n: int) -> tuple[int, int]:
+    return (2, 2) if n <= 65 else (1, 2)  # batch > 1 everywhere but the slowest interpreter case
+
+
+def _packed_sdpa(qkv: torch.Tensor) -> torch.Tensor:
+    """What an SDPA caller does with the packed projection: permute in, transpose out."""
+    B, N, _, H, D = qkv.shape
+    out = F.scaled_dot_product_attention(*reference.split_qkv(qkv))
+    return out.transpose(1, 2).reshape(B, N, H * D)
+
+
+PROVIDERS = {
+    "plain": {"fused": fused.attention, "reference": reference.attention, "sdpa": F.scaled_dot_product_attention},
+    "packed": {"fused": fused.attention_packed, "reference": reference.attention_packed, "sdpa": _packed_sdpa},
+}
+
+
+def _make_inputs(layout: str, B: int, H: int, N: int, D: int, dtype, device) -> list[torch.Tensor]:
+    if layout == "packed":
+        # The real producer: a qkv projection viewed per head, here with a row stride larger than
+        # 3*H*D (a slice of a wider output) so that no stride can be taken for granted.
+        wide = torch.randn(B, N, 3 * H * D + 8, device=device, dtype=dtype)
+        return [wide[..., : 3 * H * D].view(B, N, 3, H, D)]
+    # q, k, v as (B, H, N, D) views of (B, N, H, D) tensors: non-contiguous, last stride 1.
+    return [torch.randn(B, N, H, D, device=device, dtype=dtype).transpose(1, 2) for _ in range(3)]
+
+
+def _forward_backward(fn, inputs, grad, dtype=None):
+    """out and input gradients of fn, on detached copies cast to dtype."""
+    leaves = [x.detach().to(dtype or x.dtype).requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    out.backward(grad.to(out.dtype))
+    return out.detach(), [x.grad for x in leaves]
+
+
+def _check_against(provider_fn, layout, dtype, N, D, device, name):
+    B, H = _batch_heads(N)
+    inputs = _make_inputs(layout, B, H, N, D, dtype, device)
+    grad = torch.randn_like(PROVIDERS[layout]["reference"](*inputs))
+    out, grads = _forward_backward(PROVIDERS[layout]["fused"], inputs, grad)
+    out_ref, grads_ref = _forward_backward(PROVIDERS[layout]["reference"], inputs, grad, torch.float64)
+    if dtype == torch.float32:
+        out_pt, grads_pt = _forward_backward(provider_fn, inputs, grad, torch.float32)
+        torch.testing.assert_close(out.double(), out_ref, **FP32_TOL)
+        torch.testing.assert_close(out, out_pt, **FP32_TOL)
+        for g, g_pt, g_ref in zip(grads, grads_pt, grads_ref):
+            torch.testing.assert_close(g.double(), g_ref, **FP32_TOL)
+            torch.testing.assert_close(g, g_pt, **FP32_TOL)
+    else:
+        out_pt, grads_pt = _forward_backward(provider_fn, inputs, grad)  # same low precision
+        assert_parity(out, out_pt, out_ref.to(torch.float32), name=f"{name} out")
+        for gname, g, g_pt, g_ref in zip(("dq", "dk", "dv") if layout == "plain" else ("dqkv",), grads, grads_pt, grads_ref):
+            assert_parity(g, g_pt, g_ref.to(torch.float32), name=f"{name} {gname}")
+
+
+@pytest.mark.parametrize("N,D", SHAPES)
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parity_vs_reference(dtype, layout, N, D, device):
+    _check_against(PROVIDERS[layout]["reference"], layout, dtype, N, D, device, "vs reference")
+
+
+@pytest.mark.parametrize("N,D", [(1, 16), (65, 64), (197, 48)])
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parity_vs_sdpa(dtype, layout, N, D, device):
+    _check_against(PROVIDERS[layout]["sdpa"], layout, dtype, N, D, device, "vs SDPA")
+
+
+@pytest.mark.parametrize("N,D", [(65, 64), (65, 128), (197, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_configs(dtype, N, D, device):
+    """The configurations a GPU launch picks (one 128-key tile at N = 65, 128 x 64 tiles beyond),
+    run through the interpreter here: the suite's fixed interpreter config never covers them."""
+    B, H = 2, 2
+    (qkv,) = _make_inputs("packed", B, H, N, D, dtype, device)
+    cfg = fused.choose_config(D, N, dtype, interpret=False)
+    if N <= fused.SINGLE_TILE_MAX_SEQ and dtype == torch.float16:  # fp32 tiles are halved
+        assert cfg.forward.block_n >= N and cfg.dq.block_n >= N and cfg.dkdv.block_n >= N
+    scale = 1.0 / math.sqrt(D)
+    q, k, v = fused._split_packed(qkv)
+    out = torch.empty(B, N, H * D, device=device, dtype=dtype)
+    lse = fused.launch_forward(q, k, v, fused._packed_out_view(out, H), scale, cfg)
+    grad = torch.randn_like(out)
+    dqkv = torch.empty_like(qkv)
+    fused.launch_backward(
+        fused._packed_out_view(grad, H), q, k, v, fused._packed_out_view(out, H), lse, scale,
+        *fused._split_packed(dqkv), cfg,
+    )
+    out_ref, (dqkv_ref,) = _forward_backward(reference.attention_packed, [qkv], grad, torch.float64)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), out_ref, **FP32_TOL)
+        torch.testing.assert_close(dqkv.double(), dqkv_ref, **FP32_TOL)
+    else:
+        out_pt, (dqkv_pt,) = _forward_backward(reference.attention_packed, [qkv], grad)
+        assert_parity(out, out_pt, out_ref.float(), name="out")
+        assert_parity(dqkv, dqkv_pt, dqkv_ref.float(), name="dqkv")
+
+
+def test_lse_is_row_logsumexp(device):
+    B, H, N, D = 2, 2, 65, 48
+    q, k, v = (torch.randn(B, H, N, D, device=device) for _ in range(3))
+    out, lse = torch.ops.vit_fast.attention(q, k, v, 0.3)
+    expected = torch.logsumexp(0.3 * q.double() @ k.double().transpose(-2, -1), dim=-1)
+    torch.testing.assert_close(lse.double(), expected, **FP32_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_huge_logits_stay_finite(dtype, device):
+    """Logits of magnitude ~1e4: without the running max, exp overflows to inf and gives NaN."""
+    B, H, N, D = 1, 2, 65, 64
+    q = torch.randn(B, H, N, D, device=device, dtype=dtype) * 12.5
+    k = torch.randn(B, H, N, D, device=device, dtype=dtype) * 12.5
+    v = torch.randn(B, H, N, D, device=device, dtype=dtype)
+    logits = q.double() @ k.double().transpose(-2, -1)  # scale 1.0 below
+    assert logits.abs().max() > 5e3
+    grad = torch.randn(B, H, N, D, device=device, dtype=dtype)
+    attention = lambda q, k, v: fused.attention(q, k, v, scale=1.0)  # noqa: E731
+    out, grads = _forward_backward(attention, [q, k, v], grad)
+    for t in (out, *grads):
+        assert torch.isfinite(t).all()
+    # At |logits| ~ 1e4 rounding the logits alone moves the softmax by ~1e-4 even in fp32 (the
+    # problem is ill-conditioned), so both dtypes are judged by the parity rule, not a tolerance.
+    reference_fn = lambda q, k, v: reference.attention(q, k, v, scale=1.0)  # noqa: E731
+    out_pt, grads_pt = _forward_backward(reference_fn, [q, k, v], grad)
+    out_ref, grads_ref = _forward_backward(reference_fn, [q, k, v], grad, torch.float64)
+    assert_parity(out, out_pt, out_ref.to(dtype), name="out")
+    for name, g, g_pt, g_ref in zip(("dq", "dk", "dv"), grads, grads_pt, grads_ref):
+        assert_parity(g, g_pt, g_ref.to(dtype), name=name)
+
+
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_gradcheck_fp64(layout, device):
+    """The real kernels in fp64 (fp64 accumulation too) against finite differences."""
+    inputs = [x.double().requires_grad_() for x in _make_inputs(layout, 1, 1, 3, 8, torch.float64, device)]
+    fn = PROVIDERS[layout]["fused"]
+    assert torch.autograd.gradcheck(lambda *xs: fn(*xs, scale=0.7), inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["sum", "permuted", "sliced"])
+def test_non_contiguous_incoming_grad(how, device):
+    B, H, N, D = 2, 2, 65, 16
+    (qkv,) = _make_inputs("packed", B, H, N, D, torch.float32, device)
+    permuted = torch.randn(H * D, N, B, device=device).permute(2, 1, 0)  # (B, N, H*D), last stride B
+    sliced = torch.randn(B, N, H * D + 8, device=device)[..., : H * D]  # last stride 1, rows padded
+    grads = []
+    for fn, dtype in ((fused.attention_packed, torch.float32), (reference.attention_packed, torch.float64)):
+        leaf = qkv.detach().to(dtype).requires_grad_()
+        out = fn(leaf)
+        if how == "sum":
+            out.sum().backward()  # the incoming gradient is expanded: every stride 0
+        else:
+            out.backward((permuted if how == "permuted" else sliced).to(dtype))  # .to keeps the strides
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0].double(), grads[1], **FP32_TOL)
+
+
+def test_backward_is_deterministic(device):
+    B, H, N, D = 2, 2, 65, 32  # several query and key tiles per head on every launch path
+    (qkv,) = _make_inputs("packed", B, H, N, D, torch.float16, device)
+    grad = torch.randn(B, N, H * D, device=device, dtype=torch.float16)
+    first = _forward_backward(fused.attention_packed, [qkv], grad)
+    second = _forward_backward(fused.attention_packed, [qkv], grad)
+    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[1][0], second[1][0])
+
+
+def test_opcheck(device):
+    B, H, N, D = 1, 2, 33, 16
+    q, k, v = (torch.randn(B, H, N, D, device=device, requires_grad=True) for _ in range(3))
+    qkv = torch.randn(B, N, 3, H, D, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.vit_fast.attention.default, (q, k, v, 0.25))
+    torch.library.opcheck(torch.ops.vit_fast.attention_packed.default, (qkv, 0.25))
+    with torch.no_grad():
+        out, lse = torch.ops.vit_fast.attention(q, k, v, 0.25)
+        pout, plse = torch.ops.vit_fast.attention_packed(qkv, 0.25)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.vit_fast.attention_backward.default, (dout, q.detach(), k.detach(), v.detach(), out, lse, 0.25))
+    torch.library.opcheck(torch.ops.vit_fast.attention_packed_backward.default, (torch.randn_like(pout), qkv.detach(), pout, plse, 0.25))
+
+
+class _SelfAttention(torch.nn.Module):
+    """timm's Attention block shape: qkv projection -> attention -> output projection."""
+
+    def __init__(self, dim: int, heads: int, fn):
+        super().__init__()
+        self.heads, self.fn = heads, fn
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        return self.proj(self.fn(self.qkv(x).view(B, N, 3, self.heads, C // self.heads)))
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+    model = _SelfAttention(dim=32, heads=2, fn=fused.attention_packed).to(device)
+    x = torch.randn(2, 65, 32, device=device)
+    out_eager, (gx_eager,) = _forward_backward(model, [x], torch.ones(2, 65, 32, device=device))
+    grads_eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out_c, (gx_c,) = _forward_backward(compiled, [x], torch.ones(2, 65, 32, device=device))
+    torch.testing.assert_close(out_c, out_eager, **FP32_TOL)
+    torch.testing.assert_close(gx_c, gx_eager, **FP32_TOL)
+    for p, g in zip(model.parameters(), grads_eager):
+        torch.testing.assert_close(p.grad, g, **FP32_TOL)
+
+
+def test_bad_inputs(device):
+    q = torch.randn(1, 2, 5, 16, device=device)
+    with pytest.raises(ValueError, match="multiples of 8 up to 128, got 136"):
+        fused.attention(*(torch.randn(1, 1, 4, 136, device=device) for _ in range(3)))
+    with pytest.raises(ValueError, match="got 20"):
+        fused.attention(*(torch.randn(1, 1, 4, 20, device=device) for _ in range(3)))
+    with pytest.raises(ValueError, match="same shape"):
+        fused.attention(q, q, torch.randn(1, 2, 6, 16, device=device))
+    with pytest.raises(TypeError, match="same dtype"):
+        fused.attention(q, q, q.half())
+    with pytest.raises(TypeError, match="int64"):
+        fused.attention(*(torch.ones(1, 2, 5, 16, device=device, dtype=torch.int64) for _ in range(3)))
+    with pytest.raises(ValueError, match=r"rank 4.*\(2, 5, 16\)"):
+        fused.attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match=r"\(B, N, 3, H, D\).*dim 2 is 2"):
+        fused.attention_packed(torch.randn(1, 5, 2, 2, 16, device=device))
+    with pytest.raises(ValueError, match="rank 5"):
+        fused.attention_packed(q)
+    wrong = torch.device("cpu") if device.type == "cuda" else torch.device("meta")
+    with pytest.raises(ValueError, match=f"on {wrong}"):
+        fused.attention(*(torch.randn(1, 2, 5, 16, device=wrong) for _ in range(3)))
+
+
+def test_interpreter_config_is_fixed():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("only meaningful under TRITON_INTERPRET=1")
+    assert {fused.choose_config(d, n, torch.float16) for d in (16, 128) for n in (1, 65, 1025)} == {fused.INTERPRETER_CONFIG}
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation: every configuration the launcher can pick, for sm_80 and sm_90
+# ------------------------------------------------------------------------------------------------
+
+_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TRITON_TYPE_ACC = "fp32"  # LSE and Delta for 16-bit inputs
+
+
+def _aot_launches(head_dim: int, dtype) -> list[tuple]:
+    """(kernel name, signature, constexprs, names hinted divisible by 16, num_warps, num_stages)
+    for every launch ``choose_config`` can produce at this head dim and dtype, deduplicated.
+
+    The hints reproduce Triton's specialisation of a real ViT launch (16-byte-aligned tensors;
+    strides, all multiples of H*D or D, divisible by 16): vectorised loads and software pipelining
+    are what decide registers and shared memory, so compiling without them would check a kernel
+    that never runs. HEAD_DIM is hinted when it is a multiple of 16, as a launch would be.
+    """
+    from vit_fast.kernels import attention as kernels
+
+    bd = fused.block_d(head_dim)
+    acc = "float32"
+    dot = fused._kernel_dtypes(dtype)["DOT_PRECISION"]
+    launches = {}
+    for cfg in fused.all_configs(head_dim, dtype):
+        for fn, kc, consts in (
+            (kernels._attn_fwd_kernel, cfg.forward, dict(BLOCK_M=cfg.forward.block_m, BLOCK_N=cfg.forward.block_n, DOT_PRECISION=dot)),
+            (kernels._attn_bwd_preprocess_kernel, cfg.preprocess, dict(BLOCK_M=cfg.preprocess.block_m)),
+            (kernels._attn_bwd_dkdv_kernel, cfg.dkdv, dict(BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, DOT_PRECISION=dot)),
+            (kernels._attn_bwd_dq_kernel, cfg.dq, dict(BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, DOT_PRECISION=dot)),
+        ):
+            consts = dict(consts, BLOCK_D=bd, ACC_DTYPE=acc)
+            sig, hinted = {}, []
+            for name in fn.arg_names:
+                if name in consts:
+                    continue
+                if name.startswith("stride_") or name in ("H", "N_CTX", "HEAD_DIM"):
+                    sig[name] = "i32"
+                    if name.startswith("stride_") or (name == "HEAD_DIM" and head_dim % 16 == 0):
+                        hinted.append(name)
+                elif name == "sm_scale":
+                    sig[name] = "fp32"
+                else:
+                    sig[name] = "*" + (_TRITON_TYPE_ACC if name in ("LSE", "Delta") else _TRITON_TYPE[dtype])
+                    hinted.append(name)
+            launch = (fn.__name__, sig, consts, hinted, kc.num_warps, kc.num_stages)
+            launches[repr(launch)] = launch
+    return list(launches.values())
+
+
+# A fresh interpreter without TRITON_INTERPRET: under the interpreter every @triton.jit function
+# is an InterpretedFunction, which triton.compile cannot take. Launches come on stdin as JSON; the
+# resources of each, for sm_80 and sm_90, go to stdout as JSON.
+_AOT_CHILD = """
+import json, sys
+import triton.compiler
+import triton.language as tl
+from vit_fast.aot import TARGETS, compile_kernel
+from vit_fast.kernels import attention as kernels
+
+hinted = []
+
+class HintedSource(triton.compiler.ASTSource):  # compile_kernel passes no divisibility hints
+    def __init__(self, fn, signature, constexprs=None, attrs=None):
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted}
+        super().__init__(fn, signature, constexprs, attrs)
+
+triton.compiler.ASTSource = HintedSource
+results = []
+for name, sig, consts, hints, num_warps, num_stages in json.load(sys.stdin):
+    consts["ACC_DTYPE"] = getattr(tl, consts["ACC_DTYPE"])
+    hinted[:] = hints
+    for capability in TARGETS:
+        r = compile_kernel(getattr(kernels, name), sig, consts, capability, num_warps, num_stages)
+        results.append(dict(
+            launch=f"{name} {dict(consts, ACC_DTYPE=str(consts['ACC_DTYPE']))} warps={num_warps} stages={num_stages} sm_{capability}",
+            registers=r.registers, spill_bytes=r.spill_bytes, stack_bytes=r.stack_bytes,
+            shared_bytes=r.shared_bytes, fits=r.fits_shared_memory))
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_aot_every_config(dtype):
+    """Every launch the code can pick, for head dims 16, 32, 64, 128 and 48, 80 (padded to 64 and
+    128), forward and all backward kernels, compiles for sm_80 and sm_90 with no spills and
+    within both GPUs' shared memory."""
+    import json
+    import subprocess
+    import sys
+
+    # Launches of head dims that pad to the same BLOCK_D compile identically: deduplicate.
+    launches = list({repr(l): l for d in (16, 32, 48, 64, 80, 128) for l in _aot_launches(d, dtype)}.values())
+    assert {launch[0] for launch in launches} == {
+        "_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"
+    }
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child = subprocess.run(
+        [sys.executable, "-c", _AOT_CHILD], input=json.dumps(launches), env=env, capture_output=True, text=True
+    )
+    assert child.returncode == 0, child.stderr[-4000:]
+    results = json.loads(child.stdout.splitlines()[-1])
+    assert len(results) == 2 * len(launches)
+    # ptxas reports spilled registers as LOCAL, or as STACK when it spills to the call stack;
+    # these kernels make no calls and keep no local arrays, so either being non-zero is a spill.
+    spills = [r for r in results if r["spill_bytes"] or r["stack_bytes"]]
+    too_big = [r for r in results if not r["fits"]]
+    assert not spills, "register spills:\n" + "\n".join(map(str, spills))
+    assert not too_big, "over the shared-memory limit:\n" + "\n".join(map(str, too_big))
