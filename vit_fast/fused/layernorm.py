@@ -25,6 +25,7 @@ Outputs are in x's dtype; the statistics are computed in fp32 (fp64 for fp64 inp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -38,8 +39,8 @@ from vit_fast.kernels.layernorm import column_sum_kernel, layer_norm_bwd_kernel,
 __all__ = ["LayerNormConfig", "MAX_WIDTH", "add_layer_norm", "backward_config", "forward_config", "layer_norm"]
 
 # A whole row lives in one program's registers. Up to 4096 every configuration compiles without
-# spills (the AOT test checks); wider rows would need a kernel that loops over the row. ViT widths
-# are at most 1664 (ViT-bigG).
+# spills (the AOT test checks); wider rows would need a kernel that loops over the row. CIFAR ViTs
+# use 192 to 768, and the widest common ViTs (ViT-G/14, ViT-bigG) 1664.
 MAX_WIDTH = 4096
 
 # Elements of x one program holds at a time. The backward keeps about seven live values per element
@@ -108,8 +109,12 @@ def _backward_programs(rows: int, block_m: int, device: torch.device) -> int:
     trades the second reduction's size against parallelism: a few programs per SM on a GPU, a fixed
     8 under the interpreter. It depends only on the shape and the device, never on timing, so the
     summation order (and the result) is the same on every run."""
-    per_program_tiles = 4 * _multiprocessor_count(device.index or 0) if device.type == "cuda" else 8
-    return max(1, min(triton.cdiv(rows, block_m), per_program_tiles))
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        max_programs = 4 * _multiprocessor_count(index)
+    else:
+        max_programs = 8
+    return max(1, min(triton.cdiv(rows, block_m), max_programs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +162,11 @@ def _check_launchable(x: Tensor) -> None:
         )
 
 
+def _on_device_of(x: Tensor):
+    """Triton launches on the current CUDA device: make it x's."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _rows(t: Tensor) -> Tensor:
     """(..., N) -> (M, N), a view whenever one exists (so expanded or sliced tensors aren't copied)."""
     return t.reshape(-1, t.shape[-1])
@@ -184,15 +194,16 @@ def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor, e
     if rows > 0:
         cfg = forward_config(width, x.dtype)
         grid = (triton.cdiv(rows, cfg.BLOCK_M),)
-        layer_norm_fwd_kernel[grid](
-            x2, res2, weight.contiguous(), bias.contiguous(), y, s, mean, rstd,
-            x2.stride(0), x2.stride(1), res2.stride(0), res2.stride(1),
-            width, width,  # y and s are contiguous (M, N)
-            rows, width, eps,
-            HAS_RESIDUAL=residual is not None,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BF16_RNE_IN_SOFTWARE=_interpreting(),
-            num_warps=cfg.num_warps,
-        )
+        with _on_device_of(x):
+            layer_norm_fwd_kernel[grid](
+                x2, res2, weight.contiguous(), bias.contiguous(), y, s, mean, rstd,
+                x2.stride(0), x2.stride(1), res2.stride(0), res2.stride(1),
+                width, width,  # y and s are contiguous (M, N)
+                rows, width, eps,
+                HAS_RESIDUAL=residual is not None,
+                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BF16_RNE_IN_SOFTWARE=_interpreting(),
+                num_warps=cfg.num_warps,
+            )
     return y, s, mean, rstd
 
 
@@ -262,21 +273,22 @@ def layer_norm_bwd(
     programs = triton.cdiv(rows, rows_per_program)
     dw_partial = torch.empty((programs, width), dtype=mean.dtype, device=x.device)
     db_partial = torch.empty_like(dw_partial)
-    layer_norm_bwd_kernel[(programs,)](
-        x2, weight.contiguous(), mean, rstd, dy2, ds2, dx, dw_partial, db_partial,
-        x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), ds2.stride(0), ds2.stride(1),
-        width,  # dx is contiguous (M, N)
-        rows, width, rows_per_program,
-        HAS_DS=ds is not None,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BF16_RNE_IN_SOFTWARE=_interpreting(),
-        num_warps=cfg.num_warps,
-    )
     red = column_sum_config(width)
-    column_sum_kernel[(triton.cdiv(width, red.BLOCK_N),)](
-        dw_partial, db_partial, dweight, dbias, programs, width,
-        BLOCK_P=red.BLOCK_M, BLOCK_N=red.BLOCK_N, BF16_RNE_IN_SOFTWARE=_interpreting(),
-        num_warps=red.num_warps,
-    )
+    with _on_device_of(x):
+        layer_norm_bwd_kernel[(programs,)](
+            x2, weight.contiguous(), mean, rstd, dy2, ds2, dx, dw_partial, db_partial,
+            x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), ds2.stride(0), ds2.stride(1),
+            width,  # dx is contiguous (M, N)
+            rows, width, rows_per_program,
+            HAS_DS=ds is not None,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BF16_RNE_IN_SOFTWARE=_interpreting(),
+            num_warps=cfg.num_warps,
+        )
+        column_sum_kernel[(triton.cdiv(width, red.BLOCK_N),)](
+            dw_partial, db_partial, dweight, dbias, programs, width,
+            BLOCK_P=red.BLOCK_M, BLOCK_N=red.BLOCK_N, BF16_RNE_IN_SOFTWARE=_interpreting(),
+            num_warps=red.num_warps,
+        )
     return dx, dweight, dbias
 
 
