@@ -203,7 +203,8 @@ def benchmark(args) -> dict:
                         })
                     fused_ms = times["fused"]["ms"]
                     line = " ".join(f"{p}={times[p]['ms'] * 1e3:7.1f}us" for p in PROVIDERS)
-                    speedups = "fused speedup " + " ".join(f"x{times[p]['ms'] / fused_ms:.2f} vs {p}" for p in PROVIDERS if p != "fused")
+                    speedups = "fused speedup " + " ".join(
+                        f"x{times[p]['ms'] / fused_ms:.2f} vs {p}" for p in PROVIDERS if p != "fused")
                     pct = records[-1]["pct_hbm"]
                     print(f"{variant:>8} {'fwd+bwd' if backward else 'fwd':>7} rows={rows:>6} N={width:>5}: {line} | "
                           f"fused {records[-1]['gbps']:.0f} GB/s" + (f" ({pct:.0f}% HBM)" if pct else "") + f" | {speedups}")

@@ -323,10 +323,15 @@ def _aot_launches():
     from vit_fast.aot import KernelLaunch
 
     module, launches = "vit_fast.kernels.layernorm", []
+
+    def aligned(sig):  # pointers, row strides and N: multiples of 16 at these widths
+        return tuple(n for n, ty in sig.items() if ty.startswith("*") or n.startswith("stride") or n == "N")
+
     for width in AOT_WIDTHS:
         assert width % 16 == 0
         for dtype, t in _TL.items():
-            fwd, bwd, red = fused.forward_config(width, dtype), fused.backward_config(width, dtype), fused.column_sum_config(width)
+            fwd, bwd = fused.forward_config(width, dtype), fused.backward_config(width, dtype)
+            red = fused.column_sum_config(width)
             for p in sorted({t, "fp32"}):
                 for flag in (False, True):
                     sig = dict(X=f"*{t}", RES=f"*{t}", W=f"*{p}", B=f"*{p}", Y=f"*{t}", S=f"*{t}",
@@ -334,20 +339,17 @@ def _aot_launches():
                                stride_ym="i32", stride_sm="i32", M="i32", N="i32", eps="fp32")
                     consts = dict(stride_xn=1, stride_resn=1, HAS_RESIDUAL=flag, BLOCK_M=fwd.BLOCK_M,
                                   BLOCK_N=fwd.BLOCK_N, BF16_RNE_IN_SOFTWARE=False)
-                    aligned = tuple(n for n, ty in sig.items() if ty.startswith("*") or n.startswith("stride") or n == "N")
-                    launches.append(KernelLaunch(module, "layer_norm_fwd_kernel", sig, consts, aligned, fwd.num_warps))
+                    launches.append(KernelLaunch(module, "layer_norm_fwd_kernel", sig, consts, aligned(sig), fwd.num_warps))
                     sig = dict(X=f"*{t}", W=f"*{p}", Mean="*fp32", Rstd="*fp32", DY=f"*{t}", DS=f"*{t}",
                                DX=f"*{t}", DW_partial="*fp32", DB_partial="*fp32", stride_xm="i32",
                                stride_dym="i32", stride_dsm="i32", stride_dxm="i32", M="i32", N="i32",
                                rows_per_program="i32")
                     consts = dict(stride_xn=1, stride_dyn=1, stride_dsn=1, HAS_DS=flag, BLOCK_M=bwd.BLOCK_M,
                                   BLOCK_N=bwd.BLOCK_N, BF16_RNE_IN_SOFTWARE=False)
-                    aligned = tuple(n for n, ty in sig.items() if ty.startswith("*") or n.startswith("stride") or n == "N")
-                    launches.append(KernelLaunch(module, "layer_norm_bwd_kernel", sig, consts, aligned, bwd.num_warps))
+                    launches.append(KernelLaunch(module, "layer_norm_bwd_kernel", sig, consts, aligned(sig), bwd.num_warps))
                 sig = dict(DW_partial="*fp32", DB_partial="*fp32", DW=f"*{p}", DB=f"*{p}", P="i32", N="i32")
                 consts = dict(BLOCK_P=red.BLOCK_M, BLOCK_N=red.BLOCK_N, BF16_RNE_IN_SOFTWARE=False)
-                launches.append(KernelLaunch(module, "column_sum_kernel", sig, consts,
-                                             ("DW_partial", "DB_partial", "DW", "DB", "N"), red.num_warps))
+                launches.append(KernelLaunch(module, "column_sum_kernel", sig, consts, aligned(sig), red.num_warps))
     return launches
 
 
