@@ -92,6 +92,18 @@ def test_two_ranks_train_one_epoch_like_one_process(tmp_path, reference):
     assert [ln.count('"epoch"') for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 1]
 
 
+def test_fused_backend_under_two_ranks(tmp_path, monkeypatch):
+    """DDP wraps the model whatever its backend: our Triton kernels (in Triton's interpreter on
+    this CPU) train under two ranks as PyTorch's built-ins do in one process."""
+    tiny = ["--synthetic-size", "64", "--batch-size", "32", "--epochs", "1"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the torchrun processes
+    log = torchrun(tmp_path / "fused", *tiny, "--backend", "fused")
+    assert "backend fused" in log
+    single(tmp_path / "torch", *tiny, "--backend", "torch")
+    assert_same_weights(load_checkpoint(tmp_path / "fused" / "checkpoint.pt")["model"],
+                        load_checkpoint(tmp_path / "torch" / "checkpoint.pt")["model"])
+
+
 def test_rank_batches_are_the_single_process_batch_interleaved():
     """Rank r's batch b, crops and flips included, is rows r, r + W, ... of the single-process batch b."""
     ds = data.synthetic(50, 5, seed=0)
