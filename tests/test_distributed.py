@@ -130,6 +130,17 @@ def test_evaluation_shards_cover_the_test_set_once():
     assert sorted(seen) == list(range(7))
 
 
+def test_a_rank_without_test_images_contributes_nothing():
+    """One test image, two ranks: rank 1's shard is empty and adds zeros to the all-reduced sums."""
+    from vit_fast.model import build_model
+
+    model = build_model("vit-cifar", backend="torch", dim=16, num_heads=2, depth=1, num_classes=3)
+    loader = data.DeviceLoader(data.synthetic(1, 3), 4, [0.5] * 3, [0.25] * 3, train=False, rank=1, world_size=2)
+    assert len(loader) == 0
+    top, labels, loss_sum = train_mod.predict_topk(model, loader, torch.device("cpu"), amp=False)
+    assert top.shape[0] == 0 and labels.shape == (0,) and loss_sum == 0.0
+
+
 def test_global_batch_must_divide_over_the_ranks():
     world = distributed.World(rank=1, local_rank=1, size=4)
     assert train_mod.per_rank_batch(128, world) == 32

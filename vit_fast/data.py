@@ -319,7 +319,8 @@ class DeviceLoader:
             images, labels = self.data.images[sel], self.data.labels[sel]
             if self.train and (aug.padding or aug.flip):
                 oy, ox, flipped = crop_flip_offsets(stop - start, aug.padding, aug.flip, gen_dev, dev)
-                images = apply_crop_flip(images, aug.padding, oy[mine], ox[mine], None if flipped is None else flipped[mine])
+                flipped = None if flipped is None else flipped[mine]
+                images = apply_crop_flip(images, aug.padding, oy[mine], ox[mine], flipped)
             x = normalize(images, self.mean, self.std)
             if self.train and (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0):
                 soft = F.one_hot(labels, self.num_classes).float()

@@ -188,7 +188,8 @@ def predict_topk(model, loader, device, amp: bool, k: int = 5) -> tuple[torch.Te
         tops.append(logits.topk(min(k, logits.shape[1]), dim=1).indices)
         labels.append(y)
     if not labels:  # a rank whose shard of a tiny test set is empty
-        return torch.zeros(0, k, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device), 0.0
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return empty.view(0, 1).expand(0, k), empty, 0.0
     return torch.cat(tops), torch.cat(labels), loss_sum
 
 
@@ -352,8 +353,8 @@ def _train(args: argparse.Namespace, world: dist_mod.World, device: torch.device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
-        totals = dist_mod.all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(seen, device=device, dtype=torch.float64)]), world)
-        train_loss, seen_all = totals.tolist()
+        totals = torch.stack([loss_sum.double(), torch.tensor(seen, device=device, dtype=torch.float64)])
+        train_loss, seen_all = dist_mod.all_reduce_sum(totals, world).tolist()
         metrics = {"epoch": epoch + 1, "step": step, "train_loss": train_loss / seen_all,
                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen_all / elapsed, "epoch_time_s": elapsed,
                    **evaluate(model, test_loader, device, amp, world)}
