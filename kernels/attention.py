@@ -124,6 +124,7 @@ def _attn_bwd_preprocess_kernel(
 def _attn_bwd_dkdv_kernel(
     Q, K, V, dOut,  # (B, H, N, D) each, stride_*d == 1
     dK, dV,  # (B, H, N, D) views of the gradients, written in the input dtype
+    dQ,  # (B, H, N, D) view, written only when FUSE_DQ
     LSE, Delta,  # (B, H, N) ACC_DTYPE, contiguous
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -131,11 +132,13 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
+    stride_dqb, stride_dqh, stride_dqn,
     H, N_CTX, HEAD_DIM,
     sm_scale,
     BLOCK_M: tl.constexpr,  # query rows per loop iteration
     BLOCK_N: tl.constexpr,  # keys owned by this program
     BLOCK_D: tl.constexpr,
+    FUSE_DQ: tl.constexpr,  # BLOCK_N >= N: this program holds every key of its head
     DOT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
@@ -144,6 +147,10 @@ def _attn_bwd_dkdv_kernel(
 
     Works on transposed tiles (keys along rows) so that both accumulations are plain products:
     dV = P^T dO and dK = scale * dS^T Q, with dS = P * (dP - Delta) and dP = dO V^T.
+
+    With FUSE_DQ the program sees every key of the head, so dQ = scale * dS K of a query tile is
+    complete within one loop step: it is stored there, and the dQ kernel (which would reload K, V,
+    Q and dO and recompute P) is not launched. That is the ViT-on-CIFAR case, N = 65.
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -155,13 +162,15 @@ def _attn_bwd_dkdv_kernel(
     dOut += off_b * stride_dob + off_h * stride_doh
     dK += off_b * stride_dkb + off_h * stride_dkh
     dV += off_b * stride_dvb + off_h * stride_dvh
+    dQ += off_b * stride_dqb + off_h * stride_dqh
     LSE += pid_bh.to(tl.int64) * N_CTX
     Delta += pid_bh.to(tl.int64) * N_CTX
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N_CTX
     mask_d = offs_d < HEAD_DIM
-    kv_mask = (offs_n < N_CTX)[:, None] & mask_d[None, :]
+    kv_mask = mask_n[:, None] & mask_d[None, :]
     k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     qk_scale = sm_scale * LOG2E
@@ -179,14 +188,16 @@ def _attn_bwd_dkdv_kernel(
 
         # P^T recomputed from the saved log-sum-exp: exactly the forward's normalised softmax.
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale  # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(s_t - lse2[None, :])
-        # Query rows past the end would see p = exp2(0 - 0) = 1: zero them. (Keys past the end
-        # only reach rows of dK/dV that are never stored.)
-        p_t = tl.where(mask_m[None, :], p_t, 0.0)
+        # Padding is zero vectors, whose p = exp2(-lse2) is not 0 (and overflows for very negative
+        # lse): zero p outside the real (key, query) pairs.
+        p_t = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # (BLOCK_N, BLOCK_M)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if FUSE_DQ:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * sm_scale
+            tl.store(dQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=q_mask)
 
     dk *= sm_scale  # d(scale * q.k)/dk = scale * q; applied once instead of per tile
     tl.store(dK + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(dK.dtype.element_ty), mask=kv_mask)

@@ -8,6 +8,7 @@ head dims 16, 48 (padded to 64 with masking), 64 and 128.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -107,13 +108,15 @@ def test_parity_vs_sdpa(dtype, layout, N, D, device):
 @pytest.mark.parametrize("N,D", [(65, 64), (65, 128), (197, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_configs(dtype, N, D, device):
-    """The configurations a GPU launch picks (one 128-key tile at N = 65, 128 x 64 tiles beyond),
-    run through the interpreter here: the suite's fixed interpreter config never covers them."""
+    """The configurations a GPU launch picks (one 128-key tile at N = 65, dQ fused into the dK/dV
+    kernel at D = 64 but not at D = 128; 128 x 64 tiles beyond), run through the interpreter here:
+    the suite's fixed interpreter tiles never cover them."""
     B, H = 2, 2
     (qkv,) = _make_inputs("packed", B, H, N, D, dtype, device)
     cfg = fused.choose_config(D, N, dtype, interpret=False)
     if N <= fused.SINGLE_TILE_MAX_SEQ and dtype == torch.float16:  # fp32 tiles are halved
-        assert cfg.forward.block_n >= N and cfg.dq.block_n >= N and cfg.dkdv.block_n >= N
+        assert cfg.forward.block_n >= N and cfg.dq.block_n >= N
+        assert cfg.fuse_dq == (D <= 64)  # the CIFAR shape's backward is two launches
     scale = 1.0 / math.sqrt(D)
     q, k, v = fused._split_packed(qkv)
     out = torch.empty(B, N, H * D, device=device, dtype=dtype)
@@ -271,7 +274,10 @@ def test_bad_inputs(device):
 def test_interpreter_config_is_fixed():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("only meaningful under TRITON_INTERPRET=1")
-    assert {fused.choose_config(d, n, torch.float16) for d in (16, 128) for n in (1, 65, 1025)} == {fused.INTERPRETER_CONFIG}
+    configs = {n: fused.choose_config(d, n, dt) for d in (16, 128) for n in (1, 32, 33, 65, 1025)
+               for dt in (torch.float16, torch.float32)}
+    assert {dataclasses.replace(c, fuse_dq=False) for c in configs.values()} == {fused._INTERPRETER_TILES}
+    assert [n for n, c in configs.items() if c.fuse_dq] == [1, 32]  # only where one key tile covers N
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,7 +307,8 @@ def _aot_launches(head_dim: int, dtype) -> list[tuple]:
         for fn, kc, consts in (
             (kernels._attn_fwd_kernel, cfg.forward, dict(BLOCK_M=cfg.forward.block_m, BLOCK_N=cfg.forward.block_n, DOT_PRECISION=dot)),
             (kernels._attn_bwd_preprocess_kernel, cfg.preprocess, dict(BLOCK_M=cfg.preprocess.block_m)),
-            (kernels._attn_bwd_dkdv_kernel, cfg.dkdv, dict(BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, DOT_PRECISION=dot)),
+            (kernels._attn_bwd_dkdv_kernel, cfg.dkdv,
+             dict(BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, FUSE_DQ=cfg.fuse_dq, DOT_PRECISION=dot)),
             (kernels._attn_bwd_dq_kernel, cfg.dq, dict(BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, DOT_PRECISION=dot)),
         ):
             consts = dict(consts, BLOCK_D=bd, ACC_DTYPE=acc)

@@ -20,6 +20,7 @@ needs as a second output):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -59,12 +60,16 @@ class AttentionConfig:
     preprocess: KernelConfig  # delta = rowsum(dO * O); only block_m is used
     dkdv: KernelConfig  # block_n keys owned per program, block_m queries per loop step
     dq: KernelConfig  # block_m queries owned per program, block_n keys per loop step
+    # The dK/dV program holds every key of its head (dkdv.block_n >= N), so it also completes
+    # dQ and the dQ kernel is not launched.
+    fuse_dq: bool = False
 
 
-# Under TRITON_INTERPRET=1 the numbers only shape the arithmetic, so one fixed, small, asymmetric
-# choice is used: BLOCK_M != BLOCK_N catches mixed-up masks, and 32-wide tiles make every test
-# sequence length above 32 (65, 197) run several tiles with a ragged last one.
-INTERPRETER_CONFIG = AttentionConfig(
+# Under TRITON_INTERPRET=1 the numbers only shape the arithmetic, so the tiles are fixed, small
+# and asymmetric: BLOCK_M != BLOCK_N catches mixed-up masks, and 32-wide key tiles make every test
+# sequence length above 32 (65, 197) run several tiles with a ragged last one, while N = 1 and 2
+# take the fused-dQ path.
+_INTERPRETER_TILES = AttentionConfig(
     forward=KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1),
     preprocess=KernelConfig(block_m=32, block_n=0, num_warps=4, num_stages=1),
     dkdv=KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1),
@@ -80,57 +85,68 @@ def block_d(head_dim: int) -> int:
 
 
 def choose_config(head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bool | None = None) -> AttentionConfig:
-    """Launch configuration from head dim, sequence length and dtype (no autotuning, which the
-    interpreter cannot run and which would make timings depend on the first shape seen).
+    """Launch configuration from head dim, sequence length and dtype (no autotuning: the
+    interpreter cannot run it, and timings would depend on the first shape seen).
 
-    - Short sequences (N <= 128, ViT on CIFAR has N = 65): one key tile of 64 or 128 covers
-      the whole sequence, so the forward and dQ passes run a single loop iteration with no online
-      rescaling, and the dK/dV pass owns all keys of a head in one program.
-    - Longer sequences: 128 x 64 forward tiles as in the FlashAttention-2 / Triton-tutorial
-      forward, 64 x 64 tiles for the backward; BLOCK_D = 128 halves the tiles that keep two
-      head-dim-wide fp32 accumulators in registers (dK/dV), so nothing spills (checked for sm_80
-      and sm_90 by tests/test_attention.py::test_aot_every_config).
-    - 8 warps once the fp32 tiles a program keeps live would exceed ~128 registers per thread at
-      4 warps (thresholds per kernel below, each the smallest that compiles without spills).
-    - fp32 inputs take twice the registers per operand: their tiles are halved; fp64 uses 16 x 16
+    - Short sequences (N <= 128; ViT on CIFAR has N = 65): one key tile of 64 or 128 covers the
+      whole sequence. The forward runs one loop step with no online rescaling, and with 128
+      query rows (BLOCK_D <= 64) one program per head reads K and V once. The dK/dV program owns
+      every key of its head and also completes dQ (fuse_dq) when its registers allow it
+      (BLOCK_N * BLOCK_D <= 128 * 64), so the backward is two launches, not three.
+    - Longer sequences: 128 x 64 forward tiles (the FlashAttention-2 / Triton-tutorial shape),
+      64-key dK/dV tiles stepping 32 queries, 64 x 64 dQ tiles.
+    - 8 warps where 4 would spill. Every threshold here is the smallest that compiles without
+      spills for sm_80 and sm_90, checked by tests/test_attention.py::test_aot_every_config;
+      the short-sequence choices are unmeasured until bench_attention.py runs on a GPU.
+    - fp32 inputs take twice the registers per operand: tiles are halved; fp64 uses 16 x 16
       tiles (both exist for testing, not speed).
+    - Under TRITON_INTERPRET=1 the tiles are fixed (_INTERPRETER_TILES).
     """
     if interpret is None:
         interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if interpret:
-        return INTERPRETER_CONFIG
+        return dataclasses.replace(_INTERPRETER_TILES, fuse_dq=seq_len <= _INTERPRETER_TILES.dkdv.block_n)
     bd = block_d(head_dim)
     if seq_len <= SINGLE_TILE_MAX_SEQ:
         # Two tile widths rather than next_pow2(N): a 64-wide tile wastes little at N = 1 or 2,
         # and fewer distinct configurations keep the ahead-of-time test affordable.
         bn = 64 if seq_len <= 64 else 128
-        forward = KernelConfig(64, bn, num_warps=8 if bn * bd >= 128 * 128 else 4, num_stages=2)
-        dkdv = KernelConfig(block_m=32, block_n=bn, num_warps=8 if bn * bd >= 64 * 128 else 4, num_stages=2)
+        fwd_m = 128 if bn == 128 and bd <= 64 else 64
+        forward = KernelConfig(fwd_m, bn, num_warps=8 if fwd_m * bn >= 128 * 128 or bn * bd >= 128 * 128 else 4, num_stages=2)
+        # k, v, dk and dv of 128 keys x 128 dims fill the registers of 8 warps and spill on sm_80:
+        # there the dK/dV program owns 64 keys (two programs per head) and dQ is its own kernel.
+        dkdv_n = bn if bn * bd <= 128 * 64 else 64
+        dkdv = KernelConfig(block_m=32, block_n=dkdv_n, num_warps=8 if dkdv_n * bd >= 64 * 128 else 4, num_stages=2)
         # 64 x 128 dQ programs (q, dO, dq beside the fp32 S and dP tiles) spill on sm_80 at 4 and
         # at 8 warps; 32 query rows per program do not.
         dq = KernelConfig(block_m=64 if bn == 64 else 32, block_n=bn, num_warps=8 if bn * bd >= 128 * 128 else 4, num_stages=2)
+        fuse_dq = dkdv_n >= seq_len
     else:
         forward = KernelConfig(128, 64, num_warps=8 if bd >= 128 else 4, num_stages=3)
         dkdv = KernelConfig(block_m=32, block_n=64, num_warps=8 if bd >= 128 else 4, num_stages=2)
         dq = KernelConfig(block_m=64, block_n=64, num_warps=8 if bd >= 128 else 4, num_stages=2)
+        fuse_dq = False
     if dtype == torch.float64:
         # fp64 exists for gradcheck only; its dots run on FMA units through shared memory, and
         # 16 x 16 tiles keep that within sm_80's 163 KiB at BLOCK_D = 128.
         forward = dkdv = dq = KernelConfig(16, 16, num_warps=4, num_stages=1)
+        fuse_dq = seq_len <= 16
     elif dtype == torch.float32:
         forward, dkdv, dq = (
             KernelConfig(max(16, c.block_m // 2), max(16, c.block_n // 2), c.num_warps, num_stages=1)
             for c in (forward, dkdv, dq)
         )
+        fuse_dq = fuse_dq and dkdv.block_n >= seq_len
     preprocess = KernelConfig(block_m=64, block_n=0, num_warps=4, num_stages=1)
-    return AttentionConfig(forward, preprocess, dkdv, dq)
+    return AttentionConfig(forward, preprocess, dkdv, dq, fuse_dq)
 
 
 def all_configs(head_dim: int, dtype: torch.dtype) -> set[AttentionConfig]:
     """Every configuration ``choose_config`` can return for this head dim and dtype on a GPU.
 
     The choice depends on the sequence length only up to SINGLE_TILE_MAX_SEQ + 1, so sweeping
-    1..SINGLE_TILE_MAX_SEQ + 1 enumerates them all (the ahead-of-time test compiles each).
+    1..SINGLE_TILE_MAX_SEQ + 1 enumerates them all (the ahead-of-time test compiles each). The
+    dQ kernel's configuration is included even where fuse_dq makes it unused.
     """
     return {choose_config(head_dim, n, dtype, interpret=False) for n in range(1, SINGLE_TILE_MAX_SEQ + 2)}
 
@@ -248,13 +264,18 @@ def launch_backward(
         num_warps=pre.num_warps, num_stages=pre.num_stages,
     )
     c = cfg.dkdv
+    fuse_dq = cfg.fuse_dq
+    if fuse_dq and c.block_n < N:
+        raise ValueError(f"fuse_dq needs one key tile per head: dkdv.block_n={c.block_n} < N={N}")
     _attn_bwd_dkdv_kernel[(triton.cdiv(N, c.block_n), B * H)](
-        q, k, v, grad_out, dk, dv, lse, delta,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dk), *_strides3(dv),
+        q, k, v, grad_out, dk, dv, dq, lse, delta,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dk), *_strides3(dv), *_strides3(dq),
         H, N, D, scale,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd, **dtypes,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd, FUSE_DQ=fuse_dq, **dtypes,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
+    if fuse_dq:
+        return
     c = cfg.dq
     _attn_bwd_dq_kernel[(triton.cdiv(N, c.block_m), B * H)](
         q, k, v, grad_out, dq, lse, delta,
