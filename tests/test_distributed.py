@@ -70,6 +70,8 @@ def test_two_ranks_train_one_epoch_like_one_process(tmp_path, reference):
     assert log.count("epoch   1/2") == 1  # rank 0 alone prints
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["epoch"] == 1 and ckpt["step"] == 3 and len(ckpt["rng_ranks"]) == 2
+    # Each rank draws its stochastic-depth / dropout masks from a generator of its own.
+    assert not torch.equal(ckpt["rng_ranks"][0]["torch"], ckpt["rng_ranks"][1]["torch"])
     assert not any(k.startswith("module.") for k in ckpt["model"])  # saved without the DDP wrapper
     epoch1, epoch2 = reference
     assert_same_weights(ckpt["model"], epoch1["model"])

@@ -203,17 +203,23 @@ def evaluate(model, loader, device, amp: bool, world: dist_mod.World = dist_mod.
     return {"val_loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
+    """The random state to checkpoint. A data-parallel rank passes its GPU: reading every GPU's
+    state (the single-process default) would open a CUDA context on each GPU from each rank."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
+    elif device is None and torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_device"], device)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool = True):
@@ -293,7 +299,7 @@ def _train(args: argparse.Namespace, world: dist_mod.World, device: torch.device
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         start_epoch, step = resume_state["epoch"], resume_state["step"]
-        _restore_rng(resume_state, world, args.seed, start_epoch, log)
+        _restore_rng(resume_state, world, device, args.seed, start_epoch, log)
         if world.is_main:
             _truncate_metrics(metrics_path, start_epoch)
     elif metrics_path.exists() and world.is_main:
@@ -358,7 +364,8 @@ def _train(args: argparse.Namespace, world: dist_mod.World, device: torch.device
         metrics = {"epoch": epoch + 1, "step": step, "train_loss": train_loss / seen_all,
                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen_all / elapsed, "epoch_time_s": elapsed,
                    **evaluate(model, test_loader, device, amp, world)}
-        rng_ranks = dist_mod.all_gather_objects(rng_state(), world)  # a collective: every rank takes part
+        # A collective: every rank takes part, rank 0 saves them all.
+        rng_ranks = dist_mod.all_gather_objects(rng_state(device if world.is_distributed else None), world)
         if world.is_main:
             state = {
                 "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -385,13 +392,13 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed * 1_000_003 + rank + 1
 
 
-def _restore_rng(ckpt: dict, world: dist_mod.World, seed: int, epoch: int, log) -> None:
+def _restore_rng(ckpt: dict, world: dist_mod.World, device: torch.device, seed: int, epoch: int, log) -> None:
     """Each rank continues its own random stream when the world size is unchanged."""
     ranks = ckpt.get("rng_ranks")
     if not world.is_distributed:
         set_rng_state(ckpt["rng"])
     elif ranks is not None and len(ranks) == world.size:
-        set_rng_state(ranks[world.rank])
+        set_rng_state(ranks[world.rank], device)
     else:
         saved = len(ranks) if ranks is not None else 1
         torch.manual_seed(rank_seed(seed, world.rank) + 7919 * epoch)
