@@ -8,6 +8,7 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only (no pi
   epoch       epochs completed             step       optimizer steps taken
   rng         {"torch": ByteTensor, "cuda": [ByteTensor, ...]}
   args        the training arguments       data       {"dataset", "classes", "mean", "std"}
+  rng_ranks   data-parallel runs only: every rank's rng state, in rank order ("rng" is rank 0's)
 """
 
 from __future__ import annotations
