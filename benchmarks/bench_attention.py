@@ -152,7 +152,8 @@ def goal_verdict(rows: list[dict]) -> dict | None:
                                        ("heads", GOAL_SHAPE["heads"]), ("head_dim", GOAL_SHAPE["head_dim"]))):
             sdpa = {n: s for n, s in r["speedup_forward_backward"].items() if n.startswith("sdpa-")}
             verdict = {"shape": GOAL_SHAPE, "speedup_vs_sdpa": sdpa, "met": bool(sdpa) and min(sdpa.values()) > 1.0}
-            print(f"goal (CIFAR fwd+bwd faster than every SDPA backend): {'MET' if verdict['met'] else 'NOT MET'} {sdpa}")
+            print(f"goal (CIFAR fwd+bwd faster than every SDPA backend): "
+                  f"{'MET' if verdict['met'] else 'NOT MET'} {sdpa}")
             return verdict
     return None
 
@@ -162,7 +163,8 @@ def run_gpu(args) -> dict:
     peaks = common.device_peaks()
     seq_rows = [bench_shape(max(1, TOKENS_PER_BATCH // n), 6, n, args.head_dim, dtype, peaks)
                 for n in (QUICK_SEQ_LENS if args.quick else SEQ_LENS)]
-    cifar_rows = [bench_shape(b, h, 65, d, dtype, peaks) for b, h, d in (QUICK_CIFAR_SHAPES if args.quick else CIFAR_SHAPES)]
+    cifar_shapes = QUICK_CIFAR_SHAPES if args.quick else CIFAR_SHAPES
+    cifar_rows = [bench_shape(b, h, 65, d, dtype, peaks) for b, h, d in cifar_shapes]
     out_dir = Path(args.out_dir or common.RESULTS_DIR)
     for pass_name in PASSES:
         names = [n for n in seq_rows[0]["providers"] if all(n in r["providers"] for r in seq_rows)]
@@ -207,14 +209,15 @@ def run_cpu_smoke(args) -> dict:
             except AssertionError as e:
                 ok = False
                 print(f"  {e}")
-            errors[name] = {"fused": (a.double() - c).abs().max().item(), "reference_fp16": (b.double() - c).abs().max().item()}
+            errors[name] = {"fused": (a.double() - c).abs().max().item(),
+                            "reference_fp16": (b.double() - c).abs().max().item()}
         ok_all &= ok
         checks.append({"batch": batch, "seq_len": seq_len, "heads": heads, "head_dim": head_dim, "ok": ok,
                        "max_abs_error_vs_fp64": errors})
         print(f"B={batch} N={seq_len} H={heads} D={head_dim}: {'OK' if ok else 'MISMATCH'} (fp16, parity rule) "
               + ", ".join(f"{k} {v['fused']:.1e}/{v['reference_fp16']:.1e}" for k, v in errors.items()))
-    model = {f"B={max(1, TOKENS_PER_BATCH // n)} H=6 N={n} D={args.head_dim}": flops(max(1, TOKENS_PER_BATCH // n), 6, n, args.head_dim)
-             for n in SEQ_LENS}
+    sweep = [(max(1, TOKENS_PER_BATCH // n), 6, n, args.head_dim) for n in SEQ_LENS]
+    model = {f"B={b} H={h} N={n} D={d}": flops(b, h, n, d) for b, h, n, d in sweep}
     model.update({f"B={b} H={h} N=65 D={d}": flops(b, h, 65, d) for b, h, d in CIFAR_SHAPES})
     if not ok_all:
         raise SystemExit("bench_attention: the fused attention disagrees with the reference")

@@ -28,6 +28,22 @@ LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 
 
 @triton.jit
+def _mm(a, b, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """a @ b accumulated in ACC_DTYPE; DOT_PRECISION "ieee" keeps fp32 inputs off TF32."""
+    return tl.dot(a, b, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
+def _tile_and_head(N_CTX, BLOCK: tl.constexpr):
+    """(tile index along N, flattened batch*head index) of this program in a 1-D grid of
+    cdiv(N, BLOCK) * B * H programs. Tiles of one head are adjacent, so they run together and
+    share that head's K and V in L2; and a 1-D grid has no 65535 limit on B * H."""
+    num_tiles = tl.cdiv(N_CTX, BLOCK)
+    pid = tl.program_id(0)
+    return pid % num_tiles, pid // num_tiles
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V,  # (B, H, N, D) each, any strides with stride_*d == 1
     Out,  # (B, H, N, D) view of the output, written in the input dtype
@@ -46,8 +62,7 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 inputs (no TF32 rounding), else "tf32" (ignored)
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs (so gradcheck can verify)
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _tile_and_head(N_CTX, BLOCK_M)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -75,7 +90,7 @@ def _attn_fwd_kernel(
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
 
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = _mm(q, tl.trans(k), DOT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_M, BLOCK_N)
         # Keys past the end get -inf. Every tile starts below N_CTX, so each row keeps at least
         # one finite logit and m_new is finite: no inf - inf below.
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -83,7 +98,7 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max (0 at first)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_PRECISION, ACC_DTYPE)
         m_i = m_new
 
     acc = acc / l_i[:, None]
@@ -105,8 +120,7 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _tile_and_head(N_CTX, BLOCK_M)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -152,8 +166,7 @@ def _attn_bwd_dkdv_kernel(
     complete within one loop step: it is stored there, and the dQ kernel (which would reload K, V,
     Q and dO and recompute P) is not launched. That is the ViT-on-CIFAR case, N = 65.
     """
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _tile_and_head(N_CTX, BLOCK_N)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -187,16 +200,16 @@ def _attn_bwd_dkdv_kernel(
         delta = tl.load(Delta + offs_m, mask=mask_m, other=0.0)
 
         # P^T recomputed from the saved log-sum-exp: exactly the forward's normalised softmax.
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale  # (BLOCK_N, BLOCK_M)
+        s_t = _mm(k, tl.trans(q), DOT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_N, BLOCK_M)
         # Padding is zero vectors, whose p = exp2(-lse2) is not 0 (and overflows for very negative
         # lse): zero p outside the real (key, query) pairs.
         p_t = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # (BLOCK_N, BLOCK_M)
+        dv += _mm(p_t.to(do.dtype), do, DOT_PRECISION, ACC_DTYPE)
+        dp_t = _mm(v, tl.trans(do), DOT_PRECISION, ACC_DTYPE)  # (BLOCK_N, BLOCK_M)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        dk += _mm(ds_t, q, DOT_PRECISION, ACC_DTYPE)
         if FUSE_DQ:
-            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * sm_scale
+            dq = _mm(tl.trans(ds_t), k, DOT_PRECISION, ACC_DTYPE) * sm_scale
             tl.store(dQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=q_mask)
 
     dk *= sm_scale  # d(scale * q.k)/dk = scale * q; applied once instead of per tile
@@ -223,8 +236,7 @@ def _attn_bwd_dq_kernel(
     ACC_DTYPE: tl.constexpr,
 ):
     """One program owns a tile of queries and accumulates dQ = scale * dS K over all key tiles."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _tile_and_head(N_CTX, BLOCK_M)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -252,12 +264,12 @@ def _attn_bwd_dq_kernel(
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
 
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = _mm(q, tl.trans(k), DOT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_M, BLOCK_N)
         # Keys past the end are zero vectors, whose p would be exp2(-lse2) != 0: zero them.
         p = tl.where(mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # (BLOCK_M, BLOCK_N)
+        dp = _mm(do, tl.trans(v), DOT_PRECISION, ACC_DTYPE)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        dq += _mm(ds.to(k.dtype), k, DOT_PRECISION, ACC_DTYPE)
 
     dq *= sm_scale
     tl.store(dQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=q_mask)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 from vit_fast.kernels.attention import (
@@ -112,14 +113,19 @@ def choose_config(head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bo
         # and fewer distinct configurations keep the ahead-of-time test affordable.
         bn = 64 if seq_len <= 64 else 128
         fwd_m = 128 if bn == 128 and bd <= 64 else 64
-        forward = KernelConfig(fwd_m, bn, num_warps=8 if fwd_m * bn >= 128 * 128 or bn * bd >= 128 * 128 else 4, num_stages=2)
+        fwd_warps = 8 if fwd_m * bn >= 128 * 128 or bn * bd >= 128 * 128 else 4
+        forward = KernelConfig(fwd_m, bn, num_warps=fwd_warps, num_stages=2)
         # k, v, dk and dv of 128 keys x 128 dims fill the registers of 8 warps and spill on sm_80:
         # there the dK/dV program owns 64 keys (two programs per head) and dQ is its own kernel.
         dkdv_n = bn if bn * bd <= 128 * 64 else 64
         dkdv = KernelConfig(block_m=32, block_n=dkdv_n, num_warps=8 if dkdv_n * bd >= 64 * 128 else 4, num_stages=2)
-        # 64 x 128 dQ programs (q, dO, dq beside the fp32 S and dP tiles) spill on sm_80 at 4 and
-        # at 8 warps; 32 query rows per program do not.
-        dq = KernelConfig(block_m=64 if bn == 64 else 32, block_n=bn, num_warps=8 if bn * bd >= 128 * 128 else 4, num_stages=2)
+        # dQ (used where not fused) keeps q, dO and dq beside the fp32 S and dP tiles: 64 x 128
+        # spills on sm_80 at 4 and 8 warps, 32 x 128 only fits for BLOCK_D <= 64; otherwise it
+        # takes the long-sequence tiles.
+        if bn == 128 and bd <= 64:
+            dq = KernelConfig(block_m=32, block_n=128, num_warps=4, num_stages=2)
+        else:
+            dq = KernelConfig(block_m=64, block_n=64, num_warps=8 if bd >= 128 else 4, num_stages=2)
         fuse_dq = dkdv_n >= seq_len
     else:
         forward = KernelConfig(128, 64, num_warps=8 if bd >= 128 else 4, num_stages=3)
@@ -159,7 +165,8 @@ def all_configs(head_dim: int, dtype: torch.dtype) -> set[AttentionConfig]:
 def _check_head_dim(head_dim: int) -> None:
     if head_dim > MAX_HEAD_DIM or head_dim % 8 != 0 or head_dim <= 0:
         raise ValueError(
-            f"fused attention supports head dims that are positive multiples of 8 up to {MAX_HEAD_DIM}, got {head_dim}"
+            f"fused attention supports head dims that are positive multiples of 8 up to {MAX_HEAD_DIM}, "
+            f"got {head_dim}"
         )
 
 
@@ -183,7 +190,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         _check_tensor(name, t, 4, "(B, H, N, D)")
     if not (q.shape == k.shape == v.shape):
         raise ValueError(
-            f"q, k and v must have the same shape (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            f"q, k and v must have the same shape (B, H, N, D), "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -195,7 +203,9 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 def _check_packed(qkv: Tensor) -> None:
     _check_tensor("qkv", qkv, 5, "(B, N, 3, H, D)")
     if qkv.shape[2] != 3:
-        raise ValueError(f"qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)} (dim 2 is {qkv.shape[2]}, expected 3)")
+        raise ValueError(
+            f"qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)} (dim 2 is {qkv.shape[2]}, expected 3)"
+        )
     _check_head_dim(qkv.shape[-1])
 
 
@@ -221,22 +231,25 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _kernel_dtypes(dtype: torch.dtype) -> dict:
     """The DOT_PRECISION and ACC_DTYPE constexprs for an input dtype."""
-    import triton.language as tl
-
     wide = dtype in (torch.float32, torch.float64)
-    return {"DOT_PRECISION": "ieee" if wide else "tf32", "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32}
+    return {
+        "DOT_PRECISION": "ieee" if wide else "tf32",
+        "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
+    }
 
 
 def _strides3(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def launch_forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float, config: AttentionConfig | None = None) -> Tensor:
+def launch_forward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float, config: AttentionConfig | None = None
+) -> Tensor:
     """out <- softmax(q k^T * scale) v on (B, H, N, D) views; returns lse (B, H, N)."""
     B, H, N, D = q.shape
     cfg = (config or choose_config(D, N, q.dtype)).forward
     lse = torch.empty((B, H, N), device=q.device, dtype=_acc_dtype(q.dtype))
-    grid = (triton.cdiv(N, cfg.block_m), B * H)
+    grid = (triton.cdiv(N, cfg.block_m) * B * H,)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
@@ -258,7 +271,7 @@ def launch_backward(
     bd = block_d(D)
     delta = torch.empty_like(lse)
     pre = cfg.preprocess
-    _attn_bwd_preprocess_kernel[(triton.cdiv(N, pre.block_m), B * H)](
+    _attn_bwd_preprocess_kernel[(triton.cdiv(N, pre.block_m) * B * H,)](
         out, grad_out, delta, *_strides3(out), *_strides3(grad_out), H, N, D,
         BLOCK_M=pre.block_m, BLOCK_D=bd, ACC_DTYPE=dtypes["ACC_DTYPE"],
         num_warps=pre.num_warps, num_stages=pre.num_stages,
@@ -267,9 +280,10 @@ def launch_backward(
     fuse_dq = cfg.fuse_dq
     if fuse_dq and c.block_n < N:
         raise ValueError(f"fuse_dq needs one key tile per head: dkdv.block_n={c.block_n} < N={N}")
-    _attn_bwd_dkdv_kernel[(triton.cdiv(N, c.block_n), B * H)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(N, c.block_n) * B * H,)](
         q, k, v, grad_out, dk, dv, dq, lse, delta,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dk), *_strides3(dv), *_strides3(dq),
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
+        *_strides3(dk), *_strides3(dv), *_strides3(dq),
         H, N, D, scale,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd, FUSE_DQ=fuse_dq, **dtypes,
         num_warps=c.num_warps, num_stages=c.num_stages,
@@ -277,7 +291,7 @@ def launch_backward(
     if fuse_dq:
         return
     c = cfg.dq
-    _attn_bwd_dq_kernel[(triton.cdiv(N, c.block_m), B * H)](
+    _attn_bwd_dq_kernel[(triton.cdiv(N, c.block_m) * B * H,)](
         q, k, v, grad_out, dq, lse, delta,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dq),
         H, N, D, scale,
