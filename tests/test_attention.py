@@ -287,24 +287,22 @@ def test_interpreter_config_is_fixed():
 # ------------------------------------------------------------------------------------------------
 
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16"}
-_TRITON_TYPE_ACC = "fp32"  # LSE and Delta for 16-bit inputs
 
 
-def _aot_launches(head_dim: int, dtype) -> list[tuple]:
-    """(kernel name, signature, constexprs, names hinted divisible by 16, num_warps, num_stages)
-    for every launch ``choose_config`` can produce at this head dim and dtype, deduplicated.
+def _aot_launches(head_dim: int, dtype) -> list:
+    """A KernelLaunch for every kernel configuration ``choose_config`` can produce at this head
+    dim and dtype: forward, preprocess, dK/dV (with FUSE_DQ as chosen) and dQ.
 
-    The hints reproduce Triton's specialisation of a real ViT launch (16-byte-aligned tensors;
-    strides, all multiples of H*D or D, divisible by 16): vectorised loads and software pipelining
-    are what decide registers and shared memory, so compiling without them would check a kernel
-    that never runs. HEAD_DIM is hinted when it is a multiple of 16, as a launch would be.
+    Divisibility hints reproduce Triton's specialisation of a real ViT launch: 16-byte-aligned
+    tensors, strides that are multiples of 16 (all are multiples of D or H*D), HEAD_DIM when it is
+    a multiple of 16. N_CTX gets none (65, 197).
     """
+    from vit_fast.aot import KernelLaunch
     from vit_fast.kernels import attention as kernels
 
     bd = fused.block_d(head_dim)
-    acc = "float32"
     dot = fused._kernel_dtypes(dtype)["DOT_PRECISION"]
-    launches = {}
+    launches = []
     for cfg in fused.all_configs(head_dim, dtype):
         for fn, kc, consts in (
             (kernels._attn_fwd_kernel, cfg.forward,
@@ -315,7 +313,7 @@ def _aot_launches(head_dim: int, dtype) -> list[tuple]:
             (kernels._attn_bwd_dq_kernel, cfg.dq,
              dict(BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, DOT_PRECISION=dot)),
         ):
-            consts = dict(consts, BLOCK_D=bd, ACC_DTYPE=acc)
+            consts = dict(consts, BLOCK_D=bd, ACC_DTYPE="tl.float32")
             sig, hinted = {}, []
             for name in fn.arg_names:
                 if name in consts:
@@ -327,44 +325,13 @@ def _aot_launches(head_dim: int, dtype) -> list[tuple]:
                 elif name == "sm_scale":
                     sig[name] = "fp32"
                 else:
-                    sig[name] = "*" + (_TRITON_TYPE_ACC if name in ("LSE", "Delta") else _TRITON_TYPE[dtype])
+                    sig[name] = "*fp32" if name in ("LSE", "Delta") else "*" + _TRITON_TYPE[dtype]
                     hinted.append(name)
-            launch = (fn.__name__, sig, consts, hinted, kc.num_warps, kc.num_stages)
-            launches[repr(launch)] = launch
-    return list(launches.values())
-
-
-# A fresh interpreter without TRITON_INTERPRET: under the interpreter every @triton.jit function
-# is an InterpretedFunction, which triton.compile cannot take. Launches come on stdin as JSON; the
-# resources of each, for sm_80 and sm_90, go to stdout as JSON.
-_AOT_CHILD = """
-import json, sys
-import triton.compiler
-import triton.language as tl
-from vit_fast.aot import TARGETS, compile_kernel
-from vit_fast.kernels import attention as kernels
-
-hinted = []
-
-class HintedSource(triton.compiler.ASTSource):  # compile_kernel passes no divisibility hints
-    def __init__(self, fn, signature, constexprs=None, attrs=None):
-        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted}
-        super().__init__(fn, signature, constexprs, attrs)
-
-triton.compiler.ASTSource = HintedSource
-results = []
-for name, sig, consts, hints, num_warps, num_stages in json.load(sys.stdin):
-    consts["ACC_DTYPE"] = getattr(tl, consts["ACC_DTYPE"])
-    hinted[:] = hints
-    for capability in TARGETS:
-        r = compile_kernel(getattr(kernels, name), sig, consts, capability, num_warps, num_stages)
-        results.append(dict(
-            launch=f"{name} {dict(consts, ACC_DTYPE=str(consts['ACC_DTYPE']))} "
-                   f"warps={num_warps} stages={num_stages} sm_{capability}",
-            registers=r.registers, spill_bytes=r.spill_bytes, stack_bytes=r.stack_bytes,
-            shared_bytes=r.shared_bytes, fits=r.fits_shared_memory))
-print(json.dumps(results))
-"""
+            launches.append(KernelLaunch(
+                module=kernels.__name__, kernel=fn.__name__, signature=sig, constexprs=consts,
+                divisible_by_16=tuple(hinted), num_warps=kc.num_warps, num_stages=kc.num_stages,
+            ))
+    return launches
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -372,25 +339,18 @@ def test_aot_every_config(dtype):
     """Every launch the code can pick, for head dims 16, 32, 64, 128 and 48, 80 (padded to 64 and
     128), forward and all backward kernels, compiles for sm_80 and sm_90 with no spills and
     within both GPUs' shared memory."""
-    import json
-    import subprocess
-    import sys
+    from vit_fast.aot import TARGETS, compile_launches
 
-    # Launches of head dims that pad to the same BLOCK_D compile identically: deduplicate.
-    launches = list({repr(l): l for d in (16, 32, 48, 64, 80, 128) for l in _aot_launches(d, dtype)}.values())
-    assert {launch[0] for launch in launches} == {
+    # Launches of head dims that pad to the same BLOCK_D are identical; compile_launches dedupes.
+    launches = [launch for d in (16, 32, 48, 64, 80, 128) for launch in _aot_launches(d, dtype)]
+    assert {launch.kernel for launch in launches} == {
         "_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"
     }
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    child = subprocess.run(
-        [sys.executable, "-c", _AOT_CHILD], input=json.dumps(launches), env=env, capture_output=True, text=True
-    )
-    assert child.returncode == 0, child.stderr[-4000:]
-    results = json.loads(child.stdout.splitlines()[-1])
-    assert len(results) == 2 * len(launches)
+    results = compile_launches(launches)
+    assert len(results) == len(TARGETS) * len({launch.key for launch in launches})
     # ptxas reports spilled registers as LOCAL, or as STACK when it spills to the call stack;
-    # these kernels make no calls and keep no local arrays, so either being non-zero is a spill.
-    spills = [r for r in results if r["spill_bytes"] or r["stack_bytes"]]
-    too_big = [r for r in results if not r["fits"]]
-    assert not spills, "register spills:\n" + "\n".join(map(str, spills))
-    assert not too_big, "over the shared-memory limit:\n" + "\n".join(map(str, too_big))
+    # these kernels keep no local arrays, so either being non-zero is a spill.
+    spills = [f"{launch.describe()} sm_{r.capability}: {r}" for launch, r in results if r.spill_bytes or r.stack_bytes]
+    too_big = [f"{launch.describe()} sm_{r.capability}: {r}" for launch, r in results if not r.fits_shared_memory]
+    assert not spills, "register spills:\n" + "\n".join(spills)
+    assert not too_big, "over the shared-memory limit:\n" + "\n".join(too_big)
