@@ -305,9 +305,14 @@ def _layer_norm_setup_context(ctx, inputs, output):
     x, weight, _bias, _eps = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
+    # mean and rstd never receive gradients: without this, autograd would launch a zero-fill for
+    # each of them on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:  # y's gradient is undefined (zero): so are the inputs'
+        return None, None, None, None
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dweight, dbias = layer_norm_bwd(dy, None, x, weight, mean, rstd)
     return dx, dweight, dbias, None
@@ -320,10 +325,15 @@ def _add_layer_norm_setup_context(ctx, inputs, output):
     _x, _residual, weight, _bias, _eps = inputs
     _y, s, mean, rstd = output
     ctx.save_for_backward(s, weight, mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-fills for mean, rstd (and s, when it is unused)
 
 
 def _add_layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
+    if dy is None and ds is None:
+        return None, None, None, None, None
     s, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:  # only s was used downstream: LayerNorm's own gradient is zero
+        dy = torch.zeros_like(s)
     dx, dweight, dbias = layer_norm_bwd(dy, ds, s, weight, mean, rstd)
     # s = x + residual: both receive the same gradient. Returning one tensor for both is safe;
     # autograd copies it before accumulating into either input's .grad.

@@ -282,8 +282,9 @@ def _mlp_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, hidden)
     ctx.approximate = approximate
     ctx.has_residual = residual is not None
-    # `hidden` is returned only to be saved here; it carries no gradient.
+    # `hidden` is returned only to be saved here; it carries no gradient (and no zero-fill).
     ctx.mark_non_differentiable(hidden)
+    ctx.set_materialize_grads(False)
 
 
 def _sum_rows(t: Tensor) -> Tensor:
@@ -292,7 +293,9 @@ def _sum_rows(t: Tensor) -> Tensor:
     return t.sum(0, dtype=acc).to(t.dtype)
 
 
-def _mlp_backward(ctx, grad_y: Tensor, _grad_hidden: Optional[Tensor]):
+def _mlp_backward(ctx, grad_y: Optional[Tensor], _grad_hidden: Optional[Tensor]):
+    if grad_y is None:  # y's gradient is undefined (zero): so are the inputs'
+        return (None,) * 7
     x, w1, b1, w2, hidden = ctx.saved_tensors
     d_in, d_out = x.shape[-1], w2.shape[0]
     gy2d = grad_y.reshape(-1, d_out)  # may be a stride-0 view: the kernel and cuBLAS take strides
