@@ -9,7 +9,9 @@ Layout contract, shared by every kernel here: each of q, k, v, o, do, dq, dk, dv
 (B, H, N, D) tensor through four strides, of which the last (head dim) is 1. That covers both the
 plain contiguous (B, H, N, D) layout and views into the packed projection output (B, N, 3, H, D)
 or into an output of shape (B, N, H, D) == (B, N, H*D), so no permute or copy is ever needed.
-The per-row statistics LSE and Delta are contiguous (B, H, N) in the accumulation dtype.
+The per-row statistics LSE and Delta are contiguous (B, H, N) in the accumulation dtype. Batch
+and head offsets are int64 (B * H * N * D can pass 2**31); offsets within one (b, h) slice,
+N * stride_n, stay int32. The grid is 1-D: program = (b * H + h) * num_tiles + tile.
 
 Numerics: logits, the running max, the running sum and the accumulators are fp32 (fp64 for fp64
 inputs, which exist so that gradcheck can verify the real kernels); the softmax
