@@ -11,7 +11,7 @@ Public API (matches ``vit_fast.reference.attention`` / ``attention_packed``):
 
 Registered ops (custom_op + register_fake + register_autograd, so they pass opcheck and trace
 under torch.compile(fullgraph=True); the forward ops return the row log-sum-exp the backward
-needs as a second output):
+needs as a second, non-differentiable output):
     vit_fast::attention(q, k, v, scale) -> (out, lse)
     vit_fast::attention_backward(grad_out, q, k, v, out, lse, scale) -> (dq, dk, dv)
     vit_fast::attention_packed(qkv, scale) -> (out, lse)
@@ -351,10 +351,15 @@ def _attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
+    # lse is a by-product for the backward, not differentiable; and with no materialised grads
+    # autograd launches no zero-fill for its (absent) gradient on every backward.
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
-    # lse is an internal by-product: nothing the public API returns depends on it.
+def _attention_backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:  # the output's gradient is undefined (zero): so are the inputs'
+        return None, None, None, None
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale)
     return dq, dk, dv, None
@@ -402,9 +407,13 @@ def _attention_packed_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(qkv, out, lse)
     ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
-def _attention_packed_backward(ctx, grad_out, grad_lse):
+def _attention_packed_backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:
+        return None, None
     qkv, out, lse = ctx.saved_tensors
     return _attention_packed_backward_op(grad_out, qkv, out, lse, ctx.scale), None
 
