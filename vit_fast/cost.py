@@ -73,7 +73,9 @@ class CostAccount:
                 "ops": {k: vars(v) for k, v in sorted(self.ops.items(), key=lambda kv: -(kv[1].bytes_read + kv[1].bytes_written))}}
 
 
-class _Recorder(TorchDispatchMode):
+class OpRecorder(TorchDispatchMode):
+    """Records every dispatched operator into a CostAccount: `with OpRecorder(acc): ...`."""
+
     def __init__(self, account: CostAccount) -> None:
         super().__init__()
         self.account = account
@@ -139,7 +141,7 @@ def account_training_step(preset: str, batch_size: int, backend: str, **override
             opt.zero_grad(set_to_none=True)
 
         step()  # the first step allocates the optimizer state; account for a steady-state step
-        with _Recorder(account):
+        with OpRecorder(account):
             step()
     return account
 
