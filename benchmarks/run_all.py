@@ -168,8 +168,8 @@ def main(argv=None) -> dict:
     steps = []
 
     if not args.skip_tests:
-        if timed:
-            steps.append(run_step("tests", [py, "-m", "pytest", "-q"], out, 5400))
+        if timed:  # the quick mode runs the kernels' parity files only (the suite also runs this script)
+            steps.append(run_step("tests", [py, "-m", "pytest", "-q", *(PARITY_TESTS if args.quick else ())], out, 5400))
         elif args.quick:  # the interpreter parity of every op is what the benchmarks' smokes check
             steps.append(run_step("aot_compile", [py, "-m", "pytest", "-q", "tests/test_aot.py"], out, 900))
         else:
