@@ -110,3 +110,18 @@ def test_fused_rejects_attention_dropout(device):
     model = ViTClassifier(SMALL.replace(attn_dropout=0.1), backend="fused").to(device).train()
     with pytest.raises(ValueError, match="fused attention kernel has no dropout"):
         model(torch.randn(1, 3, 32, 32, device=device))
+
+
+def test_fused_model_under_torch_compile_fullgraph(device, batch):
+    """The whole fused model compiles as one graph (our ops are opaque custom ops to Dynamo) and
+    matches eager, forward and backward."""
+    images, labels = batch
+    model = ViTClassifier(SMALL, backend="fused").to(device)
+    out_eager, g_eager = logits_and_grads(model, images, labels)
+    compiled = torch.compile(model, fullgraph=True)
+    model.zero_grad(set_to_none=True)
+    out = compiled(images)
+    F.cross_entropy(out.float(), labels).backward()
+    torch.testing.assert_close(out.detach(), out_eager, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, g_eager[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
