@@ -288,52 +288,20 @@ def test_interpreter_config_is_fixed():
 # Ahead-of-time compilation: every configuration the launcher can pick, for sm_80 and sm_90
 # ------------------------------------------------------------------------------------------------
 
-_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+AOT_HEAD_DIMS = (16, 32, 48, 64, 80, 128)  # 48 and 80 pad to BLOCK_D 64 and 128
 
 
 def _aot_launches(head_dim: int, dtype) -> list:
-    """A KernelLaunch for every kernel configuration ``choose_config`` can produce at this head
-    dim and dtype: forward, preprocess, dK/dV (with FUSE_DQ as chosen) and dQ.
-
-    Divisibility hints reproduce Triton's specialisation of a real ViT launch: 16-byte-aligned
-    tensors, strides that are multiples of 16 (all are multiples of D or H*D), HEAD_DIM when it is
-    a multiple of 16. N_CTX gets none (65, 197).
-    """
-    from vit_fast.aot import KernelLaunch
-    from vit_fast.kernels import attention as kernels
-
-    bd = fused.block_d(head_dim)
-    dot = fused._kernel_dtypes(dtype)["DOT_PRECISION"]
-    launches = []
-    for cfg in fused.all_configs(head_dim, dtype):
-        for fn, kc, consts in (
-            (kernels._attn_fwd_kernel, cfg.forward,
-             dict(BLOCK_M=cfg.forward.block_m, BLOCK_N=cfg.forward.block_n, DOT_PRECISION=dot)),
-            (kernels._attn_bwd_preprocess_kernel, cfg.preprocess, dict(BLOCK_M=cfg.preprocess.block_m)),
-            (kernels._attn_bwd_dkdv_kernel, cfg.dkdv,
-             dict(BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, FUSE_DQ=cfg.fuse_dq, DOT_PRECISION=dot)),
-            (kernels._attn_bwd_dq_kernel, cfg.dq,
-             dict(BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, DOT_PRECISION=dot)),
-        ):
-            consts = dict(consts, BLOCK_D=bd, ACC_DTYPE="tl.float32")
-            sig, hinted = {}, []
-            for name in fn.arg_names:
-                if name in consts:
-                    continue
-                if name.startswith("stride_") or name in ("H", "N_CTX", "HEAD_DIM"):
-                    sig[name] = "i32"
-                    if name.startswith("stride_") or (name == "HEAD_DIM" and head_dim % 16 == 0):
-                        hinted.append(name)
-                elif name == "sm_scale":
-                    sig[name] = "fp32"
-                else:
-                    sig[name] = "*fp32" if name in ("LSE", "Delta") else "*" + _TRITON_TYPE[dtype]
-                    hinted.append(name)
-            launches.append(KernelLaunch(
-                module=kernels.__name__, kernel=fn.__name__, signature=sig, constexprs=consts,
-                divisible_by_16=tuple(hinted), num_warps=kc.num_warps, num_stages=kc.num_stages,
-            ))
-    return launches
+    """The launches (``fused.aot_launches``) of every configuration ``choose_config`` can produce
+    at this head dim and dtype: the shortest sequence length that picks each one (which also takes
+    N = 1 and the fused-dQ path), plus the CIFAR ViT's 65 tokens and 197 (ImageNet ViT-B/16).
+    The dQ tiles paired with a fused dK/dV are the long-sequence ones, launched at N >= 129."""
+    first_length = {}
+    for n in range(fused.SINGLE_TILE_MAX_SEQ + 1, 0, -1):
+        first_length[fused.choose_config(head_dim, n, dtype, interpret=False)] = n
+    assert set(first_length) == fused.all_configs(head_dim, dtype)
+    lengths = sorted({*first_length.values(), 65, 197})
+    return [launch for n in lengths for launch in fused.aot_launches(2, n, 3, head_dim, dtype)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -344,15 +312,13 @@ def test_aot_every_config(dtype):
     from vit_fast.aot import TARGETS, compile_launches
 
     # Launches of head dims that pad to the same BLOCK_D are identical; compile_launches dedupes.
-    launches = [launch for d in (16, 32, 48, 64, 80, 128) for launch in _aot_launches(d, dtype)]
+    launches = [launch for d in AOT_HEAD_DIMS for launch in _aot_launches(d, dtype)]
     assert {launch.kernel for launch in launches} == {
         "_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"
     }
     results = compile_launches(launches)
     assert len(results) == len(TARGETS) * len({launch.key for launch in launches})
-    # ptxas reports spilled registers as LOCAL, or as STACK when it spills to the call stack;
-    # these kernels keep no local arrays, so either being non-zero is a spill.
-    spills = [f"{launch.describe()} sm_{r.capability}: {r}" for launch, r in results if r.spill_bytes or r.stack_bytes]
+    spills = [f"{launch.describe()} sm_{r.capability}: {r}" for launch, r in results if r.spills]
     too_big = [f"{launch.describe()} sm_{r.capability}: {r}" for launch, r in results if not r.fits_shared_memory]
     assert not spills, "register spills:\n" + "\n".join(spills)
     assert not too_big, "over the shared-memory limit:\n" + "\n".join(too_big)

@@ -311,46 +311,22 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compilation for sm_80 / sm_90 (rung 3 of DESIGN.md's ladder)
 
-_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 AOT_WIDTHS = (192, 384, 768, 1024, fused.MAX_WIDTH)
+AOT_ROWS = 128 * 65  # a CIFAR ViT batch; the configs depend on the width and dtypes only
 
 
 def _aot_launches():
-    """Every kernel launch the launchers can pick at AOT_WIDTHS, for each input dtype, parameter
-    dtype (x's or fp32) and flag, as a real launch specializes it: unit column strides are the
-    constant 1 and pointers, row strides and the width (a multiple of 16 at these widths) carry
-    the divisibility Triton sees at launch. Duplicates (768 and 1024 share a tile) compile once."""
-    from vit_fast.aot import KernelLaunch
-
-    module, launches = "vit_fast.kernels.layernorm", []
-
-    def aligned(sig):  # pointers, row strides and N: multiples of 16 at these widths
-        return tuple(n for n, ty in sig.items() if ty.startswith("*") or n.startswith("stride") or n == "N")
-
-    for width in AOT_WIDTHS:
-        assert width % 16 == 0
-        for dtype, t in _TL.items():
-            fwd, bwd = fused.forward_config(width, dtype), fused.backward_config(width, dtype)
-            red = fused.column_sum_config(width)
-            for p in sorted({t, "fp32"}):
-                for flag in (False, True):
-                    sig = dict(X=f"*{t}", RES=f"*{t}", W=f"*{p}", B=f"*{p}", Y=f"*{t}", S=f"*{t}",
-                               Mean="*fp32", Rstd="*fp32", stride_xm="i32", stride_resm="i32",
-                               stride_ym="i32", stride_sm="i32", M="i32", N="i32", eps="fp32")
-                    consts = dict(stride_xn=1, stride_resn=1, HAS_RESIDUAL=flag, BLOCK_M=fwd.BLOCK_M,
-                                  BLOCK_N=fwd.BLOCK_N, BF16_RNE_IN_SOFTWARE=False)
-                    launches.append(KernelLaunch(module, "layer_norm_fwd_kernel", sig, consts, aligned(sig), fwd.num_warps))
-                    sig = dict(X=f"*{t}", W=f"*{p}", Mean="*fp32", Rstd="*fp32", DY=f"*{t}", DS=f"*{t}",
-                               DX=f"*{t}", DW_partial="*fp32", DB_partial="*fp32", stride_xm="i32",
-                               stride_dym="i32", stride_dsm="i32", stride_dxm="i32", M="i32", N="i32",
-                               rows_per_program="i32")
-                    consts = dict(stride_xn=1, stride_dyn=1, stride_dsn=1, HAS_DS=flag, BLOCK_M=bwd.BLOCK_M,
-                                  BLOCK_N=bwd.BLOCK_N, BF16_RNE_IN_SOFTWARE=False)
-                    launches.append(KernelLaunch(module, "layer_norm_bwd_kernel", sig, consts, aligned(sig), bwd.num_warps))
-                sig = dict(DW_partial="*fp32", DB_partial="*fp32", DW=f"*{p}", DB=f"*{p}", P="i32", N="i32")
-                consts = dict(BLOCK_P=red.BLOCK_M, BLOCK_N=red.BLOCK_N, BF16_RNE_IN_SOFTWARE=False)
-                launches.append(KernelLaunch(module, "column_sum_kernel", sig, consts, aligned(sig), red.num_warps))
-    return launches
+    """Every kernel launch the launchers make at AOT_WIDTHS, for each input dtype, parameter
+    dtype (x's or fp32) and with and without the residual, as the launchers build them
+    (``fused.aot_launches``). Duplicates (768 and 1024 share a tile) compile once."""
+    return [
+        launch
+        for width in AOT_WIDTHS
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)
+        for weight_dtype in {dtype, torch.float32}
+        for residual in (False, True)
+        for launch in fused.aot_launches(AOT_ROWS, width, dtype, residual, weight_dtype)
+    ]
 
 
 def test_aot_compiles_without_spills():
@@ -361,7 +337,6 @@ def test_aot_compiles_without_spills():
     assert {r.capability for _, r in results} == set(TARGETS)
     for launch, r in results:
         where = f"{launch.describe()} {launch.signature['X' if 'X' in launch.signature else 'DW']} sm_{r.capability}"
-        # ptxas reports spilled registers as LOCAL, or in the STACK frame (seen at width 8192);
-        # these kernels make no calls and have no local arrays, so either being non-zero is a spill.
-        assert r.spill_bytes == 0 and r.stack_bytes == 0, f"{where} spills: {r}"
+        # r.spills counts STACK too: ptxas has reported this kernel's spills only there (width 8192).
+        assert not r.spills, f"{where} spills: {r}"
         assert r.fits_shared_memory, f"{where} needs {r.shared_bytes} B of shared memory"

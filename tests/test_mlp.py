@@ -274,113 +274,34 @@ AOT_RATIOS = (2, 4)
 # CIFAR training batches of 128 and 512 images x 65 tokens, plus a small batch of 8 (520 rows,
 # not a multiple of 16) that reaches the launcher's small-grid configurations.
 AOT_ROWS = (128 * 65, 512 * 65, 8 * 65)
-TRITON_POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
 def vit_launches(dtype, widths=AOT_WIDTHS, ratios=AOT_RATIOS, rows=AOT_ROWS) -> list:
     """Every kernel launch the MLP (and the linear op) makes at the ViT shapes, built by the launcher
-    itself on meta tensors, so the test compiles exactly what would run."""
-
-    def t(*shape):
-        return torch.empty(*shape, dtype=dtype, device="meta")
-
+    itself on meta tensors (``fused.aot_launches``), so the test compiles exactly what would run."""
     launches = []
     for d in widths:
         for hidden in (d * r for r in ratios):
             for m in rows:
-                x, w1, b1, w2, b2 = t(m, d), t(hidden, d), t(hidden), t(d, hidden), t(d)
-                h, y, grad_pre = t(m, hidden), t(m, d), t(m, hidden)
-                for act in ("gelu", "gelu_tanh"):
-                    launches.append(fused.linear_launch(x, w1, b1, None, h, act, interpret=False))  # fc1
-                    launches.append(fused.gelu_bwd_launch(y, x, w1, b1, w2, grad_pre, act, interpret=False))
-                for residual in (None, t(m, d)):
-                    launches.append(fused.linear_launch(h, w2, b2, residual, y, "none", interpret=False))  # fc2
-                launches.append(fused.linear_launch(h, w2, None, None, y, "none", interpret=False))  # no bias
+                for approximate in ("none", "tanh"):
+                    for residual in (False, True):
+                        launches += fused.aot_launches(m, d, hidden, d, dtype, approximate, residual)
+                # fc2 as vit_fast::linear without a bias
+                h, w2, y = (torch.empty(s, dtype=dtype, device="meta") for s in ((m, hidden), (d, hidden), (m, d)))
+                launches.append(fused.linear_launch(h, w2, None, None, y, "none", interpret=False).to_aot())
     return launches
 
 
-def specialize(launch) -> tuple[dict, dict, list]:
-    """(signature, constexprs, names known to be multiples of 16) as Triton specializes a real launch:
-    ints equal to 1 become constants, ints divisible by 16 and 16-byte-aligned pointers (every
-    torch allocation) get a divisibility hint, which decides vectorized loads and pipelining."""
-    signature, constexprs, aligned = {}, dict(launch.constexprs), []
-    for name, value in launch.args.items():
-        if isinstance(value, torch.Tensor):
-            signature[name] = TRITON_POINTER[value.dtype]
-            aligned.append(name)
-        elif value == 1:
-            constexprs[name] = 1
-        else:
-            signature[name] = "i32"
-            if value % 16 == 0:
-                aligned.append(name)
-    return signature, constexprs, aligned
-
-
-def compile_with_hints(launch, capability: int):
-    """vit_fast.aot.compile_kernel for one launch, with the divisibility hints of a real launch.
-
-    compile_kernel builds its ASTSource without hints; compiled so, every load is scalar and the
-    K loop is not pipelined (hundreds of registers and stack), unlike what a real launch runs.
-    The ASTSource it imports is swapped for one that adds them (this runs in a throwaway child)."""
-    import triton.compiler
-
-    from vit_fast.aot import compile_kernel
-
-    signature, constexprs, aligned = specialize(launch)
-
-    class HintedSource(triton.compiler.ASTSource):
-        def __init__(self, fn, signature, constexprs=None, attrs=None):
-            attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-            super().__init__(fn, signature, constexprs, attrs)
-
-    original, triton.compiler.ASTSource = triton.compiler.ASTSource, HintedSource
-    try:
-        return compile_kernel(launch.kernel, signature, constexprs, capability,
-                              launch.config.num_warps, launch.config.num_stages)
-    finally:
-        triton.compiler.ASTSource = original
-
-
-def aot_report(dtype_name: str) -> list[dict]:
-    """Resources of every distinct launch of vit_launches, for sm_80 and sm_90 (run in the child)."""
-    from vit_fast.aot import TARGETS
-
-    dtype = getattr(torch, dtype_name)
-    # fp32 is the accuracy path of GPU test runs (one config for every shape): one shape suffices.
-    launches = vit_launches(dtype) if dtype != torch.float32 else vit_launches(dtype, (192,), (4,), (128 * 65,))
-    seen, results = set(), []
-    for launch in launches:
-        signature, constexprs, aligned = specialize(launch)
-        key = (launch.kernel.__name__, str(sorted(constexprs.items(), key=str)), str(signature), str(aligned),
-               launch.config)
-        if key in seen:
-            continue
-        seen.add(key)
-        for capability in TARGETS:
-            r = compile_with_hints(launch, capability)
-            label = f"{r.name} {launch.config} {launch.constexprs} sm_{capability}"
-            results.append(dict(label=label, registers=r.registers, spill_bytes=r.spill_bytes,
-                                stack_bytes=r.stack_bytes, shared_bytes=r.shared_bytes, fits=r.fits_shared_memory))
-    return results
-
-
-# Once triton is imported with TRITON_INTERPRET=1 every @triton.jit function is an
-# InterpretedFunction that triton.compile cannot take: compile in a fresh interpreter.
-_AOT_CHILD = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("mlp_tests", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-print(json.dumps(module.aot_report(sys.argv[2])))
-"""
+def _config(launch) -> tuple:
+    c = launch.constexprs
+    return launch.kernel, c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP_M"], launch.num_warps, launch.num_stages
 
 
 def test_vit_shapes_reach_every_16bit_config():
     """The AOT shapes reach both branches of choose_config for both kernels: nothing it returns
     for 16-bit inputs is left uncompiled."""
     for dtype in (torch.float16, torch.bfloat16):
-        configs = {(launch.kernel.__name__, launch.config) for launch in vit_launches(dtype)}
+        configs = {_config(launch) for launch in vit_launches(dtype)}
         assert len({c for c in configs if c[0] == "linear_fwd_kernel"}) == 2, configs
         assert len({c for c in configs if c[0] == "gelu_bwd_kernel"}) == 2, configs
 
@@ -393,19 +314,34 @@ def test_interpreter_config_is_fixed():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 def test_every_launch_config_compiles_without_spills(dtype):
-    import json
-    import os
-    import subprocess
-    import sys
+    from vit_fast.aot import compile_launches
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    child = subprocess.run([sys.executable, "-c", _AOT_CHILD, __file__, str(dtype).removeprefix("torch.")],
-                           env=env, capture_output=True, text=True)
-    assert child.returncode == 0, child.stderr[-4000:]
-    results = json.loads(child.stdout.splitlines()[-1])
+    # fp32 is the accuracy path of GPU test runs (one config for every shape): one shape suffices.
+    launches = vit_launches(dtype) if dtype != torch.float32 else vit_launches(dtype, (192,), (4,), (128 * 65,))
+    results = compile_launches(launches)
     assert results, "nothing was compiled"
-    for r in results:
-        # ptxas reports spilled registers as LOCAL, or as STACK when it spills to the call stack;
-        # these kernels make no calls and hold no local arrays, so either being non-zero is a spill.
-        assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, f"{r['label']} spills: {r}"
-        assert r["fits"], f"{r['label']} needs {r['shared_bytes']} B of shared memory"
+    for launch, r in results:
+        where = f"{launch.describe()} sm_{r.capability}"
+        # r.spills counts STACK too: ptxas sometimes reports spills only there.
+        assert not r.spills, f"{where} spills: {r}"
+        assert r.fits_shared_memory, f"{where} needs {r.shared_bytes} B of shared memory"
+
+
+def test_launch_from_args_specialises_like_a_launch():
+    """vit_fast.aot.launch_from_args, which every AOT test relies on, applies Triton's launch
+    specialisation: ints equal to 1 become constants, ints and 16-byte-aligned tensors divisible
+    by 16 get hints (a view 8 bytes into its storage does not), dtypes cross as strings."""
+    def t(*shape, dtype=torch.bfloat16):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    x = t(48, 2 * 32)[:, 4:]  # 4 bf16 = 8 bytes into the storage: not 16-byte aligned
+    launch = fused.linear_launch(x, t(40, 60), t(40), None, t(48, 40), "gelu", interpret=False)
+    launch.args["M"] = 1  # as a one-row launch would pass it
+    k = launch.to_aot()
+    assert k.kernel == "linear_fwd_kernel" and k.module == "vit_fast.kernels.mlp"
+    assert k.signature["X"] == "*bf16" and "X" not in k.divisible_by_16 and "W" in k.divisible_by_16
+    assert "M" not in k.signature and k.constexprs["M"] == 1
+    assert k.constexprs["stride_xk"] == 1 and k.constexprs["ACC_DTYPE"] == "tl.float32"
+    assert k.signature["stride_xm"] == "i32" and "stride_xm" in k.divisible_by_16  # 64
+    assert k.signature["N"] == "i32" and "N" not in k.divisible_by_16  # 40
+    assert list(k.signature) == [n for n in fused.linear_fwd_kernel.arg_names if n in k.signature]

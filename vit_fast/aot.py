@@ -35,6 +35,12 @@ class KernelResources:
     def fits_shared_memory(self) -> bool:
         return self.shared_bytes <= SHARED_MEMORY_LIMIT[self.capability]
 
+    @property
+    def spills(self) -> bool:
+        """Whether registers spilled. ptxas reports spills as LOCAL bytes, and sometimes only as a
+        STACK frame; our kernels make no calls and hold no local arrays, so either is a spill."""
+        return self.spill_bytes > 0 or self.stack_bytes > 0
+
 
 def _cuobjdump() -> str:
     import triton
@@ -124,6 +130,105 @@ class KernelLaunch:
     def describe(self) -> str:
         consts = " ".join(f"{k}={v}" for k, v in sorted(self.constexprs.items()))
         return f"{self.kernel}[{consts} warps={self.num_warps} stages={self.num_stages}]"
+
+
+_POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
+
+
+def _triton_dtype_name(value) -> str:
+    """tl.float32 -> "tl.float32": the name under which ``triton.language`` exports the dtype."""
+    import triton.language as tl
+
+    for name, candidate in vars(tl).items():
+        if isinstance(candidate, tl.dtype) and candidate == value:
+            return f"tl.{name}"
+    raise ValueError(f"{value!r} is not a dtype exported by triton.language")
+
+
+def launch_from_args(kernel_fn, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> KernelLaunch:
+    """The ``KernelLaunch`` a call ``kernel_fn[grid](**args, **constexprs, num_warps=..., num_stages=...)``
+    compiles to, specialised from its concrete arguments the way Triton specialises at launch:
+
+    - tensors become pointers ("*fp16", "*bf16", "*fp32", "*fp64") marked divisible by 16 when
+      16-byte aligned: every torch allocation is, so this reads the view's storage offset (meta
+      tensors work, and the k and v views into a packed qkv tensor are judged like real ones);
+    - ints equal to 1 become the constexpr 1; other ints are "i32" ("i64" past 32 bits), marked
+      divisible by 16 when they are; bools are "i1"; floats are "fp32";
+    - Triton dtypes among ``constexprs`` become "tl.<name>" strings, so the launch can cross
+      processes (``compile_launches``).
+
+    ``kernel_fn`` is the ``@triton.jit`` function, compiled or interpreted (both keep the Python
+    function as ``.fn``), so launchers can describe GPU launches from a test run under
+    TRITON_INTERPRET=1. Without the hints the compiler would build scalar loads and unpipelined
+    loops: the resources read off would be those of a kernel no launch runs.
+    """
+    import torch
+    import triton.language as tl
+
+    signature, consts, aligned = {}, {}, []
+    for name in kernel_fn.arg_names:  # the kernel's argument order
+        if name in constexprs:
+            value = constexprs[name]
+            consts[name] = _triton_dtype_name(value) if isinstance(value, tl.dtype) else value
+            continue
+        if name not in args:
+            raise ValueError(f"{kernel_fn.fn.__name__}: no value for argument {name!r}")
+        value = args[name]
+        if isinstance(value, torch.Tensor):
+            dtype = str(value.dtype).removeprefix("torch.")
+            if dtype not in _POINTER_TYPES:
+                raise TypeError(f"{kernel_fn.fn.__name__}: tensor {name!r} has unsupported dtype {value.dtype}")
+            signature[name] = _POINTER_TYPES[dtype]
+            if value.storage_offset() * value.element_size() % 16 == 0:
+                aligned.append(name)
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:
+                consts[name] = 1
+                continue
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                aligned.append(name)
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(
+                f"{kernel_fn.fn.__name__}: cannot specialise argument {name!r} of type {type(value).__name__}"
+            )
+    unknown = set(args) | set(constexprs)
+    unknown -= set(kernel_fn.arg_names)
+    if unknown:
+        raise ValueError(f"{kernel_fn.fn.__name__} has no arguments {sorted(unknown)}")
+    return KernelLaunch(module=kernel_fn.fn.__module__, kernel=kernel_fn.fn.__name__, signature=signature,
+                        constexprs=consts, divisible_by_16=tuple(aligned), num_warps=num_warps, num_stages=num_stages)
+
+
+@dataclass
+class PlannedLaunch:
+    """A kernel launch as a launcher plans it, before running it: one function builds it, so the
+    launcher runs (``run``) exactly what the ahead-of-time test compiles (``to_aot``)."""
+
+    kernel: object  # the @triton.jit function
+    grid: tuple
+    args: dict  # runtime arguments by name: tensors, ints, floats
+    constexprs: dict  # compile-time arguments by name
+    num_warps: int
+    num_stages: int = 3  # Triton's default on NVIDIA GPUs
+
+    def run(self) -> None:
+        import contextlib
+
+        import torch
+
+        first = next(v for v in self.args.values() if isinstance(v, torch.Tensor))
+        # Triton launches on the current CUDA device: make it the tensors' one.
+        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+            self.kernel[self.grid](**self.args, **self.constexprs,
+                                   num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def to_aot(self) -> KernelLaunch:
+        return launch_from_args(self.kernel, self.args, self.constexprs, self.num_warps, self.num_stages)
 
 
 def _compile_launch(launch: KernelLaunch, capability: int) -> KernelResources:

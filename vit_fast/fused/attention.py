@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from vit_fast import aot
 from vit_fast.kernels.attention import (
     _attn_bwd_dkdv_kernel,
     _attn_bwd_dq_kernel,
@@ -238,8 +239,23 @@ def _kernel_dtypes(dtype: torch.dtype) -> dict:
     }
 
 
-def _strides3(t: Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+def _stride_args(name: str, t: Tensor) -> dict:
+    """stride_<name>b, _<name>h, _<name>n of a (B, H, N, D) view (its head-dim stride is 1)."""
+    return {f"stride_{name}{dim}": t.stride(i) for i, dim in enumerate("bhn")}
+
+
+def _forward_launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                    config: AttentionConfig) -> aot.PlannedLaunch:
+    B, H, N, D = q.shape
+    cfg = config.forward
+    args = dict(
+        Q=q, K=k, V=v, Out=out, LSE=lse,
+        **_stride_args("q", q), **_stride_args("k", k), **_stride_args("v", v), **_stride_args("o", out),
+        H=H, N_CTX=N, HEAD_DIM=D, sm_scale=scale,
+    )
+    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D), **_kernel_dtypes(q.dtype))
+    return aot.PlannedLaunch(_attn_fwd_kernel, (triton.cdiv(N, cfg.block_m) * B * H,), args, constexprs,
+                             cfg.num_warps, cfg.num_stages)
 
 
 def launch_forward(
@@ -247,17 +263,53 @@ def launch_forward(
 ) -> Tensor:
     """out <- softmax(q k^T * scale) v on (B, H, N, D) views; returns lse (B, H, N)."""
     B, H, N, D = q.shape
-    cfg = (config or choose_config(D, N, q.dtype)).forward
     lse = torch.empty((B, H, N), device=q.device, dtype=_acc_dtype(q.dtype))
-    grid = (triton.cdiv(N, cfg.block_m) * B * H,)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-        H, N, D, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D), **_kernel_dtypes(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    _forward_launch(q, k, v, out, lse, scale, config or choose_config(D, N, q.dtype)).run()
     return lse
+
+
+def _backward_launches(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+    dq: Tensor, dk: Tensor, dv: Tensor, config: AttentionConfig,
+) -> list[aot.PlannedLaunch]:
+    """The backward's launches in order: delta = rowsum(dO * O), dK/dV (and dQ when fused), dQ
+    (when not). Allocates delta."""
+    B, H, N, D = q.shape
+    dtypes = _kernel_dtypes(q.dtype)
+    bd = block_d(D)
+    shape_args = dict(H=H, N_CTX=N, HEAD_DIM=D)
+    delta = torch.empty_like(lse)
+    pre = config.preprocess
+    launches = [aot.PlannedLaunch(
+        _attn_bwd_preprocess_kernel, (triton.cdiv(N, pre.block_m) * B * H,),
+        dict(Out=out, dOut=grad_out, Delta=delta, **_stride_args("o", out), **_stride_args("do", grad_out),
+             **shape_args),
+        dict(BLOCK_M=pre.block_m, BLOCK_D=bd, ACC_DTYPE=dtypes["ACC_DTYPE"]),
+        pre.num_warps, pre.num_stages,
+    )]
+    inputs = dict(Q=q, K=k, V=v, dOut=grad_out)
+    input_strides = {**_stride_args("q", q), **_stride_args("k", k), **_stride_args("v", v),
+                     **_stride_args("do", grad_out)}
+    c = config.dkdv
+    if config.fuse_dq and c.block_n < N:
+        raise ValueError(f"fuse_dq needs one key tile per head: dkdv.block_n={c.block_n} < N={N}")
+    launches.append(aot.PlannedLaunch(
+        _attn_bwd_dkdv_kernel, (triton.cdiv(N, c.block_n) * B * H,),
+        dict(**inputs, dK=dk, dV=dv, dQ=dq, LSE=lse, Delta=delta, **input_strides, **_stride_args("dk", dk),
+             **_stride_args("dv", dv), **_stride_args("dq", dq), **shape_args, sm_scale=scale),
+        dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd, FUSE_DQ=config.fuse_dq, **dtypes),
+        c.num_warps, c.num_stages,
+    ))
+    if not config.fuse_dq:
+        c = config.dq
+        launches.append(aot.PlannedLaunch(
+            _attn_bwd_dq_kernel, (triton.cdiv(N, c.block_m) * B * H,),
+            dict(**inputs, dQ=dq, LSE=lse, Delta=delta, **input_strides, **_stride_args("dq", dq), **shape_args,
+                 sm_scale=scale),
+            dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd, **dtypes),
+            c.num_warps, c.num_stages,
+        ))
+    return launches
 
 
 def launch_backward(
@@ -265,39 +317,10 @@ def launch_backward(
     dq: Tensor, dk: Tensor, dv: Tensor, config: AttentionConfig | None = None,
 ) -> None:
     """dq, dk, dv <- gradients of the attention on (B, H, N, D) views (written, not accumulated)."""
-    B, H, N, D = q.shape
-    cfg = config or choose_config(D, N, q.dtype)
-    dtypes = _kernel_dtypes(q.dtype)
-    bd = block_d(D)
-    delta = torch.empty_like(lse)
-    pre = cfg.preprocess
-    _attn_bwd_preprocess_kernel[(triton.cdiv(N, pre.block_m) * B * H,)](
-        out, grad_out, delta, *_strides3(out), *_strides3(grad_out), H, N, D,
-        BLOCK_M=pre.block_m, BLOCK_D=bd, ACC_DTYPE=dtypes["ACC_DTYPE"],
-        num_warps=pre.num_warps, num_stages=pre.num_stages,
-    )
-    c = cfg.dkdv
-    fuse_dq = cfg.fuse_dq
-    if fuse_dq and c.block_n < N:
-        raise ValueError(f"fuse_dq needs one key tile per head: dkdv.block_n={c.block_n} < N={N}")
-    _attn_bwd_dkdv_kernel[(triton.cdiv(N, c.block_n) * B * H,)](
-        q, k, v, grad_out, dk, dv, dq, lse, delta,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
-        *_strides3(dk), *_strides3(dv), *_strides3(dq),
-        H, N, D, scale,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd, FUSE_DQ=fuse_dq, **dtypes,
-        num_warps=c.num_warps, num_stages=c.num_stages,
-    )
-    if fuse_dq:
-        return
-    c = cfg.dq
-    _attn_bwd_dq_kernel[(triton.cdiv(N, c.block_m) * B * H,)](
-        q, k, v, grad_out, dq, lse, delta,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dq),
-        H, N, D, scale,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd, **dtypes,
-        num_warps=c.num_warps, num_stages=c.num_stages,
-    )
+    _, _, N, D = q.shape
+    config = config or choose_config(D, N, q.dtype)
+    for launch in _backward_launches(grad_out, q, k, v, out, lse, scale, dq, dk, dv, config):
+        launch.run()
 
 
 def _split_packed(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -310,6 +333,31 @@ def _packed_out_view(out: Tensor, H: int) -> Tensor:
     """(B, N, H*D) -> (B, H, N, D) view of the same memory."""
     B, N, HD = out.shape
     return out.view(B, N, H, HD // H).transpose(1, 2)
+
+
+def aot_launches(batch: int, seq_len: int, heads: int, head_dim: int, dtype: torch.dtype,
+                 packed: bool = True) -> list[aot.KernelLaunch]:
+    """The kernels a GPU runs for one forward and backward of ``attention_packed`` (``packed``:
+    views into a (B, N, 3, H, D) qkv tensor, output and gradient (B, N, H*D)) or of ``attention``
+    (contiguous (B, H, N, D) tensors) at these sizes, with the GPU's configuration choice."""
+    _check_head_dim(head_dim)
+    config = choose_config(head_dim, seq_len, dtype, interpret=False)
+
+    def t(*shape, dtype=dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    B, N, H, D = batch, seq_len, heads, head_dim
+    if packed:
+        q, k, v = _split_packed(t(B, N, 3, H, D))
+        out, grad_out = (_packed_out_view(t(B, N, H * D), H) for _ in range(2))
+        dq, dk, dv = _split_packed(t(B, N, 3, H, D))
+    else:
+        q, k, v, out, grad_out, dq, dk, dv = (t(B, H, N, D) for _ in range(8))
+    lse = t(B, H, N, dtype=_acc_dtype(dtype))
+    scale = _resolve_scale(None, D)
+    launches = [_forward_launch(q, k, v, out, lse, scale, config)]
+    launches += _backward_launches(grad_out, q, k, v, out, lse, scale, dq, dk, dv, config)
+    return [launch.to_aot() for launch in launches]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ Outputs are in x's dtype; the statistics are computed in fp32 (fp64 for fp64 inp
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -34,9 +33,12 @@ import torch
 import triton
 from torch import Tensor
 
+from vit_fast import aot
 from vit_fast.kernels.layernorm import column_sum_kernel, layer_norm_bwd_kernel, layer_norm_fwd_kernel
 
-__all__ = ["LayerNormConfig", "MAX_WIDTH", "add_layer_norm", "backward_config", "forward_config", "layer_norm"]
+__all__ = [
+    "LayerNormConfig", "MAX_WIDTH", "add_layer_norm", "aot_launches", "backward_config", "forward_config", "layer_norm",
+]
 
 # A whole row lives in one program's registers. Up to 4096 every configuration compiles without
 # spills (the AOT test checks); wider rows would need a kernel that loops over the row. CIFAR ViTs
@@ -104,17 +106,15 @@ def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _backward_programs(rows: int, block_m: int, device: torch.device) -> int:
-    """Programs of the backward grid. Each writes one row of weight/bias partial sums, so the count
-    trades the second reduction's size against parallelism: a few programs per SM on a GPU, a fixed
-    8 under the interpreter. It depends only on the shape and the device, never on timing, so the
+def _max_backward_programs(device: torch.device) -> int:
+    """Most programs of the backward grid. Each writes one row of weight/bias partial sums, so the
+    count trades the second reduction's size against parallelism: a few programs per SM on a GPU, a
+    fixed 8 under the interpreter. It depends only on the device, never on timing, so the
     summation order (and the result) is the same on every run."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        max_programs = 4 * _multiprocessor_count(index)
-    else:
-        max_programs = 8
-    return max(1, min(triton.cdiv(rows, block_m), max_programs))
+        return 4 * _multiprocessor_count(index)
+    return 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,11 +162,6 @@ def _check_launchable(x: Tensor) -> None:
         )
 
 
-def _on_device_of(x: Tensor):
-    """Triton launches on the current CUDA device: make it x's."""
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _rows(t: Tensor) -> Tensor:
     """(..., N) -> (M, N), a view whenever one exists (so expanded or sliced tensors aren't copied)."""
     return t.reshape(-1, t.shape[-1])
@@ -192,19 +187,25 @@ def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor, e
     mean = torch.empty(x.shape[:-1], dtype=_stats_dtype(x), device=x.device)
     rstd = torch.empty_like(mean)
     if rows > 0:
-        cfg = forward_config(width, x.dtype)
-        grid = (triton.cdiv(rows, cfg.BLOCK_M),)
-        with _on_device_of(x):
-            layer_norm_fwd_kernel[grid](
-                x2, res2, weight.contiguous(), bias.contiguous(), y, s, mean, rstd,
-                x2.stride(0), x2.stride(1), res2.stride(0), res2.stride(1),
-                width, width,  # y and s are contiguous (M, N)
-                rows, width, eps,
-                HAS_RESIDUAL=residual is not None,
-                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BF16_RNE_IN_SOFTWARE=_interpreting(),
-                num_warps=cfg.num_warps,
-            )
+        _forward_launch(x2, res2, weight.contiguous(), bias.contiguous(), y, s, mean, rstd, eps,
+                        has_residual=residual is not None, interpret=_interpreting()).run()
     return y, s, mean, rstd
+
+
+def _forward_launch(x2: Tensor, res2: Tensor, weight: Tensor, bias: Tensor, y: Tensor, s: Tensor, mean: Tensor,
+                    rstd: Tensor, eps: float, has_residual: bool, interpret: bool) -> aot.PlannedLaunch:
+    """The forward kernel's launch on (M, N) rows; y and s are contiguous (M, N) outputs."""
+    rows, width = x2.shape
+    cfg = forward_config(width, x2.dtype)
+    args = dict(
+        X=x2, RES=res2, W=weight, B=bias, Y=y, S=s, Mean=mean, Rstd=rstd,
+        stride_xm=x2.stride(0), stride_xn=x2.stride(1), stride_resm=res2.stride(0), stride_resn=res2.stride(1),
+        stride_ym=width, stride_sm=width, M=rows, N=width, eps=eps,
+    )
+    constexprs = dict(HAS_RESIDUAL=has_residual, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                      BF16_RNE_IN_SOFTWARE=interpret)
+    return aot.PlannedLaunch(layer_norm_fwd_kernel, (triton.cdiv(rows, cfg.BLOCK_M),), args, constexprs,
+                             cfg.num_warps)
 
 
 @torch.library.custom_op("vit_fast::layer_norm_fwd", mutates_args=())
@@ -266,35 +267,78 @@ def layer_norm_bwd(
     if rows == 0:
         return dx, dweight.zero_(), dbias.zero_()
 
-    cfg = backward_config(width, x.dtype)
-    programs = _backward_programs(rows, cfg.BLOCK_M, x.device)
+    for launch in _backward_launches(x2, weight.contiguous(), mean, rstd, dy2, ds2, dx, dweight, dbias,
+                                     has_ds=ds is not None, max_programs=_max_backward_programs(x.device),
+                                     interpret=_interpreting()):
+        launch.run()
+    return dx, dweight, dbias
+
+
+def _backward_launches(x2: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, dy2: Tensor, ds2: Tensor,
+                       dx: Tensor, dweight: Tensor, dbias: Tensor, has_ds: bool, max_programs: int,
+                       interpret: bool) -> list[aot.PlannedLaunch]:
+    """The backward's two launches on (M, N) rows: per-program partial sums of the weight and bias
+    gradients (and dx, contiguous (M, N)), then their column sums. Allocates the partial buffers."""
+    rows, width = x2.shape
+    cfg = backward_config(width, x2.dtype)
+    programs = max(1, min(triton.cdiv(rows, cfg.BLOCK_M), max_programs))
     # Whole tiles per program, so no tile straddles two programs.
     rows_per_program = triton.cdiv(triton.cdiv(rows, programs), cfg.BLOCK_M) * cfg.BLOCK_M
     programs = triton.cdiv(rows, rows_per_program)
-    dw_partial = torch.empty((programs, width), dtype=mean.dtype, device=x.device)
+    dw_partial = torch.empty((programs, width), dtype=mean.dtype, device=x2.device)
     db_partial = torch.empty_like(dw_partial)
+    args = dict(
+        X=x2, W=weight, Mean=mean, Rstd=rstd, DY=dy2, DS=ds2, DX=dx, DW_partial=dw_partial, DB_partial=db_partial,
+        stride_xm=x2.stride(0), stride_xn=x2.stride(1), stride_dym=dy2.stride(0), stride_dyn=dy2.stride(1),
+        stride_dsm=ds2.stride(0), stride_dsn=ds2.stride(1), stride_dxm=width,
+        M=rows, N=width, rows_per_program=rows_per_program,
+    )
+    constexprs = dict(HAS_DS=has_ds, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BF16_RNE_IN_SOFTWARE=interpret)
+    partial_sums = aot.PlannedLaunch(layer_norm_bwd_kernel, (programs,), args, constexprs, cfg.num_warps)
     red = column_sum_config(width)
-    with _on_device_of(x):
-        layer_norm_bwd_kernel[(programs,)](
-            x2, weight.contiguous(), mean, rstd, dy2, ds2, dx, dw_partial, db_partial,
-            x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), ds2.stride(0), ds2.stride(1),
-            width,  # dx is contiguous (M, N)
-            rows, width, rows_per_program,
-            HAS_DS=ds is not None,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BF16_RNE_IN_SOFTWARE=_interpreting(),
-            num_warps=cfg.num_warps,
-        )
-        column_sum_kernel[(triton.cdiv(width, red.BLOCK_N),)](
-            dw_partial, db_partial, dweight, dbias, programs, width,
-            BLOCK_P=red.BLOCK_M, BLOCK_N=red.BLOCK_N, BF16_RNE_IN_SOFTWARE=_interpreting(),
-            num_warps=red.num_warps,
-        )
-    return dx, dweight, dbias
+    args = dict(DW_partial=dw_partial, DB_partial=db_partial, DW=dweight, DB=dbias, P=programs, N=width)
+    constexprs = dict(BLOCK_P=red.BLOCK_M, BLOCK_N=red.BLOCK_N, BF16_RNE_IN_SOFTWARE=interpret)
+    column_sums = aot.PlannedLaunch(column_sum_kernel, (triton.cdiv(width, red.BLOCK_N),), args, constexprs,
+                                    red.num_warps)
+    return [partial_sums, column_sums]
 
 
 @layer_norm_bwd.register_fake
 def _(dy, ds, x, weight, mean, rstd):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compilation
+
+# Multiprocessors of the AOT targets' GPUs, A100 (sm_80) and H100 SXM (sm_90): the backward grid
+# scales with them, and so does the divisibility Triton sees in its row counts.
+_AOT_MULTIPROCESSORS = (108, 132)
+
+
+def aot_launches(rows: int, width: int, dtype: torch.dtype, residual: bool,
+                 weight_dtype: torch.dtype | None = None) -> list[aot.KernelLaunch]:
+    """The kernels a GPU runs for ``add_layer_norm`` (``residual``) or ``layer_norm`` on x of
+    ``rows`` x ``width`` in ``dtype`` (weight and bias in ``weight_dtype``, default ``dtype``),
+    forward and backward (with ds exactly when ``residual``), as the launchers build them, for an
+    A100's and an H100's backward grid (distinct launches only)."""
+    weight_dtype = weight_dtype or dtype
+
+    def t(*shape, dtype=dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    x2, w = t(rows, width), t(width, dtype=weight_dtype)
+    stats = t(rows, dtype=_stats_dtype(x2))
+    # As the launchers do: an absent residual (ds) is passed as x (dy), never read.
+    res2 = t(rows, width) if residual else x2
+    launches = [_forward_launch(x2, res2, w, w, t(rows, width), t(rows, width), stats, stats, 1e-6,
+                                has_residual=residual, interpret=False)]
+    dy2 = t(rows, width)
+    ds2 = t(rows, width) if residual else dy2
+    for multiprocessors in _AOT_MULTIPROCESSORS:
+        launches += _backward_launches(x2, w, stats, stats, dy2, ds2, t(rows, width), w, w, has_ds=residual,
+                                       max_programs=4 * multiprocessors, interpret=False)
+    return list({launch.key: launch for launch in (planned.to_aot() for planned in launches)}.values())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ same program (why: ``kernels/mlp.py``); the other products go to cuBLAS (why: ``
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from vit_fast import aot
 from vit_fast.kernels.mlp import gelu_bwd_kernel, linear_fwd_kernel
 
 _APPROXIMATE_TO_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -121,12 +121,16 @@ class KernelLaunch:
     constexprs: dict  # compile-time arguments by name
     config: MatmulConfig
 
+    def planned(self) -> aot.PlannedLaunch:
+        return aot.PlannedLaunch(self.kernel, self.grid, self.args, self.constexprs,
+                                 self.config.num_warps, self.config.num_stages)
+
     def run(self) -> None:
-        first = next(v for v in self.args.values() if isinstance(v, Tensor))
-        # Triton launches on the current CUDA device: make it the tensors' one.
-        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
-            self.kernel[self.grid](**self.args, **self.constexprs,
-                                   num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+        self.planned().run()
+
+    def to_aot(self) -> aot.KernelLaunch:
+        """This launch as the ahead-of-time compiler sees it (Triton's launch specialisation applied)."""
+        return self.planned().to_aot()
 
 
 def linear_launch(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], residual2d: Optional[Tensor], out: Tensor,
@@ -187,6 +191,27 @@ def _gelu_bwd(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
     if grad_pre.numel():
         gelu_bwd_launch(grad_y2d, x2d, w1, b1, w2, grad_pre, activation).run()
     return grad_pre
+
+
+def aot_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, approximate: str = "none",
+                 residual: bool = True) -> list[aot.KernelLaunch]:
+    """The kernels ``mlp`` runs on a GPU for x (M, d_in) -> (M, d_out) through ``hidden`` units,
+    forward and backward: fc1 (bias + GELU epilogue), fc2 (bias, + residual if ``residual``) and
+    gelu_bwd. Built by the launchers themselves on meta tensors, with the GPU's config choice."""
+    _check_approximate(approximate)
+    activation = _APPROXIMATE_TO_ACTIVATION[approximate]
+
+    def t(*shape):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    x, w1, b1, w2, b2 = t(M, d_in), t(hidden, d_in), t(hidden), t(d_out, hidden), t(d_out)
+    h, y = t(M, hidden), t(M, d_out)
+    launches = [
+        linear_launch(x, w1, b1, None, h, activation, interpret=False),  # fc1
+        linear_launch(h, w2, b2, t(M, d_out) if residual else None, y, "none", interpret=False),  # fc2
+        gelu_bwd_launch(y, x, w1, b1, w2, t(M, hidden), activation, interpret=False),
+    ]
+    return [launch.to_aot() for launch in launches]
 
 
 # ----------------------------------------------------------------------------- input checks
