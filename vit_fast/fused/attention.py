@@ -8,6 +8,8 @@ one (B, N, 3, H, D) tensor. No permute, transpose or contiguous copy happens on 
 Public API (matches ``vit_fast.reference.attention`` / ``attention_packed``):
     attention(q, k, v, scale=None)      q, k, v (B, H, N, D) -> (B, H, N, D)
     attention_packed(qkv, scale=None)   qkv (B, N, 3, H, D)  -> (B, N, H*D)
+    aot_launches(batch, seq_len, heads, head_dim, dtype, packed=True)   the GPU's kernel launches,
+                                        for the ahead-of-time compile tests (vit_fast.aot)
 
 Registered ops (custom_op + register_fake + register_autograd, so they pass opcheck and trace
 under torch.compile(fullgraph=True); the forward ops return the row log-sum-exp the backward

@@ -4,6 +4,8 @@ Public API (the same math as ``vit_fast.reference.layer_norm`` / ``add_layer_nor
 
     layer_norm(x, weight, bias, eps=1e-6) -> y
     add_layer_norm(x, residual, weight, bias, eps=1e-6) -> (y, s)     s = x + residual, y = LN(s)
+    aot_launches(rows, width, dtype, residual, weight_dtype=None)    the GPU's kernel launches,
+                                                                     for vit_fast.aot's compile tests
 
 Registered ops (``torch.library.custom_op``, each with a fake implementation; the two forward ops
 have autograd formulas that call the backward op):

@@ -4,6 +4,8 @@ Public API (shapes as in ``vit_fast.reference``; weights in nn.Linear layout (ou
 
     mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate="none", residual=None)
     linear(x, weight, bias=None, residual=None)
+    aot_launches(M, d_in, hidden, d_out, dtype, approximate="none", residual=True)
+        the GPU's kernel launches (fc1, fc2, gelu_bwd), for vit_fast.aot's compile tests
 
 Registered ops (namespace ``vit_fast``), each with a fake (meta) implementation:
 
