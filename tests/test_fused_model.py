@@ -125,3 +125,26 @@ def test_fused_model_under_torch_compile_fullgraph(device, batch):
     torch.testing.assert_close(out.detach(), out_eager, rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, g_eager[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_model_under_autocast(device, batch):
+    """Training runs under autocast (bf16 on CUDA): the fused ops take the autocast dtype at their
+    boundaries. On a CPU the interpreter cannot run bf16 tl.dot, so fp16 autocast stands in. The
+    fused residual stream is 16-bit where the torch backend's stays fp32, so the check is the
+    parity rule against a 16-bit reference model, plus fp32 gradients for the fp32 parameters."""
+    images, labels = batch
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    model = ViTClassifier(SMALL).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out_ref, g_ref = logits_and_grads(model.set_backend("reference"), images, labels)  # fp32 truth
+    with torch.autocast(device.type, dtype=dtype):
+        out, g = logits_and_grads(model.set_backend("fused"), images, labels)
+    assert out.dtype == dtype and all(v.dtype == torch.float32 for v in g.values())
+    low = ViTClassifier(SMALL).to(device)
+    low.load_state_dict(model.state_dict())
+    out_pt, g_pt = logits_and_grads(low.to(dtype).set_backend("reference"), images.to(dtype), labels)
+    assert_parity(out, out_pt, out_ref, atol=1e-3, name="logits")
+    for name in g_ref:
+        assert_parity(g[name], g_pt[name], g_ref[name], atol=1e-3, name=f"grad {name}")

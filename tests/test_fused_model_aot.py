@@ -8,11 +8,10 @@ launches its launcher would make on a GPU (``aot_launches`` of the op's module, 
 code that launches). So a change to the model, to an op's arguments or to a launcher's config
 choice changes what this test compiles.
 
-The model runs with its parameters converted to the dtype (``model.to(dtype)``): weights,
-activations and LayerNorm parameters all in fp16 or bf16, the mix the fused ops accept today.
-(Under ``torch.autocast`` the residual stream stays fp32 while the attention branch is bf16, and
-``add_layer_norm`` rejects the mix.) LayerNorm's fp32-parameter variants are compiled by
-tests/test_layernorm.py.
+Two ways of running in 16 bits are traced: training under ``torch.autocast`` with fp32
+parameters (what ``python -m vit_fast.train`` does on a GPU; the fused ops take the autocast dtype
+at their boundaries and LayerNorm keeps fp32 parameters), and a model converted with
+``model.to(dtype)`` (everything in fp16 or bf16).
 
 The patch embedding is CUDA C++, not Triton: its sm_80/sm_90 zero-spill check lives in
 tests/test_patch_embed.py.
@@ -62,8 +61,9 @@ def _initialised_model(preset: str) -> ViTClassifier:
     return ViTClassifier(PRESETS[preset], backend="fused").train()
 
 
-def _training_step_calls(preset: str, batch: int, dtype: torch.dtype) -> list[tuple[str, tuple]]:
-    """The vit_fast ops of one forward + backward of the fused model, on fake tensors."""
+def _training_step_calls(preset: str, batch: int, dtype: torch.dtype, autocast: bool = True) -> list[tuple[str, tuple]]:
+    """The vit_fast ops of one forward + backward of the fused model, on fake tensors: under
+    autocast with fp32 parameters, or with the model converted to ``dtype``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     cfg = PRESETS[preset]
@@ -71,15 +71,19 @@ def _training_step_calls(preset: str, batch: int, dtype: torch.dtype) -> list[tu
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     for module in model.modules():  # real weights -> fake tensors of the same shapes, in dtype
         for name, param in module._parameters.items():
-            module._parameters[name] = torch.nn.Parameter(fake_mode.from_tensor(param.detach().to(dtype)))
+            weights = param.detach() if autocast else param.detach().to(dtype)
+            module._parameters[name] = torch.nn.Parameter(fake_mode.from_tensor(weights))
     recorder = _FusedOpRecorder()
     # The ops accept CPU tensors only under Triton's interpreter; fake tensors run no kernel, so
     # claiming it changes that device check and nothing else (as vit_fast.cost does).
     with pytest.MonkeyPatch.context() as env, fake_mode, recorder:
         env.setenv("TRITON_INTERPRET", "1")
-        images = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, dtype=dtype)
+        images = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size,
+                             dtype=torch.float32 if autocast else dtype)
         labels = torch.randint(cfg.num_classes, (batch,))
-        F.cross_entropy(model(images), labels).backward()
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            logits = model(images)
+        F.cross_entropy(logits.float(), labels).backward()
     return recorder.calls
 
 
@@ -105,8 +109,8 @@ def _model_launches() -> dict:
     launches = {}
     for preset in PRESETS:
         for batch in BATCH_SIZES:
-            for dtype in DTYPES:
-                calls = _training_step_calls(preset, batch, dtype)
+            for dtype, autocast in ((d, a) for d in DTYPES for a in (True, False)):
+                calls = _training_step_calls(preset, batch, dtype, autocast)
                 names = [op for op, _ in calls]
                 for backward, forwards in _BACKWARD_OF.items():  # each backward has its forward
                     assert (backward in names) == any(f in names for f in forwards), (preset, backward, names)
@@ -114,7 +118,8 @@ def _model_launches() -> dict:
                     if op in _NOT_TRITON or op in _BACKWARD_OF:
                         continue
                     for launch in _launches_of(op, args):
-                        where = f"{preset} batch {batch} {str(dtype).removeprefix('torch.')} vit_fast::{op}"
+                        mode = "autocast" if autocast else "model.to"
+                        where = f"{preset} batch {batch} {str(dtype).removeprefix('torch.')} {mode} vit_fast::{op}"
                         launches.setdefault(launch.key, (launch, where))
     return launches
 

@@ -18,6 +18,23 @@ from . import reference
 from .config import BACKENDS
 
 
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Cast floating-point inputs of a fused op to the autocast dtype when autocast is on.
+
+    Autocast knows nothing of our custom ops; the fused kernels take one 16-bit dtype for their
+    activations (LayerNorm also accepts fp32 weights). So, at the op boundary, do what autocast
+    does for a matmul: cast to ``torch.get_autocast_dtype``. The casts are differentiable, so
+    fp32 parameters still receive fp32 gradients. Under autocast the fused backend therefore keeps
+    its residual stream in the 16-bit dtype, where the torch backend keeps it in fp32.
+    """
+    first = next(t for t in tensors if t is not None)
+    device = first.device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def _unknown(backend: str) -> ValueError:
     return ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
@@ -46,6 +63,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, backend: str
     if backend == "fused":
         from .fused import layernorm
 
+        (x,) = _autocast(x)
         return layernorm.layer_norm(x, weight, bias, eps)
     raise _unknown(backend)
 
@@ -57,6 +75,7 @@ def add_layer_norm(
     if backend == "fused":
         from .fused import layernorm
 
+        x, residual = _autocast(x, residual)
         return layernorm.add_layer_norm(x, residual, weight, bias, eps)
     s = x + residual
     return layer_norm(s, weight, bias, eps, backend), s
@@ -79,6 +98,7 @@ def attention_packed(qkv: Tensor, dropout_p: float, backend: str) -> Tensor:
             )
         from .fused import attention
 
+        (qkv,) = _autocast(qkv)
         return attention.attention_packed(qkv)
     raise _unknown(backend)
 
@@ -97,7 +117,8 @@ def mlp(
     if backend == "fused":
         from .fused import mlp as fused_mlp
 
-        return fused_mlp.mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual)
+        args = _autocast(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
+        return fused_mlp.mlp(*args[:5], approximate, args[5])
     h = gelu(linear(x, fc1_weight, fc1_bias, backend), approximate, backend)
     y = linear(h, fc2_weight, fc2_bias, backend)
     return y + residual if residual is not None else y
@@ -117,5 +138,5 @@ def patch_embed(
     if backend == "fused":
         from .fused import patch_embed as fused_patch_embed
 
-        return fused_patch_embed.patch_embed(images, weight, bias, cls_token, pos_embed)
+        return fused_patch_embed.patch_embed(*_autocast(images, weight, bias, cls_token, pos_embed))
     raise _unknown(backend)
