@@ -38,10 +38,10 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
-def no_gpu_notice(what: str) -> str:
+def no_gpu_notice(what: str, instead: str = "the correctness smoke") -> str:
     msg = (
         f"[{what}] No CUDA GPU on this machine: no timings are taken (interpreter or CPU timings of "
-        "GPU kernels would be meaningless). Running the correctness smoke instead."
+        f"GPU kernels would be meaningless). Running {instead} instead."
     )
     print(msg)
     return msg

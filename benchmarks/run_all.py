@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from vit_fast import reference
 from vit_fast.fused import layernorm as fused
-from vit_fast.kernels.layernorm import column_sum_kernel, layer_norm_bwd_kernel, layer_norm_fwd_kernel
 from vit_fast.testing import assert_parity
 
 EPS = 1e-6

@@ -180,7 +180,6 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
 def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor, eps: float):
     _check_inputs(x, weight, bias, residual)
     _check_launchable(x)
-    width = x.shape[-1]
     x2 = _rows(x)
     res2 = _rows(residual) if residual is not None else x2
     rows = x2.shape[0]
@@ -259,7 +258,6 @@ def layer_norm_bwd(
     variant, ds, the gradient reaching s = x + residual directly (added to dx). ``x`` is the tensor
     that was normalized (s in the residual variant); mean and rstd are the forward's statistics."""
     _check_launchable(x)
-    width = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
     ds2 = _rows(ds) if ds is not None else dy2
     rows = x2.shape[0]
