@@ -28,7 +28,7 @@ from common import environment, gpu_available  # noqa: E402
 
 OP_BENCHMARKS = ("bench_attention", "bench_layernorm", "bench_mlp", "bench_patch_embed", "bench_data")
 PARITY_TESTS = ("tests/test_layernorm.py", "tests/test_attention.py", "tests/test_mlp.py",
-                "tests/test_patch_embed.py", "tests/test_fused_model.py")
+                "tests/test_patch_embed.py", "tests/test_fused_model.py", "tests/test_fused_model_aot.py")
 
 
 def run_step(name: str, cmd: list[str], out: Path, timeout: float) -> dict:
