@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from vit_fast import reference
 from vit_fast.fused import layernorm as fused
-from vit_fast.testing import assert_parity
+from vit_fast.testing import assert_compiled_matches_eager, assert_parity
 
 EPS = 1e-6
 
@@ -261,16 +261,8 @@ class _PreNormResidual(torch.nn.Module):
 
 
 def test_torch_compile_fullgraph(device):
-    torch._dynamo.reset()
     module = _PreNormResidual(48).to(device)
-    x = torch.randn(2, 5, 48, device=device, requires_grad=True)
-    eager = module(x)
-    eager_grads = torch.autograd.grad(eager.square().sum(), [x, *module.parameters()])
-    compiled = torch.compile(module, fullgraph=True)(x)
-    compiled_grads = torch.autograd.grad(compiled.square().sum(), [x, *module.parameters()])
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    for g, e in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert_compiled_matches_eager(module, torch.randn(2, 5, 48, device=device), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

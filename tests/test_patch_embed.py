@@ -19,7 +19,7 @@ import torch
 
 from vit_fast import reference
 from vit_fast.fused import patch_embed as fused
-from vit_fast.testing import assert_parity
+from vit_fast.testing import assert_compiled_matches_eager, assert_parity
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA parity needs a CUDA GPU")
 
@@ -203,15 +203,7 @@ def test_torch_compile_fullgraph():
         def forward(self, x):
             return fused.patch_embed(x, self.proj.weight, self.proj.bias, self.cls_token, self.pos_embed).tanh()
 
-    module = Embed()
-    x = torch.randn(3, 3, 16, 16, requires_grad=True)
-    eager = module(x)
-    eager_grads = torch.autograd.grad(eager.square().sum(), [x, *module.parameters()])
-    compiled = torch.compile(module, fullgraph=True)(x)
-    compiled_grads = torch.autograd.grad(compiled.square().sum(), [x, *module.parameters()])
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    for g, e in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert_compiled_matches_eager(Embed(), torch.randn(3, 3, 16, 16), rtol=1e-5, atol=1e-5)
 
 
 def test_stale_extension_is_refused(tmp_path, monkeypatch):

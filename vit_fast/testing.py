@@ -30,3 +30,23 @@ def assert_parity(out: Tensor, out_pt: Tensor, out_ref: Tensor, atol: float = 1e
 def default_device() -> torch.device:
     """CUDA when present, else the CPU (where Triton kernels run under TRITON_INTERPRET=1)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def assert_compiled_matches_eager(module: torch.nn.Module, x: Tensor, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """``torch.compile(module, fullgraph=True)`` gives the eager output, and the eager gradients of
+    the input and of every parameter (through ``out.square().sum()``): our custom ops must be
+    opaque, traceable nodes for Dynamo, forward and backward."""
+    torch._dynamo.reset()
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+    def run(fn):
+        xi = x.detach().clone().requires_grad_(True)
+        out = fn(xi)
+        grads = torch.autograd.grad(out.float().square().sum(), [xi, *(p for _, p in named)])
+        return out.detach(), grads
+
+    out_eager, grads_eager = run(module)
+    out_compiled, grads_compiled = run(torch.compile(module, fullgraph=True))
+    torch.testing.assert_close(out_compiled, out_eager, rtol=rtol, atol=atol)
+    for name, c, e in zip(["input", *(n for n, _ in named)], grads_compiled, grads_eager):
+        torch.testing.assert_close(c, e, rtol=rtol, atol=atol, msg=lambda m, name=name: f"gradient of {name}: {m}")
