@@ -17,6 +17,7 @@ their registered fake implementations and autograd formulas.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from collections import defaultdict
@@ -106,6 +107,28 @@ class OpRecorder(TorchDispatchMode):
         return out
 
 
+@contextlib.contextmanager
+def _cpu_tensors_accepted(backend: str):
+    """The fused ops accept CPU tensors only in Triton's interpreter; the account's fake tensors
+    are CPU tensors that never run a kernel. So claim the interpreter for the account's duration,
+    after the fused modules are imported (``@triton.jit`` reads the variable at import), and
+    restore the environment afterwards, with or without a GPU."""
+    if backend != "fused":
+        yield
+        return
+    from .fused import attention, layernorm, mlp, patch_embed  # noqa: F401
+
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
 def account_training_step(preset: str, batch_size: int, backend: str, **overrides) -> CostAccount:
     """Operators and bytes of one training step (forward, backward, AdamW) of ``preset``.
 
@@ -119,16 +142,12 @@ def account_training_step(preset: str, batch_size: int, backend: str, **override
 
     cfg = get_preset(preset, **overrides)
     account = CostAccount()
-    if backend == "fused" and not torch.cuda.is_available():
-        # The fused ops accept CPU tensors only in Triton's interpreter. Fake tensors never run a
-        # kernel, so claiming the interpreter here changes nothing but that device check.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     model = ViTClassifier(cfg.replace(dropout=0.0, attn_dropout=0.0, drop_path=0.0), backend=backend)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     for module in model.modules():  # real (small) weights -> fake tensors of the same shapes
         for name, param in module._parameters.items():
             module._parameters[name] = torch.nn.Parameter(fake_mode.from_tensor(param.detach()))
-    with fake_mode:
+    with fake_mode, _cpu_tensors_accepted(backend):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, foreach=True)
         images = torch.randn(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size)
         labels = torch.randint(cfg.num_classes, (batch_size,))
