@@ -217,15 +217,16 @@ def mix(
 
     ``images`` float (B, C, H, W), ``targets`` soft labels (B, K). The batch is mixed with its
     reverse; returns the mixed images and targets."""
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand((), generator=generator).item() < 0.5)
+    # The batch's four random scalars in one draw on the generator's device (one host sync).
+    u = torch.rand(4, generator=generator, device=generator.device).tolist()
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or u[0] < 0.5)
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    lam = float(np.random.default_rng(int(torch.randint(2**31, (), generator=generator))).beta(alpha, alpha))
+    lam = float(np.random.default_rng(int(u[1] * 2**31)).beta(alpha, alpha))  # torch has no Beta sampler on a Generator
     flipped = images.flip(0)
     if use_cutmix:
         H, W = images.shape[-2:]
         cut_h, cut_w = int(H * (1 - lam) ** 0.5), int(W * (1 - lam) ** 0.5)
-        cy = int(torch.randint(H, (), generator=generator))
-        cx = int(torch.randint(W, (), generator=generator))
+        cy, cx = min(int(u[2] * H), H - 1), min(int(u[3] * W), W - 1)
         y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
         x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
         images = images.clone()
