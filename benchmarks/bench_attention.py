@@ -142,17 +142,16 @@ def run_gpu(args) -> dict:
                 for n in (QUICK_SEQ_LENS if args.quick else SEQ_LENS)]
     cifar_shapes = QUICK_CIFAR_SHAPES if args.quick else CIFAR_SHAPES
     cifar_rows = [bench_shape(b, h, 65, d, dtype, peaks) for b, h, d in cifar_shapes]
-    out_dir = common.out_dir(args)
     for pass_name in PASSES:
         names = [n for n in seq_rows[0]["providers"] if all(n in r["providers"] for r in seq_rows)]
-        common.plot_lines(out_dir / f"bench_attention_seq_{pass_name}.png", [r["seq_len"] for r in seq_rows],
+        common.plot_lines(args.out_dir / f"bench_attention_seq_{pass_name}.png", [r["seq_len"] for r in seq_rows],
                           {n: [r["providers"][n][pass_name]["tflops"] for r in seq_rows] for n in names},
                           "sequence length N", "TFLOP/s (FLOP model)",
                           f"attention {pass_name}, H=6, D={args.head_dim}, B*N~{TOKENS_PER_BATCH}, {args.dtype}", logx=True)
     cifar = [r for r in cifar_rows if (r["heads"], r["head_dim"]) == (6, 64)]
     if len(cifar) > 1:
         names = [n for n in cifar[0]["providers"] if all(n in r["providers"] for r in cifar)]
-        common.plot_lines(out_dir / "bench_attention_cifar_forward_backward.png", [r["batch"] for r in cifar],
+        common.plot_lines(args.out_dir / "bench_attention_cifar_forward_backward.png", [r["batch"] for r in cifar],
                           {n: [r["providers"][n]["forward_backward"]["ms"] for r in cifar] for n in names},
                           "batch (N = 65, H = 6, D = 64)", "forward + backward ms (lower is better)",
                           f"attention at the CIFAR shape, {args.dtype}", logx=True)

@@ -190,7 +190,7 @@ def run_gpu(args) -> dict:
                     print(f"{variant:>8} {'fwd+bwd' if backward else 'fwd':>7} rows={rows:>6} N={width:>5}: {line} | "
                           f"fused {records[-1]['gbps']:.0f} GB/s" + (f" ({pct:.0f}% HBM)" if pct else "") + f" | {speedups}")
     result = {"mode": "gpu", "peaks": peaks, "records": records}
-    plot(result, common.out_dir(args))
+    plot(result, args.out_dir)
     return result
 
 

@@ -115,7 +115,6 @@ def breakdown(fns: dict, inputs: list[torch.Tensor], grad_out, d: int, hidden: i
 
 
 def plot(args, results: list[dict]) -> None:
-    out_dir = common.out_dir(args)
     for d in sorted({r["dim"] for r in results}):
         for ratio in sorted({r["ratio"] for r in results}):
             rows = [r for r in results if r["dim"] == d and r["ratio"] == ratio]
@@ -123,7 +122,7 @@ def plot(args, results: list[dict]) -> None:
                 continue
             for pass_name in PASSES:
                 series = {name: [r["providers"][name][pass_name]["tflops"] for r in rows] for name in rows[0]["providers"]}
-                common.plot_lines(out_dir / f"bench_mlp_d{d}_r{ratio}_{pass_name}.png", [r["tokens"] for r in rows],
+                common.plot_lines(args.out_dir / f"bench_mlp_d{d}_r{ratio}_{pass_name}.png", [r["tokens"] for r in rows],
                                   series, "tokens M = batch x 65", "TFLOP/s (FLOP model)",
                                   f"MLP {pass_name}, D={d}, hidden={d * ratio}, {args.dtype}", logx=True)
 

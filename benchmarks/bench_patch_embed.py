@@ -118,7 +118,7 @@ def run_gpu(args) -> dict:
         for pass_name in PASSES:
             series = {name: [r["providers"][name][pass_name]["gbps"] for r in rows] for name in rows[0]["providers"]}
             common.plot_lines(
-                common.out_dir(args) / f"bench_patch_embed_{cfg.name}_{pass_name}.png",
+                args.out_dir / f"bench_patch_embed_{cfg.name}_{pass_name}.png",
                 batches, series, "batch", "GB/s (byte model)",
                 f"patch embedding {pass_name}, {cfg.name}, {args.dtype}", logx=True,
             )

@@ -89,7 +89,7 @@ def run_gpu(args) -> dict:
             rows.append(row)
     for preset in args.presets:
         sel = [r for r in rows if r["preset"] == preset]
-        plot_lines(common.out_dir(args) / f"bench_train_{preset}.png", [r["batch"] for r in sel],
+        plot_lines(args.out_dir / f"bench_train_{preset}.png", [r["batch"] for r in sel],
                    {n: [r[n].get("images_per_s", float("nan")) for r in sel] for n in args.providers},
                    "batch size", "images/s", f"training step, {preset} ({environment()['gpu']})", logx=True)
     return {"timed": True, "device": peaks, "rows": rows}

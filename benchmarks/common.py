@@ -54,16 +54,12 @@ def gpu_available() -> bool:
 # ----------------------------------------------------------------------------- entry point
 
 
-def parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+def parser(doc: str, quick_help: str, default_out_dir: Path = RESULTS_DIR) -> argparse.ArgumentParser:
     """The arguments every script takes: --quick and --out-dir; scripts add their own."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=quick_help)
-    p.add_argument("--out-dir", type=Path, default=None, help=f"where JSON and PNGs go (default {RESULTS_DIR})")
+    p.add_argument("--out-dir", type=Path, default=default_out_dir, help=f"where the output goes (default {default_out_dir})")
     return p
-
-
-def out_dir(args) -> Path:
-    return Path(args.out_dir or RESULTS_DIR)
 
 
 def run(name: str, args, run_gpu: Callable, run_cpu: Callable, on_gpu: bool | None = None) -> int:
