@@ -80,8 +80,8 @@ def run(name: str, args, run_gpu: Callable, run_cpu: Callable, on_gpu: bool | No
 def providers(make: Callable[[str], Callable], compiled: str = "torch") -> dict[str, Callable]:
     """{provider: fn} from ``make(backend)``, a vit_fast.ops call with its backend bound;
     "torch.compile" compiles ``make(compiled)``. Dynamo is reset and shapes are static, so call
-    this once per shape: past dynamo's recompile limit a later shape would silently run eagerly
-    under the torch.compile label."""
+    this once per timed shape: past dynamo's recompile limit a later shape would silently run
+    eagerly under the torch.compile label."""
     torch._dynamo.reset()
     table = {backend: make(backend) for backend in ("reference", "torch", "fused")}
     table["torch.compile"] = torch.compile(make(compiled), dynamic=False)
@@ -112,9 +112,6 @@ def parity_errors(names: list[str], fused: list[Tensor], same_dtype: list[Tensor
     return errors, failures
 
 
-# ----------------------------------------------------------------------------- GPU timing
-
-
 def no_gpu_notice(what: str, instead: str = "the correctness smoke") -> str:
     msg = (
         f"[{what}] No CUDA GPU on this machine: no timings are taken (interpreter or CPU timings of "
@@ -122,6 +119,9 @@ def no_gpu_notice(what: str, instead: str = "the correctness smoke") -> str:
     )
     print(msg)
     return msg
+
+
+# ----------------------------------------------------------------------------- GPU timing
 
 
 def device_peaks() -> dict:
