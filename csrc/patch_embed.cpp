@@ -16,9 +16,10 @@
 //
 // The CPU implementation mirrors the CUDA kernels' math (fp32 accumulation for 16-bit types, a
 // fixed reduction order, no cross-thread reductions, so results are deterministic) and calls the
-// same index helpers of patch_embed_index.h. The positional-embedding, class-token and bias
-// gradients are summed in the GPU's two-level order through the helpers of patch_embed_sum.h, so
-// the CPU tests check the accuracy of that order.
+// same index helpers of patch_embed_index.h. The parameter gradients are summed in the GPU's
+// orders through the helpers of patch_embed_sum.h (two-level column sums for the positional
+// embedding, class token and bias; row slices for the weight), so the CPU tests check the
+// accuracy of those orders.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -37,7 +38,6 @@
 #ifdef WITH_CUDA
 // c10 headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS and cuSPARSE headers, which a minimal
 // toolkit (nvcc + cudart) does not have.
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -359,7 +359,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_params_cuda(
     for (auto* g : {&grad_weight, &grad_bias, &grad_cls, &grad_pos}) g->zero_();
     return grads;
   }
-  // The column sums launch one block row per chunk of 16 images (a CUDA grid's y extent).
+  // The column sums launch one row of blocks per chunk of 16 images, and a grid's y extent is at
+  // most 65535.
   TORCH_CHECK(num_sum_chunks(s.batch) <= 65535, "patch_embed backward (CUDA): batch ", s.batch,
               " is too large; at most ", 65535 * kSumChunkRows, " images are supported");
   const int64_t splits = weight_grad_splits(s);

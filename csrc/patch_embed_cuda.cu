@@ -347,9 +347,11 @@ void column_sum(const In* x, int64_t rows, int64_t cols, float* partials, Out* o
                 int64_t head_cols, cudaStream_t stream) {
   const int64_t chunks = num_sum_chunks(rows);
   const unsigned column_blocks = static_cast<unsigned>(ceil_div(cols, kSumThreads));
-  patch_embed_column_sum_partial_kernel<In>
-      <<<dim3(column_blocks, static_cast<unsigned>(chunks)), kSumThreads, 0, stream>>>(x, partials, rows, cols);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (chunks > 0) {  // no rows (images without patches): the finish kernel writes zeros
+    patch_embed_column_sum_partial_kernel<In>
+        <<<dim3(column_blocks, static_cast<unsigned>(chunks)), kSumThreads, 0, stream>>>(x, partials, rows, cols);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   patch_embed_column_sum_finish_kernel<Out><<<column_blocks, kSumThreads, 0, stream>>>(partials, out, out_fp32, head,
                                                                                       chunks, cols, head_cols);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
