@@ -203,6 +203,11 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
     return factor
 
 
+def optimizer_options(device: torch.device) -> dict:
+    """How AdamW is built for ``device`` (see make_optimizer)."""
+    return {"fused": True, "capturable": device.type == "cuda"}
+
+
 def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float],
                    device: torch.device) -> torch.optim.AdamW:
     """AdamW over ``groups`` whose learning rate is one float32 tensor on ``device``, shared by every
@@ -214,7 +219,7 @@ def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float],
     lr_t = torch.tensor(lr, dtype=torch.float32, device=device)
     for g in groups:
         g["lr"] = lr_t
-    return torch.optim.AdamW(groups, lr=lr_t, betas=betas, fused=True, capturable=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr_t, betas=betas, **optimizer_options(device))
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
