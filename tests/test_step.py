@@ -115,7 +115,8 @@ def test_optimizer_is_fused_with_a_device_lr_and_capturable_on_cuda():
     model = torch.nn.Linear(4, 3)
     opt = train_mod.make_optimizer(train_mod.param_groups(model, 0.05), 1e-3, (0.9, 0.999), torch.device("cpu"))
     lr = opt.param_groups[0]["lr"]
-    assert isinstance(lr, torch.Tensor) and lr.dtype == torch.float32 and lr.ndim == 0
+    assert isinstance(lr, torch.Tensor) and lr.dtype == torch.float64 and lr.ndim == 0
+    assert train_mod.lr_dtype(torch.device("cuda")) == torch.float32  # what CUDA's fused AdamW reads
     assert all(g["lr"] is lr and g["fused"] for g in opt.param_groups)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
 
@@ -132,10 +133,10 @@ def test_optimizer_built_on_cuda_is_fused_and_capturable(tmp_path):
 
 
 def formula_lr(args, steps_per_epoch: int, s: int) -> float:
-    """The lr of optimizer step s by warmup_cosine, as the float32 the optimizer holds."""
+    """The lr of optimizer step s by warmup_cosine (on the CPU the lr tensor is float64: exactly this)."""
     factor = train_mod.warmup_cosine(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch,
                                      args.min_lr / args.lr)
-    return float(torch.tensor(args.lr * factor(s), dtype=torch.float32))
+    return args.lr * factor(s)
 
 
 def test_lr_schedule_equals_the_formula_at_every_step():
@@ -151,7 +152,7 @@ def test_lr_schedule_equals_the_formula_at_every_step():
         seen.append(float(opt.param_groups[0]["lr"]))
         assert seen[-1] == formula_lr(args, steps_per_epoch, s), s
         sched.step()
-    assert seen[warmup_end] == float(torch.tensor(args.lr, dtype=torch.float32))  # the peak, exactly
+    assert seen[warmup_end] == args.lr  # the peak, exactly
     assert seen[last] == formula_lr(args, steps_per_epoch, last)
     assert seen[32] == seen[30]
     # A restored schedule continues where it was; a torch LambdaLR state ("last_epoch") loads too.
@@ -191,7 +192,7 @@ def test_schedule_advances_once_per_step_in_fresh_and_resumed_runs(tmp_path, mon
     for s, lr, count_after in seen:
         assert count_after == s + 1, f"the schedule advanced to {count_after} after step {s}"
         assert lr == formula_lr(args, steps_per_epoch, s), s
-    assert seen[7][1] == float(torch.tensor(args.lr, dtype=torch.float32))  # end of the one warm-up epoch
+    assert seen[7][1] == args.lr  # end of the one warm-up epoch
     assert seen[15][1] == formula_lr(args, steps_per_epoch, 15)  # the last step
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["scheduler"]["steps"] == ckpt["step"] == 16
