@@ -3,9 +3,9 @@ whole-model training step at batch 128 under 16-bit autocast.
 
 Every test body runs on each device of ``vit_fast.testing.devices()``: on CUDA at the sizes
 above, on the CPU (Triton interpreter, the patch embedding's C++ twin) at shrunken sizes that
-keep each case's structure (more keys than one tile, the real widths and head counts), so the
-setup, the shapes and the tolerances are proven on machines without a GPU before a GPU runs
-them. The only case that stays on CUDA is bf16 through ``tl.dot``, which the interpreter
+keep each case's structure (several key tiles with a padded last one; the ViT widths of
+LayerNorm, the MLP and the model), so the setup, the shapes and the tolerances are proven on
+machines without a GPU before a GPU runs them. The only case that stays on CUDA is bf16 through ``tl.dot``, which the interpreter
 cannot compute.
 
 Every comparison is the parity rule with a slack relative to each tensor
