@@ -91,6 +91,16 @@ def test_geometric_ops_match_torchvision_exactly(name):
     assert torch.equal(fn(x, mags), _per_image(name, x, mags))
 
 
+@pytest.mark.parametrize("size", [(28, 24), (33, 17)])
+def test_geometric_ops_exact_on_other_sizes(size):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (12, 3, *size), generator=g, dtype=torch.uint8)
+    mags = _magnitudes(12, -1.0, 1.0)
+    assert torch.equal(A.rotate(x, mags * 135), _per_image("Rotate", x, mags * 135))
+    assert torch.equal(A.shear_y(x, mags), _per_image("ShearY", x, mags))
+    assert torch.equal(A.translate_x(x, mags * 20), _per_image("TranslateX", x, mags * 20))
+
+
 @pytest.mark.parametrize("name", BLENDS)
 def test_blend_ops_match_torchvision(name):
     x = _images()

@@ -327,12 +327,14 @@ def apply_ops(images: Tensor, op: Tensor, magnitude: Tensor, ops: tuple[str, ...
     the draws. The five geometric ops share one grid_sample (one inverse matrix per image).
 
     Cost: a step costs the sum of its ops over the whole batch, not the one op each image needs.
-    Measured on the 2-core CPU, a (256, 3, 32, 32) batch, median of 20 (see
-    benchmarks/bench_data.py for the pipeline): one AutoAugment CIFAR-10 step (all 14 ops) ~14 ms
-    against ~1.5 ms for the single most expensive op (equalize); about 9x the work of a per-image
-    dispatch, bought for zero host syncs, fixed shapes and a handful of large kernels (a per-image
-    loop launches ~2 ops per image, ~500 small kernels per batch). On a GPU every op is
-    memory-bound on a 3 MB batch, so the 14-fold work still costs well under a millisecond.
+    Measured on the shared 2-core CPU here (1 thread, heavily loaded, best of 5, a (256, 3, 32, 32)
+    batch): one step of the CIFAR-10 policy (all 14 ops) ~130-150 ms, against ~15-30 ms for the
+    most expensive single ops (equalize, the affine warp) and ~1-3 ms for the cheap ones: about
+    6-9x the arithmetic of a dispatch that ran each image's op alone. That buys zero host syncs,
+    fixed shapes and ~30 large kernels per step instead of ~2 small ones per image; the whole
+    recipe still ran ~2x faster than torchvision's per-image transforms in a 2-worker DataLoader
+    (benchmarks/bench_data.py --recipe). On a GPU every op is memory-bound on a 3 MB batch, so the
+    extra work costs little next to the model's step.
     """
     out = images
     if any(name in GEOMETRIC for name in ops):
