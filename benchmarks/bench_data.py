@@ -155,11 +155,15 @@ def compare_recipe(args) -> dict:
     mine, ref = statistics.median(ours), statistics.median(theirs)
     print(f"recipe (crop+flip, AutoAugment CIFAR-10, erasing 0.25, mixup 0.8 / cutmix 1.0) on {cores} CPU cores, "
           f"{n} images, batch {args.batch_size}, median of {args.repeats}:")
-    print(f"  batched vit_fast.augment ({threads} threads): {mine:>9,.0f} images/s  {[round(r) for r in ours]}")
-    print(f"  torchvision per image, DataLoader({workers} workers): {theirs and ref:>9,.0f} images/s  {[round(r) for r in theirs]}")
+    print(f"  batched vit_fast.augment ({threads} threads):          {mine:>9,.0f} images/s  "
+          f"{[round(r) for r in ours]}")
+    print(f"  torchvision per image, DataLoader({workers} workers): {ref:>9,.0f} images/s  "
+          f"{[round(r) for r in theirs]}")
     print(f"  ratio batched / per-image: {mine / ref:.2f}x")
-    result = {"device": "CPU (wall clock)", "cores": cores, "workers": workers, "threads": threads, "images": n,
-              "batched_images_per_s": ours, "per_image_images_per_s": theirs, "ratio": mine / ref, "args": vars(args)}  # fmt: skip
+    result = {
+        "device": "CPU (wall clock)", "cores": cores, "workers": workers, "threads": threads, "images": n,
+        "batched_images_per_s": ours, "per_image_images_per_s": theirs, "ratio": mine / ref, "args": vars(args),
+    }  # fmt: skip
     write_json("bench_data_recipe", result, args.out_dir)
     return result
 

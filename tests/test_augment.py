@@ -44,7 +44,9 @@ def _torchvision_op(name: str, image: torch.Tensor, magnitude: float) -> torch.T
     if name in ("ShearX", "ShearY"):
         deg = math.degrees(math.atan(magnitude))
         shear = [deg, 0.0] if name == "ShearX" else [0.0, deg]
-        return TF.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=NEAREST, center=[0, 0])
+        return TF.affine(
+            image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=NEAREST, center=[0, 0]
+        )
     if name in ("TranslateX", "TranslateY"):
         t = [int(magnitude), 0] if name == "TranslateX" else [0, int(magnitude)]
         return TF.affine(image, angle=0.0, translate=t, scale=1.0, shear=[0.0, 0.0], interpolation=NEAREST)
@@ -286,7 +288,10 @@ def test_smooth_targets():
 
 @pytest.mark.parametrize("n,world,repeats", [(12, 3, 3), (100, 4, 3), (50, 1, 3), (37, 2, 3), (40, 8, 2)])
 def test_repeated_indices_across_ranks(n, world, repeats):
-    ranks = [A.repeated_indices(n, torch.Generator().manual_seed(7), r, world, repeats, round_to=1) for r in range(world)]
+    def rank(r: int) -> torch.Tensor:
+        return A.repeated_indices(n, torch.Generator().manual_seed(7), r, world, repeats, round_to=1)
+
+    ranks = [rank(r) for r in range(world)]
     keep = n // world
     assert all(len(r) == keep for r in ranks)
     # Interleaving the ranks back gives the head of the repeated permutation: consecutive copies

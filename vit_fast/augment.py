@@ -194,9 +194,9 @@ def sharpness(images: Tensor, factor: Tensor) -> Tensor:
     border is kept, as torchvision and PIL keep it.
 
     The smoothing is (sum of the 3x3 window + 4 * centre) / 13, the window summed separably from
-    shifted slices rather than by a grouped convolution (several times faster on a CPU). It rounds to the same integer as
-    torchvision's float32 convolution: an integer over 13 is never within 1/26 of a half, far
-    beyond float32's error."""
+    shifted slices rather than by a grouped convolution (several times faster on a CPU). It rounds
+    to the same integer as torchvision's float32 convolution: an integer over 13 is never within
+    1/26 of a half, far beyond float32's error."""
     _check_uint8(images)
     B, C, H, W = images.shape
     if H <= 2 or W <= 2:
@@ -507,7 +507,7 @@ def random_erasing(
 
     On a normalised float batch (DeiT erases after normalising) the values are drawn in normalised
     units. On a uint8 batch pass the normalisation's mean and std (C,) in [0, 1] units: the values
-    are mapped back to intensity levels, round(clamp((mean + std * v) * 255)), the same erasing
+    are mapped back to intensity levels, clamp(round((mean + std * v) * 255)), the same erasing
     up to the clamp to [0, 255] and the rounding to a level."""
     B, C, H, W = images.shape
     mask = erase_boxes(B, H, W, p, generator, images.device, tries=tries)
