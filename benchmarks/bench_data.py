@@ -7,8 +7,10 @@
 policy, random erasing, mixup / cutmix, label smoothing) done batched by vit_fast.augment with the
 same recipe done by torchvision's per-image transforms in a DataLoader with worker processes (as
 many workers as cores), side by side in one process, alternating, and prints both rates and the ratio.
-Measured here (2 shared, heavily loaded cores, 2048 images, batch 256, three runs): batched on one
-thread 1,100-1,250 images/s, the DataLoader with 2 workers 550-600 images/s, ratio 2.0-2.2x.
+Measured here (2 cores shared with other jobs, 2048 images, batch 256, five runs): batched on one
+thread 1,100-3,800 images/s against the DataLoader's 550-1,900 as the load varied, ratio 1.9-2.4x
+in every run. With --threads 2 the batched side fell to 120-1,000 images/s (0.17-0.39x): on the
+oversubscribed CPU, OpenMP's two threads wait on each other.
 
 The pipeline runs wherever the data lives: on a GPU this is the number that must stay far above
 the model's images/s; on a CPU it is an honest CPU measurement of the same code (wall clock,
