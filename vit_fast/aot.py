@@ -1,10 +1,16 @@
 """Ahead-of-time compilation of Triton kernels for NVIDIA targets, with no GPU present.
 
-Rung 3 of the verification ladder in DESIGN.md: the interpreter runs a kernel's arithmetic but
-not its code generation. Compiling every configuration a launcher can pick for sm_80 (A100) and
-sm_90 (H100) catches what only the compiler sees (block shapes, ``tl.dot`` minimum sizes, dtype
-rules), and reading the cubin's resource usage with the ``cuobjdump`` shipped in the triton
-wheel tells registers, spills (LOCAL) and shared memory per kernel.
+The third of the checks every kernel passes, after parity with ``vit_fast.reference`` and with
+the PyTorch built-ins (both run in Triton's interpreter, no GPU needed): the interpreter runs a
+kernel's arithmetic but not its code generation. Compiling every configuration a launcher can
+pick for sm_80 (A100) and sm_90 (H100) catches what only the compiler sees (block shapes,
+``tl.dot`` minimum sizes, dtype rules), and reading the cubin's resource usage with the
+``cuobjdump`` shipped in the triton wheel tells registers, spills (LOCAL) and shared memory per
+kernel.
+
+The fused ops build their launches as ``vit_fast.fused.launch.Launch`` objects and run them;
+``kernel_launch`` turns one into the ``KernelLaunch`` compiled here. The dependency goes this
+way only: running an op never imports this module.
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+
+from vit_fast.fused.launch import Launch
 
 # Maximum dynamic shared memory one block may use (CUDA programming guide, "Compute capabilities").
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -204,31 +213,14 @@ def launch_from_args(kernel_fn, args: dict, constexprs: dict, num_warps: int, nu
                         constexprs=consts, divisible_by_16=tuple(aligned), num_warps=num_warps, num_stages=num_stages)
 
 
-@dataclass
-class PlannedLaunch:
-    """A kernel launch as a launcher plans it, before running it: one function builds it, so the
-    launcher runs (``run``) exactly what the ahead-of-time test compiles (``to_aot``)."""
+def kernel_launch(launch: Launch) -> KernelLaunch:
+    """The ``KernelLaunch`` that a fused op's ``Launch`` compiles to on a GPU."""
+    return launch_from_args(launch.kernel, launch.args, launch.constexprs, launch.num_warps, launch.num_stages)
 
-    kernel: object  # the @triton.jit function
-    grid: tuple
-    args: dict  # runtime arguments by name: tensors, ints, floats
-    constexprs: dict  # compile-time arguments by name
-    num_warps: int
-    num_stages: int = 3  # Triton's default on NVIDIA GPUs
 
-    def run(self) -> None:
-        import contextlib
-
-        import torch
-
-        first = next(v for v in self.args.values() if isinstance(v, torch.Tensor))
-        # Triton launches on the current CUDA device: make it the tensors' one.
-        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
-            self.kernel[self.grid](**self.args, **self.constexprs,
-                                   num_warps=self.num_warps, num_stages=self.num_stages)
-
-    def to_aot(self) -> KernelLaunch:
-        return launch_from_args(self.kernel, self.args, self.constexprs, self.num_warps, self.num_stages)
+def kernel_launches(launches: Iterable[Launch]) -> list[KernelLaunch]:
+    """``kernel_launch`` of each, distinct ones only (in first-seen order)."""
+    return list({k.key: k for k in map(kernel_launch, launches)}.values())
 
 
 def _compile_launch(launch: KernelLaunch, capability: int) -> KernelResources:
