@@ -118,6 +118,12 @@ def _max_backward_programs(device: torch.device) -> int:
     return 8
 
 
+def column_sum_config(width: int) -> LayerNormConfig:
+    """The partial-sum reduction reads a (programs, N) fp32 buffer of a few hundred rows: 32 rows
+    by 128 columns per step (block_m here counts partial rows), 4 warps, one program per 128 columns."""
+    return LayerNormConfig(block_m=32, block_n=min(128, triton.next_power_of_2(width)), num_warps=4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Input checks, shared by the real and the fake implementations so torch.compile raises them too.
 
@@ -158,23 +164,7 @@ def _rows(t: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward
-
-
-def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor, eps: float):
-    _check_inputs(x, weight, bias, residual)
-    check_launchable("x", x)
-    x2 = _rows(x)
-    res2 = _rows(residual) if residual is not None else x2
-    rows = x2.shape[0]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else y
-    mean = torch.empty(x.shape[:-1], dtype=accumulation_dtype(x.dtype), device=x.device)
-    rstd = torch.empty_like(mean)
-    if rows > 0:
-        _forward_launch(x2, res2, weight.contiguous(), bias.contiguous(), y, s, mean, rstd, eps,
-                        has_residual=residual is not None, interpret=interpreting()).run()
-    return y, s, mean, rstd
+# Launch builders: one Launch per kernel call, run by the ops and compiled by aot_launches
 
 
 def _forward_launch(x2: Tensor, res2: Tensor, weight: Tensor, bias: Tensor, y: Tensor, s: Tensor, mean: Tensor,
@@ -191,71 +181,6 @@ def _forward_launch(x2: Tensor, res2: Tensor, weight: Tensor, bias: Tensor, y: T
                       BF16_RNE_IN_SOFTWARE=interpret)
     return Launch(layer_norm_fwd_kernel, (triton.cdiv(rows, cfg.block_m),), args, constexprs, cfg.num_warps,
                   cfg.num_stages)
-
-
-@torch.library.custom_op("vit_fast::layer_norm", mutates_args=())
-def _layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm of x over its last dimension; also returns the fp32 mean and rstd, shape x.shape[:-1]."""
-    y, _, mean, rstd = _forward(x, None, weight, bias, eps)
-    return y, mean, rstd
-
-
-@_layer_norm_op.register_fake
-def _(x, weight, bias, eps):
-    _check_inputs(x, weight, bias)
-    mean = x.new_empty(x.shape[:-1], dtype=accumulation_dtype(x.dtype))
-    return torch.empty_like(x, memory_format=torch.contiguous_format), mean, torch.empty_like(mean)
-
-
-@torch.library.custom_op("vit_fast::add_layer_norm", mutates_args=())
-def _add_layer_norm_op(
-    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """s = x + residual and LayerNorm(s) in one pass; returns (y, s, mean, rstd)."""
-    return _forward(x, residual, weight, bias, eps)
-
-
-@_add_layer_norm_op.register_fake
-def _(x, residual, weight, bias, eps):
-    _check_inputs(x, weight, bias, residual)
-    mean = x.new_empty(x.shape[:-1], dtype=accumulation_dtype(x.dtype))
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    s = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return y, s, mean, torch.empty_like(mean)
-
-
-# ---------------------------------------------------------------------------------------------
-# Backward
-
-
-def column_sum_config(width: int) -> LayerNormConfig:
-    """The partial-sum reduction reads a (programs, N) fp32 buffer of a few hundred rows: 32 rows
-    by 128 columns per step (block_m here counts partial rows), 4 warps, one program per 128 columns."""
-    return LayerNormConfig(block_m=32, block_n=min(128, triton.next_power_of_2(width)), num_warps=4)
-
-
-@torch.library.custom_op("vit_fast::layer_norm_backward", mutates_args=())
-def _layer_norm_backward_op(
-    dy: Tensor, ds: Tensor | None, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dx, dweight, dbias) of y = LayerNorm(x), given dy and, for the fused residual
-    variant, ds, the gradient reaching s = x + residual directly (added to dx). ``x`` is the tensor
-    that was normalized (s in the residual variant); mean and rstd are the forward's statistics."""
-    check_launchable("x", x)
-    x2, dy2 = _rows(x), _rows(dy)
-    ds2 = _rows(ds) if ds is not None else dy2
-    rows = x2.shape[0]
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dweight = torch.empty_like(weight)
-    dbias = torch.empty_like(weight)
-    if rows == 0:
-        return dx, dweight.zero_(), dbias.zero_()
-
-    for launch in _backward_launches(x2, weight.contiguous(), mean, rstd, dy2, ds2, dx, dweight, dbias,
-                                     has_ds=ds is not None, max_programs=_max_backward_programs(x.device),
-                                     interpret=interpreting()):
-        launch.run()
-    return dx, dweight, dbias
 
 
 def _backward_launches(x2: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, dy2: Tensor, ds2: Tensor,
@@ -285,11 +210,6 @@ def _backward_launches(x2: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, d
     column_sums = Launch(column_sum_kernel, (triton.cdiv(width, red.block_n),), args, constexprs, red.num_warps,
                          red.num_stages)
     return [partial_sums, column_sums]
-
-
-@_layer_norm_backward_op.register_fake
-def _(dy, ds, x, weight, mean, rstd):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +248,83 @@ def aot_launches(rows: int, width: int, dtype: torch.dtype, residual: bool,
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd
+# Registered ops: vit_fast::layer_norm, vit_fast::add_layer_norm, vit_fast::layer_norm_backward
+
+
+def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor, eps: float):
+    _check_inputs(x, weight, bias, residual)
+    check_launchable("x", x)
+    x2 = _rows(x)
+    res2 = _rows(residual) if residual is not None else x2
+    rows = x2.shape[0]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else y
+    mean = torch.empty(x.shape[:-1], dtype=accumulation_dtype(x.dtype), device=x.device)
+    rstd = torch.empty_like(mean)
+    if rows > 0:
+        _forward_launch(x2, res2, weight.contiguous(), bias.contiguous(), y, s, mean, rstd, eps,
+                        has_residual=residual is not None, interpret=interpreting()).run()
+    return y, s, mean, rstd
+
+
+@torch.library.custom_op("vit_fast::layer_norm", mutates_args=())
+def _layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm of x over its last dimension; also returns the fp32 mean and rstd, shape x.shape[:-1]."""
+    y, _, mean, rstd = _forward(x, None, weight, bias, eps)
+    return y, mean, rstd
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    _check_inputs(x, weight, bias)
+    mean = x.new_empty(x.shape[:-1], dtype=accumulation_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("vit_fast::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """s = x + residual and LayerNorm(s) in one pass; returns (y, s, mean, rstd)."""
+    return _forward(x, residual, weight, bias, eps)
+
+
+@_add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps):
+    _check_inputs(x, weight, bias, residual)
+    mean = x.new_empty(x.shape[:-1], dtype=accumulation_dtype(x.dtype))
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    s = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return y, s, mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("vit_fast::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(
+    dy: Tensor, ds: Tensor | None, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dx, dweight, dbias) of y = LayerNorm(x), given dy and, for the fused residual
+    variant, ds, the gradient reaching s = x + residual directly (added to dx). ``x`` is the tensor
+    that was normalized (s in the residual variant); mean and rstd are the forward's statistics."""
+    check_launchable("x", x)
+    x2, dy2 = _rows(x), _rows(dy)
+    ds2 = _rows(ds) if ds is not None else dy2
+    rows = x2.shape[0]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dweight = torch.empty_like(weight)
+    dbias = torch.empty_like(weight)
+    if rows == 0:
+        return dx, dweight.zero_(), dbias.zero_()
+
+    for launch in _backward_launches(x2, weight.contiguous(), mean, rstd, dy2, ds2, dx, dweight, dbias,
+                                     has_ds=ds is not None, max_programs=_max_backward_programs(x.device),
+                                     interpret=interpreting()):
+        launch.run()
+    return dx, dweight, dbias
+
+
+@_layer_norm_backward_op.register_fake
+def _(dy, ds, x, weight, mean, rstd):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _layer_norm_setup_context(ctx, inputs, output):
