@@ -54,6 +54,14 @@ def _head(Ptr, off_b, off_h, stride_b, stride_h):
 
 
 @triton.jit
+def _four_at_head(A, B, C, D, off_b, off_h, stride_ab, stride_ah, stride_bb, stride_bh, stride_cb, stride_ch,
+                  stride_db, stride_dh):
+    """_head of four (B, H, N, D) tensors at once: q, k, v and o (forward) or dO (backward)."""
+    return (_head(A, off_b, off_h, stride_ab, stride_ah), _head(B, off_b, off_h, stride_bb, stride_bh),
+            _head(C, off_b, off_h, stride_cb, stride_ch), _head(D, off_b, off_h, stride_db, stride_dh))
+
+
+@triton.jit
 def _rows(Ptr, offs_rows, stride_n, offs_d):
     """(rows, BLOCK_D) pointers to rows ``offs_rows`` of one head's (N, D) slice (stride 1 on D)."""
     return Ptr + offs_rows[:, None] * stride_n + offs_d[None, :]
@@ -79,10 +87,8 @@ def attention_fwd_kernel(
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs (so gradcheck can verify)
 ):
     pid_m, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_M)
-    Q = _head(Q, off_b, off_h, stride_qb, stride_qh)
-    K = _head(K, off_b, off_h, stride_kb, stride_kh)
-    V = _head(V, off_b, off_h, stride_vb, stride_vh)
-    Out = _head(Out, off_b, off_h, stride_ob, stride_oh)
+    Q, K, V, Out = _four_at_head(Q, K, V, Out, off_b, off_h, stride_qb, stride_qh, stride_kb, stride_kh,
+                                 stride_vb, stride_vh, stride_ob, stride_oh)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -179,10 +185,8 @@ def attention_bwd_dkdv_kernel(
     Q and dO and recompute P) is not launched. That is the ViT-on-CIFAR case, N = 65.
     """
     pid_n, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_N)
-    Q = _head(Q, off_b, off_h, stride_qb, stride_qh)
-    K = _head(K, off_b, off_h, stride_kb, stride_kh)
-    V = _head(V, off_b, off_h, stride_vb, stride_vh)
-    dOut = _head(dOut, off_b, off_h, stride_dob, stride_doh)
+    Q, K, V, dOut = _four_at_head(Q, K, V, dOut, off_b, off_h, stride_qb, stride_qh, stride_kb, stride_kh,
+                                  stride_vb, stride_vh, stride_dob, stride_doh)
     dK = _head(dK, off_b, off_h, stride_dkb, stride_dkh)
     dV = _head(dV, off_b, off_h, stride_dvb, stride_dvh)
     dQ = _head(dQ, off_b, off_h, stride_dqb, stride_dqh)
@@ -247,10 +251,8 @@ def attention_bwd_dq_kernel(
 ):
     """One program owns a tile of queries and accumulates dQ = scale * dS K over all key tiles."""
     pid_m, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_M)
-    Q = _head(Q, off_b, off_h, stride_qb, stride_qh)
-    K = _head(K, off_b, off_h, stride_kb, stride_kh)
-    V = _head(V, off_b, off_h, stride_vb, stride_vh)
-    dOut = _head(dOut, off_b, off_h, stride_dob, stride_doh)
+    Q, K, V, dOut = _four_at_head(Q, K, V, dOut, off_b, off_h, stride_qb, stride_qh, stride_kb, stride_kh,
+                                  stride_vb, stride_vh, stride_dob, stride_doh)
     dQ = _head(dQ, off_b, off_h, stride_dqb, stride_dqh)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

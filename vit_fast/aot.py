@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-from vit_fast.fused.launch import Launch
+from vit_fast.fused.launch import Launch, environment_without_interpreter
 
 # Maximum dynamic shared memory one block may use (CUDA programming guide, "Compute capabilities").
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -78,7 +78,7 @@ def compile_kernel(
     not pipelined, and the registers and shared memory read off would be those of a kernel that
     never runs.
 
-    Must run where TRITON_INTERPRET is unset (under the interpreter ``@triton.jit`` functions are
+    Must run outside Triton's interpreter (under it ``@triton.jit`` functions are
     interpreted functions that cannot be compiled): see ``compile_launches``.
     """
     import triton
@@ -168,7 +168,7 @@ def launch_from_args(kernel_fn, args: dict, constexprs: dict, num_warps: int, nu
 
     ``kernel_fn`` is the ``@triton.jit`` function, compiled or interpreted (both keep the Python
     function as ``.fn``), so launchers can describe GPU launches from a test run under
-    TRITON_INTERPRET=1. Without the hints the compiler would build scalar loads and unpipelined
+    Triton's interpreter. Without the hints the compiler would build scalar loads and unpipelined
     loops: the resources read off would be those of a kernel no launch runs.
     """
     import torch
@@ -236,10 +236,10 @@ def _compile_launch(launch: KernelLaunch, capability: int) -> KernelResources:
 
 
 def compile_launches(launches, targets=TARGETS, timeout: float = 1800) -> list[tuple[KernelLaunch, KernelResources]]:
-    """Compile each distinct launch for each target in a fresh interpreter with TRITON_INTERPRET
-    unset (so this works from a test session that runs the kernels in the interpreter)."""
+    """Compile each distinct launch for each target in a fresh Python process outside Triton's
+    interpreter (so this works from a test session that runs the kernels in the interpreter)."""
     unique = list({launch.key: launch for launch in launches}.values())
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = environment_without_interpreter()
     payload = json.dumps({"launches": [asdict(launch) for launch in unique], "targets": list(targets)})
     child = subprocess.run([sys.executable, "-m", "vit_fast.aot"], input=payload, env=env,
                            capture_output=True, text=True, timeout=timeout)

@@ -78,7 +78,7 @@ class AttentionConfig:
     fuse_dq: bool = False
 
 
-# Under TRITON_INTERPRET=1 the numbers only shape the arithmetic, so the tiles are fixed, small
+# In Triton's interpreter the numbers only shape the arithmetic, so the tiles are fixed, small
 # and asymmetric: BLOCK_M != BLOCK_N catches mixed-up masks, and 32-wide key tiles make every test
 # sequence length above 32 (65, 197) run several tiles with a ragged last one, while N = 1 and 2
 # take the fused-dQ path.
@@ -113,7 +113,8 @@ def choose_config(head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bo
       the short-sequence choices are unmeasured until bench_attention.py runs on a GPU.
     - fp32 inputs take twice the registers per operand: tiles are halved; fp64 uses 16 x 16
       tiles (both exist for testing, not speed).
-    - Under TRITON_INTERPRET=1 the tiles are fixed (_INTERPRETER_TILES).
+    - In the interpreter (``interpret``, default ``launch.interpreting()``) the tiles are fixed
+      (_INTERPRETER_TILES).
     """
     if interpret is None:
         interpret = interpreting()

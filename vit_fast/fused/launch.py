@@ -5,6 +5,7 @@ Public API:
 
     Launch(kernel, grid, args, constexprs, num_warps, num_stages=3)   one planned kernel launch; .run()
     interpreting()                      whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1)
+    environment_without_interpreter()   os.environ for a child process that must compile, not interpret
     accumulation_dtype(dtype)           torch dtype of accumulators and statistics: fp64 for fp64, else fp32
     tl_accumulation_dtype(dtype)        the same as a Triton dtype (the kernels' ACC_DTYPE constexpr)
     input_precision(dtype)              tl.dot's input precision: "ieee" for fp32/fp64, "tf32" otherwise
@@ -35,14 +36,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+_INTERPRET_VARIABLE = "TRITON_INTERPRET"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_DEVICE_HINT = "the fused ops run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
+_DEVICE_HINT = ("the fused ops run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before triton "
+                "is imported)")
 
 
 def interpreting() -> bool:
     """Whether Triton runs ``@triton.jit`` functions in its interpreter (on CPU tensors). Triton reads
     the variable when a kernel module is imported; this reads it when asked, so set it before both."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return os.environ.get(_INTERPRET_VARIABLE, "0") == "1"
+
+
+def environment_without_interpreter() -> dict[str, str]:
+    """A copy of os.environ in which Triton compiles kernels: ``@triton.jit`` functions created
+    under the interpreter cannot be compiled, so ahead-of-time compilation runs in a child process."""
+    return {k: v for k, v in os.environ.items() if k != _INTERPRET_VARIABLE}
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -63,7 +63,7 @@ class MatmulConfig:
     num_stages: int = 3  # software-pipelining depth of the K loop (shared-memory buffers)
 
 
-# Under TRITON_INTERPRET=1 one fixed, modest config: tiles of 64 keep the number of programs (the
+# In Triton's interpreter one fixed, modest config: tiles of 64 keep the number of programs (the
 # interpreter's cost) low while test shapes still span several tiles and K steps.
 INTERPRETER_CONFIG = MatmulConfig(block_m=64, block_n=64, block_k=32, group_m=4, num_warps=4, num_stages=1)
 
@@ -85,7 +85,7 @@ def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype,
       config each (64x64x16 and 32x32x16) whose fp32/fp64 accumulators stay clear of spills.
     A heuristic from tile counts and register/shared-memory budgets, to be tuned on a GPU with
     benchmarks/bench_mlp.py; ``tests/test_mlp.py`` compiles every config it can return.
-    ``interpret`` defaults to whether TRITON_INTERPRET=1 is set (then the fixed config).
+    ``interpret`` defaults to ``launch.interpreting()`` (then the fixed config).
     """
     if kernel not in ("linear", "gelu_bwd"):
         raise ValueError(f"kernel must be 'linear' or 'gelu_bwd', got {kernel!r}")
