@@ -10,6 +10,8 @@ Public API (matches ``vit_fast.reference.attention`` / ``attention_packed``):
     attention_packed(qkv, scale=None)   qkv (B, N, 3, H, D)  -> (B, N, H*D)
     aot_launches(batch, seq_len, heads, head_dim, dtype, packed=True)   the GPU's kernel launches,
                                         for the ahead-of-time compile tests (vit_fast.aot)
+    KernelConfig, AttentionConfig, choose_config(head_dim, seq_len, dtype, interpret=None)
+    launch_forward(...), launch_backward(...)   run the kernels on (B, H, N, D) views with a given config
 
 Registered ops (custom_op + register_fake + register_autograd, so they pass opcheck and trace
 under torch.compile(fullgraph=True); the forward ops return the row log-sum-exp the backward
