@@ -9,6 +9,9 @@
   same seed: the loss of every step agrees within a stated bound.
 - The relative comparison helpers of ``vit_fast.testing`` reject a zeroed gradient, which the
   absolute tolerance they replace accepted.
+
+fp16 autocast on CUDA is a case of tests/test_gpu_large.py (the whole-model training step runs
+under bf16 and fp16 autocast).
 """
 
 from __future__ import annotations
