@@ -5,8 +5,8 @@ Every test body runs on each device of ``vit_fast.testing.devices()``: on CUDA a
 above, on the CPU (Triton interpreter, the patch embedding's C++ twin) at shrunken sizes that
 keep each case's structure (several key tiles with a padded last one; the ViT widths of
 LayerNorm, the MLP and the model), so the setup, the shapes and the tolerances are proven on
-machines without a GPU before a GPU runs them. The only case that stays on CUDA is bf16 through ``tl.dot``, which the interpreter
-cannot compute.
+machines without a GPU before a GPU runs them. The only case that stays on CUDA is bf16
+through ``tl.dot``, which the interpreter cannot compute (bf16 LayerNorm runs on both).
 
 Every comparison is the parity rule with a slack relative to each tensor
 (``assert_parity_relative``): the fused result against the fp32 reference, allowed twice the
@@ -28,23 +28,22 @@ from vit_fast.testing import assert_parity_relative, devices
 # significant bits (a rounding is up to 0.4% of the value), so 1% is about two roundings of the
 # largest element, far below the 100% error of a zeroed or unwritten result.
 REL = 1e-2
+DTYPES = (torch.bfloat16, torch.float16)
 BF16_DOT_ON_CPU = ("the Triton interpreter's tl.dot on bf16 returns garbage (triton 3.8, upstream issue 11584); "
                    "this case runs on CUDA, its fp16 twin on the CPU proves the setup")
 
 
-def params(gpu_cases: list, cpu_cases: list, dtypes: tuple, uses_dot: bool = True) -> list:
-    """(device, dtype, case) parameters: the GPU sizes on CUDA, their shrunken twins on the CPU."""
+def params(gpu_cases: list, cpu_cases: list, uses_dot: bool = True) -> list:
+    """(device, dtype, case) parameters: the GPU sizes on CUDA, their shrunken twins on the CPU,
+    each in bf16 and fp16."""
     out = []
     for device in devices():
-        for dtype in dtypes:
+        for dtype in DTYPES:
             for case in gpu_cases if device.type == "cuda" else cpu_cases:
                 skip = uses_dot and device.type == "cpu" and dtype == torch.bfloat16
                 out.append(pytest.param(device, dtype, case, id=f"{device.type}-{str(dtype)[6:]}-{case}",
                                         marks=[pytest.mark.skip(reason=BF16_DOT_ON_CPU)] if skip else []))
     return out
-
-
-DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _grads(fn, inputs, grad_out):
@@ -71,7 +70,7 @@ def _check(fused_fn, ref_fn, inputs, name):
 # (batch, heads, seq_len): the CIFAR goal shape (batch 256 of 65 tokens), then long sequences. On
 # the CPU one head of 197 tokens (several key tiles, the last one padded).
 @pytest.mark.parametrize("device,dtype,shape", params([(256, 12, 65), (4, 12, 197), (4, 12, 577), (4, 12, 1025)],
-                                                      [(1, 1, 197)], DTYPES))
+                                                      [(1, 1, 197)]))
 def test_attention_packed_large(device, dtype, shape):
     from vit_fast.fused import attention
 
@@ -83,7 +82,7 @@ def test_attention_packed_large(device, dtype, shape):
 # (rows, width): 512 images of 65 tokens on CUDA; 17 rows on the CPU (one partial row tile), at each
 # ViT width.
 @pytest.mark.parametrize("device,dtype,shape", params([(512 * 65, w) for w in (192, 384, 768)],
-                                                      [(17, w) for w in (192, 384, 768)], DTYPES,
+                                                      [(17, w) for w in (192, 384, 768)],
                                                       uses_dot=False))
 def test_add_layer_norm_large(device, dtype, shape):
     from vit_fast.fused import layernorm
@@ -100,7 +99,7 @@ def test_add_layer_norm_large(device, dtype, shape):
 # (rows, dim, mlp ratio): 128 images of 65 tokens on CUDA; on the CPU 17 rows (one partial row tile)
 # at vit-cifar's and vit-small's MLP shapes.
 @pytest.mark.parametrize("device,dtype,shape", params([(128 * 65, d, r) for d, r in ((192, 2), (192, 4), (384, 4))],
-                                                      [(17, 192, 2), (17, 384, 4)], DTYPES))
+                                                      [(17, 192, 2), (17, 384, 4)]))
 def test_mlp_large(device, dtype, shape):
     from vit_fast.fused import mlp
 
@@ -118,7 +117,7 @@ def test_mlp_large(device, dtype, shape):
 # (preset, batch, depth): the full presets at batch 128 on CUDA; on the CPU vit-tiny's widths and
 # head count with one block and one image (the interpreter's budget).
 @pytest.mark.parametrize("device,dtype,case", params([("vit-cifar", 128, None), ("vit-tiny", 128, None)],
-                                                     [("vit-tiny", 1, 1)], DTYPES))
+                                                     [("vit-tiny", 1, 1)]))
 def test_fused_model_autocast_training_step(device, dtype, case):
     """A training step of the fused model under 16-bit autocast (what ``python -m vit_fast.train``
     runs on a GPU; bf16 there, fp16 covers GPUs and AMP setups without bf16) against the fp32
