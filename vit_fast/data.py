@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,7 +262,11 @@ def read_image(path: str | Path):
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path} is empty (0 bytes); expected an image file")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # Pillow warns between its limit and twice it, then decodes; the check below refuses instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             width, height = img.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise ImageReadError(f"{path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} "

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from . import distributed as dist_mod
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import RESUME_ENTRIES, CheckpointError, load_checkpoint, save_checkpoint
 from .config import BACKENDS, PRESETS, get_preset
 from .model import ViTClassifier
+from .paths import check_output_dir
 
 # Arguments that must not change when a run is resumed: the schedule and data order depend on them.
 RECIPE_ARGS = (
@@ -99,6 +100,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.label_smoothing < 1:
         raise SystemExit(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    check_output_dir(args.out_dir, "--out-dir")  # now, not when the first epoch's checkpoint is due
 
 
 def check_backend_device(backend: str, device: torch.device) -> None:
@@ -133,7 +135,9 @@ def load_split(args, train: bool) -> data_mod.ImageDataset:
 
 
 def load_data(args) -> tuple[data_mod.ImageDataset, data_mod.ImageDataset]:
-    return load_split(args, True), load_split(args, False)
+    train_set = load_split(args, True)
+    return train_set, data_mod.align_classes(load_split(args, False), train_set.classes,
+                                             f"the test split of {args.dataset} in {args.data_dir}")
 
 
 def per_rank_batch(global_batch: int, world: dist_mod.World) -> int:
@@ -258,7 +262,7 @@ def _train(args: argparse.Namespace, world: dist_mod.World, device: torch.device
     ckpt_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
     resume_state = None
     if args.resume:
-        resume_state = load_checkpoint(ckpt_path)  # every rank reads it
+        resume_state = load_checkpoint(ckpt_path, required=RESUME_ENTRIES)  # every rank reads it
         saved = resume_state["args"]
         changed = {k: (saved.get(k), getattr(args, k)) for k in RECIPE_ARGS if saved.get(k) != getattr(args, k)}
         if changed:
@@ -428,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         train(args)
-    except data_mod.DatasetNotFoundError as err:
+    except (data_mod.DatasetNotFoundError, data_mod.DatasetIntegrityError, CheckpointError) as err:
         raise SystemExit(f"error: {err}") from None
 
 
