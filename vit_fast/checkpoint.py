@@ -33,7 +33,7 @@ FORMAT = "vit_fast/1"
 MODEL_ENTRIES = ("config", "model")
 RESUME_ENTRIES = ("config", "model", "optimizer", "scheduler", "epoch", "step", "rng", "args", "data")
 _ENTRY_TYPES = {"config": dict, "model": dict, "optimizer": dict, "scheduler": dict, "epoch": int, "step": int,
-                "rng": dict, "args": dict, "data": dict, "metrics": dict, "rng_ranks": list}
+                "rng": dict, "args": dict, "data": dict}
 
 
 class CheckpointError(RuntimeError):
@@ -54,9 +54,10 @@ def verify_container(path: str | Path) -> None:
 
 def _tensors(state: dict) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of the model and optimizer state of a checkpoint dict."""
-    found = [(f"model[{k!r}]", v) for k, v in state.get("model", {}).items() if isinstance(v, torch.Tensor)]
-    opt_state = state.get("optimizer", {}).get("state", {}) if isinstance(state.get("optimizer"), dict) else {}
-    for param, entries in opt_state.items():
+    model, optimizer = state.get("model"), state.get("optimizer")
+    found = [(f"model[{k!r}]", v) for k, v in model.items() if isinstance(v, torch.Tensor)] if isinstance(model, dict) else []
+    opt_state = optimizer.get("state") if isinstance(optimizer, dict) else None
+    for param, entries in opt_state.items() if isinstance(opt_state, dict) else ():
         if isinstance(entries, dict):
             found += [(f"optimizer state[{param!r}][{k!r}]", v) for k, v in entries.items() if isinstance(v, torch.Tensor)]
     return found
@@ -77,21 +78,24 @@ def check_structure(ckpt: dict, path: str | Path, required: tuple[str, ...]) -> 
     for key in required:
         if key not in ckpt:
             raise CheckpointError(f"checkpoint {path} is incomplete: it has no {key!r} entry (has {sorted(ckpt)})")
-    for key, kind in _ENTRY_TYPES.items():
-        if key in ckpt and not (isinstance(ckpt[key], kind) and not isinstance(ckpt[key], bool)):
+    # Only what the caller uses is checked: evaluate reports a missing data entry in its own words.
+    for key in required:
+        kind = _ENTRY_TYPES[key]
+        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
             raise CheckpointError(f"checkpoint {path}: entry {key!r} should be a {kind.__name__}, "
                                   f"got {type(ckpt[key]).__name__}")
-    bad = [k for k, v in ckpt.get("model", {}).items() if not isinstance(v, torch.Tensor)]
+    bad = [k for k, v in ckpt["model"].items() if not isinstance(v, torch.Tensor)] if "model" in required else []
     if bad:
         raise CheckpointError(f"checkpoint {path}: 'model' should map parameter names to tensors, but {bad[0]!r} "
                               f"is a {type(ckpt['model'][bad[0]]).__name__}")
-    if "optimizer" in ckpt and not {"state", "param_groups"} <= ckpt["optimizer"].keys():
-        raise CheckpointError(f"checkpoint {path}: 'optimizer' should have 'state' and 'param_groups', "
-                              f"has {sorted(ckpt['optimizer'])}")
-    if "rng" in ckpt and not isinstance(ckpt["rng"].get("torch"), torch.Tensor):
+    if "optimizer" in required and not (isinstance(ckpt["optimizer"].get("state"), dict)
+                                        and isinstance(ckpt["optimizer"].get("param_groups"), list)):
+        raise CheckpointError(f"checkpoint {path}: 'optimizer' should have a 'state' dict and a 'param_groups' "
+                              f"list, has {sorted(ckpt['optimizer'])}")
+    if "rng" in required and not isinstance(ckpt["rng"].get("torch"), torch.Tensor):
         raise CheckpointError(f"checkpoint {path}: 'rng' has no torch generator state ('torch' tensor)")
     for key in ("epoch", "step"):
-        if key in ckpt and ckpt[key] < 0:
+        if key in required and ckpt[key] < 0:
             raise CheckpointError(f"checkpoint {path}: {key!r} must be >= 0, got {ckpt[key]}")
 
 
