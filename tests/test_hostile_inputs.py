@@ -8,6 +8,7 @@ depth-1 model, one epoch.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -240,7 +241,8 @@ def tensor_record_offset(path):
 def copy_run(trained, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "checkpoint.pt").write_bytes(trained.read_bytes())
+    for name in ("checkpoint.pt", "metrics.jsonl"):
+        (out / name).write_bytes((trained.parent / name).read_bytes())
     return out
 
 
@@ -313,6 +315,26 @@ def test_a_checkpoint_of_the_wrong_structure_is_one_line(trained, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     with pytest.raises(SystemExit, match=r"error: checkpoint .*list\.pt: entry 'model' should be a dict, got list"):
         predict.main(["--checkpoint", str(tmp_path / "list.pt"), "--device", "cpu", str(tmp_path / "x.png")])
+
+
+def test_a_metrics_file_cut_short_by_a_crash_is_repaired_on_resume(trained, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    epoch1 = (out / "metrics.jsonl").read_text()
+    # A crash after the checkpoint was saved, while its metrics line was being appended.
+    (out / "metrics.jsonl").write_text(epoch1[: len(epoch1) // 2])
+    train_mod.main([*TINY, *RESUME, "--out-dir", str(out), "--resume"])
+    assert "metrics.jsonl (line 1) is cut short" in capsys.readouterr().out
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert lines[0] == epoch1.strip() and [json.loads(ln)["epoch"] for ln in lines] == [1, 2]
+
+
+def test_a_damaged_metrics_line_before_the_last_is_an_error(trained, tmp_path):
+    out = copy_run(trained, tmp_path)
+    epoch1 = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text("{not json\n" + epoch1)
+    with pytest.raises(SystemExit, match=r"error: .*metrics\.jsonl line 1 is not a metrics record"):
+        train_mod.main([*TINY, *RESUME, "--out-dir", str(out), "--resume"])
+    assert (out / "metrics.jsonl").read_text() == "{not json\n" + epoch1
 
 
 # --- output paths ---------------------------------------------------------------------------------

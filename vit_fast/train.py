@@ -305,7 +305,7 @@ def _train(args: argparse.Namespace, world: dist_mod.World, device: torch.device
         start_epoch, step = resume_state["epoch"], resume_state["step"]
         _restore_rng(resume_state, world, device, args.seed, start_epoch, log)
         if world.is_main:
-            _truncate_metrics(metrics_path, start_epoch)
+            _truncate_metrics(metrics_path, start_epoch, resume_state.get("metrics"), log)
     elif metrics_path.exists() and world.is_main:
         metrics_path.unlink()  # --overwrite, or a run that died before its first checkpoint
     trained = model
@@ -420,12 +420,38 @@ def write_curves(metrics_path: Path, png: Path) -> None:
         print(f"warning: could not plot the training curves to {png}: {type(err).__name__}: {err}", file=sys.stderr)
 
 
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metric lines of epochs after the checkpoint (they will be recomputed)."""
+def _truncate_metrics(path: Path, epochs_done: int, last: dict | None = None, log=print) -> None:
+    """Drop metric lines of epochs after the checkpoint (they will be recomputed).
+
+    A crash while a line was appended leaves the file's last line cut short: that line is dropped
+    and reported, and ``last`` (the checkpoint's own metrics, the line a crash right after saving
+    loses) restores the checkpoint's epoch if it is missing. A damaged line anywhere else is not a
+    crash's doing: it is an error naming the file and line, and the file is left as it is."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epochs_done]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    kept: list[dict] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            epoch = record["epoch"]
+            if not isinstance(epoch, int):
+                raise TypeError(f"epoch {epoch!r} is not an integer")
+        except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+            if number == len(lines):
+                log(f"note: the last line of {path} (line {number}) is cut short, as a crash while writing it "
+                    "leaves it; dropped")
+                continue
+            raise SystemExit(f"error: {path} line {number} is not a metrics record ({type(err).__name__}: {err}); "
+                             "repair or delete that line, then --resume again") from None
+        if epoch <= epochs_done:
+            kept.append(record)
+    if last is not None and epochs_done not in {r["epoch"] for r in kept}:
+        kept.append(last)
+        log(f"note: {path} had no line for epoch {epochs_done}; restored it from the checkpoint")
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def main(argv: list[str] | None = None) -> None:
