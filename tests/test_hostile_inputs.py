@@ -218,6 +218,17 @@ def test_val_classes_outside_the_training_classes_stop_training_before_it_starts
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_a_val_subset_is_mapped_by_name_in_training_and_evaluation(tmp_path):
+    root = image_folder(tmp_path / "folder", {"train": ["cat", "dog", "frog"], "val": ["cat", "frog"]})
+    train_mod.main(folder_args(root, tmp_path / "run"))
+    report = evaluate.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--device", "cpu",
+                            "--data-dir", str(root)])
+    assert report["num_images"] == 4 and report["per_class"]["dog"] is None  # no val/dog images
+    assert report["per_class"]["cat"] is not None and report["per_class"]["frog"] is not None
+    metrics = ckpt_mod.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["metrics"]
+    assert report["top1"] == metrics["top1"] and report["loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
+
+
 def test_align_classes_maps_by_name():
     val = data.ImageDataset(torch.zeros(3, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 1]), ["cat", "frog"])
     aligned = data.align_classes(val, ["cat", "dog", "frog"], "val")
@@ -335,6 +346,43 @@ def test_a_damaged_metrics_line_before_the_last_is_an_error(trained, tmp_path):
     with pytest.raises(SystemExit, match=r"error: .*metrics\.jsonl line 1 is not a metrics record"):
         train_mod.main([*TINY, *RESUME, "--out-dir", str(out), "--resume"])
     assert (out / "metrics.jsonl").read_text() == "{not json\n" + epoch1
+
+
+def test_resume_refuses_another_synthetic_size(trained, tmp_path):
+    out = copy_run(trained, tmp_path)
+    with pytest.raises(SystemExit, match=r"--resume with different data than .*checkpoint\.pt was trained on: "
+                                         r"train images 64 -> 80; test images 16 -> 20"):
+        train_mod.main([*TINY, *RESUME, "--out-dir", str(out), "--resume", "--synthetic-size", "80"])
+
+
+@pytest.mark.parametrize("change", ["added", "edited"])
+def test_resume_refuses_an_image_folder_that_changed(change, tmp_path):
+    root = image_folder(tmp_path / "folder", {"train": ["cat", "dog"], "val": ["cat", "dog"]})
+    args = folder_args(root, tmp_path / "run", "--epochs", "2", "--stop-after", "1")
+    train_mod.main(args)
+    if change == "added":
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "train" / "dog" / "new.png")
+        expected = r"train images 4 -> 5"
+    else:
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "train" / "dog" / "0.png")
+        expected = r"train image or label content \(same count, different SHA-256\)"
+    with pytest.raises(SystemExit, match=rf"--resume with different data than .*checkpoint\.pt was trained on: {expected}"):
+        train_mod.main([*args, "--resume"])
+
+
+def test_resume_from_a_checkpoint_without_a_fingerprint_warns(trained, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    del ckpt["data"]["fingerprint"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    train_mod.main([*TINY, *RESUME, "--out-dir", str(out), "--resume"])
+    assert "records no dataset fingerprint" in capsys.readouterr().out
+    assert ckpt_mod.load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    renamed = {**ckpt, "data": {**ckpt["data"], "classes": ["a", "b", "c"]}}
+    torch.save(renamed, out / "checkpoint.pt")
+    with pytest.raises(SystemExit, match=r"different data than .* classes \(added \['class_0', 'class_1', 'class_2'\], "
+                                         r"removed \['a', 'b', 'c'\]\)"):
+        train_mod.main([*TINY, *RESUME, "--out-dir", str(out), "--resume"])
 
 
 # --- output paths ---------------------------------------------------------------------------------

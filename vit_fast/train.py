@@ -274,6 +274,9 @@ def _train(args: argparse.Namespace, world: dist_mod.World, device: torch.device
 
     torch.manual_seed(args.seed)
     train_set, test_set = load_data(args)
+    fingerprint = data_mod.fingerprint(args.dataset, train_set, test_set)  # on the host, before .to(device)
+    if resume_state is not None:
+        check_resume_data(resume_state, fingerprint, ckpt_path, log)
     image_size = train_set.images.shape[-1]
     cfg = model_config(args, len(train_set.classes), image_size)
     if resume_state is not None and resume_state["config"] != cfg.to_dict():
@@ -375,7 +378,8 @@ def _train(args: argparse.Namespace, world: dist_mod.World, device: torch.device
                 "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step, "rng": rng_ranks[0],
                 "args": {k: v for k, v in vars(args).items()},
-                "data": {"dataset": args.dataset, "classes": list(train_set.classes), "mean": mean, "std": std},
+                "data": {"dataset": args.dataset, "classes": list(train_set.classes), "mean": mean, "std": std,
+                         "fingerprint": fingerprint},
                 "metrics": metrics,
             }
             if world.is_distributed:
@@ -389,6 +393,22 @@ def _train(args: argparse.Namespace, world: dist_mod.World, device: torch.device
     if world.is_main and metrics_path.exists():
         write_curves(metrics_path, out_dir / "curves.png")
     return metrics
+
+
+def check_resume_data(ckpt: dict, fingerprint: dict, ckpt_path: Path, log=print) -> None:
+    """``--resume`` continues only on the data the checkpoint was trained on: the schedule's step
+    count, the data order and the metrics all depend on it (data.fingerprint)."""
+    saved = ckpt["data"].get("fingerprint")
+    if saved is None:
+        # Written before fingerprints existed: refusing would strand every such run, so it goes on,
+        # with the one data fact such a checkpoint records compared.
+        log(f"warning: {ckpt_path} records no dataset fingerprint (it predates them), so a change in the data's "
+            "content or size cannot be detected; only the class names are compared")
+        saved = {**fingerprint, "classes": list(ckpt["data"].get("classes", []))}
+    changes = data_mod.fingerprint_changes(saved, fingerprint)
+    if changes:
+        raise SystemExit(f"--resume with different data than {ckpt_path} was trained on: {'; '.join(changes)}. "
+                         "Resume with the original data, or start a new run (--overwrite or another --out-dir)")
 
 
 def rank_seed(seed: int, rank: int) -> int:
