@@ -292,9 +292,17 @@ def test_a_non_finite_state_never_replaces_the_last_good_checkpoint(trained, tmp
     bad = {**good, "optimizer": {**good["optimizer"], "state": {**opt_state, first: {
         **opt_state[first], "exp_avg": torch.full_like(opt_state[first]["exp_avg"], float("inf"))}}}}
     with pytest.raises(ckpt_mod.CheckpointError, match=rf"refusing to write .*checkpoint\.pt: 1 tensor\(s\) hold NaN "
-                                                       rf"or infinity, first optimizer state\[{first}\]\['exp_avg'\]"):
+                                                       rf"or infinity, first optimizer state\[{first}\]\['exp_avg'\] "
+                                                       rf"\(the training diverged\); .*checkpoint\.pt still holds the last good"):
         ckpt_mod.save_checkpoint(bad, path)
     assert path.read_bytes() == before
+
+
+def test_a_diverging_run_stops_with_a_clear_error_instead_of_saving_nan(tmp_path):
+    with pytest.raises(SystemExit, match=r"error: refusing to write .*checkpoint\.pt: \d+ tensor\(s\) hold NaN or "
+                                         r"infinity, .*the training diverged\); no checkpoint was written"):
+        train_mod.main([*TINY, "--out-dir", str(tmp_path), "--lr", "1e30"])
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_checkpoints_are_written_with_crcs_even_when_torch_is_told_not_to(trained, tmp_path):

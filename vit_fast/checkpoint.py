@@ -107,8 +107,9 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     path = Path(path)
     bad = non_finite_tensors(state)
     if bad:
+        kept = f"{path} still holds the last good checkpoint" if path.exists() else "no checkpoint was written"
         raise CheckpointError(f"refusing to write {path}: {len(bad)} tensor(s) hold NaN or infinity, first "
-                              f"{bad[0]} (the training diverged); {path} keeps the last good checkpoint")
+                              f"{bad[0]} (the training diverged); {kept}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     crc_was = torch.serialization.get_crc32_options()
