@@ -229,6 +229,13 @@ def test_a_val_subset_is_mapped_by_name_in_training_and_evaluation(tmp_path):
     assert report["top1"] == metrics["top1"] and report["loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
 
 
+def test_an_empty_class_folder_is_one_line(tmp_path):
+    root = image_folder(tmp_path / "folder", {"train": ["cat", "dog"], "val": ["cat", "dog"]})
+    (root / "train" / "emu").mkdir()
+    with pytest.raises(SystemExit, match=r"error: image folder .*folder/train: Found no valid file for the classes emu"):
+        train_mod.main(folder_args(root, tmp_path / "run"))
+
+
 def test_align_classes_maps_by_name():
     val = data.ImageDataset(torch.zeros(3, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 1]), ["cat", "frog"])
     aligned = data.align_classes(val, ["cat", "dog", "frog"], "val")

@@ -314,15 +314,18 @@ def load_image_folder(root: str | Path, train: bool, image_size: int) -> ImageDa
             f"{root}/train/<class>/<image> and {root}/val/<class>/<image>"
         )
     to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize((image_size, image_size), antialias=True)])
-    folder = ImageFolder(str(split), loader=read_image, transform=to_tensor)
+    try:
+        folder = ImageFolder(str(split), loader=read_image, transform=to_tensor)
+    except FileNotFoundError as err:  # no class folders, or a class folder without images
+        raise DatasetNotFoundError(f"image folder {split}: {err}") from None
     images = torch.stack([folder[i][0] for i in range(len(folder))])
     return ImageDataset(images, torch.tensor(folder.targets, dtype=torch.int64), list(folder.classes))
 
 
 def fingerprint(dataset: str, train: ImageDataset, test: ImageDataset) -> dict:
     """What identifies the data of a run: its name, classes, split sizes and a SHA-256 of each
-    split's labels and image bytes. Computed on the host, once, right after loading (about 0.2 s
-    for CIFAR's 150 MB of training images)."""
+    split's labels and image bytes. Computed on the host, once, right after loading (0.25 s
+    for CIFAR-100's 180 MB of images on a 2-core CPU)."""
     def digest(split: ImageDataset) -> str:
         h = hashlib.sha256()
         for t in (split.labels, split.images):
