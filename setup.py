@@ -7,7 +7,9 @@
 run against (building against another torch would produce an extension with the wrong ABI).
 
 The C++/CUDA extension ``vit_fast._C`` (sources in csrc/) is built with ninja:
-  * with CUDA kernels for sm_80 and sm_90 when a CUDA toolkit is found and torch is a CUDA build.
+  * with CUDA kernels when a CUDA toolkit is found and torch is a CUDA build: SASS for sm_80 and
+    sm_90 (plus sm_100 and sm_120 when the toolkit's nvcc supports them) and compute_90 PTX, which
+    the driver compiles for GPUs newer than every SASS image.
     The toolkit is looked up as $CUDA_HOME, else the toolkit of the ``nvcc`` on PATH, else
     /usr/local/cuda. A GPU is not needed to build.
   * CPU-only otherwise, or when VIT_FAST_CPU_ONLY=1 is set (for example to skip nvcc on a small
@@ -17,6 +19,7 @@ After editing csrc/, rebuild with the same pip command; vit_fast refuses a stale
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,8 +30,13 @@ ROOT = Path(__file__).resolve().parent
 # Sources of vit_fast._C, relative to this file (setuptools wants relative paths).
 CPP_SOURCES = ["csrc/patch_embed.cpp"]
 CUDA_SOURCES = ["csrc/patch_embed_cuda.cu"]
-# One SASS image per target architecture: A100 (sm_80) and H100 (sm_90).
-CUDA_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+# One SASS image per target architecture: A100 (sm_80, also run by sm_86/sm_89 GPUs) and H100
+# (sm_90) always; B200 (sm_100) and RTX 50xx (sm_120) when nvcc knows them (CUDA 12.8+).
+REQUIRED_SASS = ["80", "90"]
+OPTIONAL_SASS = ["100", "120"]
+# PTX for forward compatibility: a GPU without a matching SASS image (a future architecture)
+# JIT-compiles this at load time instead of failing with "no kernel image is available".
+PTX_ARCH = "90"
 
 
 def read_requirements(name: str) -> list[str]:
@@ -60,6 +68,26 @@ def find_cuda_home() -> str | None:
     return None
 
 
+def nvcc_architectures(cuda_home: str) -> set[str]:
+    """The compute capabilities ("80", "90", ...) `nvcc --list-gpu-arch` reports; empty if it cannot say."""
+    try:
+        listed = subprocess.run(
+            [str(Path(cuda_home) / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return set()
+    return {line.strip().removeprefix("compute_") for line in listed.split() if line.startswith("compute_")}
+
+
+def cuda_arch_flags(cuda_home: str) -> tuple[list[str], list[str]]:
+    """(-gencode flags, SASS architectures): the required SASS, the optional SASS nvcc supports, the PTX."""
+    supported = nvcc_architectures(cuda_home)
+    sass = REQUIRED_SASS + [arch for arch in OPTIONAL_SASS if arch in supported]
+    flags = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in sass]
+    flags.append(f"-gencode=arch=compute_{PTX_ARCH},code=compute_{PTX_ARCH}")
+    return flags, sass
+
+
 def extension_modules():
     cpu_only = os.environ.get("VIT_FAST_CPU_ONLY", "0") not in ("", "0")
     cuda_home = None if cpu_only else find_cuda_home()
@@ -82,12 +110,16 @@ def extension_modules():
     cxx_flags = ["-O3", "-g0"]
     with_cuda = cuda_home is not None and torch.version.cuda is not None
     if with_cuda:
-        print(f"vit_fast: building vit_fast._C with CUDA kernels (toolkit {cuda_home}, sm_80 + sm_90)")
+        arch_flags, sass = cuda_arch_flags(cuda_home)
+        print(
+            f"vit_fast: building vit_fast._C with CUDA kernels (toolkit {cuda_home}, SASS "
+            f"{' + '.join('sm_' + a for a in sass)}, PTX compute_{PTX_ARCH})"
+        )
         ext = CUDAExtension(
             "vit_fast._C",
             CPP_SOURCES + CUDA_SOURCES,
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", *CUDA_ARCH_FLAGS]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", *arch_flags]},
         )
     else:
         reason = (

@@ -1,12 +1,13 @@
 """Benchmark of the fused LayerNorm (+ residual add), vit_fast.fused.layernorm.
 
-    python benchmarks/bench_layernorm.py [--quick] [--dtype bf16] [--out-dir DIR]
+    python -m benchmarks.bench_layernorm [--quick] [--dtype bf16] [--out-dir DIR]
 
-Providers, side by side in one process, on identical inputs:
-  reference      vit_fast.reference.layer_norm / add_layer_norm (the readable spec, eager)
-  torch          F.layer_norm; for the residual variant x + residual, then F.layer_norm
+Providers, side by side in one process, on identical inputs, all vit_fast.ops.layer_norm /
+add_layer_norm with a backend:
+  reference      backend "reference": the readable spec, eager
+  torch          backend "torch": F.layer_norm; for the residual variant x + residual, then F.layer_norm
   torch.compile  the torch provider under torch.compile
-  fused          vit_fast.fused.layernorm.layer_norm / add_layer_norm (Triton)
+  fused          backend "fused": the Triton kernels of vit_fast.fused
 Variants: plain LayerNorm, and the pre-LN block's residual add + LayerNorm (outputs y and s).
 Passes: forward, and forward + backward (gradients of every input, with incoming gradients for y
 and, in the residual variant, for s).
@@ -30,53 +31,33 @@ reference on CPU (the Triton kernels under TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():  # before triton is imported, by vit_fast.fused.layernorm below
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, device_peaks, gpu_available, no_gpu_notice, plot_lines, time_cuda, write_json  # noqa: E402
-
-from vit_fast import reference  # noqa: E402
-from vit_fast.fused import layernorm as fused  # noqa: E402
-from vit_fast.testing import assert_parity  # noqa: E402
+from benchmarks import common
+from benchmarks.common import PROVIDERS, device_peaks, no_gpu_notice, plot_lines, time_cuda
+from vit_fast import ops
+from vit_fast.testing import assert_parity
 
 EPS = 1e-6
 WIDTHS = (192, 384, 768, 1024)
 ROWS = (128 * 65, 512 * 65)  # CIFAR-100 ViT: batch 128 / 512 of 64 patches + class token
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PROVIDERS = ("reference", "torch", "torch.compile", "fused")
 
 
-def _torch_layer_norm(x, weight, bias):
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, EPS)
+def layer_norm(backend: str):
+    return lambda x, w, b: (ops.layer_norm(x, w, b, EPS, backend),)
 
 
-def _torch_add_layer_norm(x, residual, weight, bias):
-    s = x + residual
-    return F.layer_norm(s, (s.shape[-1],), weight, bias, EPS), s
+def add_layer_norm(backend: str):
+    return lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS, backend)
 
 
 def make_providers() -> dict:
-    """provider -> (plain fn, residual fn); each returns a tuple of outputs."""
-    compiled_plain = torch.compile(_torch_layer_norm)
-    compiled_residual = torch.compile(_torch_add_layer_norm)
-    return {
-        "reference": (lambda x, w, b: (reference.layer_norm(x, w, b, EPS),),
-                      lambda x, r, w, b: reference.add_layer_norm(x, r, w, b, EPS)),
-        "torch": (lambda x, w, b: (_torch_layer_norm(x, w, b),), _torch_add_layer_norm),
-        "torch.compile": (lambda x, w, b: (compiled_plain(x, w, b),), compiled_residual),
-        "fused": (lambda x, w, b: (fused.layer_norm(x, w, b, EPS),),
-                  lambda x, r, w, b: fused.add_layer_norm(x, r, w, b, EPS)),
-    }
+    """provider -> (plain fn, residual fn); each returns a tuple of outputs. Once per shape."""
+    plain, residual = common.providers(layer_norm), common.providers(add_layer_norm)
+    return {name: (plain[name], residual[name]) for name in PROVIDERS}
 
 
 def make_inputs(rows: int, width: int, dtype, device, residual: bool):
@@ -137,7 +118,7 @@ def checked(name, fn, inputs, grads, ref_fn, dtype) -> tuple[float | None, str |
         return None, str(e)
 
 
-def smoke(args) -> dict:
+def run_cpu(args) -> dict:
     """CPU: every provider, forward and backward, against the reference; nothing timed."""
     no_gpu_notice("bench_layernorm")
     widths = (192, 768) if args.quick else WIDTHS
@@ -166,13 +147,12 @@ def smoke(args) -> dict:
     return {"mode": "cpu-smoke", "records": records}
 
 
-def benchmark(args) -> dict:
+def run_gpu(args) -> dict:
     """GPU: time every provider, pass, variant, width and row count; GB/s from the byte model."""
     peaks = device_peaks()
     dtype = DTYPES[args.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
     rows_list = ROWS[:1] if args.quick else ROWS
-    providers = make_providers()
     records = []
     print(f"{peaks['gpu']}, {args.dtype}, peak HBM {peaks['peak_gbps']} GB/s")
     for residual in (False, True):
@@ -180,6 +160,7 @@ def benchmark(args) -> dict:
         for rows in rows_list:
             for width in WIDTHS:
                 inputs, grads = make_inputs(rows, width, dtype, "cuda", residual)
+                providers = make_providers()
                 # Correctness first, on the very inputs that are timed.
                 failures = {p: checked(p, providers[p][residual], inputs, grads, providers["reference"][residual], dtype)[1]
                             for p in PROVIDERS}
@@ -208,7 +189,9 @@ def benchmark(args) -> dict:
                     pct = records[-1]["pct_hbm"]
                     print(f"{variant:>8} {'fwd+bwd' if backward else 'fwd':>7} rows={rows:>6} N={width:>5}: {line} | "
                           f"fused {records[-1]['gbps']:.0f} GB/s" + (f" ({pct:.0f}% HBM)" if pct else "") + f" | {speedups}")
-    return {"mode": "gpu", "peaks": peaks, "records": records}
+    result = {"mode": "gpu", "peaks": peaks, "records": records}
+    plot(result, args.out_dir)
+    return result
 
 
 def plot(result: dict, out_dir: Path) -> None:
@@ -221,23 +204,14 @@ def plot(result: dict, out_dir: Path) -> None:
                        "width N", "GB/s (byte model)", f"LayerNorm {variant} {pass_}, {rows} rows, {sel[0]['dtype']}")
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer shapes: 128*65 rows on a GPU, widths 192 and 768 on CPU")
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__, "fewer shapes: 128*65 rows on a GPU, widths 192 and 768 on CPU")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default: bf16 on a GPU (training's dtype), fp32 for the CPU smoke (tightest check)")
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
-    if gpu_available():
-        args.dtype = args.dtype or "bf16"
-        result = benchmark(args)
-        plot(result, args.out_dir)
-    else:
-        args.dtype = args.dtype or "fp32"
-        result = smoke(args)
-    write_json("bench_layernorm", {"args": vars(args), **result}, args.out_dir)
-    return result
+    args.dtype = args.dtype or ("bf16" if common.gpu_available() else "fp32")
+    return common.run("bench_layernorm", args, run_gpu, run_cpu)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,10 +1,12 @@
 """Benchmark of the fused patch embedding (vit_fast._C) against PyTorch and the reference.
 
-Providers, side by side in one process:
-  fused          vit_fast.fused.patch_embed (one CUDA kernel forward; see csrc/patch_embed_cuda.cu)
-  torch          conv2d -> flatten -> transpose -> cat(class token) -> + pos_embed (what users write)
-  torch.compile  the same torch code under torch.compile
-  reference      vit_fast.reference.patch_embed (reshape patchify + matmul)
+Providers, side by side in one process, all vit_fast.ops.patch_embed with a backend:
+  fused          backend "fused": vit_fast.fused.patch_embed (one CUDA kernel forward; see
+                 csrc/patch_embed_cuda.cu)
+  torch          backend "torch": conv2d -> flatten -> transpose -> cat(class token) -> + pos_embed
+                 (what users write)
+  torch.compile  the torch provider under torch.compile
+  reference      backend "reference": reshape patchify + matmul
 Passes: forward, and forward + backward of the parameters (the training step: images do not
 require grad).
 
@@ -17,24 +19,18 @@ times the element size. K = C*p*p, N = (H/p)*(W/p).
 Without a GPU nothing is timed; the script checks the fused op against the reference on the CPU
 (forward and every gradient, both configurations at small batch) and reports the byte model.
 
-    python benchmarks/bench_patch_embed.py [--quick] [--out-dir DIR] [--dtype bf16|fp16|fp32]
+    python -m benchmarks.bench_patch_embed [--quick] [--out-dir DIR] [--dtype bf16|fp16|fp32]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-from vit_fast import reference  # noqa: E402
-from vit_fast.fused import patch_embed as fused  # noqa: E402
+from benchmarks import common
+from benchmarks.common import PASSES
+from vit_fast import ops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -66,11 +62,9 @@ CONFIGS = [
 ]
 
 
-def torch_patch_embed(images, weight, bias, cls_token, pos_embed):
-    """What a PyTorch user writes (timm's PatchEmbed + cat + add): four passes over the tokens."""
-    p = weight.shape[-1]
-    tokens = F.conv2d(images, weight, bias, stride=p).flatten(2).transpose(1, 2)  # (B, N, D)
-    return torch.cat([cls_token.expand(images.shape[0], -1, -1), tokens], dim=1) + pos_embed
+def patch_embed(backend: str):
+    return lambda images, weight, bias, cls_token, pos_embed: ops.patch_embed(
+        images, weight, bias, cls_token, pos_embed, backend)
 
 
 def make_inputs(cfg: EmbedConfig, batch: int, dtype, device):
@@ -94,41 +88,20 @@ def bytes_moved(cfg: EmbedConfig, batch: int, element_size: int) -> dict[str, in
     return {"forward": forward * element_size, "forward_backward": (forward + backward) * element_size}
 
 
-def providers():
-    return {
-        "fused": fused.patch_embed,
-        "torch": torch_patch_embed,
-        "torch.compile": torch.compile(torch_patch_embed),
-        "reference": reference.patch_embed,
-    }
-
-
 def run_gpu(args) -> dict:
     dtype = DTYPES[args.dtype]
     peaks = common.device_peaks()
     results = []
-    fns = providers()  # once: torch.compile caches its graphs per shape
     for cfg in CONFIGS:
         for batch in cfg.quick_batches if args.quick else cfg.batches:
             images, params = make_inputs(cfg, batch, dtype, "cuda")
             grad_out = torch.randn(batch, cfg.num_patches + 1, cfg.dim, dtype=dtype, device="cuda")
             model = bytes_moved(cfg, batch, images.element_size())
             row = {"config": cfg.name, "batch": batch, "bytes": model, "providers": {}}
-            for name, fn in fns.items():
-                with torch.no_grad():
-                    fwd = common.time_cuda(lambda: fn(images, *params))
-                fwd_bwd = common.time_cuda(lambda: torch.autograd.grad(fn(images, *params), params, grad_out))
-                entry = {}
-                for pass_name, t in (("forward", fwd), ("forward_backward", fwd_bwd)):
-                    gbps = model[pass_name] / (t["ms"] * 1e-3) / 1e9
-                    entry[pass_name] = {**t, "gbps": gbps,
-                                        "pct_peak_bw": 100 * gbps / peaks["peak_gbps"] if peaks["peak_gbps"] else None}
-                row["providers"][name] = entry
-            for pass_name in ("forward", "forward_backward"):
-                fused_ms = row["providers"]["fused"][pass_name]["ms"]
-                row[f"speedup_{pass_name}"] = {
-                    name: e[pass_name]["ms"] / fused_ms for name, e in row["providers"].items() if name != "fused"
-                }
+            for name, fn in common.providers(patch_embed).items():
+                times = common.time_passes(fn, [images, *params], params, grad_out)
+                row["providers"][name] = common.with_rates(times, model, "gbps", 1e9, peaks["peak_gbps"], "pct_peak_bw")
+            common.add_speedups(row)
             results.append(row)
             p = row["providers"]
             print(
@@ -142,57 +115,41 @@ def run_gpu(args) -> dict:
         if len(rows) < 2:
             continue
         batches = [r["batch"] for r in rows]
-        for pass_name in ("forward", "forward_backward"):
+        for pass_name in PASSES:
             series = {name: [r["providers"][name][pass_name]["gbps"] for r in rows] for name in rows[0]["providers"]}
             common.plot_lines(
-                Path(args.out_dir or common.RESULTS_DIR) / f"bench_patch_embed_{cfg.name}_{pass_name}.png",
+                args.out_dir / f"bench_patch_embed_{cfg.name}_{pass_name}.png",
                 batches, series, "batch", "GB/s (byte model)",
                 f"patch embedding {pass_name}, {cfg.name}, {args.dtype}", logx=True,
             )
     return {"device": peaks, "dtype": args.dtype, "results": results}
 
 
-def run_cpu_smoke(args) -> dict:
+def run_cpu(args) -> dict:
     """Fused vs reference on the CPU, forward and every gradient, in fp32 (fp64 reference)."""
     notice = common.no_gpu_notice("bench_patch_embed")
     checks = []
     for cfg in CONFIGS:
-        images, params = make_inputs(cfg, 2, torch.float32, "cpu")
-        images.requires_grad_()
-        inputs = [images, *params]
-        grad_out = torch.randn(2, cfg.num_patches + 1, cfg.dim)
-        out = fused.patch_embed(*inputs)
-        grads = torch.autograd.grad(out, inputs, grad_out)
-        ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
-        ref = reference.patch_embed(*ref_inputs)
-        ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
-        errors = {
-            name: (a.double() - b).abs().max().item()
-            for name, a, b in zip(["tokens", "images", "weight", "bias", "cls_token", "pos_embed"],
-                                  [out, *grads], [ref, *ref_grads])
-        }
-        ok = all(err <= 1e-3 * max(1.0, b.abs().max().item())
-                 for err, b in zip(errors.values(), [ref, *ref_grads]))
+        images, params = make_inputs(cfg, 2, torch.float32, "cpu")  # fp32 values: exact in the fp64 reference
+        grad_out = [torch.randn(2, cfg.num_patches + 1, cfg.dim)]  # (B, N+1, D)
+        got, want = (common.outputs_and_grads(patch_embed(backend), [images, *params], grad_out, dtype)
+                     for backend, dtype in (("fused", torch.float32), ("reference", torch.float64)))
+        errors = {name: common.max_abs_diff(a, b)
+                  for name, a, b in zip(["tokens", "images", "weight", "bias", "cls_token", "pos_embed"], got, want)}
+        ok = all(err <= 1e-3 * max(1.0, b.abs().max().item()) for err, b in zip(errors.values(), want))
         checks.append({"config": asdict(cfg), "max_abs_error_vs_fp64": errors, "ok": ok,
                        "bytes_bf16_batch256": bytes_moved(cfg, 256, 2)})
         print(f"{cfg.name}: {'OK' if ok else 'MISMATCH'}  max |fused - reference| = "
               + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-    if not all(c["ok"] for c in checks):
-        raise SystemExit("bench_patch_embed: the fused op disagrees with the reference")
-    return {"notice": notice, "smoke": checks}
+    failures = [f"the fused op disagrees with the reference at {c['config']['name']}" for c in checks if not c["ok"]]
+    return {"notice": notice, "smoke": checks, "failures": failures}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one batch size per configuration")
-    parser.add_argument("--out-dir", type=Path, default=None, help=f"where JSON and PNGs go (default {common.RESULTS_DIR})")
+def main(argv: list[str] | None = None) -> int:
+    parser = common.parser(__doc__, "one batch size per configuration")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    args = parser.parse_args()
-    if not fused.extension_available():
-        raise SystemExit(f"bench_patch_embed: {fused._LOAD_ERROR}; rebuild with: {fused.REBUILD_COMMAND}")
-    payload = run_gpu(args) if common.gpu_available() else run_cpu_smoke(args)
-    common.write_json("bench_patch_embed", payload, args.out_dir)
+    return common.run("bench_patch_embed", parser.parse_args(argv), run_gpu, run_cpu)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """End-to-end training step: images/s, step time and peak memory per backend.
 
-    python benchmarks/bench_train.py [--presets vit-cifar vit-tiny] [--batch-sizes 128 256 512]
+    python -m benchmarks.bench_train [--presets vit-cifar vit-tiny] [--batch-sizes 128 256 512]
 
 Providers, side by side in one process on the same weights and data: reference, torch,
 torch + torch.compile, fused, fused + torch.compile. A step is forward, backward and AdamW under
@@ -11,21 +11,12 @@ costs fusion cuts, computed on fake tensors) and says that timings need a GPU.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from pathlib import Path
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_peaks, environment, gpu_available, no_gpu_notice, plot_lines, time_cuda, write_json  # noqa: E402
-
-from vit_fast import cost  # noqa: E402
-from vit_fast.model import build_model  # noqa: E402
+from benchmarks import common
+from benchmarks.common import device_peaks, environment, no_gpu_notice, plot_lines, time_cuda
+from vit_fast import cost
+from vit_fast.model import build_model
 
 PROVIDERS = {  # name: (backend, compiled)
     "reference": ("reference", False),
@@ -61,29 +52,21 @@ def time_provider(preset: str, batch: int, backend: str, compiled: bool) -> dict
     return t  # the model and optimizer go out of scope here; the caller empties the cache
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", nargs="+", default=["vit-cifar", "vit-tiny", "vit-small"])
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 256, 512])
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
-    p.add_argument("--out-dir", default=None)
-    p.add_argument("--quick", action="store_true", help="vit-cifar at batch 128 only")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.presets, args.batch_sizes = ["vit-cifar"], [128]
+def run_cpu(args) -> dict:
+    """The per-step cost account of every preset and batch size (a model, computed on fake tensors)."""
+    notice = no_gpu_notice("bench_train", "the per-step cost account (timings need a GPU)")
+    accounts = {}
+    for preset in args.presets:
+        for batch in args.batch_sizes:
+            acc = {b: cost.account_training_step(preset, batch, b) for b in ("reference", "torch", "fused")}
+            print(f"\n== cost account: {preset}, batch {batch} (fp32; a model, not a timing) ==")
+            print(cost.format_table(acc, top=8))
+            accounts[f"{preset}/b{batch}"] = {b: a.to_dict() for b, a in acc.items()}
+    return {"timed": False, "notice": notice, "cost_account": accounts}
 
-    if not gpu_available():
-        notice = no_gpu_notice("bench_train", "the per-step cost account (timings need a GPU)")
-        accounts = {}
-        for preset in args.presets:
-            for batch in args.batch_sizes:
-                acc = {b: cost.account_training_step(preset, batch, b) for b in ("reference", "torch", "fused")}
-                print(f"\n== cost account: {preset}, batch {batch} (fp32; a model, not a timing) ==")
-                print(cost.format_table(acc, top=8))
-                accounts[f"{preset}/b{batch}"] = {b: a.to_dict() for b, a in acc.items()}
-        write_json("bench_train", {"timed": False, "notice": notice, "cost_account": accounts}, args.out_dir)
-        return accounts
 
+def run_gpu(args) -> dict:
+    """Step time, images/s and peak memory of every provider, preset and batch size, plus a plot per preset."""
     peaks = device_peaks()
     rows = []
     for preset in args.presets:
@@ -104,14 +87,24 @@ def main(argv=None) -> dict:
                 if "ms" in row[name] and base:
                     row[name]["speedup_vs_torch"] = base / row[name]["ms"]
             rows.append(row)
-    out = write_json("bench_train", {"timed": True, "device": peaks, "rows": rows}, args.out_dir)
     for preset in args.presets:
         sel = [r for r in rows if r["preset"] == preset]
-        plot_lines(out.with_name(f"bench_train_{preset}.png"), [r["batch"] for r in sel],
+        plot_lines(args.out_dir / f"bench_train_{preset}.png", [r["batch"] for r in sel],
                    {n: [r[n].get("images_per_s", float("nan")) for r in sel] for n in args.providers},
                    "batch size", "images/s", f"training step, {preset} ({environment()['gpu']})", logx=True)
-    return {"rows": rows}
+    return {"timed": True, "device": peaks, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__, "vit-cifar at batch 128 only")
+    p.add_argument("--presets", nargs="+", default=["vit-cifar", "vit-tiny", "vit-small"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 256, 512])
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.presets, args.batch_sizes = ["vit-cifar"], [128]
+    return common.run("bench_train", args, run_gpu, run_cpu)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,10 +1,10 @@
 """One command for the whole validation: parity suite, op benchmarks, training benchmark, report.
 
-    python benchmarks/run_all.py [--out-dir report] [--quick] [--skip-tests]
+    python -m benchmarks.run_all [--out-dir report] [--quick] [--skip-tests]
 
-On a CUDA machine: the test suite on the GPU (bf16 included), every op benchmark, the training
+On a CUDA machine (run_gpu): the test suite on the GPU (bf16 included), every op benchmark, the training
 benchmark, and a short real training comparison (same seed and steps with --fused and with the
-torch backend: loss agreement and images/s). Without a GPU: the CPU-meaningful parts (parity
+torch backend: loss agreement and images/s). Without a GPU (run_cpu): the CPU-meaningful parts (parity
 under the Triton interpreter, the per-step cost account, the ahead-of-time compile checks) and a
 plain statement that no timings were taken.
 
@@ -14,17 +14,16 @@ every figure), SUMMARY.md (tables), the benchmarks' own JSON and PNG files, and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from common import environment, gpu_available  # noqa: E402
+from benchmarks import common
+from benchmarks.common import environment, gpu_available
+
+ROOT = Path(__file__).resolve().parents[1]
 
 OP_BENCHMARKS = ("bench_attention", "bench_layernorm", "bench_mlp", "bench_patch_embed", "bench_data")
 PARITY_TESTS = ("tests/test_layernorm.py", "tests/test_attention.py", "tests/test_mlp.py",
@@ -150,35 +149,17 @@ def write_summary_md(out: Path, summary: dict) -> None:
     (out / "SUMMARY.md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", default="report")
-    p.add_argument("--quick", action="store_true", help="smoke everything (minutes): the test suite's mode")
-    p.add_argument("--skip-tests", action="store_true", help="do not run pytest (e.g. CI already did)")
-    p.add_argument("--data-dir", default="./data", help="CIFAR-100 for the training comparison, if present")
-    args = p.parse_args(argv)
-    out = Path(args.out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    timed = gpu_available()
-    py = sys.executable
-    quick = ["--quick"] if args.quick else []
-    steps = []
+def benchmark_step(name: str, out: Path, quick: bool, timeout: float) -> dict:
+    """One benchmark script as a module of this package, its JSON and plots written into ``out``."""
+    return run_step(name, [sys.executable, "-m", f"benchmarks.{name}", "--out-dir", str(out),
+                           *(["--quick"] if quick else [])], out, timeout)
 
-    if not args.skip_tests:
-        if timed:  # the quick mode runs the kernels' parity files only (the suite also runs this script)
-            steps.append(run_step("tests", [py, "-m", "pytest", "-q", *(PARITY_TESTS if args.quick else ())], out, 5400))
-        elif args.quick:  # the interpreter parity of every op is what the benchmarks' smokes check
-            steps.append(run_step("aot_compile", [py, "-m", "pytest", "-q", "tests/test_aot.py"], out, 900))
-        else:
-            steps.append(run_step("parity_and_aot", [py, "-m", "pytest", "-q", *PARITY_TESTS], out, 3600))
-    for bench in OP_BENCHMARKS:
-        steps.append(run_step(bench, [py, str(HERE / f"{bench}.py"), "--out-dir", str(out), *quick], out, 3600))
-    if timed:
-        steps.append(run_step("bench_train", [py, str(HERE / "bench_train.py"), "--out-dir", str(out), *quick], out, 7200))
+
+def summarise(out: Path, steps: list[dict], timed: bool) -> dict:
+    """The cost account step (meaningful everywhere), then every benchmark's JSON gathered."""
     cost_json = out / "cost_account.json"
-    steps.append(run_step("cost_account", [py, "-m", "vit_fast.cost", "--preset", "vit-cifar", "--batch-size", "128",
-                                           "--json", str(cost_json)], out, 900))
-
+    steps.append(run_step("cost_account", [sys.executable, "-m", "vit_fast.cost", "--preset", "vit-cifar",
+                                           "--batch-size", "128", "--json", str(cost_json)], out, 900))
     summary = {"environment": environment(), "timed": timed, "steps": steps, "speedups": [], "benchmarks": {}}
     if not timed:
         summary["notice"] = "No GPU on this machine: no timings were taken."
@@ -192,19 +173,53 @@ def main(argv=None) -> dict:
     if cost_json.exists():
         summary["cost_account"] = json.loads(cost_json.read_text())
         cost_account_png({k: v for k, v in summary["cost_account"]["backends"].items()}, out / "cost_account.png")
-    if timed:
-        summary["training_comparison"], train_steps = training_comparison(out, args.quick, args.data_dir)
-        steps += train_steps
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    write_summary_md(out, summary)
-    failed = [s["name"] for s in steps if s["status"] != "ok"]
-    print(f"[run_all] report in {out}: SUMMARY.md, summary.json" + (f"; FAILED: {failed}" if failed else "; all steps ok"))
-    if not timed:
-        print("[run_all] No GPU on this machine: no timings were taken.")
-    if failed:
-        raise SystemExit(1)
     return summary
 
 
+def run_gpu(args) -> dict:
+    """The test suite on the GPU, every benchmark timed, the training benchmark and comparison."""
+    out, py = args.out_dir, sys.executable
+    steps = []
+    if not args.skip_tests:  # the quick mode runs the kernels' parity files only (the suite also runs this script)
+        steps.append(run_step("tests", [py, "-m", "pytest", "-q", *(PARITY_TESTS if args.quick else ())], out, 5400))
+    steps += [benchmark_step(bench, out, args.quick, 3600) for bench in OP_BENCHMARKS]
+    steps.append(benchmark_step("bench_train", out, args.quick, 7200))
+    summary = summarise(out, steps, timed=True)
+    summary["training_comparison"], train_steps = training_comparison(out, args.quick, args.data_dir)
+    steps += train_steps
+    return summary
+
+
+def run_cpu(args) -> dict:
+    """Parity under the interpreter (or, quick, the ahead-of-time compile checks), every
+    benchmark's correctness smoke, and the cost account; nothing timed."""
+    out, py = args.out_dir, sys.executable
+    steps = []
+    if args.quick and not args.skip_tests:  # the interpreter parity of every op is what the benchmarks' smokes check
+        steps.append(run_step("aot_compile", [py, "-m", "pytest", "-q", "tests/test_aot.py"], out, 900))
+    elif not args.skip_tests:
+        steps.append(run_step("parity_and_aot", [py, "-m", "pytest", "-q", *PARITY_TESTS], out, 3600))
+    steps += [benchmark_step(bench, out, args.quick, 3600) for bench in OP_BENCHMARKS]
+    return summarise(out, steps, timed=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__, "smoke everything (minutes): the test suite's mode", default_out_dir=Path("report"))
+    p.add_argument("--skip-tests", action="store_true", help="do not run pytest (e.g. CI already did)")
+    p.add_argument("--data-dir", default="./data", help="CIFAR-100 for the training comparison, if present")
+    args = p.parse_args(argv)
+    args.out_dir = Path(args.out_dir).resolve()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    summary = run_gpu(args) if gpu_available() else run_cpu(args)
+    out = args.out_dir
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_summary_md(out, summary)
+    failed = [s["name"] for s in summary["steps"] if s["status"] != "ok"]
+    print(f"[run_all] report in {out}: SUMMARY.md, summary.json" + (f"; FAILED: {failed}" if failed else "; all steps ok"))
+    if not summary["timed"]:
+        print("[run_all] No GPU on this machine: no timings were taken.")
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,8 +2,8 @@
 // implementation and (when built WITH_CUDA) the CUDA dispatch that calls patch_embed_cuda.cu.
 //
 // Ops (namespace vit_fast; fake and autograd implementations live in vit_fast/fused/patch_embed.py):
-//   patch_embed_forward(images, weight, bias, cls_token, pos_embed) -> tokens (B, N + 1, D)
-//   patch_embed_backward_params(grad_out, images, weight)
+//   patch_embed(images, weight, bias, cls_token, pos_embed) -> tokens (B, N + 1, D)
+//   patch_embed_backward(grad_out, images, weight)
 //       -> (grad_weight (D, C, p, p), grad_bias (D,), grad_cls_token (1, 1, D), grad_pos_embed (1, N + 1, D))
 //   patch_embed_backward_images(grad_out, weight, height, width) -> grad_images (B, C, H, W)
 // The image gradient is a separate op so that the usual case (images do not require grad) costs
@@ -16,7 +16,10 @@
 //
 // The CPU implementation mirrors the CUDA kernels' math (fp32 accumulation for 16-bit types, a
 // fixed reduction order, no cross-thread reductions, so results are deterministic) and calls the
-// same index helpers of patch_embed_index.h.
+// same index helpers of patch_embed_index.h. The parameter gradients are summed in the GPU's
+// orders through the helpers of patch_embed_sum.h (two-level column sums for the positional
+// embedding, class token and bias; row slices for the weight), so the CPU tests check the
+// accuracy of those orders.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -25,10 +28,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
 #include "patch_embed_index.h"
+#include "patch_embed_sum.h"
 
 #ifdef WITH_CUDA
 // c10 headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS and cuSPARSE headers, which a minimal
@@ -170,19 +175,20 @@ void backward_params_cpu_impl(const scalar_t* grad_out, const scalar_t* images, 
   std::vector<acc_t> pos_sums(tokens * s.dim);
   at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      acc_t* sums = pos_sums.data() + t * s.dim;
-      for (int64_t b = 0; b < s.batch; ++b) {
-        const scalar_t* g = grad_out + (b * tokens + t) * s.dim;
-        for (int d = 0; d < s.dim; ++d) sums[d] += static_cast<acc_t>(g[d]);
+      for (int d = 0; d < s.dim; ++d) {
+        const scalar_t* g = grad_out + t * s.dim + d;
+        const acc_t sum = two_level_sum<acc_t>([&](int64_t b) { return static_cast<acc_t>(g[b * tokens * s.dim]); },
+                                               s.batch);
+        pos_sums[t * s.dim + d] = sum;
+        grad_pos_embed[t * s.dim + d] = sum;
       }
-      for (int d = 0; d < s.dim; ++d) grad_pos_embed[t * s.dim + d] = sums[d];
     }
   });
   for (int d = 0; d < s.dim; ++d) {
     grad_cls_token[d] = pos_sums[d];
-    acc_t acc = 0;  // the bias reaches every patch token, not the class token
-    for (int64_t t = 1; t < tokens; ++t) acc += pos_sums[t * s.dim + d];
-    grad_bias[d] = acc;
+    // The bias reaches every patch token, not the class token: rows 1..N of pos_sums.
+    const acc_t* patch_sums = pos_sums.data() + s.dim + d;
+    grad_bias[d] = two_level_sum<acc_t>([&](int64_t t) { return patch_sums[t * s.dim]; }, s.num_patches);
   }
 
   // grad_weight[d, k] = sum_m grad_patches[m, d] * patches[m, k]; gather the patches once.
@@ -195,16 +201,26 @@ void backward_params_cpu_impl(const scalar_t* grad_out, const scalar_t* images, 
       for (int k = 0; k < s.inner; ++k) patches[m * s.inner + k] = static_cast<acc_t>(origin[inner[k]]);
     }
   });
+  // The GPU's order (patch_embed_sum.h): each slice of rows accumulated in row order, then the
+  // slices' partials in slice order. (The GPU fuses each multiply-add; this loop rounds the
+  // product first, unless the compiler contracts it.)
+  const int64_t splits = weight_grad_splits(s);
+  const int64_t rows_per_split = weight_grad_rows_per_split(s, splits);
   at::parallel_for(0, s.dim, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(s.inner);
+    std::vector<acc_t> slice(s.inner), total(s.inner);
     for (int64_t d = begin; d < end; ++d) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t m = 0; m < rows; ++m) {
-        const acc_t g = static_cast<acc_t>(grad_out[token_row_of_patch_row(m, s.num_patches) * s.dim + d]);
-        const acc_t* x = patches.data() + m * s.inner;
-        for (int k = 0; k < s.inner; ++k) acc[k] += g * x[k];
+      std::fill(total.begin(), total.end(), acc_t(0));
+      for (int64_t z = 0; z < splits; ++z) {
+        std::fill(slice.begin(), slice.end(), acc_t(0));
+        const int64_t m_end = std::min(rows, (z + 1) * rows_per_split);
+        for (int64_t m = z * rows_per_split; m < m_end; ++m) {
+          const acc_t g = static_cast<acc_t>(grad_out[token_row_of_patch_row(m, s.num_patches) * s.dim + d]);
+          const acc_t* x = patches.data() + m * s.inner;
+          for (int k = 0; k < s.inner; ++k) slice[k] += g * x[k];
+        }
+        for (int k = 0; k < s.inner; ++k) total[k] += slice[k];
       }
-      for (int k = 0; k < s.inner; ++k) grad_weight[d * s.inner + k] = acc[k];
+      for (int k = 0; k < s.inner; ++k) grad_weight[d * s.inner + k] = total[k];
     }
   });
 }
@@ -238,7 +254,7 @@ at::Tensor forward_cpu(const at::Tensor& images, const at::Tensor& weight_in, co
   const at::Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
   const at::Tensor cls_token = cls_in.contiguous(), pos_embed = pos_in.contiguous();
   at::Tensor out = at::empty({s.batch, s.num_patches + 1, s.dim}, images.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "patch_embed_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "patch_embed_cpu", [&] {
     forward_cpu_impl<scalar_t>(images.const_data_ptr<scalar_t>(), image_strides(images),
                                weight.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
                                cls_token.const_data_ptr<scalar_t>(), pos_embed.const_data_ptr<scalar_t>(),
@@ -269,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_params_cpu(c
   const at::Tensor grad_out = grad_out_in.contiguous();
   auto grads = empty_param_grads(weight, s);
   auto& [grad_weight, grad_bias, grad_cls, grad_pos] = grads;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "patch_embed_backward_params_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "patch_embed_backward_cpu", [&] {
     backward_params_cpu_impl<scalar_t>(grad_out.const_data_ptr<scalar_t>(), images.const_data_ptr<scalar_t>(),
                                        image_strides(images), grad_weight.mutable_data_ptr<scalar_t>(),
                                        grad_bias.mutable_data_ptr<scalar_t>(), grad_cls.mutable_data_ptr<scalar_t>(),
@@ -314,10 +330,6 @@ cuda::DType cuda_dtype(at::ScalarType t) {
   }
 }
 
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
 at::Tensor forward_cuda(const at::Tensor& images, const at::Tensor& weight_in, const at::Tensor& bias_in,
                         const at::Tensor& cls_in, const at::Tensor& pos_in) {
   const PatchEmbedShape s = check_forward(images, weight_in, bias_in, cls_in, pos_in);
@@ -327,11 +339,9 @@ at::Tensor forward_cuda(const at::Tensor& images, const at::Tensor& weight_in, c
   const at::Tensor cls_token = cls_in.contiguous(), pos_embed = pos_in.contiguous();
   at::Tensor out = at::empty({s.batch, s.num_patches + 1, s.dim}, images.options());
   if (out.numel() == 0) return out;
-  check_launch(cuda::launch_patch_embed_forward(dtype, images.const_data_ptr(), image_strides(images),
-                                                weight.const_data_ptr(), bias.const_data_ptr(),
-                                                cls_token.const_data_ptr(), pos_embed.const_data_ptr(),
-                                                out.mutable_data_ptr(), s, c10::cuda::getCurrentCUDAStream()),
-               "patch_embed_forward");
+  cuda::launch_patch_embed_forward(dtype, images.const_data_ptr(), image_strides(images), weight.const_data_ptr(),
+                                   bias.const_data_ptr(), cls_token.const_data_ptr(), pos_embed.const_data_ptr(),
+                                   out.mutable_data_ptr(), s, c10::cuda::getCurrentCUDAStream());
   return out;
 }
 
@@ -349,19 +359,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_params_cuda(
     for (auto* g : {&grad_weight, &grad_bias, &grad_cls, &grad_pos}) g->zero_();
     return grads;
   }
-  int num_sms = 0;
-  check_launch(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, images.get_device()),
-               "patch_embed_backward_params (reading the SM count)");
-  const int splits = cuda::patch_embed_weight_grad_splits(s, num_sms);
-  const auto f32 = grad_out.options().dtype(at::kFloat);
-  at::Tensor weight_partials = at::empty({splits, s.dim, s.inner}, f32);
-  at::Tensor pos_sums = at::empty({s.num_patches + 1, s.dim}, f32);
-  check_launch(cuda::launch_patch_embed_backward_params(
-                   dtype, grad_out.const_data_ptr(), images.const_data_ptr(), image_strides(images),
-                   weight_partials.mutable_data_ptr<float>(), splits, pos_sums.mutable_data_ptr<float>(),
-                   grad_weight.mutable_data_ptr(), grad_bias.mutable_data_ptr(), grad_cls.mutable_data_ptr(),
-                   grad_pos.mutable_data_ptr(), s, c10::cuda::getCurrentCUDAStream()),
-               "patch_embed_backward_params");
+  // The column sums launch one row of blocks per chunk of 16 images, and a grid's y extent is at
+  // most 65535.
+  TORCH_CHECK(num_sum_chunks(s.batch) <= 65535, "patch_embed backward (CUDA): batch ", s.batch,
+              " is too large; at most ", 65535 * kSumChunkRows, " images are supported");
+  const int64_t splits = weight_grad_splits(s);
+  at::Tensor workspace = at::empty({cuda::backward_workspace(s, splits).total}, grad_out.options().dtype(at::kFloat));
+  cuda::launch_patch_embed_backward_params(dtype, grad_out.const_data_ptr(), images.const_data_ptr(),
+                                           image_strides(images), workspace.mutable_data_ptr<float>(), splits,
+                                           grad_weight.mutable_data_ptr(), grad_bias.mutable_data_ptr(),
+                                           grad_cls.mutable_data_ptr(), grad_pos.mutable_data_ptr(), s,
+                                           c10::cuda::getCurrentCUDAStream());
   return grads;
 }
 
@@ -374,10 +382,8 @@ at::Tensor backward_images_cuda(const at::Tensor& grad_out_in, const at::Tensor&
   at::Tensor grad_images = at::empty({s.batch, s.channels, s.height, s.width}, grad_out.options());
   if (grad_images.numel() == 0) return grad_images;
   if (s.dim == 0) return grad_images.zero_();
-  check_launch(cuda::launch_patch_embed_backward_images(dtype, grad_out.const_data_ptr(), weight.const_data_ptr(),
-                                                        grad_images.mutable_data_ptr(), s,
-                                                        c10::cuda::getCurrentCUDAStream()),
-               "patch_embed_backward_images");
+  cuda::launch_patch_embed_backward_images(dtype, grad_out.const_data_ptr(), weight.const_data_ptr(),
+                                           grad_images.mutable_data_ptr(), s, c10::cuda::getCurrentCUDAStream());
   return grad_images;
 }
 
@@ -390,21 +396,21 @@ TORCH_LIBRARY(vit_fast, m) {
   // Fake (meta) and autograd implementations are registered from this Python module; torch
   // imports it if an op is traced before the user did.
   m.set_python_module("vit_fast.fused.patch_embed");
-  m.def("patch_embed_forward(Tensor images, Tensor weight, Tensor bias, Tensor cls_token, Tensor pos_embed) -> Tensor");
-  m.def("patch_embed_backward_params(Tensor grad_out, Tensor images, Tensor weight) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("patch_embed(Tensor images, Tensor weight, Tensor bias, Tensor cls_token, Tensor pos_embed) -> Tensor");
+  m.def("patch_embed_backward(Tensor grad_out, Tensor images, Tensor weight) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("patch_embed_backward_images(Tensor grad_out, Tensor weight, SymInt height, SymInt width) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vit_fast, CPU, m) {
-  m.impl("patch_embed_forward", &vit_fast::forward_cpu);
-  m.impl("patch_embed_backward_params", &vit_fast::backward_params_cpu);
+  m.impl("patch_embed", &vit_fast::forward_cpu);
+  m.impl("patch_embed_backward", &vit_fast::backward_params_cpu);
   m.impl("patch_embed_backward_images", &vit_fast::backward_images_cpu);
 }
 
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(vit_fast, CUDA, m) {
-  m.impl("patch_embed_forward", &vit_fast::forward_cuda);
-  m.impl("patch_embed_backward_params", &vit_fast::backward_params_cuda);
+  m.impl("patch_embed", &vit_fast::forward_cuda);
+  m.impl("patch_embed_backward", &vit_fast::backward_params_cuda);
   m.impl("patch_embed_backward_images", &vit_fast::backward_images_cuda);
 }
 #endif

@@ -1,7 +1,10 @@
 // CUDA kernels of the fused patch embedding (forward and backward) and their plain C++ launchers.
 //
-// No torch include on purpose: patch_embed.cpp does the ATen work and calls the launchers.
-// Index math comes from patch_embed_index.h, shared with the CPU implementation.
+// No torch or ATen include on purpose (they take minutes to compile under nvcc on a small
+// machine): patch_embed.cpp does the ATen work and calls the launchers. Only c10's CUDA error
+// header comes in, for C10_CUDA_KERNEL_LAUNCH_CHECK after every launch. Index math comes from
+// patch_embed_index.h and the column sums' order from patch_embed_sum.h, both shared with the CPU
+// implementation.
 //
 // Design. The patch embedding is a GEMM whose A operand is gathered from the images:
 //   tokens[b, 1 + n, :] = patches[b, n, :] @ W^T + bias + pos[1 + n],  patches[b, n, k] = pixel(n, k)
@@ -30,9 +33,12 @@
 //    cuDNN's conv2d; if the GEMM alternative wins at K = 768 it belongs behind a size switch in
 //    patch_embed.cpp.
 //
-// Determinism: no atomics. The weight gradient reduces over the B * N patch rows in a fixed number
-// of slices (one fp32 partial each) that a second kernel sums in slice order; the bias, class-token
-// and positional-embedding gradients are column sums in a fixed order.
+// Determinism: no atomics, and every summation order comes from the shape alone
+// (patch_embed_sum.h), the orders the CPU implementation runs too. The weight gradient reduces
+// over the B * N patch rows in weight_grad_splits slices (one fp32 partial each) that a second
+// kernel sums in slice order; the bias, class-token and positional-embedding gradients are column
+// sums in two levels (chunks of 16 rows reduced in parallel, then the chunk partials in order).
+#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -40,6 +46,7 @@
 #include <algorithm>
 
 #include "patch_embed_cuda.h"
+#include "patch_embed_sum.h"
 
 namespace vit_fast {
 namespace cuda {
@@ -67,6 +74,11 @@ constexpr int BLOCK_N = 64;
 constexpr int BLOCK_K = 16;
 constexpr int THREAD_M = BLOCK_M / 16;
 constexpr int THREAD_N = BLOCK_N / 16;
+static_assert(BLOCK_M == kWeightGradTile && BLOCK_N == kWeightGradTile,
+              "weight_grad_splits (patch_embed_sum.h) counts the weight gradient's blocks with this tile");
+
+// Threads per block of the element-wise reductions (weight-gradient slices, column sums).
+constexpr int kSumThreads = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -156,16 +168,25 @@ __global__ void __launch_bounds__(kThreads) patch_embed_forward_kernel(
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BLOCK_M;
   const int64_t d0 = static_cast<int64_t>(blockIdx.y) * BLOCK_N;
 
+  // Split the block's token rows into (image, token) once, before the tile loop: the split is a
+  // 64-bit division, a called subroutine on the GPU, and values held across such calls (or calls
+  // made with the accumulators live) cost the kernel a stack frame. The operand and the epilogue
+  // read these tables.
+  __shared__ int64_t row_origin[BLOCK_M];  // patch origin offset of the row, -1: class token or past the end
+  __shared__ int row_token[BLOCK_M];       // token t of the row, -1 past the end
+  const int tid = threadIdx.x;
+  if (tid < BLOCK_M) {
+    int64_t b = 0;
+    int t = -1;
+    if (row0 + tid < rows) split_token_row(row0 + tid, s.num_patches, &b, &t);
+    row_token[tid] = t;
+    row_origin[tid] = t > 0 ? patch_origin_offset(b, t - 1, s, image_strides) : -1;
+  }
+  __syncthreads();
+
   // A(r, k): pixel k of the patch behind token row r; class-token rows multiply zeros.
   const auto patches = make_operand(
-      images,
-      [&](int64_t r) -> int64_t {
-        if (r >= rows) return -1;
-        int64_t b;
-        int t;
-        split_token_row(r, s.num_patches, &b, &t);
-        return t == 0 ? -1 : patch_origin_offset(b, t - 1, s, image_strides);
-      },
+      images, [&](int64_t r) { return row_origin[r - row0]; },
       [&](int64_t k) { return patch_inner_offset(static_cast<int>(k), s, image_strides); });
   // B(k, d) = weight[d, k]: contiguous along k.
   const auto weight_t = make_operand(
@@ -173,14 +194,12 @@ __global__ void __launch_bounds__(kThreads) patch_embed_forward_kernel(
   float acc[THREAD_M][THREAD_N] = {};
   tile_matmul</*A_K_FASTEST=*/true, /*B_K_FASTEST=*/true>(row0, d0, 0, s.inner, patches, weight_t, acc);
 
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int tx = tid % 16, ty = tid / 16;
 #pragma unroll
   for (int i = 0; i < THREAD_M; ++i) {
+    const int t = row_token[ty + 16 * i];
+    if (t < 0) continue;
     const int64_t r = row0 + ty + 16 * i;
-    if (r >= rows) continue;
-    int64_t b;
-    int t;
-    split_token_row(r, s.num_patches, &b, &t);
 #pragma unroll
     for (int j = 0; j < THREAD_N; ++j) {
       const int64_t d = d0 + tx + 16 * j;
@@ -279,146 +298,161 @@ __global__ void __launch_bounds__(kThreads) patch_embed_weight_grad_partial_kern
 
 // grad_weight[e] = sum_z partials[z, e] in slice order, one thread per element of (D, K).
 template <typename T>
-__global__ void patch_embed_weight_grad_reduce_kernel(const float* __restrict__ partials,  // (splits, D*K)
-                                                      T* __restrict__ grad_weight,         // (D * K,)
-                                                      int splits, int64_t numel) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+__global__ void __launch_bounds__(kSumThreads) patch_embed_weight_grad_reduce_kernel(
+    const float* __restrict__ partials,  // (splits, D * K)
+    T* __restrict__ grad_weight,         // (D * K,)
+    int64_t splits, int64_t numel) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kSumThreads + threadIdx.x;
   if (e >= numel) return;
   float acc = 0.f;
-  for (int z = 0; z < splits; ++z) acc += partials[z * numel + e];
+  for (int64_t z = 0; z < splits; ++z) acc += partials[z * numel + e];
   grad_weight[e] = from_float<T>(acc);
 }
 
-// One thread per (t, d): pos_sums[t, d] = sum_b grad_out[b, t, d], which is grad_pos_embed, and
-// for t = 0 also grad_cls_token. Consecutive threads walk d, so every load is coalesced.
+// Level 1 of a column sum (patch_embed_sum.h) of the (rows, cols) row-major matrix x: grid
+// (ceil(cols / kSumThreads), chunks), partials[c, j] = sum of x[r, j] over the rows r of chunk c.
+// Consecutive threads walk j, so every load is coalesced.
 template <typename T>
-__global__ void patch_embed_pos_grad_kernel(const T* __restrict__ grad_out,  // (B, N + 1, D)
-                                            float* __restrict__ pos_sums,    // (N + 1, D)
-                                            T* __restrict__ grad_pos_embed,  // (N + 1, D)
-                                            T* __restrict__ grad_cls_token,  // (D,)
-                                            PatchEmbedShape s) {
-  const int64_t tokens_x_dim = static_cast<int64_t>(s.num_patches + 1) * s.dim;
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // t * D + d
-  if (e >= tokens_x_dim) return;
-  float acc = 0.f;
-  for (int64_t b = 0; b < s.batch; ++b) acc += to_float(grad_out[b * tokens_x_dim + e]);
-  pos_sums[e] = acc;
-  grad_pos_embed[e] = from_float<T>(acc);
-  if (e < s.dim) grad_cls_token[e] = from_float<T>(acc);
+__global__ void __launch_bounds__(kSumThreads) patch_embed_column_sum_partial_kernel(
+    const T* __restrict__ x,       // (rows, cols)
+    float* __restrict__ partials,  // (chunks, cols)
+    int64_t rows, int64_t cols) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kSumThreads + threadIdx.x;
+  if (j >= cols) return;
+  const int64_t chunk = blockIdx.y;
+  partials[chunk * cols + j] = chunk_sum<float>([&](int64_t r) { return to_float(x[r * cols + j]); }, chunk, rows);
 }
 
-// grad_bias[d] = sum_{t >= 1} pos_sums[t, d]: the bias reaches every patch token, not the class token.
+// Level 2: one thread per column j, out[j] = sum of partials[c, j] in chunk order, stored as T in
+// `out`, in fp32 in `out_fp32` (when not null, for a further reduction) and, for j < head_cols,
+// also in `head` (the class-token gradient is row 0 of the positional one).
 template <typename T>
-__global__ void patch_embed_bias_grad_kernel(const float* __restrict__ pos_sums,  // (N + 1, D)
-                                             T* __restrict__ grad_bias,           // (D,)
-                                             PatchEmbedShape s) {
-  const int64_t d = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (d >= s.dim) return;
-  float acc = 0.f;
-  for (int t = 1; t <= s.num_patches; ++t) acc += pos_sums[static_cast<int64_t>(t) * s.dim + d];
-  grad_bias[d] = from_float<T>(acc);
+__global__ void __launch_bounds__(kSumThreads) patch_embed_column_sum_finish_kernel(
+    const float* __restrict__ partials,  // (chunks, cols)
+    T* __restrict__ out,                 // (cols,)
+    float* __restrict__ out_fp32,        // (cols,) or null
+    T* __restrict__ head,                // (head_cols,) or null
+    int64_t chunks, int64_t cols, int64_t head_cols) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kSumThreads + threadIdx.x;
+  if (j >= cols) return;
+  const float sum = sum_of_partials<float>([&](int64_t c) { return partials[c * cols + j]; }, chunks);
+  out[j] = from_float<T>(sum);
+  if (out_fp32 != nullptr) out_fp32[j] = sum;
+  if (j < head_cols) head[j] = from_float<T>(sum);
+}
+
+// out (cols,) = the column sums of x (rows, cols), two launches in the order of patch_embed_sum.h.
+template <typename In, typename Out>
+void column_sum(const In* x, int64_t rows, int64_t cols, float* partials, Out* out, float* out_fp32, Out* head,
+                int64_t head_cols, cudaStream_t stream) {
+  const int64_t chunks = num_sum_chunks(rows);
+  const unsigned column_blocks = static_cast<unsigned>(ceil_div(cols, kSumThreads));
+  if (chunks > 0) {  // no rows (images without patches): the finish kernel writes zeros
+    patch_embed_column_sum_partial_kernel<In>
+        <<<dim3(column_blocks, static_cast<unsigned>(chunks)), kSumThreads, 0, stream>>>(x, partials, rows, cols);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  patch_embed_column_sum_finish_kernel<Out><<<column_blocks, kSumThreads, 0, stream>>>(partials, out, out_fp32, head,
+                                                                                      chunks, cols, head_cols);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-cudaError_t forward(const void* images, ImageStrides image_strides, const void* weight, const void* bias,
-                    const void* cls_token, const void* pos_embed, void* out, const PatchEmbedShape& s,
-                    cudaStream_t stream) {
+void forward(const void* images, ImageStrides image_strides, const void* weight, const void* bias,
+             const void* cls_token, const void* pos_embed, void* out, const PatchEmbedShape& s,
+             cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(num_token_rows(s), BLOCK_M)),
                   static_cast<unsigned>(ceil_div(s.dim, BLOCK_N)));
   patch_embed_forward_kernel<T><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(images), image_strides, static_cast<const T*>(weight),
       static_cast<const T*>(bias), static_cast<const T*>(cls_token), static_cast<const T*>(pos_embed),
       static_cast<T*>(out), s);
-  return cudaGetLastError();
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-cudaError_t backward_params(const void* grad_out, const void* images, ImageStrides image_strides,
-                            float* weight_partials, int splits, float* pos_sums, void* grad_weight,
-                            void* grad_bias, void* grad_cls_token, void* grad_pos_embed,
-                            const PatchEmbedShape& s, cudaStream_t stream) {
+void backward_params(const void* grad_out, const void* images, ImageStrides image_strides, float* workspace,
+                     int64_t splits, void* grad_weight, void* grad_bias, void* grad_cls_token, void* grad_pos_embed,
+                     const PatchEmbedShape& s, cudaStream_t stream) {
   const T* g = static_cast<const T*>(grad_out);
-  const int64_t rows_per_split = ceil_div(num_patch_rows(s), splits);
+  const BackwardWorkspace w = backward_workspace(s, splits);
+
+  const int64_t rows_per_split = weight_grad_rows_per_split(s, splits);
   const dim3 grid(static_cast<unsigned>(ceil_div(s.dim, BLOCK_M)),
                   static_cast<unsigned>(ceil_div(s.inner, BLOCK_N)), static_cast<unsigned>(splits));
   patch_embed_weight_grad_partial_kernel<T><<<grid, kThreads, 0, stream>>>(
-      g, static_cast<const T*>(images), image_strides, weight_partials, rows_per_split, s);
-
-  constexpr int kReduceThreads = 256;
+      g, static_cast<const T*>(images), image_strides, workspace + w.weight_partials, rows_per_split, s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t weight_numel = static_cast<int64_t>(s.dim) * s.inner;
   patch_embed_weight_grad_reduce_kernel<T>
-      <<<static_cast<unsigned>(ceil_div(weight_numel, kReduceThreads)), kReduceThreads, 0, stream>>>(
-          weight_partials, static_cast<T*>(grad_weight), splits, weight_numel);
+      <<<static_cast<unsigned>(ceil_div(weight_numel, kSumThreads)), kSumThreads, 0, stream>>>(
+          workspace + w.weight_partials, static_cast<T*>(grad_weight), splits, weight_numel);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const int64_t pos_numel = static_cast<int64_t>(s.num_patches + 1) * s.dim;
-  patch_embed_pos_grad_kernel<T>
-      <<<static_cast<unsigned>(ceil_div(pos_numel, kReduceThreads)), kReduceThreads, 0, stream>>>(
-          g, pos_sums, static_cast<T*>(grad_pos_embed), static_cast<T*>(grad_cls_token), s);
-  patch_embed_bias_grad_kernel<T>
-      <<<static_cast<unsigned>(ceil_div(s.dim, kReduceThreads)), kReduceThreads, 0, stream>>>(
-          pos_sums, static_cast<T*>(grad_bias), s);
-  return cudaGetLastError();
+  // grad_pos_embed[t, d] = sum_b grad_out[b, t, d] (kept in fp32 too), grad_cls_token = its row 0.
+  const int64_t tokens = s.num_patches + 1;
+  column_sum(g, s.batch, tokens * s.dim, workspace + w.pos_partials, static_cast<T*>(grad_pos_embed),
+                workspace + w.pos_sums, static_cast<T*>(grad_cls_token), s.dim, stream);
+  // grad_bias[d] = sum_{t >= 1} pos_sums[t, d]: the bias reaches every patch token, not the class token.
+  column_sum(static_cast<const float*>(workspace + w.pos_sums + s.dim), s.num_patches, s.dim,
+             workspace + w.bias_partials, static_cast<T*>(grad_bias), nullptr, static_cast<T*>(nullptr), 0, stream);
 }
 
 template <typename T>
-cudaError_t backward_images(const void* grad_out, const void* weight, void* grad_images,
-                            const PatchEmbedShape& s, cudaStream_t stream) {
+void backward_images(const void* grad_out, const void* weight, void* grad_images, const PatchEmbedShape& s,
+                     cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(num_patch_rows(s), BLOCK_M)),
                   static_cast<unsigned>(ceil_div(s.inner, BLOCK_N)));
   patch_embed_backward_images_kernel<T><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(grad_out), static_cast<const T*>(weight), static_cast<T*>(grad_images), s);
-  return cudaGetLastError();
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Calls fn.template operator()<T>() with the CUDA element type of dtype.
+// Calls fn(T{}) with the CUDA element type T of dtype.
 template <class Fn>
-cudaError_t dispatch(DType dtype, Fn&& fn) {
+void dispatch(DType dtype, Fn&& fn) {
   switch (dtype) {
     case DType::kFloat32: return fn(float{});
     case DType::kFloat16: return fn(__half{});
     case DType::kBFloat16: return fn(__nv_bfloat16{});
   }
-  return cudaErrorInvalidValue;
+  TORCH_CHECK(false, "patch_embed (CUDA): unknown dtype code ", static_cast<int>(dtype));
 }
 
 }  // namespace
 
-cudaError_t launch_patch_embed_forward(DType dtype, const void* images, ImageStrides image_strides,
-                                       const void* weight, const void* bias, const void* cls_token,
-                                       const void* pos_embed, void* out, const PatchEmbedShape& shape,
-                                       cudaStream_t stream) {
-  return dispatch(dtype, [&](auto tag) {
-    return forward<decltype(tag)>(images, image_strides, weight, bias, cls_token, pos_embed, out, shape, stream);
+void launch_patch_embed_forward(DType dtype, const void* images, ImageStrides image_strides, const void* weight,
+                                const void* bias, const void* cls_token, const void* pos_embed, void* out,
+                                const PatchEmbedShape& shape, cudaStream_t stream) {
+  dispatch(dtype, [&](auto tag) {
+    forward<decltype(tag)>(images, image_strides, weight, bias, cls_token, pos_embed, out, shape, stream);
   });
 }
 
-int patch_embed_weight_grad_splits(const PatchEmbedShape& shape, int num_sms) {
-  // Enough slices for about two blocks per SM, but at least 256 patch rows per slice so a block's
-  // reduction is long enough to amortize its start and its partial write (capped at 64 slices:
-  // the partials cost splits * D * K * 4 bytes).
-  const int64_t tiles = ceil_div(shape.dim, BLOCK_M) * ceil_div(shape.inner, BLOCK_N);
-  const int64_t wanted = ceil_div(2 * static_cast<int64_t>(num_sms), tiles);
-  const int64_t most = std::min<int64_t>(64, std::max<int64_t>(1, num_patch_rows(shape) / 256));
-  return static_cast<int>(std::max<int64_t>(1, std::min(wanted, most)));
+BackwardWorkspace backward_workspace(const PatchEmbedShape& shape, int64_t splits) {
+  const int64_t tokens_x_dim = static_cast<int64_t>(shape.num_patches + 1) * shape.dim;
+  BackwardWorkspace w;
+  w.weight_partials = 0;
+  w.pos_partials = w.weight_partials + splits * static_cast<int64_t>(shape.dim) * shape.inner;
+  w.pos_sums = w.pos_partials + num_sum_chunks(shape.batch) * tokens_x_dim;
+  w.bias_partials = w.pos_sums + tokens_x_dim;
+  w.total = w.bias_partials + num_sum_chunks(shape.num_patches) * shape.dim;
+  return w;
 }
 
-cudaError_t launch_patch_embed_backward_params(DType dtype, const void* grad_out, const void* images,
-                                               ImageStrides image_strides, float* weight_partials,
-                                               int splits, float* pos_sums, void* grad_weight,
-                                               void* grad_bias, void* grad_cls_token, void* grad_pos_embed,
-                                               const PatchEmbedShape& shape, cudaStream_t stream) {
-  return dispatch(dtype, [&](auto tag) {
-    return backward_params<decltype(tag)>(grad_out, images, image_strides, weight_partials, splits, pos_sums,
-                                          grad_weight, grad_bias, grad_cls_token, grad_pos_embed, shape, stream);
+void launch_patch_embed_backward_params(DType dtype, const void* grad_out, const void* images,
+                                        ImageStrides image_strides, float* workspace, int64_t splits,
+                                        void* grad_weight, void* grad_bias, void* grad_cls_token,
+                                        void* grad_pos_embed, const PatchEmbedShape& shape, cudaStream_t stream) {
+  dispatch(dtype, [&](auto tag) {
+    backward_params<decltype(tag)>(grad_out, images, image_strides, workspace, splits, grad_weight, grad_bias,
+                                   grad_cls_token, grad_pos_embed, shape, stream);
   });
 }
 
-cudaError_t launch_patch_embed_backward_images(DType dtype, const void* grad_out, const void* weight,
-                                               void* grad_images, const PatchEmbedShape& shape,
-                                               cudaStream_t stream) {
-  return dispatch(dtype, [&](auto tag) {
-    return backward_images<decltype(tag)>(grad_out, weight, grad_images, shape, stream);
-  });
+void launch_patch_embed_backward_images(DType dtype, const void* grad_out, const void* weight, void* grad_images,
+                                        const PatchEmbedShape& shape, cudaStream_t stream) {
+  dispatch(dtype, [&](auto tag) { backward_images<decltype(tag)>(grad_out, weight, grad_images, shape, stream); });
 }
 
 }  // namespace cuda

@@ -43,7 +43,7 @@ def test_training_step_is_accounted_for_every_backend(vit_cifar_accounts):
     assert fused_ops["vit_fast::attention_packed"].launches == 9
     assert fused_ops["vit_fast::mlp"].launches == 9
     assert fused_ops["vit_fast::layer_norm_fwd"].launches + fused_ops["vit_fast::add_layer_norm_fwd"].launches == 19
-    assert fused_ops["vit_fast::patch_embed_forward"].launches == 1
+    assert fused_ops["vit_fast::patch_embed"].launches == 1
 
 
 def test_fusion_goals_at_vit_cifar_batch_128(vit_cifar_accounts):

@@ -159,3 +159,15 @@ def test_dataset_validation():
         data.ImageDataset(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 5]), ["a", "b"])
     with pytest.raises(ValueError, match="images must be uint8"):
         data.ImageDataset(torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]), ["a", "b"])
+
+
+def test_load_split_synthetic_train_and_test_share_classes_not_images():
+    options = dict(image_size=16, synthetic_size=40, synthetic_classes=3, seed=4)
+    train, test = data.load_data("synthetic", "unused", **options)
+    assert len(train) == 40 and len(test) == 10 and train.images.shape[1:] == (3, 16, 16)
+    assert train.classes == test.classes == ["class_0", "class_1", "class_2"]
+    whole = data.synthetic(50, 3, 16, seed=4)  # one draw, cut in two
+    assert torch.equal(torch.cat([train.images, test.images]), whole.images)
+    assert torch.equal(data.load_split("synthetic", "unused", False, **options).labels, test.labels)
+    with pytest.raises(ValueError, match=r"unknown dataset 'mnist'; expected one of \("):
+        data.load_split("mnist", "unused", True)

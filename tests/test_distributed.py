@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from vit_fast import data, distributed
+from vit_fast import data, distributed, evaluate
 from vit_fast import train as train_mod
 from vit_fast.checkpoint import load_checkpoint
 
@@ -139,7 +139,7 @@ def test_a_rank_without_test_images_contributes_nothing():
     model = build_model("vit-cifar", backend="torch", dim=16, num_heads=2, depth=1, num_classes=3)
     loader = data.DeviceLoader(data.synthetic(1, 3), 4, [0.5] * 3, [0.25] * 3, train=False, rank=1, world_size=2)
     assert len(loader) == 0
-    top, labels, loss_sum = train_mod.predict_topk(model, loader, torch.device("cpu"), amp=False)
+    top, labels, loss_sum = evaluate.predict_topk(model, loader, torch.device("cpu"), amp=False)
     assert top.shape[0] == 0 and labels.shape == (0,) and loss_sum == 0.0
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from vit_fast import evaluate, predict
 from vit_fast import train as train_mod
 from vit_fast.checkpoint import load_checkpoint, load_model
-from vit_fast.data import normalize
+from vit_fast.data import load_split, normalize
 
 TINY = ["--dataset", "synthetic", "--synthetic-size", "256", "--synthetic-classes", "4", "--dim", "32", "--heads", "2",
         "--depth", "1", "--batch-size", "64", "--warmup-epochs", "1", "--lr", "3e-3", "--epochs", "2",
@@ -27,7 +27,8 @@ def trained(tmp_path_factory):
     ckpt_path = out / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_path)
     # The synthetic test split the run evaluated on, rebuilt from the training arguments.
-    test_set = train_mod.load_split(train_mod.build_parser().parse_args(TINY), train=False)
+    args = train_mod.build_parser().parse_args(TINY)
+    test_set = load_split(args.dataset, args.data_dir, False, **train_mod.data_options(args))
     return ckpt_path, ckpt, test_set
 
 

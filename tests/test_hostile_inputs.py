@@ -47,12 +47,14 @@ RESUME = ["--epochs", "2", "--stop-after", "1"]
 
 
 def image_folder(root, splits: dict[str, list[str]], per_class: int = 2, size: int = 8):
-    """root/<split>/<class>/<i>.png, each class a solid colour of its own."""
+    """root/<split>/<class>/<i>.png, each class a solid colour of its own (from its name, the same in
+    every split)."""
     for split, classes in splits.items():
-        for k, cls in enumerate(classes):
+        for cls in classes:
             (root / split / cls).mkdir(parents=True)
+            red, green = zlib.crc32(cls.encode()).to_bytes(4, "big")[:2]
             for i in range(per_class):
-                Image.new("RGB", (size, size), (40 * k, 255 - 40 * k, 7 * i)).save(root / split / cls / f"{i}.png")
+                Image.new("RGB", (size, size), (red, green, 7 * i)).save(root / split / cls / f"{i}.png")
     return root
 
 
@@ -216,6 +218,14 @@ def test_val_classes_outside_the_training_classes_stop_training_before_it_starts
                                          r"\(training classes missing there: \['dog'\]\)"):
         train_mod.main(folder_args(root, tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_load_data_maps_a_val_subset_by_name(tmp_path):
+    root = image_folder(tmp_path / "folder", {"train": ["cat", "dog", "frog"], "val": ["cat", "frog"]})
+    train, val = data.load_data("imagefolder", root, image_size=8)
+    assert train.classes == val.classes == ["cat", "dog", "frog"]
+    assert val.labels.tolist() == [0, 0, 2, 2]  # frog is class 2 of training, not val's position 1
+    assert torch.equal(val.images[2], train.images[4])  # the same frog picture as in train/
 
 
 def test_a_val_subset_is_mapped_by_name_in_training_and_evaluation(tmp_path):

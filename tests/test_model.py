@@ -67,6 +67,31 @@ def test_backend_switch_keeps_parameters_and_state_dict():
     other.load_state_dict(after)
 
 
+def test_the_backend_lives_in_one_holder_owned_by_the_root():
+    model = ViTClassifier(SMALL, backend="torch")
+    readers = [m for m in model.modules() if hasattr(type(m), "backend")]
+    assert {type(m).__name__ for m in readers} >= {"PatchEmbed", "LayerNorm", "Linear", "Attention", "Mlp"}
+    assert all(m.backend_choice is model.backend_choice for m in readers)
+    model.set_backend("reference")
+    assert model.backend_choice.name == "reference" and all(m.backend == "reference" for m in readers)
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        model.set_backend("cudnn")
+    assert model.backend == "reference"  # a refused backend changes nothing
+    from vit_fast.model import LayerNorm
+
+    assert LayerNorm(8).backend == "reference"  # a module built outside a model computes the reference math
+
+
+def test_patch_embed_forward_is_the_reference_patch_embedding():
+    model = ViTClassifier(SMALL, backend="torch").to(torch.float64)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    pe = model.patch_embed
+    tokens = pe(images, model.cls_token, model.pos_embed)  # (B, N+1, D)
+    expected = reference.patch_embed(images, pe.proj.weight, pe.proj.bias, model.cls_token, model.pos_embed)
+    assert tokens.shape == (2, SMALL.num_tokens, SMALL.dim)
+    torch.testing.assert_close(tokens, expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["vit-cifar", "vit-tiny"])
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_matches_timm_vision_transformer(name, backend):

@@ -368,6 +368,40 @@ def synthetic(num_images: int, num_classes: int, image_size: int = 32, seed: int
     return ImageDataset(images, labels, [f"class_{i}" for i in range(num_classes)])
 
 
+def load_split(
+    dataset: str,
+    data_dir: str | Path,
+    train: bool,
+    *,
+    download: bool = True,  # fetch a missing CIFAR archive
+    image_size: int = 32,  # image folders and synthetic data are made this size
+    synthetic_size: int = 2048,  # training images of the synthetic task (its test split is a quarter of that)
+    synthetic_classes: int = 10,
+    seed: int = 0,  # the synthetic task's draw
+) -> ImageDataset:
+    """The training or the test split of ``dataset`` (one of DATASETS); the defaults are those of
+    ``python -m vit_fast.train``."""
+    if dataset in _CIFAR:
+        return load_cifar(data_dir, dataset, train, download)
+    if dataset == "imagefolder":
+        return load_image_folder(data_dir, train, image_size)
+    if dataset != "synthetic":
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    n = synthetic_size
+    # One draw split in two, so that train and test share the class patterns.
+    both = synthetic(n + max(n // 4, 1), synthetic_classes, image_size, seed=seed)
+    sl = slice(0, n) if train else slice(n, None)
+    return ImageDataset(both.images[sl], both.labels[sl], both.classes)
+
+
+def load_data(dataset: str, data_dir: str | Path, **options) -> tuple[ImageDataset, ImageDataset]:
+    """(training split, test split) of ``dataset``; ``options`` are load_split's keyword options.
+    The test split is mapped onto the training classes by name (align_classes), or refused."""
+    train = load_split(dataset, data_dir, True, **options)
+    test = load_split(dataset, data_dir, False, **options)
+    return train, align_classes(test, train.classes, f"the test split of {dataset} in {data_dir}")
+
+
 def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images, in [0, 1] units (computed in chunks)."""
     total = torch.zeros(3, dtype=torch.float64)

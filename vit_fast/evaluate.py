@@ -8,6 +8,8 @@ confuses most (true class predicted as another), as a table and optionally as JS
 and its preparation come from the checkpoint: its name, the training arguments that define it
 (so a synthetic checkpoint is evaluated on the very test split it was trained beside), the
 class names and the normalisation statistics of its training set.
+
+``predict_topk`` and ``evaluate`` are the evaluation the training loop runs after every epoch.
 """
 
 from __future__ import annotations
@@ -17,11 +19,44 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from . import data as data_mod
-from . import train as train_mod
+from . import distributed as dist_mod
 from .checkpoint import CheckpointError, load_model
 from .paths import check_output_file
+from .runtime import autocast, check_backend_device, resolve_device
+
+# The training arguments that, with the dataset and its directory, define a split (data.load_split's options).
+SPLIT_ARGS = ("image_size", "synthetic_size", "synthetic_classes", "seed")
+
+
+@torch.no_grad()
+def predict_topk(model, loader, device, amp: bool, k: int = 5) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The model's k best classes (N, k) and the labels (N,) of every image of ``loader``, and
+    the summed cross-entropy; the model is left in eval mode."""
+    model.eval()
+    loss_sum, tops, labels = 0.0, [], []
+    for x, y in loader:
+        with autocast(device, amp):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        tops.append(logits.topk(min(k, logits.shape[1]), dim=1).indices)
+        labels.append(y)
+    if not labels:  # a rank whose shard of a tiny test set is empty
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return empty.view(0, 1).expand(0, k), empty, 0.0
+    return torch.cat(tops), torch.cat(labels), loss_sum
+
+
+def evaluate(model, loader, device, amp: bool, world: dist_mod.World = dist_mod.World()) -> dict:
+    """Loss, top-1 and top-5 (%) over the test set; under torchrun each rank evaluates its shard
+    and the sums are all-reduced, so every rank returns the figures of the whole test set."""
+    top, labels, loss_sum = predict_topk(model, loader, device, amp)
+    sums = torch.tensor([loss_sum, (top[:, 0] == labels).sum().item(), (top == labels[:, None]).any(dim=1).sum().item(),
+                         labels.numel()], dtype=torch.float64, device=device)
+    loss_sum, top1, top5, n = dist_mod.all_reduce_sum(sums, world).tolist()
+    return {"val_loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
 
 
 def checkpoint_data(ckpt: dict, path) -> dict:
@@ -33,14 +68,11 @@ def checkpoint_data(ckpt: dict, path) -> dict:
     return info
 
 
-def data_args(ckpt: dict, data_dir: str, dataset: str | None, download: bool) -> argparse.Namespace:
-    """Training arguments that reproduce the checkpoint's dataset (see train.load_split)."""
-    args = train_mod.build_parser().parse_args([])
-    for key, value in ckpt.get("args", {}).items():
-        setattr(args, key, value)
-    args.dataset = dataset or ckpt["data"]["dataset"]
-    args.data_dir, args.no_download = data_dir, not download
-    return args
+def split_options(ckpt: dict) -> dict:
+    """data.load_split's options as the training run that wrote ``ckpt`` used them; an option its
+    arguments lack keeps load_split's default, which is the training command's default."""
+    saved = ckpt.get("args", {})
+    return {key: saved[key] for key in SPLIT_ARGS if key in saved}
 
 
 def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -84,30 +116,30 @@ def evaluate_checkpoint(
     batch_size: int = 512, backend: str = "torch", download: bool = True, num_pairs: int = 10,
 ) -> dict:
     """Evaluate the checkpoint at ``path`` on its dataset's test split; returns the report dict."""
-    dev = train_mod.resolve_device(device)
-    train_mod.check_backend_device(backend, dev)
+    dev = resolve_device(device)
+    check_backend_device(backend, dev)
     model, ckpt = load_model(path, backend=backend)
     info = checkpoint_data(ckpt, path)
-    args = data_args(ckpt, data_dir, dataset, download)
-    test_set = train_mod.load_split(args, train=False)
+    dataset = dataset or info["dataset"]
+    test_set = data_mod.load_split(dataset, data_dir, False, download=download, **split_options(ckpt))
     cfg = model.cfg
     if len(test_set.classes) > cfg.num_classes:
-        raise CheckpointError(f"{args.dataset} has {len(test_set.classes)} classes but the model in {path} "
+        raise CheckpointError(f"{dataset} has {len(test_set.classes)} classes but the model in {path} "
                               f"predicts {cfg.num_classes}")
     try:  # the same rule as training's: the training classes or a subset, matched by name
-        test_set = data_mod.align_classes(test_set, list(info["classes"]), f"the {args.dataset} test split")
+        test_set = data_mod.align_classes(test_set, list(info["classes"]), f"the {dataset} test split")
     except data_mod.DatasetIntegrityError as err:
-        raise CheckpointError(f"the class names of {args.dataset} differ from those {path} was trained on: "
+        raise CheckpointError(f"the class names of {dataset} differ from those {path} was trained on: "
                               f"{err}") from None
     shape = tuple(test_set.images.shape[1:])
     if shape != (cfg.in_channels, cfg.image_size, cfg.image_size):
-        raise CheckpointError(f"{args.dataset} images are {shape} but the model in {path} expects "
+        raise CheckpointError(f"{dataset} images are {shape} but the model in {path} expects "
                               f"{(cfg.in_channels, cfg.image_size, cfg.image_size)}")
     loader = data_mod.DeviceLoader(test_set.to(dev), batch_size, info["mean"], info["std"], train=False)
     amp = dev.type == "cuda"
-    top, labels, loss_sum = train_mod.predict_topk(model.to(dev), loader, dev, amp)
+    top, labels, loss_sum = predict_topk(model.to(dev), loader, dev, amp)
     report = summarize(top, labels, loss_sum, test_set.classes, num_pairs)
-    return {"checkpoint": str(path), "dataset": args.dataset, "epoch": ckpt.get("epoch"), **report}
+    return {"checkpoint": str(path), "dataset": dataset, "epoch": ckpt.get("epoch"), **report}
 
 
 def format_report(report: dict, worst: int = 10) -> str:

@@ -1,7 +1,9 @@
 """The Vision Transformer (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words").
 
 One model definition for every backend: each module holds its parameters and calls the functions
-of ``vit_fast.ops`` with its ``backend``; switching backend changes no parameter, so one
+of ``vit_fast.ops`` with the backend of its model. The root ``ViTClassifier`` owns that choice (a
+``BackendChoice``) and shares the one holder with every submodule that calls an op, so
+``set_backend`` changes a single attribute. Switching backend changes no parameter, so one
 ``state_dict`` loads into any backend. Parameter names follow timm's ``VisionTransformer``
 (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N.norm1``, ``blocks.N.attn.qkv``,
 ``blocks.N.attn.proj``, ``blocks.N.norm2``, ``blocks.N.mlp.fc1``, ``blocks.N.mlp.fc2``, ``norm``,
@@ -10,25 +12,41 @@ of ``vit_fast.ops`` with its ``backend``; switching backend changes no parameter
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .config import BACKENDS, ViTConfig
+from .config import ViTConfig
 
 
-def _check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    return backend
+@dataclass(eq=False)
+class BackendChoice:
+    """The backend a model computes with. Held by reference, so every module sharing it sees a change."""
+
+    name: str = "reference"  # one of vit_fast.config.BACKENDS
+
+    def __post_init__(self) -> None:
+        ops.check_backend(self.name)
 
 
-class LayerNorm(nn.LayerNorm):
+class UsesBackend:
+    """Mixin of the modules that call ``vit_fast.ops``: they read the backend through the holder that
+    their root ViTClassifier hands them. A module built on its own, outside a model, computes with
+    the reference math."""
+
+    backend_choice: BackendChoice | None = None
+
+    @property
+    def backend(self) -> str:
+        return self.backend_choice.name if self.backend_choice is not None else "reference"
+
+
+class LayerNorm(UsesBackend, nn.LayerNorm):
     """nn.LayerNorm's parameters, computed by the backend; ``forward_add`` fuses the residual add."""
-
-    backend = "reference"
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
@@ -38,9 +56,7 @@ class LayerNorm(nn.LayerNorm):
         return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, self.backend)
 
 
-class Linear(nn.Linear):
-    backend = "reference"
-
+class Linear(UsesBackend, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return ops.linear(x, self.weight, self.bias, self.backend)
 
@@ -64,7 +80,7 @@ class DropPath(nn.Module):
         return x * mask.div_(keep)
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(UsesBackend, nn.Module):
     """Holds the patch projection as timm does (a Conv2d with stride = kernel = patch size)."""
 
     def __init__(self, cfg: ViTConfig) -> None:
@@ -72,11 +88,17 @@ class PatchEmbed(nn.Module):
         p = cfg.patch_size
         self.proj = nn.Conv2d(cfg.in_channels, cfg.dim, kernel_size=p, stride=p)
 
+    def forward(self, images: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor:
+        """Images (B, C, H, W) -> tokens (B, N+1, D): the class token first, positions added.
 
-class Attention(nn.Module):
+        The class token and positional embedding are the classifier's parameters (timm's names
+        ``cls_token`` and ``pos_embed``); they are passed in because the fused op computes all three
+        steps at once."""
+        return ops.patch_embed(images, self.proj.weight, self.proj.bias, cls_token, pos_embed, self.backend)
+
+
+class Attention(UsesBackend, nn.Module):
     """Multi-head self-attention from a packed qkv projection."""
-
-    backend = "reference"
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
@@ -95,10 +117,8 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
-class Mlp(nn.Module):
+class Mlp(UsesBackend, nn.Module):
     """fc1 -> GELU -> fc2 (dropout after the activation and after fc2, as in timm)."""
-
-    backend = "reference"
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
@@ -139,12 +159,13 @@ class ViTEncoder(nn.Module):
         return self.mlp(h, residual=x)  # the residual add rides in fc2's epilogue on "fused"
 
 
-class ViTClassifier(nn.Module):
+class ViTClassifier(UsesBackend, nn.Module):
     """Patch embedding, class token, positional embedding, encoder blocks, final LN, linear head."""
 
     def __init__(self, cfg: ViTConfig, backend: str = "reference") -> None:
         super().__init__()
         self.cfg = cfg
+        self.backend_choice = BackendChoice(backend)
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim))
@@ -154,7 +175,9 @@ class ViTClassifier(nn.Module):
         self.norm = LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.head = Linear(cfg.dim, cfg.num_classes)
         self.reset_parameters()
-        self.set_backend(backend)
+        for m in self.modules():
+            if isinstance(m, UsesBackend):
+                m.backend_choice = self.backend_choice
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -175,10 +198,8 @@ class ViTClassifier(nn.Module):
                 m.reset_parameters()
 
     def set_backend(self, backend: str) -> "ViTClassifier":
-        self.backend = _check_backend(backend)
-        for m in self.modules():
-            if m is not self and hasattr(type(m), "backend"):
-                m.backend = backend
+        """Compute with ``backend`` from now on (every submodule reads this model's one holder)."""
+        self.backend_choice.name = ops.check_backend(backend)
         return self
 
     def _check_images(self, images: Tensor) -> None:
@@ -196,8 +217,7 @@ class ViTClassifier(nn.Module):
 
     def forward_features(self, images: Tensor) -> Tensor:
         self._check_images(images)
-        pe = self.patch_embed.proj
-        x = ops.patch_embed(images, pe.weight, pe.bias, self.cls_token, self.pos_embed, self.backend)
+        x = self.patch_embed(images, self.cls_token, self.pos_embed)  # (B, N+1, D)
         x = self.blocks(self.pos_drop(x))
         return self.norm(x)
 

@@ -39,6 +39,13 @@ def _unknown(backend: str) -> ValueError:
     return ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def check_backend(backend: str) -> str:
+    """``backend`` if it is one of BACKENDS, else the error every op raises for it."""
+    if backend not in BACKENDS:
+        raise _unknown(backend)
+    return backend
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str) -> Tensor:
     if backend == "reference":
         return reference.linear(x, weight, bias)

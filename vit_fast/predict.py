@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import train as train_mod
 from .checkpoint import CheckpointError, load_model
 from .data import ImageReadError, normalize, read_image
 from .evaluate import checkpoint_data
+from .runtime import check_backend_device, resolve_device
 
 
 def load_image(path: str | Path, image_size: int) -> torch.Tensor:
@@ -45,8 +45,8 @@ def class_probabilities(model, images: torch.Tensor, mean: list[float], std: lis
 
 def predict_files(paths, checkpoint: str | Path, device: str = "auto", top_k: int = 5, backend: str = "torch") -> list[dict]:
     """[{"image", "top": [(class name, probability), ...]}] for each image file, best class first."""
-    dev = train_mod.resolve_device(device)
-    train_mod.check_backend_device(backend, dev)
+    dev = resolve_device(device)
+    check_backend_device(backend, dev)
     model, ckpt = load_model(checkpoint, backend=backend)
     info = checkpoint_data(ckpt, checkpoint)
     classes = list(info["classes"])

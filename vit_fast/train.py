@@ -14,20 +14,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import data as data_mod
 from . import distributed as dist_mod
 from .checkpoint import RESUME_ENTRIES, CheckpointError, load_checkpoint, save_checkpoint
-from .config import BACKENDS, PRESETS, get_preset
+from .config import BACKENDS, PRESETS, ViTConfig, get_preset
+from .evaluate import evaluate
 from .model import ViTClassifier
 from .paths import check_output_dir
+from .runtime import autocast, check_backend_device, rank_seed, resolve_device, restore_rng, rng_state, synchronize
+
+CHECKPOINT_FILE, METRICS_FILE = "checkpoint.pt", "metrics.jsonl"
 
 # Arguments that must not change when a run is resumed: the schedule and data order depend on them.
 RECIPE_ARGS = (
@@ -103,41 +109,10 @@ def check_args(args: argparse.Namespace) -> None:
     check_output_dir(args.out_dir, "--out-dir")  # now, not when the first epoch's checkpoint is due
 
 
-def check_backend_device(backend: str, device: torch.device) -> None:
-    if backend == "fused" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit(
-            f"--fused runs our Triton and CUDA kernels, which need an NVIDIA GPU, but the device is {device}. "
-            "Use --backend torch on this machine, or set TRITON_INTERPRET=1 to run the kernels in Triton's "
-            "interpreter on the CPU (very slow; for debugging only)."
-        )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
-    return dev
-
-
-def load_split(args, train: bool) -> data_mod.ImageDataset:
-    """The training or the test split of ``args.dataset`` (the fields of the data argument group)."""
-    if args.dataset in ("cifar100", "cifar10"):
-        return data_mod.load_cifar(args.data_dir, args.dataset, train, not args.no_download)
-    if args.dataset == "imagefolder":
-        return data_mod.load_image_folder(args.data_dir, train, args.image_size)
-    n, k, s = args.synthetic_size, args.synthetic_classes, args.image_size
-    # One draw split in two, so that train and test share the class patterns.
-    both = data_mod.synthetic(n + max(n // 4, 1), k, s, seed=args.seed)
-    sl = slice(0, n) if train else slice(n, None)
-    return data_mod.ImageDataset(both.images[sl], both.labels[sl], both.classes)
-
-
-def load_data(args) -> tuple[data_mod.ImageDataset, data_mod.ImageDataset]:
-    train_set = load_split(args, True)
-    return train_set, data_mod.align_classes(load_split(args, False), train_set.classes,
-                                             f"the test split of {args.dataset} in {args.data_dir}")
+def data_options(args: argparse.Namespace) -> dict:
+    """data.load_split's keyword options from the data arguments of a training run."""
+    return dict(download=not args.no_download, image_size=args.image_size, synthetic_size=args.synthetic_size,
+                synthetic_classes=args.synthetic_classes, seed=args.seed)
 
 
 def per_rank_batch(global_batch: int, world: dist_mod.World) -> int:
@@ -179,59 +154,238 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
     return factor
 
 
-@torch.no_grad()
-def predict_topk(model, loader, device, amp: bool, k: int = 5) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The model's k best classes (N, k) and the labels (N,) of every image of ``loader``, and
-    the summed cross-entropy; the model is left in eval mode."""
-    model.eval()
-    loss_sum, tops, labels = 0.0, [], []
-    for x, y in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        tops.append(logits.topk(min(k, logits.shape[1]), dim=1).indices)
-        labels.append(y)
-    if not labels:  # a rank whose shard of a tiny test set is empty
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        return empty.view(0, 1).expand(0, k), empty, 0.0
-    return torch.cat(tops), torch.cat(labels), loss_sum
-
-
-def evaluate(model, loader, device, amp: bool, world: dist_mod.World = dist_mod.World()) -> dict:
-    """Loss, top-1 and top-5 (%) over the test set; under torchrun each rank evaluates its shard
-    and the sums are all-reduced, so every rank returns the figures of the whole test set."""
-    top, labels, loss_sum = predict_topk(model, loader, device, amp)
-    sums = torch.tensor([loss_sum, (top[:, 0] == labels).sum().item(), (top == labels[:, None]).any(dim=1).sum().item(),
-                         labels.numel()], dtype=torch.float64, device=device)
-    loss_sum, top1, top5, n = dist_mod.all_reduce_sum(sums, world).tolist()
-    return {"val_loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
-
-
-def rng_state(device: torch.device | None = None) -> dict:
-    """The random state to checkpoint. A data-parallel rank passes its GPU: reading every GPU's
-    state (the single-process default) would open a CUDA context on each GPU from each rank."""
-    state = {"torch": torch.get_rng_state()}
-    if device is not None and device.type == "cuda":
-        state["cuda_device"] = torch.cuda.get_rng_state(device)
-    elif device is None and torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device | None = None) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "cuda_device" in state and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_device"], device)
-
-
 def _progress(iterable, total: int, desc: str, enabled: bool = True):
     from tqdm import tqdm
 
     # Quiet when stderr is not a terminal (CI logs, nohup): the per-epoch summary line remains.
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
                 disable=not (enabled and sys.stderr.isatty()))
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0: only rank 0 prints."""
+
+
+@dataclass
+class TrainingRun:
+    """What a training job carries from epoch to epoch; ``setup`` builds it."""
+
+    args: argparse.Namespace
+    world: dist_mod.World
+    device: torch.device
+    cfg: ViTConfig
+    model: ViTClassifier  # the parameters: what is checkpointed and evaluated
+    forward: Callable[[Tensor], Tensor]  # the model, or its DDP / torch.compile wrapper: what a step calls
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: data_mod.DeviceLoader
+    test_loader: data_mod.DeviceLoader
+    data_info: dict  # the checkpoint's "data" entry: dataset, classes, mean, std, fingerprint
+    out_dir: Path  # checkpoint.pt, metrics.jsonl and curves.png
+    amp: bool = False  # bf16 autocast (CUDA only)
+    start_epoch: int = 0  # epochs completed before this invocation
+    step: int = 0  # optimizer steps taken, over all invocations
+    log: Callable[..., None] = print
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / METRICS_FILE
+
+
+def _resume_state(args: argparse.Namespace, ckpt_path: Path) -> dict | None:
+    """The checkpoint to continue from (``--resume``), checked against this run's recipe; None for a
+    fresh run, which must not replace a checkpoint unless asked to."""
+    if args.resume:
+        state = load_checkpoint(ckpt_path, required=RESUME_ENTRIES)  # every rank reads it
+        saved = state["args"]
+        changed = {k: (saved.get(k), getattr(args, k)) for k in RECIPE_ARGS if saved.get(k) != getattr(args, k)}
+        if changed:
+            raise SystemExit(f"--resume with a different recipe than {ckpt_path} was trained with "
+                             f"(name: (checkpoint, now)): {changed}")
+        return state
+    if ckpt_path.exists() and not args.overwrite:
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, --overwrite to replace it, "
+                         "or choose another --out-dir")
+    return None
+
+
+def setup(args: argparse.Namespace, world: dist_mod.World, device: torch.device) -> TrainingRun:
+    """Load the data, build the model, optimizer and schedule, and restore them all when resuming.
+
+    The order of the steps that draw from torch's global generator (model initialisation, the
+    per-rank reseed, the restored state) is what makes a resumed run bit-identical to an
+    uninterrupted one."""
+    out_dir = Path(args.out_dir)
+    resume_state = _resume_state(args, out_dir / CHECKPOINT_FILE)
+    torch.manual_seed(args.seed)
+    train_set, test_set = data_mod.load_data(args.dataset, args.data_dir, **data_options(args))
+    fingerprint = data_mod.fingerprint(args.dataset, train_set, test_set)  # on the host, before .to(device)
+    if resume_state is not None:
+        check_resume_data(resume_state, fingerprint, out_dir / CHECKPOINT_FILE, print if world.is_main else _silent)
+    cfg = model_config(args, len(train_set.classes), train_set.images.shape[-1])
+    if resume_state is not None and resume_state["config"] != cfg.to_dict():
+        diff = {k: (v, cfg.to_dict()[k]) for k, v in resume_state["config"].items() if cfg.to_dict().get(k) != v}
+        raise SystemExit(f"--resume: the model configuration differs from {out_dir / CHECKPOINT_FILE} "
+                         f"(checkpoint, now): {diff}")
+    mean, std = data_mod.channel_stats(train_set.images)
+    augment = data_mod.Augment(args.crop_padding, not args.no_flip, args.mixup, args.cutmix)
+    shard = dict(rank=world.rank, world_size=world.size)
+    train_loader = data_mod.DeviceLoader(train_set.to(device), per_rank_batch(args.batch_size, world), mean, std,
+                                         train=True, augment=augment, seed=args.seed, **shard)
+    test_loader = data_mod.DeviceLoader(test_set.to(device), args.eval_batch_size, mean, std, train=False, **shard)
+
+    model = ViTClassifier(cfg, backend=args.backend).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(args.beta1, args.beta2))
+    steps_per_epoch = len(train_loader)
+    factor = warmup_cosine(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch,
+                           args.min_lr / args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if world.is_distributed:
+        # Every rank built the same initial weights; from here on each rank draws its own
+        # stochastic-depth and dropout masks, so it gets a generator of its own.
+        torch.manual_seed(rank_seed(args.seed, world.rank))
+    run = TrainingRun(
+        args=args, world=world, device=device, cfg=cfg, model=model, forward=model, optimizer=optimizer,
+        scheduler=scheduler, train_loader=train_loader, test_loader=test_loader,
+        data_info={"dataset": args.dataset, "classes": list(train_set.classes), "mean": mean, "std": std,
+                   "fingerprint": fingerprint},
+        out_dir=out_dir, amp=device.type == "cuda" and not args.no_amp, log=print if world.is_main else _silent,
+    )
+    if resume_state is not None:
+        _resume(run, resume_state)
+    elif run.metrics_path.exists() and world.is_main:
+        run.metrics_path.unlink()  # --overwrite, or a run that died before its first checkpoint
+    run.forward = _wrap(model, args.compile, world, device)
+    _log_start(run)
+    return run
+
+
+def _resume(run: TrainingRun, state: dict) -> None:
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.start_epoch, run.step = state["epoch"], state["step"]
+        restore_rng(state, run.world, run.device, run.args.seed, run.start_epoch, run.log)
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:  # what load_state_dict and set_rng_state raise
+        raise CheckpointError(f"checkpoint {run.ckpt_path} does not fit this run: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    if run.world.is_main:
+        _truncate_metrics(run.metrics_path, run.start_epoch, state.get("metrics"), run.log)
+
+
+def _wrap(model: ViTClassifier, compile_model: bool, world: dist_mod.World,
+          device: torch.device) -> Callable[[Tensor], Tensor]:
+    """What the training step calls: the model, under DDP with several ranks, compiled if asked."""
+    trained = model
+    if world.is_distributed:
+        # DDP broadcasts rank 0's weights, then averages gradients over the ranks in backward
+        # (NCCL or gloo all-reduce); the backend choice inside the model is untouched.
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(trained) if compile_model else trained
+
+
+def _log_start(run: TrainingRun) -> None:
+    args, world = run.args, run.world
+    n_params = sum(p.numel() for p in run.model.parameters())
+    if world.is_distributed:
+        batch = (f"global batch {args.batch_size} = {world.size} ranks x {run.train_loader.batch_size} per rank "
+                 f"({torch.distributed.get_backend()})")
+    else:
+        batch = f"batch {args.batch_size}"
+    run.log(f"vit_fast: {args.preset} ({n_params / 1e6:.2f}M parameters, backend {args.backend}) on {run.device}, "
+            f"{args.dataset}: {len(run.train_loader.data)} train / {len(run.test_loader.data)} test images, {batch}, "
+            f"peak lr {args.lr:.2e}, {args.epochs} epochs of {len(run.train_loader)} steps"
+            + (f", resuming after epoch {run.start_epoch}" if run.start_epoch else ""))
+
+
+def train_step(run: TrainingRun, x: Tensor, y: Tensor, loss_scale: float = 1.0) -> Tensor:
+    """One optimizer step on the batch ``x`` (B, C, H, W), ``y`` (B,) or soft (B, K); returns the
+    batch's mean loss, detached. Backward runs on ``loss * loss_scale`` (see train_one_epoch)."""
+    with autocast(run.device, run.amp):
+        logits = run.forward(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=run.args.label_smoothing)
+    run.optimizer.zero_grad(set_to_none=True)
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    if run.args.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.clip_grad)
+    run.optimizer.step()
+    run.scheduler.step()
+    return loss.detach()
+
+
+def train_one_epoch(run: TrainingRun, epoch: int) -> dict:
+    """Train on every batch of epoch ``epoch`` (0-based); returns the epoch's training metrics, summed
+    over the ranks."""
+    args, world, device = run.args, run.world, run.device
+    run.model.train()
+    run.train_loader.set_epoch(epoch)
+    global_sizes = run.train_loader.global_batch_sizes()
+    loss_sum, seen = torch.zeros((), device=device), 0
+    synchronize(device)
+    t0 = time.perf_counter()
+    bar = _progress(run.train_loader, len(run.train_loader), f"epoch {epoch + 1}/{args.epochs}", enabled=world.is_main)
+    for i, (x, y) in enumerate(bar):
+        # DDP averages the ranks' gradients. Weighting each rank's mean loss by its share of the
+        # global batch makes that average the gradient of the global batch's mean loss, as a
+        # single process computes it (the factor is exactly 1 unless the last batch is uneven).
+        scale = x.shape[0] * world.size / global_sizes[i] if world.is_distributed else 1.0
+        loss = train_step(run, x, y, scale)
+        run.step += 1
+        loss_sum += loss * x.shape[0]
+        seen += x.shape[0]
+        if not bar.disable and run.step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen * world.size / (time.perf_counter() - t0):.0f}")
+    synchronize(device)
+    elapsed = time.perf_counter() - t0
+    totals = torch.stack([loss_sum.double(), torch.tensor(seen, device=device, dtype=torch.float64)])
+    train_loss, seen_all = dist_mod.all_reduce_sum(totals, world).tolist()
+    return {"epoch": epoch + 1, "step": run.step, "train_loss": train_loss / seen_all,
+            "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": seen_all / elapsed, "epoch_time_s": elapsed}
+
+
+def save_epoch(run: TrainingRun, epoch: int, metrics: dict) -> None:
+    """Checkpoint the run after epoch ``epoch`` (0-based) and append its metrics to metrics.jsonl.
+
+    A collective: every rank hands in its random state, rank 0 writes them all."""
+    rng_ranks = dist_mod.all_gather_objects(rng_state(run.device if run.world.is_distributed else None), run.world)
+    if not run.world.is_main:
+        return
+    state = {
+        "config": run.cfg.to_dict(), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "epoch": epoch + 1, "step": run.step, "rng": rng_ranks[0],
+        "args": dict(vars(run.args)), "data": run.data_info, "metrics": metrics,
+    }
+    if run.world.is_distributed:
+        state["rng_ranks"] = rng_ranks
+    save_checkpoint(state, run.ckpt_path)
+    with open(run.metrics_path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def run_epochs(run: TrainingRun) -> dict:
+    """Train, evaluate and checkpoint epoch after epoch; returns the last epoch's metrics."""
+    args = run.args
+    metrics = {}
+    for epoch in range(run.start_epoch, args.epochs):
+        if args.stop_after is not None and epoch - run.start_epoch >= args.stop_after:
+            run.log(f"stopping after {args.stop_after} epoch(s) as asked; continue with --resume")
+            break
+        metrics = train_one_epoch(run, epoch)
+        metrics.update(evaluate(run.model, run.test_loader, run.device, run.amp, run.world))
+        save_epoch(run, epoch, metrics)
+        run.log(f"epoch {epoch + 1:3d}/{args.epochs}  loss {metrics['train_loss']:.4f}  "
+                f"val_loss {metrics['val_loss']:.4f}  top1 {metrics['top1']:5.2f}%  top5 {metrics['top5']:5.2f}%  "
+                f"lr {metrics['lr']:.2e}  {metrics['images_per_s']:.0f} img/s", flush=True)
+    if run.world.is_main and run.metrics_path.exists():
+        write_curves(run.metrics_path, run.out_dir / "curves.png")
+    return metrics
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -249,150 +403,11 @@ def train(args: argparse.Namespace) -> dict:
     per_rank_batch(args.batch_size, world)
     dist_mod.init(world, device)
     try:
-        metrics = _train(args, world, device)
+        metrics = run_epochs(setup(args, world, device))
         dist_mod.barrier(world)  # rank 0 has written its last checkpoint and plot
         return metrics
     finally:
         dist_mod.shutdown()
-
-
-def _train(args: argparse.Namespace, world: dist_mod.World, device: torch.device) -> dict:
-    log = print if world.is_main else (lambda *a, **k: None)
-    out_dir = Path(args.out_dir)
-    ckpt_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
-    resume_state = None
-    if args.resume:
-        resume_state = load_checkpoint(ckpt_path, required=RESUME_ENTRIES)  # every rank reads it
-        saved = resume_state["args"]
-        changed = {k: (saved.get(k), getattr(args, k)) for k in RECIPE_ARGS if saved.get(k) != getattr(args, k)}
-        if changed:
-            raise SystemExit(f"--resume with a different recipe than {ckpt_path} was trained with "
-                             f"(name: (checkpoint, now)): {changed}")
-    elif ckpt_path.exists() and not args.overwrite:
-        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, --overwrite to replace it, "
-                         "or choose another --out-dir")
-
-    torch.manual_seed(args.seed)
-    train_set, test_set = load_data(args)
-    fingerprint = data_mod.fingerprint(args.dataset, train_set, test_set)  # on the host, before .to(device)
-    if resume_state is not None:
-        check_resume_data(resume_state, fingerprint, ckpt_path, log)
-    image_size = train_set.images.shape[-1]
-    cfg = model_config(args, len(train_set.classes), image_size)
-    if resume_state is not None and resume_state["config"] != cfg.to_dict():
-        diff = {k: (v, cfg.to_dict()[k]) for k, v in resume_state["config"].items() if cfg.to_dict().get(k) != v}
-        raise SystemExit(f"--resume: the model configuration differs from {ckpt_path} (checkpoint, now): {diff}")
-    mean, std = data_mod.channel_stats(train_set.images)
-    train_set, test_set = train_set.to(device), test_set.to(device)
-    augment = data_mod.Augment(args.crop_padding, not args.no_flip, args.mixup, args.cutmix)
-    shard = dict(rank=world.rank, world_size=world.size)
-    train_loader = data_mod.DeviceLoader(train_set, per_rank_batch(args.batch_size, world), mean, std, train=True,
-                                         augment=augment, seed=args.seed, **shard)
-    test_loader = data_mod.DeviceLoader(test_set, args.eval_batch_size, mean, std, train=False, **shard)
-
-    model = ViTClassifier(cfg, backend=args.backend).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(args.beta1, args.beta2))
-    steps_per_epoch = len(train_loader)
-    total_steps = args.epochs * steps_per_epoch
-    factor = warmup_cosine(round(args.warmup_epochs * steps_per_epoch), total_steps, args.min_lr / args.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    if world.is_distributed:
-        # Every rank built the same initial weights; from here on each rank draws its own
-        # stochastic-depth and dropout masks, so it gets a generator of its own.
-        torch.manual_seed(rank_seed(args.seed, world.rank))
-    start_epoch, step = 0, 0
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        start_epoch, step = resume_state["epoch"], resume_state["step"]
-        _restore_rng(resume_state, world, device, args.seed, start_epoch, log)
-        if world.is_main:
-            _truncate_metrics(metrics_path, start_epoch, resume_state.get("metrics"), log)
-    elif metrics_path.exists() and world.is_main:
-        metrics_path.unlink()  # --overwrite, or a run that died before its first checkpoint
-    trained = model
-    if world.is_distributed:
-        # DDP broadcasts rank 0's weights, then averages gradients over the ranks in backward
-        # (NCCL or gloo all-reduce); the backend switch inside the model is untouched.
-        from torch.nn.parallel import DistributedDataParallel
-
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward = torch.compile(trained) if args.compile else trained
-    amp = device.type == "cuda" and not args.no_amp
-    n_params = sum(p.numel() for p in model.parameters())
-    if world.is_distributed:
-        backend = torch.distributed.get_backend()
-        batch = (f"global batch {args.batch_size} = {world.size} ranks x {train_loader.batch_size} per rank "
-                 f"({backend})")
-    else:
-        batch = f"batch {args.batch_size}"
-    log(f"vit_fast: {args.preset} ({n_params / 1e6:.2f}M parameters, backend {args.backend}) on {device}, "
-        f"{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {batch}, peak lr {args.lr:.2e}, "
-        f"{args.epochs} epochs of {steps_per_epoch} steps" + (f", resuming after epoch {start_epoch}" if start_epoch else ""))
-
-    metrics = {}
-    for epoch in range(start_epoch, args.epochs):
-        if args.stop_after is not None and epoch - start_epoch >= args.stop_after:
-            log(f"stopping after {args.stop_after} epoch(s) as asked; continue with --resume")
-            break
-        model.train()
-        train_loader.set_epoch(epoch)
-        global_sizes = train_loader.global_batch_sizes()
-        loss_sum, seen = torch.zeros((), device=device), 0
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        bar = _progress(train_loader, steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=world.is_main)
-        for i, (x, y) in enumerate(bar):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = forward(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
-            # DDP averages the ranks' gradients. Weighting each rank's mean loss by its share of the
-            # global batch makes that average the gradient of the global batch's mean loss, as a
-            # single process computes it (the factor is exactly 1 unless the last batch is uneven).
-            scale = x.shape[0] * world.size / global_sizes[i] if world.is_distributed else 1.0
-            optimizer.zero_grad(set_to_none=True)
-            (loss * scale if scale != 1.0 else loss).backward()
-            if args.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            loss_sum += loss.detach() * x.shape[0]
-            seen += x.shape[0]
-            if not bar.disable and step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen * world.size / (time.perf_counter() - t0):.0f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        totals = torch.stack([loss_sum.double(), torch.tensor(seen, device=device, dtype=torch.float64)])
-        train_loss, seen_all = dist_mod.all_reduce_sum(totals, world).tolist()
-        metrics = {"epoch": epoch + 1, "step": step, "train_loss": train_loss / seen_all,
-                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen_all / elapsed, "epoch_time_s": elapsed,
-                   **evaluate(model, test_loader, device, amp, world)}
-        # A collective: every rank takes part, rank 0 saves them all.
-        rng_ranks = dist_mod.all_gather_objects(rng_state(device if world.is_distributed else None), world)
-        if world.is_main:
-            state = {
-                "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step, "rng": rng_ranks[0],
-                "args": {k: v for k, v in vars(args).items()},
-                "data": {"dataset": args.dataset, "classes": list(train_set.classes), "mean": mean, "std": std,
-                         "fingerprint": fingerprint},
-                "metrics": metrics,
-            }
-            if world.is_distributed:
-                state["rng_ranks"] = rng_ranks
-            save_checkpoint(state, ckpt_path)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        log(f"epoch {epoch + 1:3d}/{args.epochs}  loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
-            f"top1 {metrics['top1']:5.2f}%  top5 {metrics['top5']:5.2f}%  lr {metrics['lr']:.2e}  "
-            f"{metrics['images_per_s']:.0f} img/s", flush=True)
-    if world.is_main and metrics_path.exists():
-        write_curves(metrics_path, out_dir / "curves.png")
-    return metrics
 
 
 def check_resume_data(ckpt: dict, fingerprint: dict, ckpt_path: Path, log=print) -> None:
@@ -409,25 +424,6 @@ def check_resume_data(ckpt: dict, fingerprint: dict, ckpt_path: Path, log=print)
     if changes:
         raise SystemExit(f"--resume with different data than {ckpt_path} was trained on: {'; '.join(changes)}. "
                          "Resume with the original data, or start a new run (--overwrite or another --out-dir)")
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of rank ``rank``'s torch generator in a data-parallel run."""
-    return seed * 1_000_003 + rank + 1
-
-
-def _restore_rng(ckpt: dict, world: dist_mod.World, device: torch.device, seed: int, epoch: int, log) -> None:
-    """Each rank continues its own random stream when the world size is unchanged."""
-    ranks = ckpt.get("rng_ranks")
-    if not world.is_distributed:
-        set_rng_state(ckpt["rng"])
-    elif ranks is not None and len(ranks) == world.size:
-        set_rng_state(ranks[world.rank], device)
-    else:
-        saved = len(ranks) if ranks is not None else 1
-        torch.manual_seed(rank_seed(seed, world.rank) + 7919 * epoch)
-        log(f"note: the checkpoint was written by {saved} process(es), this run has {world.size}: the data order "
-            "and augmentation continue exactly, stochastic depth and dropout masks from fresh per-rank seeds")
 
 
 def write_curves(metrics_path: Path, png: Path) -> None:

@@ -10,8 +10,8 @@ Public API:
 
 Registered ops (schema and CPU/CUDA kernels in csrc/patch_embed.cpp; the fake and autograd
 implementations below make them work under opcheck and torch.compile(fullgraph=True)):
-    vit_fast::patch_embed_forward(images, weight, bias, cls_token, pos_embed) -> tokens
-    vit_fast::patch_embed_backward_params(grad_out, images, weight)
+    vit_fast::patch_embed(images, weight, bias, cls_token, pos_embed) -> tokens
+    vit_fast::patch_embed_backward(grad_out, images, weight)
         -> (grad_weight, grad_bias, grad_cls_token, grad_pos_embed)
     vit_fast::patch_embed_backward_images(grad_out, weight, height, width) -> grad_images
 The image gradient is its own op and runs only when the images require grad (the usual training
@@ -75,7 +75,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Tensor, cls_token: Tensor,
     """Images (B, C, H, W) -> tokens (B, N+1, D); weight (D, C, p, p), bias (D,), cls_token
     (1, 1, D), pos_embed (1, N+1, D), all of one dtype and device. Differentiable in every input."""
     _require_extension()
-    return torch.ops.vit_fast.patch_embed_forward(images, weight, bias, cls_token, pos_embed)
+    return torch.ops.vit_fast.patch_embed(images, weight, bias, cls_token, pos_embed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,14 +84,14 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Tensor, cls_token: Tensor,
 
 
 def _register() -> None:
-    @torch.library.register_fake("vit_fast::patch_embed_forward")
+    @torch.library.register_fake("vit_fast::patch_embed")
     def _forward_fake(images, weight, bias, cls_token, pos_embed):
         B, _, H, W = images.shape
         D, _, p, _ = weight.shape
         return images.new_empty((B, (H // p) * (W // p) + 1, D))
 
-    @torch.library.register_fake("vit_fast::patch_embed_backward_params")
-    def _backward_params_fake(grad_out, images, weight):
+    @torch.library.register_fake("vit_fast::patch_embed_backward")
+    def _backward_fake(grad_out, images, weight):
         D = weight.shape[0]
         return (
             weight.new_empty(weight.shape),
@@ -119,10 +119,10 @@ def _register() -> None:
         param_grads = [None] * 4
         if any(needs_params):
             # One pass yields all four; the ones nobody asked for are dropped (they are small).
-            param_grads = torch.ops.vit_fast.patch_embed_backward_params(grad_out, images, weight)
+            param_grads = torch.ops.vit_fast.patch_embed_backward(grad_out, images, weight)
         return grad_images, *(g if need else None for g, need in zip(param_grads, needs_params))
 
-    torch.library.register_autograd("vit_fast::patch_embed_forward", backward, setup_context=setup_context)
+    torch.library.register_autograd("vit_fast::patch_embed", backward, setup_context=setup_context)
 
 
 if _LOAD_ERROR is None:

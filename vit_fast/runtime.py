@@ -1,0 +1,85 @@
+"""Device and runtime helpers shared by training, evaluation and prediction.
+
+Public API: ``resolve_device``, ``check_backend_device``, ``autocast``, ``synchronize``,
+``rng_state``, ``set_rng_state``, ``rank_seed``, ``restore_rng``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from .distributed import World
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N`` as a device; a clear error when
+    CUDA is asked for on a machine without it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def check_backend_device(backend: str, device: torch.device) -> None:
+    """The fused backend runs Triton and CUDA kernels: a GPU, or Triton's interpreter on the CPU."""
+    if backend == "fused" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit(
+            f"--fused runs our Triton and CUDA kernels, which need an NVIDIA GPU, but the device is {device}. "
+            "Use --backend torch on this machine, or set TRITON_INTERPRET=1 to run the kernels in Triton's "
+            "interpreter on the CPU (very slow; for debugging only)."
+        )
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """The bf16 mixed-precision context every forward pass of a run uses (a no-op when disabled)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that host timers measure it (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """The random state to checkpoint. A data-parallel rank passes its GPU: reading every GPU's
+    state (the single-process default) would open a CUDA context on each GPU from each rank."""
+    state = {"torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
+    elif device is None and torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s torch generator in a data-parallel run."""
+    return seed * 1_000_003 + rank + 1
+
+
+def restore_rng(ckpt: dict, world: World, device: torch.device, seed: int, epoch: int,
+                log: Callable[[str], None]) -> None:
+    """Each rank continues its own random stream when the world size is unchanged."""
+    ranks = ckpt.get("rng_ranks")
+    if not world.is_distributed:
+        set_rng_state(ckpt["rng"])
+    elif ranks is not None and len(ranks) == world.size:
+        set_rng_state(ranks[world.rank], device)
+    else:
+        saved = len(ranks) if ranks is not None else 1
+        torch.manual_seed(rank_seed(seed, world.rank) + 7919 * epoch)
+        log(f"note: the checkpoint was written by {saved} process(es), this run has {world.size}: the data order "
+            "and augmentation continue exactly, stochastic depth and dropout masks from fresh per-rank seeds")
