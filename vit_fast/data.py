@@ -129,8 +129,6 @@ class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
-        if module == "numpy.core.multiarray" and int(np.__version__.split(".")[0]) >= 2:
-            module = "numpy._core.multiarray"  # numpy 2's name; its numpy.core alias warns
         return super().find_class(module, name)
 
 
