@@ -1,0 +1,794 @@
+"""The DeiT / Lee et al. (2021) CIFAR ViT augmentation recipe, batched, per image, on the device.
+
+Every random draw comes from the ``torch.Generator`` passed in (the epoch's device generator), every
+shape is fixed by the batch shape alone, and nothing reads a tensor back to the host, so a batch can be
+built inside a captured CUDA graph and a run is exactly repeatable and resumable.
+
+Contents:
+- batched uint8 (B, C, H, W) image operations with a per-image magnitude (a (B,) tensor) that match
+  ``torchvision.transforms.v2.functional`` per image: geometric ops exactly (nearest interpolation,
+  fill 0), colour ops within one intensity level (see ``blend``);
+- the AutoAugment CIFAR-10 policy (Cubuk et al. 2019), RandAugment(N, M) and TrivialAugment-Wide as
+  ``Policy``: each image draws its own sub-policy / ops / magnitudes / signs;
+- random erasing (Zhong et al. 2020), sync-free, on uint8 or normalised float batches;
+- mixup / cutmix with a device Beta sampler (``sample_beta``), per batch or per sample;
+- repeated augmentation index arithmetic (Hoffer et al. 2020; DeiT's RASampler);
+- ``DeviceAugment``: the whole pipeline in DeiT's order;
+- ``OpRecorder``: a dispatch mode that records aten ops, to check a batch makes no host syncs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# ----------------------------------------------------------------------------------------------
+# Operation ids. A policy is a table of (op id, magnitude) per image and slot; the ids index OPS.
+OPS = (
+    "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+    "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert",
+)  # fmt: skip
+OP_ID = {name: i for i, name in enumerate(OPS)}
+GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+
+_DEG_TO_RAD = math.pi / 180.0  # the constants Python's math.radians / math.degrees multiply by
+_RAD_TO_DEG = 180.0 / math.pi
+
+
+def _per_image(values: Tensor, images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A (B,) tensor of per-image values as (B, 1, 1, 1), checked against the batch."""
+    if values.shape != (images.shape[0],):
+        raise ValueError(f"expected one value per image, shape ({images.shape[0]},), got {tuple(values.shape)}")
+    return values.to(dtype).view(-1, 1, 1, 1)
+
+
+def _check_uint8(images: Tensor) -> None:
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 images (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometric operations: one inverse affine matrix per image and one grid_sample for the batch.
+
+
+def inverse_affine(
+    angle: Tensor, tx: Tensor, ty: Tensor, shear_x: Tensor, shear_y: Tensor, cx: Tensor, cy: Tensor
+) -> Tensor:
+    """Per-image inverse affine matrices (B, 2, 3) float32, the matrix torchvision's affine builds.
+
+    Angles in degrees; (cx, cy) the centre relative to the image centre. Computed in float64, in
+    the same order of operations as torchvision computes it in Python floats, then rounded to
+    float32 as torchvision does, so that the sampled pixels agree exactly."""
+    rot = angle.double() * _DEG_TO_RAD
+    sx, sy = shear_x.double() * _DEG_TO_RAD, shear_y.double() * _DEG_TO_RAD
+    cx, cy = cx.double(), cy.double()
+    cos_sy, tan_sx = torch.cos(sy), torch.tan(sx)
+    cxt, cyt = cx + tx.double(), cy + ty.double()
+    a = torch.cos(rot - sy) / cos_sy
+    b = -(a * tan_sx + torch.sin(rot))
+    c = torch.sin(rot - sy) / cos_sy
+    d = torch.cos(rot) - c * tan_sx
+    m0, m1, m3, m4 = d, -b, -c, a
+    m2 = 0.0 + (cx - m0 * cxt - m1 * cyt)
+    m5 = 0.0 + (cy - m3 * cxt - m4 * cyt)
+    return torch.stack([m0, m1, m2, m3, m4, m5], dim=1).view(-1, 2, 3).float()
+
+
+def warp(images: Tensor, theta: Tensor) -> Tensor:
+    """Resample each image (B, C, H, W) uint8 through its inverse affine matrix theta (B, 2, 3),
+    nearest neighbour, outside pixels 0.
+
+    The sampling grid is built exactly as torchvision builds it (pixel-centred base grid times
+    theta, normalised by half the image size); grid_sample's nearest mode is then done by hand,
+    as one uint8 gather: source pixel round((g + 1) * size / 2 - 0.5) (grid_sample's unnormalisation
+    for align_corners=False; round half to even, as its nearbyint), zero outside. This skips the
+    float copy of the batch that grid_sample needs and gives the same pixels."""
+    _check_uint8(images)
+    B, C, H, W = images.shape
+    dev = images.device
+    x = torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, W, device=dev)
+    y = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, H, device=dev)
+    base = torch.stack([x.expand(H, W), y.view(H, 1).expand(H, W), torch.ones(H, W, device=dev)], dim=-1)
+    half = torch.where(torch.arange(2, device=dev) == 0, 0.5 * W, 0.5 * H)  # (2,) without host data
+    rescaled = theta.transpose(1, 2) / half  # (B, 3, 2)
+    grid = base.view(1, H * W, 3).expand(B, H * W, 3).bmm(rescaled)  # (B, H*W, 2) in [-1, 1]
+    ix = ((grid[..., 0] + 1) * (W * 0.5) - 0.5).round()
+    iy = ((grid[..., 1] + 1) * (H * 0.5) - 0.5).round()
+    inside = (ix >= 0) & (ix <= W - 1) & (iy >= 0) & (iy <= H - 1)  # (B, H*W)
+    src = (iy.clamp(0, H - 1) * W + ix.clamp(0, W - 1)).long()
+    out = images.reshape(B, C, H * W).gather(2, src.view(B, 1, H * W).expand(B, C, H * W))
+    return torch.where(inside.view(B, 1, H * W), out, 0).view(B, C, H, W)
+
+
+def _zeros_like_batch(images: Tensor) -> Tensor:
+    return torch.zeros(images.shape[0], dtype=torch.float64, device=images.device)
+
+
+def geometric(images: Tensor, op: Tensor, magnitude: Tensor) -> Tensor:
+    """Apply, per image, the geometric op ``op`` (ids from OPS; others leave the image as is) with
+    torchvision's AutoAugment magnitude convention: shear factor (the tangent of the shear angle,
+    sheared about the top-left corner), translation in pixels (truncated to int), rotation in degrees
+    (counter-clockwise, about the centre). All five ops in one grid_sample."""
+    _, _, H, W = images.shape
+    zero = _zeros_like_batch(images)
+    m = magnitude.double()
+    shear = torch.atan(m) * _RAD_TO_DEG  # torchvision passes degrees(atan(magnitude))
+    is_shear = (op == OP_ID["ShearX"]) | (op == OP_ID["ShearY"])
+    theta = inverse_affine(
+        angle=torch.where(op == OP_ID["Rotate"], -m, zero),  # torchvision's rotate negates the angle
+        tx=torch.where(op == OP_ID["TranslateX"], torch.trunc(m), zero),
+        ty=torch.where(op == OP_ID["TranslateY"], torch.trunc(m), zero),
+        shear_x=torch.where(op == OP_ID["ShearX"], shear, zero),
+        shear_y=torch.where(op == OP_ID["ShearY"], shear, zero),
+        cx=torch.where(is_shear, zero - 0.5 * W, zero),  # shears use centre [0, 0]: the top-left corner
+        cy=torch.where(is_shear, zero - 0.5 * H, zero),
+    )
+    moved = is_shear | (op == OP_ID["TranslateX"]) | (op == OP_ID["TranslateY"]) | (op == OP_ID["Rotate"])
+    return torch.where(moved.view(-1, 1, 1, 1), warp(images, theta), images)
+
+
+def _single_geometric(name: str):
+    def apply(images: Tensor, magnitude: Tensor) -> Tensor:
+        op = torch.full_like(magnitude, OP_ID[name], dtype=torch.long)
+        return geometric(images, op, magnitude)
+
+    apply.__name__ = name.lower()
+    apply.__doc__ = f"{name} of each image by its own magnitude (see ``geometric`` for the units)."
+    return apply
+
+
+shear_x = _single_geometric("ShearX")
+shear_y = _single_geometric("ShearY")
+translate_x = _single_geometric("TranslateX")
+translate_y = _single_geometric("TranslateY")
+rotate = _single_geometric("Rotate")
+
+
+# ----------------------------------------------------------------------------------------------
+# Colour operations.
+#
+# Tolerance: the blend ops (brightness, color, contrast, sharpness) agree with torchvision within one
+# intensity level. Both compute factor * image + (1 - factor) * degenerate in float32 and truncate to
+# uint8, but torchvision forms 1 - factor from a Python double while here it is a per-image tensor,
+# and its add-with-alpha kernel may fuse the multiply-add; a last-bit difference before truncation
+# moves a value sitting on an integer by one level. Posterize, solarize, autocontrast, equalize and
+# invert are exact.
+
+
+def blend(images: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
+    """factor * images + (1 - factor) * degenerate, clamped and truncated to uint8 (torchvision's
+    blend). factor (B,) per image; degenerate broadcastable to images, float32."""
+    f64 = _per_image(factor, images, torch.float64)
+    ratio, alpha = f64.float(), (1.0 - f64).float()
+    return (images.float() * ratio + degenerate * alpha).clamp_(0, 255).to(torch.uint8)
+
+
+def _gray_floor(images: Tensor) -> Tensor:
+    """ITU-R 601 luma of RGB images, floored, (B, 1, H, W) float32 (torchvision's weights)."""
+    r, g, b = images.float().unbind(1)
+    return (r * 0.2989 + g * 0.587 + b * 0.114).floor_().unsqueeze(1)
+
+
+def brightness(images: Tensor, factor: Tensor) -> Tensor:
+    return blend(images, torch.zeros((), device=images.device), factor)
+
+
+def color(images: Tensor, factor: Tensor) -> Tensor:
+    """Saturation: blend with the grey image."""
+    return blend(images, _gray_floor(images), factor)
+
+
+def contrast(images: Tensor, factor: Tensor) -> Tensor:
+    """Blend with the mean grey level of each image."""
+    return blend(images, _gray_floor(images).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def sharpness(images: Tensor, factor: Tensor) -> Tensor:
+    """Blend the interior with its 3x3 smoothed (1-5-1 kernel / 13), rounded copy; the one-pixel
+    border is kept, as torchvision and PIL keep it.
+
+    The smoothing is (sum of the 3x3 window + 4 * centre) / 13, the window summed separably from
+    shifted slices rather than by a grouped convolution (several times faster on a CPU). It rounds
+    to the same integer as torchvision's float32 convolution: an integer over 13 is never within
+    1/26 of a half, far beyond float32's error."""
+    _check_uint8(images)
+    B, C, H, W = images.shape
+    if H <= 2 or W <= 2:
+        return images
+    x = images.float()
+    rows = x[:, :, :, :-2] + x[:, :, :, 1:-1] + x[:, :, :, 2:]  # (B, C, H, W-2)
+    window = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]  # (B, C, H-2, W-2), exact integers
+    inner = x[:, :, 1:-1, 1:-1]
+    smooth = ((window + 4 * inner) / 13).round_()  # (B, C, H-2, W-2)
+    f64 = _per_image(factor, images, torch.float64)
+    out = x.clone()
+    out[:, :, 1:-1, 1:-1] = inner + (smooth - inner) * (1.0 - f64).float()
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def posterize(images: Tensor, bits: Tensor) -> Tensor:
+    """Keep the top ``bits`` (0..8, truncated toward zero) bits of each value."""
+    b = _per_image(bits, images, torch.float64).trunc().long().clamp(0, 8)
+    mask = (256 - torch.pow(2, 8 - b)).to(torch.uint8)  # ones in the top b bits
+    return images & mask
+
+
+def solarize(images: Tensor, threshold: Tensor) -> Tensor:
+    """Invert values >= threshold (in intensity levels, per image). Compared in float32 as
+    torchvision compares a uint8 tensor with a Python float."""
+    t = _per_image(threshold, images, torch.float64).float()
+    return torch.where(images.float() >= t, 255 - images, images)
+
+
+def autocontrast(images: Tensor) -> Tensor:
+    """Stretch each channel of each image to span [0, 255]; constant channels are kept."""
+    x = images.float()
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    flat = hi == lo
+    scale = torch.where(flat, 1.0, (hi - lo) * (1.0 / 255.0))
+    lo = torch.where(flat, 0.0, lo)
+    return ((x - lo) / scale).clamp_(0, 255).to(torch.uint8)
+
+
+def equalize(images: Tensor) -> Tensor:
+    """Histogram equalisation per channel of each image with PIL's lookup table (the one torchvision
+    uses): step = (pixels not of the highest present level) // 255, lut[k] = (cdf[k-1] + step // 2)
+    // step, images with step 0 left as they are. One scatter-add histogram for the whole batch."""
+    _check_uint8(images)
+    B, C, H, W = images.shape
+    flat = images.reshape(B * C, H * W).long()
+    hist = torch.zeros(B * C, 256, dtype=torch.int64, device=images.device)
+    hist.scatter_add_(1, flat, torch.ones_like(flat))
+    levels = torch.arange(256, device=images.device)
+    top = torch.where(hist > 0, levels, 0).amax(dim=1, keepdim=True)  # highest present level
+    step = (H * W - hist.gather(1, top)).div(255, rounding_mode="floor")  # (B*C, 1)
+    cdf_before = hist.cumsum(1) - hist  # cdf[k-1], with 0 for k = 0
+    lut = (cdf_before + step // 2).div(step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
+    out = lut.gather(1, flat).to(torch.uint8)
+    out = torch.where(step != 0, out, images.reshape(B * C, H * W))
+    return out.view(B, C, H, W)
+
+
+def invert(images: Tensor) -> Tensor:
+    return 255 - images
+
+
+# ----------------------------------------------------------------------------------------------
+# Policies.
+
+# AutoAugment's CIFAR-10 policy (Cubuk et al. 2019), as torchvision defines it: 25 sub-policies of
+# two (op, probability, magnitude bin) steps; bin None for ops without a magnitude.
+CIFAR10_POLICY = (
+    (("Invert", 0.1, None), ("Contrast", 0.2, 6)),
+    (("Rotate", 0.7, 2), ("TranslateX", 0.3, 9)),
+    (("Sharpness", 0.8, 1), ("Sharpness", 0.9, 3)),
+    (("ShearY", 0.5, 8), ("TranslateY", 0.7, 9)),
+    (("AutoContrast", 0.5, None), ("Equalize", 0.9, None)),
+    (("ShearY", 0.2, 7), ("Posterize", 0.3, 7)),
+    (("Color", 0.4, 3), ("Brightness", 0.6, 7)),
+    (("Sharpness", 0.3, 9), ("Brightness", 0.7, 9)),
+    (("Equalize", 0.6, None), ("Equalize", 0.5, None)),
+    (("Contrast", 0.6, 7), ("Sharpness", 0.6, 5)),
+    (("Color", 0.7, 7), ("TranslateX", 0.5, 8)),
+    (("Equalize", 0.3, None), ("AutoContrast", 0.4, None)),
+    (("TranslateY", 0.4, 3), ("Sharpness", 0.2, 6)),
+    (("Brightness", 0.9, 6), ("Color", 0.2, 8)),
+    (("Solarize", 0.5, 2), ("Invert", 0.0, None)),
+    (("Equalize", 0.2, None), ("AutoContrast", 0.6, None)),
+    (("Equalize", 0.2, None), ("Equalize", 0.6, None)),
+    (("Color", 0.9, 9), ("Equalize", 0.6, None)),
+    (("AutoContrast", 0.8, None), ("Solarize", 0.2, 8)),
+    (("Brightness", 0.1, 3), ("Color", 0.7, 0)),
+    (("Solarize", 0.4, 5), ("AutoContrast", 0.9, None)),
+    (("TranslateY", 0.9, 9), ("TranslateY", 0.7, 9)),
+    (("AutoContrast", 0.9, None), ("Solarize", 0.8, 3)),
+    (("Equalize", 0.8, None), ("Invert", 0.1, None)),
+    (("TranslateY", 0.7, 9), ("AutoContrast", 0.9, None)),
+)
+
+# Ops RandAugment and TrivialAugment-Wide choose from (torchvision's lists: no Invert).
+RANDOM_OPS = OPS[:-1]
+
+
+def magnitude_bins(name: str, num_bins: int, height: int, width: int, wide: bool = False) -> tuple[Tensor, bool]:
+    """torchvision's magnitude scale of an op: (bins (num_bins,) float32, signed). ``wide`` gives
+    TrivialAugment-Wide's ranges. Ops without a magnitude get zeros."""
+    top = 0.99 if wide else 0.9
+    if name in ("ShearX", "ShearY"):
+        return torch.linspace(0.0, 0.99 if wide else 0.3, num_bins), True
+    if name in ("TranslateX", "TranslateY"):
+        size = width if name == "TranslateX" else height
+        return torch.linspace(0.0, 32.0 if wide else 150.0 / 331.0 * size, num_bins), True
+    if name == "Rotate":
+        return torch.linspace(0.0, 135.0 if wide else 30.0, num_bins), True
+    if name in ("Brightness", "Color", "Contrast", "Sharpness"):
+        return torch.linspace(0.0, top, num_bins), True
+    if name == "Posterize":
+        levels = 6 if wide else 4
+        return (8 - (torch.arange(num_bins) / ((num_bins - 1) / levels)).round().int()).float(), False
+    if name == "Solarize":
+        return torch.linspace(1.0, 0.0, num_bins), False
+    return torch.zeros(num_bins), False
+
+
+def apply_ops(images: Tensor, op: Tensor, magnitude: Tensor, ops: tuple[str, ...] = OPS) -> Tensor:
+    """One step of a policy: image i gets op[i] (an id from OPS) with magnitude[i] in torchvision's
+    AutoAugment convention (signed: shear factor, pixels, degrees, factor - 1, bits, threshold / 255).
+
+    Sync-free by construction: every op of ``ops`` runs on the whole batch and each image selects
+    its own result with torch.where, so the kernels launched and the shapes are the same whatever
+    the draws. The five geometric ops share one grid_sample (one inverse matrix per image).
+
+    Cost: a step costs the sum of its ops over the whole batch, not the one op each image needs.
+    Measured on the shared 2-core CPU here (1 thread, heavily loaded, best of 5, a (256, 3, 32, 32)
+    batch): one step of the CIFAR-10 policy (all 14 ops) ~130-150 ms, against ~15-30 ms for the
+    most expensive single ops (equalize, the affine warp) and ~1-3 ms for the cheap ones: about
+    6-9x the arithmetic of a dispatch that ran each image's op alone. That buys zero host syncs,
+    fixed shapes and ~30 large kernels per step instead of ~2 small ones per image; the whole
+    recipe still ran ~2x faster than torchvision's per-image transforms in a 2-worker DataLoader
+    (benchmarks/bench_data.py --recipe). On a GPU every op is memory-bound on a 3 MB batch, so the
+    extra work costs little next to the model's step.
+    """
+    out = images
+    if any(name in GEOMETRIC for name in ops):
+        out = geometric(images, op, magnitude)
+    m = magnitude.double()
+    blended = [name for name in ("Brightness", "Color", "Contrast") if name in ops]
+    if blended:
+        # One blend for the three: each image blends with its own op's degenerate image (black,
+        # its grey image, its mean grey), the same arithmetic per image as the separate ops.
+        gray = _gray_floor(images)
+        degenerate = torch.where(
+            (op == OP_ID["Color"]).view(-1, 1, 1, 1),
+            gray,
+            torch.where((op == OP_ID["Contrast"]).view(-1, 1, 1, 1), gray.mean(dim=(1, 2, 3), keepdim=True), 0.0),
+        )
+        is_blend = sum(op == OP_ID[name] for name in blended).bool().view(-1, 1, 1, 1)
+        out = torch.where(is_blend, blend(images, degenerate, 1.0 + m), out)
+    per_op = {
+        "Sharpness": lambda: sharpness(images, 1.0 + m),
+        "Posterize": lambda: posterize(images, m),
+        "Solarize": lambda: solarize(images, 255.0 * m),
+        "AutoContrast": lambda: autocontrast(images),
+        "Equalize": lambda: equalize(images),
+        "Invert": lambda: invert(images),
+    }
+    for name, fn in per_op.items():
+        if name in ops:
+            out = torch.where((op == OP_ID[name]).view(-1, 1, 1, 1), fn(), out)
+    return out
+
+
+@dataclass
+class Policy:
+    """An augmentation policy drawn per image.
+
+    kind: "autoaugment" (CIFAR-10 policy), "randaugment" (``num_ops`` ops of magnitude bin
+    ``magnitude`` of ``num_bins``) or "trivialaugment" (TrivialAugment-Wide: one op, a uniform bin).
+    The magnitude tables are built on the host once per (device, image size) and cached; build them
+    before capturing a CUDA graph by running one batch (graphs need warm-up runs anyway)."""
+
+    kind: str = "autoaugment"  # "autoaugment" | "randaugment" | "trivialaugment"
+    num_ops: int = 2  # randaugment: ops per image
+    magnitude: int = 9  # randaugment: magnitude bin
+    num_bins: int = 31  # randaugment / trivialaugment: magnitude bins (AutoAugment uses 10)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("autoaugment", "randaugment", "trivialaugment"):
+            raise ValueError(f"kind must be autoaugment, randaugment or trivialaugment, got {self.kind!r}")
+        if self.kind == "randaugment" and not 0 <= self.magnitude < self.num_bins:
+            raise ValueError(f"magnitude must lie in [0, {self.num_bins}), got {self.magnitude}")
+        self._cache: dict = {}
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        if self.kind == "autoaugment":
+            return tuple(sorted({s[0] for sub in CIFAR10_POLICY for s in sub}, key=OP_ID.get))
+        return RANDOM_OPS
+
+    def _tables(self, device: torch.device, height: int, width: int) -> dict[str, Tensor]:
+        key = (str(device), height, width)
+        if key in self._cache:
+            return self._cache[key]
+        if self.kind == "autoaugment":
+            op, prob, mag, signed = [], [], [], []
+            for sub in CIFAR10_POLICY:
+                for name, p, b in sub:
+                    bins, sgn = magnitude_bins(name, 10, height, width)
+                    op.append(OP_ID[name])
+                    prob.append(p)
+                    mag.append(0.0 if b is None else float(bins[b]))
+                    signed.append(sgn and b is not None)
+            t = dict(
+                op=torch.tensor(op).view(-1, 2),
+                prob=torch.tensor(prob, dtype=torch.float32).view(-1, 2),
+                mag=torch.tensor(mag, dtype=torch.float32).view(-1, 2),
+                signed=torch.tensor(signed).view(-1, 2),
+            )
+        else:
+            wide = self.kind == "trivialaugment"
+            tables = [magnitude_bins(n, self.num_bins, height, width, wide) for n in RANDOM_OPS]
+            t = dict(
+                op=torch.tensor([OP_ID[n] for n in RANDOM_OPS]),
+                mag=torch.stack([bins for bins, _ in tables]),  # (ops, num_bins)
+                signed=torch.tensor([s for _, s in tables]),
+            )
+        self._cache[key] = t = {k: v.to(device) for k, v in t.items()}
+        return t
+
+    def draw(self, batch: int, height: int, width: int, generator: torch.Generator, device) -> tuple[Tensor, Tensor]:
+        """Per-image op ids and signed magnitudes, each (steps, B)."""
+        t = self._tables(torch.device(device), height, width)
+
+        def rand(*shape):
+            return torch.rand(*shape, generator=generator, device=device)
+
+        if self.kind == "autoaugment":
+            sub = torch.randint(len(CIFAR10_POLICY), (batch,), generator=generator, device=device)
+            applied = rand(2, batch) < t["prob"][sub].T  # torchvision applies when rand <= p; same law
+            op = torch.where(applied, t["op"][sub].T, OP_ID["Identity"])
+            mag, signed = t["mag"][sub].T, t["signed"][sub].T
+        else:
+            steps = self.num_ops if self.kind == "randaugment" else 1
+            which = torch.randint(len(RANDOM_OPS), (steps, batch), generator=generator, device=device)
+            if self.kind == "randaugment":
+                bin_ = torch.full_like(which, self.magnitude)
+            else:
+                bin_ = torch.randint(self.num_bins, (steps, batch), generator=generator, device=device)
+            op, mag, signed = t["op"][which], t["mag"][which, bin_], t["signed"][which]
+        negative = signed & (rand(*op.shape) < 0.5)
+        return op, torch.where(negative, -mag, mag)
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        _check_uint8(images)
+        B, _, H, W = images.shape
+        op, mag = self.draw(B, H, W, generator, images.device)
+        for step in range(op.shape[0]):
+            images = apply_ops(images, op[step], mag[step], self.ops)
+        return images
+
+
+# ----------------------------------------------------------------------------------------------
+# Random erasing.
+
+
+def erase_boxes(
+    batch: int, height: int, width: int, p: float, generator: torch.Generator, device,
+    scale: tuple[float, float] = (0.02, 1 / 3), ratio: tuple[float, float] = (0.3, 1 / 0.3), tries: int = 10,
+) -> Tensor:  # fmt: skip
+    """Per-image erasing masks (B, 1, H, W) bool: with probability p, a rectangle of area fraction
+    U(scale) and aspect exp(U(log ratio)), rounded to pixels, the first of ``tries`` draws that fits
+    inside the image (as torchvision and timm try 10 times; no rectangle when none fits), placed
+    uniformly. The tries are drawn all at once and the first fitting one picked by argmax."""
+    rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)  # noqa: E731
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * rand(batch, tries))
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * rand(batch, tries))
+    h = torch.sqrt(area * aspect).round()
+    w = torch.sqrt(area / aspect).round()
+    fits = (h < height) & (w < width)
+    first = fits.int().argmax(dim=1, keepdim=True)  # the first fitting try (argmax returns the first max)
+    h, w = h.gather(1, first), w.gather(1, first)  # (B, 1)
+    on = fits.any(dim=1, keepdim=True) & (rand(batch, 1) < p)
+    top = (rand(batch, 1) * (height - h + 1)).floor()
+    left = (rand(batch, 1) * (width - w + 1)).floor()
+    rows = torch.arange(height, device=device).view(1, height)
+    cols = torch.arange(width, device=device).view(1, width)
+    in_rows = (rows >= top) & (rows < top + h)  # (B, H)
+    in_cols = (cols >= left) & (cols < left + w)  # (B, W)
+    return (in_rows.view(batch, 1, height, 1) & in_cols.view(batch, 1, 1, width)) & on.view(batch, 1, 1, 1)
+
+
+def _erase_values(shape: torch.Size, mode: str, generator: torch.Generator, device) -> Tensor:
+    """Erasing values in normalised units: 'const' zeros (the mean colour), 'rand' one normal draw per
+    channel, 'pixel' one per pixel (timm's modes; DeiT uses 'pixel')."""
+    B, C, H, W = shape
+    if mode == "const":
+        return torch.zeros((), device=device)
+    if mode == "rand":
+        return torch.randn(B, C, 1, 1, generator=generator, device=device)
+    if mode == "pixel":
+        return torch.randn(B, C, H, W, generator=generator, device=device)
+    raise ValueError(f"erasing mode must be 'const', 'rand' or 'pixel', got {mode!r}")
+
+
+def random_erasing(
+    images: Tensor, generator: torch.Generator, p: float = 0.25, mode: str = "pixel",
+    mean: Tensor | None = None, std: Tensor | None = None, tries: int = 10,
+) -> Tensor:  # fmt: skip
+    """Random erasing (Zhong et al. 2020) per image, sync-free (see ``erase_boxes``).
+
+    On a normalised float batch (DeiT erases after normalising) the values are drawn in normalised
+    units. On a uint8 batch pass the normalisation's mean and std (C,) in [0, 1] units: the values
+    are mapped back to intensity levels, clamp(round((mean + std * v) * 255)), the same erasing
+    up to the clamp to [0, 255] and the rounding to a level."""
+    B, C, H, W = images.shape
+    mask = erase_boxes(B, H, W, p, generator, images.device, tries=tries)
+    values = _erase_values(images.shape, mode, generator, images.device)
+    if images.dtype == torch.uint8:
+        if mean is None or std is None:
+            raise ValueError("erasing a uint8 batch needs the normalisation's mean and std, got None")
+        levels = (mean.view(1, C, 1, 1) + std.view(1, C, 1, 1) * values) * 255
+        values = levels.round().clamp(0, 255).to(torch.uint8)
+    return torch.where(mask, values.to(images.dtype), images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixup / CutMix.
+
+
+def sample_gamma(shape: float, n: int, generator: torch.Generator, device, proposals: int = 16) -> Tensor:
+    """n Gamma(shape, 1) draws, float32, without host syncs: Marsaglia & Tsang (2000) on shape + 1
+    with a fixed number of proposals per draw (the first accepted is kept; acceptance is >= 95% per
+    proposal for shape + 1 >= 1, so all 16 fail with probability < 1e-20), then the boost
+    Gamma(a) = Gamma(a + 1) * U^(1/a)."""
+    if shape <= 0:
+        raise ValueError(f"gamma shape must be positive, got {shape}")
+    d = shape + 1.0 - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    z = torch.randn(n, proposals, generator=generator, device=device)
+    u = torch.rand(n, proposals, generator=generator, device=device)
+    v = (1.0 + c * z) ** 3
+    ok = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * torch.log(v.clamp_min(1e-30)))
+    first = ok.int().argmax(dim=1, keepdim=True)
+    g = d * v.clamp_min(1e-30).gather(1, first).squeeze(1)
+    boost = torch.rand(n, generator=generator, device=device).clamp_min(1e-30) ** (1.0 / shape)
+    return g * boost
+
+
+def sample_beta(alpha: float, n: int, generator: torch.Generator, device) -> Tensor:
+    """n Beta(alpha, alpha) draws (n,) float32 as X / (X + Y) of two Gamma(alpha) draws."""
+    x = sample_gamma(alpha, n, generator, device)
+    y = sample_gamma(alpha, n, generator, device)
+    total = x + y
+    return torch.where(total > 0, x / total.clamp_min(1e-30), 0.5)
+
+
+def mix(
+    images: Tensor, targets: Tensor, mixup_alpha: float, cutmix_alpha: float, switch_prob: float = 0.5,
+    mode: str = "batch", generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) as DeiT uses them (timm's Mixup), sync-free.
+
+    ``images`` float (B, C, H, W), ``targets`` soft labels (B, K) (label smoothing already applied).
+    Each image is mixed with its mirror in the batch (image B-1-i). With both alphas > 0, cutmix is
+    chosen with probability ``switch_prob``. mode "batch": one choice, lam and box for the batch;
+    "elem": one per image. CutMix's lam is corrected to the area actually pasted after clipping the
+    box to the image. Both mixes are computed and selected with torch.where, so the ops do not
+    depend on the draws."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        raise ValueError(f"mix needs mixup_alpha or cutmix_alpha > 0, got {mixup_alpha} and {cutmix_alpha}")
+    if mode not in ("batch", "elem"):
+        raise ValueError(f"mode must be 'batch' or 'elem', got {mode!r}")
+    B, _, H, W = images.shape
+    dev = images.device
+    n = 1 if mode == "batch" else B
+    rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)  # noqa: E731
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        use_cut = rand(n) < switch_prob
+    else:
+        use_cut = torch.full((n,), cutmix_alpha > 0, device=dev)
+    ones = torch.ones(n, device=dev)
+    lam_mix = sample_beta(mixup_alpha, n, generator, dev) if mixup_alpha > 0 else ones
+    lam_cut = sample_beta(cutmix_alpha, n, generator, dev) if cutmix_alpha > 0 else ones
+    # The box (timm's rand_bbox): sides int(size * sqrt(1 - lam)), centre uniform on the pixels.
+    cut = torch.sqrt(1.0 - lam_cut)
+    cut_h, cut_w = (H * cut).floor(), (W * cut).floor()
+    cy, cx = (rand(n) * H).floor(), (rand(n) * W).floor()
+    y0, y1 = (cy - (cut_h / 2).floor()).clamp(0, H), (cy + (cut_h / 2).floor()).clamp(0, H)
+    x0, x1 = (cx - (cut_w / 2).floor()).clamp(0, W), (cx + (cut_w / 2).floor()).clamp(0, W)
+    lam_cut = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
+    rows = torch.arange(H, device=dev).view(1, H)
+    cols = torch.arange(W, device=dev).view(1, W)
+    in_box = ((rows >= y0[:, None]) & (rows < y1[:, None])).view(n, 1, H, 1) & (
+        (cols >= x0[:, None]) & (cols < x1[:, None])
+    ).view(n, 1, 1, W)
+    partner = images.flip(0)
+    lam = torch.where(use_cut, lam_cut, lam_mix)  # (n,)
+    lam_img = lam_mix.view(n, 1, 1, 1)
+    mixed = torch.where(
+        use_cut.view(n, 1, 1, 1),
+        torch.where(in_box, partner, images),
+        lam_img * images + (1.0 - lam_img) * partner,
+    )
+    lam_t = lam.view(n, 1)
+    return mixed, lam_t * targets + (1.0 - lam_t) * targets.flip(0)
+
+
+def smooth_targets(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
+    """One-hot (B, K) float targets with label smoothing: 1 - s + s/K on the label, s/K elsewhere."""
+    # F.one_hot reads the labels' range back to the host; a comparison with arange does not.
+    hot = labels.view(-1, 1) == torch.arange(num_classes, device=labels.device)
+    return hot.float() * (1.0 - smoothing) + smoothing / num_classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Repeated augmentation.
+
+
+def repeated_indices(
+    num_images: int, generator: torch.Generator, rank: int = 0, world_size: int = 1, repeats: int = 3,
+    shuffle: bool = True, round_to: int = 256,
+) -> Tensor:  # fmt: skip
+    """Rank ``rank``'s image indices for one epoch of repeated augmentation, as DeiT's RASampler.
+
+    The epoch's permutation (from ``generator``, the epoch's CPU generator, the same on every rank)
+    is repeated element-wise ``repeats`` times ([a, a, a, b, b, b, ...]), padded with its own head
+    to a multiple of world_size, and dealt round-robin: rank r takes positions r, r + W, ..., so the
+    consecutive copies of an image go to different ranks (each augments its copy independently).
+    Each rank then keeps its first floor(num_images // round_to * round_to / W) positions, so all
+    ranks together still see about num_images images per epoch (DeiT: round_to 256): an epoch
+    covers about 1/repeats of the distinct images, each ``repeats`` times. Returns int64 (n,) CPU."""
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size), got rank {rank} of world_size {world_size}")
+    if repeats < 1 or round_to < 1:
+        raise ValueError(f"repeats and round_to must be >= 1, got {repeats} and {round_to}")
+    order = torch.randperm(num_images, generator=generator) if shuffle else torch.arange(num_images)
+    seq = order.repeat_interleave(repeats)
+    total = math.ceil(num_images * repeats / world_size) * world_size
+    if total > seq.numel():
+        seq = torch.cat([seq, seq.repeat(math.ceil(total / max(seq.numel(), 1)))[: total - seq.numel()]])
+    keep = int(num_images // round_to * round_to / world_size)
+    return seq[rank:total:world_size][:keep]
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole pipeline.
+
+
+@dataclass
+class AugmentConfig:
+    """Lee et al. (2021) / DeiT recipe defaults."""
+
+    padding: int = 4  # random crop from the zero-padded image (0 = off)
+    flip: bool = True  # random horizontal flip
+    policy: str | None = "autoaugment"  # "autoaugment" | "randaugment" | "trivialaugment" | None
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    erase_p: float = 0.25  # random erasing probability (0 = off)
+    erase_mode: str = "pixel"  # "const" | "rand" | "pixel"
+    mixup_alpha: float = 0.8  # 0 = off
+    cutmix_alpha: float = 1.0  # 0 = off
+    switch_prob: float = 0.5  # probability of cutmix when both are on
+    mix_mode: str = "batch"  # "batch" | "elem"
+    label_smoothing: float = 0.1
+
+
+class DeviceAugment:
+    """The DeiT order on the device: crop + flip, the policy (on uint8), normalise, random erasing
+    (on the normalised batch), mixup / cutmix with smoothed targets.
+
+    ``images(x, g)`` returns the augmented uint8 batch (crop, flip, policy, and erasing mapped to
+    intensity levels, see ``random_erasing``); ``__call__(x, labels, g)`` returns the training batch
+    (normalised float32 (B, C, H, W), soft targets (B, K)). mean/std are (C,) in [0, 1] units."""
+
+    def __init__(self, config: AugmentConfig, mean: list[float], std: list[float], num_classes: int, device) -> None:
+        self.config, self.num_classes = config, num_classes
+        self.device = torch.device(device)
+        # Built once here: a per-batch torch.tensor(mean) would copy host data every batch.
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        c = config
+        self.policy = None
+        if c.policy is not None:
+            self.policy = Policy(c.policy, num_ops=c.randaugment_ops, magnitude=c.randaugment_magnitude)
+
+    def _geometry_and_policy(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        from vit_fast.data import apply_crop_flip, crop_flip_offsets
+
+        c = self.config
+        if c.padding or c.flip:
+            offsets = crop_flip_offsets(images.shape[0], c.padding, c.flip, generator, images.device)
+            images = apply_crop_flip(images, c.padding, *offsets)
+        return self.policy(images, generator) if self.policy is not None else images
+
+    def images(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        images = self._geometry_and_policy(images, generator)
+        c = self.config
+        if c.erase_p > 0:
+            images = random_erasing(images, generator, c.erase_p, c.erase_mode, self.mean, self.std)
+        return images
+
+    def normalize(self, images: Tensor) -> Tensor:
+        return (images.float() / 255 - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+    def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        c = self.config
+        x = self.normalize(self._geometry_and_policy(images, generator))
+        if c.erase_p > 0:
+            x = random_erasing(x, generator, c.erase_p, c.erase_mode)
+        targets = smooth_targets(labels, self.num_classes, c.label_smoothing)
+        if c.mixup_alpha > 0 or c.cutmix_alpha > 0:
+            x, targets = mix(x, targets, c.mixup_alpha, c.cutmix_alpha, c.switch_prob, c.mix_mode, generator)
+        return x, targets
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-sync check.
+
+# Ops that read a tensor back to the host or whose output shape depends on the data.
+SYNC_OPS = frozenset({
+    "aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.nonzero",
+    "aten.nonzero_static", "aten.masked_select", "aten._unique2", "aten.unique_dim",
+    "aten.unique_consecutive", "aten.repeat_interleave", "aten.bincount",
+})  # fmt: skip
+
+
+# Tensor methods that hand data to the host; on a CPU tensor some (tolist, numpy) never reach an
+# aten op, so they are caught at the torch-function level.
+HOST_READS = frozenset({
+    "tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__", "__array__",
+})  # fmt: skip
+
+
+class _DispatchRecorder(TorchDispatchMode):
+    def __init__(self, owner: "OpRecorder") -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        name = name if name.startswith("aten.") else f"aten.{name}"
+        self.owner.ops.append(name)
+        out = func(*args, **kwargs)
+        if name.startswith("aten.lift_fresh"):
+            self.owner.host_data.append(name)
+        elif name in ("aten._to_copy", "aten.copy_"):
+            src = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)][-1:]
+            if any(s.device.type == "cpu" for s in src) and isinstance(out, Tensor) and out.device.type != "cpu":
+                self.owner.host_data.append(name)
+        return out
+
+
+class _FunctionRecorder(TorchFunctionMode):
+    def __init__(self, owner: "OpRecorder") -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            self.owner.host_reads.append(f"Tensor.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+class OpRecorder:
+    """Records the aten ops run under it, to check that code makes no host syncs.
+
+    ``syncs``: ops of SYNC_OPS (scalar reads such as .item() / bool(tensor) reach
+    aten._local_scalar_dense; nonzero and friends have data-dependent shapes) and tensor methods of
+    HOST_READS (.tolist(), .numpy(), ...: on a CPU tensor they read memory without an aten op).
+    ``host_data``: tensors made from host data (torch.tensor(list) reaches aten.lift_fresh; flagged
+    on any device, since on a CPU a host-to-device copy cannot be told apart) and copies from the
+    CPU to another device. Use as ``with OpRecorder() as rec: ...; rec.assert_sync_free()``."""
+
+    def __init__(self) -> None:
+        self.ops: list[str] = []
+        self.host_reads: list[str] = []
+        self.host_data: list[str] = []
+        self._modes = (_FunctionRecorder(self), _DispatchRecorder(self))
+
+    def __enter__(self) -> "OpRecorder":
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+    @property
+    def syncs(self) -> list[str]:
+        return [op for op in self.ops if op in SYNC_OPS] + self.host_reads
+
+    def assert_sync_free(self) -> None:
+        if self.syncs or self.host_data:
+            raise AssertionError(f"host syncs {sorted(set(self.syncs))}, host data {sorted(set(self.host_data))}")
