@@ -121,6 +121,31 @@ def test_optimizer_is_fused_with_a_device_lr_and_capturable_on_cuda():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
 
 
+def test_optimizer_state_is_restored_in_place():
+    """A captured graph holds the optimizer's state tensors and the lr tensor: a restore writes into
+    them; the lr and the flags the optimizer was built with survive a checkpoint's group settings."""
+
+    def stepped(seed: int, lr: float) -> torch.optim.Optimizer:
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 3)
+        opt = train_mod.make_optimizer(train_mod.param_groups(model, 0.05), lr, (0.9, 0.999), torch.device("cpu"))
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        return opt
+
+    live, saved = stepped(0, 1e-3), stepped(1, 5e-4)
+    lr = live.param_groups[0]["lr"]
+    before = {id(t) for s in live.state.values() for t in s.values()}
+    state = train_mod.optimizer_state(saved)
+    state["param_groups"] = [{**g, "fused": None} for g in state["param_groups"]]  # as an older checkpoint
+    train_mod.restore_optimizer(live, state)
+    assert {id(t) for s in live.state.values() for t in s.values()} == before
+    assert all(g["lr"] is lr and g["fused"] for g in live.param_groups) and float(lr) == 5e-4
+    for p_live, p_saved in zip(live.state.values(), saved.state.values()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(p_live[key], p_saved[key]), key
+
+
 @CUDA
 def test_optimizer_built_on_cuda_is_fused_and_capturable(tmp_path):
     run = tiny_run(tmp_path, "cuda")
