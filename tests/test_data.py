@@ -129,11 +129,12 @@ def test_sharded_loaders_partition_the_epoch():
 
 
 def test_mixup_and_cutmix_targets_are_distributions():
+    # The loader's mixer (vit_fast.augment.mix, as DeviceLoader calls it).
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, 32, 32)
     y = torch.nn.functional.one_hot(torch.arange(8) % 4, 4).float()
     for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
-        xm, ym = data.mix(x, y, mixup, cutmix, g)
+        xm, ym = data.mix(x, y, mixup, cutmix, generator=g)
         assert xm.shape == x.shape
         torch.testing.assert_close(ym.sum(1), torch.ones(8))
         assert not torch.equal(xm, x)

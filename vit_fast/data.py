@@ -13,6 +13,7 @@ torchvision when missing and online), an image folder (``root/train/<class>/*.pn
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .augment import mix
 
 DATASETS = ("cifar100", "cifar10", "imagefolder", "synthetic")
 
@@ -197,10 +200,13 @@ def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
-def normalize(images: Tensor, mean: list[float], std: list[float]) -> Tensor:
-    """uint8 (B, C, H, W) -> float32, (x/255 - mean) / std per channel."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+def normalize(images: Tensor, mean: Tensor | list[float], std: Tensor | list[float]) -> Tensor:
+    """uint8 (B, C, H, W) -> float32, (x/255 - mean) / std per channel.
+
+    ``mean`` and ``std`` (C,) are best float32 tensors on the images' device, as DeviceLoader keeps
+    them: lists are copied to the device on every call."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     return (images.float() / 255 - m) / s
 
 
@@ -241,39 +247,12 @@ def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.
     return apply_crop_flip(images, padding, *offsets)
 
 
-def mix(
-    images: Tensor, targets: Tensor, mixup_alpha: float, cutmix_alpha: float, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), one of them per batch at random.
-
-    ``images`` float (B, C, H, W), ``targets`` soft labels (B, K). The batch is mixed with its
-    reverse; returns the mixed images and targets."""
-    # The batch's four random scalars in one draw on the generator's device (one host sync).
-    u = torch.rand(4, generator=generator, device=generator.device).tolist()
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or u[0] < 0.5)
-    alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    lam = float(np.random.default_rng(int(u[1] * 2**31)).beta(alpha, alpha))  # torch has no Beta sampler on a Generator
-    flipped = images.flip(0)
-    if use_cutmix:
-        H, W = images.shape[-2:]
-        cut_h, cut_w = int(H * (1 - lam) ** 0.5), int(W * (1 - lam) ** 0.5)
-        cy, cx = min(int(u[2] * H), H - 1), min(int(u[3] * W), W - 1)
-        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
-        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
-        images = images.clone()
-        images[:, :, y0:y1, x0:x1] = flipped[:, :, y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # the area actually pasted
-    else:
-        images = lam * images + (1 - lam) * flipped
-    return images, lam * targets + (1 - lam) * targets.flip(0)
-
-
 @dataclass
 class Augment:
     padding: int = 4  # random crop from the image zero-padded by this many pixels (0 = off)
     flip: bool = True
     mixup_alpha: float = 0.0  # 0 = off
-    cutmix_alpha: float = 0.0  # 0 = off
+    cutmix_alpha: float = 0.0  # 0 = off (with both on, each batch takes one of the two at even odds)
 
 
 class DeviceLoader:
@@ -289,6 +268,11 @@ class DeviceLoader:
     see exactly the images a single process with the global batch sees. Mixup and cutmix pair
     images within the rank's own batch (as data-parallel training usually does), so with them
     the multi-rank run is a different, equally valid, draw.
+
+    A batch is produced without host syncs: the normalisation constants live on the device from the
+    start, mixup/cutmix draw on the device (vit_fast.augment.mix), and the epoch's shuffle is drawn
+    and copied to the device when the epoch's iterator is made, not at its first batch.
+    ``drop_last`` drops an epoch's last partial global batch, so every batch has the same shape.
     """
 
     def __init__(
@@ -313,6 +297,10 @@ class DeviceLoader:
         self.rank, self.world_size = rank, world_size
         self.num_classes = len(data.classes)
         self.epoch = 0
+        dev = data.images.device
+        self._mean = torch.as_tensor(mean, dtype=torch.float32, device=dev)  # (C,)
+        self._std = torch.as_tensor(std, dtype=torch.float32, device=dev)
+        self._classes = torch.arange(self.num_classes, device=dev)  # (K,), for one-hot targets
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -340,11 +328,15 @@ class DeviceLoader:
     def __len__(self) -> int:
         return len(self._spans())
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         dev = self.data.images.device
         gen_cpu = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         gen_dev = torch.Generator(device=dev).manual_seed(self.seed * 100_003 + self.epoch + 1)
         idx = self._indices(gen_cpu).to(dev)
+        return self._batches(idx, gen_dev)
+
+    def _batches(self, idx: Tensor, gen_dev: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        dev = self.data.images.device
         aug, mine = self.augment, slice(self.rank, None, self.world_size)
         for start, stop in self._spans():
             sel = idx[start:stop][mine]
@@ -353,10 +345,10 @@ class DeviceLoader:
                 oy, ox, flipped = crop_flip_offsets(stop - start, aug.padding, aug.flip, gen_dev, dev)
                 flipped = None if flipped is None else flipped[mine]
                 images = apply_crop_flip(images, aug.padding, oy[mine], ox[mine], flipped)
-            x = normalize(images, self.mean, self.std)
+            x = normalize(images, self._mean, self._std)
             if self.train and (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0):
-                soft = F.one_hot(labels, self.num_classes).float()
-                x, soft = mix(x, soft, aug.mixup_alpha, aug.cutmix_alpha, gen_dev)
-                yield x, soft
+                # One-hot by comparison: F.one_hot reads the labels' range back to the host.
+                soft = (labels.view(-1, 1) == self._classes).float()  # (B, K)
+                yield mix(x, soft, aug.mixup_alpha, aug.cutmix_alpha, generator=gen_dev)
             else:
                 yield x, labels
