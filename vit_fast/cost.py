@@ -336,7 +336,8 @@ class _KernelMode(TorchDispatchMode):
         # Inside a custom op called from the fake mode, composite operators (matmul, to) reach the
         # mode whole (the fake mode's python dispatcher is on); decomposed, they arrive as the
         # kernels they run (mm, _to_copy). The step itself reaches the mode decomposed already.
-        if self.decompose and torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+        if (self.decompose and func.namespace == "aten"
+                and torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")):
             with self:  # the mode is off inside its own dispatch: the pieces must reach it again
                 out = func.decompose(*args, **kwargs)
             if out is not NotImplemented:
