@@ -55,9 +55,13 @@ def test_roofline_arithmetic_on_a_hand_checkable_case():
     acc = cost.CostAccount()
     acc.charge("aten::mm", [cost.Kernel(bytes_read=1_000_000, bytes_written=500_000, flops=3_000_000_000)])  # compute: 3 ms
     acc.charge("aten::add", [cost.Kernel(bytes_read=2_000_000, bytes_written=1_000_000, flops=1_000)])  # memory: 3 ms
-    # mm: max(3e9 / 1e12, 1.5e6 / 1e9) = 3 ms; add: max(1e3 / 1e12, 3e6 / 1e9) = 3 ms.
-    assert acc.roofline_s(gpu, captured=True) == pytest.approx(6e-3)
-    assert acc.roofline_s(gpu, captured=False) == pytest.approx(6e-3 + 2 * cost.LAUNCH_OVERHEAD_S)
+    acc.charge("vit_fast::toy", [cost.Kernel(0, 0, 0), cost.Kernel(0, 1_000_000, 0)])  # one call, two kernels: 1 ms
+    # mm: max(3e9 / 1e12, 1.5e6 / 1e9) = 3 ms; add: max(1e3 / 1e12, 3e6 / 1e9) = 3 ms; toy: 0 + 1 ms.
+    assert acc.roofline_s(gpu, captured=True) == pytest.approx(7e-3)
+    # Uncaptured: four launches and one custom-op call of host time on top.
+    assert acc.host_s() == pytest.approx(4 * cost.LAUNCH_OVERHEAD_S + cost.CUSTOM_OP_CALL_S)
+    assert acc.roofline_s(gpu, captured=False) == pytest.approx(7e-3 + acc.host_s())
+    assert (acc.launches, acc.custom_op_calls) == (4, 1)
     h100 = cost.GPUS["H100"]
     assert (h100.peak_flops, h100.bandwidth) == (989e12, 3.35e12)
     assert (cost.GPUS["A100"].peak_flops, cost.GPUS["A100"].bandwidth) == (312e12, 2.0e12)

@@ -36,20 +36,37 @@ What is counted, per phase and per operator:
 It runs on fake tensors (no data, no compute): any preset and batch size, every backend, in
 seconds on a CPU; fake tensors need no GPU and no Triton interpreter.
 
-A CPU stands in for the GPU, so autocast follows torch's CPU op lists, not CUDA's. Both run the
-matrix products (linear/addmm/mm/bmm/baddbmm/matmul, convolution, scaled_dot_product_attention) in
-bf16, which is what this model's casts come from. They differ in what they force to fp32: CUDA's
-autocast also runs layer_norm/native_layer_norm, softmax and log_softmax in fp32 (a bf16 input is
-cast up and the output stays fp32), CPU's does not. So on CUDA the torch and reference backends
-issue more casts (one up-cast per LayerNorm input and, in the reference backend, per softmax, and
-down-casts where an fp32 result meets a bf16 product) than this account shows; the fused backend
-calls no autocast-listed op besides the products, so its account is the same. ``AdamW(fused=True)``
-is one ``_fused_adamw_`` operator here; on CUDA it launches one kernel per chunk of the
-multi-tensor lists (one for this model's 150-odd parameters up to its chunk limits), counted once.
+A CPU stands in for the GPU; where that changes the account:
+
+- autocast follows torch's CPU op lists, not CUDA's. Both run the matrix products (linear, addmm,
+  mm, bmm, baddbmm, matmul, convolution, scaled_dot_product_attention) in bf16, which is where
+  this model's casts come from. CUDA's also forces layer_norm, softmax and log_softmax to fp32
+  (checked on this torch: under CUDA autocast a bf16 input comes out fp32, under CPU autocast
+  bf16). So on CUDA the torch backend casts each LayerNorm's input up and its output back down
+  for the next product (about four more casts per LayerNorm over forward and backward: some 76
+  for vit-cifar, not in this account). The reference backend writes LayerNorm and softmax out in
+  fp32 itself, and the fused backend calls no autocast-listed op but the products, so their casts
+  are CUDA's.
+- scaled-dot-product attention runs ``_scaled_dot_product_flash_attention_for_cpu``; CUDA's
+  flash or memory-efficient kernels have the same inputs and outputs (one launch forward, one
+  backward), so launches and bytes match.
+- torch's foreach paths (``clip_grad_norm_``) refuse fake tensors by type; the account lets them
+  through (``_foreach_on_fake_tensors``), so clipping runs ``_foreach_norm``/``_foreach_mul_`` as
+  on a GPU. A multi-tensor operator (those two, ``_fused_adamw_``) counts once, where CUDA
+  launches one kernel per chunk of its tensor lists.
+- host syncs: no device-to-host or pageable host-to-device copy can happen on a CPU; the counter
+  still sees every scalar read, tensor built from host data and data-dependent shape, which is
+  where syncs come from (``vit_fast.syncs``).
+- the LayerNorm backward's partial-sum grid is planned on meta tensors, where it has the
+  interpreter's 8 programs instead of 4 per multiprocessor (a few kB of fp32 partial sums).
 
 The roofline estimate is a model, not a timing: per kernel max(FLOPs / peak, bytes / bandwidth)
-on the named GPU, summed, plus LAUNCH_OVERHEAD_S per launch when the step is not captured in a
-CUDA graph. ``benchmarks/bench_train.py`` measures the step on a GPU.
+on the named GPU (bf16 dense tensor-core peak for every kernel, so an fp32 product is modelled
+too fast), summed ("graph": the step replayed from a CUDA graph), plus, for an uncaptured step
+("eager"), host time of LAUNCH_OVERHEAD_S per launch and CUSTOM_OP_CALL_S per custom-op call
+(their comments say where the figures come from). The sum is what the estimate reports; a step
+with no host sync lets the host run ahead of the GPU, so max(host, graph) is the optimistic
+bound. ``benchmarks/bench_train.py`` measures the step on a GPU.
 """
 
 from __future__ import annotations
@@ -77,11 +94,15 @@ _FREE_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_str
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Host time per kernel launch of an uncaptured step: PyTorch's eager dispatch of one operator from
-# Python (argument parsing, dispatcher, allocator, cudaLaunchKernel) costs a few microseconds on a
-# server CPU, about the same as a GPU's minimum time between back-to-back small kernels. 5 us is an
-# assumption of this model, not a measurement; a CUDA graph replays all launches for one.
+# Host time per kernel launch of an uncaptured step, an assumption of this model: PyTorch's eager
+# dispatch of one operator from Python (argument parsing, dispatcher, allocator) measured 3.5 us
+# for a tiny CPU op on this project's development machine (its kernel included), and a GPU launch
+# adds cudaLaunchKernel's 1-2 us; a GPU also needs a few microseconds between dependent small
+# kernels. A CUDA graph replays all of a step's launches for one.
 LAUNCH_OVERHEAD_S = 5e-6
+# Extra host time of a Python-level custom-op call (torch.library's Python dispatch around the
+# op's body): measured 17 us over its body's own ops on the same machine, assumed 15 us.
+CUSTOM_OP_CALL_S = 15e-6
 
 
 @dataclass(frozen=True)
@@ -178,11 +199,16 @@ class CostAccount:
     def custom_op_calls(self) -> int:
         return sum(c.calls for k, c in self.ops.items() if not k.startswith("aten::"))
 
+    def host_s(self) -> float:
+        """Modelled host time of an uncaptured step: LAUNCH_OVERHEAD_S per kernel, CUSTOM_OP_CALL_S
+        more per custom-op call."""
+        return len(self.kernels) * LAUNCH_OVERHEAD_S + self.custom_op_calls * CUSTOM_OP_CALL_S
+
     def roofline_s(self, gpu: GPU, captured: bool) -> float:
-        """Modelled seconds: per kernel max(FLOPs / peak, bytes / bandwidth), plus the launch overhead
-        of every kernel unless the step is replayed from a CUDA graph."""
+        """Modelled seconds: per kernel max(FLOPs / peak, bytes / bandwidth), summed, plus the host
+        time (``host_s``) unless the step is replayed from a CUDA graph."""
         t = sum(max(k.flops / gpu.peak_flops, (k.bytes_read + k.bytes_written) / gpu.bandwidth) for k in self.kernels)
-        return t + (0.0 if captured else len(self.kernels) * LAUNCH_OVERHEAD_S)
+        return t + (0.0 if captured else self.host_s())
 
     def summary(self) -> dict:
         return {"launches": self.launches, "casts": self.casts, "bytes": self.bytes, "flops": self.flops,
@@ -429,6 +455,21 @@ class OpRecorder(_KernelMode):
             self.account.charge(f"{ns}::{name}", [kernel])
 
 
+@contextlib.contextmanager
+def _foreach_on_fake_tensors():
+    """Let torch's foreach paths take fake tensors as they take real ones: ``clip_grad_norm_``
+    (foreach=None) checks ``type(t)`` against a list of plain tensor types, so on fake tensors it
+    would fall back to one norm and one multiply per parameter, a path no real device runs."""
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils import _foreach_utils
+
+    types = [*_foreach_utils._foreach_supported_types, FakeTensor]
+    with mock.patch.object(_foreach_utils, "_foreach_supported_types", types):
+        yield
+
+
 def _fake_parameters(model: torch.nn.Module, fake_mode) -> None:
     for module in model.modules():  # real (small) weights -> fake tensors of the same shapes
         for name, param in module._parameters.items():
@@ -495,7 +536,8 @@ class StepAccount:
         """Modelled milliseconds per GPU: {gpu: {"graph": ms, "eager": ms}}."""
         total = self.total
         return {key: {"graph_ms": total.roofline_s(gpu, captured=True) * 1e3,
-                      "eager_ms": total.roofline_s(gpu, captured=False) * 1e3} for key, gpu in GPUS.items()}
+                      "eager_ms": total.roofline_s(gpu, captured=False) * 1e3,
+                      "host_ms": total.host_s() * 1e3} for key, gpu in GPUS.items()}
 
     def to_dict(self) -> dict:
         total = {**self.total.summary(), "host_syncs": sum(self.syncs.values())}
@@ -546,7 +588,7 @@ def account_step_as_trained(preset: str = "vit-cifar", batch_size: int = 128, ba
         setattr(loader, name, fake_mode.from_tensor(getattr(loader, name)))
     run.amp = True
     phases: dict[str, CostAccount] = {p: CostAccount() for p in train.PHASES}
-    with fake_mode:
+    with fake_mode, _foreach_on_fake_tensors():
         groups = train.param_groups(run.model, args.weight_decay)
         run.optimizer = train.make_optimizer(groups, args.lr, (args.beta1, args.beta2), run.device)
         run.scheduler = train.make_schedule(args, run.optimizer, len(run.train_loader))
@@ -590,8 +632,9 @@ def format_step_table(accounts: dict[str, StepAccount]) -> str:
             syncs = sum(step.syncs.values()) if phase == "total" else step.syncs.get(phase, 0)
             lines.append(f"{name:<10} {phase:<17} {acc.launches:>8d} {acc.casts:>6d} {acc.custom_op_calls:>8d} "
                          f"{_gb(acc.bytes):>9} {acc.flops / 1e9:>8.1f} {syncs:>6d}")
-    lines.append("\nroofline model (not a timing): sum over kernels of max(FLOPs/peak, bytes/bandwidth); "
-                 f"eager adds {LAUNCH_OVERHEAD_S * 1e6:.0f} us per launch")
+    lines.append("\nroofline model (not a timing): graph = sum over kernels of max(FLOPs/peak, bytes/bandwidth); "
+                 f"eager adds {LAUNCH_OVERHEAD_S * 1e6:.0f} us per launch and {CUSTOM_OP_CALL_S * 1e6:.0f} us per "
+                 "custom-op call of host time")
     lines.append(f"{'backend':<10} " + " ".join(f"{gpu.name + ' ' + mode:>20}" for gpu in GPUS.values()
                                                  for mode in ("graph ms", "eager ms")))
     for name, step in accounts.items():
@@ -653,6 +696,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(format_table({b: s.total for b, s in steps.items()}, args.top))
         result = {"preset": args.preset, "batch_size": args.batch_size, "step": "as_trained",
                   "mixup": args.mixup, "cutmix": args.cutmix, "launch_overhead_s": LAUNCH_OVERHEAD_S,
+                  "custom_op_call_s": CUSTOM_OP_CALL_S,
                   "gpus": {k: vars(g) for k, g in GPUS.items()},
                   "backends": {b: s.to_dict() for b, s in steps.items()}}
     if args.json:
