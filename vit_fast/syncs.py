@@ -17,10 +17,11 @@ outside any phase is counted under ``OUTSIDE``. Phases nest; the innermost one i
 What counts, per phase (``SyncCounts``):
 
 - ``local_scalar_dense``: ``aten._local_scalar_dense``, what ``.item()``, ``bool(t)``, ``int(t)``,
-  ``float(t)`` and ``if t:`` become: the host waits for the device to reach that value.
+  ``float(t)`` and ``if t:`` become (and ``aten.is_nonzero``, ``aten.equal``, which return a
+  host scalar): the host waits for the device to reach that value.
 - ``item``: Python-level reads of a tensor's values (``Tensor.item``, ``tolist``, ``numpy``,
-  ``__bool__``, ...). On a CPU tensor ``.tolist()`` and ``.numpy()`` read memory without any aten
-  op, so only this level sees them.
+  ``__bool__``, ...), and ``aten.item`` where an op's body calls it. On a CPU tensor ``.tolist()``
+  and ``.numpy()`` read memory without any aten op, so only the Python level sees them.
 - ``device_to_host``: copies (``aten._to_copy``, ``aten.copy_``) from a non-CPU tensor into a CPU one.
 - ``host_to_device_pageable``: copies from a CPU tensor that is not pinned into a non-CPU one
   (blocking: the host waits for the copy).
@@ -37,22 +38,23 @@ CUDA tensors alike; a ``TorchFunctionMode`` sees the Python-level reads. On a CP
 between devices cannot happen, so a CPU run catches scalar reads, host data and data-dependent
 shapes, which is where host syncs come from in practice.
 
-Our custom ops (any namespace other than ``aten``/``prims``) are counted as one op each and their
-insides are not looked into at the aten level: a ``.item()`` in an op's Python body is still
-caught at the function level, except under Triton's interpreter (``TRITON_INTERPRET=1``), whose
-kernel launches copy every tensor argument to numpy and back; those reads belong to the
-interpreter, not to the op, and are skipped.
+The dispatcher runs a custom op's body with both modes switched off. For ops made with
+``torch.library.custom_op`` (ours: ``vit_fast::*``) the counter runs the op's Python body itself,
+under both modes, so a ``.item()`` or a ``torch.tensor(list)`` inside an op is counted too; an op
+implemented in C++ (``vit_fast._C``) is opaque. Triton's interpreter (``TRITON_INTERPRET=1``)
+copies kernel arguments through storages and numpy without tensor ops, so it adds no counts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
+from torch._library.custom_ops import OPDEFS
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -67,6 +69,9 @@ DATA_DEPENDENT_OPS = frozenset({
     "nonzero", "nonzero_static", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
     "bincount", "repeat_interleave", "histc",
 })  # fmt: skip
+
+# aten ops that return a tensor's value as a host scalar.
+SCALAR_READ_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "equal"})
 
 _NATIVE_NAMESPACES = ("aten", "prims")
 
@@ -146,8 +151,10 @@ class HostSyncCounter:
         distinct = self._read_depth == 0
         if namespace not in _NATIVE_NAMESPACES:
             return
-        if name == "_local_scalar_dense":
+        if name in SCALAR_READ_OPS:
             self._record("local_scalar_dense", f"aten.{name}", distinct)
+        elif name == "item":  # seen as such below autograd, inside a custom op's body
+            self._record("item", f"aten.{name}", distinct)
         elif name in DATA_DEPENDENT_OPS:
             self._record("data_dependent", f"aten.{name}", distinct)
         elif name.startswith("lift_fresh"):
@@ -164,23 +171,33 @@ class HostSyncCounter:
                 self._record("host_to_device_pageable", f"aten.{name}", distinct)
 
 
+def _python_impl(func, args) -> Callable | None:
+    """The Python body of a ``torch.library.custom_op`` for the device of its tensor arguments, or
+    None (an aten op, or an op implemented in C++)."""
+    opdef = OPDEFS.get(func._schema.name)
+    if opdef is None or func._overloadname != "default":
+        return None
+    devices = {t.device.type for t in _tensors(args)}
+    fns = opdef._backend_fns
+    device_fn = fns.get(devices.pop()) if len(devices) == 1 else None
+    return device_fn or fns.get(None) or opdef._init_fn
+
+
 class _DispatchCounter(TorchDispatchMode):
     def __init__(self, counter: HostSyncCounter) -> None:
         super().__init__()
         self.counter = counter
-        self.interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        self.function_mode: TorchFunctionMode | None = None  # count_host_syncs sets it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        custom = func.namespace not in _NATIVE_NAMESPACES
-        skip = custom and self.interpreted
-        if skip:
-            self.counter._suspended += 1
-        try:
-            out = func(*args, **kwargs)
-        finally:
-            if skip:
-                self.counter._suspended -= 1
+        impl = _python_impl(func, args) if func.namespace not in _NATIVE_NAMESPACES else None
+        if impl is not None:
+            # The dispatcher runs an op's body with every mode switched off: run it here, under
+            # both modes, so that its aten ops and Python-level reads are counted.
+            with self.function_mode, self:
+                return impl(*args, **kwargs)
+        out = func(*args, **kwargs)
         self.counter._on_aten(func, args, kwargs, out)
         return out
 
@@ -207,5 +224,7 @@ class _FunctionCounter(TorchFunctionMode):
 def count_host_syncs() -> Iterator[HostSyncCounter]:
     """Count the host syncs of the block, per ``counter.phase``; see the module docstring."""
     counter = HostSyncCounter()
-    with _FunctionCounter(counter), _DispatchCounter(counter):
+    function_mode, dispatch_mode = _FunctionCounter(counter), _DispatchCounter(counter)
+    dispatch_mode.function_mode = function_mode
+    with function_mode, dispatch_mode:
         yield counter

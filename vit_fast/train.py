@@ -203,18 +203,29 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
     return factor
 
 
+def optimizer_options(device: torch.device) -> dict:
+    """How AdamW is built for ``device`` (see make_optimizer)."""
+    return {"fused": True, "capturable": device.type == "cuda"}
+
+
+def lr_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the lr tensor: CUDA's fused AdamW reads a float32 lr; the CPU's reads a double,
+    which keeps a CPU run's updates bit-identical to AdamW with a Python-float lr."""
+    return torch.float32 if device.type == "cuda" else torch.float64
+
+
 def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float],
                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW over ``groups`` whose learning rate is one float32 tensor on ``device``, shared by every
-    group (``LRSchedule`` writes it), and whose step counters live on the device too.
+    """AdamW over ``groups`` whose learning rate is one 0-dim tensor on ``device`` (``lr_dtype``),
+    shared by every group (``LRSchedule`` writes it), and whose step counters live on the device too.
 
     ``fused=True`` runs the update as a few multi-tensor kernels and takes the lr tensor without
     reading it back; on CUDA ``capturable=True`` as well, which keeps the bias corrections on the
     device and is what CUDA-graph capture of ``step()`` checks for."""
-    lr_t = torch.tensor(lr, dtype=torch.float32, device=device)
+    lr_t = torch.tensor(lr, dtype=lr_dtype(device), device=device)
     for g in groups:
         g["lr"] = lr_t
-    return torch.optim.AdamW(groups, lr=lr_t, betas=betas, fused=True, capturable=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr_t, betas=betas, **optimizer_options(device))
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
