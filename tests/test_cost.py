@@ -53,7 +53,7 @@ def test_flops_of_products_from_shapes():
 def test_roofline_arithmetic_on_a_hand_checkable_case():
     gpu = cost.GPU("toy", peak_flops=1e12, bandwidth=1e9)
     acc = cost.CostAccount()
-    acc.charge("aten::mm", [cost.Kernel(bytes_read=1_000_000, bytes_written=500_000, flops=3_000_000_000)])  # compute: 3 ms
+    acc.charge("aten::mm", [cost.Kernel(bytes_read=1_000_000, bytes_written=500_000, flops=3_000_000_000)])
     acc.charge("aten::add", [cost.Kernel(bytes_read=2_000_000, bytes_written=1_000_000, flops=1_000)])  # memory: 3 ms
     acc.charge("vit_fast::toy", [cost.Kernel(0, 0, 0), cost.Kernel(0, 1_000_000, 0)])  # one call, two kernels: 1 ms
     # mm: max(3e9 / 1e12, 1.5e6 / 1e9) = 3 ms; add: max(1e3 / 1e12, 3e6 / 1e9) = 3 ms; toy: 0 + 1 ms.
@@ -84,7 +84,8 @@ def test_custom_op_counted_as_its_launchers_kernels():
     # The launcher itself says how many kernels a GPU runs: fc1 and fc2, then gelu_bwd.
     aot = fused_mlp.aot_launches(M, d, hidden, d, dt)
     assert len(fwd) == len(aot) - 1 == 2
-    bwd = cost.custom_op_kernels(torch.ops.vit_fast.mlp_backward.default, (x, x, w1, b1, w2, hid, "none", [True] * 5), {})
+    bwd = cost.custom_op_kernels(torch.ops.vit_fast.mlp_backward.default,
+                                 (x, x, w1, b1, w2, hid, "none", [True] * 5), {})
     # gelu_bwd (Triton), three cuBLAS products, two bias sums each accumulated in fp32 and cast back.
     assert len(bwd) == 1 + 3 + 2 * 2
     assert sum(k.cast for k in bwd) == 2
@@ -97,7 +98,8 @@ def test_custom_op_counted_as_its_launchers_kernels():
     qkv = torch.randn(B, N, 3, H, D, dtype=dt)
     out, lse = torch.randn(B, N, H * D, dtype=dt), torch.randn(B, H, N)
     a_fwd = cost.custom_op_kernels(torch.ops.vit_fast.attention_packed.default, (qkv, D ** -0.5), {})
-    a_bwd = cost.custom_op_kernels(torch.ops.vit_fast.attention_packed_backward.default, (out, qkv, out, lse, D ** -0.5), {})
+    a_bwd = cost.custom_op_kernels(torch.ops.vit_fast.attention_packed_backward.default,
+                                   (out, qkv, out, lse, D ** -0.5), {})
     assert len(a_fwd) + len(a_bwd) == len(fused_attention.aot_launches(B, N, H, D, dt))
     assert a_fwd[0].flops == 4 * B * H * N * N * D
 

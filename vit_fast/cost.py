@@ -395,34 +395,41 @@ def _to_meta(x):
     return x
 
 
-def custom_op_kernels(func, args: tuple, kwargs: dict) -> list[Kernel]:
+def _patch_embed_kernels(op: str, args: tuple, outs: list[torch.Tensor]) -> list[Kernel]:
+    """The C++ patch embedding has no launch objects to plan: its kernel count comes from
+    ``patch_embed.kernel_count``, its bytes from its boundary (inputs read, outputs written) and
+    its FLOPs from the projection (2 per patch, output channel and weight element), all charged to
+    its first kernel."""
+    from .fused import patch_embed
+
+    if op == "patch_embed":  # (images, weight, bias, cls_token, pos_embed) -> (B, N + 1, D)
+        weight, tokens = args[1], outs[0].shape[1]
+    else:  # (grad_out (B, N + 1, D), images, weight) or (grad_out, weight, height, width)
+        weight, tokens = (args[2] if op == "patch_embed_backward" else args[1]), args[0].shape[1]
+    batch, patches = args[0].shape[0], tokens - 1
+    n = patch_embed.kernel_count(op, batch, patches)
+    first = Kernel(sum(tensor_bytes(t) for t in _tensors(args)), sum(tensor_bytes(t) for t in outs),
+                   2 * batch * patches * weight.numel())
+    return [first] + [Kernel(0, 0, 0) for _ in range(n - 1)] if n else []
+
+
+def custom_op_kernels(func, args: tuple, kwargs: dict, out=None) -> list[Kernel]:
     """The kernels one call of the ``vit_fast`` op ``func`` issues on a GPU at these shapes, asked
-    of its launcher (see the module docstring)."""
+    of its launcher (see the module docstring); ``out`` is the call's output (fake tensors)."""
     from torch._library.custom_ops import OPDEFS
 
     from .fused import launch as launch_mod
 
-    qualname = f"{func.namespace}::{func.overloadpacket.__name__}"
-    opdef = OPDEFS.get(qualname)
-    if opdef is None:  # the C++ patch embedding: ask it for its kernel count, bytes at its boundary
-        from .fused import patch_embed
-
-        ins, op = _tensors((args, kwargs)), func.overloadpacket.__name__
-        if op == "patch_embed":
-            batch, patches = args[0].shape[0], 0
-        else:
-            batch, patches = args[0].shape[0], args[0].shape[1] - 1
-        n = patch_embed.kernel_count(op, batch, patches)
-        return [Kernel(sum(tensor_bytes(t) for t in ins) if i == 0 else 0, 0, 0) for i in range(n)]
+    opdef = OPDEFS.get(f"{func.namespace}::{func.overloadpacket.__name__}")
+    if opdef is None:
+        return _patch_embed_kernels(func.overloadpacket.__name__, args, _tensors(out))
     meta_args, meta_kwargs = tree_map(_to_meta, (args, kwargs))
     planner = _Planner(_tensors((meta_args, meta_kwargs)))
+    # Every output of our Python ops is written by one of the kernels planned here.
     with _disable_current_modes(), launch_mod.planning() as launches, _InnerRecorder(planner):
         planner.launches = launches
-        out = opdef._init_fn(*meta_args, **meta_kwargs)
+        opdef._init_fn(*meta_args, **meta_kwargs)
     planner.drain()
-    # Bytes of the op's outputs that no planned kernel wrote (the C++ ops' boundary) are not added:
-    # every output of our Python ops is written by one of its kernels.
-    del out
     return planner.kernels
 
 
@@ -448,7 +455,7 @@ class OpRecorder(_KernelMode):
     def record(self, func, args, kwargs, out) -> None:
         ns, name = func.namespace, func.overloadpacket.__name__
         if ns == "vit_fast":
-            self.account.charge(f"{ns}::{name}", custom_op_kernels(func, args, kwargs))
+            self.account.charge(f"{ns}::{name}", custom_op_kernels(func, args, kwargs, out))
             return
         kernel = _aten_kernel(func, args, kwargs, out)
         if kernel is not None:
@@ -583,7 +590,8 @@ def account_step_as_trained(preset: str = "vit-cifar", batch_size: int = 128, ba
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     _fake_parameters(run.model, fake_mode)
     loader = run.train_loader
-    loader.data.images, loader.data.labels = (fake_mode.from_tensor(t) for t in (loader.data.images, loader.data.labels))
+    data = loader.data
+    data.images, data.labels = fake_mode.from_tensor(data.images), fake_mode.from_tensor(data.labels)
     for name in ("_mean", "_std", "_classes"):
         setattr(loader, name, fake_mode.from_tensor(getattr(loader, name)))
     run.amp = True
