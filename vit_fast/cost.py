@@ -17,7 +17,7 @@ What is counted, per phase and per operator:
 
 - launches: a dispatched aten operator counts once (views and allocations are free). A ``vit_fast``
   custom op counts as the kernels its launcher issues at that shape: the Python ops' real
-  implementations run on meta tensors under ``vit_fast.fused.launch.planning()``, which collects
+  implementations run on fake tensors under ``vit_fast.fused.launch.planning()``, which collects
   each Triton ``Launch`` instead of running it, while the torch operators they call (the cuBLAS
   products and bias sums of ``mlp_backward``) are recorded like any other; the C++ patch embedding
   is asked ``patch_embed.kernel_count``.
@@ -57,7 +57,7 @@ A CPU stands in for the GPU; where that changes the account:
 - host syncs: no device-to-host or pageable host-to-device copy can happen on a CPU; the counter
   still sees every scalar read, tensor built from host data and data-dependent shape, which is
   where syncs come from (``vit_fast.syncs``).
-- the LayerNorm backward's partial-sum grid is planned on meta tensors, where it has the
+- the LayerNorm backward's partial-sum grid is planned on fake CPU tensors, where it has the
   interpreter's 8 programs instead of 4 per multiprocessor (a few kB of fp32 partial sums).
 
 The roofline estimate is a model, not a timing: per kernel max(FLOPs / peak, bytes / bandwidth)
@@ -82,7 +82,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .config import BACKENDS, get_preset
@@ -317,7 +317,7 @@ def _view_key(t: torch.Tensor) -> tuple:
 
 
 class _Planner:
-    """The kernels of one custom-op call on meta tensors: Triton launches (collected by
+    """The kernels of one custom-op call on fake tensors: Triton launches (collected by
     ``planning()``) and aten operators, in the order the implementation issues them."""
 
     def __init__(self, inputs: list[torch.Tensor]) -> None:
@@ -389,12 +389,6 @@ class _InnerRecorder(_KernelMode):
             self.planner.aten(kernel, _tensors(out))
 
 
-def _to_meta(x):
-    if isinstance(x, torch.Tensor):
-        return torch.empty_strided(tuple(x.shape), tuple(x.stride()), dtype=x.dtype, device="meta")
-    return x
-
-
 def _patch_embed_kernels(op: str, args: tuple, outs: list[torch.Tensor]) -> list[Kernel]:
     """The C++ patch embedding has no launch objects to plan: its kernel count comes from
     ``patch_embed.kernel_count``, its bytes from its boundary (inputs read, outputs written) and
@@ -417,18 +411,27 @@ def custom_op_kernels(func, args: tuple, kwargs: dict, out=None) -> list[Kernel]
     """The kernels one call of the ``vit_fast`` op ``func`` issues on a GPU at these shapes, asked
     of its launcher (see the module docstring); ``out`` is the call's output (fake tensors)."""
     from torch._library.custom_ops import OPDEFS
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     from .fused import launch as launch_mod
 
     opdef = OPDEFS.get(f"{func.namespace}::{func.overloadpacket.__name__}")
     if opdef is None:
         return _patch_embed_kernels(func.overloadpacket.__name__, args, _tensors(out))
-    meta_args, meta_kwargs = tree_map(_to_meta, (args, kwargs))
-    planner = _Planner(_tensors((meta_args, meta_kwargs)))
-    # Every output of our Python ops is written by one of the kernels planned here.
-    with _disable_current_modes(), launch_mod.planning() as launches, _InnerRecorder(planner):
-        planner.launches = launches
-        opdef._init_fn(*meta_args, **meta_kwargs)
+    # The op's body runs on fake tensors (on their device, so device-keyed code such as
+    # torch.autocast(x.device.type) behaves as it would): its torch operators compute nothing and
+    # its Triton launches are collected by planning(), not run.
+    fake = next((t.fake_mode for t in _tensors((args, kwargs)) if isinstance(t, FakeTensor)), None)
+    entered = contextlib.nullcontext() if fake is not None else FakeTensorMode(allow_non_fake_inputs=True)
+    with entered as mode:
+        if fake is None:
+            args, kwargs = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
+                                    (args, kwargs))
+        planner = _Planner(_tensors((args, kwargs)))
+        # Every output of our Python ops is written by one of the kernels planned here.
+        with launch_mod.planning() as launches, _InnerRecorder(planner):
+            planner.launches = launches
+            opdef._init_fn(*args, **kwargs)
     planner.drain()
     return planner.kernels
 

@@ -14,8 +14,8 @@ Public API:
     check_device(name, t)               a device some kernel can run on: CUDA, or the CPU (interpreter)
     check_launchable(name, t)           check_device, and CPU tensors only under the interpreter
     check_same_device(tensors) / check_same_dtype_device(tensors)
-    planning()                          collect the launches an op's real implementation plans on meta
-                                        tensors instead of running them (for vit_fast.cost)
+    planning()                          collect the launches an op's real implementation plans (on fake
+                                        tensors) instead of running them (for vit_fast.cost)
 
 One builder per kernel launch returns a ``Launch``: the op runs it (``Launch.run``), and the
 ahead-of-time compile tests convert the very same object (``vit_fast.aot.kernel_launch``), so what
@@ -59,9 +59,10 @@ def interpreting() -> bool:
 @contextlib.contextmanager
 def planning() -> Iterator[list[Launch]]:
     """Within the block, ``Launch.run`` appends the launch to the yielded list instead of running it,
-    and the device checks accept meta tensors, so an op's real implementation called on meta tensors
-    plans exactly the launches (kernels, grids, tensor arguments) it would issue on a GPU at those
-    shapes. How ``vit_fast.cost`` counts a custom op's kernels and bytes from its launcher."""
+    ``interpreting()`` is False and ``check_launchable`` accepts CPU tensors, so an op's real
+    implementation called on fake tensors plans exactly the launches (kernels, grids, tensor
+    arguments) it would issue on a GPU at those shapes. How ``vit_fast.cost`` counts a custom op's
+    kernels and bytes from its launcher."""
     global _planned
     outer, _planned = _planned, []
     try:
@@ -99,8 +100,6 @@ def precision_constexprs(dtype: torch.dtype) -> dict:
 
 
 def check_device(name: str, t: Tensor) -> None:
-    if t.device.type == "meta" and _planned is not None:
-        return
     if t.device.type not in ("cuda", "cpu"):
         raise ValueError(f"{name} is on {t.device}; {_DEVICE_HINT}")
 
