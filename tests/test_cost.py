@@ -188,3 +188,27 @@ def test_cli_pure_prints_tables_and_writes_json(tmp_path, capsys):
     assert "a model of memory traffic and launches, not a timing" in text and "vit_fast::attention_packed" in text
     data = json.loads(out.read_text())
     assert set(data["backends"]) == {"reference", "fused"} and data["batch_size"] == 8 and data["step"] == "pure"
+
+
+def test_bench_train_without_a_gpu_prints_the_account(tmp_path, monkeypatch, capsys):
+    from benchmarks import bench_train, common
+
+    monkeypatch.setattr(common, "gpu_available", lambda: False)  # the CPU path, on any machine
+    assert bench_train.main(["--batch-sizes", "8", "--backends", "torch", "fused", "--out-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "account of the step as trained" in text and "roofline model" in text
+    data = json.loads((tmp_path / "bench_train.json").read_text())
+    assert not data["timed"] and set(data["cost_account"]["vit-cifar/b8"]) == {"torch", "fused"}
+    assert set(data["cost_account"]["vit-cifar/b8"]["fused"]["phases"]) == set(train.PHASES)
+
+
+def test_bench_train_speedup_table():
+    from benchmarks import bench_train
+
+    providers = bench_train.provider_names(("torch", "fused"), ("eager", "cuda-graphs"))
+    assert providers == ["torch/eager", "torch/cuda-graphs", "fused/eager", "fused/cuda-graphs"]
+    row = {"preset": "vit-cifar", "batch": 128, "torch/eager": {"images_per_s": 1000.0},
+           "torch/cuda-graphs": {"error": "out of memory"}, "fused/eager": {"images_per_s": 800.0},
+           "fused/cuda-graphs": {"images_per_s": 2500.0}}
+    last = bench_train.speedup_table([row], providers).splitlines()[-1].split()
+    assert last == ["vit-cifar", "128", "1.00", "-", "0.80", "2.50"]
