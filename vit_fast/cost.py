@@ -252,9 +252,10 @@ def aten_flops(name: str, args: tuple, outs: list[torch.Tensor]) -> int:
         grad_out, w = args[0], args[2]
         return 2 * 2 * _numel(grad_out) * math.prod(w.shape[1:])
     if name.startswith("_scaled_dot_product") and "attention" in name:
-        q, k = args[0] if "backward" not in name else args[1], args[1] if "backward" not in name else args[2]
+        backward = "backward" in name  # (grad_out, q, k, ...) rather than (q, k, ...)
+        q, k = (args[1], args[2]) if backward else (args[0], args[1])
         fwd = 4 * math.prod(q.shape[:-1]) * k.shape[-2] * q.shape[-1]  # Q K^T and P V
-        return fwd * 5 // 2 if "backward" in name else fwd  # backward: recompute, dV, dP, dQ, dK
+        return fwd * 5 // 2 if backward else fwd  # backward: S recomputed, dV, dP, dQ, dK
     return sum(_numel(t) for t in outs)
 
 
@@ -326,6 +327,9 @@ class _Planner:
         self.kernels: list[Kernel] = []
         self.launches: list = []  # planning()'s list, drained in order
         self.drained = 0
+        # Storages are told apart by identity: keep the op's outputs alive so that none is freed and
+        # its identity reused by a later allocation while the op is planned (launches hold theirs).
+        self.alive: list[torch.Tensor] = []
 
     def drain(self) -> None:
         for launch in self.launches[self.drained:]:
@@ -349,6 +353,7 @@ class _Planner:
         self.drain()
         self.kernels.append(kernel)
         self.written.update(_storage_key(t) for t in outs)
+        self.alive.extend(outs)
 
 
 class _KernelMode(TorchDispatchMode):
