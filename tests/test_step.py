@@ -121,6 +121,31 @@ def test_optimizer_is_fused_with_a_device_lr_and_capturable_on_cuda():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
 
 
+def test_optimizer_state_is_restored_in_place():
+    """A captured graph holds the optimizer's state tensors and the lr tensor: a restore writes into
+    them; the lr and the flags the optimizer was built with survive a checkpoint's group settings."""
+
+    def stepped(seed: int, lr: float) -> torch.optim.Optimizer:
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 3)
+        opt = train_mod.make_optimizer(train_mod.param_groups(model, 0.05), lr, (0.9, 0.999), torch.device("cpu"))
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        return opt
+
+    live, saved = stepped(0, 1e-3), stepped(1, 5e-4)
+    lr = live.param_groups[0]["lr"]
+    before = {id(t) for s in live.state.values() for t in s.values()}
+    state = train_mod.optimizer_state(saved)
+    state["param_groups"] = [{**g, "fused": None} for g in state["param_groups"]]  # as an older checkpoint
+    train_mod.restore_optimizer(live, state)
+    assert {id(t) for s in live.state.values() for t in s.values()} == before
+    assert all(g["lr"] is lr and g["fused"] for g in live.param_groups) and float(lr) == 5e-4
+    for p_live, p_saved in zip(live.state.values(), saved.state.values()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(p_live[key], p_saved[key]), key
+
+
 @CUDA
 def test_optimizer_built_on_cuda_is_fused_and_capturable(tmp_path):
     run = tiny_run(tmp_path, "cuda")
@@ -234,6 +259,7 @@ def test_non_finite_loss_stops_at_a_log_point_without_a_checkpoint(tmp_path, mon
         train_mod.train(parse(*SMALL, "--out-dir", str(tmp_path), "--epochs", "2", "--log-every", "2"))
     message = str(err.value.code)
     assert "loss of optimizer step 2 (epoch 1, step 2 of 8) was not finite" in message
+    assert "no checkpoint was written" in message
     # Step 2's flag is requested at step 2 and read at step 4, not at the end of the epoch.
     assert calls["n"] == 4
     assert not (tmp_path / "checkpoint.pt").exists()
@@ -241,7 +267,8 @@ def test_non_finite_loss_stops_at_a_log_point_without_a_checkpoint(tmp_path, mon
 
 def test_non_finite_loss_is_caught_at_the_epoch_end_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     _poison_forward(monkeypatch, at_call=14)  # epoch 2, step 6
-    with pytest.raises(SystemExit, match=r"optimizer step 14 \(epoch 2, step 6 of 8\) was not finite"):
+    with pytest.raises(SystemExit, match=r"optimizer step 14 \(epoch 2, step 6 of 8\) was not finite .*"
+                                         r"checkpoint.pt still holds the last good checkpoint \(epoch 1\)"):
         train_mod.train(parse(*SMALL, "--out-dir", str(tmp_path), "--epochs", "3", "--log-every", "0"))
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())

@@ -47,10 +47,11 @@ from torch import Tensor
 
 from . import data as data_mod
 from . import distributed as dist_mod
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import RESUME_ENTRIES, CheckpointError, load_checkpoint, save_checkpoint
 from .config import BACKENDS, PRESETS, ViTConfig, get_preset
 from .evaluate import evaluate
 from .model import ViTClassifier
+from .paths import check_output_dir
 from .runtime import check_backend_device, rank_seed, resolve_device, restore_rng, rng_state, synchronize
 
 CHECKPOINT_FILE, METRICS_FILE = "checkpoint.pt", "metrics.jsonl"
@@ -144,6 +145,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.cuda_graphs and args.compile and args.compile_mode not in (None, "default"):
         raise SystemExit(f"--cuda-graphs with --compile-mode {args.compile_mode}: that mode captures CUDA graphs "
                          "of its own; use --compile-mode default (or no --cuda-graphs)")
+    check_output_dir(args.out_dir, "--out-dir")  # now, not when the first epoch's checkpoint is due
 
 
 def check_graph_device(args: argparse.Namespace, world: dist_mod.World, device: torch.device) -> None:
@@ -229,21 +231,27 @@ def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float],
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a checkpointed optimizer state into ``optimizer`` in place of its own.
+    """Load a checkpointed optimizer state into ``optimizer``, in place where it already has state.
 
-    ``Optimizer.load_state_dict`` takes each group's settings from the checkpoint; the ones this
-    run's optimizer was built with (the shared lr tensor, fused, capturable) are put back, the lr
-    tensor receiving the saved value, and the step counters go where the moments are (a checkpoint
-    written on the CPU may be resumed on a GPU)."""
+    ``Optimizer.load_state_dict`` takes each group's settings from the checkpoint and makes new
+    state tensors. The settings this run's optimizer was built with (the shared lr tensor, fused,
+    capturable) are put back, the lr tensor receiving the saved value; the step counters go where
+    the moments are (a checkpoint written on the CPU may be resumed on a GPU); and state tensors the
+    optimizer already had (a CUDA graph may hold them) receive the saved values instead of being
+    replaced."""
     built = [{k: g[k] for k in ("lr", "fused", "capturable")} for g in optimizer.param_groups]
+    live = {p: dict(s) for p, s in optimizer.state.items()}
     optimizer.load_state_dict(state)
     for group, mine in zip(optimizer.param_groups, built):
         saved_lr = group["lr"]
         group.update(mine)
         mine["lr"].copy_(torch.as_tensor(saved_lr, dtype=mine["lr"].dtype))
-    for p_state in optimizer.state.values():
+    for p, p_state in optimizer.state.items():
         if "step" in p_state and "exp_avg" in p_state:
             p_state["step"] = p_state["step"].to(p_state["exp_avg"].device, torch.float32)
+        for key, tensor in live.get(p, {}).items():
+            if isinstance(tensor, Tensor) and isinstance(p_state.get(key), Tensor):
+                p_state[key] = tensor.copy_(p_state[key])
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
@@ -330,7 +338,7 @@ class TrainingRun:
     scheduler: LRSchedule
     train_loader: data_mod.DeviceLoader
     test_loader: data_mod.DeviceLoader
-    data_info: dict  # the checkpoint's "data" entry: dataset, classes, mean, std
+    data_info: dict  # the checkpoint's "data" entry: dataset, classes, mean, std, fingerprint
     out_dir: Path  # checkpoint.pt, metrics.jsonl and curves.png
     amp: bool = False  # bf16 autocast (CUDA only)
     start_epoch: int = 0  # epochs completed before this invocation
@@ -352,7 +360,7 @@ def _resume_state(args: argparse.Namespace, ckpt_path: Path) -> dict | None:
     """The checkpoint to continue from (``--resume``), checked against this run's recipe; None for a
     fresh run, which must not replace a checkpoint unless asked to."""
     if args.resume:
-        state = load_checkpoint(ckpt_path)  # every rank reads it
+        state = load_checkpoint(ckpt_path, required=RESUME_ENTRIES)  # every rank reads it
         saved = state["args"]
         changed = {k: (saved.get(k), getattr(args, k)) for k in RECIPE_ARGS if saved.get(k) != getattr(args, k)}
         if changed:
@@ -375,6 +383,9 @@ def setup(args: argparse.Namespace, world: dist_mod.World, device: torch.device)
     resume_state = _resume_state(args, out_dir / CHECKPOINT_FILE)
     torch.manual_seed(args.seed)
     train_set, test_set = data_mod.load_data(args.dataset, args.data_dir, **data_options(args))
+    fingerprint = data_mod.fingerprint(args.dataset, train_set, test_set)  # on the host, before .to(device)
+    if resume_state is not None:
+        check_resume_data(resume_state, fingerprint, out_dir / CHECKPOINT_FILE, print if world.is_main else _silent)
     cfg = model_config(args, len(train_set.classes), train_set.images.shape[-1])
     if resume_state is not None and resume_state["config"] != cfg.to_dict():
         diff = {k: (v, cfg.to_dict()[k]) for k, v in resume_state["config"].items() if cfg.to_dict().get(k) != v}
@@ -395,7 +406,8 @@ def setup(args: argparse.Namespace, world: dist_mod.World, device: torch.device)
     run = TrainingRun(
         args=args, world=world, device=device, cfg=cfg, model=model, forward=model, optimizer=optimizer,
         scheduler=scheduler, train_loader=train_loader, test_loader=test_loader,
-        data_info={"dataset": args.dataset, "classes": list(train_set.classes), "mean": mean, "std": std},
+        data_info={"dataset": args.dataset, "classes": list(train_set.classes), "mean": mean, "std": std,
+                   "fingerprint": fingerprint},
         out_dir=out_dir, amp=device.type == "cuda" and not args.no_amp, log=print if world.is_main else _silent,
         watch=NonFiniteWatch(device),
     )
@@ -443,13 +455,17 @@ def check_steps_per_epoch(state: dict, steps_per_epoch: int, ckpt_path: Path) ->
 
 
 def _resume(run: TrainingRun, state: dict) -> None:
-    run.model.load_state_dict(state["model"])
-    restore_optimizer(run.optimizer, state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.start_epoch, run.step = state["epoch"], state["step"]
-    restore_rng(state, run.world, run.device, run.args.seed, run.start_epoch, run.log)
+    try:
+        run.model.load_state_dict(state["model"])
+        restore_optimizer(run.optimizer, state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.start_epoch, run.step = state["epoch"], state["step"]
+        restore_rng(state, run.world, run.device, run.args.seed, run.start_epoch, run.log)
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:  # what load_state_dict and set_rng_state raise
+        raise CheckpointError(f"checkpoint {run.ckpt_path} does not fit this run: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}") from None
     if run.world.is_main:
-        _truncate_metrics(run.metrics_path, run.start_epoch)
+        _truncate_metrics(run.metrics_path, run.start_epoch, state.get("metrics"), run.log)
 
 
 def _wrap(model: ViTClassifier, compile_model: bool, world: dist_mod.World,
@@ -539,6 +555,7 @@ class GraphedStep:
     def __init__(self, run: TrainingRun, warmup_steps: int = GRAPH_WARMUP_STEPS) -> None:
         self.run, self.warmup_steps = run, warmup_steps
         self.eager_steps = 0
+        self.side: torch.cuda.Stream | None = None  # the warm-up steps' stream
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_x: Tensor | None = None
         self.static_y: Tensor | None = None
@@ -556,11 +573,11 @@ class GraphedStep:
         if self.graph is not None:
             self.graph.replay()
         elif self.eager_steps < self.warmup_steps:
-            side = torch.cuda.Stream(self.run.device)
-            side.wait_stream(torch.cuda.current_stream(self.run.device))
-            with torch.cuda.stream(side):
+            self.side = self.side or torch.cuda.Stream(self.run.device)
+            self.side.wait_stream(torch.cuda.current_stream(self.run.device))
+            with torch.cuda.stream(self.side):
                 self.loss = train_step(self.run, self.static_x, self.static_y)
-            torch.cuda.current_stream(self.run.device).wait_stream(side)
+            torch.cuda.current_stream(self.run.device).wait_stream(self.side)
             self.eager_steps += 1
         else:
             self.graph = torch.cuda.CUDAGraph()
@@ -623,11 +640,13 @@ def stop_if_not_finite(run: TrainingRun, first_bad: int) -> None:
     if first_bad == NO_BAD_STEP:
         return
     steps = len(run.train_loader)
+    # Every epoch end checks the flag: the last checkpoint is from before the bad step's epoch.
+    kept = (f"{run.ckpt_path} still holds the last good checkpoint (epoch {first_bad // steps})"
+            if run.ckpt_path.exists() else "no checkpoint was written")
     raise SystemExit(
         f"error: the training loss of optimizer step {first_bad + 1} (epoch {first_bad // steps + 1}, step "
-        f"{first_bad % steps + 1} of {steps}) was not finite (inf or nan); stopping without writing a "
-        f"checkpoint from this state. {run.ckpt_path} holds the last finished epoch; try a lower --lr or "
-        "--clip-grad, or --no-amp"
+        f"{first_bad % steps + 1} of {steps}) was not finite (the training diverged); stopping without "
+        f"checkpointing this state: {kept}. Try a lower --lr, --clip-grad, or --no-amp"
     )
 
 
@@ -729,6 +748,22 @@ def train(args: argparse.Namespace) -> dict:
         dist_mod.shutdown()
 
 
+def check_resume_data(ckpt: dict, fingerprint: dict, ckpt_path: Path, log=print) -> None:
+    """``--resume`` continues only on the data the checkpoint was trained on: the schedule's step
+    count, the data order and the metrics all depend on it (data.fingerprint)."""
+    saved = ckpt["data"].get("fingerprint")
+    if saved is None:
+        # Written before fingerprints existed: refusing would strand every such run, so it goes on,
+        # with the one data fact such a checkpoint records compared.
+        log(f"warning: {ckpt_path} records no dataset fingerprint (it predates them), so a change in the data's "
+            "content or size cannot be detected; only the class names are compared")
+        saved = {**fingerprint, "classes": list(ckpt["data"].get("classes", []))}
+    changes = data_mod.fingerprint_changes(saved, fingerprint)
+    if changes:
+        raise SystemExit(f"--resume with different data than {ckpt_path} was trained on: {'; '.join(changes)}. "
+                         "Resume with the original data, or start a new run (--overwrite or another --out-dir)")
+
+
 def write_curves(metrics_path: Path, png: Path) -> None:
     """Plot the training curves; a failure here never fails the training run."""
     try:
@@ -739,19 +774,45 @@ def write_curves(metrics_path: Path, png: Path) -> None:
         print(f"warning: could not plot the training curves to {png}: {type(err).__name__}: {err}", file=sys.stderr)
 
 
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metric lines of epochs after the checkpoint (they will be recomputed)."""
+def _truncate_metrics(path: Path, epochs_done: int, last: dict | None = None, log=print) -> None:
+    """Drop metric lines of epochs after the checkpoint (they will be recomputed).
+
+    A crash while a line was appended leaves the file's last line cut short: that line is dropped
+    and reported, and ``last`` (the checkpoint's own metrics, the line a crash right after saving
+    loses) restores the checkpoint's epoch if it is missing. A damaged line anywhere else is not a
+    crash's doing: it is an error naming the file and line, and the file is left as it is."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epochs_done]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    kept: list[dict] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            epoch = record["epoch"]
+            if not isinstance(epoch, int):
+                raise TypeError(f"epoch {epoch!r} is not an integer")
+        except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+            if number == len(lines):
+                log(f"note: the last line of {path} (line {number}) is cut short, as a crash while writing it "
+                    "leaves it; dropped")
+                continue
+            raise SystemExit(f"error: {path} line {number} is not a metrics record ({type(err).__name__}: {err}); "
+                             "repair or delete that line, then --resume again") from None
+        if epoch <= epochs_done:
+            kept.append(record)
+    if last is not None and epochs_done not in {r["epoch"] for r in kept}:
+        kept.append(last)
+        log(f"note: {path} had no line for epoch {epochs_done}; restored it from the checkpoint")
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         train(args)
-    except data_mod.DatasetNotFoundError as err:
+    except (data_mod.DatasetNotFoundError, data_mod.DatasetIntegrityError, CheckpointError) as err:
         raise SystemExit(f"error: {err}") from None
 
 
