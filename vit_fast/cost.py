@@ -86,6 +86,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .config import BACKENDS, get_preset
+from .paths import check_output_file
 
 # Allocation-only or bookkeeping operators: no kernel reads or writes memory for them.
 _FREE_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh",
@@ -694,6 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.json:  # before the accounts, which take a while
+        check_output_file(args.json, "--json")
     if args.pure:
         accounts = {b: account_training_step(args.preset, args.batch_size, b) for b in args.backends}
         print(f"cost account of a pure training step: {args.preset}, batch {args.batch_size}, fp32, AdamW (foreach)")
