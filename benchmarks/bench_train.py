@@ -1,108 +1,175 @@
-"""End-to-end training step: images/s, step time and peak memory per backend.
+"""The training step as trained: images/s, step time and peak memory per backend and step mode.
 
-    python -m benchmarks.bench_train [--presets vit-cifar vit-tiny] [--batch-sizes 128 256 512]
+    python -m benchmarks.bench_train [--presets vit-cifar] [--batch-sizes 128 512] [--quick]
 
-Providers, side by side in one process on the same weights and data: reference, torch,
-torch + torch.compile, fused, fused + torch.compile. A step is forward, backward and AdamW under
-bf16 autocast (what `python -m vit_fast.train` runs on a GPU). Without a GPU, nothing is timed:
-the script prints the per-step cost account (operators launched and bytes moved, a model of the
-costs fusion cuts, computed on fake tensors) and says that timings need a GPU.
+A timed step is what ``python -m vit_fast.train`` runs for each batch, built by its own code
+(``train.setup``, ``epoch_batches``, ``run_step``): DeviceLoader draws and augments the batch
+(crop, flip; mixup/cutmix with --mixup/--cutmix), then forward under bf16 autocast, the
+label-smoothed loss, backward, gradient clipping, fused AdamW and the learning-rate update.
+Providers: backend (reference, torch, fused) x step mode:
+
+- eager: the model as is;
+- compile: ``--compile`` (torch.compile, default mode);
+- reduce-overhead: ``--compile --compile-mode reduce-overhead`` (compiled, CUDA graphs of its own);
+- cuda-graphs: ``--cuda-graphs``, the whole step captured in one CUDA graph and replayed; the
+  batch is copied into the graph's static buffers, so the data phase is timed too.
+
+The dataset is synthetic, of the preset's image size and class count, and a whole number of
+batches long, so every batch has the same shape (no recompilation, no dropped batch). Without a
+GPU nothing is timed: the script prints the account of the same step (``python -m vit_fast.cost``:
+kernels, casts, bytes, host syncs per phase and a roofline model per GPU) and says that timings
+need a GPU.
 """
 
 from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
 
 import torch
 
 from benchmarks import common
 from benchmarks.common import device_peaks, environment, no_gpu_notice, plot_lines, time_cuda
 from vit_fast import cost
-from vit_fast.model import build_model
 
-PROVIDERS = {  # name: (backend, compiled)
-    "reference": ("reference", False),
-    "torch": ("torch", False),
-    "torch+compile": ("torch", True),
-    "fused": ("fused", False),
-    "fused+compile": ("fused", True),
+BACKENDS = ("reference", "torch", "fused")
+MODES = {  # name: the training CLI's arguments for it
+    "eager": [],
+    "compile": ["--compile"],
+    "reduce-overhead": ["--compile", "--compile-mode", "reduce-overhead"],
+    "cuda-graphs": ["--cuda-graphs"],
 }
+BASELINE = "torch/eager"  # the speedup table's denominator: what `python -m vit_fast.train` runs by default
+BATCHES_PER_EPOCH = 8  # synthetic dataset length in batches: the epoch's set-up is amortised over them
 
 
-def time_provider(preset: str, batch: int, backend: str, compiled: bool) -> dict:
-    torch.manual_seed(0)
-    model = build_model(preset, backend=backend, drop_path=0.1).cuda().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    fwd = torch.compile(model) if compiled else model
-    images = torch.randn(batch, 3, 32, 32, device="cuda")
-    labels = torch.randint(model.cfg.num_classes, (batch,), device="cuda")
+def provider_names(backends=BACKENDS, modes=tuple(MODES)) -> list[str]:
+    return [f"{b}/{m}" for b in backends for m in modes]
+
+
+def training_run(preset: str, batch: int, backend: str, mode: str, extra: list[str], out_dir: str):
+    """A TrainingRun on the GPU as the CLI builds it, on a synthetic dataset of whole batches."""
+    from vit_fast import distributed as dist_mod
+    from vit_fast import train
+
+    args = cost.training_args(preset, batch, backend, [*extra, *MODES[mode], "--device", "cuda",
+                                                       "--synthetic-size", str(BATCHES_PER_EPOCH * batch),
+                                                       "--out-dir", out_dir])
+    train.check_args(args)
+    with contextlib.redirect_stdout(io.StringIO()):  # setup's start line
+        return train.setup(args, dist_mod.World(), torch.device("cuda"))
+
+
+def step_fn(run):
+    """One training step as the epoch loop takes it: the next batch, then ``run_step``; a new epoch
+    (its shuffle drawn) when one runs out, as training does."""
+    from vit_fast import train
+
+    state = {"epoch": 0, "batches": train.epoch_batches(run, 0)}
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(fwd(images).float(), labels, label_smoothing=0.1)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        try:
+            x, y = next(state["batches"])
+        except StopIteration:
+            state["epoch"] += 1
+            state["batches"] = train.epoch_batches(run, state["epoch"])
+            x, y = next(state["batches"])
+        return train.run_step(run, x, y)
 
-    for _ in range(3):  # compile, autotune, allocator warm-up
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t = time_cuda(step, warmup=5, rep=50)
+    return step
+
+
+def time_provider(preset: str, batch: int, backend: str, mode: str, extra: list[str]) -> dict:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as out_dir:
+        run = training_run(preset, batch, backend, mode, extra, out_dir)
+        run.model.train()
+        step = step_fn(run)
+        for _ in range(5):  # compile, autotune, graph capture (after train.GRAPH_WARMUP_STEPS), allocator
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = time_cuda(step, warmup=5, rep=50)
     t["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     t["images_per_s"] = batch / (t["ms"] / 1e3)
-    return t  # the model and optimizer go out of scope here; the caller empties the cache
+    return t  # the run goes out of scope here; the caller empties the cache
+
+
+def speedup_table(rows: list[dict], providers: list[str]) -> str:
+    """Images/s of every provider over BASELINE's, one line per (preset, batch)."""
+    lines = [f"speedup over {BASELINE} (images/s ratio; > 1 is faster)",
+             f"{'preset':<10} {'batch':>5} " + " ".join(f"{p:>20}" for p in providers)]
+    for row in rows:
+        base = row.get(BASELINE, {}).get("images_per_s")
+        cells = [f"{row[p]['images_per_s'] / base:>20.2f}" if base and "images_per_s" in row[p] else f"{'-':>20}"
+                 for p in providers]
+        lines.append(f"{row['preset']:<10} {row['batch']:>5d} " + " ".join(cells))
+    return "\n".join(lines)
 
 
 def run_cpu(args) -> dict:
-    """The per-step cost account of every preset and batch size (a model, computed on fake tensors)."""
-    notice = no_gpu_notice("bench_train", "the per-step cost account (timings need a GPU)")
+    """The account of the step as trained for every preset, batch size and backend (a model,
+    computed on fake tensors), in place of timings."""
+    notice = no_gpu_notice("bench_train", "the account of the step as trained (timings need a GPU)")
     accounts = {}
     for preset in args.presets:
         for batch in args.batch_sizes:
-            acc = {b: cost.account_training_step(preset, batch, b) for b in ("reference", "torch", "fused")}
-            print(f"\n== cost account: {preset}, batch {batch} (fp32; a model, not a timing) ==")
-            print(cost.format_table(acc, top=8))
-            accounts[f"{preset}/b{batch}"] = {b: a.to_dict() for b, a in acc.items()}
+            steps = {b: cost.account_step_as_trained(preset, batch, b, args.extra) for b in args.backends}
+            print(f"\n== account of the step as trained: {preset}, batch {batch} (a model, not a timing) ==")
+            print(cost.format_step_table(steps))
+            accounts[f"{preset}/b{batch}"] = {b: s.to_dict() for b, s in steps.items()}
     return {"timed": False, "notice": notice, "cost_account": accounts}
 
 
 def run_gpu(args) -> dict:
-    """Step time, images/s and peak memory of every provider, preset and batch size, plus a plot per preset."""
+    """Step time, images/s and peak memory of every provider, preset and batch size; the speedup
+    table; a plot of images/s per preset."""
     peaks = device_peaks()
+    providers = provider_names(args.backends, args.modes)
     rows = []
     for preset in args.presets:
         for batch in args.batch_sizes:
             row = {"preset": preset, "batch": batch}
-            for name in args.providers:
-                backend, compiled = PROVIDERS[name]
+            for name in providers:
+                backend, mode = name.split("/")
                 try:
-                    row[name] = time_provider(preset, batch, backend, compiled)
+                    row[name] = time_provider(preset, batch, backend, mode, args.extra)
                 except torch.cuda.OutOfMemoryError:
                     row[name] = {"error": "out of memory"}
                 torch.cuda.empty_cache()
+                torch._dynamo.reset()  # compiled code of one provider never serves the next
                 r = row[name]
-                print(f"{preset:10s} b{batch:<4d} {name:14s} " + (
-                    f"{r['ms']:8.2f} ms  {r['images_per_s']:9.0f} img/s  peak {r['peak_memory_gb']:.2f} GB" if "ms" in r else r["error"]), flush=True)
-            base = row.get("torch", {}).get("ms")
-            for name in args.providers:
+                print(f"{preset:10s} b{batch:<4d} {name:26s} " + (
+                    f"{r['ms']:8.2f} ms  {r['images_per_s']:9.0f} img/s  peak {r['peak_memory_gb']:.2f} GB"
+                    if "ms" in r else r["error"]), flush=True)
+            base = row.get(BASELINE, {}).get("ms")
+            for name in providers:
                 if "ms" in row[name] and base:
-                    row[name]["speedup_vs_torch"] = base / row[name]["ms"]
+                    row[name]["speedup_vs_baseline"] = base / row[name]["ms"]
             rows.append(row)
+    print("\n" + speedup_table(rows, providers))
     for preset in args.presets:
         sel = [r for r in rows if r["preset"] == preset]
         plot_lines(args.out_dir / f"bench_train_{preset}.png", [r["batch"] for r in sel],
-                   {n: [r[n].get("images_per_s", float("nan")) for r in sel] for n in args.providers},
-                   "batch size", "images/s", f"training step, {preset} ({environment()['gpu']})", logx=True)
-    return {"timed": True, "device": peaks, "rows": rows}
+                   {n: [r[n].get("images_per_s", float("nan")) for r in sel] for n in providers},
+                   "batch size", "images/s", f"training step as trained, {preset} ({environment()['gpu']})",
+                   logx=True)
+    return {"timed": True, "device": peaks, "baseline": BASELINE, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__, "vit-cifar at batch 128 only")
-    p.add_argument("--presets", nargs="+", default=["vit-cifar", "vit-tiny", "vit-small"])
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 256, 512])
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    p.add_argument("--presets", nargs="+", default=["vit-cifar"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 512])
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--mixup", type=float, default=0.0, help="the recipe's --mixup")
+    p.add_argument("--cutmix", type=float, default=0.0, help="the recipe's --cutmix")
     args = p.parse_args(argv)
     if args.quick:
         args.presets, args.batch_sizes = ["vit-cifar"], [128]
+    args.extra = ["--mixup", str(args.mixup), "--cutmix", str(args.cutmix)]
     return common.run("bench_train", args, run_gpu, run_cpu)
 
 

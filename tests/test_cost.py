@@ -1,11 +1,18 @@
-"""The per-step cost account: its counting rules, and the fusion goals it measures."""
+"""The per-step cost account: its counting rules, the step as trained (phases, host syncs), the
+roofline arithmetic, and the fusion goals it measures."""
+
+from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from vit_fast import cost
+from vit_fast import cost, train
+from vit_fast.fused import attention as fused_attention
+from vit_fast.fused import launch as fused_launch
+from vit_fast.fused import mlp as fused_mlp
 
 
 def test_counting_rules():
@@ -18,6 +25,8 @@ def test_counting_rules():
         z.mul_(2.0)  # in place: reads z, writes z
         b = torch.randn(32).expand(64, 32)  # an expanded (stride-0) tensor is 128 B, not 8 KiB
         _ = z + b
+        _ = z.to(torch.bfloat16)  # a standalone cast
+        _ = z.to(torch.float32)  # no-op: same dtype, nothing launched
     n = 64 * 32 * 4
     assert acc.ops["aten::add"].launches == 2
     assert acc.ops["aten::add"].bytes_read == 2 * n + (n + 32 * 4)
@@ -25,7 +34,84 @@ def test_counting_rules():
     assert acc.ops["aten::mul_"].bytes_read == n and acc.ops["aten::mul_"].bytes_written == n
     assert "aten::view" not in acc.ops and "aten::t" not in acc.ops and "aten::transpose" not in acc.ops
     assert (acc.ops["aten::clone"].launches, acc.ops["aten::clone"].bytes_read, acc.ops["aten::clone"].bytes_written) == (1, n, n)
-    assert acc.launches == sum(c.launches for c in acc.ops.values())
+    assert acc.ops["aten::_to_copy"].launches == 1 and acc.casts == 1
+    assert acc.launches == sum(c.launches for c in acc.ops.values()) == len(acc.kernels)
+
+
+def test_flops_of_products_from_shapes():
+    acc = cost.CostAccount()
+    a, b, bias = torch.randn(8, 16), torch.randn(16, 4), torch.randn(4)
+    with cost.OpRecorder(acc):
+        a @ b
+        torch.addmm(bias, a, b)
+        torch.randn(3, 8, 16) @ torch.randn(3, 16, 4)  # bmm
+    assert acc.ops["aten::mm"].flops == 2 * 8 * 16 * 4
+    assert acc.ops["aten::addmm"].flops == 2 * 8 * 16 * 4
+    assert acc.ops["aten::bmm"].flops == 3 * 2 * 8 * 16 * 4
+
+
+def test_roofline_arithmetic_on_a_hand_checkable_case():
+    gpu = cost.GPU("toy", peak_flops=1e12, bandwidth=1e9)
+    acc = cost.CostAccount()
+    acc.charge("aten::mm", [cost.Kernel(bytes_read=1_000_000, bytes_written=500_000, flops=3_000_000_000)])
+    acc.charge("aten::add", [cost.Kernel(bytes_read=2_000_000, bytes_written=1_000_000, flops=1_000)])  # memory: 3 ms
+    acc.charge("vit_fast::toy", [cost.Kernel(0, 0, 0), cost.Kernel(0, 1_000_000, 0)])  # one call, two kernels: 1 ms
+    # mm: max(3e9 / 1e12, 1.5e6 / 1e9) = 3 ms; add: max(1e3 / 1e12, 3e6 / 1e9) = 3 ms; toy: 0 + 1 ms.
+    assert acc.roofline_s(gpu, captured=True) == pytest.approx(7e-3)
+    # Uncaptured: four launches and one custom-op call of host time on top.
+    assert acc.host_s() == pytest.approx(4 * cost.LAUNCH_OVERHEAD_S + cost.CUSTOM_OP_CALL_S)
+    assert acc.roofline_s(gpu, captured=False) == pytest.approx(7e-3 + acc.host_s())
+    assert (acc.launches, acc.custom_op_calls) == (4, 1)
+    h100 = cost.GPUS["H100"]
+    assert (h100.peak_flops, h100.bandwidth) == (989e12, 3.35e12)
+    assert (cost.GPUS["A100"].peak_flops, cost.GPUS["A100"].bandwidth) == (312e12, 2.0e12)
+
+
+def _planned(fn, *args) -> int:
+    """Triton launches the real implementation plans on meta tensors (what the account asks)."""
+    with fused_launch.planning() as launches:
+        fn(*args)
+    return len(launches)
+
+
+def test_custom_op_counted_as_its_launchers_kernels():
+    """A vit_fast op counts the kernels its launcher issues at that shape, not one per call."""
+    M, d, hidden = 96, 32, 64
+    dt = torch.bfloat16
+    x, w1, b1 = torch.randn(M, d, dtype=dt), torch.randn(hidden, d, dtype=dt), torch.randn(hidden, dtype=dt)
+    w2, b2, hid = torch.randn(d, hidden, dtype=dt), torch.randn(d, dtype=dt), torch.randn(M, hidden, dtype=dt)
+    fwd = cost.custom_op_kernels(torch.ops.vit_fast.mlp.default, (x, w1, b1, w2, b2, "none", x), {})
+    # The launcher itself says how many kernels a GPU runs: fc1 and fc2, then gelu_bwd.
+    aot = fused_mlp.aot_launches(M, d, hidden, d, dt)
+    assert len(fwd) == len(aot) - 1 == 2
+    bwd = cost.custom_op_kernels(torch.ops.vit_fast.mlp_backward.default,
+                                 (x, x, w1, b1, w2, hid, "none", [True] * 5), {})
+    # gelu_bwd (Triton), three cuBLAS products, two bias sums each accumulated in fp32 and cast back.
+    assert len(bwd) == 1 + 3 + 2 * 2
+    assert sum(k.cast for k in bwd) == 2
+    grad_pre = M * hidden * dt.itemsize  # (M, Hd), written by gelu_bwd, read by grad_x, grad_w1 and grad_b1
+    assert bwd[0].bytes_written == grad_pre
+    assert sum(k.bytes_read for k in bwd[1:]) >= 3 * grad_pre
+    assert bwd[0].flops == 2 * M * hidden * (d + d)  # dY W2 and the recomputed pre-activation
+    # Attention: the launcher's forward and backward launches, as aot_launches lists them.
+    B, N, H, D = 2, 24, 2, 16
+    qkv = torch.randn(B, N, 3, H, D, dtype=dt)
+    out, lse = torch.randn(B, N, H * D, dtype=dt), torch.randn(B, H, N)
+    a_fwd = cost.custom_op_kernels(torch.ops.vit_fast.attention_packed.default, (qkv, D ** -0.5), {})
+    a_bwd = cost.custom_op_kernels(torch.ops.vit_fast.attention_packed_backward.default,
+                                   (out, qkv, out, lse, D ** -0.5), {})
+    assert len(a_fwd) + len(a_bwd) == len(fused_attention.aot_launches(B, N, H, D, dt))
+    assert a_fwd[0].flops == 4 * B * H * N * N * D
+
+
+def test_planning_runs_nothing_and_restores_the_interpreter_switch():
+    before = fused_launch.interpreting()
+    never_run = fused_launch.Launch(kernel=None, grid=(1,), args={"X": torch.empty(4)}, constexprs={}, num_warps=1)
+    with fused_launch.planning() as launches:
+        assert not fused_launch.interpreting()  # a plan is the GPU's
+        fused_launch.check_launchable("x", torch.empty(4))  # CPU tensors plan, whatever the interpreter
+        never_run.run()  # a kernel of None would raise if it were launched
+    assert launches == [never_run] and fused_launch.interpreting() == before
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +125,13 @@ def test_training_step_is_accounted_for_every_backend(vit_cifar_accounts):
         assert acc.launches > 100 and acc.bytes > 1e9, name
         assert any(k.startswith("aten::_foreach") for k in ops), f"{name}: the AdamW step is missing"
     fused_ops = vit_cifar_accounts["fused"].ops
-    # Each of our custom ops counts once per call: 9 blocks, 19 LayerNorms (2 per block + final).
-    assert fused_ops["vit_fast::attention_packed"].launches == 9
-    assert fused_ops["vit_fast::mlp"].launches == 9
-    assert fused_ops["vit_fast::layer_norm"].launches + fused_ops["vit_fast::add_layer_norm"].launches == 19
-    assert fused_ops["vit_fast::patch_embed"].launches == 1
+    # One Python-level call per op and block: 9 blocks, 19 LayerNorms (2 per block + final).
+    assert fused_ops["vit_fast::attention_packed"].calls == 9
+    assert fused_ops["vit_fast::mlp"].calls == 9
+    assert fused_ops["vit_fast::layer_norm"].calls + fused_ops["vit_fast::add_layer_norm"].calls == 19
+    assert fused_ops["vit_fast::patch_embed"].calls == 1
+    # Kernels: as many per call as the launcher plans (mlp: fc1 and fc2).
+    assert fused_ops["vit_fast::mlp"].launches == 9 * 2
 
 
 def test_fusion_goals_at_vit_cifar_batch_128(vit_cifar_accounts):
@@ -55,10 +143,72 @@ def test_fusion_goals_at_vit_cifar_batch_128(vit_cifar_accounts):
     assert fused.bytes < pt.bytes and fused.launches < pt.launches, (fused.to_dict()["launches"], pt.launches)
 
 
-def test_cli_prints_tables_and_writes_json(tmp_path, capsys):
+@pytest.fixture(scope="module", params=[(), ("--mixup", "0.8", "--cutmix", "1.0")], ids=["default", "mixup+cutmix"])
+def as_trained(request):
+    return {b: cost.account_step_as_trained("vit-cifar", 16, b, request.param) for b in ("reference", "torch", "fused")}
+
+
+def test_step_as_trained_has_every_phase_and_no_host_sync(as_trained):
+    for name, step in as_trained.items():
+        assert tuple(step.phases) == train.PHASES, name
+        for phase, acc in step.phases.items():
+            assert acc.launches > 0, (name, phase)
+            assert step.syncs[phase] == 0, (name, phase, step.syncs)
+        ops = step.total.ops
+        assert "aten::_fused_adamw_" in step.phases["optimizer"].ops, name  # AdamW as make_optimizer builds it
+        assert step.phases["clip"].launches > 0 and step.phases["data"].flops > 0, name
+        assert ops["aten::_to_copy"].casts > 0, f"{name}: bf16 autocast should cast"
+    fused = as_trained["fused"]
+    assert fused.total.custom_op_calls > 0 and as_trained["torch"].total.custom_op_calls == 0
+    # The model's phases are the same code whatever the data phase did.
+    assert fused.phases["forward_backward"].launches < as_trained["reference"].phases["forward_backward"].launches
+
+
+def test_step_table_and_json(tmp_path, capsys):
     out = tmp_path / "cost.json"
-    cost.main(["--preset", "vit-cifar", "--batch-size", "8", "--backends", "reference", "fused", "--json", str(out)])
+    result = cost.main(["--batch-size", "8", "--backends", "torch", "fused", "--json", str(out), "--top", "3"])
+    text = capsys.readouterr().out
+    assert "not a timing" in text and "roofline model" in text and "H100 SXM" in text
+    for phase in train.PHASES:
+        assert f"fused      {phase}" in text
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(result))
+    assert data["step"] == "as_trained" and set(data["backends"]) == {"torch", "fused"}
+    fused = data["backends"]["fused"]
+    assert set(fused["phases"]) == set(train.PHASES) and fused["total"]["host_syncs"] == 0
+    assert fused["roofline"]["H100"]["eager_ms"] > fused["roofline"]["H100"]["graph_ms"] > 0
+    assert math.isclose(sum(p["launches"] for p in fused["phases"].values()), fused["total"]["launches"])
+
+
+def test_cli_pure_prints_tables_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    cost.main(["--pure", "--preset", "vit-cifar", "--batch-size", "8", "--backends", "reference", "fused",
+               "--json", str(out)])
     text = capsys.readouterr().out
     assert "a model of memory traffic and launches, not a timing" in text and "vit_fast::attention_packed" in text
     data = json.loads(out.read_text())
-    assert set(data["backends"]) == {"reference", "fused"} and data["batch_size"] == 8
+    assert set(data["backends"]) == {"reference", "fused"} and data["batch_size"] == 8 and data["step"] == "pure"
+
+
+def test_bench_train_without_a_gpu_prints_the_account(tmp_path, monkeypatch, capsys):
+    from benchmarks import bench_train, common
+
+    monkeypatch.setattr(common, "gpu_available", lambda: False)  # the CPU path, on any machine
+    assert bench_train.main(["--batch-sizes", "8", "--backends", "torch", "fused", "--out-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "account of the step as trained" in text and "roofline model" in text
+    data = json.loads((tmp_path / "bench_train.json").read_text())
+    assert not data["timed"] and set(data["cost_account"]["vit-cifar/b8"]) == {"torch", "fused"}
+    assert set(data["cost_account"]["vit-cifar/b8"]["fused"]["phases"]) == set(train.PHASES)
+
+
+def test_bench_train_speedup_table():
+    from benchmarks import bench_train
+
+    providers = bench_train.provider_names(("torch", "fused"), ("eager", "cuda-graphs"))
+    assert providers == ["torch/eager", "torch/cuda-graphs", "fused/eager", "fused/cuda-graphs"]
+    row = {"preset": "vit-cifar", "batch": 128, "torch/eager": {"images_per_s": 1000.0},
+           "torch/cuda-graphs": {"error": "out of memory"}, "fused/eager": {"images_per_s": 800.0},
+           "fused/cuda-graphs": {"images_per_s": 2500.0}}
+    last = bench_train.speedup_table([row], providers).splitlines()[-1].split()
+    assert last == ["vit-cifar", "128", "1.00", "-", "0.80", "2.50"]

@@ -53,6 +53,7 @@ from dataclasses import dataclass, fields
 
 from torch import Tensor
 from torch._library.custom_ops import OPDEFS
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -174,6 +175,8 @@ def _python_impl(func, args) -> Callable | None:
     opdef = OPDEFS.get(func._schema.name)
     if opdef is None or func._overloadname != "default":
         return None
+    if any(isinstance(t, FakeTensor) for t in _tensors(args)):
+        return None  # under a fake mode the op's fake implementation runs, not its body
     devices = {t.device.type for t in _tensors(args)}
     fns = opdef._backend_fns
     device_fn = fns.get(devices.pop()) if len(devices) == 1 else None

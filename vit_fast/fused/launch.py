@@ -14,6 +14,8 @@ Public API:
     check_device(name, t)               a device some kernel can run on: CUDA, or the CPU (interpreter)
     check_launchable(name, t)           check_device, and CPU tensors only under the interpreter
     check_same_device(tensors) / check_same_dtype_device(tensors)
+    planning()                          collect the launches an op's real implementation plans (on fake
+                                        tensors) instead of running them (for vit_fast.cost)
 
 One builder per kernel launch returns a ``Launch``: the op runs it (``Launch.run``), and the
 ahead-of-time compile tests convert the very same object (``vit_fast.aot.kernel_launch``), so what
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,10 +45,30 @@ _DEVICE_HINT = ("the fused ops run on CUDA tensors (or CPU tensors with TRITON_I
                 "is imported)")
 
 
+# The launches collected by ``planning()``; None when launches run.
+_planned: list[Launch] | None = None
+
+
 def interpreting() -> bool:
     """Whether Triton runs ``@triton.jit`` functions in its interpreter (on CPU tensors). Triton reads
-    the variable when a kernel module is imported; this reads it when asked, so set it before both."""
-    return os.environ.get(_INTERPRET_VARIABLE, "0") == "1"
+    the variable when a kernel module is imported; this reads it when asked, so set it before both.
+    False while ``planning()``: a plan is the GPU's (its configs, its launches)."""
+    return _planned is None and os.environ.get(_INTERPRET_VARIABLE, "0") == "1"
+
+
+@contextlib.contextmanager
+def planning() -> Iterator[list[Launch]]:
+    """Within the block, ``Launch.run`` appends the launch to the yielded list instead of running it,
+    ``interpreting()`` is False and ``check_launchable`` accepts CPU tensors, so an op's real
+    implementation called on fake tensors plans exactly the launches (kernels, grids, tensor
+    arguments) it would issue on a GPU at those shapes. How ``vit_fast.cost`` counts a custom op's
+    kernels and bytes from its launcher."""
+    global _planned
+    outer, _planned = _planned, []
+    try:
+        yield _planned
+    finally:
+        _planned = outer
 
 
 def environment_without_interpreter() -> dict[str, str]:
@@ -84,7 +107,7 @@ def check_device(name: str, t: Tensor) -> None:
 def check_launchable(name: str, t: Tensor) -> None:
     """Real implementations only (fake tensors run no kernel): the tensor's device can run Triton here."""
     check_device(name, t)
-    if t.device.type == "cpu" and not interpreting():
+    if t.device.type == "cpu" and not interpreting() and _planned is None:
         raise ValueError(f"{name} is on the CPU, which cannot run the Triton kernels without the interpreter; "
                          f"{_DEVICE_HINT}")
 
@@ -133,6 +156,9 @@ class Launch:
     num_stages: int = 3  # Triton's default on NVIDIA GPUs
 
     def run(self) -> None:
+        if _planned is not None:  # planning(): record, do not run
+            _planned.append(self)
+            return
         first = next(v for v in self.args.values() if isinstance(v, Tensor))
         # Triton launches on the current CUDA device: make it the tensors' one.
         with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():

@@ -7,6 +7,7 @@ Images (B, C, H, W) -> tokens (B, N+1, D) in one pass: patchify, project with th
 Public API:
     patch_embed(images, weight, bias, cls_token, pos_embed) -> Tensor
     extension_available() -> bool
+    kernel_count(op, batch, num_patches) -> int   CUDA kernels one call of vit_fast::<op> launches
 
 Registered ops (schema and CPU/CUDA kernels in csrc/patch_embed.cpp; the fake and autograd
 implementations below make them work under opcheck and torch.compile(fullgraph=True)):
@@ -76,6 +77,20 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Tensor, cls_token: Tensor,
     (1, 1, D), pos_embed (1, N+1, D), all of one dtype and device. Differentiable in every input."""
     _require_extension()
     return torch.ops.vit_fast.patch_embed(images, weight, bias, cls_token, pos_embed)
+
+
+def kernel_count(op: str, batch: int, num_patches: int) -> int:
+    """CUDA kernels one call of ``vit_fast::<op>`` launches for ``batch`` images of ``num_patches``
+    patches (the launchers in csrc/patch_embed_cuda.cu; the C++ code has no launch objects to ask,
+    so this mirrors them and must change with them). Forward and image gradient: one kernel each.
+    Parameter gradients: the weight gradient's partial and reduce kernels, then two column sums
+    (position embedding, bias) of a partial and a finish kernel each; a column sum over no rows
+    launches only its finish kernel, and an empty batch or width launches nothing."""
+    if op in ("patch_embed", "patch_embed_backward_images"):
+        return 1 if batch else 0
+    if op == "patch_embed_backward":
+        return 2 + 2 + (2 if num_patches else 1) if batch else 0
+    raise ValueError(f"op must be patch_embed, patch_embed_backward or patch_embed_backward_images, got {op!r}")
 
 
 # ----------------------------------------------------------------------------------------------
