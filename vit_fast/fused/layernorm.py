@@ -373,7 +373,7 @@ def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | 
 
 @torch.library.custom_op("vit_fast::layer_norm", mutates_args=())
 def _layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float,
-                   out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+                   out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm of x over its last dimension, in out_dtype (default x's); also returns the fp32
     mean and rstd, shape x.shape[:-1]."""
     y, _, mean, rstd = _forward(x, None, weight, bias, eps, out_dtype, None)
@@ -381,7 +381,7 @@ def _layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float,
 
 
 @_layer_norm_op.register_fake
-def _(x, weight, bias, eps, out_dtype):
+def _(x, weight, bias, eps, out_dtype=None):
     _check_inputs(x, weight, bias, eps, out_dtype)
     mean, rstd = _stats(x, x.dtype)
     return torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device), mean, rstd
@@ -389,15 +389,15 @@ def _(x, weight, bias, eps, out_dtype):
 
 @torch.library.custom_op("vit_fast::add_layer_norm", mutates_args=())
 def _add_layer_norm_op(
-    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float, out_dtype: torch.dtype | None,
-    scale: Tensor | None,
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float,
+    out_dtype: torch.dtype | None = None, scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """s = residual + scale[sample] * x and LayerNorm(s) in one pass; returns (y, s, mean, rstd)."""
     return _forward(x, residual, weight, bias, eps, out_dtype, scale)
 
 
 @_add_layer_norm_op.register_fake
-def _(x, residual, weight, bias, eps, out_dtype, scale):
+def _(x, residual, weight, bias, eps, out_dtype=None, scale=None):
     _check_inputs(x, weight, bias, eps, out_dtype, residual, scale)
     mean, rstd = _stats(x, residual.dtype)
     y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
@@ -407,8 +407,8 @@ def _(x, residual, weight, bias, eps, out_dtype, scale):
 
 @torch.library.custom_op("vit_fast::layer_norm_backward", mutates_args=())
 def _layer_norm_backward_op(
-    dy: Tensor, ds: Tensor | None, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor | None,
-    branch_dtype: torch.dtype | None,
+    dy: Tensor, ds: Tensor | None, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+    scale: Tensor | None = None, branch_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dx, dbranch, dweight, dbias) of y = LayerNorm(x), given dy and, for the fused
     residual variant, ds, the gradient reaching s = residual + scale * branch directly (added to
@@ -437,7 +437,7 @@ def _layer_norm_backward_op(
 
 
 @_layer_norm_backward_op.register_fake
-def _(dy, ds, x, weight, mean, rstd, scale, branch_dtype):
+def _(dy, ds, x, weight, mean, rstd, scale=None, branch_dtype=None):
     _check_backward(dy, ds, x, weight, mean, rstd, scale, branch_dtype)
     dbranch = (torch.empty(x.shape, dtype=branch_dtype, device=x.device) if branch_dtype is not None
                else x.new_empty((0,)))

@@ -343,7 +343,7 @@ def _rows_per_sample(x: Tensor, scale: Tensor | None) -> int:
 
 @torch.library.custom_op("vit_fast::mlp", mutates_args=())
 def _mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None,
-            approximate: str, residual: Tensor | None, scale: Tensor | None) -> tuple[Tensor, Tensor]:
+            approximate: str, residual: Tensor | None, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, scale)
     check_launchable("x", x)
     lead, d_out = x.shape[:-1], fc2_weight.shape[0]
@@ -361,7 +361,7 @@ def _mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: 
 
 
 @_mlp_op.register_fake
-def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, scale):
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, scale=None):
     _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, scale)
     M = math.prod(x.shape[:-1])
     y = torch.empty((*x.shape[:-1], fc2_weight.shape[0]), dtype=residual.dtype if residual is not None else x.dtype,
@@ -398,7 +398,7 @@ def _not_needed(like: Tensor) -> Tensor:
 
 @torch.library.custom_op("vit_fast::mlp_backward", mutates_args=())
 def _mlp_backward_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
-                     hidden: Tensor, approximate: str, needs: list[bool], scale: Tensor | None
+                     hidden: Tensor, approximate: str, needs: list[bool], scale: Tensor | None = None
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) of y = residual + scale * fc2(GELU(fc1(x)))
     given grad_y (..., D_out) and the forward's hidden activation (M, Hd); ``needs`` (five bools) says
@@ -447,7 +447,7 @@ def _mlp_backward_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Te
 
 
 @_mlp_backward_op.register_fake
-def _(grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, approximate, needs, scale):
+def _(grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, approximate, needs, scale=None):
     _check_mlp_backward(grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, approximate, needs, scale)
     param = fc1_weight.dtype
     specs = ((x.shape, x.dtype), (fc1_weight.shape, param), ((fc1_weight.shape[0],), param),
