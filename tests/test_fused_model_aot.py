@@ -41,7 +41,8 @@ DTYPES = (torch.float16, torch.bfloat16)
 # backward halves, whose launches come with their forward op's aot_launches (checked below).
 _NOT_TRITON = {"patch_embed", "patch_embed_backward", "patch_embed_backward_images"}
 _BACKWARD_OF = {"layer_norm_backward": ("layer_norm", "add_layer_norm"),
-                "attention_packed_backward": ("attention_packed",), "mlp_backward": ("mlp",)}
+                "attention_packed_backward": ("attention_packed",), "mlp_backward": ("mlp",),
+                "linear_backward": ("linear",)}
 
 
 class _FusedOpRecorder(TorchDispatchMode):
@@ -109,6 +110,10 @@ def _launches_of(op: str, args: tuple) -> list:
                                 approximate, residual is not None, weight_dtype=w1.dtype,
                                 residual_dtype=residual.dtype if residual is not None else None,
                                 scale=scale is not None, bias=b1 is not None)
+    if op == "linear":  # the projections under autocast (fp32 weights converted in registers)
+        x, weight, bias = args
+        return mlp.linear_aot_launches(x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], x.dtype,
+                                       weight.dtype, bias is not None)
     raise AssertionError(f"the fused model dispatches vit_fast::{op}, which this test cannot compile: extend it")
 
 

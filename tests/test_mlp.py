@@ -188,6 +188,55 @@ def test_mlp_without_biases(device, missing):
         torch.testing.assert_close(out[name], ref[name], msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, BF16])
+@pytest.mark.parametrize("shape", [((3, 65), 48, 144), ((1, 1), 200, 100), ((7,), 40, 13)], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_linear_mixed_precision_parity(device, shape, dtype, bias):
+    """The projections under autocast: 16-bit x, fp32 weight and bias converted in the kernel; y and
+    x's gradient 16-bit, the weight's and bias's fp32. Parity rule against the reference linear in
+    ``dtype`` (out_pt) and in fp64 (out_ref)."""
+    lead, d_in, d_out = shape
+    x = torch.randn(*lead, d_in, dtype=torch.float64)
+    w = (torch.rand(d_out, d_in, dtype=torch.float64) * 2 - 1) / math.sqrt(d_in)
+    b = torch.randn(d_out, dtype=torch.float64) if bias else None
+    grad_y = torch.randn(*lead, d_out, dtype=torch.float64)
+
+    def run(fn, x_dtype, w_dtype):
+        leaves = [t.to(device=device, dtype=dt).requires_grad_() if t is not None else None
+                  for t, dt in ((x, x_dtype), (w, w_dtype), (b, w_dtype))]
+        y = fn(*leaves)
+        y.backward(grad_y.to(device=device, dtype=y.dtype))
+        return [y.detach()] + [t.grad for t in leaves if t is not None]
+
+    out = run(fused.linear, dtype, torch.float32)
+    assert [t.dtype for t in out] == [dtype, dtype] + [torch.float32] * (1 + bias)
+    out_pt = run(reference.linear, dtype, dtype)
+    out_ref = run(reference.linear, torch.float64, torch.float64)
+    for name, o, p, r in zip(["y", "grad_x", "grad_weight", "grad_bias"], out, out_pt, out_ref):
+        assert_parity(o.double(), p, r, name=name)
+
+
+def test_linear_opcheck_and_fake_checks(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(3, 5, 16, device=device).bfloat16().requires_grad_()
+    w = torch.randn(8, 16, device=device, requires_grad=True)
+    b = torch.randn(8, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.vit_fast.linear.default, (x, w, b))
+    torch.library.opcheck(torch.ops.vit_fast.linear.default, (x, w, None))
+    gy = torch.randn(3, 5, 8, device=device).bfloat16()
+    torch.library.opcheck(torch.ops.vit_fast.linear_backward.default, (gy, x.detach(), w.detach(), [True, True, False]))
+    with FakeTensorMode():
+        with pytest.raises(ValueError, match="expects inputs of width 16, got width 15"):
+            torch.ops.vit_fast.linear(torch.empty(2, 15, dtype=torch.bfloat16), torch.empty(8, 16), None)
+        with pytest.raises(TypeError, match="bias has dtype torch.float16 but x has torch.bfloat16"):
+            torch.ops.vit_fast.linear(torch.empty(2, 16, dtype=torch.bfloat16), torch.empty(8, 16),
+                                      torch.empty(8, dtype=torch.float16))
+        with pytest.raises(ValueError, match=r"grad_y must have the output's shape \(2, 8\)"):
+            torch.ops.vit_fast.linear_backward(torch.empty(2, 7, dtype=torch.bfloat16),
+                                               torch.empty(2, 16, dtype=torch.bfloat16), torch.empty(8, 16), [True] * 3)
+
+
 @pytest.mark.parametrize("layout", ["sum_stride0", "transposed", "strided_slice"])
 def test_mlp_noncontiguous_incoming_grad(device, layout):
     shape = ((2, 7), 40, 80, 40)
@@ -301,8 +350,10 @@ BAD_INPUTS = {
               "fc2_bias has dtype torch.float64 but x has torch.float32"),
     "int_dtype": (lambda d: {"x": torch.randint(0, 3, (4, 16), device=d)}, TypeError, "x has dtype torch.int64; supported"),
     "device": (lambda d: {"fc1_weight": torch.randn(32, 16, device="meta")}, ValueError, "fc1_weight is on meta"),
-    "param_dtypes": (lambda d: {"fc2_weight": torch.randn(16, 32, device=d, dtype=torch.float16)}, TypeError,
-                     "fc2_weight has dtype torch.float16 but fc1_weight has torch.float32"),
+    "param_dtypes": (lambda d: {"x": torch.randn(4, 16, device=d, dtype=torch.bfloat16),
+                                "fc2_weight": torch.randn(16, 32, device=d, dtype=torch.bfloat16)}, TypeError,
+                     "fc2_weight has dtype torch.bfloat16 but fc1_weight has torch.float32; the parameters must "
+                     "share one dtype"),
     "residual_dtype": (lambda d: {"x": torch.randn(4, 16, device=d, dtype=torch.bfloat16),
                                   "residual": torch.randn(4, 16, device=d, dtype=torch.float16)}, TypeError,
                        "residual has dtype torch.float16 but x has torch.bfloat16; expected torch.bfloat16 or "
@@ -387,6 +438,19 @@ def test_interpreter_config_is_fixed():
     assert {fused.choose_config(k, m, n, kk, dt, interpret=True)
             for k in ("linear", "gelu_bwd") for m in (1, 8320) for n in (24, 3072) for kk in (8, 768)
             for dt in (torch.float16, torch.float32)} == {fused.INTERPRETER_CONFIG}
+
+
+def test_linear_launches_compile_without_spills():
+    """The autocast projections' launches (qkv, output projection, head; forward and dX) at the
+    presets' shapes, fp32 weights converted in registers."""
+    from vit_fast.aot import compile_launches
+
+    launches = [launch for dtype in (torch.float16, torch.bfloat16) for m in (128 * 65, 8 * 65, 128)
+                for d in AOT_WIDTHS for n in (3 * d, d, 100)
+                for launch in fused.linear_aot_launches(m, d, n, dtype, torch.float32)]
+    for launch, r in compile_launches(launches):
+        assert not r.spills, f"{launch.describe()} sm_{r.capability} spills: {r}"
+        assert r.fits_shared_memory, f"{launch.describe()} needs {r.shared_bytes} B of shared memory"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])

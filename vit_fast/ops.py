@@ -58,7 +58,14 @@ def check_backend(backend: str) -> str:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str) -> Tensor:
     if backend == "reference":
         return reference.linear(x, weight, bias)
-    if backend in ("torch", "fused"):  # a plain GEMM: cuBLAS is what a fused linear would call too
+    if backend == "fused" and autocast_dtype(x) is not None and x.dtype != weight.dtype:
+        from .fused import mlp as fused_mlp
+
+        # Under autocast cuBLAS would need the fp32 weight and bias cast to 16 bits and their
+        # gradients cast back (four standalone casts per linear and step): the Triton matmul
+        # converts them in registers instead.
+        return fused_mlp.linear(x.to(autocast_dtype(x)), weight, bias)
+    if backend in ("torch", "fused"):  # a plain GEMM: cuBLAS
         return F.linear(x, weight, bias)
     raise _unknown(backend)
 

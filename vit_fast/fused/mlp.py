@@ -33,8 +33,18 @@ are in x's dtype; every parameter gradient comes back in its parameter's dtype, 
 and never rounded through 16 bits. No standalone cast kernel runs (on the CPU the interpreter's
 fallback for the fp32-output GEMMs widens its operands instead).
 
-There is no registered plain linear: a GEMM with a bias is cuBLAS's job (``F.linear``), and fc2's
-bias + residual epilogue already lives inside ``vit_fast::mlp``.
+A plain linear with fp32 weights and 16-bit activations (the qkv and output projections and
+the head under autocast) is registered too, because cuBLAS would need the weights cast to 16 bits
+(and its weight gradients cast back), about four standalone cast kernels per linear and step:
+
+    linear(x, weight, bias=None) -> y                  x 16-bit, weight/bias fp32, y in x's dtype
+    vit_fast::linear           (x, weight, bias?) -> y                                  + autograd
+    vit_fast::linear_backward  (grad_y, x, weight, needs) -> (grad_x, grad_weight, grad_bias)
+    linear_aot_launches(M, K, N, dtype, weight_dtype)   its Triton launches
+
+Forward: ``linear_fwd_kernel`` (no activation) converting the weight in registers; backward: dX in
+the same kernel (W read transposed), dW by cuBLAS with fp32 output, db an fp32 column sum. With
+weights in x's dtype (no autocast) a linear stays ``F.linear``: cuBLAS with nothing to convert.
 """
 
 from __future__ import annotations
@@ -146,19 +156,17 @@ def _check_dtypes(x: Tensor, params: dict[str, Tensor | None], stream: dict[str,
     (fp32 master weights under autocast); the residual-stream tensors are x's dtype or fp32."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
-    present = {name: t for name, t in params.items() if t is not None}
-    first_name, first = next(iter(present.items()))
+    present = {name: t for name, t in {**params, **stream}.items() if t is not None}
+    allowed = (x.dtype,) if x.dtype == torch.float64 else (x.dtype, torch.float32)
     for name, t in present.items():
-        if t.dtype != first.dtype:
+        if t.dtype not in allowed:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; expected "
+                            f"{' or '.join(map(str, dict.fromkeys(allowed)))}")
+    first_name, first = next((name, t) for name, t in present.items() if name in params)
+    for name, t in present.items():
+        if name in params and t.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
-                            "the MLP's parameters must share one dtype")
-    for name, t in (("parameters", first), *stream.items()):
-        if t is not None and t.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"{name if name != 'parameters' else first_name} has dtype {t.dtype} but x has "
-                            f"{x.dtype}; expected {x.dtype} or torch.float32 (mixed precision)")
-        if t is not None and t.dtype == torch.float32 and x.dtype == torch.float64:
-            raise TypeError(f"{name if name != 'parameters' else first_name} has dtype {t.dtype} but x has "
-                            f"{x.dtype}; expected {x.dtype}")
+                            "the parameters must share one dtype")
 
 
 def _check_scale(scale: Tensor | None, lead: tuple) -> None:
@@ -430,15 +438,7 @@ def _mlp_backward_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Te
         # (no atomics, no split-K reductions in arbitrary order). With fp32 weights, dX is the one
         # product that would need a 16-bit copy of W1 for cuBLAS: linear_fwd_kernel converts W1 in
         # registers instead. To be confirmed against Triton alternatives by benchmarks/bench_mlp.py.
-        if not needs[0]:
-            grad_x = _not_needed(x)
-        elif w1.dtype == x.dtype:
-            grad_x = (grad_pre @ w1).reshape(x.shape)
-        else:
-            grad_x = x.new_zeros(x2d.shape)  # stays zero without hidden units
-            if grad_pre.numel():
-                linear_launch(grad_pre, w1.t(), None, None, grad_x, "none").run()
-            grad_x = grad_x.reshape(x.shape)
+        grad_x = _linear_input_grad(grad_pre, w1, x.dtype).reshape(x.shape) if needs[0] else _not_needed(x)
         grad_w1 = _product(grad_pre.t(), x2d, param_dtype) if needs[1] else _not_needed(x)
         grad_b1 = _sum_rows(grad_pre, param_dtype) if needs[2] else _not_needed(x)
         grad_w2 = _product(dy.t(), hidden, param_dtype) if needs[3] else _not_needed(x)
@@ -454,6 +454,123 @@ def _(grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, approximate, needs, s
              (fc2_weight.shape, param), ((fc2_weight.shape[0],), param))
     return tuple(torch.empty(shape if need else (0,), dtype=dtype if need else x.dtype, device=x.device)
                  for (shape, dtype), need in zip(specs, needs))
+
+
+# ----------------------------------------------------------------------------- vit_fast::linear
+
+
+def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    check_same_device({"x": x, "weight": weight, "bias": bias})
+    _check_dtypes(x, {"weight": weight, "bias": bias}, {})
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
+    _check_linear_shapes("", x.shape, weight, bias)
+
+
+def _linear_input_grad(grad_y2d: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """grad_y2d @ weight (M, K) in ``dtype``: cuBLAS when the weight has that dtype, else the Triton
+    matmul converting the (fp32) weight in registers, read transposed through its strides."""
+    if weight.dtype == dtype:
+        return grad_y2d @ weight
+    out = torch.zeros((grad_y2d.shape[0], weight.shape[1]), dtype=dtype, device=grad_y2d.device)
+    if out.numel() and grad_y2d.shape[1]:  # no output features: the gradient stays zero
+        linear_launch(grad_y2d, weight.t(), None, None, out, "none").run()
+    return out
+
+
+def linear_aot_launches(M: int, K: int, N: int, dtype: torch.dtype,
+                        weight_dtype: torch.dtype = torch.float32, bias: bool = True) -> list[KernelLaunch]:
+    """The Triton kernels ``linear`` runs on a GPU for x (M, K) in ``dtype`` and a weight (N, K) in
+    ``weight_dtype``: the forward and the backward's dX (its dW and db are cuBLAS and torch)."""
+    from vit_fast.aot import kernel_launches  # the compile tests' path only
+
+    return kernel_launches(linear_planned_launches(M, K, N, dtype, weight_dtype, bias))
+
+
+def linear_planned_launches(M: int, K: int, N: int, dtype: torch.dtype,
+                            weight_dtype: torch.dtype = torch.float32, bias: bool = True) -> list[Launch]:
+    """``linear``'s Triton ``Launch`` objects (forward, dX) on meta tensors, for accounts."""
+
+    def t(*shape, dtype=dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    w = t(N, K, dtype=weight_dtype)
+    return [linear_launch(t(M, K), w, t(N, dtype=weight_dtype) if bias else None, None, t(M, N), "none",
+                          interpret=False),
+            linear_launch(t(M, N), w.t(), None, None, t(M, K), "none", interpret=False)]
+
+
+@torch.library.custom_op("vit_fast::linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x W^T + b in x's dtype, W and b converted in registers (fp32 master weights under autocast)."""
+    _check_linear(x, weight, bias)
+    check_launchable("x", x)
+    x2d = x.reshape(-1, x.shape[-1])
+    out = x.new_empty((x2d.shape[0], weight.shape[0]))
+    if out.numel():
+        linear_launch(x2d, weight, bias, None, out, "none").run()
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    _check_linear(x, weight, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("vit_fast::linear_backward", mutates_args=())
+def _linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, needs: list[bool]
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (x, weight, bias) of y = x W^T + b; ``needs`` (three bools) says which are wanted.
+    grad_x in x's dtype, the weight's and bias's in the weight's dtype (fp32: reduced in fp32)."""
+    _check_linear(x, weight, None)
+    if tuple(grad_y.shape) != (*x.shape[:-1], weight.shape[0]):
+        raise ValueError(f"grad_y must have the output's shape {(*x.shape[:-1], weight.shape[0])}, "
+                         f"got {tuple(grad_y.shape)}")
+    check_launchable("x", x)
+    with torch.autocast(x.device.type, enabled=False):
+        gy2d = grad_y.reshape(-1, weight.shape[0]).to(x.dtype)  # a no-op: y, hence grad_y, has x's dtype
+        x2d = x.reshape(-1, x.shape[-1])
+        grad_x = _linear_input_grad(gy2d, weight, x.dtype).reshape(x.shape) if needs[0] else _not_needed(x)
+        grad_w = _product(gy2d.t(), x2d, weight.dtype) if needs[1] else _not_needed(x)
+        grad_b = _sum_rows(gy2d, weight.dtype) if needs[2] else _not_needed(x)
+    return grad_x, grad_w, grad_b
+
+
+@_linear_backward_op.register_fake
+def _(grad_y, x, weight, needs):
+    _check_linear(x, weight, None)
+    if tuple(grad_y.shape) != (*x.shape[:-1], weight.shape[0]):
+        raise ValueError(f"grad_y must have the output's shape {(*x.shape[:-1], weight.shape[0])}, "
+                         f"got {tuple(grad_y.shape)}")
+    specs = ((x.shape, x.dtype), (weight.shape, weight.dtype), ((weight.shape[0],), weight.dtype))
+    return tuple(torch.empty(shape if need else (0,), dtype=dtype if need else x.dtype, device=x.device)
+                 for (shape, dtype), need in zip(specs, needs))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, _bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.set_materialize_grads(False)
+
+
+def _linear_backward(ctx, grad_y: Tensor | None):
+    if grad_y is None:
+        return None, None, None
+    x, weight = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    grads = _linear_backward_op(grad_y, x, weight, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x W^T + b (nn.Linear layout) with x 16-bit and W, b in x's dtype or fp32, converted in the
+    kernel; y in x's dtype. Gradients: x's in its dtype, W's and b's in theirs, reduced in fp32."""
+    _check_linear(x, weight, bias)
+    return _linear_op(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------- autograd
