@@ -144,7 +144,7 @@ def _autocast_step(model, backend, images, labels, dtype, seed):
     """One training forward + backward under autocast with the model's stochastic depth drawn from
     ``seed``: logits and fp32 parameter gradients."""
     torch.manual_seed(seed)
-    with torch.autocast(images.device.type, dtype=dtype):
+    with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
         return logits_and_grads(model.set_backend(backend), images, labels)
 
 
