@@ -139,8 +139,9 @@ def reference_scaled_mlp(x, w1, b1, w2, b2, approximate="none", residual=None, s
     return y + residual if residual is not None else y
 
 
-# (leading dims, D_in, hidden, D_out): 65 tokens and batch 1 or 3, the awkward 200, a prime batch.
-MIXED_SHAPES = [((3, 65), 48, 96, 48), ((1, 65), 200, 400, 200), ((5, 7), 40, 160, 40)]
+# (leading dims, D_in, hidden, D_out): 65 tokens and batch 1 or 3, the awkward 200, a prime batch,
+# vit-cifar's width 192.
+MIXED_SHAPES = [((3, 65), 48, 96, 48), ((1, 65), 200, 400, 200), ((5, 7), 40, 160, 40), ((2, 65), 192, 384, 192)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, BF16])

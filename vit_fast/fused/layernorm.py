@@ -6,7 +6,9 @@ Public API (the same math as ``vit_fast.reference.layer_norm`` / ``add_layer_nor
     add_layer_norm(x, residual, weight, bias, eps=1e-6, out_dtype=None, scale=None) -> (y, s)
         s = residual + scale[sample] * x, y = LN(s); scale is stochastic depth's (B,) keep/scale vector
     aot_launches(rows, width, dtype, residual, weight_dtype=None, ...)   the GPU's kernel launches,
-        for vit_fast.aot's compile tests (and the per-op account)
+        for vit_fast.aot's compile tests
+    planned_launches(rows, width, dtype, residual, multiprocessors=132, ...)   the same as Launch
+        objects (kernel, grid, meta tensors), for accounts of launches and bytes
 
 Registered ops (``torch.library.custom_op``, each with a fake implementation; the two forward ops
 have autograd formulas that call the backward op):
