@@ -2,24 +2,33 @@
 
 Forward, one program per tile of ``BLOCK_M`` rows, the whole row in registers:
 
-    s    = x + residual                     (HAS_RESIDUAL; stored, it is the next residual stream)
+    s    = residual + scale[sample] * x      (HAS_RESIDUAL; stored, it is the next residual stream;
+                                             scale only with HAS_SCALE: stochastic depth's per-sample
+                                             keep/scale vector, 0 or 1/keep)
     mean = sum(s) / N
     rstd = 1 / sqrt(sum((s - mean)^2) / N + eps)
-    y    = (s - mean) * rstd * weight + bias
+    y    = (s - mean) * rstd * weight + bias  (bias only with HAS_BIAS)
 
 Backward, with xhat = (s - mean) * rstd and g = weight * dy:
 
     ds_total = rstd * (g - mean(g) - xhat * mean(g * xhat)) + ds      (ds: HAS_DS)
     dweight  = sum over rows of dy * xhat,  dbias = sum over rows of dy
 
-``ds_total`` is the gradient of both x and residual. The weight and bias gradients are column sums
-over every row. Each backward program owns a contiguous range of rows and writes its partial
-column sums to its own row of a (num_programs, N) buffer; a second kernel sums that buffer in a
-fixed order. No atomics, so the result is bitwise the same from run to run.
+``ds_total`` is the gradient of the residual; the branch x receives scale[sample] * ds_total
+(WRITE_DBRANCH writes it separately, in the branch's dtype, when it differs from ds_total). The
+weight and bias gradients are column sums over every row. Each backward program owns a
+contiguous range of rows and writes its partial column sums to its own column of a (2, N, P)
+buffer (dweight's partials, then dbias's; each column's P partials contiguous); a second kernel
+sums every (column, tensor) pair's partials in a fixed order, one small program per pair (or
+per few pairs), so the reduction fills the GPU at width 192 and is bitwise the same from run to
+run. No atomics.
 
-Statistics and arithmetic run in the dtype of the ``Mean`` buffer the launcher allocates: fp32 for
-fp32/fp16/bf16 inputs, fp64 for fp64 inputs (which ``gradcheck`` uses). Every load and store is
-masked, so widths need not be powers of two and row counts need not be multiples of ``BLOCK_M``.
+Mixed precision: every tensor has its own dtype, converted in registers. Under autocast the
+branch x, dy and the normalised output y are 16-bit, the residual stream (residual, s, ds and
+its gradient) and the parameters are fp32: nothing is cast outside the kernels. Statistics and
+arithmetic run in the dtype of the ``Mean`` buffer the launcher allocates: fp32, or fp64 for
+fp64 inputs (which ``gradcheck`` uses). Every load and store is masked, so widths need not be
+powers of two and row counts need not be multiples of ``BLOCK_M``.
 """
 
 from __future__ import annotations
@@ -29,32 +38,35 @@ import triton.language as tl
 
 
 @triton.jit
-def _round_to(x, dtype: tl.constexpr, BF16_RNE_IN_SOFTWARE: tl.constexpr):
-    """Cast fp32 ``x`` to ``dtype``, rounding to nearest even as the GPU's conversion does.
+def round_to(x, dtype: tl.constexpr, BF16_RNE_IN_SOFTWARE: tl.constexpr):
+    """Cast ``x`` to ``dtype``, rounding fp32 to nearest even as the GPU's conversion does.
 
     Triton 3.8's interpreter truncates fp32 -> bf16 casts (``cast_impl`` in
     triton/runtime/interpreter.py ignores the rounding mode), which doubles bf16 errors and breaks
     parity with torch. The launchers set BF16_RNE_IN_SOFTWARE only under the interpreter; the
-    compiled kernels keep the hardware conversion (cvt.rn.bf16.f32).
+    compiled kernels keep the hardware conversion (cvt.rn.bf16.f32). Shared by every kernel
+    module that stores or converts to bf16 (``kernels/mlp.py`` imports it).
     """
     if BF16_RNE_IN_SOFTWARE:
         if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            # Add just under half an ulp of bf16, plus the kept lsb for ties-to-even, then clear
-            # the 16 bits the cast drops; the truncating cast is then exact.
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
-            x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN stays NaN
+            if x.dtype == tl.float32:
+                bits = x.to(tl.uint32, bitcast=True)
+                # Add just under half an ulp of bf16, plus the kept lsb for ties-to-even, then
+                # clear the 16 bits the cast drops; the truncating cast is then exact.
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+                x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN stays NaN
     return x.to(dtype)
 
 
 @triton.jit
 def layer_norm_fwd_kernel(
-    X,  # (M, N) input, any strides
+    X,  # (M, N) input (the branch, in the residual variant), any strides
     RES,  # (M, N) residual, any strides; read only when HAS_RESIDUAL
+    Scale,  # (M // rows_per_sample,) per-sample branch scale; read only when HAS_SCALE
     W,  # (N,) weight, contiguous
-    B,  # (N,) bias, contiguous
-    Y,  # (M, N) output in X's dtype, row stride stride_ym, unit column stride
-    S,  # (M, N) x + residual in X's dtype, row stride stride_sm; written only when HAS_RESIDUAL
+    B,  # (N,) bias, contiguous; read only when HAS_BIAS
+    Y,  # (M, N) normalised output in its own dtype, row stride stride_ym, unit column stride
+    S,  # (M, N) residual + scale * x in the residual's dtype, row stride stride_sm; HAS_RESIDUAL only
     Mean,  # (M,) mean of each row, in the compute dtype
     Rstd,  # (M,) 1 / sqrt(var + eps) of each row, in the compute dtype
     stride_xm, stride_xn,
@@ -62,11 +74,14 @@ def layer_norm_fwd_kernel(
     stride_ym,
     stride_sm,
     M, N,  # rows, width
+    rows_per_sample,  # rows of one sample (tokens): row r belongs to sample r // rows_per_sample
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # power of two >= N: the whole row is one block
-    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see _round_to
+    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see round_to
 ):
     acc_dtype = Mean.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -80,10 +95,13 @@ def layer_norm_fwd_kernel(
 
     x = tl.load(X + rows64 * stride_xm + cols64 * stride_xn, mask=mask, other=0.0).to(acc_dtype)
     if HAS_RESIDUAL:
+        if HAS_SCALE:
+            keep = tl.load(Scale + rows // rows_per_sample, mask=row_mask, other=0.0).to(acc_dtype)
+            x = x * keep[:, None]
         res = tl.load(RES + rows64 * stride_resm + cols64 * stride_resn, mask=mask, other=0.0)
-        # Round the sum to the input dtype before normalizing it: the stored s is what the next
+        # Round the sum to the stream's dtype before normalizing it: the stored s is what the next
         # block reads, and LayerNorm(s) must be the LayerNorm of exactly that tensor.
-        s = _round_to(x + res.to(acc_dtype), S.dtype.element_ty, BF16_RNE_IN_SOFTWARE)
+        s = round_to(res.to(acc_dtype) + x, S.dtype.element_ty, BF16_RNE_IN_SOFTWARE)
         tl.store(S + rows64 * stride_sm + cols64, s, mask=mask)
         x = s.to(acc_dtype)
 
@@ -100,34 +118,39 @@ def layer_norm_fwd_kernel(
     rstd = 1.0 / tl.sqrt(var + eps)  # eps > 0 keeps constant rows finite
 
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(acc_dtype)
-    b = tl.load(B + cols, mask=col_mask, other=0.0).to(acc_dtype)
-    y = xc * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(Y + rows64 * stride_ym + cols64, _round_to(y, Y.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=mask)
+    y = xc * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=col_mask, other=0.0).to(acc_dtype)[None, :]
+    tl.store(Y + rows64 * stride_ym + cols64, round_to(y, Y.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=mask)
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
 
 @triton.jit
 def layer_norm_bwd_kernel(
-    X,  # (M, N) the normalized input: x, or s = x + residual; any strides
+    X,  # (M, N) the normalized input: x, or s = residual + scale * x; any strides
     W,  # (N,) weight, contiguous
     Mean,  # (M,) saved by the forward, compute dtype
     Rstd,  # (M,) saved by the forward, compute dtype
-    DY,  # (M, N) gradient of y, any strides (stride 0 when expanded)
+    DY,  # (M, N) gradient of y, any strides (stride 0 when expanded), any float dtype
     DS,  # (M, N) gradient of s, any strides; read only when HAS_DS
-    DX,  # (M, N) gradient of x (and of residual) in X's dtype, row stride stride_dxm
-    DW_partial,  # (num_programs, N) compute dtype: this program's column sums of dy * xhat
-    DB_partial,  # (num_programs, N) compute dtype: this program's column sums of dy
+    Scale,  # (M // rows_per_sample,) the forward's per-sample branch scale; read only when HAS_SCALE
+    DX,  # (M, N) gradient of the normalized input (and of the residual) in X's dtype, row stride N
+    DBranch,  # (M, N) scale * DX in the branch's dtype, row stride N; written only when WRITE_DBRANCH
+    Partial,  # (2, N, P) compute dtype: column c of program p at [0, c, p] (dweight), [1, c, p] (dbias)
     stride_xm, stride_xn,
     stride_dym, stride_dyn,
     stride_dsm, stride_dsn,
-    stride_dxm,
     M, N,  # rows, width
+    P,  # programs: the partial buffer's last dimension
     rows_per_program,  # a multiple of BLOCK_M
+    rows_per_sample,
     HAS_DS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    WRITE_DBRANCH: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # power of two >= N
-    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see _round_to
+    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see round_to
 ):
     acc_dtype = Mean.dtype.element_ty
     pid = tl.program_id(0)
@@ -166,37 +189,43 @@ def layer_norm_bwd_kernel(
         dx = (g - mean_g[:, None] - xhat * mean_gxhat[:, None]) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows64 * stride_dsm + cols64 * stride_dsn, mask=mask, other=0.0).to(acc_dtype)
-        tl.store(DX + rows64 * stride_dxm + cols64, _round_to(dx, DX.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=mask)
+        tl.store(DX + rows64 * N + cols64, round_to(dx, DX.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=mask)
+        if WRITE_DBRANCH:
+            if HAS_SCALE:
+                keep = tl.load(Scale + rows // rows_per_sample, mask=row_mask, other=0.0).to(acc_dtype)
+                dx = dx * keep[:, None]
+            tl.store(DBranch + rows64 * N + cols64, round_to(dx, DBranch.dtype.element_ty, BF16_RNE_IN_SOFTWARE),
+                     mask=mask)
 
         dw_acc += dy * xhat
         db_acc += dy
 
-    tl.store(DW_partial + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
-    tl.store(DB_partial + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+    tl.store(Partial + cols * P + pid, tl.sum(dw_acc, axis=0), mask=col_mask)
+    tl.store(Partial + (N + cols) * P + pid, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
 @triton.jit
 def column_sum_kernel(
-    DW_partial,  # (P, N) compute dtype, contiguous
-    DB_partial,  # (P, N) compute dtype, contiguous
+    Partial,  # (2 * N, P) compute dtype, contiguous: the backward's partials, one row per column
     DW,  # (N,) weight gradient in the weight's dtype
     DB,  # (N,) bias gradient in the bias's dtype
     P, N,
-    BLOCK_P: tl.constexpr,  # partial rows summed per step
-    BLOCK_N: tl.constexpr,  # columns per program
-    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see _round_to
+    BLOCK_C: tl.constexpr,  # partial rows (columns of dweight, then of dbias) per program
+    BLOCK_P: tl.constexpr,  # partials summed per step
+    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see round_to
 ):
-    """Second stage of the weight and bias gradients: sums the per-program partials in a fixed
-    order (the same tiles, the same tree), so the result is deterministic."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    dw = tl.zeros((BLOCK_P, BLOCK_N), dtype=DW_partial.dtype.element_ty)
-    db = tl.zeros((BLOCK_P, BLOCK_N), dtype=DB_partial.dtype.element_ty)
+    """Second stage of the weight and bias gradients: each program sums BLOCK_C rows of the
+    partial buffer, BLOCK_P contiguous partials per step, in a fixed order (the same tiles, the
+    same tree), so the result is deterministic."""
+    rows = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) in [0, 2N)
+    row_mask = rows < 2 * N
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=Partial.dtype.element_ty)
     for p_start in range(0, P, BLOCK_P):
         ps = p_start + tl.arange(0, BLOCK_P)
-        mask = (ps < P)[:, None] & col_mask[None, :]
-        offsets = ps.to(tl.int64)[:, None] * N + cols[None, :]
-        dw += tl.load(DW_partial + offsets, mask=mask, other=0.0)
-        db += tl.load(DB_partial + offsets, mask=mask, other=0.0)
-    tl.store(DW + cols, _round_to(tl.sum(dw, axis=0), DW.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=col_mask)
-    tl.store(DB + cols, _round_to(tl.sum(db, axis=0), DB.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=col_mask)
+        mask = row_mask[:, None] & (ps < P)[None, :]
+        acc += tl.load(Partial + rows.to(tl.int64)[:, None] * P + ps[None, :], mask=mask, other=0.0)
+    total = tl.sum(acc, axis=1)  # (BLOCK_C,)
+    is_dw = rows < N
+    tl.store(DW + rows, round_to(total, DW.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=row_mask & is_dw)
+    tl.store(DB + (rows - N), round_to(total, DB.dtype.element_ty, BF16_RNE_IN_SOFTWARE),
+             mask=row_mask & (rows >= N))

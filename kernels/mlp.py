@@ -3,15 +3,28 @@
 Two kernels, both tiled matmuls (one output tile of BLOCK_M x BLOCK_N per program, a K loop of
 ``tl.dot`` accumulating in fp32, or fp64 for fp64 inputs) that differ only in their epilogue:
 
-  linear_fwd_kernel      Out = act(X @ W^T + bias) + residual
+  linear_fwd_kernel      Out = residual + scale[sample] * act(X @ W^T + bias)
                          fc1: act = GELU (erf, or tanh approximation), no residual
                          fc2: act = identity, optional residual (the block's skip connection)
-  gelu_bwd_kernel        DPre = (DY @ W2) * GELU'(X @ W1^T + b1)
+                         and optional scale (stochastic depth's per-sample 0 or 1/keep)
+                         also dX = DPre @ W1 in the backward, when W1 is fp32 (see below)
+  gelu_bwd_kernel        DPre = ((scale * DY) @ W2) * GELU'(X @ W1^T + b1)
                          the gradient through fc2 and the GELU in one kernel; the
-                         pre-activation is recomputed in the same program (see below)
+                         pre-activation is recomputed in the same program (see below);
+                         optionally also stores scale * DY in the 16-bit compute dtype
+                         (the operand of dW2 and the rows of db2)
 
-The remaining backward products (dX = DPre @ W1, dW1 = DPre^T @ X, dW2 = DY^T @ H, bias sums)
-have no elementwise work to fuse and run through cuBLAS; see ``vit_fast.fused.mlp``.
+The remaining backward products (dW1 = DPre^T @ X, dW2 = DY^T @ H, bias sums) have no
+elementwise work to fuse and run through cuBLAS with fp32 output; see ``vit_fast.fused.mlp``.
+
+Mixed precision: the GEMM operands are converted in registers to the dtype of X (the compute
+dtype, 16-bit under autocast): fp32 weights are loaded as fp32 and rounded to bf16/fp16 right
+before ``tl.dot``, an fp32 incoming gradient likewise. The residual and the output may be fp32
+(the residual stream), everything else is read in its own dtype and accumulated in fp32. Under
+Triton's interpreter, whose ``tl.dot`` on bf16 operands returns garbage (triton issue 11584),
+the launchers set DOT_IN_FP32 and the 16-bit operands are widened to fp32 before the dot (exact:
+every 16-bit value is an fp32 value, and the GPU accumulates in fp32 too); stores and operand
+conversions to bf16 round to nearest even in software there (``round_to``).
 
 Pre-activation: recomputed, not saved. Per element of the hidden (M, Hd) tensor, saving the
 pre-activation in 16 bits costs 2 bytes written by the forward plus 2 bytes read by the
@@ -35,6 +48,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from vit_fast.kernels.layernorm import round_to
 
 # Activation names understood by the epilogues (constexpr strings select code at compile time).
 ACTIVATIONS = ("none", "gelu", "gelu_tanh")
@@ -96,14 +111,25 @@ def _tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
+def _dot(a, b, acc, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b; the 16-bit operands widened to fp32 under the interpreter (DOT_IN_FP32)."""
+    if DOT_IN_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee", out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
 def _matmul_tile(
     acc,  # (BLOCK_M, BLOCK_N) accumulator, returned with A[rows] @ B[:, cols] added
     A, stride_am, stride_ak,  # left operand (M, K)
     B, stride_bk, stride_bn,  # right operand (K, N); a transposed weight is just swapped strides
     offs_m, offs_n,  # (BLOCK_M,) int64 rows and (BLOCK_N,) int64 columns of this tile
     M, N, K,
+    DOT_DTYPE: tl.constexpr,  # both operands are converted to it in registers (fp32 weights -> 16 bits)
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BF16_RNE_IN_SOFTWARE: tl.constexpr,
 ):
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
@@ -112,9 +138,11 @@ def _matmul_tile(
     col_ok = offs_n < N
     for k_start in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k_start  # masked (zero) lanes contribute nothing to the dot
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+        a = round_to(tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), DOT_DTYPE,
+                     BF16_RNE_IN_SOFTWARE)
+        b = round_to(tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0), DOT_DTYPE,
+                     BF16_RNE_IN_SOFTWARE)
+        acc = _dot(a, b, acc, DOT_IN_FP32, INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
@@ -122,12 +150,14 @@ def _matmul_tile(
 
 @triton.jit
 def linear_fwd_kernel(
-    X,  # (M, K) input rows
-    W,  # (N, K) weight in nn.Linear layout (out_features, in_features)
+    X,  # (M, K) input rows, in the compute dtype
+    W,  # (N, K) weight in nn.Linear layout (out_features, in_features), the compute dtype or fp32
     Bias,  # (N,) bias; not read unless HAS_BIAS
-    Residual,  # (M, N) added after the activation; not read unless HAS_RESIDUAL
-    Out,  # (M, N) output: act(X W^T + bias) + residual
+    Scale,  # (M // rows_per_sample,) per-sample scale of act(...); not read unless HAS_SCALE
+    Residual,  # (M, N) added after the activation, any float dtype; not read unless HAS_RESIDUAL
+    Out,  # (M, N) output, any float dtype: residual + scale * act(X W^T + bias)
     M, N, K,
+    rows_per_sample,  # row r belongs to sample r // rows_per_sample
     stride_xm, stride_xk,
     stride_wn, stride_wk,
     stride_rm, stride_rn,
@@ -137,10 +167,13 @@ def linear_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "none", "gelu" (erf) or "gelu_tanh"
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 (no TF32 rounding), "tf32" otherwise
+    DOT_IN_FP32: tl.constexpr,  # interpreter only: widen 16-bit dot operands (module docstring)
+    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see round_to
 ):
     pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -149,7 +182,7 @@ def linear_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     # X W^T: the weight read as a (K, N) operand by swapping its strides, no transpose copy.
     acc = _matmul_tile(acc, X, stride_xm, stride_xk, W, stride_wk, stride_wn, offs_m, offs_n, M, N, K,
-                       BLOCK_K, INPUT_PRECISION)
+                       X.dtype.element_ty, BLOCK_K, INPUT_PRECISION, DOT_IN_FP32, BF16_RNE_IN_SOFTWARE)
 
     # Epilogue, on the fp32 accumulator while the tile is still in registers: the pre-activation
     # never reaches memory, and the output is rounded to its dtype exactly once.
@@ -158,23 +191,28 @@ def linear_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
     acc = _gelu(acc, ACTIVATION)
+    if HAS_SCALE:
+        acc *= tl.load(Scale + offs_m // rows_per_sample, mask=row_ok, other=0.0).to(ACC_DTYPE)[:, None]
     mask = row_ok[:, None] & col_ok[None, :]
     if HAS_RESIDUAL:
         r_ptrs = Residual + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
         acc += tl.load(r_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
     out_ptrs = Out + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=mask)
+    tl.store(out_ptrs, round_to(acc, Out.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=mask)
 
 
 @triton.jit
 def gelu_bwd_kernel(
-    DY,  # (M, K_OUT) gradient of the MLP output (any strides, stride 0 included)
-    W2,  # (K_OUT, N) fc2 weight, nn.Linear layout (out_features, hidden)
-    X,  # (M, K_IN) MLP input
-    W1,  # (N, K_IN) fc1 weight, nn.Linear layout (hidden, in_features)
-    B1,  # (N,) fc1 bias
-    DPre,  # (M, N) output: gradient w.r.t. fc1's pre-activation, (DY W2) * GELU'(X W1^T + b1)
+    DY,  # (M, K_OUT) gradient of the MLP output, any float dtype and strides (stride 0 included)
+    Scale,  # (M // rows_per_sample,) the forward's per-sample scale of fc2's output; HAS_SCALE only
+    W2,  # (K_OUT, N) fc2 weight, nn.Linear layout (out_features, hidden), compute dtype or fp32
+    X,  # (M, K_IN) MLP input, the compute dtype
+    W1,  # (N, K_IN) fc1 weight, nn.Linear layout (hidden, in_features), compute dtype or fp32
+    B1,  # (N,) fc1 bias; not read unless HAS_BIAS1
+    DPre,  # (M, N) output: gradient w.r.t. fc1's pre-activation, ((scale DY) W2) * GELU'(X W1^T + b1)
+    DYC,  # (M, K_OUT) output, compute dtype, contiguous: scale * DY as the dot read it; STORE_DYC only
     M, N, K_OUT, K_IN,
+    rows_per_sample,
     stride_dym, stride_dyk,
     stride_w2k, stride_w2n,
     stride_xm, stride_xk,
@@ -184,31 +222,60 @@ def gelu_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    HAS_BIAS1: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    STORE_DYC: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "gelu" (erf) or "gelu_tanh": the form the forward used
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BF16_RNE_IN_SOFTWARE: tl.constexpr,
 ):
     pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    col_ok = offs_n < N
+    dot_dtype = X.dtype.element_ty
 
-    # Gradient of the hidden activation H, reduced over fc2's output width.
+    # Gradient of the hidden activation H, reduced over fc2's output width. The incoming gradient
+    # is scaled per sample and converted to the compute dtype here; the first column of programs
+    # also stores that operand (STORE_DYC), so dW2 and db2 need no separate scale or cast pass.
+    if HAS_SCALE:
+        keep = tl.load(Scale + offs_m // rows_per_sample, mask=row_ok, other=0.0).to(ACC_DTYPE)
+    offs_k = tl.arange(0, BLOCK_K)
+    dy_ptrs = DY + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyk  # (BLOCK_M, BLOCK_K)
+    dyc_ptrs = DYC + offs_m[:, None] * K_OUT + offs_k[None, :]
+    w2_ptrs = W2 + offs_k[:, None] * stride_w2k + offs_n[None, :] * stride_w2n  # (BLOCK_K, BLOCK_N)
     grad_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    grad_h = _matmul_tile(grad_h, DY, stride_dym, stride_dyk, W2, stride_w2k, stride_w2n, offs_m, offs_n,
-                          M, N, K_OUT, BLOCK_K, INPUT_PRECISION)
+    for k_start in range(0, K_OUT, BLOCK_K):
+        k_ok = offs_k < K_OUT - k_start
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        a = tl.load(dy_ptrs, mask=a_mask, other=0.0)
+        if HAS_SCALE:
+            a = a.to(ACC_DTYPE) * keep[:, None]
+        a = round_to(a, dot_dtype, BF16_RNE_IN_SOFTWARE)
+        if STORE_DYC:
+            tl.store(dyc_ptrs, a, mask=a_mask & (pid_n == 0))
+        b = round_to(tl.load(w2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0), dot_dtype,
+                     BF16_RNE_IN_SOFTWARE)
+        grad_h = _dot(a, b, grad_h, DOT_IN_FP32, INPUT_PRECISION)
+        dy_ptrs += BLOCK_K * stride_dyk
+        dyc_ptrs += BLOCK_K
+        w2_ptrs += BLOCK_K * stride_w2k
     # The same tile of fc1's pre-activation, recomputed (module docstring: cheaper than saving it
     # at the CIFAR widths), reduced over fc1's input width; two loops because the MLP's input and
     # output widths may differ when there is no residual.
     pre = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     pre = _matmul_tile(pre, X, stride_xm, stride_xk, W1, stride_w1k, stride_w1n, offs_m, offs_n,
-                       M, N, K_IN, BLOCK_K, INPUT_PRECISION)
+                       M, N, K_IN, dot_dtype, BLOCK_K, INPUT_PRECISION, DOT_IN_FP32, BF16_RNE_IN_SOFTWARE)
 
-    row_ok = offs_m < M
-    col_ok = offs_n < N
-    pre += tl.load(B1 + offs_n, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
+    if HAS_BIAS1:
+        pre += tl.load(B1 + offs_n, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
     # The recomputed pre-activation can differ from the forward's in the last fp32 bits (its
     # tile configuration, hence summation order, may differ); GELU' is smooth, so that is far
     # below the rounding of the 16-bit result.
     grad_pre = grad_h * _gelu_grad(pre, ACTIVATION)
     dp_ptrs = DPre + offs_m[:, None] * stride_dpm + offs_n[None, :] * stride_dpn
-    tl.store(dp_ptrs, grad_pre.to(DPre.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(dp_ptrs, round_to(grad_pre, DPre.dtype.element_ty, BF16_RNE_IN_SOFTWARE),
+             mask=row_ok[:, None] & col_ok[None, :])

@@ -125,24 +125,149 @@ def test_fused_model_under_torch_compile_fullgraph(device, batch):
     assert_compiled_matches_eager(model, batch[0], rtol=1e-4, atol=1e-5)
 
 
-def test_fused_model_under_autocast(device, batch):
-    """Training runs under autocast (bf16 on CUDA): the fused ops take the autocast dtype at their
-    boundaries. On a CPU the interpreter cannot run bf16 tl.dot, so fp16 autocast stands in. The
-    fused residual stream is 16-bit where the torch backend's stays fp32, so the check is the
-    parity rule against a 16-bit reference model, plus fp32 gradients for the fp32 parameters."""
-    images, labels = batch
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
-    model = ViTClassifier(SMALL).to(device)
-    with torch.no_grad():
+def _perturbed(cfg, device):
+    model = ViTClassifier(cfg).to(device)
+    with torch.no_grad():  # break the near-zero init symmetry so every gradient is substantial
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    out_ref, g_ref = logits_and_grads(model.set_backend("reference"), images, labels)  # fp32 truth
-    with torch.autocast(device.type, dtype=dtype):
-        out, g = logits_and_grads(model.set_backend("fused"), images, labels)
-    assert out.dtype == dtype and all(v.dtype == torch.float32 for v in g.values())
-    low = ViTClassifier(SMALL).to(device)
-    low.load_state_dict(model.state_dict())
-    out_pt, g_pt = logits_and_grads(low.to(dtype).set_backend("reference"), images.to(dtype), labels)
-    assert_parity(out, out_pt, out_ref, atol=1e-3, name="logits")
+    return model
+
+
+def _attention_runs_16bit_in_the_interpreter(dtype) -> bool:
+    """Whether the fused attention returns sane 16-bit results here (on a GPU, always). Its
+    interpreter fix for bf16 (triton issue 11584) is the attention kernels' own work."""
+    if torch.cuda.is_available():
+        return True
+    from vit_fast import reference
+    from vit_fast.fused import attention
+
+    qkv = torch.randn(1, 5, 3, 2, 16).to(dtype)
+    err = (attention.attention_packed(qkv).float() - reference.attention_packed(qkv.float())).abs().max().item()
+    return err < 0.1
+
+
+def _autocast_step(model, backend, images, labels, dtype, seed):
+    """One training forward + backward under autocast with the model's stochastic depth drawn from
+    ``seed``: logits and fp32 parameter gradients."""
+    torch.manual_seed(seed)
+    with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return logits_and_grads(model.set_backend(backend), images, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("drop_path", [0.0, 0.3], ids=["no_drop", "drop_path"])
+def test_fused_model_under_autocast_matches_the_torch_backend(device, batch, dtype, drop_path):
+    """Training as the CLI runs it: autocast with fp32 parameters, stochastic depth on. The fused
+    backend's residual stream stays fp32 like the torch backend's, the same seed draws the same
+    masks, and logits and every parameter gradient follow the parity rule: the fused error against
+    the fp32 reference at most twice the torch backend's own (same masks), plus 1e-3."""
+    if not _attention_runs_16bit_in_the_interpreter(dtype):
+        pytest.skip(f"the fused attention returns garbage in {dtype} under Triton's interpreter "
+                    "(triton issue 11584); its kernels' fix lands with the attention work")
+    images, labels = batch
+    model = _perturbed(SMALL.replace(drop_path=drop_path), device)
+    out_ref, g_ref = _autocast_step(model, "reference", images, labels, torch.float32, seed=7)  # fp32 truth
+    out_pt, g_pt = _autocast_step(model, "torch", images, labels, dtype, seed=7)
+    out, g = _autocast_step(model, "fused", images, labels, dtype, seed=7)
+    assert out.dtype == out_pt.dtype == dtype and all(v.dtype == torch.float32 for v in g.values())
+    assert_parity(out.float(), out_pt.float(), out_ref, atol=1e-3, name="logits")
     for name in g_ref:
         assert_parity(g[name], g_pt[name], g_ref[name], atol=1e-3, name=f"grad {name}")
+
+
+def test_drop_path_masks_are_the_same_on_every_backend(device, batch):
+    """fp32, stochastic depth 0.5 in every block: the fused block applies the masks inside its
+    kernels, the reference multiplies by them; the same seed gives the same masks, so logits and
+    gradients agree as tightly as without stochastic depth (and differ from another seed's)."""
+    images, labels = batch
+    model = _perturbed(SMALL.replace(drop_path=0.5), device).train()
+    rates = [block.drop_path1.p for block in model.blocks]
+    assert rates[-1] == 0.5
+    out_ref, g_ref = _autocast_step(model, "reference", images, labels, torch.float32, seed=3)
+    out, g = _autocast_step(model, "fused", images, labels, torch.float32, seed=3)
+    out_other, _ = _autocast_step(model, "reference", images, labels, torch.float32, seed=4)
+    tol = 1e-4 if device.type == "cpu" else 5e-3
+    torch.testing.assert_close(out, out_ref, rtol=tol, atol=tol)
+    for name in g_ref:
+        scale = max(g_ref[name].abs().max().item(), 1e-2)
+        assert max_abs_diff(g[name], g_ref[name]) <= tol * scale, name
+    assert not torch.allclose(out_other, out_ref), "another seed drew the same masks: the test has no teeth"
+
+
+def _loss_curve(backend, cfg, images, labels, dtype, device):
+    torch.manual_seed(0)
+    model = ViTClassifier(cfg, backend=backend).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    losses = []
+    for step in range(images.shape[0]):
+        with torch.autocast(device.type, dtype=dtype):
+            logits = model(images[step])
+        loss = F.cross_entropy(logits.float(), labels[step])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return torch.tensor(losses)
+
+
+def test_fused_training_under_autocast_follows_the_torch_backend(device):
+    """Twenty AdamW steps under autocast (bf16 where the fused attention runs it, else fp16) with
+    stochastic depth, from the same weights, batches and seeds: the fused loss curve stays within
+    0.05 of the torch backend's at every step (16-bit rounding, compounding over 20 steps; the
+    curves' own step-to-step change is several times that)."""
+    dtype = torch.bfloat16 if _attention_runs_16bit_in_the_interpreter(torch.bfloat16) else torch.float16
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(20, 2, 3, 32, 32, generator=g).to(device)
+    labels = torch.randint(10, (20, 2), generator=g).to(device)
+    cfg = TINY.replace(drop_path=0.1)
+    ref = _loss_curve("torch", cfg, images, labels, dtype, device)
+    fused = _loss_curve("fused", cfg, images, labels, dtype, device)
+    assert ref[-5:].mean() < ref[:5].mean(), "the torch backend did not learn; the comparison would be vacuous"
+    assert (fused - ref).abs().max() < 5e-2, f"loss curves diverge: {list(zip(ref.tolist(), fused.tolist()))}"
+
+
+def _standalone_casts(backend: str, preset: str = "vit-cifar", batch: int = 8) -> list[str]:
+    """The float dtype conversions (aten::_to_copy / copy_ between float dtypes) that one training
+    forward + backward of ``preset`` dispatches under bf16 autocast with stochastic depth 0.1 (the
+    CLI's defaults), on fake tensors: no data, no kernels, the ops' fake implementations."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vit_fast import PRESETS
+
+    casts = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ("_to_copy", "copy_"):
+                src, dst = (args[1], args[0]) if name == "copy_" else (args[0], out)
+                if isinstance(src, torch.Tensor) and src.is_floating_point() and src.dtype != dst.dtype:
+                    casts.append(f"{name} {src.dtype}->{dst.dtype} {tuple(src.shape)}")
+            return out
+
+    cfg = PRESETS[preset].replace(drop_path=0.1)
+    model = ViTClassifier(cfg, backend=backend).train()
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            module._parameters[name] = torch.nn.Parameter(fake.from_tensor(param.detach()))
+    with fake:
+        images = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+        labels = torch.randint(cfg.num_classes, (batch,))
+        with Recorder():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(images)
+            F.cross_entropy(logits.float(), labels).backward()
+    return casts
+
+
+def test_fused_step_under_autocast_has_at_most_5_standalone_casts():
+    """Issue 14's target: no parameter or residual-stream cast remains in the fused step (the torch
+    backend's autocast casts every linear's weight and bias, and their gradients back). What is
+    left is the loss's logits.float() and its gradient."""
+    fused = _standalone_casts("fused")
+    torch_casts = _standalone_casts("torch")
+    assert len(fused) <= 5, "\n".join(fused)
+    assert len(torch_casts) > 50, f"the torch backend's casts are the comparison: {len(torch_casts)}"

@@ -9,9 +9,10 @@ code that launches). So a change to the model, to an op's arguments or to a laun
 choice changes what this test compiles.
 
 Two ways of running in 16 bits are traced: training under ``torch.autocast`` with fp32
-parameters (what ``python -m vit_fast.train`` does on a GPU; the fused ops take the autocast dtype
-at their boundaries and LayerNorm keeps fp32 parameters), and a model converted with
-``model.to(dtype)`` (everything in fp16 or bf16).
+parameters (what ``python -m vit_fast.train`` does on a GPU; LayerNorm and the MLP take the fp32
+parameters and the fp32 residual stream and convert in registers, with the presets' stochastic
+depth inside their epilogues), and a model converted with ``model.to(dtype)`` (everything in fp16
+or bf16).
 
 The patch embedding is CUDA C++, not Triton: its sm_80/sm_90 zero-spill check lives in
 tests/test_patch_embed.py.
@@ -40,7 +41,8 @@ DTYPES = (torch.float16, torch.bfloat16)
 # backward halves, whose launches come with their forward op's aot_launches (checked below).
 _NOT_TRITON = {"patch_embed", "patch_embed_backward", "patch_embed_backward_images"}
 _BACKWARD_OF = {"layer_norm_backward": ("layer_norm", "add_layer_norm"),
-                "attention_packed_backward": ("attention_packed",), "mlp_backward": ("mlp",)}
+                "attention_packed_backward": ("attention_packed",), "mlp_backward": ("mlp",),
+                "linear_backward": ("linear",)}
 
 
 class _FusedOpRecorder(TorchDispatchMode):
@@ -58,7 +60,9 @@ class _FusedOpRecorder(TorchDispatchMode):
 
 @functools.lru_cache(maxsize=None)
 def _initialised_model(preset: str) -> ViTClassifier:
-    return ViTClassifier(PRESETS[preset], backend="fused").train()
+    # Stochastic depth as the CLI's default (--drop-path 0.1) sets it: block 0 runs without a
+    # scale, the others with one, so both epilogue variants are traced.
+    return ViTClassifier(PRESETS[preset].replace(drop_path=0.1), backend="fused").train()
 
 
 def _training_step_calls(preset: str, batch: int, dtype: torch.dtype, autocast: bool = True) -> list[tuple[str, tuple]]:
@@ -88,17 +92,28 @@ def _training_step_calls(preset: str, batch: int, dtype: torch.dtype, autocast: 
 
 def _launches_of(op: str, args: tuple) -> list:
     """The GPU kernel launches (forward and backward) of one recorded forward op."""
-    if op in ("layer_norm", "add_layer_norm"):
-        x, weight = args[0], args[2 if op == "add_layer_norm" else 1]
-        return layernorm.aot_launches(x.numel() // x.shape[-1], x.shape[-1], x.dtype,
-                                      residual=op == "add_layer_norm", weight_dtype=weight.dtype)
+    if op == "layer_norm":
+        x, weight, bias, _eps, out_dtype = (*args, None)[:5]
+        return layernorm.aot_launches(x.numel() // x.shape[-1], x.shape[-1], x.dtype, residual=False,
+                                      weight_dtype=weight.dtype, out_dtype=out_dtype, bias=bias is not None)
+    if op == "add_layer_norm":
+        x, residual, weight, bias, _eps, out_dtype, scale = (*args, None, None)[:7]
+        return layernorm.aot_launches(x.numel() // x.shape[-1], x.shape[-1], x.dtype, residual=True,
+                                      weight_dtype=weight.dtype, residual_dtype=residual.dtype, out_dtype=out_dtype,
+                                      scale=scale is not None, bias=bias is not None)
     if op == "attention_packed":
         B, N, _, H, Dh = args[0].shape
         return attention.aot_launches(B, N, H, Dh, args[0].dtype, packed=True)
     if op == "mlp":
-        x, w1, _b1, w2, _b2, approximate, residual = args
+        x, w1, b1, w2, _b2, approximate, residual, scale = (*args, None)[:8]
         return mlp.aot_launches(x.numel() // x.shape[-1], x.shape[-1], w1.shape[0], w2.shape[0], x.dtype,
-                                approximate, residual is not None)
+                                approximate, residual is not None, weight_dtype=w1.dtype,
+                                residual_dtype=residual.dtype if residual is not None else None,
+                                scale=scale is not None, bias=b1 is not None)
+    if op == "linear":  # the projections under autocast (fp32 weights converted in registers)
+        x, weight, bias = args
+        return mlp.linear_aot_launches(x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], x.dtype,
+                                       weight.dtype, bias is not None)
     raise AssertionError(f"the fused model dispatches vit_fast::{op}, which this test cannot compile: extend it")
 
 

@@ -98,6 +98,107 @@ def test_parity_low_precision(dtype, shape, residual, weight_dtype, device):
         assert_parity(out, pt, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), name=name)
 
 
+def _reference_mixed(x, res, w, b, scale, out_dtype):
+    """The torch backend's math under autocast: s = residual + scale * x (x 16-bit, residual fp32),
+    y = LayerNorm(s) in fp32, rounded once to out_dtype."""
+    branch = x * scale.view(-1, *([1] * (x.dim() - 1))) if scale is not None else x
+    s = branch + res
+    return reference.layer_norm(s, w, b, EPS).to(out_dtype), s
+
+
+def _keep_scale(batch, dtype, device, p=0.3):
+    """DropPath's draw (model.DropPath.keep_scale): B values 0 or 1/keep, in the branch's dtype."""
+    keep = 1.0 - p
+    scale = torch.empty(batch, dtype=dtype, device=device).bernoulli_(keep).div_(keep)
+    scale[0] = 0.0  # at least one dropped and one kept sample, whatever the draw
+    scale[-1] = 1.0 / keep
+    return scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,drop", [((3, 65, 192), True), ((1, 65, 1000), False), ((5, 7, 192), True)], ids=str)
+def test_parity_mixed_precision_residual_stream(dtype, shape, drop, device):
+    """Autocast's contract: 16-bit branch x, fp32 residual and fp32 parameters, optional stochastic
+    depth scale; s comes back fp32, y in the 16-bit dtype, parameter gradients fp32, the branch's
+    gradient 16-bit and scaled, the residual's fp32. By the parity rule against the same math in
+    the 16-bit dtype (out_pt) and in fp32 (out_ref)."""
+    x = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    res = torch.randn(shape, device=device).requires_grad_()
+    w = (1 + 0.5 * torch.randn(shape[-1], device=device)).requires_grad_()
+    b = (0.5 * torch.randn(shape[-1], device=device)).requires_grad_()
+    scale = _keep_scale(shape[0], dtype, device) if drop else None
+    dy, ds = torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device)
+    inputs = [x, res, w, b]
+
+    def grads(y, s, leaves):
+        return [y, s, *torch.autograd.grad([y, s], leaves, [dy.to(y.dtype), ds.to(s.dtype)])]
+
+    y, s = fused.add_layer_norm(x, res, w, b, EPS, out_dtype=dtype, scale=scale)
+    assert (y.dtype, s.dtype) == (dtype, torch.float32)
+    got = grads(y, s, inputs)
+    assert [g.dtype for g in got[2:]] == [dtype, torch.float32, torch.float32, torch.float32]
+    ref_leaves = _detached_copy(inputs, torch.float32)
+    ref = grads(*_reference_mixed(*ref_leaves, scale.float() if drop else None, torch.float32), ref_leaves)
+    pt_leaves = _detached_copy(inputs, dtype)  # everything 16-bit: the low-precision reference
+    pt = grads(*_reference_mixed(*pt_leaves, scale, dtype), pt_leaves)
+    for name, out, p, r in zip(["y", "s", "dx", "dresidual", "dweight", "dbias"], got, pt, ref):
+        assert_parity(out.float(), p.float(), r, atol=1e-5 * max(1.0, r.abs().max().item()), name=name)
+    if drop:  # a dropped sample's branch has no effect and no gradient
+        torch.testing.assert_close(s[0], res[0], rtol=0, atol=0)
+        assert not got[2][0].any()
+
+
+def test_drop_path_scale_fp32_matches_reference(device):
+    """fp32 throughout, with a scale: tight against the reference DropPath's math on the same mask."""
+    shape = (4, 9, 48)
+    x, res, w, b = _make(shape, torch.float32, device)
+    scale = _keep_scale(shape[0], torch.float32, device)
+    dy, ds = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    y, s = fused.add_layer_norm(x, res, w, b, EPS, scale=scale)
+    got = [y, s, *torch.autograd.grad([y, s], [x, res, w, b], [dy, ds])]
+    leaves = _detached_copy([x, res, w, b])
+    y_ref, s_ref = _reference_mixed(*leaves, scale, torch.float32)
+    ref = [y_ref, s_ref, *torch.autograd.grad([y_ref, s_ref], leaves, [dy, ds])]
+    for out, r in zip(got, ref):
+        torch.testing.assert_close(out, r, rtol=1e-5, atol=2e-5 * max(1.0, r.abs().max().item()))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_fp32_input_16bit_output(out_dtype, device):
+    """norm1 and the final norm under autocast: the fp32 stream in, the GEMM's 16-bit operand out;
+    dx comes back fp32 (the stream's), parameter gradients fp32."""
+    shape = (2, 65, 192)
+    x, _, w, b = _make(shape, torch.float32, device, residual=False)
+    dy = torch.randn(shape, device=device).to(out_dtype)
+    y = fused.layer_norm(x, w, b, EPS, out_dtype=out_dtype)
+    assert y.dtype == out_dtype
+    got = [y, *torch.autograd.grad(y, [x, w, b], dy)]
+    assert [g.dtype for g in got[1:]] == [torch.float32] * 3
+    leaves = _detached_copy([x, w, b])
+    y_ref = reference.layer_norm(*leaves, EPS)
+    ref = [y_ref, *torch.autograd.grad(y_ref, leaves, dy.float())]
+    # One rounding of the fp32 result: equal but where fp32 summation order flips a rounding (1 ulp).
+    torch.testing.assert_close(got[0], y_ref.to(out_dtype))
+    for out, r in zip(got[1:], ref[1:]):
+        # dy is 16-bit for both; what remains is fp32 summation order.
+        torch.testing.assert_close(out, r, rtol=1e-5, atol=2e-5 * max(1.0, r.abs().max().item()))
+
+
+def test_bias_none(device):
+    """nn.LayerNorm(bias=False) hands a LayerNorm no bias: y = xhat * weight, in both ops."""
+    x, res, w, _ = _make((3, 5, 33), torch.float32, device)
+    dy = torch.randn(3, 5, 33, device=device)
+    for residual in (None, res):
+        y = fused.layer_norm(x, w, None, EPS) if residual is None else fused.add_layer_norm(x, res, w, None, EPS)[0]
+        got = [y, *torch.autograd.grad(y, [x, w], dy)]
+        xr, rr, wr = _detached_copy([x, res, w])
+        s = xr if residual is None else xr + rr
+        y_ref = reference.layer_norm(s, wr, torch.zeros_like(wr), EPS)
+        ref = [y_ref, *torch.autograd.grad(y_ref, [xr, wr], dy)]
+        for out, r in zip(got, ref):
+            torch.testing.assert_close(out, r, rtol=1e-5, atol=2e-5 * max(1.0, r.abs().max().item()))
+
+
 def test_gradcheck_fp64(device):
     """fp64 inputs are computed in fp64 by the same kernels, so gradcheck tests the backward math."""
     x, res, w, b = _make((3, 6), torch.float64, device)
@@ -243,6 +344,13 @@ def test_opcheck(device):
     dy, ds = torch.randn_like(y), torch.randn_like(y)
     torch.library.opcheck(ops.layer_norm_backward.default, (dy, None, x.detach(), w.detach(), mean, rstd))
     torch.library.opcheck(ops.layer_norm_backward.default, (dy, ds, x.detach(), w.detach(), mean, rstd))
+    # The mixed-precision variants: bf16 branch, fp32 residual, bf16 output, a scale, no bias.
+    xb, scale = x.detach().bfloat16().requires_grad_(), _keep_scale(3, torch.bfloat16, device)
+    torch.library.opcheck(ops.add_layer_norm.default, (xb, res, w, None, EPS, torch.bfloat16, scale))
+    torch.library.opcheck(ops.layer_norm.default, (res, w, b, EPS, torch.bfloat16))
+    _, s, mean, rstd = ops.add_layer_norm(xb.detach(), res.detach(), w.detach(), None, EPS, torch.bfloat16, scale)
+    torch.library.opcheck(ops.layer_norm_backward.default,
+                          (dy.bfloat16(), ds, s, w.detach(), mean, rstd, scale, torch.bfloat16))
 
 
 class _PreNormResidual(torch.nn.Module):
@@ -292,6 +400,49 @@ def test_bad_inputs(device):
         fused.layer_norm(torch.randn(2, fused.MAX_WIDTH + 1, device=device), wide, wide)
 
 
+def test_bad_eps_bias_and_scale(device):
+    x, res, w, b = (t.detach() for t in _make((2, 4, 16), torch.float32, device))
+    with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got -1e-05"):
+        fused.layer_norm(x, w, b, -1e-5)
+    with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got nan"):
+        fused.add_layer_norm(x, res, w, b, float("nan"))
+    with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+        fused.layer_norm(x, w, b[:3])
+    with pytest.raises(ValueError, match=r"scale must have shape \(B,\) = \(2,\).*got \(3,\)"):
+        fused.add_layer_norm(x, res, w, b, scale=torch.ones(3, device=device))
+    with pytest.raises(TypeError, match="residual must have the dtype of x .*or be torch.float32.*got torch.float16"):
+        fused.add_layer_norm(x.bfloat16(), res.half(), w, b)
+    with pytest.raises(TypeError, match="out_dtype must be .*got torch.int32"):
+        fused.layer_norm(x, w, b, out_dtype=torch.int32)
+
+
+def test_fake_implementations_check_like_the_real_ones():
+    """The fake (meta) kernels raise the real ones' errors: torch.compile and the cost account run
+    only them, so a bad shape, dtype or device must not pass there silently."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.vit_fast
+    with FakeTensorMode():
+        x, res, w = torch.empty(2, 4, 16), torch.empty(2, 4, 16), torch.empty(16)
+        with pytest.raises(ValueError, match=r"weight must have shape \(16,\)"):
+            ops.layer_norm(x, torch.empty(15), w, EPS)
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0, got -1.0"):
+            ops.layer_norm(x, w, w, -1.0)
+        with pytest.raises(TypeError, match="residual must have the dtype of x"):
+            ops.add_layer_norm(x, res.half(), w, w, EPS)
+        with pytest.raises(ValueError, match=r"scale must have shape \(B,\)"):
+            ops.add_layer_norm(x, res, w, w, EPS, None, torch.empty(5))
+        with pytest.raises(ValueError, match="all tensors must be on one device"):
+            ops.add_layer_norm(x, res.to("meta"), w, w, EPS)
+        stats = torch.empty(2, 4)
+        with pytest.raises(ValueError, match=r"dy must have the shape of x \(2, 4, 16\)"):
+            ops.layer_norm_backward(torch.empty(2, 16), None, x, w, stats, stats)
+        with pytest.raises(ValueError, match=r"mean must have shape \(2, 4\)"):
+            ops.layer_norm_backward(x, None, x, w, torch.empty(8), stats)
+    with pytest.raises(ValueError, match="all tensors must be on one device"):  # meta vs CPU, no fake mode
+        ops.layer_norm(torch.empty(2, 16, device="meta"), torch.empty(16), torch.empty(16), EPS)
+
+
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = torch.randn(2, 8)
@@ -309,8 +460,9 @@ AOT_ROWS = 128 * 65  # a CIFAR ViT batch; the configs depend on the width and dt
 def _aot_launches():
     """Every kernel launch the launchers make at AOT_WIDTHS, for each input dtype, parameter
     dtype (x's or fp32) and with and without the residual, as the launchers build them
-    (``fused.aot_launches``). Duplicates (768 and 1024 share a tile) compile once."""
-    return [
+    (``fused.aot_launches``), plus autocast's variants (fp32 residual stream, 16-bit output, with
+    and without stochastic depth's scale). Duplicates (768 and 1024 share a tile) compile once."""
+    launches = [
         launch
         for width in AOT_WIDTHS
         for dtype in (torch.float32, torch.float16, torch.bfloat16)
@@ -318,6 +470,24 @@ def _aot_launches():
         for residual in (False, True)
         for launch in fused.aot_launches(AOT_ROWS, width, dtype, residual, weight_dtype)
     ]
+    for width in AOT_WIDTHS:
+        for dtype in (torch.float16, torch.bfloat16):
+            launches += fused.aot_launches(AOT_ROWS, width, torch.float32, False, torch.float32, out_dtype=dtype)
+            for scale in (False, True):
+                launches += fused.aot_launches(AOT_ROWS, width, dtype, True, torch.float32,
+                                               residual_dtype=torch.float32, out_dtype=dtype, scale=scale)
+    return launches
+
+
+def test_column_sum_fills_the_gpu():
+    """The dweight/dbias reduction at vit-cifar's shape (128 * 65 rows, width 192) runs 100+
+    programs on an A100 and an H100 (it ran 2), and the same order every time (a pure function of
+    the shape and the SM count)."""
+    for sms in (108, 132):
+        plan = fused.planned_launches(AOT_ROWS, 192, torch.bfloat16, True, multiprocessors=sms,
+                                      weight_dtype=torch.float32, residual_dtype=torch.float32)
+        column_sum = [launch for launch in plan if launch.kernel.fn.__name__ == "column_sum_kernel"]
+        assert len(column_sum) == 1 and column_sum[0].grid[0] >= 100, column_sum[0].grid
 
 
 def test_aot_compiles_without_spills():

@@ -17,15 +17,10 @@ from vit_fast import reference
 from vit_fast.fused import mlp as fused
 from vit_fast.testing import assert_compiled_matches_eager, assert_parity
 
-ON_CUDA = torch.cuda.is_available()
-BF16 = pytest.param(
-    torch.bfloat16,
-    marks=pytest.mark.skipif(
-        not ON_CUDA,
-        reason="the Triton interpreter's tl.dot on bf16 returns garbage (triton 3.8, upstream issue 11584); "
-        "bf16 runs here on CUDA and is covered on CPU by the AOT compile test",
-    ),
-)
+# bf16 runs in the interpreter too: the launchers widen 16-bit tl.dot operands to fp32 there
+# (triton issue 11584 made the interpreter's bf16 tl.dot return garbage) and round bf16 stores to
+# nearest even in software, so the parity rule holds on the CPU as on a GPU.
+BF16 = torch.bfloat16
 NAMES = ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "residual")
 
 # (leading dims of x, D_in, hidden, D_out): prime M, the awkward width 200, a single token, ratio
@@ -111,6 +106,138 @@ def test_mlp_cifar_shape_fp16(device):
         assert_parity(out[name], out_pt[name], out_ref[name], name=name)
 
 
+def _keep_scale(batch, dtype, p=0.3):
+    """DropPath's draw (model.DropPath.keep_scale): B values 0 or 1/keep; sample 0 dropped and the
+    last kept (a batch of 1 is kept)."""
+    keep = 1.0 - p
+    scale = torch.empty(batch, dtype=dtype).bernoulli_(keep).div_(keep)
+    scale[0], scale[-1] = 0.0, 1.0 / keep
+    return scale
+
+
+def run_mixed(fn, inputs: dict, dtype, device, approximate: str, scale, params_fp32: bool, residual_fp32: bool):
+    """As run_mlp, with autocast's dtypes: x in ``dtype``, the parameters in fp32 (params_fp32) and
+    the residual stream in fp32 (residual_fp32), stochastic depth's ``scale`` (B,) or None."""
+    leaves = {}
+    for name in NAMES:
+        if inputs[name] is None:
+            continue
+        wide = (params_fp32 and name.startswith("fc")) or (residual_fp32 and name == "residual")
+        leaves[name] = inputs[name].to(device=device, dtype=torch.float32 if wide else dtype).requires_grad_()
+    scale = scale.to(device) if scale is not None else None
+    y = fn(*(leaves.get(name) for name in NAMES[:5]), approximate=approximate, residual=leaves.get("residual"),
+           scale=scale)
+    y.backward(inputs["grad_y"].to(device=device, dtype=y.dtype))
+    return {"y": y.detach(), **{f"grad_{name}": t.grad for name, t in leaves.items()}}
+
+
+def reference_scaled_mlp(x, w1, b1, w2, b2, approximate="none", residual=None, scale=None):
+    """The reference MLP with DropPath's scale on the branch, as the torch backend computes it."""
+    y = reference.mlp(x, w1, b1, w2, b2, approximate)
+    if scale is not None:
+        y = y * scale.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+    return y + residual if residual is not None else y
+
+
+# (leading dims, D_in, hidden, D_out): 65 tokens and batch 1 or 3, the awkward 200, a prime batch,
+# vit-cifar's width 192.
+MIXED_SHAPES = [((3, 65), 48, 96, 48), ((1, 65), 200, 400, 200), ((5, 7), 40, 160, 40), ((2, 65), 192, 384, 192)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, BF16])
+@pytest.mark.parametrize("shape", MIXED_SHAPES, ids=str)
+@pytest.mark.parametrize("drop", [False, True], ids=["no_drop", "drop_path"])
+def test_mlp_mixed_precision_parity(device, shape, dtype, drop):
+    """Autocast's contract: 16-bit x, fp32 parameters, the fp32 residual stream, optionally
+    stochastic depth's scale. y is fp32 (the stream), x's gradient 16-bit, every parameter's and
+    the residual's fp32; by the parity rule against the same math all in ``dtype`` and in fp64."""
+    inputs = make_inputs(*shape)
+    scale = _keep_scale(shape[0][0], dtype) if drop else None
+    out = run_mixed(fused.mlp, inputs, dtype, device, "none", scale, params_fp32=True, residual_fp32=True)
+    assert out["y"].dtype == torch.float32 and out["grad_x"].dtype == dtype
+    assert all(out[f"grad_{n}"].dtype == torch.float32 for n in NAMES[1:])
+    out_pt = run_mixed(reference_scaled_mlp, inputs, dtype, device, "none", scale, False, False)
+    out_ref = run_mixed(reference_scaled_mlp, inputs, torch.float64, device, "none", scale, False, False)
+    for name in out_ref:
+        assert_parity(out[name].double(), out_pt[name], out_ref[name], name=name)
+    if drop and shape[0][0] > 1:  # the dropped sample 0: y is its residual exactly, x gets no gradient
+        torch.testing.assert_close(out["y"][0], inputs["residual"][0].float().to(device), rtol=0, atol=0)
+        assert not out["grad_x"][0].any()
+
+
+def test_mlp_scale_fp32_matches_reference(device):
+    """fp32 throughout with stochastic depth: default fp32 tolerances against the reference."""
+    inputs = make_inputs((4, 9), 40, 80, 40)
+    scale = _keep_scale(4, torch.float32)
+    out = run_mixed(fused.mlp, inputs, torch.float32, device, "tanh", scale, False, False)
+    ref = run_mixed(reference_scaled_mlp, inputs, torch.float32, device, "tanh", scale, False, False)
+    for name in ref:
+        torch.testing.assert_close(out[name], ref[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("missing", ["fc1_bias", "fc2_bias", "both"])
+def test_mlp_without_biases(device, missing):
+    """nn.Linear(bias=False) layers: the op runs, forward and backward, with either bias None."""
+    inputs = make_inputs((3, 5), 24, 48, 24)
+    for name in ("fc1_bias", "fc2_bias"):
+        if missing in (name, "both"):
+            inputs[name] = None
+    out = run_mlp(fused.mlp, inputs, torch.float32, device, "none")
+    ref = run_mlp(reference.mlp, inputs, torch.float32, device, "none")
+    assert out.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(out[name], ref[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, BF16])
+@pytest.mark.parametrize("shape", [((3, 65), 48, 144), ((1, 1), 200, 100), ((7,), 40, 13)], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_linear_mixed_precision_parity(device, shape, dtype, bias):
+    """The projections under autocast: 16-bit x, fp32 weight and bias converted in the kernel; y and
+    x's gradient 16-bit, the weight's and bias's fp32. Parity rule against the reference linear in
+    ``dtype`` (out_pt) and in fp64 (out_ref)."""
+    lead, d_in, d_out = shape
+    x = torch.randn(*lead, d_in, dtype=torch.float64)
+    w = (torch.rand(d_out, d_in, dtype=torch.float64) * 2 - 1) / math.sqrt(d_in)
+    b = torch.randn(d_out, dtype=torch.float64) if bias else None
+    grad_y = torch.randn(*lead, d_out, dtype=torch.float64)
+
+    def run(fn, x_dtype, w_dtype):
+        leaves = [t.to(device=device, dtype=dt).requires_grad_() if t is not None else None
+                  for t, dt in ((x, x_dtype), (w, w_dtype), (b, w_dtype))]
+        y = fn(*leaves)
+        y.backward(grad_y.to(device=device, dtype=y.dtype))
+        return [y.detach()] + [t.grad for t in leaves if t is not None]
+
+    out = run(fused.linear, dtype, torch.float32)
+    assert [t.dtype for t in out] == [dtype, dtype] + [torch.float32] * (1 + bias)
+    out_pt = run(reference.linear, dtype, dtype)
+    out_ref = run(reference.linear, torch.float64, torch.float64)
+    for name, o, p, r in zip(["y", "grad_x", "grad_weight", "grad_bias"], out, out_pt, out_ref):
+        assert_parity(o.double(), p, r, name=name)
+
+
+def test_linear_opcheck_and_fake_checks(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(3, 5, 16, device=device).bfloat16().requires_grad_()
+    w = torch.randn(8, 16, device=device, requires_grad=True)
+    b = torch.randn(8, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.vit_fast.linear.default, (x, w, b))
+    torch.library.opcheck(torch.ops.vit_fast.linear.default, (x, w, None))
+    gy = torch.randn(3, 5, 8, device=device).bfloat16()
+    torch.library.opcheck(torch.ops.vit_fast.linear_backward.default, (gy, x.detach(), w.detach(), [True, True, False]))
+    with FakeTensorMode():
+        with pytest.raises(ValueError, match="expects inputs of width 16, got width 15"):
+            torch.ops.vit_fast.linear(torch.empty(2, 15, dtype=torch.bfloat16), torch.empty(8, 16), None)
+        with pytest.raises(TypeError, match="bias has dtype torch.float16 but x has torch.bfloat16"):
+            torch.ops.vit_fast.linear(torch.empty(2, 16, dtype=torch.bfloat16), torch.empty(8, 16),
+                                      torch.empty(8, dtype=torch.float16))
+        with pytest.raises(ValueError, match=r"grad_y must have the output's shape \(2, 8\)"):
+            torch.ops.vit_fast.linear_backward(torch.empty(2, 7, dtype=torch.bfloat16),
+                                               torch.empty(2, 16, dtype=torch.bfloat16), torch.empty(8, 16), [True] * 3)
+
+
 @pytest.mark.parametrize("layout", ["sum_stride0", "transposed", "strided_slice"])
 def test_mlp_noncontiguous_incoming_grad(device, layout):
     shape = ((2, 7), 40, 80, 40)
@@ -165,6 +292,15 @@ def test_opcheck_every_op(device):
         (torch.ops.vit_fast.mlp_backward.default,
          (inputs["grad_y"], x, w1, b1, w2, torch.randn(21, 80, device=device), "tanh", [False, True, True, False, True])),
     ]
+    # Autocast's variant: bf16 x, fp32 parameters and residual, a scale; fp32 grad_y.
+    scale = _keep_scale(3, torch.bfloat16).to(device)
+    xb = x.bfloat16()
+    hidden = torch.ops.vit_fast.mlp(xb, w1, b1, w2, b2, "none", r, scale)[1]
+    cases += [
+        (torch.ops.vit_fast.mlp.default, (xb.clone().requires_grad_(), w1g, None, w2g, b2g, "none", rg, scale)),
+        (torch.ops.vit_fast.mlp_backward.default,
+         (inputs["grad_y"], xb, w1, b1, w2, hidden, "none", [True] * 5, scale)),
+    ]
     for op, args in cases:
         torch.library.opcheck(op, args)
 
@@ -215,6 +351,15 @@ BAD_INPUTS = {
               "fc2_bias has dtype torch.float64 but x has torch.float32"),
     "int_dtype": (lambda d: {"x": torch.randint(0, 3, (4, 16), device=d)}, TypeError, "x has dtype torch.int64; supported"),
     "device": (lambda d: {"fc1_weight": torch.randn(32, 16, device="meta")}, ValueError, "fc1_weight is on meta"),
+    "param_dtypes": (lambda d: {"x": torch.randn(4, 16, device=d, dtype=torch.bfloat16),
+                                "fc2_weight": torch.randn(16, 32, device=d, dtype=torch.bfloat16)}, TypeError,
+                     "fc2_weight has dtype torch.bfloat16 but fc1_weight has torch.float32; the parameters must "
+                     "share one dtype"),
+    "residual_dtype": (lambda d: {"x": torch.randn(4, 16, device=d, dtype=torch.bfloat16),
+                                  "residual": torch.randn(4, 16, device=d, dtype=torch.float16)}, TypeError,
+                       "residual has dtype torch.float16 but x has torch.bfloat16; expected torch.bfloat16 or "
+                       "torch.float32"),
+    "scale_shape": (lambda d: {"scale": torch.ones(3, device=d)}, ValueError, r"scale must have shape \(B,\) = \(4,\)"),
 }
 
 
@@ -223,6 +368,30 @@ def test_mlp_rejects_bad_inputs(device, case):
     override, error, match = BAD_INPUTS[case]
     with pytest.raises(error, match=match):
         fused.mlp(**_mlp_args(device, **override(device)))
+
+
+def test_fake_implementations_check_like_the_real_ones():
+    """The fake (meta) kernels raise the real ones' errors (torch.compile and the cost account run
+    only them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.vit_fast
+    with FakeTensorMode():
+        x, w1, b1, w2, b2 = torch.empty(4, 16), torch.empty(32, 16), torch.empty(32), torch.empty(16, 32), torch.empty(16)
+        with pytest.raises(ValueError, match="expects inputs of width 16, got width 17"):
+            ops.mlp(torch.empty(4, 17), w1, b1, w2, b2, "none", None)
+        with pytest.raises(TypeError, match="fc2_bias has dtype torch.float64"):
+            ops.mlp(x, w1, b1, w2, b2.double(), "none", None)
+        with pytest.raises(ValueError, match="approximate must be 'none'"):
+            ops.mlp(x, w1, b1, w2, b2, "erf", None)
+        with pytest.raises(ValueError, match=r"scale must have shape \(B,\)"):
+            ops.mlp(x, w1, b1, w2, b2, "none", None, torch.empty(7))
+        with pytest.raises(ValueError, match=r"grad_y must have the output's shape \(4, 16\)"):
+            ops.mlp_backward(torch.empty(4, 15), x, w1, b1, w2, torch.empty(4, 32), "none", [True] * 5)
+        with pytest.raises(ValueError, match=r"hidden must have shape \(4, 32\)"):
+            ops.mlp_backward(torch.empty(4, 16), x, w1, b1, w2, torch.empty(4, 31), "none", [True] * 5)
+    with pytest.raises(ValueError, match="fc1_weight is on meta"):  # meta vs CPU, no fake mode
+        ops.mlp(torch.empty(4, 16), torch.empty(32, 16, device="meta"), None, torch.empty(16, 32), None, "none", None)
 
 
 # ----------------------------------------------------------------------------- ahead-of-time compile
@@ -244,6 +413,11 @@ def vit_launches(dtype, widths=AOT_WIDTHS, ratios=AOT_RATIOS, rows=AOT_ROWS) -> 
                 for approximate in ("none", "tanh"):
                     for residual in (False, True):
                         launches += fused.aot_launches(m, d, hidden, d, dtype, approximate, residual)
+                    if dtype != torch.float32:  # autocast: fp32 parameters and residual stream, drop-path
+                        for scale in (False, True):
+                            launches += fused.aot_launches(m, d, hidden, d, dtype, approximate, True,
+                                                           weight_dtype=torch.float32,
+                                                           residual_dtype=torch.float32, scale=scale)
     return launches
 
 
@@ -265,6 +439,19 @@ def test_interpreter_config_is_fixed():
     assert {fused.choose_config(k, m, n, kk, dt, interpret=True)
             for k in ("linear", "gelu_bwd") for m in (1, 8320) for n in (24, 3072) for kk in (8, 768)
             for dt in (torch.float16, torch.float32)} == {fused.INTERPRETER_CONFIG}
+
+
+def test_linear_launches_compile_without_spills():
+    """The autocast projections' launches (qkv, output projection, head; forward and dX) at the
+    presets' shapes, fp32 weights converted in registers."""
+    from vit_fast.aot import compile_launches
+
+    launches = [launch for dtype in (torch.float16, torch.bfloat16) for m in (128 * 65, 8 * 65, 128)
+                for d in AOT_WIDTHS for n in (3 * d, d, 100)
+                for launch in fused.linear_aot_launches(m, d, n, dtype, torch.float32)]
+    for launch, r in compile_launches(launches):
+        assert not r.spills, f"{launch.describe()} sm_{r.capability} spills: {r}"
+        assert r.fits_shared_memory, f"{launch.describe()} needs {r.shared_bytes} B of shared memory"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])

@@ -51,9 +51,9 @@ class LayerNorm(UsesBackend, nn.LayerNorm):
     def forward(self, x: Tensor) -> Tensor:
         return ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
 
-    def forward_add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """(LayerNorm(x + residual), x + residual)."""
-        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, self.backend)
+    def forward_add(self, x: Tensor, residual: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(LayerNorm(s), s) with s = scale * x + residual; ``scale`` is DropPath.keep_scale's (B,) vector."""
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, self.backend, scale=scale)
 
 
 class Linear(UsesBackend, nn.Linear):
@@ -72,12 +72,21 @@ class DropPath(nn.Module):
     def active(self) -> bool:
         return self.training and self.p > 0.0
 
-    def forward(self, x: Tensor) -> Tensor:
+    def keep_scale(self, like: Tensor, dtype: torch.dtype | None = None) -> Tensor | None:
+        """The per-sample scale of a branch shaped like ``like`` (B, ...): (B,) values 0 or 1/keep
+        in ``dtype`` (default like's, the branch's), drawn on its device; None when inactive.
+
+        The fused kernels apply it where the branch joins the residual; ``forward`` multiplies by
+        it. Either way one draw of B Bernoulli values per call, so a seed gives the same mask on
+        every backend."""
         if not self.active:
-            return x
+            return None
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        return like.new_empty((like.shape[0],), dtype=dtype).bernoulli_(keep).div_(keep)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.keep_scale(x)
+        return x if scale is None else x * scale.view((x.shape[0],) + (1,) * (x.ndim - 1))
 
 
 class PatchEmbed(UsesBackend, nn.Module):
@@ -127,14 +136,20 @@ class Mlp(UsesBackend, nn.Module):
         self.fc1 = Linear(cfg.dim, cfg.mlp_hidden)
         self.fc2 = Linear(cfg.mlp_hidden, cfg.dim)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None, drop_path: DropPath | None = None) -> Tensor:
+        """residual + drop_path(MLP(x)); ``drop_path`` is the block's stochastic depth for this branch."""
         if self.training and self.dropout > 0.0:
             h = F.dropout(ops.gelu(self.fc1(x), self.approximate, self.backend), self.dropout)
             y = F.dropout(self.fc2(h), self.dropout)
+            if drop_path is not None:
+                y = drop_path(y)
             return y + residual if residual is not None else y
+        # The mask in the dtype the branch has on the unfused path (the GEMM's: the autocast dtype
+        # under autocast), so every backend scales by the same rounded 1/keep.
+        scale = drop_path.keep_scale(x, ops.autocast_dtype(x) or x.dtype) if drop_path is not None else None
         return ops.mlp(
             x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-            self.approximate, self.backend, residual=residual,
+            self.approximate, self.backend, residual=residual, scale=scale,
         )
 
 
@@ -151,12 +166,12 @@ class ViTEncoder(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
-        branch = self.drop_path1(self.attn(self.norm1(x)))
-        # One op produces the new residual stream and its normalisation (fused on "fused").
-        h, x = self.norm2.forward_add(branch, x)
-        if self.drop_path2.active:
-            return x + self.drop_path2(self.mlp(h))
-        return self.mlp(h, residual=x)  # the residual add rides in fc2's epilogue on "fused"
+        branch = self.attn(self.norm1(x))
+        # One op applies stochastic depth to the branch, produces the new residual stream and its
+        # normalisation (one kernel on "fused").
+        h, x = self.norm2.forward_add(branch, x, self.drop_path1.keep_scale(branch))
+        # The residual add and the MLP branch's stochastic depth ride in fc2's epilogue on "fused".
+        return self.mlp(h, residual=x, drop_path=self.drop_path2)
 
 
 class ViTClassifier(UsesBackend, nn.Module):

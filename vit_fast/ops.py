@@ -18,21 +18,30 @@ from . import reference
 from .config import BACKENDS
 
 
+def autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The autocast dtype of ``t``'s device when autocast is on there, else None."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Cast floating-point inputs of a fused op to the autocast dtype when autocast is on.
 
-    Autocast knows nothing of our custom ops; the fused kernels take one 16-bit dtype for their
-    activations (LayerNorm also accepts fp32 weights). So, at the op boundary, do what autocast
-    does for a matmul: cast to ``torch.get_autocast_dtype``. The casts are differentiable, so
-    fp32 parameters still receive fp32 gradients. Under autocast the fused backend therefore keeps
-    its residual stream in the 16-bit dtype, where the torch backend keeps it in fp32.
+    Only the attention op still uses it (its input, the qkv GEMM's output, is already in the
+    autocast dtype under autocast, so nothing is cast in the model). LayerNorm, add+LayerNorm and
+    the MLP take fp32 parameters and the fp32 residual stream as they are and convert in their
+    kernels' registers; the patch embedding runs in its parameters' dtype.
     """
     first = next(t for t in tensors if t is not None)
-    device = first.device.type
-    if not torch.is_autocast_enabled(device):
+    dtype = autocast_dtype(first)
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def _per_sample(scale: Tensor, like: Tensor) -> Tensor:
+    """A (B,) per-sample scale viewed to broadcast over ``like`` (B, ...)."""
+    return scale.view((like.shape[0],) + (1,) * (like.dim() - 1))
 
 
 def _unknown(backend: str) -> ValueError:
@@ -49,7 +58,14 @@ def check_backend(backend: str) -> str:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str) -> Tensor:
     if backend == "reference":
         return reference.linear(x, weight, bias)
-    if backend in ("torch", "fused"):  # a plain GEMM: cuBLAS is what a fused linear would call too
+    if backend == "fused" and autocast_dtype(x) is not None and x.dtype != weight.dtype:
+        from .fused import mlp as fused_mlp
+
+        # Under autocast cuBLAS would need the fp32 weight and bias cast to 16 bits and their
+        # gradients cast back (four standalone casts per linear and step): the Triton matmul
+        # converts them in registers instead.
+        return fused_mlp.linear(x.to(autocast_dtype(x)), weight, bias)
+    if backend in ("torch", "fused"):  # a plain GEMM: cuBLAS
         return F.linear(x, weight, bias)
     raise _unknown(backend)
 
@@ -62,7 +78,7 @@ def gelu(x: Tensor, approximate: str, backend: str) -> Tensor:
     raise _unknown(backend)
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, backend: str) -> Tensor:
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, backend: str) -> Tensor:
     if backend == "reference":
         return reference.layer_norm(x, weight, bias, eps)
     if backend == "torch":
@@ -70,20 +86,28 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, backend: str
     if backend == "fused":
         from .fused import layernorm
 
-        (x,) = _autocast(x)
-        return layernorm.layer_norm(x, weight, bias, eps)
+        # Under autocast y comes out in the autocast dtype, ready for the GEMM that reads it (the
+        # torch backend's fp32 LayerNorm output is cast there by autocast instead).
+        return layernorm.layer_norm(x, weight, bias, eps, out_dtype=autocast_dtype(x))
     raise _unknown(backend)
 
 
 def add_layer_norm(
-    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float, backend: str
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float, backend: str,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(LayerNorm(x + residual), x + residual): the pre-LN block's residual step."""
+    """(LayerNorm(s), s) with s = scale * x + residual: the pre-LN block's residual step.
+
+    ``scale`` (B,), optional, is stochastic depth's per-sample keep/scale vector for the branch x
+    (``model.DropPath.keep_scale``). Under autocast on "fused", s keeps the residual's dtype (fp32)
+    and LayerNorm(s) comes out in the autocast dtype, as the torch backend's next GEMM sees it.
+    """
     if backend == "fused":
         from .fused import layernorm
 
-        x, residual = _autocast(x, residual)
-        return layernorm.add_layer_norm(x, residual, weight, bias, eps)
+        return layernorm.add_layer_norm(x, residual, weight, bias, eps, out_dtype=autocast_dtype(x), scale=scale)
+    if scale is not None:
+        x = x * _per_sample(scale, x)
     s = x + residual
     return layer_norm(s, weight, bias, eps, backend), s
 
@@ -113,21 +137,31 @@ def attention_packed(qkv: Tensor, dropout_p: float, backend: str) -> Tensor:
 def mlp(
     x: Tensor,
     fc1_weight: Tensor,
-    fc1_bias: Tensor,
+    fc1_bias: Tensor | None,
     fc2_weight: Tensor,
-    fc2_bias: Tensor,
+    fc2_bias: Tensor | None,
     approximate: str,
     backend: str,
     residual: Tensor | None = None,
+    scale: Tensor | None = None,
 ) -> Tensor:
-    """fc2(GELU(fc1(x))) (+ residual), without dropout (the MLP module handles dropout)."""
+    """scale * fc2(GELU(fc1(x))) (+ residual), without dropout (the MLP module handles dropout).
+
+    ``scale`` (B,), optional: stochastic depth's per-sample keep/scale vector for the branch. Under
+    autocast on "fused" the parameters and the residual stay fp32 (converted in the kernels) and
+    the output has the residual's dtype, as the torch backend's ``residual + branch`` does.
+    """
     if backend == "fused":
         from .fused import mlp as fused_mlp
 
-        args = _autocast(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
-        return fused_mlp.mlp(*args[:5], approximate, args[5])
+        dtype = autocast_dtype(x)
+        if dtype is not None and x.dtype != dtype:  # the model hands in the autocast dtype already
+            x = x.to(dtype)
+        return fused_mlp.mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, scale)
     h = gelu(linear(x, fc1_weight, fc1_bias, backend), approximate, backend)
     y = linear(h, fc2_weight, fc2_bias, backend)
+    if scale is not None:
+        y = y * _per_sample(scale, y)
     return y + residual if residual is not None else y
 
 
@@ -145,5 +179,10 @@ def patch_embed(
     if backend == "fused":
         from .fused import patch_embed as fused_patch_embed
 
-        return fused_patch_embed.patch_embed(*_autocast(images, weight, bias, cls_token, pos_embed))
+        # In the parameters' dtype, autocast or not: the tokens are the residual stream, fp32 under
+        # autocast as on the torch backend (whose cat + pos_embed promote to fp32), and the
+        # projection (K = C * p * p = 48 for CIFAR) is too small to gain from 16 bits.
+        if images.dtype != weight.dtype:
+            images = images.to(weight.dtype)
+        return fused_patch_embed.patch_embed(images, weight, bias, cls_token, pos_embed)
     raise _unknown(backend)

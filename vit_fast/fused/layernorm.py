@@ -2,17 +2,21 @@
 
 Public API (the same math as ``vit_fast.reference.layer_norm`` / ``add_layer_norm``):
 
-    layer_norm(x, weight, bias, eps=1e-6) -> y
-    add_layer_norm(x, residual, weight, bias, eps=1e-6) -> (y, s)     s = x + residual, y = LN(s)
-    aot_launches(rows, width, dtype, residual, weight_dtype=None)    the GPU's kernel launches,
-                                                                     for vit_fast.aot's compile tests
+    layer_norm(x, weight, bias, eps=1e-6, out_dtype=None) -> y
+    add_layer_norm(x, residual, weight, bias, eps=1e-6, out_dtype=None, scale=None) -> (y, s)
+        s = residual + scale[sample] * x, y = LN(s); scale is stochastic depth's (B,) keep/scale vector
+    aot_launches(rows, width, dtype, residual, weight_dtype=None, ...)   the GPU's kernel launches,
+        for vit_fast.aot's compile tests
+    planned_launches(rows, width, dtype, residual, multiprocessors=132, ...)   the same as Launch
+        objects (kernel, grid, meta tensors), for accounts of launches and bytes
 
 Registered ops (``torch.library.custom_op``, each with a fake implementation; the two forward ops
 have autograd formulas that call the backward op):
 
-    vit_fast::layer_norm(x, weight, bias, eps) -> (y, mean, rstd)
-    vit_fast::add_layer_norm(x, residual, weight, bias, eps) -> (y, s, mean, rstd)
-    vit_fast::layer_norm_backward(dy, ds?, x, weight, mean, rstd) -> (dx, dweight, dbias)   both forwards
+    vit_fast::layer_norm(x, weight, bias?, eps, out_dtype?) -> (y, mean, rstd)
+    vit_fast::add_layer_norm(x, residual, weight, bias?, eps, out_dtype?, scale?) -> (y, s, mean, rstd)
+    vit_fast::layer_norm_backward(dy, ds?, x, weight, mean, rstd, scale?, branch_dtype?)
+        -> (dx, dbranch, dweight, dbias)                                              both forwards
 
 Fusing the residual add saves a full read and write of the activation tensor per LayerNorm: the
 unfused block reads x and residual, writes s, then reads s again to normalize it. In the backward
@@ -21,13 +25,21 @@ the gradient of s (the next residual stream) is added to dx inside the same kern
 Inputs: x of any shape (..., N), normalized over the last dimension; leading dimensions are
 flattened into rows without a copy whenever a single row stride describes them. fp32, fp16, bf16
 (and fp64, computed in fp64, for gradcheck). weight and bias (N,) share one dtype, either x's or
-fp32 (fp32 parameters with bf16 activations is what mixed-precision training hands a LayerNorm).
-Outputs are in x's dtype; the statistics are computed in fp32 (fp64 for fp64 inputs).
+fp32; bias may be None. eps must be finite and >= 0.
+
+Mixed precision (what ``vit_fast.ops`` passes under autocast): the kernels convert every tensor
+in registers, so no cast runs outside them. The residual may be fp32 while the branch x is 16-bit:
+s then has the residual's dtype (the residual stream stays fp32, as on the torch backend) and so
+does its gradient, while the branch's gradient comes back in x's dtype. y has ``out_dtype``
+(default x's dtype): the autocast dtype, ready for the next GEMM. The parameters' gradients are
+reduced in fp32 and returned in the parameters' dtype, never rounded through 16 bits. The
+statistics are computed in fp32 (fp64 for fp64 inputs).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,7 +54,8 @@ if TYPE_CHECKING:
     from vit_fast.aot import KernelLaunch
 
 __all__ = [
-    "LayerNormConfig", "MAX_WIDTH", "add_layer_norm", "aot_launches", "backward_config", "forward_config", "layer_norm",
+    "LayerNormConfig", "MAX_WIDTH", "add_layer_norm", "aot_launches", "backward_config", "column_sum_config",
+    "forward_config", "layer_norm", "planned_launches",
 ]
 
 # A whole row lives in one program's registers. Up to 4096 every configuration compiles without
@@ -118,44 +131,91 @@ def _max_backward_programs(device: torch.device) -> int:
     return 8
 
 
-def column_sum_config(width: int) -> LayerNormConfig:
-    """The partial-sum reduction reads a (programs, N) fp32 buffer of a few hundred rows: 32 rows
-    by 128 columns per step (block_m here counts partial rows), 4 warps, one program per 128 columns."""
-    return LayerNormConfig(block_m=32, block_n=min(128, triton.next_power_of_2(width)), num_warps=4)
+def column_sum_config(width: int, programs: int, interpret: bool) -> LayerNormConfig:
+    """The partial-sum reduction over the backward's (2 * width, programs) buffer: ``block_m``
+    partial rows (columns of dweight and dbias) per program and ``block_n`` partials per step.
+
+    On a GPU about 256 programs or more, so the reduction fills 100+ SMs at width 192 (384 rows,
+    one per program; 2 CTAs did it before): block_m = the power of two <= 2 * width / 256, 1 to
+    16. Each step reads 256 contiguous partials per row (4 per thread of 2 warps, one 16-byte
+    vector). Under the interpreter, whose cost is per program, 64 rows per program."""
+    if interpret:
+        return LayerNormConfig(block_m=64, block_n=triton.next_power_of_2(programs), num_warps=1)
+    block_m = 1
+    while block_m < 16 and 2 * block_m * 256 <= 2 * width:
+        block_m *= 2
+    return LayerNormConfig(block_m=block_m, block_n=256, num_warps=2)
 
 
 # ---------------------------------------------------------------------------------------------
 # Input checks, shared by the real and the fake implementations so torch.compile raises them too.
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None = None) -> None:
+
+def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, out_dtype: torch.dtype | None,
+                  residual: Tensor | None = None, scale: Tensor | None = None) -> None:
     if x.dim() < 1:
         raise ValueError("layer_norm expects x of shape (..., N) with at least one dimension, got a scalar")
     width = x.shape[-1]
     if not 1 <= width <= MAX_WIDTH:
         raise ValueError(f"layer_norm: the last dimension of x {tuple(x.shape)} must be in [1, {MAX_WIDTH}], got {width}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"layer_norm: eps must be a finite number >= 0, got {eps}")
     for name, p in (("weight", weight), ("bias", bias)):
-        if p.dim() != 1 or p.shape[0] != width:
+        if p is not None and (p.dim() != 1 or p.shape[0] != width):
             raise ValueError(
                 f"layer_norm: {name} must have shape ({width},) to match the last dimension of x "
                 f"{tuple(x.shape)}, got {tuple(p.shape)}"
             )
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+    if x.dtype not in _FLOATS:
         raise TypeError(f"layer_norm: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if weight.dtype != bias.dtype:
+    if bias is not None and weight.dtype != bias.dtype:
         raise TypeError(f"layer_norm: weight and bias must share a dtype, got {weight.dtype} and {bias.dtype}")
     if weight.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"layer_norm: weight and bias must be {x.dtype} (like x) or torch.float32, got {weight.dtype}")
+    if out_dtype is not None and out_dtype not in _FLOATS:
+        raise TypeError(f"layer_norm: out_dtype must be float32, float16, bfloat16 or float64, got {out_dtype}")
     tensors = {"x": x, "weight": weight, "bias": bias}
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(
                 f"add_layer_norm: residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}"
             )
-        if residual.dtype != x.dtype:
-            raise TypeError(f"add_layer_norm: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
+        if residual.dtype != x.dtype and not (residual.dtype == torch.float32 and x.dtype.itemsize == 2):
+            raise TypeError(f"add_layer_norm: residual must have the dtype of x ({x.dtype}), or be torch.float32 "
+                            f"when x is 16-bit (an fp32 residual stream), got {residual.dtype}")
         tensors["residual"] = residual
+    if scale is not None:
+        if residual is None:
+            raise ValueError("add_layer_norm: scale (stochastic depth) needs a residual")
+        if x.dim() < 2 or tuple(scale.shape) != (x.shape[0],):
+            raise ValueError(f"add_layer_norm: scale must have shape (B,) = ({x.shape[0] if x.dim() else '?'},) for "
+                             f"x of shape (B, ..., N) {tuple(x.shape)}, got {tuple(scale.shape)}")
+        if not scale.is_floating_point():
+            raise TypeError(f"add_layer_norm: scale must be a floating tensor, got {scale.dtype}")
+        tensors["scale"] = scale
     check_same_device(tensors)
+
+
+def _check_backward(dy: Tensor, ds: Tensor | None, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                    scale: Tensor | None, branch_dtype: torch.dtype | None) -> None:
+    """The backward op's metadata, the same in the real and the fake implementation."""
+    _check_inputs(x, weight, None, 0.0, branch_dtype)
+    if scale is not None and (x.dim() < 2 or tuple(scale.shape) != (x.shape[0],)):
+        raise ValueError(f"layer_norm_backward: scale must have shape ({x.shape[0] if x.dim() else '?'},) for x of "
+                         f"shape {tuple(x.shape)}, got {tuple(scale.shape)}")
+    stats = (*x.shape[:-1],)
+    for name, t in (("dy", dy), ("ds", ds)):
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"layer_norm_backward: {name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
+        if t is not None and t.dtype not in _FLOATS:
+            raise TypeError(f"layer_norm_backward: {name} must be a floating tensor, got {t.dtype}")
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if tuple(t.shape) != stats or t.dtype != accumulation_dtype(x.dtype):
+            raise ValueError(f"layer_norm_backward: {name} must have shape {stats} and dtype "
+                             f"{accumulation_dtype(x.dtype)}, got {tuple(t.shape)} {t.dtype}")
+    check_same_device({"dy": dy, "ds": ds, "x": x, "weight": weight, "mean": mean, "rstd": rstd, "scale": scale})
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -163,51 +223,62 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _rows_per_sample(x: Tensor, scale: Tensor | None) -> int:
+    rows = x.numel() // x.shape[-1]
+    return rows // scale.shape[0] if scale is not None and scale.shape[0] else 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Launch builders: one Launch per kernel call, run by the ops and compiled by aot_launches
 
 
-def _forward_launch(x2: Tensor, res2: Tensor, weight: Tensor, bias: Tensor, y: Tensor, s: Tensor, mean: Tensor,
-                    rstd: Tensor, eps: float, has_residual: bool, interpret: bool) -> Launch:
+def _forward_launch(x2: Tensor, res2: Tensor, scale: Tensor | None, weight: Tensor, bias: Tensor | None, y: Tensor,
+                    s: Tensor, mean: Tensor, rstd: Tensor, eps: float, has_residual: bool, rows_per_sample: int,
+                    interpret: bool) -> Launch:
     """The forward kernel's launch on (M, N) rows; y and s are contiguous (M, N) outputs."""
     rows, width = x2.shape
     cfg = forward_config(width, x2.dtype)
+    # Absent tensors get a valid pointer the kernel never reads (its flag is off).
     args = dict(
-        X=x2, RES=res2, W=weight, B=bias, Y=y, S=s, Mean=mean, Rstd=rstd,
+        X=x2, RES=res2, Scale=scale if scale is not None else mean, W=weight,
+        B=bias if bias is not None else weight, Y=y, S=s, Mean=mean, Rstd=rstd,
         stride_xm=x2.stride(0), stride_xn=x2.stride(1), stride_resm=res2.stride(0), stride_resn=res2.stride(1),
-        stride_ym=width, stride_sm=width, M=rows, N=width, eps=eps,
+        stride_ym=width, stride_sm=width, M=rows, N=width, rows_per_sample=rows_per_sample, eps=eps,
     )
-    constexprs = dict(HAS_RESIDUAL=has_residual, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BF16_RNE_IN_SOFTWARE=interpret)
+    constexprs = dict(HAS_RESIDUAL=has_residual, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BF16_RNE_IN_SOFTWARE=interpret)
     return Launch(layer_norm_fwd_kernel, (triton.cdiv(rows, cfg.block_m),), args, constexprs, cfg.num_warps,
                   cfg.num_stages)
 
 
-def _backward_launches(x2: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, dy2: Tensor, ds2: Tensor,
-                       dx: Tensor, dweight: Tensor, dbias: Tensor, has_ds: bool, max_programs: int,
-                       interpret: bool) -> list[Launch]:
+def _backward_launches(x2: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, dy2: Tensor, ds2: Tensor | None,
+                       scale: Tensor | None, dx: Tensor, dbranch: Tensor | None, dweight: Tensor, dbias: Tensor,
+                       rows_per_sample: int, max_programs: int, interpret: bool) -> list[Launch]:
     """The backward's two launches on (M, N) rows: per-program partial sums of the weight and bias
-    gradients (and dx, contiguous (M, N)), then their column sums. Allocates the partial buffers."""
+    gradients (and dx, contiguous (M, N), and the branch's dbranch when given), then their column
+    sums. Allocates the partial buffer."""
     rows, width = x2.shape
     cfg = backward_config(width, x2.dtype)
     programs = max(1, min(triton.cdiv(rows, cfg.block_m), max_programs))
     # Whole tiles per program, so no tile straddles two programs.
     rows_per_program = triton.cdiv(triton.cdiv(rows, programs), cfg.block_m) * cfg.block_m
     programs = triton.cdiv(rows, rows_per_program)
-    dw_partial = torch.empty((programs, width), dtype=mean.dtype, device=x2.device)
-    db_partial = torch.empty_like(dw_partial)
+    partial = torch.empty((2, width, programs), dtype=mean.dtype, device=x2.device)
+    ds_arg = ds2 if ds2 is not None else dy2  # as for absent forward inputs: never read
     args = dict(
-        X=x2, W=weight, Mean=mean, Rstd=rstd, DY=dy2, DS=ds2, DX=dx, DW_partial=dw_partial, DB_partial=db_partial,
+        X=x2, W=weight, Mean=mean, Rstd=rstd, DY=dy2, DS=ds_arg, Scale=scale if scale is not None else mean,
+        DX=dx, DBranch=dbranch if dbranch is not None else dx, Partial=partial,
         stride_xm=x2.stride(0), stride_xn=x2.stride(1), stride_dym=dy2.stride(0), stride_dyn=dy2.stride(1),
-        stride_dsm=ds2.stride(0), stride_dsn=ds2.stride(1), stride_dxm=width,
-        M=rows, N=width, rows_per_program=rows_per_program,
+        stride_dsm=ds_arg.stride(0), stride_dsn=ds_arg.stride(1),
+        M=rows, N=width, P=programs, rows_per_program=rows_per_program, rows_per_sample=rows_per_sample,
     )
-    constexprs = dict(HAS_DS=has_ds, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BF16_RNE_IN_SOFTWARE=interpret)
+    constexprs = dict(HAS_DS=ds2 is not None, HAS_SCALE=scale is not None, WRITE_DBRANCH=dbranch is not None,
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BF16_RNE_IN_SOFTWARE=interpret)
     partial_sums = Launch(layer_norm_bwd_kernel, (programs,), args, constexprs, cfg.num_warps, cfg.num_stages)
-    red = column_sum_config(width)
-    args = dict(DW_partial=dw_partial, DB_partial=db_partial, DW=dweight, DB=dbias, P=programs, N=width)
-    constexprs = dict(BLOCK_P=red.block_m, BLOCK_N=red.block_n, BF16_RNE_IN_SOFTWARE=interpret)
-    column_sums = Launch(column_sum_kernel, (triton.cdiv(width, red.block_n),), args, constexprs, red.num_warps,
+    red = column_sum_config(width, programs, interpret)
+    args = dict(Partial=partial, DW=dweight, DB=dbias, P=programs, N=width)
+    constexprs = dict(BLOCK_C=red.block_m, BLOCK_P=red.block_n, BF16_RNE_IN_SOFTWARE=interpret)
+    column_sums = Launch(column_sum_kernel, (triton.cdiv(2 * width, red.block_m),), args, constexprs, red.num_warps,
                          red.num_stages)
     return [partial_sums, column_sums]
 
@@ -220,115 +291,164 @@ def _backward_launches(x2: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, d
 _AOT_MULTIPROCESSORS = (108, 132)
 
 
-def aot_launches(rows: int, width: int, dtype: torch.dtype, residual: bool,
-                 weight_dtype: torch.dtype | None = None) -> list[KernelLaunch]:
-    """The kernels a GPU runs for ``add_layer_norm`` (``residual``) or ``layer_norm`` on x of
-    ``rows`` x ``width`` in ``dtype`` (weight and bias in ``weight_dtype``, default ``dtype``),
-    forward and backward (with ds exactly when ``residual``), as the launchers build them, for an
-    A100's and an H100's backward grid (distinct launches only)."""
+def _plans(rows: int, width: int, dtype: torch.dtype, residual: bool, weight_dtype: torch.dtype | None,
+           residual_dtype: torch.dtype | None, out_dtype: torch.dtype | None, scale: bool, bias: bool,
+           multiprocessors: tuple[int, ...]) -> list[Launch]:
     weight_dtype = weight_dtype or dtype
+    stream_dtype = (residual_dtype or dtype) if residual else dtype  # s's dtype: what is normalised
 
     def t(*shape, dtype=dtype):
         return torch.empty(shape, dtype=dtype, device="meta")
 
     x2, w = t(rows, width), t(width, dtype=weight_dtype)
-    stats = t(rows, dtype=accumulation_dtype(x2.dtype))
+    b = w if bias else None
+    stats = t(rows, dtype=accumulation_dtype(stream_dtype))
+    samples = max(1, rows // 65)
+    scale_t = t(samples) if scale and residual else None
+    rows_per_sample = rows // samples if scale_t is not None else 1
     # As the launchers do: an absent residual (ds) is passed as x (dy), never read.
-    res2 = t(rows, width) if residual else x2
-    launches = [_forward_launch(x2, res2, w, w, t(rows, width), t(rows, width), stats, stats, 1e-6,
-                                has_residual=residual, interpret=False)]
-    dy2 = t(rows, width)
-    ds2 = t(rows, width) if residual else dy2
-    for multiprocessors in _AOT_MULTIPROCESSORS:
-        launches += _backward_launches(x2, w, stats, stats, dy2, ds2, t(rows, width), w, w, has_ds=residual,
-                                       max_programs=4 * multiprocessors, interpret=False)
+    res2 = t(rows, width, dtype=stream_dtype) if residual else x2
+    y = t(rows, width, dtype=out_dtype or dtype)
+    s = t(rows, width, dtype=stream_dtype)
+    launches = [_forward_launch(x2, res2, scale_t, w, b, y, s, stats, stats, 1e-6, has_residual=residual,
+                                rows_per_sample=rows_per_sample, interpret=False)]
+    normalised = t(rows, width, dtype=stream_dtype)
+    dy2 = t(rows, width, dtype=out_dtype or dtype)
+    ds2 = t(rows, width, dtype=stream_dtype) if residual else None
+    dbranch = t(rows, width) if residual and (scale_t is not None or stream_dtype != dtype) else None
+    for sms in multiprocessors:
+        launches += _backward_launches(normalised, w, stats, stats, dy2, ds2, scale_t, t(rows, width, dtype=stream_dtype),
+                                       dbranch, w, w, rows_per_sample, max_programs=4 * sms, interpret=False)
+    return launches
+
+
+def aot_launches(rows: int, width: int, dtype: torch.dtype, residual: bool, weight_dtype: torch.dtype | None = None,
+                 residual_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None,
+                 scale: bool = False, bias: bool = True) -> list[KernelLaunch]:
+    """The kernels a GPU runs for ``add_layer_norm`` (``residual``) or ``layer_norm`` on x of
+    ``rows`` x ``width`` in ``dtype`` (weight and bias in ``weight_dtype``, default ``dtype``; the
+    residual stream in ``residual_dtype``, default ``dtype``; y in ``out_dtype``, default
+    ``dtype``; with stochastic depth's scale when ``scale``), forward and backward (with ds
+    exactly when ``residual``), as the launchers build them, for an A100's and an H100's
+    backward grid (distinct launches only)."""
+    launches = _plans(rows, width, dtype, residual, weight_dtype, residual_dtype, out_dtype, scale, bias,
+                      _AOT_MULTIPROCESSORS)
     from vit_fast.aot import kernel_launches  # the compile tests' path only: running needs none of it
 
     return kernel_launches(launches)
+
+
+def planned_launches(rows: int, width: int, dtype: torch.dtype, residual: bool, multiprocessors: int = 132,
+                     **variant) -> list[Launch]:
+    """The ``Launch`` objects (kernel, grid, tensors) of one forward + backward on a GPU with
+    ``multiprocessors`` SMs, for accounts of launches and bytes; ``variant`` as ``aot_launches``."""
+    defaults = dict(weight_dtype=None, residual_dtype=None, out_dtype=None, scale=False, bias=True)
+    return _plans(rows, width, dtype, residual, **{**defaults, **variant}, multiprocessors=(multiprocessors,))
 
 
 # ---------------------------------------------------------------------------------------------
 # Registered ops: vit_fast::layer_norm, vit_fast::add_layer_norm, vit_fast::layer_norm_backward
 
 
-def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor, eps: float):
-    _check_inputs(x, weight, bias, residual)
+def _stats(x: Tensor, stream_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    mean = torch.empty(x.shape[:-1], dtype=accumulation_dtype(stream_dtype), device=x.device)
+    return mean, torch.empty_like(mean)
+
+
+def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | None, eps: float,
+             out_dtype: torch.dtype | None, scale: Tensor | None):
+    _check_inputs(x, weight, bias, eps, out_dtype, residual, scale)
     check_launchable("x", x)
     x2 = _rows(x)
     res2 = _rows(residual) if residual is not None else x2
     rows = x2.shape[0]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else y
-    mean = torch.empty(x.shape[:-1], dtype=accumulation_dtype(x.dtype), device=x.device)
-    rstd = torch.empty_like(mean)
+    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    s = torch.empty(x.shape, dtype=residual.dtype, device=x.device) if residual is not None else y
+    mean, rstd = _stats(x, residual.dtype if residual is not None else x.dtype)
     if rows > 0:
-        _forward_launch(x2, res2, weight.contiguous(), bias.contiguous(), y, s, mean, rstd, eps,
-                        has_residual=residual is not None, interpret=interpreting()).run()
+        _forward_launch(x2, res2, scale.contiguous() if scale is not None else None, weight.contiguous(),
+                        bias.contiguous() if bias is not None else None, y, s, mean, rstd, eps,
+                        has_residual=residual is not None, rows_per_sample=_rows_per_sample(x, scale),
+                        interpret=interpreting()).run()
     return y, s, mean, rstd
 
 
 @torch.library.custom_op("vit_fast::layer_norm", mutates_args=())
-def _layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm of x over its last dimension; also returns the fp32 mean and rstd, shape x.shape[:-1]."""
-    y, _, mean, rstd = _forward(x, None, weight, bias, eps)
+def _layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float,
+                   out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm of x over its last dimension, in out_dtype (default x's); also returns the fp32
+    mean and rstd, shape x.shape[:-1]."""
+    y, _, mean, rstd = _forward(x, None, weight, bias, eps, out_dtype, None)
     return y, mean, rstd
 
 
 @_layer_norm_op.register_fake
-def _(x, weight, bias, eps):
-    _check_inputs(x, weight, bias)
-    mean = x.new_empty(x.shape[:-1], dtype=accumulation_dtype(x.dtype))
-    return torch.empty_like(x, memory_format=torch.contiguous_format), mean, torch.empty_like(mean)
+def _(x, weight, bias, eps, out_dtype=None):
+    _check_inputs(x, weight, bias, eps, out_dtype)
+    mean, rstd = _stats(x, x.dtype)
+    return torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device), mean, rstd
 
 
 @torch.library.custom_op("vit_fast::add_layer_norm", mutates_args=())
 def _add_layer_norm_op(
-    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float,
+    out_dtype: torch.dtype | None = None, scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """s = x + residual and LayerNorm(s) in one pass; returns (y, s, mean, rstd)."""
-    return _forward(x, residual, weight, bias, eps)
+    """s = residual + scale[sample] * x and LayerNorm(s) in one pass; returns (y, s, mean, rstd)."""
+    return _forward(x, residual, weight, bias, eps, out_dtype, scale)
 
 
 @_add_layer_norm_op.register_fake
-def _(x, residual, weight, bias, eps):
-    _check_inputs(x, weight, bias, residual)
-    mean = x.new_empty(x.shape[:-1], dtype=accumulation_dtype(x.dtype))
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    s = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return y, s, mean, torch.empty_like(mean)
+def _(x, residual, weight, bias, eps, out_dtype=None, scale=None):
+    _check_inputs(x, weight, bias, eps, out_dtype, residual, scale)
+    mean, rstd = _stats(x, residual.dtype)
+    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    s = torch.empty(x.shape, dtype=residual.dtype, device=x.device)
+    return y, s, mean, rstd
 
 
 @torch.library.custom_op("vit_fast::layer_norm_backward", mutates_args=())
 def _layer_norm_backward_op(
-    dy: Tensor, ds: Tensor | None, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dx, dweight, dbias) of y = LayerNorm(x), given dy and, for the fused residual
-    variant, ds, the gradient reaching s = x + residual directly (added to dx). ``x`` is the tensor
-    that was normalized (s in the residual variant); mean and rstd are the forward's statistics."""
+    dy: Tensor, ds: Tensor | None, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+    scale: Tensor | None = None, branch_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, dbranch, dweight, dbias) of y = LayerNorm(x), given dy and, for the fused
+    residual variant, ds, the gradient reaching s = residual + scale * branch directly (added to
+    dx). ``x`` is the tensor that was normalized (s in the residual variant); mean and rstd are the
+    forward's statistics. dx (in x's dtype) is the residual's gradient; with ``branch_dtype`` the
+    branch's, scale * dx in that dtype, comes back as dbranch (else an empty placeholder: the
+    branch's gradient is dx itself). dweight and dbias are in weight's dtype."""
+    _check_backward(dy, ds, x, weight, mean, rstd, scale, branch_dtype)
     check_launchable("x", x)
     x2, dy2 = _rows(x), _rows(dy)
-    ds2 = _rows(ds) if ds is not None else dy2
+    ds2 = _rows(ds) if ds is not None else None
     rows = x2.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dbranch = torch.empty(x.shape, dtype=branch_dtype, device=x.device) if branch_dtype is not None else None
     dweight = torch.empty_like(weight)
     dbias = torch.empty_like(weight)
+    placeholder = dbranch if dbranch is not None else x.new_empty((0,))
     if rows == 0:
-        return dx, dweight.zero_(), dbias.zero_()
-
-    for launch in _backward_launches(x2, weight.contiguous(), mean, rstd, dy2, ds2, dx, dweight, dbias,
-                                     has_ds=ds is not None, max_programs=_max_backward_programs(x.device),
+        return dx, placeholder, dweight.zero_(), dbias.zero_()
+    for launch in _backward_launches(x2, weight.contiguous(), mean, rstd, dy2, ds2,
+                                     scale.contiguous() if scale is not None else None, dx, dbranch, dweight, dbias,
+                                     _rows_per_sample(x, scale), max_programs=_max_backward_programs(x.device),
                                      interpret=interpreting()):
         launch.run()
-    return dx, dweight, dbias
+    return dx, placeholder, dweight, dbias
 
 
 @_layer_norm_backward_op.register_fake
-def _(dy, ds, x, weight, mean, rstd):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(weight)
+def _(dy, ds, x, weight, mean, rstd, scale=None, branch_dtype=None):
+    _check_backward(dy, ds, x, weight, mean, rstd, scale, branch_dtype)
+    dbranch = (torch.empty(x.shape, dtype=branch_dtype, device=x.device) if branch_dtype is not None
+               else x.new_empty((0,)))
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return dx, dbranch, torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _layer_norm_setup_context(ctx, inputs, output):
-    x, weight, _bias, _eps = inputs
+    x, weight, _bias, _eps, _out_dtype = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     # mean and rstd never receive gradients: without this, autograd would launch a zero-fill for
@@ -338,32 +458,35 @@ def _layer_norm_setup_context(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
     if dy is None:  # y's gradient is undefined (zero): so are the inputs'
-        return None, None, None, None
+        return None, None, None, None, None
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _layer_norm_backward_op(dy, None, x, weight, mean, rstd)
-    return dx, dweight, dbias, None
+    dx, _, dweight, dbias = _layer_norm_backward_op(dy, None, x, weight, mean, rstd, None, None)
+    return dx, dweight, dbias if ctx.needs_input_grad[2] else None, None, None
 
 
 _layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
 
 
 def _add_layer_norm_setup_context(ctx, inputs, output):
-    _x, _residual, weight, _bias, _eps = inputs
+    x, residual, weight, _bias, _eps, _out_dtype, scale = inputs
     _y, s, mean, rstd = output
-    ctx.save_for_backward(s, weight, mean, rstd)
+    ctx.save_for_backward(s, weight, mean, rstd, scale)
+    # The branch's gradient is a tensor of its own when it is scaled or has another dtype.
+    ctx.branch_dtype = x.dtype if scale is not None or x.dtype != residual.dtype else None
     ctx.set_materialize_grads(False)  # no zero-fills for mean, rstd (and s, when it is unused)
 
 
 def _add_layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
     if dy is None and ds is None:
-        return None, None, None, None, None
-    s, weight, mean, rstd = ctx.saved_tensors
+        return (None,) * 7
+    s, weight, mean, rstd, scale = ctx.saved_tensors
     if dy is None:  # only s was used downstream: LayerNorm's own gradient is zero
         dy = torch.zeros_like(s)
-    dx, dweight, dbias = _layer_norm_backward_op(dy, ds, s, weight, mean, rstd)
-    # s = x + residual: both receive the same gradient. Returning one tensor for both is safe;
-    # autograd copies it before accumulating into either input's .grad.
-    return dx, dx, dweight, dbias, None
+    dres, dbranch, dweight, dbias = _layer_norm_backward_op(dy, ds, s, weight, mean, rstd, scale, ctx.branch_dtype)
+    # Unscaled and of one dtype, x and the residual receive the same gradient. Returning one
+    # tensor for both is safe; autograd copies it before accumulating into either input's .grad.
+    dx = dbranch if ctx.branch_dtype is not None else dres
+    return dx, dres, dweight, dbias if ctx.needs_input_grad[3] else None, None, None, None
 
 
 _add_layer_norm_op.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup_context)
@@ -373,14 +496,20 @@ _add_layer_norm_op.register_autograd(_add_layer_norm_backward, setup_context=_ad
 # Public API
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
-    """LayerNorm of x over its last dimension (fused Triton kernels); see ``vit_fast.reference``."""
-    return _layer_norm_op(x, weight, bias, eps)[0]
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-6,
+               out_dtype: torch.dtype | None = None) -> Tensor:
+    """LayerNorm of x over its last dimension (fused Triton kernels), y in ``out_dtype`` (default
+    x's dtype); see ``vit_fast.reference``."""
+    return _layer_norm_op(x, weight, bias, eps, out_dtype)[0]
 
 
 def add_layer_norm(
-    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None, scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """s = x + residual, y = LayerNorm(s) in one kernel; returns (y, s). Gradients flow through both."""
-    y, s, _mean, _rstd = _add_layer_norm_op(x, residual, weight, bias, eps)
+    """s = residual + scale[sample] * x, y = LayerNorm(s) in one kernel; returns (y, s). s has the
+    residual's dtype (fp32 residual with 16-bit x: the mixed-precision stream), y ``out_dtype``
+    (default x's). ``scale`` (B,), optional: stochastic depth's keep/scale vector for x (B, ..., N).
+    Gradients flow through x, residual, weight and bias."""
+    y, s, _mean, _rstd = _add_layer_norm_op(x, residual, weight, bias, eps, out_dtype, scale)
     return y, s
