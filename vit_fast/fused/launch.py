@@ -14,6 +14,7 @@ Public API:
     check_device(name, t)               a device some kernel can run on: CUDA, or the CPU (interpreter)
     check_launchable(name, t)           check_device, and CPU tensors only under the interpreter
     check_same_device(tensors) / check_same_dtype_device(tensors)
+    planning_active()                   whether planning() is on (device-branching code takes the GPU path)
     planning()                          collect the launches an op's real implementation plans (on fake
                                         tensors) instead of running them (for vit_fast.cost)
 
@@ -54,6 +55,12 @@ def interpreting() -> bool:
     the variable when a kernel module is imported; this reads it when asked, so set it before both.
     False while ``planning()``: a plan is the GPU's (its configs, its launches)."""
     return _planned is None and os.environ.get(_INTERPRET_VARIABLE, "0") == "1"
+
+
+def planning_active() -> bool:
+    """Whether an op body runs under ``planning()``: code that picks a GPU-only path by device
+    (cuBLAS ``out_dtype`` products, for one) takes the GPU path then, so a plan is what a GPU runs."""
+    return _planned is not None
 
 
 @contextlib.contextmanager

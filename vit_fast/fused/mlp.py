@@ -63,6 +63,7 @@ from vit_fast.fused.launch import (
     check_launchable,
     check_same_device,
     interpreting,
+    planning_active,
     precision_constexprs,
 )
 from vit_fast.kernels.mlp import gelu_bwd_kernel, linear_fwd_kernel
@@ -393,7 +394,7 @@ def _product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     interpreter's test runs) the operands are widened, which computes the same exact products."""
     if a.dtype == dtype:
         return a @ b
-    if a.is_cuda:
+    if a.is_cuda or planning_active():  # planning: the account plans the GPU's path
         return torch.mm(a, b, out_dtype=dtype)
     return a.to(dtype) @ b.to(dtype)
 
@@ -472,8 +473,10 @@ def _linear_input_grad(grad_y2d: Tensor, weight: Tensor, dtype: torch.dtype) -> 
     matmul converting the (fp32) weight in registers, read transposed through its strides."""
     if weight.dtype == dtype:
         return grad_y2d @ weight
-    out = torch.zeros((grad_y2d.shape[0], weight.shape[1]), dtype=dtype, device=grad_y2d.device)
-    if out.numel() and grad_y2d.shape[1]:  # no output features: the gradient stays zero
+    if not grad_y2d.shape[1]:  # no output features: the gradient is zero
+        return torch.zeros((grad_y2d.shape[0], weight.shape[1]), dtype=dtype, device=grad_y2d.device)
+    out = torch.empty((grad_y2d.shape[0], weight.shape[1]), dtype=dtype, device=grad_y2d.device)
+    if out.numel():  # the kernel writes every element: no zero-fill launch
         linear_launch(grad_y2d, weight.t(), None, None, out, "none").run()
     return out
 
