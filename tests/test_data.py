@@ -129,6 +129,7 @@ def test_sharded_loaders_partition_the_epoch():
 
 
 def test_mixup_and_cutmix_targets_are_distributions():
+    # The loader's mixer (vit_fast.augment.mix, as DeviceLoader calls it).
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, 32, 32)
     y = torch.nn.functional.one_hot(torch.arange(8) % 4, 4).float()

@@ -13,6 +13,7 @@ torchvision when missing and online), an image folder (``root/train/<class>/*.pn
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,10 +201,13 @@ def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
-def normalize(images: Tensor, mean: list[float], std: list[float]) -> Tensor:
-    """uint8 (B, C, H, W) -> float32, (x/255 - mean) / std per channel."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+def normalize(images: Tensor, mean: Tensor | list[float], std: Tensor | list[float]) -> Tensor:
+    """uint8 (B, C, H, W) -> float32, (x/255 - mean) / std per channel.
+
+    ``mean`` and ``std`` (C,) are best float32 tensors on the images' device, as DeviceLoader keeps
+    them: lists are copied to the device on every call."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     return (images.float() / 255 - m) / s
 
 
@@ -265,8 +269,7 @@ class DeviceLoader:
     epoch is the same whether or not the run was interrupted before it. A training batch is built
     in DeiT's order: crop and flip, the per-image policy (uint8), normalisation, random erasing,
     then mixup/cutmix (``augment``, a vit_fast.augment.AugmentConfig). Everything is drawn from the
-    epoch's device generator with shapes fixed by the batch, so a batch makes no host sync.
-    Targets: the labels (B,), or with mixing the mixed one-hot targets (B, K), unsmoothed (the
+    epoch's device generator with shapes fixed by the batch. Targets: the labels (B,), or with mixing the mixed one-hot targets (B, K), unsmoothed (the
     loss applies label smoothing).
 
     Repeated augmentation (``repeats`` k > 1; Hoffer et al. 2020, DeiT's RASampler): the epoch's
@@ -283,6 +286,11 @@ class DeviceLoader:
     together see exactly the images a single process with the global batch sees. Mixup and cutmix
     pair images within the rank's own batch (as data-parallel training usually does), so with them
     the multi-rank run is a different, equally valid, draw.
+
+    A batch is produced without host syncs: the normalisation constants live on the device from the
+    start, mixup/cutmix draw on the device (vit_fast.augment.mix), and the epoch's shuffle is drawn
+    and copied to the device when the epoch's iterator is made, not at its first batch.
+    ``drop_last`` drops an epoch's last partial global batch, so every batch has the same shape.
     """
 
     def __init__(
@@ -310,10 +318,16 @@ class DeviceLoader:
         self.rank, self.world_size, self.repeats = rank, world_size, repeats
         self.num_classes = len(data.classes)
         self.epoch = 0
+        dev = data.images.device
+        self._mean = torch.as_tensor(mean, dtype=torch.float32, device=dev)  # (C,)
+        self._std = torch.as_tensor(std, dtype=torch.float32, device=dev)
+        self._classes = torch.arange(self.num_classes, device=dev)  # (K,), for one-hot targets
         c = self.augment
         self.policy = None
         if train and c.policy is not None:
             self.policy = A.Policy(c.policy, num_ops=c.randaugment_ops, magnitude=c.randaugment_magnitude)
+            # Its magnitude tables come from host data: built here, so that no batch copies them.
+            self.policy._tables(dev, data.images.shape[2], data.images.shape[3])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -376,21 +390,25 @@ class DeviceLoader:
     def mix(self, x: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Mixup / cutmix within this rank's batch; targets (B, K) one-hot mixed, unsmoothed."""
         c = self.augment
-        targets = A.smooth_targets(labels, self.num_classes, 0.0)
+        # One-hot by comparison: F.one_hot reads the labels' range back to the host.
+        targets = (labels.view(-1, 1) == self._classes).float()  # (B, K)
         return A.mix(x, targets, c.mixup_alpha, c.cutmix_alpha, c.switch_prob, c.mix_mode, generator, c.mix_prob)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         dev = self.data.images.device
         gen_cpu = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         gen_dev = torch.Generator(device=dev).manual_seed(self.seed * 100_003 + self.epoch + 1)
         idx = self._indices(gen_cpu).to(dev)
+        return self._batches(idx, gen_dev)
+
+    def _batches(self, idx: Tensor, gen_dev: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         mine = slice(self.rank, None, self.world_size)
         for start, stop in self._spans():
             sel = idx[start:stop][mine]
             images, labels = self.data.images[sel], self.data.labels[sel]
             if self.train:
                 images = self.augment_images(images, stop - start, mine, gen_dev)
-            x = normalize(images, self.mean, self.std)
+            x = normalize(images, self._mean, self._std)
             if self.train:
                 x = self.erase(x, stop - start, mine, gen_dev)
             yield self.mix(x, labels, gen_dev) if self.mixing else (x, labels)

@@ -10,16 +10,37 @@ Transformer for Small-Size Datasets") published for their CIFAR ViT: AutoAugment
 augmentation, random erasing, mixup/cutmix, label smoothing, stochastic depth, AdamW (lr 1e-3,
 weight decay 0.05) at batch 128, 10 warm-up epochs then cosine decay, 100 epochs. Any recipe flag
 given on the command line overrides the preset's value.
+
+The training step, as code that measures it (``python -m vit_fast.cost``) uses it
+-------------------------------------------------------------------------------
+A step is four phases, ``PHASES = ("data", "forward_backward", "clip", "optimizer")``:
+
+    run = setup(args, world, device)            # a TrainingRun: model, optimizer, schedule, loaders
+    batches = epoch_batches(run, epoch)         # the epoch's batch iterator (epoch set-up happens here)
+    x, y = next_batch(batches, phase)           # "data": DeviceLoader draws, augments, normalises a batch
+    loss = train_step(run, x, y, phase)         # "forward_backward", "clip", "optimizer"; loss (0-dim, device)
+
+``phase`` is a callable ``phase(name) -> context manager`` entered around each phase (default
+``no_phase``: nothing); ``vit_fast.syncs.HostSyncCounter.phase`` is one. ``train_step`` runs
+forward under bf16 autocast (``run.amp``), the label-smoothed cross-entropy, the non-finite-loss
+watch and backward ("forward_backward"); gradient clipping ("clip"); ``optimizer.step()`` and the
+learning-rate update on the device ("optimizer"). ``train_step(..., loss_scale=s)`` backpropagates
+``loss * s`` (data parallel: see train_one_epoch). No phase reads anything back to the host: the
+learning rate is a device tensor written by ``LRSchedule.step`` from a device step counter, the
+optimizer (``make_optimizer``) is AdamW with ``fused=True`` (and ``capturable=True`` on CUDA), a
+non-finite loss sets a device flag (``NonFiniteWatch``) read only at log points and epoch ends.
+``GraphedStep`` (``--cuda-graphs``) captures ``train_step`` whole in one CUDA graph.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +56,12 @@ from .config import BACKENDS, PRESETS, ViTConfig, get_preset
 from .ema import EMA
 from .evaluate import evaluate
 from .model import ViTClassifier
-from .runtime import autocast, check_backend_device, rank_seed, resolve_device, restore_rng, rng_state, synchronize
+from .runtime import check_backend_device, rank_seed, resolve_device, restore_rng, rng_state, synchronize
 
 CHECKPOINT_FILE, METRICS_FILE, BEST_FILE = "checkpoint.pt", "metrics.jsonl", "best.pt"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+PHASES = ("data", "forward_backward", "clip", "optimizer")
+GRAPH_WARMUP_STEPS = 3  # eager steps before capture: lazy state (optimizer moments, compiled code) exists by then
 
 # Arguments that must not change when a run is resumed: the resolved recipe (the schedule, the
 # augmentation and the data order depend on it), the dataset and the seed.
@@ -72,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_flag(m, "--drop-path", "stochastic depth rate of the last block", type=float)
     _recipe_flag(m, "--dropout", type=float)
     m.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    m.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="torch.compile mode (needs --compile; default: 'default')")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="cifar100", choices=data_mod.DATASETS)
     d.add_argument("--data-dir", default="./data", help="where the dataset is (or is downloaded to)")
@@ -105,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stop-after", type=int, default=None,
                    help="leave after this many epochs in this invocation (time-sliced jobs; continue with --resume)")
     r.add_argument("--eval-batch-size", type=int, default=512, help="per rank")
+    r.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the whole training step in one CUDA graph and replay it (needs CUDA, one process; "
+                        "drops each epoch's last partial batch so that every batch has the same shape)")
+    r.add_argument("--log-every", type=int, default=20,
+                   help="read the training loss back every this many steps, for the progress bar and the "
+                        "non-finite-loss check (0 = at epoch ends only)")
     return p
 
 
@@ -135,6 +167,25 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("eval_batch_size", "synthetic_size", "synthetic_classes", "image_size", "depth", "dim", "heads",
                  "patch_size", "stop_after"):
         positive(name)
+    if args.log_every < 0:
+        raise SystemExit(f"--log-every must be >= 0, got {args.log_every}")
+    if args.compile_mode is not None and not args.compile:
+        raise SystemExit(f"--compile-mode {args.compile_mode} needs --compile")
+    if args.cuda_graphs and args.compile and args.compile_mode not in (None, "default"):
+        raise SystemExit(f"--cuda-graphs with --compile-mode {args.compile_mode}: that mode captures CUDA graphs "
+                         "of its own; use --compile-mode default (or no --cuda-graphs)")
+
+
+def check_graph_device(args: argparse.Namespace, world: dist_mod.World, device: torch.device) -> None:
+    """--cuda-graphs needs a CUDA device and a single process (checked once the device is known)."""
+    if not args.cuda_graphs:
+        return
+    if device.type != "cuda":
+        raise SystemExit(f"--cuda-graphs captures the training step in a CUDA graph and needs a CUDA device, "
+                         f"but the device is {device}; drop --cuda-graphs on this machine")
+    if world.is_distributed:
+        raise SystemExit(f"--cuda-graphs runs in a single process; this job has {world.size} (torchrun): "
+                         "drop --cuda-graphs or run one process")
 
 
 def data_options(args: argparse.Namespace) -> dict:
@@ -182,6 +233,101 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
     return factor
 
 
+def optimizer_options(device: torch.device) -> dict:
+    """How AdamW is built for ``device`` (see make_optimizer)."""
+    return {"fused": True, "capturable": device.type == "cuda"}
+
+
+def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float],
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``groups`` whose learning rate is one float32 tensor on ``device``, shared by every
+    group (``LRSchedule`` writes it), and whose step counters live on the device too.
+
+    ``fused=True`` runs the update as a few multi-tensor kernels and takes the lr tensor without
+    reading it back; on CUDA ``capturable=True`` as well, which keeps the bias corrections on the
+    device and is what CUDA-graph capture of ``step()`` checks for."""
+    lr_t = torch.tensor(lr, dtype=torch.float32, device=device)
+    for g in groups:
+        g["lr"] = lr_t
+    return torch.optim.AdamW(groups, lr=lr_t, betas=betas, **optimizer_options(device))
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpointed optimizer state into ``optimizer`` in place of its own.
+
+    ``Optimizer.load_state_dict`` takes each group's settings from the checkpoint; the ones this
+    run's optimizer was built with (the shared lr tensor, fused, capturable) are put back, the lr
+    tensor receiving the saved value, and the step counters go where the moments are (a checkpoint
+    written on the CPU may be resumed on a GPU)."""
+    built = [{k: g[k] for k in ("lr", "fused", "capturable")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, mine in zip(optimizer.param_groups, built):
+        saved_lr = group["lr"]
+        group.update(mine)
+        mine["lr"].copy_(torch.as_tensor(saved_lr, dtype=mine["lr"].dtype))
+    for p_state in optimizer.state.values():
+        if "step" in p_state and "exp_avg" in p_state:
+            p_state["step"] = p_state["step"].to(p_state["exp_avg"].device, torch.float32)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state_dict with each group's lr as a float (a checkpoint independent of the device)."""
+    state = optimizer.state_dict()
+    state["param_groups"] = [{**g, "lr": float(g["lr"])} for g in state["param_groups"]]
+    return state
+
+
+class LRSchedule:
+    """The learning rate of every optimizer step, kept on the device: ``warmup_cosine``'s values.
+
+    ``lr`` is the optimizer's lr tensor; ``steps`` (int64, 0-dim, on the device) counts the steps
+    taken. ``step()`` advances the counter and writes the next step's rate into ``lr``, as torch
+    ops (a lookup into the table of every step's rate, computed once by ``warmup_cosine`` itself so
+    the values are the formula's exactly), so a step reads nothing back and is capturable in a
+    CUDA graph. Past the last step the rate stays at the last step's value (the formula's min)."""
+
+    def __init__(self, lr: Tensor, peak_lr: float, factor: Callable[[int], float], total_steps: int) -> None:
+        self.lr, self.total_steps = lr, total_steps
+        rates = [peak_lr * factor(s) for s in range(total_steps + 1)]
+        self.table = torch.tensor(rates, dtype=lr.dtype).to(lr.device)  # (total_steps + 1,)
+        self.steps = torch.zeros((), dtype=torch.int64, device=lr.device)
+        self._write()
+
+    def _write(self) -> None:
+        at = self.steps.clamp(max=self.total_steps).view(1)
+        self.lr.copy_(self.table.index_select(0, at).view(()))
+
+    def step(self) -> None:
+        self.steps.add_(1)
+        self._write()
+
+    def state_dict(self) -> dict:
+        return {"steps": int(self.steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        # "last_epoch": a torch LambdaLR's state, as checkpoints from before this schedule hold it.
+        self.steps.fill_(state["steps"] if "steps" in state else state["last_epoch"])
+        self._write()
+
+
+NO_BAD_STEP = torch.iinfo(torch.int64).max  # NonFiniteWatch.first_bad while every loss was finite
+
+
+class NonFiniteWatch:
+    """Remembers on the device the first optimizer step (0-based) whose loss was not finite."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device)
+
+    def update(self, loss: Tensor, step: Tensor) -> None:
+        """``loss`` is step ``step``'s (0-dim device tensors); in place, so a CUDA graph can hold it."""
+        candidate = torch.where(torch.isfinite(loss), NO_BAD_STEP, step)
+        torch.minimum(self.first_bad, candidate, out=self.first_bad)
+
+    def reset(self) -> None:
+        self.first_bad.fill_(NO_BAD_STEP)
+
+
 def _progress(iterable, total: int, desc: str, enabled: bool = True):
     from tqdm import tqdm
 
@@ -205,7 +351,7 @@ class TrainingRun:
     model: ViTClassifier  # the parameters: what is checkpointed and evaluated
     forward: Callable[[Tensor], Tensor]  # the model, or its DDP / torch.compile wrapper: what a step calls
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: LRSchedule
     train_loader: data_mod.DeviceLoader
     test_loader: data_mod.DeviceLoader
     data_info: dict  # the checkpoint's "data" entry: dataset, classes, mean, std
@@ -217,6 +363,8 @@ class TrainingRun:
     recipe: recipes.Lee2021 | None = None  # the resolved recipe (also in args); the checkpoint records it
     ema: EMA | None = None  # --ema: the averaged weights, updated after every optimizer step
     best: dict | None = None  # --keep-best: {"epoch", "top1", "weights"} of the best epoch so far
+    watch: NonFiniteWatch | None = None  # setup makes one on the device
+    graph: GraphedStep | None = None  # --cuda-graphs: replays the captured step
 
     @property
     def ckpt_path(self) -> Path:
@@ -266,17 +414,12 @@ def setup(args: argparse.Namespace, world: dist_mod.World, device: torch.device)
     mean, std = data_mod.channel_stats(train_set.images)
     recipe = recipes.resolve(args)
     shard = dict(rank=world.rank, world_size=world.size)
-    train_loader = data_mod.DeviceLoader(train_set.to(device), per_rank_batch(args.batch_size, world), mean, std,
-                                         train=True, augment=recipes.augment_config(recipe), seed=args.seed,
-                                         repeats=recipe.repeats, **shard)
+    train_loader = make_train_loader(args, world, train_set.to(device), mean, std)
     test_loader = data_mod.DeviceLoader(test_set.to(device), args.eval_batch_size, mean, std, train=False, **shard)
 
     model = ViTClassifier(cfg, backend=args.backend).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(args.beta1, args.beta2))
-    steps_per_epoch = len(train_loader)
-    factor = warmup_cosine(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch,
-                           args.min_lr / args.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    optimizer = make_optimizer(param_groups(model, args.weight_decay), args.lr, (args.beta1, args.beta2), device)
+    scheduler = make_schedule(args, optimizer, len(train_loader))
     if world.is_distributed:
         # Every rank built the same initial weights; from here on each rank draws its own
         # stochastic-depth and dropout masks, so it gets a generator of its own.
@@ -286,20 +429,56 @@ def setup(args: argparse.Namespace, world: dist_mod.World, device: torch.device)
         scheduler=scheduler, train_loader=train_loader, test_loader=test_loader,
         data_info={"dataset": args.dataset, "classes": list(train_set.classes), "mean": mean, "std": std},
         out_dir=out_dir, amp=device.type == "cuda" and not args.no_amp, log=print if world.is_main else _silent,
+        watch=NonFiniteWatch(device),
         recipe=recipe, ema=EMA(model, args.ema) if args.ema > 0 else None,
     )
     if resume_state is not None:
+        check_steps_per_epoch(resume_state, len(train_loader), out_dir / CHECKPOINT_FILE)
         _resume(run, resume_state)
     elif run.metrics_path.exists() and world.is_main:
         run.metrics_path.unlink()  # --overwrite, or a run that died before its first checkpoint
-    run.forward = _wrap(model, args.compile, world, device)
+    run.forward = _wrap(model, args.compile, world, device, args.compile_mode)
+    if args.cuda_graphs:
+        run.graph = GraphedStep(run)
     _log_start(run)
     return run
 
 
+def make_train_loader(args: argparse.Namespace, world: dist_mod.World, train_set: data_mod.ImageDataset,
+                      mean: list[float], std: list[float], log: Callable[..., None] = print) -> data_mod.DeviceLoader:
+    """The training loader. Under --cuda-graphs every batch must have the graph's shape, so the last
+    partial batch of each epoch is dropped (logged with its size)."""
+    recipe = recipes.resolve(args)
+    loader = data_mod.DeviceLoader(train_set, per_rank_batch(args.batch_size, world), mean, std, train=True,
+                                   augment=recipes.augment_config(recipe), seed=args.seed,
+                                   drop_last=args.cuda_graphs, rank=world.rank, world_size=world.size,
+                                   repeats=recipe.repeats)
+    dropped = len(train_set) - sum(loader.global_batch_sizes())
+    if args.cuda_graphs and dropped and world.is_main:
+        log(f"--cuda-graphs: every batch has the captured graph's shape, so each epoch's last partial batch of "
+            f"{dropped} images is dropped ({len(loader)} steps of {args.batch_size} images per epoch)")
+    return loader
+
+
+def make_schedule(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> LRSchedule:
+    """Linear warm-up over --warmup-epochs, cosine to --min-lr at the end of --epochs."""
+    factor = warmup_cosine(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch,
+                           args.min_lr / args.lr)
+    return LRSchedule(optimizer.param_groups[0]["lr"], args.lr, factor, args.epochs * steps_per_epoch)
+
+
+def check_steps_per_epoch(state: dict, steps_per_epoch: int, ckpt_path: Path) -> None:
+    """The schedule is laid out in steps: a resumed run must take as many steps per epoch as the
+    checkpointed one did (--cuda-graphs, which drops partial batches, can change that)."""
+    if state["step"] != state["epoch"] * steps_per_epoch:
+        raise SystemExit(f"--resume: {ckpt_path} took {state['step']} steps in {state['epoch']} epoch(s), this run "
+                         f"takes {steps_per_epoch} per epoch (was --cuda-graphs, which drops each epoch's last "
+                         "partial batch, given to one run and not the other?)")
+
+
 def _resume(run: TrainingRun, state: dict) -> None:
     run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    restore_optimizer(run.optimizer, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.start_epoch, run.step = state["epoch"], state["step"]
     if run.ema is not None:
@@ -311,7 +490,7 @@ def _resume(run: TrainingRun, state: dict) -> None:
 
 
 def _wrap(model: ViTClassifier, compile_model: bool, world: dist_mod.World,
-          device: torch.device) -> Callable[[Tensor], Tensor]:
+          device: torch.device, compile_mode: str | None = None) -> Callable[[Tensor], Tensor]:
     """What the training step calls: the model, under DDP with several ranks, compiled if asked."""
     trained = model
     if world.is_distributed:
@@ -320,7 +499,7 @@ def _wrap(model: ViTClassifier, compile_model: bool, world: dist_mod.World,
         from torch.nn.parallel import DistributedDataParallel
 
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(trained) if compile_model else trained
+    return torch.compile(trained, mode=compile_mode) if compile_model else trained
 
 
 def _log_start(run: TrainingRun) -> None:
@@ -338,51 +517,195 @@ def _log_start(run: TrainingRun) -> None:
             + (f", resuming after epoch {run.start_epoch}" if run.start_epoch else ""))
 
 
-def train_step(run: TrainingRun, x: Tensor, y: Tensor, loss_scale: float = 1.0) -> Tensor:
+def no_phase(name: str) -> contextlib.AbstractContextManager:
+    """The default ``phase`` of next_batch and train_step: marks nothing."""
+    return contextlib.nullcontext()
+
+
+def epoch_batches(run: TrainingRun, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """The training batches of epoch ``epoch`` (0-based); the epoch's shuffle is drawn here, once."""
+    run.train_loader.set_epoch(epoch)
+    return iter(run.train_loader)
+
+
+def next_batch(batches: Iterator[tuple[Tensor, Tensor]],
+               phase: Callable[[str], contextlib.AbstractContextManager] = no_phase) -> tuple[Tensor, Tensor]:
+    """The "data" phase: the next batch (x (B, C, H, W) float32, y (B,) labels or (B, K) soft targets)."""
+    with phase("data"):
+        return next(batches)
+
+
+def train_step(run: TrainingRun, x: Tensor, y: Tensor,
+               phase: Callable[[str], contextlib.AbstractContextManager] = no_phase,
+               loss_scale: float = 1.0) -> Tensor:
     """One optimizer step on the batch ``x`` (B, C, H, W), ``y`` (B,) or soft (B, K); returns the
-    batch's mean loss, detached. Backward runs on ``loss * loss_scale`` (see train_one_epoch)."""
-    with autocast(run.device, run.amp):
-        logits = run.forward(x)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=run.args.label_smoothing)
-    run.optimizer.zero_grad(set_to_none=True)
-    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
-    if run.args.clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.clip_grad)
-    run.optimizer.step()
-    run.scheduler.step()
-    if run.ema is not None:
-        run.ema.update()
+    batch's mean loss (0-dim, on the device, detached). Backward runs on ``loss * loss_scale`` (see
+    train_one_epoch). Reads nothing back to the host; see the module docstring for the phases."""
+    with phase("forward_backward"):
+        # A CUDA graph must recompute the bf16 copies of the weights on every replay, not keep
+        # those cached while it was captured.
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp,
+                            cache_enabled=not run.args.cuda_graphs):
+            logits = run.forward(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=run.args.label_smoothing)
+        run.watch.update(loss.detach(), run.scheduler.steps)
+        run.optimizer.zero_grad(set_to_none=True)
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    with phase("clip"):
+        if run.args.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.clip_grad)
+    with phase("optimizer"):
+        run.optimizer.step()
+        run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update()
     return loss.detach()
+
+
+class GraphedStep:
+    """``train_step`` captured whole (forward, backward, clip, optimizer, lr update) in one CUDA
+    graph and replayed for every batch (--cuda-graphs).
+
+    Each batch is copied into static input buffers. The first GRAPH_WARMUP_STEPS calls are ordinary
+    eager steps on a side stream (as capture requires: the optimizer's moments, cuBLAS workspaces
+    and compiled code get allocated there, not inside the graph); the next call captures the step
+    and replays it, later calls only replay. Warm-up steps are real training steps on real batches,
+    so a graphed run takes exactly the steps an eager one does. Dropout and stochastic depth draw
+    from the CUDA default generator, which advances its Philox offset on every replay. Everything
+    the step updates lives in tensors updated in place (parameters, optimizer state, the lr tensor
+    and step counter of LRSchedule, NonFiniteWatch), so a resumed run, which restores those before
+    the capture, continues exactly."""
+
+    def __init__(self, run: TrainingRun, warmup_steps: int = GRAPH_WARMUP_STEPS) -> None:
+        self.run, self.warmup_steps = run, warmup_steps
+        self.eager_steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_x: Tensor | None = None
+        self.static_y: Tensor | None = None
+        self.loss: Tensor | None = None
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.static_x is None:
+            self.static_x, self.static_y = x.clone(), y.clone()
+        else:
+            if x.shape != self.static_x.shape or y.shape != self.static_y.shape:
+                raise RuntimeError(f"the CUDA graph was captured for batches of {tuple(self.static_x.shape)} and "
+                                   f"{tuple(self.static_y.shape)}, got {tuple(x.shape)} and {tuple(y.shape)}")
+            self.static_x.copy_(x)
+            self.static_y.copy_(y)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.eager_steps < self.warmup_steps:
+            side = torch.cuda.Stream(self.run.device)
+            side.wait_stream(torch.cuda.current_stream(self.run.device))
+            with torch.cuda.stream(side):
+                self.loss = train_step(self.run, self.static_x, self.static_y)
+            torch.cuda.current_stream(self.run.device).wait_stream(side)
+            self.eager_steps += 1
+        else:
+            self.graph = torch.cuda.CUDAGraph()
+            # Gradients are allocated afresh inside the capture, from the graph's memory pool.
+            self.run.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(self.graph):
+                self.loss = train_step(self.run, self.static_x, self.static_y)
+            self.graph.replay()  # capture only records: this runs the batch
+        return self.loss
+
+
+def run_step(run: TrainingRun, x: Tensor, y: Tensor, loss_scale: float = 1.0) -> Tensor:
+    """A training step as the epoch loop takes it: replayed from the CUDA graph under --cuda-graphs."""
+    if run.graph is not None:
+        return run.graph(x, y)  # loss_scale is 1: one process, full batches
+    return train_step(run, x, y, loss_scale=loss_scale)
+
+
+class LossReadback:
+    """Reads the loss and the first non-finite step back every --log-every steps without waiting
+    for the device: each request is copied into pinned host memory behind the queued work, and
+    read at the next request, by when the device is long past it."""
+
+    def __init__(self, run: TrainingRun) -> None:
+        self.run = run
+        cuda = run.device.type == "cuda"
+        self.loss = torch.zeros((), dtype=torch.float32, pin_memory=cuda)
+        self.first_bad = torch.zeros((), dtype=torch.int64, pin_memory=cuda)
+        self.event = torch.cuda.Event() if cuda else None
+        self.pending: int | None = None  # the step the buffers (will) hold
+
+    def request(self, step: int, loss: Tensor) -> None:
+        first_bad = _world_first_bad(self.run)
+        self.loss.copy_(loss, non_blocking=True)
+        self.first_bad.copy_(first_bad, non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+        self.pending = step
+
+    def take(self) -> tuple[int, float, int] | None:
+        """(step, its loss, first non-finite step or NO_BAD_STEP) of the last request, or None."""
+        if self.pending is None:
+            return None
+        if self.event is not None:
+            self.event.synchronize()
+        step, self.pending = self.pending, None
+        return step, float(self.loss), int(self.first_bad)
+
+
+def _world_first_bad(run: TrainingRun) -> Tensor:
+    """The first non-finite step over all ranks (every rank calls this at the same steps)."""
+    first_bad = run.watch.first_bad.clone()
+    if run.world.is_distributed:
+        torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+    return first_bad
+
+
+def stop_if_not_finite(run: TrainingRun, first_bad: int) -> None:
+    """Leave the run (exit status 1) when a loss was not finite; nothing is checkpointed from that state."""
+    if first_bad == NO_BAD_STEP:
+        return
+    steps = len(run.train_loader)
+    raise SystemExit(
+        f"error: the training loss of optimizer step {first_bad + 1} (epoch {first_bad // steps + 1}, step "
+        f"{first_bad % steps + 1} of {steps}) was not finite (inf or nan); stopping without writing a "
+        f"checkpoint from this state. {run.ckpt_path} holds the last finished epoch; try a lower --lr or "
+        "--clip-grad, or --no-amp"
+    )
 
 
 def train_one_epoch(run: TrainingRun, epoch: int) -> dict:
     """Train on every batch of epoch ``epoch`` (0-based); returns the epoch's training metrics, summed
-    over the ranks."""
+    over the ranks. The host reads the device only at --log-every steps and at the end."""
     args, world, device = run.args, run.world, run.device
     run.model.train()
-    run.train_loader.set_epoch(epoch)
     global_sizes = run.train_loader.global_batch_sizes()
+    batches = epoch_batches(run, epoch)
+    readback = LossReadback(run)
     loss_sum, seen = torch.zeros((), device=device), 0
     synchronize(device)
     t0 = time.perf_counter()
-    bar = _progress(run.train_loader, len(run.train_loader), f"epoch {epoch + 1}/{args.epochs}", enabled=world.is_main)
+    bar = _progress(batches, len(run.train_loader), f"epoch {epoch + 1}/{args.epochs}", enabled=world.is_main)
     for i, (x, y) in enumerate(bar):
         # DDP averages the ranks' gradients. Weighting each rank's mean loss by its share of the
         # global batch makes that average the gradient of the global batch's mean loss, as a
         # single process computes it (the factor is exactly 1 unless the last batch is uneven).
+        # Batch sizes are known on the host: the factor costs no sync.
         scale = x.shape[0] * world.size / global_sizes[i] if world.is_distributed else 1.0
-        loss = train_step(run, x, y, scale)
+        loss = run_step(run, x, y, scale)
         run.step += 1
         loss_sum += loss * x.shape[0]
         seen += x.shape[0]
-        if not bar.disable and run.step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen * world.size / (time.perf_counter() - t0):.0f}")
+        if args.log_every and run.step % args.log_every == 0:
+            done = readback.take()
+            readback.request(run.step, loss)
+            if done is not None:
+                stop_if_not_finite(run, done[2])
+                bar.set_postfix(loss=f"{done[1]:.3f}", img_s=f"{seen * world.size / (time.perf_counter() - t0):.0f}")
     synchronize(device)
     elapsed = time.perf_counter() - t0
+    stop_if_not_finite(run, int(_world_first_bad(run)))
     totals = torch.stack([loss_sum.double(), torch.tensor(seen, device=device, dtype=torch.float64)])
     train_loss, seen_all = dist_mod.all_reduce_sum(totals, world).tolist()
     return {"epoch": epoch + 1, "step": run.step, "train_loss": train_loss / seen_all,
-            "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": seen_all / elapsed, "epoch_time_s": elapsed}
+            "lr": float(run.scheduler.lr), "images_per_s": seen_all / elapsed, "epoch_time_s": elapsed}
 
 
 def save_epoch(run: TrainingRun, epoch: int, metrics: dict) -> None:
@@ -393,7 +716,7 @@ def save_epoch(run: TrainingRun, epoch: int, metrics: dict) -> None:
     if not run.world.is_main:
         return
     state = {
-        "config": run.cfg.to_dict(), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "config": run.cfg.to_dict(), "model": run.model.state_dict(), "optimizer": optimizer_state(run.optimizer),
         "scheduler": run.scheduler.state_dict(), "epoch": epoch + 1, "step": run.step, "rng": rng_ranks[0],
         "args": dict(vars(run.args)), "data": run.data_info, "metrics": metrics,
         "recipe": run.recipe.to_dict() if run.recipe is not None else None, "best": run.best,
@@ -463,6 +786,7 @@ def train(args: argparse.Namespace) -> dict:
     world = dist_mod.world_from_env()
     device = dist_mod.device_for(world, args.device) if world.is_distributed else resolve_device(args.device)
     check_backend_device(args.backend, device)
+    check_graph_device(args, world, device)
     per_rank_batch(args.batch_size, world)
     dist_mod.init(world, device)
     try:

@@ -1,0 +1,335 @@
+"""The training step as `python -m vit_fast.train` runs it: host syncs, the device-side learning-rate
+schedule, the optimizer, non-finite losses, CUDA-graph batching and arguments, graph replay on a GPU."""
+
+import argparse
+import math
+
+import pytest
+import torch
+
+from vit_fast import data
+from vit_fast import train as train_mod
+from vit_fast.distributed import World
+from vit_fast.syncs import OUTSIDE, count_host_syncs
+
+# A tiny run: 8x8 images in 2x2 patches of 4x4, two blocks, batches of 8 (the fused backend runs in
+# Triton's interpreter on a CPU).
+TINY = ["--dataset", "synthetic", "--synthetic-size", "16", "--synthetic-classes", "4", "--image-size", "8",
+        "--patch-size", "4", "--dim", "32", "--heads", "2", "--depth", "2", "--batch-size", "8", "--epochs", "2",
+        "--crop-padding", "1"]
+# The tests of test_train.py: 8 steps per epoch.
+SMALL = ["--dataset", "synthetic", "--synthetic-size", "512", "--synthetic-classes", "10", "--dim", "64",
+         "--heads", "4", "--depth", "2", "--batch-size", "64", "--warmup-epochs", "1", "--device", "cpu"]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and fused CUDA optimizers need a GPU")
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return train_mod.build_parser().parse_args(list(argv))
+
+
+def tiny_run(tmp_path, device, *extra: str) -> train_mod.TrainingRun:
+    args = parse(*TINY, "--device", str(device), "--out-dir", str(tmp_path), *extra)
+    train_mod.check_args(args)
+    return train_mod.setup(args, World(), torch.device(device))
+
+
+# ------------------------------------------------------------------------------------------------
+# The host-sync counter.
+
+
+def test_sync_counter_catches_each_kind_per_phase():
+    x = torch.randn(4, requires_grad=True)
+    with count_host_syncs() as counter:
+        with counter.phase("clean"):
+            (x * 2).sum().backward()
+        with counter.phase("item"):
+            _ = (x * 3).sum().item()  # the deliberate sync
+        with counter.phase("reads"):
+            _ = x.tolist()  # no aten op on a CPU tensor: caught at the Python level
+            _ = bool(x.sum() > 0)
+        with counter.phase("host_data"):
+            _ = torch.tensor([1.0, 2.0])
+        with counter.phase("shape"):
+            _ = x.detach().nonzero()
+        _ = x.sum().item()  # outside any phase
+    c = counter.counts
+    assert c["clean"].total == 0
+    assert (c["item"].item, c["item"].local_scalar_dense, c["item"].total) == (1, 1, 1)
+    assert c["reads"].item == 2 and c["reads"].total == 2
+    assert c["host_data"].host_data == 1 and c["host_data"].total == 1
+    assert c["shape"].data_dependent == 1
+    assert c[OUTSIDE].total == 1
+    assert counter.total("item", "reads") == 3
+    counter.assert_sync_free("clean")
+    with pytest.raises(AssertionError, match=r"item: item \(Tensor.item\)"):
+        counter.assert_sync_free("item")
+
+
+def test_sync_counter_looks_inside_custom_ops():
+    """The dispatcher runs an op's body with the modes off; the counter runs it under them."""
+
+    @torch.library.custom_op("test_step::reads_back", mutates_args=())
+    def reads_back(x: torch.Tensor) -> torch.Tensor:
+        return x * x.sum().item()
+
+    with count_host_syncs() as counter, counter.phase("op"):
+        reads_back(torch.randn(3))
+    assert counter.counts["op"].total == 1, counter.events
+
+
+def test_sync_counter_sees_per_batch_host_constants():
+    """What the loader did before: normalisation constants built from lists for every batch."""
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    with count_host_syncs() as counter, counter.phase("data"):
+        data.normalize(images, [0.5, 0.5, 0.5], [0.2, 0.2, 0.2])
+    assert counter.counts["data"].host_data == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Zero host syncs per step.
+
+
+@pytest.mark.parametrize("mix", [False, True], ids=["crop_flip", "mixup_cutmix"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "fused"])
+def test_training_step_makes_no_host_syncs(tmp_path, backend, mix):
+    """A default step (the lee2021 recipe: AutoAugment, repeated augmentation, erasing, mixup and
+    cutmix; drop path 0.1, label smoothing, AdamW and the schedule; clipping at 1.0 turned on; bf16
+    autocast, which the CLI enables on CUDA, forced on here) issues no host sync in any phase, nor
+    does a crop-and-flip step (--recipe basic). The first step is counted too: lazy optimizer state
+    must not sync either."""
+    extra = ["--backend", backend, "--clip-grad", "1.0"] + ([] if mix else ["--recipe", "basic"])
+    run = tiny_run(tmp_path, "cpu", *extra)
+    run.amp = True
+    batches = train_mod.epoch_batches(run, 0)
+    for _ in range(2):
+        with count_host_syncs() as counter:
+            x, y = train_mod.next_batch(batches, counter.phase)
+            loss = train_mod.train_step(run, x, y, counter.phase)
+        assert set(counter.counts) == set(train_mod.PHASES)
+        counter.assert_sync_free()
+        assert y.shape == ((8, 4) if mix else (8,))
+    assert torch.isfinite(loss)
+
+
+def test_optimizer_is_fused_with_a_device_lr_and_capturable_on_cuda():
+    assert train_mod.optimizer_options(torch.device("cuda")) == {"fused": True, "capturable": True}
+    assert train_mod.optimizer_options(torch.device("cpu")) == {"fused": True, "capturable": False}
+    model = torch.nn.Linear(4, 3)
+    opt = train_mod.make_optimizer(train_mod.param_groups(model, 0.05), 1e-3, (0.9, 0.999), torch.device("cpu"))
+    lr = opt.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.dtype == torch.float32 and lr.ndim == 0
+    assert all(g["lr"] is lr and g["fused"] for g in opt.param_groups)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+@CUDA
+def test_optimizer_built_on_cuda_is_fused_and_capturable(tmp_path):
+    run = tiny_run(tmp_path, "cuda")
+    assert all(g["fused"] and g["capturable"] for g in run.optimizer.param_groups)
+    assert run.scheduler.lr.device.type == "cuda" and run.scheduler.steps.device.type == "cuda"
+
+
+# ------------------------------------------------------------------------------------------------
+# The learning-rate schedule on the device.
+
+
+def formula_lr(args, steps_per_epoch: int, s: int) -> float:
+    """The lr of optimizer step s by warmup_cosine, as the float32 the optimizer holds."""
+    factor = train_mod.warmup_cosine(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch,
+                                     args.min_lr / args.lr)
+    return float(torch.tensor(args.lr * factor(s), dtype=torch.float32))
+
+
+def test_lr_schedule_equals_the_formula_at_every_step():
+    args = parse("--epochs", "3", "--warmup-epochs", "1.5", "--lr", "2e-3", "--min-lr", "1e-5")
+    steps_per_epoch = 10
+    opt = train_mod.make_optimizer(train_mod.param_groups(torch.nn.Linear(2, 2), 0.0), args.lr, (0.9, 0.999),
+                                   torch.device("cpu"))
+    sched = train_mod.make_schedule(args, opt, steps_per_epoch)
+    warmup_end, last = 14, 29  # round(1.5 * 10) warm-up steps; 30 steps in all
+    seen = []
+    for s in range(33):  # and past the end, where the rate stays at the minimum
+        assert int(sched.steps) == s
+        seen.append(float(opt.param_groups[0]["lr"]))
+        assert seen[-1] == formula_lr(args, steps_per_epoch, s), s
+        sched.step()
+    assert seen[warmup_end] == float(torch.tensor(args.lr, dtype=torch.float32))  # the peak, exactly
+    assert seen[last] == formula_lr(args, steps_per_epoch, last)
+    assert seen[32] == seen[30]
+    # A restored schedule continues where it was; a torch LambdaLR state ("last_epoch") loads too.
+    other = train_mod.make_schedule(args, opt, steps_per_epoch)
+    other.load_state_dict(sched.state_dict())
+    assert int(other.steps) == 33 and float(other.lr) == seen[-1]
+    other.load_state_dict({"last_epoch": 7})
+    assert float(opt.param_groups[0]["lr"]) == formula_lr(args, steps_per_epoch, 7)
+
+
+def _record_lrs(monkeypatch) -> list[tuple[int, float, int]]:
+    """(run.step, the lr the step used, the schedule's count after it) of every training step."""
+    seen = []
+    step = train_mod.run_step
+
+    def recording(run, x, y, loss_scale=1.0):
+        before, lr = run.step, float(run.optimizer.param_groups[0]["lr"])
+        loss = step(run, x, y, loss_scale)
+        seen.append((before, lr, int(run.scheduler.steps)))
+        return loss
+
+    monkeypatch.setattr(train_mod, "run_step", recording)
+    return seen
+
+
+def test_schedule_advances_once_per_step_in_fresh_and_resumed_runs(tmp_path, monkeypatch):
+    """Issue 17: after N steps the schedule has advanced N times, and the rate at the end of
+    warm-up and at the last step is the formula's, whether or not the run was resumed between."""
+    seen = _record_lrs(monkeypatch)
+    extra = ["--out-dir", str(tmp_path), "--epochs", "2", "--log-every", "3"]
+    train_mod.train(parse(*SMALL, *extra, "--stop-after", "1"))
+    fresh = list(seen)
+    train_mod.train(parse(*SMALL, *extra, "--resume"))
+    resumed = seen[len(fresh):]
+    args, steps_per_epoch = parse(*SMALL, "--epochs", "2"), 8
+    assert [s for s, _, _ in fresh] == list(range(8)) and [s for s, _, _ in resumed] == list(range(8, 16))
+    for s, lr, count_after in seen:
+        assert count_after == s + 1, f"the schedule advanced to {count_after} after step {s}"
+        assert lr == formula_lr(args, steps_per_epoch, s), s
+    assert seen[7][1] == float(torch.tensor(args.lr, dtype=torch.float32))  # end of the one warm-up epoch
+    assert seen[15][1] == formula_lr(args, steps_per_epoch, 15)  # the last step
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["scheduler"]["steps"] == ckpt["step"] == 16
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == formula_lr(args, steps_per_epoch, 16)
+
+
+def test_resume_with_other_steps_per_epoch_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match=r"took 16 steps in 2 epoch\(s\), this run takes 9 per epoch"):
+        train_mod.check_steps_per_epoch({"step": 16, "epoch": 2}, 9, tmp_path / "checkpoint.pt")
+    train_mod.check_steps_per_epoch({"step": 16, "epoch": 2}, 8, tmp_path / "checkpoint.pt")
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite losses: a device flag, read at log points and at the end of the epoch.
+
+
+def _poison_forward(monkeypatch, at_call: int) -> dict:
+    """From the at_call-th forward of training on (1-based), the logits are NaN."""
+    calls = {"n": 0}
+    wrap = train_mod._wrap
+
+    def poisoned_wrap(*args, **kwargs):
+        forward = wrap(*args, **kwargs)
+
+        def poisoned(x):
+            calls["n"] += 1
+            out = forward(x)
+            return out * float("nan") if calls["n"] >= at_call else out
+
+        return poisoned
+
+    monkeypatch.setattr(train_mod, "_wrap", poisoned_wrap)
+    return calls
+
+
+def test_non_finite_loss_stops_at_a_log_point_without_a_checkpoint(tmp_path, monkeypatch):
+    calls = _poison_forward(monkeypatch, at_call=2)
+    with pytest.raises(SystemExit) as err:
+        train_mod.train(parse(*SMALL, "--out-dir", str(tmp_path), "--epochs", "2", "--log-every", "2"))
+    message = str(err.value.code)
+    assert "loss of optimizer step 2 (epoch 1, step 2 of 8) was not finite" in message
+    # Step 2's flag is requested at step 2 and read at step 4, not at the end of the epoch.
+    assert calls["n"] == 4
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_non_finite_loss_is_caught_at_the_epoch_end_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    _poison_forward(monkeypatch, at_call=14)  # epoch 2, step 6
+    with pytest.raises(SystemExit, match=r"optimizer step 14 \(epoch 2, step 6 of 8\) was not finite"):
+        train_mod.train(parse(*SMALL, "--out-dir", str(tmp_path), "--epochs", "3", "--log-every", "0"))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ------------------------------------------------------------------------------------------------
+# --cuda-graphs: static batches, argument checks.
+
+
+def test_cuda_graphs_batches_have_one_shape_and_the_drop_is_logged(capsys):
+    args = parse("--batch-size", "32", "--cuda-graphs", "--no-flip")
+    ds = data.synthetic(100, 5, image_size=8)
+    mean, std = data.channel_stats(ds.images)
+    loader = train_mod.make_train_loader(args, World(), ds, mean, std)
+    assert len(loader) == 3 and [b[0].shape[0] for b in loader] == [32, 32, 32]
+    assert "last partial batch of 4 images is dropped (3 steps of 32 images per epoch)" in capsys.readouterr().out
+    eager = train_mod.make_train_loader(parse("--batch-size", "32"), World(), ds, mean, std)
+    assert [b[0].shape[0] for b in eager] == [32, 32, 32, 4]
+    assert "dropped" not in capsys.readouterr().out
+    even = train_mod.make_train_loader(args, World(), data.synthetic(96, 5, image_size=8), mean, std)
+    assert len(even) == 3 and "dropped" not in capsys.readouterr().out
+
+
+def test_graph_and_compile_mode_argument_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--cuda-graphs captures the training step in a CUDA graph and needs a CUDA "
+                                         "device, but the device is cpu"):
+        train_mod.train(parse(*SMALL, "--out-dir", str(tmp_path), "--cuda-graphs"))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before any work
+    with pytest.raises(SystemExit, match="--compile-mode max-autotune needs --compile"):
+        train_mod.check_args(parse("--compile-mode", "max-autotune"))
+    with pytest.raises(SystemExit, match="--cuda-graphs with --compile-mode reduce-overhead: that mode captures"):
+        train_mod.check_args(parse("--cuda-graphs", "--compile", "--compile-mode", "reduce-overhead"))
+    train_mod.check_args(parse("--cuda-graphs", "--compile", "--compile-mode", "default"))
+    with pytest.raises(SystemExit, match="--log-every must be >= 0, got -1"):
+        train_mod.check_args(parse("--log-every", "-1"))
+    with pytest.raises(SystemExit, match=r"--cuda-graphs runs in a single process; this job has 2"):
+        train_mod.check_graph_device(parse("--cuda-graphs"), World(rank=0, local_rank=0, size=2),
+                                     torch.device("cuda", 0))
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        parse("--compile-mode", "fastest")
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: graph replay against eager steps.
+
+
+def _losses(tmp_path, backend: str, *extra: str, steps: int = 8) -> torch.Tensor:
+    args = parse(*SMALL[:-2], "--device", "cuda", "--out-dir", str(tmp_path), "--backend", backend, *extra)
+    train_mod.check_args(args)
+    torch.manual_seed(0)
+    run = train_mod.setup(args, World(), torch.device("cuda"))
+    run.model.train()
+    batches = train_mod.epoch_batches(run, 0)
+    losses = [train_mod.run_step(run, *train_mod.next_batch(batches)).clone() for _ in range(steps)]
+    return torch.stack(losses).float()
+
+
+@CUDA
+@pytest.mark.parametrize("mix", [False, True], ids=["crop_flip", "mixup_cutmix"])
+@pytest.mark.parametrize("backend", ["torch", "fused"])
+def test_graph_replayed_steps_match_eager_steps(tmp_path, backend, mix):
+    """8 steps (3 eager warm-up steps, the capture, 4 replays) against 8 eager steps under bf16
+    autocast, by the parity rule with fp32 eager steps as the reference (the same data and
+    stochastic-depth draws: the CUDA generator advances through replays as through eager steps)."""
+    from vit_fast.testing import assert_parity
+
+    extra = ("--mixup", "0.8", "--cutmix", "1.0") if mix else ("--recipe", "basic")
+    graphed = _losses(tmp_path / "graphed", backend, "--cuda-graphs", *extra)
+    eager = _losses(tmp_path / "eager", backend, *extra)
+    fp32 = _losses(tmp_path / "fp32", backend, "--no-amp", *extra)
+    assert_parity(graphed, eager, fp32, name=f"{backend} loss curve")
+
+
+@CUDA
+def test_resumed_graphed_run_equals_uninterrupted_graphed_run(tmp_path):
+    extra = [*SMALL[:-2], "--device", "cuda", "--cuda-graphs", "--epochs", "3", "--drop-path", "0.2", "--seed", "5"]
+    train_mod.train(parse(*extra, "--out-dir", str(tmp_path / "whole")))
+    train_mod.train(parse(*extra, "--out-dir", str(tmp_path / "split"), "--stop-after", "1"))
+    train_mod.train(parse(*extra, "--out-dir", str(tmp_path / "split"), "--resume"))
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def test_warmup_cosine_formula_itself():
+    """The reference the device schedule is held to: linear warm-up to 1, cosine to min_ratio."""
+    f = train_mod.warmup_cosine(4, 12, 0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and math.isclose(f(8), 0.55) and f(12) == pytest.approx(0.1) and f(20) == pytest.approx(0.1)
