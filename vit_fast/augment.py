@@ -653,7 +653,8 @@ def repeated_indices(
 
 @dataclass
 class AugmentConfig:
-    """Lee et al. (2021) / DeiT recipe defaults."""
+    """DeiT's augmentation defaults (Touvron et al. 2021); the lee2021 training recipe differs in a few
+    values (vit_fast.recipes.Lee2021, built into this config by recipes.augment_config)."""
 
     padding: int = 4  # random crop from the zero-padded image (0 = off)
     flip: bool = True  # random horizontal flip

@@ -435,6 +435,7 @@ def preview(dataset: ImageDataset, recipe, path: str | Path, count: int = 32, se
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import save_figure
     from .recipes import augment_config
 
     mean, std = channel_stats(dataset.images)
@@ -455,11 +456,7 @@ def preview(dataset: ImageDataset, recipe, path: str | Path, count: int = 32, se
             ax.set_title(_caption(targets[i], dataset.classes), fontsize=7)
     fig.suptitle(f"recipe {recipe.name}: training batch of epoch {epoch} (seed {seed})", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -83,18 +83,13 @@ class Basic(Lee2021):
 
 
 @dataclass(frozen=True)
-class Fast(Lee2021):
+class Fast(Basic):
     """A short schedule for quick runs and smoke tests of a setup, not a published recipe and not
     tuned: a fifth of lee2021's steps (20 epochs at batch 256), the learning rate scaled linearly
-    with the batch, crop and flip only, no stochastic depth (a short run underfits rather than
-    overfits, so the heavy regularisation of the 100-epoch recipe is left out)."""
+    with the batch, crop and flip only (basic's augmentation), no stochastic depth (a short run
+    underfits rather than overfits, so the heavy regularisation of the 100-epoch recipe is left out)."""
 
     name: str = "fast"
-    policy: str = "none"
-    erase: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    repeats: int = 1
     drop_path: float = 0.0
     epochs: int = 20
     batch_size: int = 256
