@@ -448,14 +448,14 @@ def preview(dataset: ImageDataset, recipe, path: str | Path, count: int = 32, se
     images = (x * s + m).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C) in [0, 1]
     targets = targets.cpu()
     rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 2.0 * rows), squeeze=False,
+                             constrained_layout=True)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(images):
             ax.imshow(images[i], interpolation="nearest")
             ax.set_title(_caption(targets[i], dataset.classes), fontsize=7)
     fig.suptitle(f"recipe {recipe.name}: training batch of epoch {epoch} (seed {seed})", fontsize=9)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
