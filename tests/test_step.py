@@ -24,7 +24,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    return train_mod.build_parser().parse_args(list(argv))
+    return train_mod.parse_args(list(argv))  # the recipe's values resolved, as the CLI resolves them
 
 
 def tiny_run(tmp_path, device, *extra: str) -> train_mod.TrainingRun:
