@@ -30,23 +30,45 @@ LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 
 
 @triton.jit
-def _mm(a, b, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """a @ b accumulated in ACC_DTYPE; DOT_PRECISION "ieee" keeps fp32 inputs off TF32."""
-    return tl.dot(a, b, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+def _mm(a, b, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """a @ b accumulated in ACC_DTYPE; INPUT_PRECISION "ieee" keeps fp32 inputs off TF32."""
+    return tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
 
 @triton.jit
-def _tile_and_head(N_CTX, BLOCK: tl.constexpr):
-    """(tile index along N, flattened batch*head index) of this program in a 1-D grid of
-    cdiv(N, BLOCK) * B * H programs. Tiles of one head are adjacent, so they run together and
-    share that head's K and V in L2; and a 1-D grid has no 65535 limit on B * H."""
+def _program_position(N_CTX, H, BLOCK: tl.constexpr):
+    """(tile index along N, flattened batch*head index, batch, head) of this program in a 1-D grid
+    of cdiv(N, BLOCK) * B * H programs. Tiles of one head are adjacent, so they run together and
+    share that head's K and V in L2; and a 1-D grid has no 65535 limit on B * H. Batch and head
+    come back as int64, so the offsets they multiply cannot overflow."""
     num_tiles = tl.cdiv(N_CTX, BLOCK)
     pid = tl.program_id(0)
-    return pid % num_tiles, pid // num_tiles
+    pid_bh = pid // num_tiles
+    return pid % num_tiles, pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
 
 
 @triton.jit
-def _attn_fwd_kernel(
+def _head(Ptr, off_b, off_h, stride_b, stride_h):
+    """Ptr moved to the (off_b, off_h) slice of a (B, H, N, D) tensor."""
+    return Ptr + off_b * stride_b + off_h * stride_h
+
+
+@triton.jit
+def _four_at_head(A, B, C, D, off_b, off_h, stride_ab, stride_ah, stride_bb, stride_bh, stride_cb, stride_ch,
+                  stride_db, stride_dh):
+    """_head of four (B, H, N, D) tensors at once: q, k, v and o (forward) or dO (backward)."""
+    return (_head(A, off_b, off_h, stride_ab, stride_ah), _head(B, off_b, off_h, stride_bb, stride_bh),
+            _head(C, off_b, off_h, stride_cb, stride_ch), _head(D, off_b, off_h, stride_db, stride_dh))
+
+
+@triton.jit
+def _rows(Ptr, offs_rows, stride_n, offs_d):
+    """(rows, BLOCK_D) pointers to rows ``offs_rows`` of one head's (N, D) slice (stride 1 on D)."""
+    return Ptr + offs_rows[:, None] * stride_n + offs_d[None, :]
+
+
+@triton.jit
+def attention_fwd_kernel(
     Q, K, V,  # (B, H, N, D) each, any strides with stride_*d == 1
     Out,  # (B, H, N, D) view of the output, written in the input dtype
     LSE,  # (B, H, N) ACC_DTYPE, contiguous: log-sum-exp of each row of scaled logits (natural log)
@@ -61,23 +83,19 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per loop iteration; >= N means one tile covers the sequence
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two (>= 16 for tl.dot)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 inputs (no TF32 rounding), else "tf32" (ignored)
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 inputs (no TF32 rounding), else "tf32" (ignored)
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs (so gradcheck can verify)
 ):
-    pid_m, pid_bh = _tile_and_head(N_CTX, BLOCK_M)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
-    Out += off_b * stride_ob + off_h * stride_oh
+    pid_m, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_M)
+    Q, K, V, Out = _four_at_head(Q, K, V, Out, off_b, off_h, stride_qb, stride_qh, stride_kb, stride_kh,
+                                 stride_vb, stride_vh, stride_ob, stride_oh)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_CTX
     mask_d = offs_d < HEAD_DIM
 
-    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :],
+    q = tl.load(_rows(Q, offs_m, stride_qn, offs_d),
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     qk_scale = sm_scale * LOG2E  # logits in log2 units, so the softmax is exp2
 
@@ -89,10 +107,10 @@ def _attn_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_CTX
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(_rows(K, offs_n, stride_kn, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(_rows(V, offs_n, stride_vn, offs_d), mask=kv_mask, other=0.0)
 
-        s = _mm(q, tl.trans(k), DOT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = _mm(q, tl.trans(k), INPUT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_M, BLOCK_N)
         # Keys past the end get -inf. Every tile starts below N_CTX, so each row keeps at least
         # one finite logit and m_new is finite: no inf - inf below.
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -100,11 +118,11 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max (0 at first)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_PRECISION, ACC_DTYPE)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, INPUT_PRECISION, ACC_DTYPE)
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    tl.store(Out + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(Out.dtype.element_ty),
+    tl.store(_rows(Out, offs_m, stride_on, offs_d), acc.to(Out.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
     # Back to natural-log units: lse = ln(sum_j exp(scale * q.k_j)).
     lse = (m_i + tl.log2(l_i)) / LOG2E
@@ -112,7 +130,7 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(
+def attention_bwd_preprocess_kernel(
     Out, dOut,  # (B, H, N, D) each, stride_*d == 1
     Delta,  # (B, H, N) ACC_DTYPE, contiguous: rowsum(dO * O), the softmax-backward correction
     stride_ob, stride_oh, stride_on,
@@ -122,22 +140,20 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    pid_m, pid_bh = _tile_and_head(N_CTX, BLOCK_M)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_M)
+    Out = _head(Out, off_b, off_h, stride_ob, stride_oh)
+    dOut = _head(dOut, off_b, off_h, stride_dob, stride_doh)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_CTX
     mask = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-                mask=mask, other=0.0).to(ACC_DTYPE)
-    do = tl.load(dOut + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                 mask=mask, other=0.0).to(ACC_DTYPE)
+    o = tl.load(_rows(Out, offs_m, stride_on, offs_d), mask=mask, other=0.0).to(ACC_DTYPE)
+    do = tl.load(_rows(dOut, offs_m, stride_don, offs_d), mask=mask, other=0.0).to(ACC_DTYPE)
     tl.store(Delta + pid_bh.to(tl.int64) * N_CTX + offs_m, tl.sum(o * do, axis=1), mask=mask_m)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(
+def attention_bwd_dkdv_kernel(
     Q, K, V, dOut,  # (B, H, N, D) each, stride_*d == 1
     dK, dV,  # (B, H, N, D) views of the gradients, written in the input dtype
     dQ,  # (B, H, N, D) view, written only when FUSE_DQ
@@ -155,7 +171,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # keys owned by this program
     BLOCK_D: tl.constexpr,
     FUSE_DQ: tl.constexpr,  # BLOCK_N >= N: this program holds every key of its head
-    DOT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     """One program owns a tile of keys and accumulates its dK and dV over all query tiles, so each
@@ -168,16 +184,12 @@ def _attn_bwd_dkdv_kernel(
     complete within one loop step: it is stored there, and the dQ kernel (which would reload K, V,
     Q and dO and recompute P) is not launched. That is the ViT-on-CIFAR case, N = 65.
     """
-    pid_n, pid_bh = _tile_and_head(N_CTX, BLOCK_N)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
-    dOut += off_b * stride_dob + off_h * stride_doh
-    dK += off_b * stride_dkb + off_h * stride_dkh
-    dV += off_b * stride_dvb + off_h * stride_dvh
-    dQ += off_b * stride_dqb + off_h * stride_dqh
+    pid_n, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_N)
+    Q, K, V, dOut = _four_at_head(Q, K, V, dOut, off_b, off_h, stride_qb, stride_qh, stride_kb, stride_kh,
+                                  stride_vb, stride_vh, stride_dob, stride_doh)
+    dK = _head(dK, off_b, off_h, stride_dkb, stride_dkh)
+    dV = _head(dV, off_b, off_h, stride_dvb, stride_dvh)
+    dQ = _head(dQ, off_b, off_h, stride_dqb, stride_dqh)
     LSE += pid_bh.to(tl.int64) * N_CTX
     Delta += pid_bh.to(tl.int64) * N_CTX
 
@@ -186,8 +198,8 @@ def _attn_bwd_dkdv_kernel(
     mask_n = offs_n < N_CTX
     mask_d = offs_d < HEAD_DIM
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(_rows(K, offs_n, stride_kn, offs_d), mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(_rows(V, offs_n, stride_vn, offs_d), mask=kv_mask, other=0.0)
     qk_scale = sm_scale * LOG2E
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
@@ -196,31 +208,31 @@ def _attn_bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N_CTX
         q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(dOut + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+        q = tl.load(_rows(Q, offs_m, stride_qn, offs_d), mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(_rows(dOut, offs_m, stride_don, offs_d), mask=q_mask, other=0.0)
         lse2 = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * LOG2E  # (BLOCK_M,)
         delta = tl.load(Delta + offs_m, mask=mask_m, other=0.0)
 
         # P^T recomputed from the saved log-sum-exp: exactly the forward's normalised softmax.
-        s_t = _mm(k, tl.trans(q), DOT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_N, BLOCK_M)
+        s_t = _mm(k, tl.trans(q), INPUT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_N, BLOCK_M)
         # Padding is zero vectors, whose p = exp2(-lse2) is not 0 (and overflows for very negative
         # lse): zero p outside the real (key, query) pairs.
         p_t = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv += _mm(p_t.to(do.dtype), do, DOT_PRECISION, ACC_DTYPE)
-        dp_t = _mm(v, tl.trans(do), DOT_PRECISION, ACC_DTYPE)  # (BLOCK_N, BLOCK_M)
+        dv += _mm(p_t.to(do.dtype), do, INPUT_PRECISION, ACC_DTYPE)
+        dp_t = _mm(v, tl.trans(do), INPUT_PRECISION, ACC_DTYPE)  # (BLOCK_N, BLOCK_M)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk += _mm(ds_t, q, DOT_PRECISION, ACC_DTYPE)
+        dk += _mm(ds_t, q, INPUT_PRECISION, ACC_DTYPE)
         if FUSE_DQ:
-            dq = _mm(tl.trans(ds_t), k, DOT_PRECISION, ACC_DTYPE) * sm_scale
-            tl.store(dQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=q_mask)
+            dq = _mm(tl.trans(ds_t), k, INPUT_PRECISION, ACC_DTYPE) * sm_scale
+            tl.store(_rows(dQ, offs_m, stride_dqn, offs_d), dq.to(dQ.dtype.element_ty), mask=q_mask)
 
     dk *= sm_scale  # d(scale * q.k)/dk = scale * q; applied once instead of per tile
-    tl.store(dK + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(dK.dtype.element_ty), mask=kv_mask)
-    tl.store(dV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(dV.dtype.element_ty), mask=kv_mask)
+    tl.store(_rows(dK, offs_n, stride_dkn, offs_d), dk.to(dK.dtype.element_ty), mask=kv_mask)
+    tl.store(_rows(dV, offs_n, stride_dvn, offs_d), dv.to(dV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(
+def attention_bwd_dq_kernel(
     Q, K, V, dOut,  # (B, H, N, D) each, stride_*d == 1
     dQ,  # (B, H, N, D) view of the gradient, written in the input dtype
     LSE, Delta,  # (B, H, N) ACC_DTYPE, contiguous
@@ -234,26 +246,22 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # keys per loop iteration
     BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     """One program owns a tile of queries and accumulates dQ = scale * dS K over all key tiles."""
-    pid_m, pid_bh = _tile_and_head(N_CTX, BLOCK_M)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
-    dOut += off_b * stride_dob + off_h * stride_doh
-    dQ += off_b * stride_dqb + off_h * stride_dqh
+    pid_m, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_M)
+    Q, K, V, dOut = _four_at_head(Q, K, V, dOut, off_b, off_h, stride_qb, stride_qh, stride_kb, stride_kh,
+                                  stride_vb, stride_vh, stride_dob, stride_doh)
+    dQ = _head(dQ, off_b, off_h, stride_dqb, stride_dqh)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_CTX
     mask_d = offs_d < HEAD_DIM
     q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-    do = tl.load(dOut + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(_rows(Q, offs_m, stride_qn, offs_d), mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(_rows(dOut, offs_m, stride_don, offs_d), mask=q_mask, other=0.0)
     lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N_CTX + offs_m, mask=mask_m, other=0.0) * LOG2E
     delta = tl.load(Delta + pid_bh.to(tl.int64) * N_CTX + offs_m, mask=mask_m, other=0.0)
     qk_scale = sm_scale * LOG2E
@@ -263,15 +271,15 @@ def _attn_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_CTX
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(_rows(K, offs_n, stride_kn, offs_d), mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(_rows(V, offs_n, stride_vn, offs_d), mask=kv_mask, other=0.0)
 
-        s = _mm(q, tl.trans(k), DOT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = _mm(q, tl.trans(k), INPUT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_M, BLOCK_N)
         # Keys past the end are zero vectors, whose p would be exp2(-lse2) != 0: zero them.
         p = tl.where(mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _mm(do, tl.trans(v), DOT_PRECISION, ACC_DTYPE)  # (BLOCK_M, BLOCK_N)
+        dp = _mm(do, tl.trans(v), INPUT_PRECISION, ACC_DTYPE)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, DOT_PRECISION, ACC_DTYPE)
+        dq += _mm(ds.to(k.dtype), k, INPUT_PRECISION, ACC_DTYPE)
 
     dq *= sm_scale
-    tl.store(dQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=q_mask)
+    tl.store(_rows(dQ, offs_m, stride_dqn, offs_d), dq.to(dQ.dtype.element_ty), mask=q_mask)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vit_fast import reference
+from vit_fast.reference import split_qkv
 from vit_fast.fused import attention as fused
 from vit_fast.testing import assert_compiled_matches_eager, assert_parity
 
@@ -119,14 +120,14 @@ def test_gpu_configs(dtype, N, D, device):
         assert cfg.forward.block_n >= N  # the forward sees every key in one loop step
         assert cfg.fuse_dq == (D <= 64)  # the CIFAR shape's backward is two launches
     scale = 1.0 / math.sqrt(D)
-    q, k, v = fused._split_packed(qkv)
+    q, k, v = split_qkv(qkv)
     out = torch.empty(B, N, H * D, device=device, dtype=dtype)
     lse = fused.launch_forward(q, k, v, fused._packed_out_view(out, H), scale, cfg)
     grad = torch.randn_like(out)
     dqkv = torch.empty_like(qkv)
     fused.launch_backward(
         fused._packed_out_view(grad, H), q, k, v, fused._packed_out_view(out, H), lse, scale,
-        *fused._split_packed(dqkv), cfg,
+        *split_qkv(dqkv), cfg,
     )
     out_ref, (dqkv_ref,) = _forward_backward(reference.attention_packed, [qkv], grad, torch.float64)
     if dtype == torch.float32:
@@ -304,7 +305,7 @@ def test_aot_every_config(dtype):
     # Launches of head dims that pad to the same BLOCK_D are identical; compile_launches dedupes.
     launches = [launch for d in AOT_HEAD_DIMS for launch in _aot_launches(d, dtype)]
     assert {launch.kernel for launch in launches} == {
-        "_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"
+        "attention_fwd_kernel", "attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"
     }
     results = compile_launches(launches)
     assert len(results) == len(TARGETS) * len({launch.key for launch in launches})

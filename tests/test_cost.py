@@ -42,7 +42,7 @@ def test_training_step_is_accounted_for_every_backend(vit_cifar_accounts):
     # Each of our custom ops counts once per call: 9 blocks, 19 LayerNorms (2 per block + final).
     assert fused_ops["vit_fast::attention_packed"].launches == 9
     assert fused_ops["vit_fast::mlp"].launches == 9
-    assert fused_ops["vit_fast::layer_norm_fwd"].launches + fused_ops["vit_fast::add_layer_norm_fwd"].launches == 19
+    assert fused_ops["vit_fast::layer_norm"].launches + fused_ops["vit_fast::add_layer_norm"].launches == 19
     assert fused_ops["vit_fast::patch_embed"].launches == 1
 
 

@@ -1,6 +1,8 @@
 """Data: the official CIFAR file formats, image folders, device-side augmentation and batching."""
 
 import pickle
+import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -29,10 +31,17 @@ def write_cifar100(root, n_train=20, n_test=10, seed=0):
     return arrays
 
 
+def md5_table(folder):
+    """The MD5 of every file in ``folder``: what load_cifar checks fake files against (the official
+    sums in data.CIFAR_MD5 are for the real files)."""
+    return {p.name: data.file_md5(p) for p in folder.iterdir()}
+
+
 def test_cifar100_official_format(tmp_path):
     arrays = write_cifar100(tmp_path)
-    train = data.load_cifar(tmp_path, "cifar100", train=True, download=False)
-    test = data.load_cifar(tmp_path, "cifar100", train=False, download=False)
+    md5 = md5_table(tmp_path / "cifar-100-python")
+    train = data.load_cifar(tmp_path, "cifar100", train=True, download=False, md5=md5)
+    test = data.load_cifar(tmp_path, "cifar100", train=False, download=False, md5=md5)
     assert train.images.shape == (20, 3, 32, 32) and test.images.shape == (10, 3, 32, 32)
     assert train.images.dtype == torch.uint8 and len(train.classes) == 100 and train.classes[7] == "fine_7"
     rows, fine = arrays["train"]
@@ -51,8 +60,44 @@ def test_cifar10_official_format(tmp_path):
             pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 9, 3, 3]}, f)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
-    train = data.load_cifar(tmp_path, "cifar10", train=True, download=False)
+    train = data.load_cifar(tmp_path, "cifar10", train=True, download=False, md5=md5_table(folder))
     assert train.images.shape == (20, 3, 32, 32) and train.labels.tolist()[:4] == [0, 9, 3, 3]
+
+
+def python2_pickle(obj) -> bytes:
+    """``obj`` (a dict of str keys to uint8 arrays, lists of ints or of str) pickled as Python 2's
+    cPickle wrote the official files: protocol 2, str as byte strings, arrays through
+    numpy.core.multiarray._reconstruct (numpy 1's module name)."""
+    def string(b: bytes) -> bytes:
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+    def value(v) -> bytes:
+        if isinstance(v, np.ndarray):
+            dtype = b"cnumpy\ndtype\n" + string(b"u1") + b"\x89\x88\x87R(K\x03" + string(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+            shape = b"(" + b"".join(b"J" + struct.pack("<i", d) for d in v.shape) + b"t"
+            return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + string(b"b") + b"\x87R"
+                    + b"(K\x01" + shape + dtype + b"\x89" + string(v.tobytes()) + b"tb")
+        if isinstance(v, list):
+            return b"](" + b"".join(value(x) for x in v) + b"e"
+        if isinstance(v, str):
+            return string(v.encode("latin1"))
+        return b"J" + struct.pack("<i", v)
+
+    return b"\x80\x02}(" + b"".join(string(k.encode()) + value(v) for k, v in obj.items()) + b"u."
+
+
+def test_cifar_files_as_python2_wrote_them_load(tmp_path):
+    """The official files' own pickle dialect passes the restricted unpickler (under numpy 2 too)."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rows = np.random.default_rng(0).integers(0, 256, (3, 3072), dtype=np.uint8)
+    (folder / "test").write_bytes(python2_pickle({"data": rows, "fine_labels": [4, 0, 99], "batch_label": "test"}))
+    (folder / "meta").write_bytes(python2_pickle({"fine_label_names": [f"n{i}" for i in range(100)]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy 1's module name, read by numpy 2, must not even warn
+        test = data.load_cifar(tmp_path, "cifar100", train=False, download=False, md5=md5_table(folder))
+    assert torch.equal(test.images, torch.from_numpy(rows).view(3, 3, 32, 32))
+    assert test.labels.tolist() == [4, 0, 99] and test.classes[99] == "n99"
 
 
 def test_missing_dataset_names_the_directory(tmp_path):
@@ -65,7 +110,7 @@ def test_corrupt_cifar_rows_are_rejected(tmp_path):
     with open(tmp_path / "cifar-100-python" / "train", "wb") as f:
         pickle.dump({"data": np.zeros((2, 100), np.uint8), "fine_labels": [0, 1]}, f)
     with pytest.raises(ValueError, match="expected rows of 3072 bytes"):
-        data.load_cifar(tmp_path, "cifar100", train=True, download=False)
+        data.load_cifar(tmp_path, "cifar100", train=True, download=False, md5=md5_table(tmp_path / "cifar-100-python"))
 
 
 def test_image_folder(tmp_path):

@@ -169,12 +169,15 @@ def test_checkpoints_of_another_configuration(trained, tmp_path):
         evaluate.main(["--checkpoint", str(tmp_path / "foreign.pt"), "--device", "cpu"])
 
 
-def test_evaluate_on_a_dataset_with_other_classes(trained, tmp_path):
+def test_evaluate_on_a_dataset_with_other_classes(trained, tmp_path, monkeypatch):
     """A 4-class synthetic checkpoint asked to evaluate on CIFAR-100 (official-format files written here)."""
-    from test_data import write_cifar100
+    from test_data import md5_table, write_cifar100
+
+    from vit_fast import data
 
     ckpt_path, _, _ = trained
     write_cifar100(tmp_path / "data", n_train=4, n_test=4)
+    monkeypatch.setitem(data.CIFAR_MD5, "cifar100", md5_table(tmp_path / "data" / "cifar-100-python"))
     with pytest.raises(SystemExit, match=r"cifar100 has 100 classes but the model in .* predicts 4"):
         evaluate.main(["--checkpoint", str(ckpt_path), "--device", "cpu", "--dataset", "cifar100",
                        "--data-dir", str(tmp_path / "data"), "--no-download"])

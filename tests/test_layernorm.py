@@ -237,12 +237,12 @@ def test_empty_rows(device):
 def test_opcheck(device):
     x, res, w, b = _make((3, 5, 33), torch.float32, device)
     ops = torch.ops.vit_fast
-    torch.library.opcheck(ops.layer_norm_fwd.default, (x, w, b, EPS))
-    torch.library.opcheck(ops.add_layer_norm_fwd.default, (x, res, w, b, EPS))
-    y, mean, rstd = ops.layer_norm_fwd(x.detach(), w.detach(), b.detach(), EPS)
+    torch.library.opcheck(ops.layer_norm.default, (x, w, b, EPS))
+    torch.library.opcheck(ops.add_layer_norm.default, (x, res, w, b, EPS))
+    y, mean, rstd = ops.layer_norm(x.detach(), w.detach(), b.detach(), EPS)
     dy, ds = torch.randn_like(y), torch.randn_like(y)
-    torch.library.opcheck(ops.layer_norm_bwd.default, (dy, None, x.detach(), w.detach(), mean, rstd))
-    torch.library.opcheck(ops.layer_norm_bwd.default, (dy, ds, x.detach(), w.detach(), mean, rstd))
+    torch.library.opcheck(ops.layer_norm_backward.default, (dy, None, x.detach(), w.detach(), mean, rstd))
+    torch.library.opcheck(ops.layer_norm_backward.default, (dy, ds, x.detach(), w.detach(), mean, rstd))
 
 
 class _PreNormResidual(torch.nn.Module):
@@ -300,7 +300,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time compilation for sm_80 / sm_90 (rung 3 of DESIGN.md's ladder)
+# Ahead-of-time compilation for sm_80 / sm_90: what the interpreter cannot check (vit_fast.aot)
 
 AOT_WIDTHS = (192, 384, 768, 1024, fused.MAX_WIDTH)
 AOT_ROWS = 128 * 65  # a CIFAR ViT batch; the configs depend on the width and dtypes only

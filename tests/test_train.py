@@ -106,13 +106,21 @@ def test_cli_missing_cifar_offline_is_a_clear_error(tmp_path):
     assert "cifar100 not found in" in proc.stderr and "cifar-100-python.tar.gz" in proc.stderr
 
 
+# `python -m vit_fast.train` with the official MD5 sums replaced by those of fake files (the first
+# argument): the command itself always checks, so the test swaps the table, not the check.
+RUN_TRAIN_WITH_MD5 = ("import json, runpy, sys; from vit_fast import data; "
+                      "data.CIFAR_MD5['cifar100'] = json.loads(sys.argv.pop(1)); "
+                      "runpy.run_module('vit_fast.train', run_name='__main__', alter_sys=True)")
+
+
 def test_cli_trains_cifar100_files(tmp_path):
     """The real loader end to end: official-format files on disk, `python -m vit_fast.train`."""
-    from test_data import write_cifar100
+    from test_data import md5_table, write_cifar100
 
     write_cifar100(tmp_path / "data", n_train=64, n_test=16)
+    md5 = json.dumps(md5_table(tmp_path / "data" / "cifar-100-python"))
     proc = subprocess.run(
-        [sys.executable, "-m", "vit_fast.train", "--data-dir", str(tmp_path / "data"), "--no-download",
+        [sys.executable, "-c", RUN_TRAIN_WITH_MD5, md5, "--data-dir", str(tmp_path / "data"), "--no-download",
          "--out-dir", str(tmp_path / "run"), "--device", "cpu", "--epochs", "1", "--depth", "1", "--batch-size", "32"],
         capture_output=True, text=True, timeout=300,
     )

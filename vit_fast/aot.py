@@ -1,10 +1,16 @@
 """Ahead-of-time compilation of Triton kernels for NVIDIA targets, with no GPU present.
 
-Rung 3 of the verification ladder in DESIGN.md: the interpreter runs a kernel's arithmetic but
-not its code generation. Compiling every configuration a launcher can pick for sm_80 (A100) and
-sm_90 (H100) catches what only the compiler sees (block shapes, ``tl.dot`` minimum sizes, dtype
-rules), and reading the cubin's resource usage with the ``cuobjdump`` shipped in the triton
-wheel tells registers, spills (LOCAL) and shared memory per kernel.
+The third of the checks every kernel passes, after parity with ``vit_fast.reference`` and with
+the PyTorch built-ins (both run in Triton's interpreter, no GPU needed): the interpreter runs a
+kernel's arithmetic but not its code generation. Compiling every configuration a launcher can
+pick for sm_80 (A100) and sm_90 (H100) catches what only the compiler sees (block shapes,
+``tl.dot`` minimum sizes, dtype rules), and reading the cubin's resource usage with the
+``cuobjdump`` shipped in the triton wheel tells registers, spills (LOCAL) and shared memory per
+kernel.
+
+The fused ops build their launches as ``vit_fast.fused.launch.Launch`` objects and run them;
+``kernel_launch`` turns one into the ``KernelLaunch`` compiled here. The dependency goes this
+way only: running an op never imports this module.
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+
+from vit_fast.fused.launch import Launch, environment_without_interpreter
 
 # Maximum dynamic shared memory one block may use (CUDA programming guide, "Compute capabilities").
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -69,7 +78,7 @@ def compile_kernel(
     not pipelined, and the registers and shared memory read off would be those of a kernel that
     never runs.
 
-    Must run where TRITON_INTERPRET is unset (under the interpreter ``@triton.jit`` functions are
+    Must run outside Triton's interpreter (under it ``@triton.jit`` functions are
     interpreted functions that cannot be compiled): see ``compile_launches``.
     """
     import triton
@@ -159,7 +168,7 @@ def launch_from_args(kernel_fn, args: dict, constexprs: dict, num_warps: int, nu
 
     ``kernel_fn`` is the ``@triton.jit`` function, compiled or interpreted (both keep the Python
     function as ``.fn``), so launchers can describe GPU launches from a test run under
-    TRITON_INTERPRET=1. Without the hints the compiler would build scalar loads and unpipelined
+    Triton's interpreter. Without the hints the compiler would build scalar loads and unpipelined
     loops: the resources read off would be those of a kernel no launch runs.
     """
     import torch
@@ -204,31 +213,14 @@ def launch_from_args(kernel_fn, args: dict, constexprs: dict, num_warps: int, nu
                         constexprs=consts, divisible_by_16=tuple(aligned), num_warps=num_warps, num_stages=num_stages)
 
 
-@dataclass
-class PlannedLaunch:
-    """A kernel launch as a launcher plans it, before running it: one function builds it, so the
-    launcher runs (``run``) exactly what the ahead-of-time test compiles (``to_aot``)."""
+def kernel_launch(launch: Launch) -> KernelLaunch:
+    """The ``KernelLaunch`` that a fused op's ``Launch`` compiles to on a GPU."""
+    return launch_from_args(launch.kernel, launch.args, launch.constexprs, launch.num_warps, launch.num_stages)
 
-    kernel: object  # the @triton.jit function
-    grid: tuple
-    args: dict  # runtime arguments by name: tensors, ints, floats
-    constexprs: dict  # compile-time arguments by name
-    num_warps: int
-    num_stages: int = 3  # Triton's default on NVIDIA GPUs
 
-    def run(self) -> None:
-        import contextlib
-
-        import torch
-
-        first = next(v for v in self.args.values() if isinstance(v, torch.Tensor))
-        # Triton launches on the current CUDA device: make it the tensors' one.
-        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
-            self.kernel[self.grid](**self.args, **self.constexprs,
-                                   num_warps=self.num_warps, num_stages=self.num_stages)
-
-    def to_aot(self) -> KernelLaunch:
-        return launch_from_args(self.kernel, self.args, self.constexprs, self.num_warps, self.num_stages)
+def kernel_launches(launches: Iterable[Launch]) -> list[KernelLaunch]:
+    """``kernel_launch`` of each, distinct ones only (in first-seen order)."""
+    return list({k.key: k for k in map(kernel_launch, launches)}.values())
 
 
 def _compile_launch(launch: KernelLaunch, capability: int) -> KernelResources:
@@ -244,10 +236,10 @@ def _compile_launch(launch: KernelLaunch, capability: int) -> KernelResources:
 
 
 def compile_launches(launches, targets=TARGETS, timeout: float = 1800) -> list[tuple[KernelLaunch, KernelResources]]:
-    """Compile each distinct launch for each target in a fresh interpreter with TRITON_INTERPRET
-    unset (so this works from a test session that runs the kernels in the interpreter)."""
+    """Compile each distinct launch for each target in a fresh Python process outside Triton's
+    interpreter (so this works from a test session that runs the kernels in the interpreter)."""
     unique = list({launch.key: launch for launch in launches}.values())
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = environment_without_interpreter()
     payload = json.dumps({"launches": [asdict(launch) for launch in unique], "targets": list(targets)})
     child = subprocess.run([sys.executable, "-m", "vit_fast.aot"], input=payload, env=env,
                            capture_output=True, text=True, timeout=timeout)

@@ -49,6 +49,9 @@ class ViTConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {value}")
+        # A zero or negative eps divides by zero (or takes the root of a negative) for a constant token.
+        if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < float("inf")):
+            raise ValueError(f"ViTConfig.layer_norm_eps must be a positive finite number, got {self.layer_norm_eps!r}")
         if self.gelu_approximate not in ("none", "tanh"):
             raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
 

@@ -11,15 +11,15 @@ cut, not a measurement of time: it assumes every operator reads its inputs and w
 outputs once from memory (no cache reuse between operators) and ignores what a kernel re-reads
 internally. It runs on fake tensors (no data, no compute), so any preset and batch size is
 accounted for in seconds on a CPU, including the fused backend, whose ops contribute through
-their registered fake implementations and autograd formulas.
+their registered fake implementations and autograd formulas. Those check only shapes, dtypes and
+devices, never whether Triton could run a kernel here, so fake CPU tensors need no interpreter
+(``vit_fast.fused.launch`` says which checks run where).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -107,28 +107,6 @@ class OpRecorder(TorchDispatchMode):
         return out
 
 
-@contextlib.contextmanager
-def _cpu_tensors_accepted(backend: str):
-    """The fused ops accept CPU tensors only in Triton's interpreter; the account's fake tensors
-    are CPU tensors that never run a kernel. So claim the interpreter for the account's duration,
-    after the fused modules are imported (``@triton.jit`` reads the variable at import), and
-    restore the environment afterwards, with or without a GPU."""
-    if backend != "fused":
-        yield
-        return
-    from .fused import attention, layernorm, mlp, patch_embed  # noqa: F401
-
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = before
-
-
 def account_training_step(preset: str, batch_size: int, backend: str, **overrides) -> CostAccount:
     """Operators and bytes of one training step (forward, backward, AdamW) of ``preset``.
 
@@ -147,7 +125,7 @@ def account_training_step(preset: str, batch_size: int, backend: str, **override
     for module in model.modules():  # real (small) weights -> fake tensors of the same shapes
         for name, param in module._parameters.items():
             module._parameters[name] = torch.nn.Parameter(fake_mode.from_tensor(param.detach()))
-    with fake_mode, _cpu_tensors_accepted(backend):
+    with fake_mode:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, foreach=True)
         images = torch.randn(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size)
         labels = torch.randint(cfg.num_classes, (batch_size,))

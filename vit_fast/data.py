@@ -8,11 +8,19 @@ handful of tensor ops.
 Sources: CIFAR-100 and CIFAR-10 in their official python-pickle format (downloaded through
 torchvision when missing and online), an image folder (``root/train/<class>/*.png`` and
 ``root/val/<class>/*``), and a synthetic, learnable task for smoke runs and tests.
+
+Integrity: CIFAR files are checked against their official MD5 sums before they are read and are
+unpickled by an unpickler that admits only what those files contain; every image file is read
+through ``read_image``, whose errors name the file; ``align_classes`` maps a split's classes onto
+the training classes by name (or refuses); ``fingerprint`` summarises a loaded dataset so that a
+resumed run can tell that its data changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +62,37 @@ _CIFAR = {
 }
 
 
+# MD5 of every file of the extracted official archives, as torchvision publishes them (the
+# ``train_list``, ``test_list`` and ``meta`` entries of torchvision.datasets.CIFAR10 / CIFAR100).
+# load_cifar checks them before reading; tests, which write small fake files, pass their own table.
+CIFAR_MD5: dict[str, dict[str, str]] = {
+    "cifar100": {
+        "train": "16019d7e3df5f24257cddd939b257f8d",
+        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+        "meta": "7973b15100ade9c7d40fb424638fde48",
+    },
+    "cifar10": {
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
+        "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+    },
+}
+
+
 class DatasetNotFoundError(FileNotFoundError):
+    pass
+
+
+class DatasetIntegrityError(ValueError):
+    """A dataset file that is not what it should be (wrong checksum, forbidden pickle content,
+    unreadable image, class sets that do not match); the message names the file or the classes."""
+
+
+class ImageReadError(DatasetIntegrityError):
     pass
 
 
@@ -81,18 +119,66 @@ class ImageDataset:
         return ImageDataset(self.images.to(device), self.labels.to(device), self.classes)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only the globals the official CIFAR pickles use: numpy's array reconstruction (under
+    its numpy 1 and numpy 2 module names). Everything else in them is a dict, list, str, bytes or int,
+    which unpickling builds without calling anything; a pickle that names any other global (os.system,
+    say) is refused before that global is even imported."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            content = _CifarUnpickler(f, encoding="latin1").load()
+    except Exception as err:  # the unpickler's errors are many kinds; the file is what the user needs
+        raise DatasetIntegrityError(f"{path} is not a CIFAR python-pickle file: {type(err).__name__}: {err}") from None
+    if not isinstance(content, dict):
+        raise DatasetIntegrityError(f"{path} holds a {type(content).__name__}, expected the dict of the CIFAR format")
+    return content
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def load_cifar(root: str | Path, name: str = "cifar100", train: bool = True, download: bool = True) -> ImageDataset:
+def _verify_md5(path: Path, expected: str | None) -> None:
+    if expected is None:
+        raise DatasetIntegrityError(f"{path}: no MD5 sum is known for this file, so it is not read")
+    actual = file_md5(path)
+    if actual != expected:
+        raise DatasetIntegrityError(
+            f"{path} is not the official file: MD5 {actual}, expected {expected}. It is damaged or was "
+            f"replaced; delete {path.parent} and download the archive again"
+        )
+
+
+def load_cifar(
+    root: str | Path, name: str = "cifar100", train: bool = True, download: bool = True,
+    md5: dict[str, str] | None = None,
+) -> ImageDataset:
     """Read CIFAR-10/100 from the official python-pickle files under ``root``.
 
     When the files are missing and ``download`` is set, fetch and verify the official archive
     through torchvision; when that fails (offline), raise an error that says what to put where.
+    Every file is checked against ``md5`` (file name -> MD5; default: the official sums in
+    CIFAR_MD5) before it is read. Only tests pass ``md5``, for the fake files they write.
     """
     spec = _CIFAR[name]
+    md5 = CIFAR_MD5[name] if md5 is None else md5
     folder = Path(root) / spec["folder"]
     files = spec["train"] if train else spec["test"]
     wanted = [folder / f for f in [*files, spec["meta"]]]
@@ -110,24 +196,115 @@ def load_cifar(root: str | Path, name: str = "cifar100", train: bool = True, dow
             f"{spec['url']} and extract it there (it unpacks to {spec['folder']}/), or run once "
             "with network access so it downloads itself."
         )
+    for path in wanted:
+        _verify_md5(path, md5.get(path.name))
     data, labels = [], []
     for f in files:
         batch = _unpickle(folder / f)
-        data.append(np.asarray(batch["data"], dtype=np.uint8))
-        labels.extend(batch[spec["label_key"]])
+        rows, batch_labels = batch.get("data"), batch.get(spec["label_key"])
+        if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8:
+            raise DatasetIntegrityError(f"{folder / f}: 'data' should be a uint8 numpy array, got "
+                                        f"{getattr(rows, 'dtype', type(rows).__name__)}")
+        if not isinstance(batch_labels, list) or not all(type(v) is int for v in batch_labels):
+            raise DatasetIntegrityError(f"{folder / f}: {spec['label_key']!r} should be a list of ints")
+        data.append(rows)
+        labels.extend(batch_labels)
     raw = np.concatenate(data)
     if raw.ndim != 2 or raw.shape[1] != 3 * 32 * 32:
         raise ValueError(f"{folder}: expected rows of 3072 bytes (3x32x32), got array of shape {raw.shape}")
     images = torch.from_numpy(raw.reshape(-1, 3, 32, 32).copy())  # rows are stored channel-major
-    classes = list(_unpickle(folder / spec["meta"])[spec["names_key"]])
+    classes = _unpickle(folder / spec["meta"]).get(spec["names_key"])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DatasetIntegrityError(f"{folder / spec['meta']}: {spec['names_key']!r} should be a list of names")
     if len(classes) != spec["num_classes"]:
         raise ValueError(f"{folder / spec['meta']}: expected {spec['num_classes']} class names, got {len(classes)}")
     return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), classes)
 
 
+# Pillow's default limit. A larger image is refused before it is decoded: a small file can claim
+# (and decompress to) billions of pixels, a decompression bomb.
+MAX_IMAGE_PIXELS = 89_478_485
+
+# Pillow modes of 8 bits per channel: convert("RGB") keeps their scale.
+_EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def _to_rgb8(img, path: Path):
+    """``img`` as an 8-bit RGB Pillow image, with 16-bit and float pixels scaled to 0..255."""
+    from PIL import Image
+
+    if img.mode in _EIGHT_BIT_MODES:
+        return img.convert("RGB")
+    if img.mode.startswith("I;16"):  # 16-bit grayscale (PNG, TIFF): 65535 is white
+        gray = np.asarray(img).astype(np.float32) * (255 / 65535)
+    elif img.mode == "F":  # float (TIFF): accepted in [0, 1], the usual convention
+        gray = np.asarray(img, dtype=np.float32)
+        lo, hi = float(gray.min(initial=0.0)), float(gray.max(initial=0.0))
+        if not np.isfinite(gray).all() or lo < 0 or hi > 1:
+            raise ImageReadError(f"{path} has float pixels in [{lo}, {hi}]; expected values in [0, 1] "
+                                 "(convert it to an 8- or 16-bit image)")
+        gray = gray * 255
+    else:  # "I" (32-bit integers) and rarer modes carry no scale Pillow can tell us
+        raise ImageReadError(f"{path} has pixel mode {img.mode!r}, whose value range is unknown; expected an "
+                             "8- or 16-bit image or float pixels in [0, 1]")
+    return Image.fromarray(np.round(gray).clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
+
+
+def read_image(path: str | Path):
+    """The image file at ``path`` as an 8-bit RGB Pillow image, decoded in full. Every way a file
+    can fail (missing, a directory, empty, not an image, truncated, too large, a pixel format
+    without a known scale) is one error naming the file."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.is_dir():
+        raise ImageReadError(f"{path} is a directory; expected an image file")
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path} is empty (0 bytes); expected an image file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns between its limit and twice it, then decodes; the check below refuses instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageReadError(f"{path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} "
+                                     "allowed (a decompression bomb?); downscale it first")
+            img.load()
+            return _to_rgb8(img, path)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(f"{path} is refused as a decompression bomb: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:  # Pillow raises all three on damaged files
+        raise ImageReadError(f"{path} is not an image Pillow can read (PNG, JPEG, ...), or it is truncated "
+                             f"or damaged: {err}") from None
+
+
+def align_classes(split: ImageDataset, classes: list[str], where: str) -> ImageDataset:
+    """``split`` relabelled to index ``classes`` (the training classes): its classes must be the same
+    or a subset, matched by name, never by position. ``where`` names the split in the error."""
+    if list(split.classes) == list(classes):
+        return split
+    unknown = [c for c in split.classes if c not in classes]
+    if unknown:
+        missing = [c for c in classes if c not in split.classes]
+        raise DatasetIntegrityError(
+            f"{where} has classes the model was not trained on: {unknown} (training classes missing there: "
+            f"{missing}); its classes must be the training classes or a subset of them"
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    mapping = torch.tensor([index[c] for c in split.classes], dtype=torch.int64, device=split.labels.device)
+    return ImageDataset(split.images, mapping[split.labels], list(classes))
+
+
 def load_image_folder(root: str | Path, train: bool, image_size: int) -> ImageDataset:
     """``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` (or ``test/``), resized
-    to image_size x image_size RGB and held as uint8."""
+    to image_size x image_size RGB and held as uint8. The classes are the split's own folders;
+    ``align_classes`` maps a val/test split onto the training classes."""
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
@@ -139,9 +316,46 @@ def load_image_folder(root: str | Path, train: bool, image_size: int) -> ImageDa
             f"{root}/train/<class>/<image> and {root}/val/<class>/<image>"
         )
     to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize((image_size, image_size), antialias=True)])
-    folder = ImageFolder(str(split), transform=lambda img: to_tensor(img.convert("RGB")))
+    try:
+        folder = ImageFolder(str(split), loader=read_image, transform=to_tensor)
+    except FileNotFoundError as err:  # no class folders, or a class folder without images
+        raise DatasetNotFoundError(f"image folder {split}: {err}") from None
     images = torch.stack([folder[i][0] for i in range(len(folder))])
     return ImageDataset(images, torch.tensor(folder.targets, dtype=torch.int64), list(folder.classes))
+
+
+def fingerprint(dataset: str, train: ImageDataset, test: ImageDataset) -> dict:
+    """What identifies the data of a run: its name, classes, split sizes and a SHA-256 of each
+    split's labels and image bytes. Computed on the host, once, right after loading (0.25 s
+    for CIFAR-100's 180 MB of images on a 2-core CPU)."""
+    def digest(split: ImageDataset) -> str:
+        h = hashlib.sha256()
+        for t in (split.labels, split.images):
+            if t.device.type != "cpu":
+                raise ValueError(f"fingerprint the dataset before moving it to {t.device}")
+            h.update(memoryview(t.contiguous().numpy()).cast("B"))
+        return h.hexdigest()
+
+    return {"dataset": dataset, "classes": list(train.classes), "train_count": len(train),
+            "test_count": len(test), "train_sha256": digest(train), "test_sha256": digest(test)}
+
+
+def fingerprint_changes(saved: dict, now: dict) -> list[str]:
+    """What differs between two fingerprints, in words (empty when they match)."""
+    changes = []
+    if saved.get("dataset") != now["dataset"]:
+        changes.append(f"dataset {saved.get('dataset')!r} -> {now['dataset']!r}")
+    if saved.get("classes") != now["classes"]:
+        old, new = list(saved.get("classes") or []), now["classes"]
+        added, removed = [c for c in new if c not in old], [c for c in old if c not in new]
+        changes.append(f"classes (added {added}, removed {removed})" if added or removed else "class order")
+    for split in ("train", "test"):
+        count = f"{split}_count"
+        if saved.get(count) != now[count]:
+            changes.append(f"{split} images {saved.get(count)} -> {now[count]}")
+        elif saved.get(f"{split}_sha256") != now[f"{split}_sha256"]:
+            changes.append(f"{split} image or label content (same count, different SHA-256)")
+    return changes
 
 
 def synthetic(num_images: int, num_classes: int, image_size: int = 32, seed: int = 0) -> ImageDataset:
@@ -183,8 +397,11 @@ def load_split(
 
 
 def load_data(dataset: str, data_dir: str | Path, **options) -> tuple[ImageDataset, ImageDataset]:
-    """(training split, test split) of ``dataset``; ``options`` are load_split's keyword options."""
-    return load_split(dataset, data_dir, True, **options), load_split(dataset, data_dir, False, **options)
+    """(training split, test split) of ``dataset``; ``options`` are load_split's keyword options.
+    The test split is mapped onto the training classes by name (align_classes), or refused."""
+    train = load_split(dataset, data_dir, True, **options)
+    test = load_split(dataset, data_dir, False, **options)
+    return train, align_classes(test, train.classes, f"the test split of {dataset} in {data_dir}")
 
 
 def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import data as data_mod
 from . import distributed as dist_mod
 from .checkpoint import CheckpointError, load_model
+from .paths import check_output_file
 from .runtime import autocast, check_backend_device, resolve_device
 
 # The training arguments that, with the dataset and its directory, define a split (data.load_split's options).
@@ -122,12 +123,14 @@ def evaluate_checkpoint(
     dataset = dataset or info["dataset"]
     test_set = data_mod.load_split(dataset, data_dir, False, download=download, **split_options(ckpt))
     cfg = model.cfg
-    if len(test_set.classes) != cfg.num_classes:
+    if len(test_set.classes) > cfg.num_classes:
         raise CheckpointError(f"{dataset} has {len(test_set.classes)} classes but the model in {path} "
                               f"predicts {cfg.num_classes}")
-    if test_set.classes != list(info["classes"]):
-        raise CheckpointError(f"the class names of {dataset} differ from those {path} was trained on "
-                              f"(first: {test_set.classes[:3]} vs {list(info['classes'])[:3]})")
+    try:  # the same rule as training's: the training classes or a subset, matched by name
+        test_set = data_mod.align_classes(test_set, list(info["classes"]), f"the {dataset} test split")
+    except data_mod.DatasetIntegrityError as err:
+        raise CheckpointError(f"the class names of {dataset} differ from those {path} was trained on: "
+                              f"{err}") from None
     shape = tuple(test_set.images.shape[1:])
     if shape != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise CheckpointError(f"{dataset} images are {shape} but the model in {path} expects "
@@ -171,14 +174,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.batch_size <= 0 or args.pairs < 0:
         raise SystemExit(f"--batch-size must be positive and --pairs >= 0, got {args.batch_size} and {args.pairs}")
+    if args.json:
+        check_output_file(args.json, "--json")  # before the evaluation, not after it
     try:
         report = evaluate_checkpoint(args.checkpoint, args.data_dir, args.dataset, args.device, args.batch_size,
                                      args.backend, not args.no_download, args.pairs)
-    except (FileNotFoundError, CheckpointError) as err:  # DatasetNotFoundError is a FileNotFoundError
-        raise SystemExit(f"error: {err}") from None
+    except (FileNotFoundError, CheckpointError, data_mod.DatasetIntegrityError) as err:
+        raise SystemExit(f"error: {err}") from None  # DatasetNotFoundError is a FileNotFoundError
     print(format_report(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return report

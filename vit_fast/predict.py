@@ -5,7 +5,10 @@
 Any file Pillow reads (PNG, JPEG, ...) is converted to RGB, resized to the model's image size
 (the whole image, squashed to a square: CIFAR images are whole scenes, so nothing is cropped
 away) and normalised with the mean and std of the checkpoint's training set; the five most
-probable classes are printed with their probabilities.
+probable classes are printed with their probabilities. 16-bit images are scaled to 8 bits and
+float images (values in [0, 1]) to 0..255; other pixel formats, damaged or truncated files,
+directories and images of more than data.MAX_IMAGE_PIXELS pixels are refused with an error that
+names the file.
 """
 
 from __future__ import annotations
@@ -18,28 +21,17 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_model
-from .data import normalize
+from .data import ImageReadError, normalize, read_image
 from .evaluate import checkpoint_data
 from .runtime import check_backend_device, resolve_device
 
 
-class ImageReadError(ValueError):
-    pass
-
-
 def load_image(path: str | Path, image_size: int) -> torch.Tensor:
-    """The image at ``path`` as uint8 (3, image_size, image_size) RGB."""
-    from PIL import Image, UnidentifiedImageError
+    """The image at ``path`` as uint8 (3, image_size, image_size) RGB (see data.read_image)."""
+    from PIL import Image
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as img:
-            # Pillow's resize filters are antialiased, so a large photo is averaged, not aliased.
-            rgb = img.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
-    except (UnidentifiedImageError, OSError) as err:
-        raise ImageReadError(f"{path} is not an image Pillow can read (PNG, JPEG, ...): {err}") from None
+    # Pillow's resize filters are antialiased, so a large photo is averaged, not aliased.
+    rgb = read_image(path).resize((image_size, image_size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 

@@ -6,7 +6,6 @@ Public API: ``resolve_device``, ``check_backend_device``, ``autocast``, ``synchr
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
@@ -27,7 +26,9 @@ def resolve_device(name: str) -> torch.device:
 
 def check_backend_device(backend: str, device: torch.device) -> None:
     """The fused backend runs Triton and CUDA kernels: a GPU, or Triton's interpreter on the CPU."""
-    if backend == "fused" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    from .fused.launch import interpreting  # the one place that reads TRITON_INTERPRET
+
+    if backend == "fused" and device.type != "cuda" and not interpreting():
         raise SystemExit(
             f"--fused runs our Triton and CUDA kernels, which need an NVIDIA GPU, but the device is {device}. "
             "Use --backend torch on this machine, or set TRITON_INTERPRET=1 to run the kernels in Triton's "

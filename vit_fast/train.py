@@ -51,11 +51,12 @@ from torch import Tensor
 from . import data as data_mod
 from . import distributed as dist_mod
 from . import recipes
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import RESUME_ENTRIES, CheckpointError, load_checkpoint, save_checkpoint
 from .config import BACKENDS, PRESETS, ViTConfig, get_preset
 from .ema import EMA
 from .evaluate import evaluate
 from .model import ViTClassifier
+from .paths import check_output_dir
 from .runtime import check_backend_device, rank_seed, resolve_device, restore_rng, rng_state, synchronize
 
 CHECKPOINT_FILE, METRICS_FILE, BEST_FILE = "checkpoint.pt", "metrics.jsonl", "best.pt"
@@ -174,6 +175,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.cuda_graphs and args.compile and args.compile_mode not in (None, "default"):
         raise SystemExit(f"--cuda-graphs with --compile-mode {args.compile_mode}: that mode captures CUDA graphs "
                          "of its own; use --compile-mode default (or no --cuda-graphs)")
+    check_output_dir(args.out_dir, "--out-dir")  # now, not when the first epoch's checkpoint is due
 
 
 def check_graph_device(args: argparse.Namespace, world: dist_mod.World, device: torch.device) -> None:
@@ -354,7 +356,7 @@ class TrainingRun:
     scheduler: LRSchedule
     train_loader: data_mod.DeviceLoader
     test_loader: data_mod.DeviceLoader
-    data_info: dict  # the checkpoint's "data" entry: dataset, classes, mean, std
+    data_info: dict  # the checkpoint's "data" entry: dataset, classes, mean, std, fingerprint
     out_dir: Path  # checkpoint.pt, metrics.jsonl and curves.png
     amp: bool = False  # bf16 autocast (CUDA only)
     start_epoch: int = 0  # epochs completed before this invocation
@@ -383,7 +385,7 @@ def _resume_state(args: argparse.Namespace, ckpt_path: Path) -> dict | None:
     """The checkpoint to continue from (``--resume``), checked against this run's recipe; None for a
     fresh run, which must not replace a checkpoint unless asked to."""
     if args.resume:
-        state = load_checkpoint(ckpt_path)  # every rank reads it
+        state = load_checkpoint(ckpt_path, required=RESUME_ENTRIES)  # every rank reads it
         saved = state["args"]
         changed = {k: (saved.get(k), getattr(args, k)) for k in RECIPE_ARGS if saved.get(k) != getattr(args, k)}
         if changed:
@@ -406,6 +408,9 @@ def setup(args: argparse.Namespace, world: dist_mod.World, device: torch.device)
     resume_state = _resume_state(args, out_dir / CHECKPOINT_FILE)
     torch.manual_seed(args.seed)
     train_set, test_set = data_mod.load_data(args.dataset, args.data_dir, **data_options(args))
+    fingerprint = data_mod.fingerprint(args.dataset, train_set, test_set)  # on the host, before .to(device)
+    if resume_state is not None:
+        check_resume_data(resume_state, fingerprint, out_dir / CHECKPOINT_FILE, print if world.is_main else _silent)
     cfg = model_config(args, len(train_set.classes), train_set.images.shape[-1])
     if resume_state is not None and resume_state["config"] != cfg.to_dict():
         diff = {k: (v, cfg.to_dict()[k]) for k, v in resume_state["config"].items() if cfg.to_dict().get(k) != v}
@@ -427,7 +432,8 @@ def setup(args: argparse.Namespace, world: dist_mod.World, device: torch.device)
     run = TrainingRun(
         args=args, world=world, device=device, cfg=cfg, model=model, forward=model, optimizer=optimizer,
         scheduler=scheduler, train_loader=train_loader, test_loader=test_loader,
-        data_info={"dataset": args.dataset, "classes": list(train_set.classes), "mean": mean, "std": std},
+        data_info={"dataset": args.dataset, "classes": list(train_set.classes), "mean": mean, "std": std,
+                   "fingerprint": fingerprint},
         out_dir=out_dir, amp=device.type == "cuda" and not args.no_amp, log=print if world.is_main else _silent,
         watch=NonFiniteWatch(device),
         recipe=recipe, ema=EMA(model, args.ema) if args.ema > 0 else None,
@@ -477,16 +483,20 @@ def check_steps_per_epoch(state: dict, steps_per_epoch: int, ckpt_path: Path) ->
 
 
 def _resume(run: TrainingRun, state: dict) -> None:
-    run.model.load_state_dict(state["model"])
-    restore_optimizer(run.optimizer, state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.start_epoch, run.step = state["epoch"], state["step"]
-    if run.ema is not None:
-        run.ema.load_state_dict(state["ema"])
-    run.best = state.get("best")
-    restore_rng(state, run.world, run.device, run.args.seed, run.start_epoch, run.log)
+    try:
+        run.model.load_state_dict(state["model"])
+        restore_optimizer(run.optimizer, state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.start_epoch, run.step = state["epoch"], state["step"]
+        if run.ema is not None:
+            run.ema.load_state_dict(state["ema"])
+        run.best = state.get("best")
+        restore_rng(state, run.world, run.device, run.args.seed, run.start_epoch, run.log)
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:  # what load_state_dict and set_rng_state raise
+        raise CheckpointError(f"checkpoint {run.ckpt_path} does not fit this run: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}") from None
     if run.world.is_main:
-        _truncate_metrics(run.metrics_path, run.start_epoch)
+        _truncate_metrics(run.metrics_path, run.start_epoch, state.get("metrics"), run.log)
 
 
 def _wrap(model: ViTClassifier, compile_model: bool, world: dist_mod.World,
@@ -797,6 +807,22 @@ def train(args: argparse.Namespace) -> dict:
         dist_mod.shutdown()
 
 
+def check_resume_data(ckpt: dict, fingerprint: dict, ckpt_path: Path, log=print) -> None:
+    """``--resume`` continues only on the data the checkpoint was trained on: the schedule's step
+    count, the data order and the metrics all depend on it (data.fingerprint)."""
+    saved = ckpt["data"].get("fingerprint")
+    if saved is None:
+        # Written before fingerprints existed: refusing would strand every such run, so it goes on,
+        # with the one data fact such a checkpoint records compared.
+        log(f"warning: {ckpt_path} records no dataset fingerprint (it predates them), so a change in the data's "
+            "content or size cannot be detected; only the class names are compared")
+        saved = {**fingerprint, "classes": list(ckpt["data"].get("classes", []))}
+    changes = data_mod.fingerprint_changes(saved, fingerprint)
+    if changes:
+        raise SystemExit(f"--resume with different data than {ckpt_path} was trained on: {'; '.join(changes)}. "
+                         "Resume with the original data, or start a new run (--overwrite or another --out-dir)")
+
+
 def write_curves(metrics_path: Path, png: Path) -> None:
     """Plot the training curves; a failure here never fails the training run."""
     try:
@@ -807,19 +833,45 @@ def write_curves(metrics_path: Path, png: Path) -> None:
         print(f"warning: could not plot the training curves to {png}: {type(err).__name__}: {err}", file=sys.stderr)
 
 
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metric lines of epochs after the checkpoint (they will be recomputed)."""
+def _truncate_metrics(path: Path, epochs_done: int, last: dict | None = None, log=print) -> None:
+    """Drop metric lines of epochs after the checkpoint (they will be recomputed).
+
+    A crash while a line was appended leaves the file's last line cut short: that line is dropped
+    and reported, and ``last`` (the checkpoint's own metrics, the line a crash right after saving
+    loses) restores the checkpoint's epoch if it is missing. A damaged line anywhere else is not a
+    crash's doing: it is an error naming the file and line, and the file is left as it is."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epochs_done]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    kept: list[dict] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            epoch = record["epoch"]
+            if not isinstance(epoch, int):
+                raise TypeError(f"epoch {epoch!r} is not an integer")
+        except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+            if number == len(lines):
+                log(f"note: the last line of {path} (line {number}) is cut short, as a crash while writing it "
+                    "leaves it; dropped")
+                continue
+            raise SystemExit(f"error: {path} line {number} is not a metrics record ({type(err).__name__}: {err}); "
+                             "repair or delete that line, then --resume again") from None
+        if epoch <= epochs_done:
+            kept.append(record)
+    if last is not None and epochs_done not in {r["epoch"] for r in kept}:
+        kept.append(last)
+        log(f"note: {path} had no line for epoch {epochs_done}; restored it from the checkpoint")
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         train(args)
-    except data_mod.DatasetNotFoundError as err:
+    except (data_mod.DatasetNotFoundError, data_mod.DatasetIntegrityError, CheckpointError) as err:
         raise SystemExit(f"error: {err}") from None
 
 

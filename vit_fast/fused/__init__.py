@@ -1,7 +1,10 @@
 """Registered torch ops (namespace ``vit_fast``) around our kernels, one module per op.
 
-Each module validates inputs, allocates outputs, picks a launch configuration, launches the
+Each op module validates inputs, allocates outputs, picks a launch configuration, launches the
 kernels of ``vit_fast.kernels`` (Triton) or ``vit_fast._C`` (C++/CUDA), and registers fake
 (meta) and autograd implementations so the ops work under ``torch.compile(fullgraph=True)``.
-Modules are imported on first use, so a missing compiler or extension only matters to its op.
+What the Triton ops share (the ``Launch`` object, the interpreter switch, accumulation and
+dot-precision rules, device and dtype checks) lives in ``launch.py``; CONTRIBUTING.md gives the
+layout every op module follows. Modules are imported on first use, so a missing compiler or
+extension only matters to its op.
 """

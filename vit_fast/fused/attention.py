@@ -10,6 +10,8 @@ Public API (matches ``vit_fast.reference.attention`` / ``attention_packed``):
     attention_packed(qkv, scale=None)   qkv (B, N, 3, H, D)  -> (B, N, H*D)
     aot_launches(batch, seq_len, heads, head_dim, dtype, packed=True)   the GPU's kernel launches,
                                         for the ahead-of-time compile tests (vit_fast.aot)
+    KernelConfig, AttentionConfig, choose_config(head_dim, seq_len, dtype, interpret=None)
+    launch_forward(...), launch_backward(...)   run the kernels on (B, H, N, D) views with a given config
 
 Registered ops (custom_op + register_fake + register_autograd, so they pass opcheck and trace
 under torch.compile(fullgraph=True); the forward ops return the row log-sum-exp the backward
@@ -24,24 +26,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 
-from vit_fast import aot
-from vit_fast.kernels.attention import (
-    _attn_bwd_dkdv_kernel,
-    _attn_bwd_dq_kernel,
-    _attn_bwd_preprocess_kernel,
-    _attn_fwd_kernel,
+from vit_fast.fused.launch import (
+    Launch,
+    accumulation_dtype,
+    check_launchable,
+    check_same_dtype_device,
+    interpreting,
+    precision_constexprs,
 )
+from vit_fast.kernels.attention import (
+    attention_bwd_dkdv_kernel,
+    attention_bwd_dq_kernel,
+    attention_bwd_preprocess_kernel,
+    attention_fwd_kernel,
+)
+from vit_fast.reference import split_qkv
+
+if TYPE_CHECKING:
+    from vit_fast.aot import KernelLaunch
 
 MAX_HEAD_DIM = 128
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
@@ -69,7 +80,7 @@ class AttentionConfig:
     fuse_dq: bool = False
 
 
-# Under TRITON_INTERPRET=1 the numbers only shape the arithmetic, so the tiles are fixed, small
+# In Triton's interpreter the numbers only shape the arithmetic, so the tiles are fixed, small
 # and asymmetric: BLOCK_M != BLOCK_N catches mixed-up masks, and 32-wide key tiles make every test
 # sequence length above 32 (65, 197) run several tiles with a ragged last one, while N = 1 and 2
 # take the fused-dQ path.
@@ -104,10 +115,11 @@ def choose_config(head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bo
       the short-sequence choices are unmeasured until bench_attention.py runs on a GPU.
     - fp32 inputs take twice the registers per operand: tiles are halved; fp64 uses 16 x 16
       tiles (both exist for testing, not speed).
-    - Under TRITON_INTERPRET=1 the tiles are fixed (_INTERPRETER_TILES).
+    - In the interpreter (``interpret``, default ``launch.interpreting()``) the tiles are fixed
+      (_INTERPRETER_TILES).
     """
     if interpret is None:
-        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        interpret = interpreting()
     if interpret:
         return dataclasses.replace(_INTERPRETER_TILES, fuse_dq=seq_len <= _INTERPRETER_TILES.dkdv.block_n)
     bd = block_d(head_dim)
@@ -173,38 +185,28 @@ def _check_head_dim(head_dim: int) -> None:
         )
 
 
-def _check_tensor(name: str, t: Tensor, rank: int, layout: str) -> None:
+def _check_rank(name: str, t: Tensor, rank: int, layout: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != rank:
         raise ValueError(f"{name} must have shape {layout} (rank {rank}), got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; fused attention supports {SUPPORTED_DTYPES}")
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if t.device.type != "cuda" and not (interpret and t.device.type == "cpu"):
-        raise ValueError(
-            f"{name} is on {t.device}; fused attention runs on CUDA tensors "
-            "(or CPU tensors under TRITON_INTERPRET=1)"
-        )
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, 4, "(B, H, N, D)")
+        _check_rank(name, t, 4, "(B, H, N, D)")
     if not (q.shape == k.shape == v.shape):
         raise ValueError(
             f"q, k and v must have the same shape (B, H, N, D), "
             f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    check_same_dtype_device({"q": q, "k": k, "v": v})
     _check_head_dim(q.shape[-1])
 
 
 def _check_packed(qkv: Tensor) -> None:
-    _check_tensor("qkv", qkv, 5, "(B, N, 3, H, D)")
+    _check_rank("qkv", qkv, 5, "(B, N, 3, H, D)")
+    check_same_dtype_device({"qkv": qkv})
     if qkv.shape[2] != 3:
         raise ValueError(
             f"qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)} (dim 2 is {qkv.shape[2]}, expected 3)"
@@ -228,26 +230,13 @@ def _unit_last_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _kernel_dtypes(dtype: torch.dtype) -> dict:
-    """The DOT_PRECISION and ACC_DTYPE constexprs for an input dtype."""
-    wide = dtype in (torch.float32, torch.float64)
-    return {
-        "DOT_PRECISION": "ieee" if wide else "tf32",
-        "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
-    }
-
-
 def _stride_args(name: str, t: Tensor) -> dict:
     """stride_<name>b, _<name>h, _<name>n of a (B, H, N, D) view (its head-dim stride is 1)."""
     return {f"stride_{name}{dim}": t.stride(i) for i, dim in enumerate("bhn")}
 
 
 def _forward_launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-                    config: AttentionConfig) -> aot.PlannedLaunch:
+                    config: AttentionConfig) -> Launch:
     B, H, N, D = q.shape
     cfg = config.forward
     args = dict(
@@ -255,9 +244,9 @@ def _forward_launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, s
         **_stride_args("q", q), **_stride_args("k", k), **_stride_args("v", v), **_stride_args("o", out),
         H=H, N_CTX=N, HEAD_DIM=D, sm_scale=scale,
     )
-    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D), **_kernel_dtypes(q.dtype))
-    return aot.PlannedLaunch(_attn_fwd_kernel, (triton.cdiv(N, cfg.block_m) * B * H,), args, constexprs,
-                             cfg.num_warps, cfg.num_stages)
+    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D), **precision_constexprs(q.dtype))
+    return Launch(attention_fwd_kernel, (triton.cdiv(N, cfg.block_m) * B * H,), args, constexprs,
+                  cfg.num_warps, cfg.num_stages)
 
 
 def launch_forward(
@@ -265,7 +254,7 @@ def launch_forward(
 ) -> Tensor:
     """out <- softmax(q k^T * scale) v on (B, H, N, D) views; returns lse (B, H, N)."""
     B, H, N, D = q.shape
-    lse = torch.empty((B, H, N), device=q.device, dtype=_acc_dtype(q.dtype))
+    lse = torch.empty((B, H, N), device=q.device, dtype=accumulation_dtype(q.dtype))
     _forward_launch(q, k, v, out, lse, scale, config or choose_config(D, N, q.dtype)).run()
     return lse
 
@@ -273,17 +262,17 @@ def launch_forward(
 def _backward_launches(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
     dq: Tensor, dk: Tensor, dv: Tensor, config: AttentionConfig,
-) -> list[aot.PlannedLaunch]:
+) -> list[Launch]:
     """The backward's launches in order: delta = rowsum(dO * O), dK/dV (and dQ when fused), dQ
     (when not). Allocates delta."""
     B, H, N, D = q.shape
-    dtypes = _kernel_dtypes(q.dtype)
+    dtypes = precision_constexprs(q.dtype)
     bd = block_d(D)
     shape_args = dict(H=H, N_CTX=N, HEAD_DIM=D)
     delta = torch.empty_like(lse)
     pre = config.preprocess
-    launches = [aot.PlannedLaunch(
-        _attn_bwd_preprocess_kernel, (triton.cdiv(N, pre.block_m) * B * H,),
+    launches = [Launch(
+        attention_bwd_preprocess_kernel, (triton.cdiv(N, pre.block_m) * B * H,),
         dict(Out=out, dOut=grad_out, Delta=delta, **_stride_args("o", out), **_stride_args("do", grad_out),
              **shape_args),
         dict(BLOCK_M=pre.block_m, BLOCK_D=bd, ACC_DTYPE=dtypes["ACC_DTYPE"]),
@@ -295,8 +284,8 @@ def _backward_launches(
     c = config.dkdv
     if config.fuse_dq and c.block_n < N:
         raise ValueError(f"fuse_dq needs one key tile per head: dkdv.block_n={c.block_n} < N={N}")
-    launches.append(aot.PlannedLaunch(
-        _attn_bwd_dkdv_kernel, (triton.cdiv(N, c.block_n) * B * H,),
+    launches.append(Launch(
+        attention_bwd_dkdv_kernel, (triton.cdiv(N, c.block_n) * B * H,),
         dict(**inputs, dK=dk, dV=dv, dQ=dq, LSE=lse, Delta=delta, **input_strides, **_stride_args("dk", dk),
              **_stride_args("dv", dv), **_stride_args("dq", dq), **shape_args, sm_scale=scale),
         dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd, FUSE_DQ=config.fuse_dq, **dtypes),
@@ -304,8 +293,8 @@ def _backward_launches(
     ))
     if not config.fuse_dq:
         c = config.dq
-        launches.append(aot.PlannedLaunch(
-            _attn_bwd_dq_kernel, (triton.cdiv(N, c.block_m) * B * H,),
+        launches.append(Launch(
+            attention_bwd_dq_kernel, (triton.cdiv(N, c.block_m) * B * H,),
             dict(**inputs, dQ=dq, LSE=lse, Delta=delta, **input_strides, **_stride_args("dq", dq), **shape_args,
                  sm_scale=scale),
             dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd, **dtypes),
@@ -325,12 +314,6 @@ def launch_backward(
         launch.run()
 
 
-def _split_packed(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, N, 3, H, D) -> three (B, H, N, D) views, no copy."""
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    return q, k, v
-
-
 def _packed_out_view(out: Tensor, H: int) -> Tensor:
     """(B, N, H*D) -> (B, H, N, D) view of the same memory."""
     B, N, HD = out.shape
@@ -338,7 +321,7 @@ def _packed_out_view(out: Tensor, H: int) -> Tensor:
 
 
 def aot_launches(batch: int, seq_len: int, heads: int, head_dim: int, dtype: torch.dtype,
-                 packed: bool = True) -> list[aot.KernelLaunch]:
+                 packed: bool = True) -> list[KernelLaunch]:
     """The kernels a GPU runs for one forward and backward of ``attention_packed`` (``packed``:
     views into a (B, N, 3, H, D) qkv tensor, output and gradient (B, N, H*D)) or of ``attention``
     (contiguous (B, H, N, D) tensors) at these sizes, with the GPU's configuration choice."""
@@ -350,16 +333,18 @@ def aot_launches(batch: int, seq_len: int, heads: int, head_dim: int, dtype: tor
 
     B, N, H, D = batch, seq_len, heads, head_dim
     if packed:
-        q, k, v = _split_packed(t(B, N, 3, H, D))
+        q, k, v = split_qkv(t(B, N, 3, H, D))
         out, grad_out = (_packed_out_view(t(B, N, H * D), H) for _ in range(2))
-        dq, dk, dv = _split_packed(t(B, N, 3, H, D))
+        dq, dk, dv = split_qkv(t(B, N, 3, H, D))
     else:
         q, k, v, out, grad_out, dq, dk, dv = (t(B, H, N, D) for _ in range(8))
-    lse = t(B, H, N, dtype=_acc_dtype(dtype))
+    lse = t(B, H, N, dtype=accumulation_dtype(dtype))
     scale = _resolve_scale(None, D)
     launches = [_forward_launch(q, k, v, out, lse, scale, config)]
     launches += _backward_launches(grad_out, q, k, v, out, lse, scale, dq, dk, dv, config)
-    return [launch.to_aot() for launch in launches]
+    from vit_fast.aot import kernel_launches  # the compile tests' path only: running needs none of it
+
+    return kernel_launches(launches)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,6 +354,7 @@ def aot_launches(batch: int, seq_len: int, heads: int, head_dim: int, dtype: tor
 
 @torch.library.custom_op("vit_fast::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    check_launchable("q", q)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = launch_forward(q, k, v, out, scale)
@@ -378,13 +364,14 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
 @_attention_op.register_fake
 def _(q, k, v, scale):
     B, H, N, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, N), dtype=_acc_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty((B, H, N), dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("vit_fast::attention_backward", mutates_args=())
 def _attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    check_launchable("q", q)
     grad_out, q, k, v = (_unit_last_stride(t) for t in (grad_out, q, k, v))
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     launch_backward(grad_out, q, k, v, out, lse, scale, dq, dk, dv)
@@ -420,29 +407,31 @@ _attention_op.register_autograd(_attention_backward, setup_context=_attention_se
 
 @torch.library.custom_op("vit_fast::attention_packed", mutates_args=())
 def _attention_packed_op(qkv: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    check_launchable("qkv", qkv)
     qkv = _unit_last_stride(qkv)
     B, N, _, H, D = qkv.shape
     out = torch.empty((B, N, H * D), device=qkv.device, dtype=qkv.dtype)  # ready for the projection
-    lse = launch_forward(*_split_packed(qkv), _packed_out_view(out, H), scale)
+    lse = launch_forward(*split_qkv(qkv), _packed_out_view(out, H), scale)
     return out, lse
 
 
 @_attention_packed_op.register_fake
 def _(qkv, scale):
     B, N, _, H, D = qkv.shape
-    return qkv.new_empty((B, N, H * D)), qkv.new_empty((B, H, N), dtype=_acc_dtype(qkv.dtype))
+    return qkv.new_empty((B, N, H * D)), qkv.new_empty((B, H, N), dtype=accumulation_dtype(qkv.dtype))
 
 
 @torch.library.custom_op("vit_fast::attention_packed_backward", mutates_args=())
 def _attention_packed_backward_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float) -> Tensor:
+    check_launchable("qkv", qkv)
     grad_out, qkv = _unit_last_stride(grad_out), _unit_last_stride(qkv)
     H = qkv.shape[3]
     # One (B, N, 3, H, D) gradient, the layout of qkv: dq, dk, dv are written into it through
     # strides, so it flows back into the qkv projection with no cat or copy.
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-    dq, dk, dv = _split_packed(dqkv)
+    dq, dk, dv = split_qkv(dqkv)
     launch_backward(
-        _packed_out_view(grad_out, H), *_split_packed(qkv), _packed_out_view(out, H), lse, scale, dq, dk, dv
+        _packed_out_view(grad_out, H), *split_qkv(qkv), _packed_out_view(out, H), lse, scale, dq, dk, dv
     )
     return dqkv
 

@@ -3,37 +3,51 @@
 Public API (shapes as in ``vit_fast.reference``; weights in nn.Linear layout (out, in)):
 
     mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate="none", residual=None)
-    linear(x, weight, bias=None, residual=None)
+    MatmulConfig, choose_config(kernel, M, N, K, dtype, interpret=None)
+    linear_launch(...), gelu_bwd_launch(...)    the Launch of one kernel call
     aot_launches(M, d_in, hidden, d_out, dtype, approximate="none", residual=True)
         the GPU's kernel launches (fc1, fc2, gelu_bwd), for vit_fast.aot's compile tests
 
 Registered ops (namespace ``vit_fast``), each with a fake (meta) implementation:
 
-    vit_fast::mlp            (x, w1, b1, w2, b2, approximate, residual?) -> (y, hidden)   + autograd
-    vit_fast::mlp_gelu_grad  (grad_y, x, w1, b1, w2, approximate) -> grad_pre             backward helper
-    vit_fast::linear         (x, w, b?, residual?) -> y                                   + autograd
+    vit_fast::mlp           (x, w1, b1, w2, b2, approximate, residual?) -> (y, hidden)     + autograd
+    vit_fast::mlp_backward  (grad_y, x, w1, b1, w2, hidden, approximate, needs)
+                            -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)
 
 Forward: two launches of ``linear_fwd_kernel``, fc1 with bias + GELU in the epilogue (the
 hidden activation is written once, the pre-activation never), fc2 with bias + residual.
-Backward: ``gelu_bwd_kernel`` computes grad_pre = (dY W2) * GELU'(pre), recomputing pre in the
-same program (why: ``kernels/mlp.py``); the other products go to cuBLAS (why: ``_mlp_backward``).
+Backward, all inside ``vit_fast::mlp_backward`` (one custom-op call per MLP backward):
+``gelu_bwd_kernel`` computes grad_pre = (dY W2) * GELU'(pre), recomputing pre in the same program
+(why: ``kernels/mlp.py``); the other products and the bias sums go to cuBLAS and torch (why:
+``_mlp_backward_impl``). The residual's gradient is dY itself, passed on by the autograd formula.
+
+There is no registered plain linear: a GEMM with a bias is cuBLAS's job (``F.linear``), and fc2's
+bias + residual epilogue already lives inside ``vit_fast::mlp``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from vit_fast import aot
+from vit_fast.fused.launch import (
+    Launch,
+    accumulation_dtype,
+    check_launchable,
+    check_same_dtype_device,
+    interpreting,
+    precision_constexprs,
+)
 from vit_fast.kernels.mlp import gelu_bwd_kernel, linear_fwd_kernel
 
+if TYPE_CHECKING:
+    from vit_fast.aot import KernelLaunch
+
 _APPROXIMATE_TO_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- launch configs
@@ -49,7 +63,7 @@ class MatmulConfig:
     num_stages: int = 3  # software-pipelining depth of the K loop (shared-memory buffers)
 
 
-# Under TRITON_INTERPRET=1 one fixed, modest config: tiles of 64 keep the number of programs (the
+# In Triton's interpreter one fixed, modest config: tiles of 64 keep the number of programs (the
 # interpreter's cost) low while test shapes still span several tiles and K steps.
 INTERPRETER_CONFIG = MatmulConfig(block_m=64, block_n=64, block_k=32, group_m=4, num_warps=4, num_stages=1)
 
@@ -58,12 +72,8 @@ INTERPRETER_CONFIG = MatmulConfig(block_m=64, block_n=64, block_k=32, group_m=4,
 _ONE_WAVE_TILES = 128
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype,
-                  interpret: Optional[bool] = None) -> MatmulConfig:
+                  interpret: bool | None = None) -> MatmulConfig:
     """The launch configuration of ``kernel`` ("linear" or "gelu_bwd") for an (M, K) x (K, N) product.
 
     - 16-bit inputs (the performance path): BLOCK_K = 64, a 128-byte row per pipeline stage.
@@ -75,7 +85,7 @@ def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype,
       config each (64x64x16 and 32x32x16) whose fp32/fp64 accumulators stay clear of spills.
     A heuristic from tile counts and register/shared-memory budgets, to be tuned on a GPU with
     benchmarks/bench_mlp.py; ``tests/test_mlp.py`` compiles every config it can return.
-    ``interpret`` defaults to whether TRITON_INTERPRET=1 is set (then the fixed config).
+    ``interpret`` defaults to ``launch.interpreting()`` (then the fixed config).
     """
     if kernel not in ("linear", "gelu_bwd"):
         raise ValueError(f"kernel must be 'linear' or 'gelu_bwd', got {kernel!r}")
@@ -98,45 +108,48 @@ def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype,
     return MatmulConfig(64, 64, block_k, group_m=8, num_warps=4, num_stages=3)
 
 
-def _precision_args(dtype: torch.dtype) -> dict:
-    import triton.language as tl
+# ----------------------------------------------------------------------------- input checks
 
-    wide = dtype in (torch.float32, torch.float64)
-    return {
-        "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
-        # fp32 inputs get exact fp32 products (no TF32 rounding), so fp32 tests can be tight.
-        "INPUT_PRECISION": "ieee" if wide else "tf32",
-    }
 
+def _check_linear_shapes(prefix: str, x_shape, weight: Tensor, bias: Tensor | None) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"{prefix}weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x_shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{prefix}weight of shape {tuple(weight.shape)} expects inputs of width {weight.shape[1]}, "
+            f"got width {x_shape[-1]} (input shape {tuple(x_shape)})"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{prefix}bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _check_approximate(approximate: str) -> None:
+    if approximate not in _APPROXIMATE_TO_ACTIVATION:
+        raise ValueError(f"approximate must be 'none' (erf GELU) or 'tanh', got {approximate!r}")
+
+
+def _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual) -> None:
+    """Metadata only (shapes, dtypes, devices), so the fake implementation raises them too."""
+    _check_approximate(approximate)
+    check_same_dtype_device({"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight,
+                             "fc2_bias": fc2_bias, "residual": residual})
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
+    _check_linear_shapes("fc1_", x.shape, fc1_weight, fc1_bias)
+    _check_linear_shapes("fc2_", (*x.shape[:-1], fc1_weight.shape[0]), fc2_weight, fc2_bias)
+    out_shape = (*x.shape[:-1], fc2_weight.shape[0])
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
+
+
+# ----------------------------------------------------------------------------- launch builders
 
 def _grid(M: int, N: int, cfg: MatmulConfig) -> tuple[int]:
     return (math.ceil(M / cfg.block_m) * math.ceil(N / cfg.block_n),)
 
 
-@dataclass
-class KernelLaunch:
-    """Everything one kernel launch passes: the AOT test compiles exactly what the launcher runs."""
-
-    kernel: object  # the @triton.jit function
-    grid: tuple[int]
-    args: dict  # runtime arguments by name (tensors and ints)
-    constexprs: dict  # compile-time arguments by name
-    config: MatmulConfig
-
-    def planned(self) -> aot.PlannedLaunch:
-        return aot.PlannedLaunch(self.kernel, self.grid, self.args, self.constexprs,
-                                 self.config.num_warps, self.config.num_stages)
-
-    def run(self) -> None:
-        self.planned().run()
-
-    def to_aot(self) -> aot.KernelLaunch:
-        """This launch as the ahead-of-time compiler sees it (Triton's launch specialisation applied)."""
-        return self.planned().to_aot()
-
-
-def linear_launch(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], residual2d: Optional[Tensor], out: Tensor,
-                  activation: str, interpret: Optional[bool] = None) -> KernelLaunch:
+def linear_launch(x2d: Tensor, weight: Tensor, bias: Tensor | None, residual2d: Tensor | None, out: Tensor,
+                  activation: str, interpret: bool | None = None) -> Launch:
     """The launch computing out = act(x2d W^T + bias) + residual2d; x2d (M, K), weight (N, K), out (M, N)."""
     M, K = x2d.shape
     N = weight.shape[0]
@@ -154,13 +167,13 @@ def linear_launch(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], residual2
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual2d is not None, ACTIVATION=activation,
-        **_precision_args(x2d.dtype),
+        **precision_constexprs(x2d.dtype),
     )
-    return KernelLaunch(linear_fwd_kernel, _grid(M, N, cfg), args, constexprs, cfg)
+    return Launch(linear_fwd_kernel, _grid(M, N, cfg), args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
 def gelu_bwd_launch(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, grad_pre: Tensor,
-                    activation: str, interpret: Optional[bool] = None) -> KernelLaunch:
+                    activation: str, interpret: bool | None = None) -> Launch:
     """The launch computing grad_pre = (grad_y2d W2) * GELU'(x2d W1^T + b1), (M, hidden)."""
     M, k_in = x2d.shape
     hidden, k_out = w1.shape[0], w2.shape[0]
@@ -175,12 +188,12 @@ def gelu_bwd_launch(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor, w2: T
     )
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        ACTIVATION=activation, **_precision_args(x2d.dtype),
+        ACTIVATION=activation, **precision_constexprs(x2d.dtype),
     )
-    return KernelLaunch(gelu_bwd_kernel, _grid(M, hidden, cfg), args, constexprs, cfg)
+    return Launch(gelu_bwd_kernel, _grid(M, hidden, cfg), args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
-def _linear_fwd(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], residual2d: Optional[Tensor],
+def _linear_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, residual2d: Tensor | None,
                 activation: str) -> Tensor:
     out = torch.empty((x2d.shape[0], weight.shape[0]), device=x2d.device, dtype=x2d.dtype)
     if out.numel():  # an empty grid is not a valid launch
@@ -196,7 +209,7 @@ def _gelu_bwd(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
 
 
 def aot_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, approximate: str = "none",
-                 residual: bool = True) -> list[aot.KernelLaunch]:
+                 residual: bool = True) -> list[KernelLaunch]:
     """The kernels ``mlp`` runs on a GPU for x (M, d_in) -> (M, d_out) through ``hidden`` units,
     forward and backward: fc1 (bias + GELU epilogue), fc2 (bias, + residual if ``residual``) and
     gelu_bwd. Built by the launchers themselves on meta tensors, with the GPU's config choice."""
@@ -213,70 +226,9 @@ def aot_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype,
         linear_launch(h, w2, b2, t(M, d_out) if residual else None, y, "none", interpret=False),  # fc2
         gelu_bwd_launch(y, x, w1, b1, w2, t(M, hidden), activation, interpret=False),
     ]
-    return [launch.to_aot() for launch in launches]
+    from vit_fast.aot import kernel_launches  # the compile tests' path only: running needs none of it
 
-
-# ----------------------------------------------------------------------------- input checks
-
-
-def _check_common(tensors: dict[str, Optional[Tensor]]) -> None:
-    present = {name: t for name, t in tensors.items() if t is not None}
-    for name, t in present.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    first_name, first = next(iter(present.items()))
-    if first.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{first_name} has dtype {first.dtype}; supported: float16, bfloat16, float32, float64")
-    for name, t in present.items():
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; all tensors must share one dtype")
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all tensors must share one device")
-    if first.device.type == "cpu" and not interpreting():
-        raise RuntimeError("the fused MLP runs Triton kernels: CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
-    if first.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"the fused MLP runs on CUDA (or CPU under TRITON_INTERPRET=1), got device {first.device}")
-
-
-def _check_linear_shapes(prefix: str, x_shape, weight: Tensor, bias: Optional[Tensor]) -> None:
-    if weight.dim() != 2:
-        raise ValueError(f"{prefix}weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    if x_shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{prefix}weight of shape {tuple(weight.shape)} expects inputs of width {weight.shape[1]}, "
-            f"got width {x_shape[-1]} (input shape {tuple(x_shape)})"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{prefix}bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-
-
-def _check_residual(residual: Optional[Tensor], out_shape: tuple) -> None:
-    if residual is not None and tuple(residual.shape) != tuple(out_shape):
-        raise ValueError(f"residual must have the output's shape {tuple(out_shape)}, got {tuple(residual.shape)}")
-
-
-def _check_approximate(approximate: str) -> None:
-    if approximate not in _APPROXIMATE_TO_ACTIVATION:
-        raise ValueError(f"approximate must be 'none' (erf GELU) or 'tanh', got {approximate!r}")
-
-
-def _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual) -> None:
-    _check_approximate(approximate)
-    _check_common({"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight,
-                   "fc2_bias": fc2_bias, "residual": residual})
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
-    _check_linear_shapes("fc1_", x.shape, fc1_weight, fc1_bias)
-    _check_linear_shapes("fc2_", (*x.shape[:-1], fc1_weight.shape[0]), fc2_weight, fc2_bias)
-    _check_residual(residual, (*x.shape[:-1], fc2_weight.shape[0]))
-
-
-def _check_linear(x, weight, bias, residual) -> None:
-    _check_common({"x": x, "weight": weight, "bias": bias, "residual": residual})
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
-    _check_linear_shapes("", x.shape, weight, bias)
-    _check_residual(residual, (*x.shape[:-1], weight.shape[0]))
+    return kernel_launches(launches)
 
 
 # ----------------------------------------------------------------------------- vit_fast::mlp
@@ -284,8 +236,9 @@ def _check_linear(x, weight, bias, residual) -> None:
 
 @torch.library.custom_op("vit_fast::mlp", mutates_args=())
 def _mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
-            approximate: str, residual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+            approximate: str, residual: Tensor | None) -> tuple[Tensor, Tensor]:
     _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual)
+    check_launchable("x", x)
     lead, d_out = x.shape[:-1], fc2_weight.shape[0]
     x2d = x.reshape(-1, x.shape[-1])  # (M, D_in), a view whenever the strides allow
     hidden = _linear_fwd(x2d, fc1_weight, fc1_bias, None, _APPROXIMATE_TO_ACTIVATION[approximate])  # (M, Hd)
@@ -296,9 +249,62 @@ def _mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
 
 @_mlp_op.register_fake
 def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual):
+    _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual)
     M = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], fc2_weight.shape[0]))
     return y, x.new_empty((M, fc1_weight.shape[0]))
+
+
+# ----------------------------------------------------------------------------- vit_fast::mlp_backward
+
+
+def _sum_rows(t: Tensor) -> Tensor:
+    """Column sums (the bias gradient) accumulated in fp32 (fp64 for fp64), rounded once."""
+    return t.sum(0, dtype=accumulation_dtype(t.dtype)).to(t.dtype)
+
+
+def _not_needed(like: Tensor) -> Tensor:
+    # A custom op returns tensors, never None: an unrequested gradient is an empty placeholder
+    # (no compute, no memory) that the autograd formula turns back into None.
+    return like.new_empty((0,))
+
+
+@torch.library.custom_op("vit_fast::mlp_backward", mutates_args=())
+def _mlp_backward_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
+                     hidden: Tensor, approximate: str, needs: list[bool]
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) of y = fc2(GELU(fc1(x))) given
+    grad_y (..., D_out) and the forward's hidden activation (M, Hd); ``needs`` (five bools) says
+    which are wanted, the others come back empty."""
+    _check_approximate(approximate)
+    check_same_dtype_device({"grad_y": grad_y, "x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias,
+                             "fc2_weight": fc2_weight, "hidden": hidden})
+    check_launchable("x", x)
+    w1, w2 = fc1_weight, fc2_weight
+    gy2d = grad_y.reshape(-1, w2.shape[0])  # (M, D_out); may be a stride-0 view: the kernel and cuBLAS take strides
+    x2d = x.reshape(-1, x.shape[-1])  # (M, D_in)
+    # The only product with an elementwise tail (GELU') is fused; it needs no pre-activation.
+    grad_pre = _gelu_bwd(gy2d, x2d, w1, fc1_bias, w2, _APPROXIMATE_TO_ACTIVATION[approximate])  # (M, Hd)
+    # The other gradients are plain GEMMs (and column sums) with nothing to fuse into them:
+    # cuBLAS runs them near the roofline already, where a Triton copy would have to match it on
+    # every shape, and both cuBLAS GEMMs and torch's sum reductions are deterministic run to run
+    # (no atomics, no split-K reductions in arbitrary order). To be confirmed against a Triton
+    # alternative by benchmarks/bench_mlp.py on a GPU.
+    grad_x = (grad_pre @ w1).reshape(x.shape) if needs[0] else _not_needed(x)
+    grad_w1 = grad_pre.t() @ x2d if needs[1] else _not_needed(x)
+    grad_b1 = _sum_rows(grad_pre) if needs[2] else _not_needed(x)
+    grad_w2 = gy2d.t() @ hidden if needs[3] else _not_needed(x)
+    grad_b2 = _sum_rows(gy2d) if needs[4] else _not_needed(x)
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+@_mlp_backward_op.register_fake
+def _(grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, approximate, needs):
+    shapes = (x.shape, fc1_weight.shape, fc1_bias.shape, fc2_weight.shape, (fc2_weight.shape[0],))
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+# ----------------------------------------------------------------------------- autograd
 
 
 def _mlp_setup_context(ctx, inputs, output):
@@ -314,89 +320,17 @@ def _mlp_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _sum_rows(t: Tensor) -> Tensor:
-    """Column sums (the bias gradient) accumulated in fp32 (fp64 for fp64), rounded once."""
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return t.sum(0, dtype=acc).to(t.dtype)
-
-
-def _mlp_backward(ctx, grad_y: Optional[Tensor], _grad_hidden: Optional[Tensor]):
+def _mlp_backward(ctx, grad_y: Tensor | None, _grad_hidden: Tensor | None):
     if grad_y is None:  # y's gradient is undefined (zero): so are the inputs'
         return (None,) * 7
     x, w1, b1, w2, hidden = ctx.saved_tensors
-    d_in, d_out = x.shape[-1], w2.shape[0]
-    gy2d = grad_y.reshape(-1, d_out)  # may be a stride-0 view: the kernel and cuBLAS take strides
-    x2d = x.reshape(-1, d_in)
-    # The only product with an elementwise tail (GELU') is fused; it needs no pre-activation.
-    grad_pre = torch.ops.vit_fast.mlp_gelu_grad(gy2d, x2d, w1, b1, w2, ctx.approximate)  # (M, Hd)
-    # The other gradients are plain GEMMs (and column sums) with nothing to fuse into them:
-    # cuBLAS runs them near the roofline already, where a Triton copy would have to match it on
-    # every shape, and both cuBLAS GEMMs and torch's sum reductions are deterministic run to run
-    # (no atomics, no split-K reductions in arbitrary order). To be confirmed against a Triton
-    # alternative by benchmarks/bench_mlp.py on a GPU.
-    need = ctx.needs_input_grad
-    grad_x = (grad_pre @ w1).reshape(x.shape) if need[0] else None
-    grad_w1 = grad_pre.t() @ x2d if need[1] else None
-    grad_b1 = _sum_rows(grad_pre) if need[2] else None
-    grad_w2 = gy2d.t() @ hidden if need[3] else None
-    grad_b2 = _sum_rows(gy2d) if need[4] else None
-    grad_residual = grad_y if ctx.has_residual and need[6] else None
-    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, grad_residual
+    needs = list(ctx.needs_input_grad[:5])
+    grads = _mlp_backward_op(grad_y, x, w1, b1, w2, hidden, ctx.approximate, needs)
+    grad_residual = grad_y if ctx.has_residual and ctx.needs_input_grad[6] else None
+    return (*(g if need else None for g, need in zip(grads, needs)), None, grad_residual)
 
 
 _mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
-
-
-@torch.library.custom_op("vit_fast::mlp_gelu_grad", mutates_args=())
-def _mlp_gelu_grad_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
-                      approximate: str) -> Tensor:
-    """(grad_y W2) * GELU'(x W1^T + b1) for grad_y (M, D_out), x (M, D_in) -> (M, hidden)."""
-    _check_approximate(approximate)
-    _check_common({"grad_y": grad_y, "x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight})
-    return _gelu_bwd(grad_y, x, fc1_weight, fc1_bias, fc2_weight, _APPROXIMATE_TO_ACTIVATION[approximate])
-
-
-@_mlp_gelu_grad_op.register_fake
-def _(grad_y, x, fc1_weight, fc1_bias, fc2_weight, approximate):
-    return x.new_empty((x.shape[0], fc1_weight.shape[0]))
-
-
-# ----------------------------------------------------------------------------- vit_fast::linear
-
-
-@torch.library.custom_op("vit_fast::linear", mutates_args=())
-def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:
-    _check_linear(x, weight, bias, residual)
-    lead, n = x.shape[:-1], weight.shape[0]
-    res2d = residual.reshape(-1, n) if residual is not None else None
-    y = _linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, res2d, "none")
-    return y.reshape(*lead, n)
-
-
-@_linear_op.register_fake
-def _(x, weight, bias, residual):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _linear_setup_context(ctx, inputs, output):
-    x, weight, bias, residual = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-    ctx.has_residual = residual is not None
-
-
-def _linear_backward(ctx, grad_y: Tensor):
-    x, weight = ctx.saved_tensors
-    gy2d = grad_y.reshape(-1, weight.shape[0])
-    need = ctx.needs_input_grad
-    grad_x = (gy2d @ weight).reshape(x.shape) if need[0] else None
-    grad_w = gy2d.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
-    grad_b = _sum_rows(gy2d) if ctx.has_bias and need[2] else None
-    grad_residual = grad_y if ctx.has_residual and need[3] else None
-    return grad_x, grad_w, grad_b, grad_residual
-
-
-_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -417,11 +351,5 @@ def mlp(
     residual, if given, (..., D_out). ``approximate``: "none" (erf GELU) or "tanh".
     """
     _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual)
-    y, _hidden = torch.ops.vit_fast.mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual)
+    y, _hidden = _mlp_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual)
     return y
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
-    """x W^T + bias (+ residual) with the adds fused into the matmul's epilogue; x (..., in), weight (out, in)."""
-    _check_linear(x, weight, bias, residual)
-    return torch.ops.vit_fast.linear(x, weight, bias, residual)
