@@ -8,10 +8,11 @@ preset and every other value comes from it (``resolve``). The checkpoint records
 recipe and ``--resume`` refuses to continue under different values.
 
 Sources of the lee2021 values (each field says which):
-- [L] Lee, Lee & Song 2021, "Vision Transformer for Small-Size Datasets" (arXiv 2112.13492). The
-  paper reports its CIFAR ViT trained with DeiT's augmentation and regularisation; the numbers come
-  from the authors' code (github.com/aanna0701/SPT_LSA_ViT, main.py's argument defaults, the code
-  the paper's 73.81% CIFAR-100 top-1 was produced with).
+- [L] Lee, Lee & Song 2021, "Vision Transformer for Small-Size Datasets" (arXiv 2112.13492), which
+  trains its ViTs with DeiT's augmentation and regularisation. The numbers are the argument
+  defaults and training loop of the code the authors published with it
+  (github.com/aanna0701/SPT_LSA_ViT, main.py); the README's recipe table lists the values that
+  could not be confirmed there.
 - [D] Touvron et al. 2021, "Training data-efficient image transformers" (DeiT), main.py's defaults
   (github.com/facebookresearch/deit), which Lee et al. follow.
 - [T] PyTorch's AdamW defaults, which the authors' code keeps.
