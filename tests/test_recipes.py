@@ -179,3 +179,26 @@ def test_recipes_are_frozen_dataclasses_with_every_field_checked():
         recipes.check(recipe)
         with pytest.raises(dataclasses.FrozenInstanceError):
             recipe.lr = 1.0  # type: ignore[misc]
+
+
+def test_mix_prob_and_erase_area_the_lee2021_recipe_sets():
+    x, y = torch.randn(8, 3, 16, 16), torch.eye(4).repeat(2, 1)  # (8, 4) one-hot targets
+
+    def mixed(**kw):
+        return augment.mix(x, y, 1.0, 1.0, generator=torch.Generator().manual_seed(3), **kw)
+
+    xa, ya = mixed()
+    xb, yb = mixed(prob=1.0)  # prob 1 draws nothing more: the stream and the result are unchanged
+    assert torch.equal(xa, xb) and torch.equal(ya, yb) and not torch.equal(xa, x)
+    for mode in ("batch", "elem"):
+        x0, y0 = mixed(prob=0.0, mode=mode)
+        assert torch.equal(x0, x) and torch.equal(y0, y)
+    # Per image ("elem") with prob 0.5: some images mixed, the others exactly as they were.
+    xe, ye = augment.mix(x, y, 1.0, 0.0, mode="elem", generator=torch.Generator().manual_seed(0), prob=0.5)
+    kept = [torch.equal(xe[i], x[i]) and torch.equal(ye[i], y[i]) for i in range(8)]
+    assert 0 < sum(kept) < 8
+
+    g = torch.Generator().manual_seed(1)
+    masks = augment.erase_boxes(512, 20, 20, 1.0, g, "cpu", scale=(0.02, 0.4))
+    area = masks.float().mean(dim=(1, 2, 3))
+    assert area.max() <= 0.4 + 0.06 and area.max() > 1 / 3  # up to 40% (rounded to pixels), not 1/3
