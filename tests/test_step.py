@@ -117,9 +117,35 @@ def test_optimizer_is_fused_with_a_device_lr_and_capturable_on_cuda():
     model = torch.nn.Linear(4, 3)
     opt = train_mod.make_optimizer(train_mod.param_groups(model, 0.05), 1e-3, (0.9, 0.999), torch.device("cpu"))
     lr = opt.param_groups[0]["lr"]
-    assert isinstance(lr, torch.Tensor) and lr.dtype == torch.float32 and lr.ndim == 0
+    assert isinstance(lr, torch.Tensor) and lr.dtype == torch.float64 and lr.ndim == 0
+    assert train_mod.lr_dtype(torch.device("cuda")) == torch.float32  # what CUDA's fused AdamW reads
     assert all(g["lr"] is lr and g["fused"] for g in opt.param_groups)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_optimizer_state_is_restored_in_place():
+    """A captured graph holds the optimizer's state tensors and the lr tensor: a restore writes into
+    them; the lr and the flags the optimizer was built with survive a checkpoint's group settings."""
+
+    def stepped(seed: int, lr: float) -> torch.optim.Optimizer:
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 3)
+        opt = train_mod.make_optimizer(train_mod.param_groups(model, 0.05), lr, (0.9, 0.999), torch.device("cpu"))
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        return opt
+
+    live, saved = stepped(0, 1e-3), stepped(1, 5e-4)
+    lr = live.param_groups[0]["lr"]
+    before = {id(t) for s in live.state.values() for t in s.values()}
+    state = train_mod.optimizer_state(saved)
+    state["param_groups"] = [{**g, "fused": None} for g in state["param_groups"]]  # as an older checkpoint
+    train_mod.restore_optimizer(live, state)
+    assert {id(t) for s in live.state.values() for t in s.values()} == before
+    assert all(g["lr"] is lr and g["fused"] for g in live.param_groups) and float(lr) == 5e-4
+    for p_live, p_saved in zip(live.state.values(), saved.state.values()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(p_live[key], p_saved[key]), key
 
 
 @CUDA
@@ -134,10 +160,10 @@ def test_optimizer_built_on_cuda_is_fused_and_capturable(tmp_path):
 
 
 def formula_lr(args, steps_per_epoch: int, s: int) -> float:
-    """The lr of optimizer step s by warmup_cosine, as the float32 the optimizer holds."""
+    """The lr of optimizer step s by warmup_cosine (on the CPU the lr tensor is float64: exactly this)."""
     factor = train_mod.warmup_cosine(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch,
                                      args.min_lr / args.lr)
-    return float(torch.tensor(args.lr * factor(s), dtype=torch.float32))
+    return args.lr * factor(s)
 
 
 def test_lr_schedule_equals_the_formula_at_every_step():
@@ -153,7 +179,7 @@ def test_lr_schedule_equals_the_formula_at_every_step():
         seen.append(float(opt.param_groups[0]["lr"]))
         assert seen[-1] == formula_lr(args, steps_per_epoch, s), s
         sched.step()
-    assert seen[warmup_end] == float(torch.tensor(args.lr, dtype=torch.float32))  # the peak, exactly
+    assert seen[warmup_end] == args.lr  # the peak, exactly
     assert seen[last] == formula_lr(args, steps_per_epoch, last)
     assert seen[32] == seen[30]
     # A restored schedule continues where it was; a torch LambdaLR state ("last_epoch") loads too.
@@ -193,7 +219,7 @@ def test_schedule_advances_once_per_step_in_fresh_and_resumed_runs(tmp_path, mon
     for s, lr, count_after in seen:
         assert count_after == s + 1, f"the schedule advanced to {count_after} after step {s}"
         assert lr == formula_lr(args, steps_per_epoch, s), s
-    assert seen[7][1] == float(torch.tensor(args.lr, dtype=torch.float32))  # end of the one warm-up epoch
+    assert seen[7][1] == args.lr  # end of the one warm-up epoch
     assert seen[15][1] == formula_lr(args, steps_per_epoch, 15)  # the last step
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["scheduler"]["steps"] == ckpt["step"] == 16
@@ -235,6 +261,7 @@ def test_non_finite_loss_stops_at_a_log_point_without_a_checkpoint(tmp_path, mon
         train_mod.train(parse(*SMALL, "--out-dir", str(tmp_path), "--epochs", "2", "--log-every", "2"))
     message = str(err.value.code)
     assert "loss of optimizer step 2 (epoch 1, step 2 of 8) was not finite" in message
+    assert "no checkpoint was written" in message
     # Step 2's flag is requested at step 2 and read at step 4, not at the end of the epoch.
     assert calls["n"] == 4
     assert not (tmp_path / "checkpoint.pt").exists()
@@ -242,7 +269,8 @@ def test_non_finite_loss_stops_at_a_log_point_without_a_checkpoint(tmp_path, mon
 
 def test_non_finite_loss_is_caught_at_the_epoch_end_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     _poison_forward(monkeypatch, at_call=14)  # epoch 2, step 6
-    with pytest.raises(SystemExit, match=r"optimizer step 14 \(epoch 2, step 6 of 8\) was not finite"):
+    with pytest.raises(SystemExit, match=r"optimizer step 14 \(epoch 2, step 6 of 8\) was not finite .*"
+                                         r"checkpoint.pt still holds the last good checkpoint \(epoch 1\)"):
         train_mod.train(parse(*SMALL, "--out-dir", str(tmp_path), "--epochs", "3", "--log-every", "0"))
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())

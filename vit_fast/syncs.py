@@ -48,11 +48,9 @@ copies kernel arguments through storages and numpy without tensor ops, so it add
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
-import torch
 from torch import Tensor
 from torch._library.custom_ops import OPDEFS
 from torch.overrides import TorchFunctionMode
@@ -111,7 +109,6 @@ class HostSyncCounter:
         self.events: list[SyncEvent] = []
         self._phases: list[str] = []
         self._read_depth = 0  # > 0 while a Python-level read runs: its aten ops belong to it
-        self._suspended = 0  # > 0 inside a custom op on Triton's interpreter
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -210,7 +207,7 @@ class _FunctionCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         counter = self.counter
-        if name not in HOST_READS or counter._suspended:
+        if name not in HOST_READS:
             return func(*args, **(kwargs or {}))
         counter._record("item", f"Tensor.{name}", distinct=counter._read_depth == 0)
         counter._read_depth += 1

@@ -240,36 +240,48 @@ def optimizer_options(device: torch.device) -> dict:
     return {"fused": True, "capturable": device.type == "cuda"}
 
 
+def lr_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the lr tensor: CUDA's fused AdamW reads a float32 lr; the CPU's reads a double,
+    which keeps a CPU run's updates bit-identical to AdamW with a Python-float lr."""
+    return torch.float32 if device.type == "cuda" else torch.float64
+
+
 def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float],
                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW over ``groups`` whose learning rate is one float32 tensor on ``device``, shared by every
-    group (``LRSchedule`` writes it), and whose step counters live on the device too.
+    """AdamW over ``groups`` whose learning rate is one 0-dim tensor on ``device`` (``lr_dtype``),
+    shared by every group (``LRSchedule`` writes it), and whose step counters live on the device too.
 
     ``fused=True`` runs the update as a few multi-tensor kernels and takes the lr tensor without
     reading it back; on CUDA ``capturable=True`` as well, which keeps the bias corrections on the
     device and is what CUDA-graph capture of ``step()`` checks for."""
-    lr_t = torch.tensor(lr, dtype=torch.float32, device=device)
+    lr_t = torch.tensor(lr, dtype=lr_dtype(device), device=device)
     for g in groups:
         g["lr"] = lr_t
     return torch.optim.AdamW(groups, lr=lr_t, betas=betas, **optimizer_options(device))
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a checkpointed optimizer state into ``optimizer`` in place of its own.
+    """Load a checkpointed optimizer state into ``optimizer``, in place where it already has state.
 
-    ``Optimizer.load_state_dict`` takes each group's settings from the checkpoint; the ones this
-    run's optimizer was built with (the shared lr tensor, fused, capturable) are put back, the lr
-    tensor receiving the saved value, and the step counters go where the moments are (a checkpoint
-    written on the CPU may be resumed on a GPU)."""
+    ``Optimizer.load_state_dict`` takes each group's settings from the checkpoint and makes new
+    state tensors. The settings this run's optimizer was built with (the shared lr tensor, fused,
+    capturable) are put back, the lr tensor receiving the saved value; the step counters go where
+    the moments are (a checkpoint written on the CPU may be resumed on a GPU); and state tensors the
+    optimizer already had (a CUDA graph may hold them) receive the saved values instead of being
+    replaced."""
     built = [{k: g[k] for k in ("lr", "fused", "capturable")} for g in optimizer.param_groups]
+    live = {p: dict(s) for p, s in optimizer.state.items()}
     optimizer.load_state_dict(state)
     for group, mine in zip(optimizer.param_groups, built):
         saved_lr = group["lr"]
         group.update(mine)
         mine["lr"].copy_(torch.as_tensor(saved_lr, dtype=mine["lr"].dtype))
-    for p_state in optimizer.state.values():
+    for p, p_state in optimizer.state.items():
         if "step" in p_state and "exp_avg" in p_state:
             p_state["step"] = p_state["step"].to(p_state["exp_avg"].device, torch.float32)
+        for key, tensor in live.get(p, {}).items():
+            if isinstance(tensor, Tensor) and isinstance(p_state.get(key), Tensor):
+                p_state[key] = tensor.copy_(p_state[key])
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
@@ -589,6 +601,7 @@ class GraphedStep:
     def __init__(self, run: TrainingRun, warmup_steps: int = GRAPH_WARMUP_STEPS) -> None:
         self.run, self.warmup_steps = run, warmup_steps
         self.eager_steps = 0
+        self.side: torch.cuda.Stream | None = None  # the warm-up steps' stream
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_x: Tensor | None = None
         self.static_y: Tensor | None = None
@@ -606,11 +619,11 @@ class GraphedStep:
         if self.graph is not None:
             self.graph.replay()
         elif self.eager_steps < self.warmup_steps:
-            side = torch.cuda.Stream(self.run.device)
-            side.wait_stream(torch.cuda.current_stream(self.run.device))
-            with torch.cuda.stream(side):
+            self.side = self.side or torch.cuda.Stream(self.run.device)
+            self.side.wait_stream(torch.cuda.current_stream(self.run.device))
+            with torch.cuda.stream(self.side):
                 self.loss = train_step(self.run, self.static_x, self.static_y)
-            torch.cuda.current_stream(self.run.device).wait_stream(side)
+            torch.cuda.current_stream(self.run.device).wait_stream(self.side)
             self.eager_steps += 1
         else:
             self.graph = torch.cuda.CUDAGraph()
@@ -673,11 +686,13 @@ def stop_if_not_finite(run: TrainingRun, first_bad: int) -> None:
     if first_bad == NO_BAD_STEP:
         return
     steps = len(run.train_loader)
+    # Every epoch end checks the flag: the last checkpoint is from before the bad step's epoch.
+    kept = (f"{run.ckpt_path} still holds the last good checkpoint (epoch {first_bad // steps})"
+            if run.ckpt_path.exists() else "no checkpoint was written")
     raise SystemExit(
         f"error: the training loss of optimizer step {first_bad + 1} (epoch {first_bad // steps + 1}, step "
-        f"{first_bad % steps + 1} of {steps}) was not finite (inf or nan); stopping without writing a "
-        f"checkpoint from this state. {run.ckpt_path} holds the last finished epoch; try a lower --lr or "
-        "--clip-grad, or --no-amp"
+        f"{first_bad % steps + 1} of {steps}) was not finite (the training diverged); stopping without "
+        f"checkpointing this state: {kept}. Try a lower --lr, --clip-grad, or --no-amp"
     )
 
 
