@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vit_fast import data
+from vit_fast import augment, data
 
 
 def write_cifar100(root, n_train=20, n_test=10, seed=0):
@@ -179,7 +179,7 @@ def test_mixup_and_cutmix_targets_are_distributions():
     x = torch.randn(8, 3, 32, 32)
     y = torch.nn.functional.one_hot(torch.arange(8) % 4, 4).float()
     for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
-        xm, ym = data.mix(x, y, mixup, cutmix, generator=g)
+        xm, ym = augment.mix(x, y, mixup, cutmix, generator=g)
         assert xm.shape == x.shape
         torch.testing.assert_close(ym.sum(1), torch.ones(8))
         assert not torch.equal(xm, x)

@@ -24,7 +24,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    return train_mod.build_parser().parse_args(list(argv))
+    return train_mod.parse_args(list(argv))  # the recipe's values resolved, as the CLI resolves them
 
 
 def tiny_run(tmp_path, device, *extra: str) -> train_mod.TrainingRun:
@@ -92,10 +92,12 @@ def test_sync_counter_sees_per_batch_host_constants():
 @pytest.mark.parametrize("mix", [False, True], ids=["crop_flip", "mixup_cutmix"])
 @pytest.mark.parametrize("backend", ["reference", "torch", "fused"])
 def test_training_step_makes_no_host_syncs(tmp_path, backend, mix):
-    """A default step (drop path 0.1, clip 1.0, label smoothing, AdamW and the schedule; bf16
-    autocast, which the CLI enables on CUDA, forced on here) issues no host sync in any phase.
-    The first step is counted too: lazy optimizer state must not sync either."""
-    extra = ["--backend", backend] + (["--mixup", "0.8", "--cutmix", "1.0"] if mix else [])
+    """A default step (the lee2021 recipe: AutoAugment, repeated augmentation, erasing, mixup and
+    cutmix; drop path 0.1, label smoothing, AdamW and the schedule; clipping at 1.0 turned on; bf16
+    autocast, which the CLI enables on CUDA, forced on here) issues no host sync in any phase, nor
+    does a crop-and-flip step (--recipe basic). The first step is counted too: lazy optimizer state
+    must not sync either."""
+    extra = ["--backend", backend, "--clip-grad", "1.0"] + ([] if mix else ["--recipe", "basic"])
     run = tiny_run(tmp_path, "cpu", *extra)
     run.amp = True
     batches = train_mod.epoch_batches(run, 0)
@@ -335,7 +337,7 @@ def test_graph_replayed_steps_match_eager_steps(tmp_path, backend, mix):
     stochastic-depth draws: the CUDA generator advances through replays as through eager steps)."""
     from vit_fast.testing import assert_parity
 
-    extra = ("--mixup", "0.8", "--cutmix", "1.0") if mix else ()
+    extra = ("--mixup", "0.8", "--cutmix", "1.0") if mix else ("--recipe", "basic")
     graphed = _losses(tmp_path / "graphed", backend, "--cuda-graphs", *extra)
     eager = _losses(tmp_path / "eager", backend, *extra)
     fp32 = _losses(tmp_path / "fp32", backend, "--no-amp", *extra)

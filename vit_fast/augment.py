@@ -502,6 +502,7 @@ def _erase_values(shape: torch.Size, mode: str, generator: torch.Generator, devi
 def random_erasing(
     images: Tensor, generator: torch.Generator, p: float = 0.25, mode: str = "pixel",
     mean: Tensor | None = None, std: Tensor | None = None, tries: int = 10,
+    scale: tuple[float, float] = (0.02, 1 / 3),
 ) -> Tensor:  # fmt: skip
     """Random erasing (Zhong et al. 2020) per image, sync-free (see ``erase_boxes``).
 
@@ -510,7 +511,7 @@ def random_erasing(
     are mapped back to intensity levels, clamp(round((mean + std * v) * 255)), the same erasing
     up to the clamp to [0, 255] and the rounding to a level."""
     B, C, H, W = images.shape
-    mask = erase_boxes(B, H, W, p, generator, images.device, tries=tries)
+    mask = erase_boxes(B, H, W, p, generator, images.device, scale=scale, tries=tries)
     values = _erase_values(images.shape, mode, generator, images.device)
     if images.dtype == torch.uint8:
         if mean is None or std is None:
@@ -553,7 +554,7 @@ def sample_beta(alpha: float, n: int, generator: torch.Generator, device) -> Ten
 
 def mix(
     images: Tensor, targets: Tensor, mixup_alpha: float, cutmix_alpha: float, switch_prob: float = 0.5,
-    mode: str = "batch", generator: torch.Generator | None = None,
+    mode: str = "batch", generator: torch.Generator | None = None, prob: float = 1.0,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) as DeiT uses them (timm's Mixup), sync-free.
 
@@ -562,7 +563,9 @@ def mix(
     chosen with probability ``switch_prob``. mode "batch": one choice, lam and box for the batch;
     "elem": one per image. CutMix's lam is corrected to the area actually pasted after clipping the
     box to the image. Both mixes are computed and selected with torch.where, so the ops do not
-    depend on the draws."""
+    depend on the draws. ``prob``: the probability that a batch ("batch") or an image ("elem") is
+    mixed at all (timm's mix_prob); below 1 it is drawn after everything else, so that prob 1
+    leaves the random stream as it was."""
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         raise ValueError(f"mix needs mixup_alpha or cutmix_alpha > 0, got {mixup_alpha} and {cutmix_alpha}")
     if mode not in ("batch", "elem"):
@@ -599,7 +602,12 @@ def mix(
         lam_img * images + (1.0 - lam_img) * partner,
     )
     lam_t = lam.view(n, 1)
-    return mixed, lam_t * targets + (1.0 - lam_t) * targets.flip(0)
+    mixed_targets = lam_t * targets + (1.0 - lam_t) * targets.flip(0)
+    if prob < 1.0:
+        applied = rand(n) < prob
+        mixed = torch.where(applied.view(n, 1, 1, 1), mixed, images)
+        mixed_targets = torch.where(applied.view(n, 1), mixed_targets, targets)
+    return mixed, mixed_targets
 
 
 def smooth_targets(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
@@ -645,7 +653,8 @@ def repeated_indices(
 
 @dataclass
 class AugmentConfig:
-    """Lee et al. (2021) / DeiT recipe defaults."""
+    """DeiT's augmentation defaults (Touvron et al. 2021); the lee2021 training recipe differs in a few
+    values (vit_fast.recipes.Lee2021, built into this config by recipes.augment_config)."""
 
     padding: int = 4  # random crop from the zero-padded image (0 = off)
     flip: bool = True  # random horizontal flip
@@ -654,8 +663,10 @@ class AugmentConfig:
     randaugment_magnitude: int = 9
     erase_p: float = 0.25  # random erasing probability (0 = off)
     erase_mode: str = "pixel"  # "const" | "rand" | "pixel"
+    erase_max_area: float = 1 / 3  # largest erased fraction of the image (the smallest is 0.02)
     mixup_alpha: float = 0.8  # 0 = off
     cutmix_alpha: float = 1.0  # 0 = off
+    mix_prob: float = 1.0  # probability that a batch (or image, mode "elem") is mixed at all
     switch_prob: float = 0.5  # probability of cutmix when both are on
     mix_mode: str = "batch"  # "batch" | "elem"
     label_smoothing: float = 0.1
@@ -693,7 +704,8 @@ class DeviceAugment:
         images = self._geometry_and_policy(images, generator)
         c = self.config
         if c.erase_p > 0:
-            images = random_erasing(images, generator, c.erase_p, c.erase_mode, self.mean, self.std)
+            images = random_erasing(images, generator, c.erase_p, c.erase_mode, self.mean, self.std,
+                                    scale=(0.02, c.erase_max_area))
         return images
 
     def normalize(self, images: Tensor) -> Tensor:
@@ -703,10 +715,11 @@ class DeviceAugment:
         c = self.config
         x = self.normalize(self._geometry_and_policy(images, generator))
         if c.erase_p > 0:
-            x = random_erasing(x, generator, c.erase_p, c.erase_mode)
+            x = random_erasing(x, generator, c.erase_p, c.erase_mode, scale=(0.02, c.erase_max_area))
         targets = smooth_targets(labels, self.num_classes, c.label_smoothing)
         if c.mixup_alpha > 0 or c.cutmix_alpha > 0:
-            x, targets = mix(x, targets, c.mixup_alpha, c.cutmix_alpha, c.switch_prob, c.mix_mode, generator)
+            x, targets = mix(x, targets, c.mixup_alpha, c.cutmix_alpha, c.switch_prob, c.mix_mode, generator,
+                             c.mix_prob)
         return x, targets
 
 

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .augment import mix
+from . import augment as A
+from .augment import AugmentConfig
 
 DATASETS = ("cifar100", "cifar10", "imagefolder", "synthetic")
 
@@ -465,25 +466,42 @@ def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.
 
 
 @dataclass
-class Augment:
-    padding: int = 4  # random crop from the image zero-padded by this many pixels (0 = off)
-    flip: bool = True
-    mixup_alpha: float = 0.0  # 0 = off
-    cutmix_alpha: float = 0.0  # 0 = off (with both on, each batch takes one of the two at even odds)
+class Augment(AugmentConfig):
+    """The loader's augmentation: AugmentConfig with everything but random crop and flip off unless
+    asked for (the basic recipe); ``vit_fast.recipes.augment_config`` fills in a whole recipe.
+
+    The loader leaves ``label_smoothing`` to the loss (train_step), which smooths mixed targets too."""
+
+    policy: str | None = None
+    erase_p: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    label_smoothing: float = 0.0
 
 
 class DeviceLoader:
     """Batches of a device-resident ImageDataset: shuffled, augmented and normalised on device.
 
-    Every epoch's order and augmentation come from a generator seeded with (seed, epoch), so an
-    epoch is the same whether or not the run was interrupted before it.
+    Every epoch's order and augmentation come from generators seeded with (seed, epoch), so an
+    epoch is the same whether or not the run was interrupted before it. A training batch is built
+    in DeiT's order: crop and flip, the per-image policy (uint8), normalisation, random erasing,
+    then mixup/cutmix (``augment``, a vit_fast.augment.AugmentConfig). Everything is drawn from the
+    epoch's device generator with shapes fixed by the batch. Targets: the labels (B,), or with mixing the mixed one-hot targets (B, K), unsmoothed (the
+    loss applies label smoothing).
+
+    Repeated augmentation (``repeats`` k > 1; Hoffer et al. 2020, DeiT's RASampler): the epoch's
+    order is its permutation with each index repeated k times in a row, cut to the dataset's size,
+    so an epoch holds about N / k distinct images, k differently augmented copies of each. (DeiT
+    also rounds the epoch down to a multiple of 256 images; here it keeps N, so that small
+    datasets still make whole steps.)
 
     Data parallel: with ``world_size`` ranks, ``batch_size`` is the per-rank batch. The epoch is
-    cut into global batches of ``batch_size * world_size`` images of one permutation (the same on
-    every rank), and rank r takes positions r, r + world_size, ... of each. Crop and flip offsets
-    are drawn for the whole global batch and each rank applies its rows, so the ranks together
-    see exactly the images a single process with the global batch sees. Mixup and cutmix pair
-    images within the rank's own batch (as data-parallel training usually does), so with them
+    cut into global batches of ``batch_size * world_size`` positions of one order (the same on
+    every rank), and rank r takes positions r, r + world_size, ... of each: consecutive repeats of
+    an image go to different ranks, as DeiT deals them. The random draws of crop, flip, the policy
+    and erasing are made for the whole global batch and each rank applies its rows, so the ranks
+    together see exactly the images a single process with the global batch sees. Mixup and cutmix
+    pair images within the rank's own batch (as data-parallel training usually does), so with them
     the multi-rank run is a different, equally valid, draw.
 
     A batch is produced without host syncs: the normalisation constants live on the device from the
@@ -499,32 +517,45 @@ class DeviceLoader:
         mean: list[float],
         std: list[float],
         train: bool,
-        augment: Augment | None = None,
+        augment: AugmentConfig | None = None,
         seed: int = 0,
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        repeats: int = 1,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size), got rank {rank} of world_size {world_size}")
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
         self.data, self.batch_size, self.mean, self.std = data, batch_size, mean, std
         self.train, self.augment, self.seed, self.drop_last = train, augment or Augment(), seed, drop_last
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.repeats = rank, world_size, repeats
         self.num_classes = len(data.classes)
         self.epoch = 0
         dev = data.images.device
         self._mean = torch.as_tensor(mean, dtype=torch.float32, device=dev)  # (C,)
         self._std = torch.as_tensor(std, dtype=torch.float32, device=dev)
         self._classes = torch.arange(self.num_classes, device=dev)  # (K,), for one-hot targets
+        c = self.augment
+        self.policy = None
+        if train and c.policy is not None:
+            self.policy = A.Policy(c.policy, num_ops=c.randaugment_ops, magnitude=c.randaugment_magnitude)
+            # Its magnitude tables come from host data: built here, so that no batch copies them.
+            self.policy._tables(dev, data.images.shape[2], data.images.shape[3])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _indices(self, generator: torch.Generator) -> Tensor:
         n = len(self.data)
-        return torch.randperm(n, generator=generator, device="cpu") if self.train else torch.arange(n)
+        if not self.train:
+            return torch.arange(n)
+        if self.repeats > 1:
+            return A.repeated_indices(n, generator, repeats=self.repeats, round_to=1)  # (n,)
+        return torch.randperm(n, generator=generator, device="cpu")
 
     def _spans(self) -> list[tuple[int, int]]:
         """(start, stop) positions in the epoch's order of the global batches this rank takes part in."""
@@ -545,6 +576,41 @@ class DeviceLoader:
     def __len__(self) -> int:
         return len(self._spans())
 
+    @property
+    def mixing(self) -> bool:
+        return self.train and (self.augment.mixup_alpha > 0 or self.augment.cutmix_alpha > 0)
+
+    def augment_images(self, images: Tensor, global_batch: int, rows: slice, generator: torch.Generator) -> Tensor:
+        """Crop, flip and the policy of this rank's ``rows`` of a global batch, uint8 (B, C, H, W)."""
+        c, dev = self.augment, images.device
+        if c.padding or c.flip:
+            oy, ox, flipped = crop_flip_offsets(global_batch, c.padding, c.flip, generator, dev)
+            flipped = None if flipped is None else flipped[rows]
+            images = apply_crop_flip(images, c.padding, oy[rows], ox[rows], flipped)
+        if self.policy is not None:
+            _, _, H, W = images.shape
+            op, magnitude = self.policy.draw(global_batch, H, W, generator, dev)  # (steps, global batch)
+            for step in range(op.shape[0]):
+                images = A.apply_ops(images, op[step, rows], magnitude[step, rows], self.policy.ops)
+        return images
+
+    def erase(self, x: Tensor, global_batch: int, rows: slice, generator: torch.Generator) -> Tensor:
+        """Random erasing of this rank's ``rows`` of a global batch, on the normalised batch (B, C, H, W)."""
+        c = self.augment
+        if c.erase_p <= 0:
+            return x
+        _, C, H, W = x.shape
+        mask = A.erase_boxes(global_batch, H, W, c.erase_p, generator, x.device, scale=(0.02, c.erase_max_area))
+        values = A._erase_values((global_batch, C, H, W), c.erase_mode, generator, x.device)
+        return torch.where(mask[rows], values[rows] if values.ndim else values, x)
+
+    def mix(self, x: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Mixup / cutmix within this rank's batch; targets (B, K) one-hot mixed, unsmoothed."""
+        c = self.augment
+        # One-hot by comparison: F.one_hot reads the labels' range back to the host.
+        targets = (labels.view(-1, 1) == self._classes).float()  # (B, K)
+        return A.mix(x, targets, c.mixup_alpha, c.cutmix_alpha, c.switch_prob, c.mix_mode, generator, c.mix_prob)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         dev = self.data.images.device
         gen_cpu = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -553,19 +619,95 @@ class DeviceLoader:
         return self._batches(idx, gen_dev)
 
     def _batches(self, idx: Tensor, gen_dev: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        dev = self.data.images.device
-        aug, mine = self.augment, slice(self.rank, None, self.world_size)
+        mine = slice(self.rank, None, self.world_size)
         for start, stop in self._spans():
             sel = idx[start:stop][mine]
             images, labels = self.data.images[sel], self.data.labels[sel]
-            if self.train and (aug.padding or aug.flip):
-                oy, ox, flipped = crop_flip_offsets(stop - start, aug.padding, aug.flip, gen_dev, dev)
-                flipped = None if flipped is None else flipped[mine]
-                images = apply_crop_flip(images, aug.padding, oy[mine], ox[mine], flipped)
+            if self.train:
+                images = self.augment_images(images, stop - start, mine, gen_dev)
             x = normalize(images, self._mean, self._std)
-            if self.train and (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0):
-                # One-hot by comparison: F.one_hot reads the labels' range back to the host.
-                soft = (labels.view(-1, 1) == self._classes).float()  # (B, K)
-                yield mix(x, soft, aug.mixup_alpha, aug.cutmix_alpha, generator=gen_dev)
-            else:
-                yield x, labels
+            if self.train:
+                x = self.erase(x, stop - start, mine, gen_dev)
+            yield self.mix(x, labels, gen_dev) if self.mixing else (x, labels)
+
+
+def _caption(target: Tensor, classes: list[str]) -> str:
+    """A label (), or the two largest shares of a mixed target (K,)."""
+    if target.ndim == 0:
+        return classes[int(target)]
+    shares, which = target.topk(min(2, target.numel()))
+    if float(shares[0]) == 1.0:  # an image this batch did not mix
+        return classes[int(which[0])]
+    parts = [f"{classes[int(k)]} {float(v):.2f}" for v, k in zip(shares, which) if float(v) > 0]
+    return "\n".join(parts)
+
+
+def preview(dataset: ImageDataset, recipe, path: str | Path, count: int = 32, seed: int = 0, epoch: int = 0,
+            columns: int = 8) -> Path:
+    """Write a grid of the first ``count`` training images of ``epoch`` as the model sees them under
+    ``recipe`` (a vit_fast.recipes preset): the training loader's own batch, un-normalised for
+    display, each captioned with its label (a mixed image with its two classes and their shares)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import save_figure
+    from .recipes import augment_config
+
+    mean, std = channel_stats(dataset.images)
+    loader = DeviceLoader(dataset, count, mean, std, train=True, augment=augment_config(recipe), seed=seed,
+                          repeats=recipe.repeats)
+    loader.set_epoch(epoch)
+    x, targets = next(iter(loader))
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    images = (x * s + m).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C) in [0, 1]
+    targets = targets.cpu()
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 2.0 * rows), squeeze=False,
+                             constrained_layout=True)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i], interpolation="nearest")
+            ax.set_title(_caption(targets[i], dataset.classes), fontsize=7)
+    fig.suptitle(f"recipe {recipe.name}: training batch of epoch {epoch} (seed {seed})", fontsize=9)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m vit_fast.data --preview grid.png``: a look at the augmented training data."""
+    import argparse
+
+    from . import recipes
+
+    p = argparse.ArgumentParser(prog="python -m vit_fast.data", description=main.__doc__)
+    p.add_argument("--preview", required=True, metavar="PNG", help="write the grid of augmented images here")
+    p.add_argument("--dataset", default="cifar100", choices=DATASETS)
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--no-download", action="store_true", help="never try to download a missing dataset")
+    p.add_argument("--count", type=int, default=32, help="images in the grid")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epoch", type=int, default=0, help="the epoch whose first batch is shown (0-based)")
+    recipes.add_recipe_argument(p)
+    recipes.add_augment_arguments(p.add_argument_group("augmentation (overrides the recipe)"))
+    args = p.parse_args(argv)
+    if args.count <= 0 or args.epoch < 0:
+        raise SystemExit(f"--count must be positive and --epoch >= 0, got {args.count} and {args.epoch}")
+    try:
+        recipe = recipes.resolve(args)
+        recipes.check(recipe)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    try:
+        train_set = load_split(args.dataset, args.data_dir, True, download=not args.no_download, seed=args.seed)
+    except DatasetNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+    path = preview(train_set, recipe, args.preview, args.count, args.seed, args.epoch)
+    print(f"wrote {path}: {args.count} training images of {args.dataset} under recipe {recipe.name}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -70,6 +70,13 @@ def plot_metrics(metrics: str | Path | list[dict], out: str | Path) -> Path:
     summary.text(0.0, 0.9, f"epochs: {epochs[-1]}\nbest top-1: {best['top1']:.2f}% (epoch {best['epoch']})\n"
                  f"last top-1: {records[-1]['top1']:.2f}%\nlast top-5: {records[-1]['top5']:.2f}%",
                  va="top", family="monospace", fontsize=12)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Write a matplotlib figure to the PNG ``out`` (its folder made when missing) and close it."""
+    import matplotlib.pyplot as plt
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

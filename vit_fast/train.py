@@ -2,11 +2,14 @@
 
     python -m vit_fast.train                      # vit-cifar on CIFAR-100, the published recipe
     python -m vit_fast.train --dataset synthetic --epochs 2 --preset vit-cifar --depth 2
+    python -m vit_fast.train --recipe fast --ema 0.999 --keep-best
     torchrun --nproc_per_node=4 -m vit_fast.train  # data parallel: --batch-size is the global batch
 
-The default recipe follows the setup Lee et al. 2021 ("Vision Transformer for Small-Size
-Datasets") report for their CIFAR ViT: AdamW (lr 1e-3, weight decay 0.05), batch 128, linear
-warm-up then cosine decay, label smoothing 0.1, stochastic depth 0.1, 100 epochs.
+The default recipe (``--recipe lee2021``, vit_fast.recipes) is the setup Lee et al. 2021 ("Vision
+Transformer for Small-Size Datasets") published for their CIFAR ViT: AutoAugment, repeated
+augmentation, random erasing, mixup/cutmix, label smoothing, stochastic depth, AdamW (lr 1e-3,
+weight decay 0.05) at batch 128, 10 warm-up epochs then cosine decay, 100 epochs. Any recipe flag
+given on the command line overrides the preset's value.
 
 The training step, as code that measures it (``python -m vit_fast.cost``) uses it
 -------------------------------------------------------------------------------
@@ -47,28 +50,41 @@ from torch import Tensor
 
 from . import data as data_mod
 from . import distributed as dist_mod
+from . import recipes
 from .checkpoint import RESUME_ENTRIES, CheckpointError, load_checkpoint, save_checkpoint
 from .config import BACKENDS, PRESETS, ViTConfig, get_preset
+from .ema import EMA
 from .evaluate import evaluate
 from .model import ViTClassifier
 from .paths import check_output_dir
 from .runtime import check_backend_device, rank_seed, resolve_device, restore_rng, rng_state, synchronize
 
-CHECKPOINT_FILE, METRICS_FILE = "checkpoint.pt", "metrics.jsonl"
+CHECKPOINT_FILE, METRICS_FILE, BEST_FILE = "checkpoint.pt", "metrics.jsonl", "best.pt"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 PHASES = ("data", "forward_backward", "clip", "optimizer")
 GRAPH_WARMUP_STEPS = 3  # eager steps before capture: lazy state (optimizer moments, compiled code) exists by then
 
-# Arguments that must not change when a run is resumed: the schedule and data order depend on them.
-RECIPE_ARGS = (
-    "dataset", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing",
-    "mixup", "cutmix", "crop_padding", "no_flip", "clip_grad", "seed", "beta1", "beta2",
-)
+# Arguments that must not change when a run is resumed: the resolved recipe (the schedule, the
+# augmentation and the data order depend on it), the dataset and the seed.
+RECIPE_ARGS = ("dataset", "seed", *recipes.FIELDS)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None: a recipe flag's help lists the presets' values instead."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _recipe_flag(group, flag: str, help: str = "", **kw) -> None:
+    field = flag.lstrip("-").replace("-", "_")
+    group.add_argument(flag, default=None, help=f"{help} {recipes.preset_help(field)}".strip(), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vit_fast.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
+    recipes.add_recipe_argument(p)
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="vit-cifar", choices=sorted(PRESETS))
     m.add_argument("--backend", default="torch", choices=BACKENDS,
@@ -78,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dim", type=int, help="override the preset's width")
     m.add_argument("--heads", type=int, help="override the preset's number of heads")
     m.add_argument("--patch-size", type=int, help="override the preset's patch size (must divide the image size)")
-    m.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
-    m.add_argument("--dropout", type=float, default=0.0)
+    _recipe_flag(m, "--drop-path", "stochastic depth rate of the last block", type=float)
+    _recipe_flag(m, "--dropout", type=float)
     m.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     m.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                    help="torch.compile mode (needs --compile; default: 'default')")
@@ -90,22 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=32, help="image folder and synthetic data are resized to this")
     d.add_argument("--synthetic-size", type=int, default=2048, help="training images of --dataset synthetic")
     d.add_argument("--synthetic-classes", type=int, default=10)
-    d.add_argument("--crop-padding", type=int, default=4, help="random crop from the image padded by this (0 = off)")
-    d.add_argument("--no-flip", action="store_true", help="disable random horizontal flips")
-    d.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(alpha, alpha); 0 = off")
-    d.add_argument("--cutmix", type=float, default=0.0, help="cutmix Beta(alpha, alpha); 0 = off")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=100)
-    o.add_argument("--batch-size", type=int, default=128,
-                   help="global batch: under torchrun each of the N ranks takes batch-size / N images per step")
-    o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    o.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
-    o.add_argument("--warmup-epochs", type=float, default=10.0)
-    o.add_argument("--weight-decay", type=float, default=0.05)
-    o.add_argument("--beta1", type=float, default=0.9)
-    o.add_argument("--beta2", type=float, default=0.999)
-    o.add_argument("--label-smoothing", type=float, default=0.1)
-    o.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 = off)")
+    recipes.add_augment_arguments(p.add_argument_group("augmentation (recipe)"))
+    o = p.add_argument_group("optimisation (recipe)")
+    _recipe_flag(o, "--epochs", type=int)
+    _recipe_flag(o, "--batch-size", "global batch: under torchrun each of the N ranks takes batch-size / N images "
+                 "per step", type=int)
+    _recipe_flag(o, "--lr", "peak learning rate", type=float)
+    _recipe_flag(o, "--min-lr", "learning rate at the end of the cosine", type=float)
+    _recipe_flag(o, "--warmup-epochs", type=float)
+    _recipe_flag(o, "--weight-decay", type=float)
+    _recipe_flag(o, "--beta1", type=float)
+    _recipe_flag(o, "--beta2", type=float)
+    _recipe_flag(o, "--clip-grad", "max gradient norm (0 = off)", type=float)
+    _recipe_flag(o, "--ema", "keep an exponential moving average of the weights with this decay, evaluated "
+                 "and checkpointed beside them (0 = off)", type=float)
     o.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     r = p.add_argument_group("run")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -113,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out-dir", default="runs/vit", help="checkpoint.pt and metrics.jsonl go here")
     r.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
     r.add_argument("--overwrite", action="store_true", help="start afresh even if OUT_DIR has a checkpoint")
+    r.add_argument("--keep-best", action="store_true",
+                   help="also keep the weights of the best epoch (top-1; raw or EMA) in OUT_DIR/best.pt")
     r.add_argument("--stop-after", type=int, default=None,
                    help="leave after this many epochs in this invocation (time-sliced jobs; continue with --resume)")
     r.add_argument("--eval-batch-size", type=int, default=512, help="per rank")
@@ -125,19 +141,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The training arguments of ``argv``, the recipe resolved (see ``resolve_recipe``)."""
+    args = build_parser().parse_args(argv)
+    resolve_recipe(args)
+    return args
+
+
+def resolve_recipe(args: argparse.Namespace) -> recipes.Lee2021:
+    """Fill the recipe arguments left None from ``--recipe`` (in place) and check them."""
+    try:
+        recipe = recipes.resolve(args)
+        recipes.check(recipe)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    return recipe
+
+
 def check_args(args: argparse.Namespace) -> None:
+    resolve_recipe(args)
+
     def positive(name):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 
-    for name in ("epochs", "batch_size", "lr", "eval_batch_size", "synthetic_size", "synthetic_classes",
-                 "image_size", "depth", "dim", "heads", "patch_size", "stop_after"):
+    for name in ("eval_batch_size", "synthetic_size", "synthetic_classes", "image_size", "depth", "dim", "heads",
+                 "patch_size", "stop_after"):
         positive(name)
-    for name in ("min_lr", "weight_decay", "warmup_epochs", "clip_grad", "mixup", "cutmix", "crop_padding"):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not 0 <= args.label_smoothing < 1:
-        raise SystemExit(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.log_every < 0:
         raise SystemExit(f"--log-every must be >= 0, got {args.log_every}")
     if args.compile_mode is not None and not args.compile:
@@ -344,6 +374,9 @@ class TrainingRun:
     start_epoch: int = 0  # epochs completed before this invocation
     step: int = 0  # optimizer steps taken, over all invocations
     log: Callable[..., None] = print
+    recipe: recipes.Lee2021 | None = None  # the resolved recipe (also in args); the checkpoint records it
+    ema: EMA | None = None  # --ema: the averaged weights, updated after every optimizer step
+    best: dict | None = None  # --keep-best: {"epoch", "top1", "weights"} of the best epoch so far
     watch: NonFiniteWatch | None = None  # setup makes one on the device
     graph: GraphedStep | None = None  # --cuda-graphs: replays the captured step
 
@@ -354,6 +387,10 @@ class TrainingRun:
     @property
     def metrics_path(self) -> Path:
         return self.out_dir / METRICS_FILE
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / BEST_FILE
 
 
 def _resume_state(args: argparse.Namespace, ckpt_path: Path) -> dict | None:
@@ -392,6 +429,7 @@ def setup(args: argparse.Namespace, world: dist_mod.World, device: torch.device)
         raise SystemExit(f"--resume: the model configuration differs from {out_dir / CHECKPOINT_FILE} "
                          f"(checkpoint, now): {diff}")
     mean, std = data_mod.channel_stats(train_set.images)
+    recipe = recipes.resolve(args)
     shard = dict(rank=world.rank, world_size=world.size)
     train_loader = make_train_loader(args, world, train_set.to(device), mean, std)
     test_loader = data_mod.DeviceLoader(test_set.to(device), args.eval_batch_size, mean, std, train=False, **shard)
@@ -410,6 +448,7 @@ def setup(args: argparse.Namespace, world: dist_mod.World, device: torch.device)
                    "fingerprint": fingerprint},
         out_dir=out_dir, amp=device.type == "cuda" and not args.no_amp, log=print if world.is_main else _silent,
         watch=NonFiniteWatch(device),
+        recipe=recipe, ema=EMA(model, args.ema) if args.ema > 0 else None,
     )
     if resume_state is not None:
         check_steps_per_epoch(resume_state, len(train_loader), out_dir / CHECKPOINT_FILE)
@@ -427,10 +466,11 @@ def make_train_loader(args: argparse.Namespace, world: dist_mod.World, train_set
                       mean: list[float], std: list[float], log: Callable[..., None] = print) -> data_mod.DeviceLoader:
     """The training loader. Under --cuda-graphs every batch must have the graph's shape, so the last
     partial batch of each epoch is dropped (logged with its size)."""
-    augment = data_mod.Augment(args.crop_padding, not args.no_flip, args.mixup, args.cutmix)
+    recipe = recipes.resolve(args)
     loader = data_mod.DeviceLoader(train_set, per_rank_batch(args.batch_size, world), mean, std, train=True,
-                                   augment=augment, seed=args.seed, drop_last=args.cuda_graphs,
-                                   rank=world.rank, world_size=world.size)
+                                   augment=recipes.augment_config(recipe), seed=args.seed,
+                                   drop_last=args.cuda_graphs, rank=world.rank, world_size=world.size,
+                                   repeats=recipe.repeats)
     dropped = len(train_set) - sum(loader.global_batch_sizes())
     if args.cuda_graphs and dropped and world.is_main:
         log(f"--cuda-graphs: every batch has the captured graph's shape, so each epoch's last partial batch of "
@@ -460,6 +500,9 @@ def _resume(run: TrainingRun, state: dict) -> None:
         restore_optimizer(run.optimizer, state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         run.start_epoch, run.step = state["epoch"], state["step"]
+        if run.ema is not None:
+            run.ema.load_state_dict(state["ema"])
+        run.best = state.get("best")
         restore_rng(state, run.world, run.device, run.args.seed, run.start_epoch, run.log)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:  # what load_state_dict and set_rng_state raise
         raise CheckpointError(f"checkpoint {run.ckpt_path} does not fit this run: {type(err).__name__}: "
@@ -491,7 +534,8 @@ def _log_start(run: TrainingRun) -> None:
         batch = f"batch {args.batch_size}"
     run.log(f"vit_fast: {args.preset} ({n_params / 1e6:.2f}M parameters, backend {args.backend}) on {run.device}, "
             f"{args.dataset}: {len(run.train_loader.data)} train / {len(run.test_loader.data)} test images, {batch}, "
-            f"peak lr {args.lr:.2e}, {args.epochs} epochs of {len(run.train_loader)} steps"
+            f"peak lr {args.lr:.2e}, {args.epochs} epochs of {len(run.train_loader)} steps, recipe {args.recipe}"
+            + (f", EMA {args.ema}" if run.ema is not None else "")
             + (f", resuming after epoch {run.start_epoch}" if run.start_epoch else ""))
 
 
@@ -535,6 +579,8 @@ def train_step(run: TrainingRun, x: Tensor, y: Tensor,
     with phase("optimizer"):
         run.optimizer.step()
         run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update()
     return loss.detach()
 
 
@@ -698,12 +744,34 @@ def save_epoch(run: TrainingRun, epoch: int, metrics: dict) -> None:
         "config": run.cfg.to_dict(), "model": run.model.state_dict(), "optimizer": optimizer_state(run.optimizer),
         "scheduler": run.scheduler.state_dict(), "epoch": epoch + 1, "step": run.step, "rng": rng_ranks[0],
         "args": dict(vars(run.args)), "data": run.data_info, "metrics": metrics,
+        "recipe": run.recipe.to_dict() if run.recipe is not None else None, "best": run.best,
     }
+    if run.ema is not None:
+        state["ema"] = run.ema.state_dict()
     if run.world.is_distributed:
         state["rng_ranks"] = rng_ranks
     save_checkpoint(state, run.ckpt_path)
     with open(run.metrics_path, "a") as f:
         f.write(json.dumps(metrics) + "\n")
+
+
+def keep_best(run: TrainingRun, epoch: int, metrics: dict) -> None:
+    """Write best.pt when epoch ``epoch`` (0-based) beats the best top-1 so far, of the raw or the EMA
+    weights, whichever scored higher. best.pt is a checkpoint that loads as any other (load_model,
+    python -m vit_fast.evaluate); its "weights" entry says which weights it holds. Rank 0 writes it;
+    every rank tracks the same (all-reduced) figures."""
+    candidates = [("raw", metrics["top1"], run.model)]
+    if run.ema is not None:
+        candidates.append(("ema", metrics["ema_top1"], run.ema.model))
+    weights, top1, model = max(candidates, key=lambda c: c[1])  # the raw weights win a tie
+    if run.best is not None and top1 <= run.best["top1"]:
+        return
+    run.best = {"epoch": epoch + 1, "top1": top1, "weights": weights}
+    if run.world.is_main:
+        save_checkpoint({"config": run.cfg.to_dict(), "model": model.state_dict(), "epoch": epoch + 1,
+                         "step": run.step, "args": dict(vars(run.args)), "data": run.data_info, "metrics": metrics,
+                         "recipe": run.recipe.to_dict() if run.recipe is not None else None,
+                         "weights": weights}, run.best_path)
 
 
 def run_epochs(run: TrainingRun) -> dict:
@@ -716,10 +784,16 @@ def run_epochs(run: TrainingRun) -> dict:
             break
         metrics = train_one_epoch(run, epoch)
         metrics.update(evaluate(run.model, run.test_loader, run.device, run.amp, run.world))
+        if run.ema is not None:
+            ema_metrics = evaluate(run.ema.model, run.test_loader, run.device, run.amp, run.world)
+            metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+        if args.keep_best:
+            keep_best(run, epoch, metrics)
         save_epoch(run, epoch, metrics)
         run.log(f"epoch {epoch + 1:3d}/{args.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val_loss {metrics['val_loss']:.4f}  top1 {metrics['top1']:5.2f}%  top5 {metrics['top5']:5.2f}%  "
-                f"lr {metrics['lr']:.2e}  {metrics['images_per_s']:.0f} img/s", flush=True)
+                + (f"ema top1 {metrics['ema_top1']:5.2f}%  " if run.ema is not None else "")
+                + f"lr {metrics['lr']:.2e}  {metrics['images_per_s']:.0f} img/s", flush=True)
     if run.world.is_main and run.metrics_path.exists():
         write_curves(run.metrics_path, run.out_dir / "curves.png")
     return metrics
@@ -731,7 +805,7 @@ def train(args: argparse.Namespace) -> dict:
     Started by torchrun, this process is one rank of a data-parallel job (see vit_fast.distributed);
     otherwise it trains alone, with no process group.
     """
-    check_args(args)
+    check_args(args)  # resolves the recipe into args
     if args.fused:
         args.backend = "fused"
     world = dist_mod.world_from_env()
@@ -809,7 +883,7 @@ def _truncate_metrics(path: Path, epochs_done: int, last: dict | None = None, lo
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         train(args)
     except (data_mod.DatasetNotFoundError, data_mod.DatasetIntegrityError, CheckpointError) as err:
