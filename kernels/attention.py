@@ -30,8 +30,16 @@ LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 
 
 @triton.jit
-def _mm(a, b, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """a @ b accumulated in ACC_DTYPE; INPUT_PRECISION "ieee" keeps fp32 inputs off TF32."""
+def _mm(a, b, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    """a @ b accumulated in ACC_DTYPE; INPUT_PRECISION "ieee" keeps fp32 inputs off TF32.
+
+    UPCAST_DOTS (set by the launcher under Triton's interpreter only) multiplies 16-bit operands as
+    fp32: triton 3.8's interpreter returns garbage for a bf16 tl.dot (upstream issue 11584). The
+    operands keep their 16-bit rounding, and products of 16-bit values are exact in fp32, so this
+    is the arithmetic of a tensor core accumulating in fp32: the CPU tests still test the kernel.
+    """
+    if UPCAST_DOTS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC_DTYPE)
     return tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
 
@@ -85,6 +93,7 @@ def attention_fwd_kernel(
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two (>= 16 for tl.dot)
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 inputs (no TF32 rounding), else "tf32" (ignored)
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs (so gradcheck can verify)
+    UPCAST_DOTS: tl.constexpr,  # interpreter only: 16-bit tl.dot operands multiplied as fp32 (see _mm)
 ):
     pid_m, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_M)
     Q, K, V, Out = _four_at_head(Q, K, V, Out, off_b, off_h, stride_qb, stride_qh, stride_kb, stride_kh,
@@ -110,7 +119,7 @@ def attention_fwd_kernel(
         k = tl.load(_rows(K, offs_n, stride_kn, offs_d), mask=kv_mask, other=0.0)
         v = tl.load(_rows(V, offs_n, stride_vn, offs_d), mask=kv_mask, other=0.0)
 
-        s = _mm(q, tl.trans(k), INPUT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = _mm(q, tl.trans(k), INPUT_PRECISION, ACC_DTYPE, UPCAST_DOTS) * qk_scale  # (BLOCK_M, BLOCK_N)
         # Keys past the end get -inf. Every tile starts below N_CTX, so each row keeps at least
         # one finite logit and m_new is finite: no inf - inf below.
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -118,7 +127,7 @@ def attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max (0 at first)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, INPUT_PRECISION, ACC_DTYPE)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, INPUT_PRECISION, ACC_DTYPE, UPCAST_DOTS)
         m_i = m_new
 
     acc = acc / l_i[:, None]
@@ -155,13 +164,16 @@ def attention_bwd_preprocess_kernel(
 @triton.jit
 def attention_bwd_dkdv_kernel(
     Q, K, V, dOut,  # (B, H, N, D) each, stride_*d == 1
+    Out,  # (B, H, N, D) forward output, read only when FUSE_DQ (delta computed here)
     dK, dV,  # (B, H, N, D) views of the gradients, written in the input dtype
     dQ,  # (B, H, N, D) view, written only when FUSE_DQ
-    LSE, Delta,  # (B, H, N) ACC_DTYPE, contiguous
+    LSE,  # (B, H, N) ACC_DTYPE, contiguous
+    Delta,  # (B, H, N) ACC_DTYPE, contiguous; read only without FUSE_DQ (else a placeholder)
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
+    stride_ob, stride_oh, stride_on,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_dqb, stride_dqh, stride_dqn,
@@ -173,6 +185,7 @@ def attention_bwd_dkdv_kernel(
     FUSE_DQ: tl.constexpr,  # BLOCK_N >= N: this program holds every key of its head
     INPUT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
 ):
     """One program owns a tile of keys and accumulates its dK and dV over all query tiles, so each
     element of dK and dV is written once, by one program: deterministic without atomics.
@@ -182,7 +195,10 @@ def attention_bwd_dkdv_kernel(
 
     With FUSE_DQ the program sees every key of the head, so dQ = scale * dS K of a query tile is
     complete within one loop step: it is stored there, and the dQ kernel (which would reload K, V,
-    Q and dO and recompute P) is not launched. That is the ViT-on-CIFAR case, N = 65.
+    Q and dO and recompute P) is not launched. Being the only program of its head, it also
+    computes delta = rowsum(dO * O) of each query tile itself, from the dO tile it loads anyway
+    and the matching O tile, so the preprocess kernel is not launched either: the whole backward
+    is this one launch. That is the ViT-on-CIFAR case, N = 65.
     """
     pid_n, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_N)
     Q, K, V, dOut = _four_at_head(Q, K, V, dOut, off_b, off_h, stride_qb, stride_qh, stride_kb, stride_kh,
@@ -190,6 +206,7 @@ def attention_bwd_dkdv_kernel(
     dK = _head(dK, off_b, off_h, stride_dkb, stride_dkh)
     dV = _head(dV, off_b, off_h, stride_dvb, stride_dvh)
     dQ = _head(dQ, off_b, off_h, stride_dqb, stride_dqh)
+    Out = _head(Out, off_b, off_h, stride_ob, stride_oh)
     LSE += pid_bh.to(tl.int64) * N_CTX
     Delta += pid_bh.to(tl.int64) * N_CTX
 
@@ -211,19 +228,23 @@ def attention_bwd_dkdv_kernel(
         q = tl.load(_rows(Q, offs_m, stride_qn, offs_d), mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
         do = tl.load(_rows(dOut, offs_m, stride_don, offs_d), mask=q_mask, other=0.0)
         lse2 = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * LOG2E  # (BLOCK_M,)
-        delta = tl.load(Delta + offs_m, mask=mask_m, other=0.0)
+        if FUSE_DQ:
+            o = tl.load(_rows(Out, offs_m, stride_on, offs_d), mask=q_mask, other=0.0)
+            delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), axis=1)
+        else:
+            delta = tl.load(Delta + offs_m, mask=mask_m, other=0.0)
 
         # P^T recomputed from the saved log-sum-exp: exactly the forward's normalised softmax.
-        s_t = _mm(k, tl.trans(q), INPUT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_N, BLOCK_M)
+        s_t = _mm(k, tl.trans(q), INPUT_PRECISION, ACC_DTYPE, UPCAST_DOTS) * qk_scale  # (BLOCK_N, BLOCK_M)
         # Padding is zero vectors, whose p = exp2(-lse2) is not 0 (and overflows for very negative
         # lse): zero p outside the real (key, query) pairs.
         p_t = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv += _mm(p_t.to(do.dtype), do, INPUT_PRECISION, ACC_DTYPE)
-        dp_t = _mm(v, tl.trans(do), INPUT_PRECISION, ACC_DTYPE)  # (BLOCK_N, BLOCK_M)
+        dv += _mm(p_t.to(do.dtype), do, INPUT_PRECISION, ACC_DTYPE, UPCAST_DOTS)
+        dp_t = _mm(v, tl.trans(do), INPUT_PRECISION, ACC_DTYPE, UPCAST_DOTS)  # (BLOCK_N, BLOCK_M)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk += _mm(ds_t, q, INPUT_PRECISION, ACC_DTYPE)
+        dk += _mm(ds_t, q, INPUT_PRECISION, ACC_DTYPE, UPCAST_DOTS)
         if FUSE_DQ:
-            dq = _mm(tl.trans(ds_t), k, INPUT_PRECISION, ACC_DTYPE) * sm_scale
+            dq = _mm(tl.trans(ds_t), k, INPUT_PRECISION, ACC_DTYPE, UPCAST_DOTS) * sm_scale
             tl.store(_rows(dQ, offs_m, stride_dqn, offs_d), dq.to(dQ.dtype.element_ty), mask=q_mask)
 
     dk *= sm_scale  # d(scale * q.k)/dk = scale * q; applied once instead of per tile
@@ -248,6 +269,7 @@ def attention_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
 ):
     """One program owns a tile of queries and accumulates dQ = scale * dS K over all key tiles."""
     pid_m, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_M)
@@ -274,12 +296,12 @@ def attention_bwd_dq_kernel(
         k = tl.load(_rows(K, offs_n, stride_kn, offs_d), mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         v = tl.load(_rows(V, offs_n, stride_vn, offs_d), mask=kv_mask, other=0.0)
 
-        s = _mm(q, tl.trans(k), INPUT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = _mm(q, tl.trans(k), INPUT_PRECISION, ACC_DTYPE, UPCAST_DOTS) * qk_scale  # (BLOCK_M, BLOCK_N)
         # Keys past the end are zero vectors, whose p would be exp2(-lse2) != 0: zero them.
         p = tl.where(mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _mm(do, tl.trans(v), INPUT_PRECISION, ACC_DTYPE)  # (BLOCK_M, BLOCK_N)
+        dp = _mm(do, tl.trans(v), INPUT_PRECISION, ACC_DTYPE, UPCAST_DOTS)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, INPUT_PRECISION, ACC_DTYPE)
+        dq += _mm(ds.to(k.dtype), k, INPUT_PRECISION, ACC_DTYPE, UPCAST_DOTS)
 
     dq *= sm_scale
     tl.store(_rows(dQ, offs_m, stride_dqn, offs_d), dq.to(dQ.dtype.element_ty), mask=q_mask)
