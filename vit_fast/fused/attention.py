@@ -34,9 +34,11 @@ import triton
 from torch import Tensor
 
 from vit_fast.fused.launch import (
+    SUPPORTED_DTYPES,
     Launch,
     accumulation_dtype,
     check_launchable,
+    check_same_device,
     check_same_dtype_device,
     interpreting,
     precision_constexprs,
@@ -209,7 +211,11 @@ def _check_rank(name: str, t: Tensor, rank: int, layout: str) -> None:
         raise ValueError(f"{name} must have shape {layout} (rank {rank}), got shape {tuple(t.shape)}")
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+# Every check reads metadata only, so the fake implementations run them too. Shapes are checked
+# before dtypes and devices, so that a wrong shape is reported as such on any device (meta too).
+
+
+def _check_qkv_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_rank(name, t, 4, "(B, H, N, D)")
     if not (q.shape == k.shape == v.shape):
@@ -217,13 +223,11 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             f"q, k and v must have the same shape (B, H, N, D), "
             f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    check_same_dtype_device({"q": q, "k": k, "v": v})
     _check_head_dim(q.shape[-1])
 
 
-def _check_packed(qkv: Tensor) -> None:
+def _check_packed_shape(qkv: Tensor) -> None:
     _check_rank("qkv", qkv, 5, "(B, N, 3, H, D)")
-    check_same_dtype_device({"qkv": qkv})
     if qkv.shape[2] != 3:
         raise ValueError(
             f"qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)} (dim 2 is {qkv.shape[2]}, expected 3)"
@@ -231,39 +235,43 @@ def _check_packed(qkv: Tensor) -> None:
     _check_head_dim(qkv.shape[-1])
 
 
-def _check_like(name: str, t: Tensor, shape: tuple, like_name: str, like: Tensor) -> None:
-    """``t`` has ``shape`` and the dtype and device of ``like`` (the backward's saved tensors)."""
-    _check_rank(name, t, len(shape), str(shape))
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)} (from {like_name}), got {tuple(t.shape)}")
-    check_same_dtype_device({like_name: like, name: t})
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    _check_qkv_shapes(q, k, v)
+    check_same_dtype_device({"q": q, "k": k, "v": v})
 
 
-def _check_lse(lse: Tensor, B: int, H: int, N: int, like_name: str, like: Tensor) -> None:
-    """The forward's (B, H, N) log-sum-exp: in the accumulation dtype, on ``like``'s device."""
+def _check_packed(qkv: Tensor) -> None:
+    _check_packed_shape(qkv)
+    check_same_dtype_device({"qkv": qkv})
+
+
+def _check_saved(tensors: dict[str, Tensor], shape: tuple, lse: Tensor, B: int, H: int, N: int) -> None:
+    """The backward's other inputs: grad_out and out of ``shape`` and lse of (B, H, N), then one
+    dtype and device for all (the first entry's), lse in its accumulation dtype."""
+    for name, t in list(tensors.items())[-2:]:  # grad_out, out
+        _check_rank(name, t, len(shape), str(shape))
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     _check_rank("lse", lse, 3, "(B, H, N)")
     if tuple(lse.shape) != (B, H, N):
         raise ValueError(f"lse must have shape (B, H, N) = {(B, H, N)}, got {tuple(lse.shape)}")
-    expected = accumulation_dtype(like.dtype)
+    first_name, first = next(iter(tensors.items()))
+    expected = accumulation_dtype(first.dtype)
     if lse.dtype != expected:
-        raise TypeError(f"lse has dtype {lse.dtype}; expected {expected} for {like.dtype} inputs")
-    if lse.device != like.device:
-        raise ValueError(f"lse is on {lse.device} but {like_name} is on {like.device}; all tensors must be on one device")
+        raise TypeError(f"lse has dtype {lse.dtype}; expected {expected} for {first.dtype} inputs")
+    check_same_dtype_device(tensors)
+    check_same_device({first_name: first, "lse": lse})
 
 
 def _check_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> None:
-    _check_qkv(q, k, v)
-    for name, t in (("grad_out", grad_out), ("out", out)):
-        _check_like(name, t, tuple(q.shape), "q", q)
-    _check_lse(lse, *q.shape[:3], "q", q)
+    _check_qkv_shapes(q, k, v)
+    _check_saved(dict(q=q, k=k, v=v, grad_out=grad_out, out=out), tuple(q.shape), lse, *q.shape[:3])
 
 
 def _check_packed_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor) -> None:
-    _check_packed(qkv)
+    _check_packed_shape(qkv)
     B, N, _, H, D = qkv.shape
-    for name, t in (("grad_out", grad_out), ("out", out)):
-        _check_like(name, t, (B, N, H * D), "qkv", qkv)
-    _check_lse(lse, B, H, N, "qkv", qkv)
+    _check_saved(dict(qkv=qkv, grad_out=grad_out, out=out), (B, N, H * D), lse, B, H, N)
 
 
 def _autocast_input(t: Tensor) -> Tensor:
@@ -423,6 +431,27 @@ def aot_launches(batch: int, seq_len: int, heads: int, head_dim: int, dtype: tor
     from vit_fast.aot import kernel_launches  # the compile tests' path only: running needs none of it
 
     return kernel_launches(launches)
+
+
+AOT_HEAD_DIMS = (16, 32, 64, 128)  # one per BLOCK_D: head dims padding to the same BLOCK_D launch the same kernels
+
+
+def aot_every_config(head_dims: tuple[int, ...] = AOT_HEAD_DIMS,
+                     dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES) -> list[KernelLaunch]:
+    """The distinct launches of every configuration ``choose_config`` can return on a GPU, for
+    these head dims and dtypes (what ``python -m vit_fast.aot --op attention`` reports and the
+    ahead-of-time test compiles): per configuration the shortest sequence length that picks it
+    (which also takes N = 1 and the fused paths), plus the CIFAR ViT's 65 tokens and 197
+    (ImageNet ViT-B/16). The dQ kernel is compiled at the lengths where it runs."""
+    launches = []
+    for dtype in dtypes:
+        for head_dim in head_dims:
+            first_length = {}
+            for n in range(SINGLE_TILE_MAX_SEQ + 1, 0, -1):
+                first_length[choose_config(head_dim, n, dtype, interpret=False)] = n
+            for n in sorted({*first_length.values(), 65, 197}):
+                launches += aot_launches(2, n, 3, head_dim, dtype)
+    return list({launch.key: launch for launch in launches}.values())
 
 
 # ----------------------------------------------------------------------------------------------
