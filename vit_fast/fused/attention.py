@@ -10,12 +10,16 @@ Public API (matches ``vit_fast.reference.attention`` / ``attention_packed``):
     attention_packed(qkv, scale=None)   qkv (B, N, 3, H, D)  -> (B, N, H*D)
     aot_launches(batch, seq_len, heads, head_dim, dtype, packed=True)   the GPU's kernel launches,
                                         for the ahead-of-time compile tests (vit_fast.aot)
-    KernelConfig, AttentionConfig, choose_config(head_dim, seq_len, dtype, interpret=None)
+    aot_every_config(head_dims, dtypes) the launches of every configuration choose_config can
+                                        return (python -m vit_fast.aot --op attention reports them)
+    KernelConfig, AttentionConfig, choose_config(head_dim, seq_len, dtype, interpret=None), all_configs
     launch_forward(...), launch_backward(...)   run the kernels on (B, H, N, D) views with a given config
 
 Registered ops (custom_op + register_fake + register_autograd, so they pass opcheck and trace
 under torch.compile(fullgraph=True); the forward ops return the row log-sum-exp the backward
-needs as a second, non-differentiable output):
+needs as a second, non-differentiable output; real and fake implementations run the same
+shape, dtype and device checks). A backward is one launch (the dK/dV kernel computing delta and
+dQ too) where one program covers a head's keys, else three (delta, dK/dV, dQ):
     vit_fast::attention(q, k, v, scale) -> (out, lse)
     vit_fast::attention_backward(grad_out, q, k, v, out, lse, scale) -> (dq, dk, dv)
     vit_fast::attention_packed(qkv, scale) -> (out, lse)
@@ -303,10 +307,11 @@ def _unit_last_stride(t: Tensor) -> Tensor:
 
 
 def _dtype_constexprs(dtype: torch.dtype, interpret: bool) -> dict:
-    """ACC_DTYPE, INPUT_PRECISION and UPCAST_DOTS: under Triton's interpreter bf16 tl.dot operands
-    are multiplied as fp32 (its bf16 dot returns garbage, upstream triton issue 11584); a GPU
-    launch (and so every ahead-of-time compile) keeps them bf16."""
-    return {**precision_constexprs(dtype), "UPCAST_DOTS": interpret and dtype == torch.bfloat16}
+    """ACC_DTYPE, INPUT_PRECISION and INTERPRETER_BF16: under Triton's interpreter, bf16 tl.dot
+    operands are multiplied as fp32 (its bf16 dot returns garbage, upstream triton issue 11584)
+    and fp32 -> bf16 casts rounded to nearest even in software (it truncates). A GPU launch, and
+    so every ahead-of-time compile, keeps bf16 dots and the hardware conversion."""
+    return {**precision_constexprs(dtype), "INTERPRETER_BF16": interpret and dtype == torch.bfloat16}
 
 
 def _stride_args(name: str, t: Tensor) -> dict:
@@ -371,9 +376,8 @@ def _backward_launches(
                      **_stride_args("do", grad_out)}
     launches.append(Launch(
         attention_bwd_dkdv_kernel, (triton.cdiv(N, c.block_n) * B * H,),
-        dict(**inputs, Out=out, dK=dk, dV=dv, dQ=dq, LSE=lse, Delta=delta, **input_strides,
-             **_stride_args("o", out), **_stride_args("dk", dk), **_stride_args("dv", dv), **_stride_args("dq", dq),
-             **shape_args, sm_scale=scale),
+        dict(**inputs, dK=dk, dV=dv, dQ=dq, LSE=lse, Delta=delta, **input_strides, **_stride_args("dk", dk),
+             **_stride_args("dv", dv), **_stride_args("dq", dq), **shape_args, sm_scale=scale),
         dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd, FUSE_DQ=config.fuse_dq, **dtypes),
         c.num_warps, c.num_stages,
     ))
