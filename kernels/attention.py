@@ -211,11 +211,12 @@ def attention_bwd_dkdv_kernel(
     With FUSE_DQ the program sees every key of the head, so dQ = scale * dS K of a query tile is
     complete within one loop step: it is stored there, and the dQ kernel (which would reload K, V,
     Q and dO and recompute P) is not launched. Holding every key, it also has whole rows of P and
-    dP, so it computes delta as rowsum(P * dP), equal to rowsum(dO * O) since O = P V, and the
-    preprocess kernel is not launched either: the whole backward is this one launch. That is the
-    ViT-on-CIFAR case, N = 65. This delta is also the more accurate one: it is summed from fp32 P
-    and dP, where rowsum(dO * O) reads O rounded to the input dtype, an error that dP - delta
-    magnifies when the two nearly cancel (bf16 with very few keys).
+    dP, so it computes delta as rowsum(P * dP) / rowsum(P), equal to rowsum(dO * O) since O = P V
+    and rows of P sum to 1, and the preprocess kernel is not launched either: the whole backward
+    is this one launch. That is the ViT-on-CIFAR case, N = 65. This delta is also the more
+    accurate one: it is summed from fp32 P and dP, where rowsum(dO * O) reads O rounded to the
+    input dtype, an error that dP - delta magnifies when the two nearly cancel (bf16 with very
+    few keys).
     """
     pid_n, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_N)
     Q, K, V, dOut = _four_at_head(Q, K, V, dOut, off_b, off_h, stride_qb, stride_qh, stride_kb, stride_kh,
@@ -252,8 +253,12 @@ def attention_bwd_dkdv_kernel(
         p_t = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
         dv += _mm(_cast(p_t, do.dtype, INTERPRETER_BF16), do, INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16)
         dp_t = _mm(v, tl.trans(do), INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16)  # (BLOCK_N, BLOCK_M)
-        if FUSE_DQ:  # every key of the head is here: rowsum over keys (padded ones have p = 0)
-            delta = tl.sum(p_t * dp_t, axis=0)
+        if FUSE_DQ:  # every key of the head is here: sums over keys (padded ones have p = 0)
+            # Divided by the recomputed rowsum(P), which is 1 up to the rounding of s - lse, so that
+            # dS sums to zero over each row as in exact arithmetic: otherwise that rounding times a
+            # component that all keys share (large where logits are large) would leak into dQ.
+            p_sum = tl.sum(p_t, axis=0)
+            delta = tl.where(mask_m, tl.sum(p_t * dp_t, axis=0) / tl.where(mask_m, p_sum, 1.0), 0.0)
         else:
             delta = tl.load(Delta + offs_m, mask=mask_m, other=0.0)
         ds_t = _cast(p_t * (dp_t - delta[None, :]), q.dtype, INTERPRETER_BF16)
