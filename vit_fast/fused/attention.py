@@ -445,16 +445,18 @@ def aot_every_config(head_dims: tuple[int, ...] = AOT_HEAD_DIMS,
                      dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES) -> list[KernelLaunch]:
     """The distinct launches of every configuration ``choose_config`` can return on a GPU, for
     these head dims and dtypes (what ``python -m vit_fast.aot --op attention`` reports and the
-    ahead-of-time test compiles): per configuration the shortest sequence length that picks it
-    (which also takes N = 1 and the fused paths), plus the CIFAR ViT's 65 tokens and 197
-    (ImageNet ViT-B/16). The dQ kernel is compiled at the lengths where it runs."""
+    ahead-of-time test compiles): per configuration the shortest and the longest sequence length
+    that pick it (N = 1 compiles apart: Triton specialises an argument equal to 1), plus the CIFAR
+    ViT's 65 tokens and 197 (ImageNet ViT-B/16). The dQ kernel is compiled where it runs."""
     launches = []
     for dtype in dtypes:
         for head_dim in head_dims:
-            first_length = {}
-            for n in range(SINGLE_TILE_MAX_SEQ + 1, 0, -1):
-                first_length[choose_config(head_dim, n, dtype, interpret=False)] = n
-            for n in sorted({*first_length.values(), 65, 197}):
+            lengths = {65, 197}
+            for config in all_configs(head_dim, dtype):
+                picked = [n for n in range(1, SINGLE_TILE_MAX_SEQ + 2)
+                          if choose_config(head_dim, n, dtype, interpret=False) == config]
+                lengths |= {picked[0], picked[-1]}
+            for n in sorted(lengths):
                 launches += aot_launches(2, n, 3, head_dim, dtype)
     return list({launch.key: launch for launch in launches}.values())
 
