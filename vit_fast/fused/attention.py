@@ -141,10 +141,12 @@ def _fp32_config(bd: int, seq_len: int) -> AttentionConfig:
     thread's rows over the whole head dim in registers. Query tiles of 16 rows keep that
     spill-free on sm_80 and sm_90 (32-row forward tiles spilled 232-376 bytes of stack at
     BLOCK_D >= 64); at BLOCK_D = 128 the forward's key tile halves and the dK/dV and dQ programs
-    take 8 warps for the same reason (4-warp dK/dV tiles left 16-256 bytes of stack there)."""
+    take 8 warps for the same reason (4-warp dK/dV tiles left 16-256 bytes of stack there). At
+    BLOCK_D = 16 the dK/dV program takes 2 warps: with 4 (sm_90) or 8 (sm_80) ptxas left an 8-16
+    byte stack frame in the fused variant."""
     warps = 4 if bd <= 64 else 8
     forward = KernelConfig(block_m=16, block_n=32 if bd <= 64 else 16, num_warps=4, num_stages=1)
-    dkdv = KernelConfig(block_m=16, block_n=32, num_warps=warps, num_stages=1)
+    dkdv = KernelConfig(block_m=16, block_n=32, num_warps=2 if bd == 16 else warps, num_stages=1)
     dq = KernelConfig(block_m=32, block_n=32, num_warps=warps, num_stages=1)
     return AttentionConfig(forward, _PREPROCESS, dkdv, dq, fuse_dq=dkdv.block_n >= seq_len)
 
