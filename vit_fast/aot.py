@@ -309,6 +309,8 @@ def _report_rows(results: list[tuple[KernelLaunch, KernelResources]]) -> list[tu
         pointer = next((t for t in launch.signature.values() if t.startswith("*")), "?")
         tiles = " ".join(f"{k.removeprefix('BLOCK_')}={launch.constexprs[k]}" for k in tile_names
                          if k in launch.constexprs)
+        # A length that is a multiple of 16 compiles apart (Triton specialises on it): say so.
+        tiles += "".join(f" {k}%16=0" for k in ("N_CTX", "M", "N") if k in launch.divisible_by_16)
         ctas, binding = resident_ctas(r, launch.num_warps)
         rows.append((launch.kernel, pointer.lstrip("*"), tiles, str(launch.num_warps), str(launch.num_stages),
                      f"sm_{r.capability}", str(r.registers), str(r.shared_bytes), str(r.spill_bytes),
