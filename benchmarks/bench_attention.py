@@ -15,7 +15,8 @@ vit_fast.ops.attention_packed with a backend:
                      strided inputs, and the backward's copy of the output gradient, are part of
                      its time: that is the cost our layout avoids. A backend that rejects a shape
                      is recorded as unavailable.
-Passes: forward (no grad) and forward + backward (dqkv from a fixed output gradient).
+Passes: forward (no grad) and forward + backward (dqkv from a fixed output gradient). Each row records
+the fused op's configuration and kernel launches at its shape (`fused_launch_plan`).
 
 FLOP model (the FlashAttention papers'): forward 4*B*H*N^2*D (the two matmuls QK^T and PV), the
 backward 2.5x the forward (five matmuls, one of them recomputing QK^T), so forward + backward
@@ -37,6 +38,8 @@ against the reference under TRITON_INTERPRET=1.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from benchmarks import common
@@ -54,6 +57,16 @@ GOAL_SHAPE = dict(batch=256, seq_len=65, heads=6, head_dim=64)
 def flops(batch: int, heads: int, seq_len: int, head_dim: int) -> dict[str, float]:
     forward = 4.0 * batch * heads * seq_len**2 * head_dim
     return {"forward": forward, "forward_backward": 3.5 * forward}
+
+
+def launch_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype) -> dict:
+    """The fused op's configuration and kernel launches (forward, then backward) at this shape on
+    a GPU, recorded beside each measurement so that a timing names the tiles it measured."""
+    from vit_fast.fused import attention as fused_attention
+
+    config = fused_attention.choose_config(head_dim, seq_len, dtype, interpret=False)
+    launches = fused_attention.aot_launches(batch, seq_len, heads, head_dim, dtype)
+    return {"config": dataclasses.asdict(config), "kernels": [launch.describe() for launch in launches]}
 
 
 def sdpa_backends() -> dict:
@@ -93,7 +106,7 @@ def bench_shape(batch: int, heads: int, seq_len: int, head_dim: int, dtype, peak
     grad_out = torch.randn(batch, seq_len, heads * head_dim, device="cuda", dtype=dtype)
     model = flops(batch, heads, seq_len, head_dim)
     row = {"batch": batch, "seq_len": seq_len, "heads": heads, "head_dim": head_dim, "flops": model,
-           "providers": {}, "unavailable": {}}
+           "fused_launch_plan": launch_plan(batch, heads, seq_len, head_dim, dtype), "providers": {}, "unavailable": {}}
     expected = attention("reference")(qkv.detach().float()).to(dtype)
     for name, fn in all_providers().items():
         try:
@@ -181,8 +194,10 @@ def run_cpu(args) -> dict:
     sweep = [(max(1, TOKENS_PER_BATCH // n), 6, n, args.head_dim) for n in SEQ_LENS]
     model = {f"B={b} H={h} N={n} D={d}": flops(b, h, n, d) for b, h, n, d in sweep}
     model.update({f"B={b} H={h} N=65 D={d}": flops(b, h, 65, d) for b, h, d in CIFAR_SHAPES})
+    plans = {f"B={b} H={h} N=65 D={d}": launch_plan(b, h, 65, d, DTYPES[args.dtype]) for b, h, d in CIFAR_SHAPES}
     return {"notice": notice, "smoke": checks, "failures": failures,
-            "flop_model": {"rule": "forward 4*B*H*N^2*D; backward 2.5x forward", "shapes": model}}
+            "flop_model": {"rule": "forward 4*B*H*N^2*D; backward 2.5x forward", "shapes": model},
+            "gpu_launch_plans": plans}
 
 
 def main(argv: list[str] | None = None) -> int:

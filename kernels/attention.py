@@ -3,7 +3,9 @@
 Non-causal softmax(Q K^T * scale) V for one (batch, head) pair per program column, computed tile
 by tile so that the (N, N) attention matrix never reaches global memory (Dao et al., 2022,
 "FlashAttention", arXiv:2205.14135; the backward follows FlashAttention-2, arXiv:2307.08691,
-Algorithm 2, split into a dK/dV pass and a dQ pass so that no atomics are needed).
+Algorithm 2, split into a dK/dV pass and a dQ pass so that no atomics are needed; where one
+dK/dV program holds every key of its head, it computes delta and dQ as well, and the backward is
+that one kernel).
 
 Layout contract, shared by every kernel here: each of q, k, v, o, do, dq, dk, dv is addressed as a
 (B, H, N, D) tensor through four strides, of which the last (head dim) is 1. That covers both the
@@ -30,9 +32,32 @@ LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 
 
 @triton.jit
-def _mm(a, b, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """a @ b accumulated in ACC_DTYPE; INPUT_PRECISION "ieee" keeps fp32 inputs off TF32."""
+def _mm(a, b, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """a @ b accumulated in ACC_DTYPE; INPUT_PRECISION "ieee" keeps fp32 inputs off TF32.
+
+    INTERPRETER_BF16 (set by the launcher for bf16 under Triton's interpreter only) multiplies the
+    operands as fp32: triton 3.8's interpreter returns garbage for a bf16 tl.dot (upstream issue
+    11584). The operands keep their bf16 rounding, and products of bf16 values are exact in fp32,
+    so this is the arithmetic of a tensor core accumulating in fp32: the CPU tests still test the
+    kernel.
+    """
+    if INTERPRETER_BF16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC_DTYPE)
     return tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """x.to(dtype), rounding to nearest even as the GPU's cvt.rn does. Triton 3.8's interpreter
+    truncates fp32 -> bf16 instead, a biased error twice as large that the bf16 parity tests
+    catch, so under it (INTERPRETER_BF16) the rounding is done on the bits first: adding 0x7FFF
+    plus the lowest kept bit (ties to even) carries into the kept 16 bits exactly when rounding
+    up is due, and the truncating cast of the result is then exact."""
+    if INTERPRETER_BF16 and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
+        x = tl.where(x == x, rounded, x)  # NaN stays NaN
+    return x.to(dtype)
 
 
 @triton.jit
@@ -85,6 +110,7 @@ def attention_fwd_kernel(
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two (>= 16 for tl.dot)
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 inputs (no TF32 rounding), else "tf32" (ignored)
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs (so gradcheck can verify)
+    INTERPRETER_BF16: tl.constexpr,  # bf16 under the interpreter only: dots in fp32, casts rounded (_mm, _cast)
 ):
     pid_m, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_M)
     Q, K, V, Out = _four_at_head(Q, K, V, Out, off_b, off_h, stride_qb, stride_qh, stride_kb, stride_kh,
@@ -110,7 +136,7 @@ def attention_fwd_kernel(
         k = tl.load(_rows(K, offs_n, stride_kn, offs_d), mask=kv_mask, other=0.0)
         v = tl.load(_rows(V, offs_n, stride_vn, offs_d), mask=kv_mask, other=0.0)
 
-        s = _mm(q, tl.trans(k), INPUT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = _mm(q, tl.trans(k), INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16) * qk_scale  # (BLOCK_M, BLOCK_N)
         # Keys past the end get -inf. Every tile starts below N_CTX, so each row keeps at least
         # one finite logit and m_new is finite: no inf - inf below.
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -118,11 +144,11 @@ def attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max (0 at first)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, INPUT_PRECISION, ACC_DTYPE)
+        acc = acc * alpha[:, None] + _mm(_cast(p, v.dtype, INTERPRETER_BF16), v, INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16)
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    tl.store(_rows(Out, offs_m, stride_on, offs_d), acc.to(Out.dtype.element_ty),
+    tl.store(_rows(Out, offs_m, stride_on, offs_d), _cast(acc, Out.dtype.element_ty, INTERPRETER_BF16),
              mask=mask_m[:, None] & mask_d[None, :])
     # Back to natural-log units: lse = ln(sum_j exp(scale * q.k_j)).
     lse = (m_i + tl.log2(l_i)) / LOG2E
@@ -157,7 +183,8 @@ def attention_bwd_dkdv_kernel(
     Q, K, V, dOut,  # (B, H, N, D) each, stride_*d == 1
     dK, dV,  # (B, H, N, D) views of the gradients, written in the input dtype
     dQ,  # (B, H, N, D) view, written only when FUSE_DQ
-    LSE, Delta,  # (B, H, N) ACC_DTYPE, contiguous
+    LSE,  # (B, H, N) ACC_DTYPE, contiguous
+    Delta,  # (B, H, N) ACC_DTYPE, contiguous; read only without FUSE_DQ (else a placeholder)
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -173,6 +200,7 @@ def attention_bwd_dkdv_kernel(
     FUSE_DQ: tl.constexpr,  # BLOCK_N >= N: this program holds every key of its head
     INPUT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    INTERPRETER_BF16: tl.constexpr,
 ):
     """One program owns a tile of keys and accumulates its dK and dV over all query tiles, so each
     element of dK and dV is written once, by one program: deterministic without atomics.
@@ -182,7 +210,13 @@ def attention_bwd_dkdv_kernel(
 
     With FUSE_DQ the program sees every key of the head, so dQ = scale * dS K of a query tile is
     complete within one loop step: it is stored there, and the dQ kernel (which would reload K, V,
-    Q and dO and recompute P) is not launched. That is the ViT-on-CIFAR case, N = 65.
+    Q and dO and recompute P) is not launched. Holding every key, it also has whole rows of P and
+    dP, so it computes delta as rowsum(P * dP) / rowsum(P), equal to rowsum(dO * O) since O = P V
+    and rows of P sum to 1, and the preprocess kernel is not launched either: the whole backward
+    is this one launch. That is the ViT-on-CIFAR case, N = 65. This delta is also the more
+    accurate one: it is summed from fp32 P and dP, where rowsum(dO * O) reads O rounded to the
+    input dtype, an error that dP - delta magnifies when the two nearly cancel (bf16 with very
+    few keys).
     """
     pid_n, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_N)
     Q, K, V, dOut = _four_at_head(Q, K, V, dOut, off_b, off_h, stride_qb, stride_qh, stride_kb, stride_kh,
@@ -211,24 +245,31 @@ def attention_bwd_dkdv_kernel(
         q = tl.load(_rows(Q, offs_m, stride_qn, offs_d), mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
         do = tl.load(_rows(dOut, offs_m, stride_don, offs_d), mask=q_mask, other=0.0)
         lse2 = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * LOG2E  # (BLOCK_M,)
-        delta = tl.load(Delta + offs_m, mask=mask_m, other=0.0)
 
         # P^T recomputed from the saved log-sum-exp: exactly the forward's normalised softmax.
-        s_t = _mm(k, tl.trans(q), INPUT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_N, BLOCK_M)
+        s_t = _mm(k, tl.trans(q), INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16) * qk_scale  # (BLOCK_N, BLOCK_M)
         # Padding is zero vectors, whose p = exp2(-lse2) is not 0 (and overflows for very negative
         # lse): zero p outside the real (key, query) pairs.
         p_t = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv += _mm(p_t.to(do.dtype), do, INPUT_PRECISION, ACC_DTYPE)
-        dp_t = _mm(v, tl.trans(do), INPUT_PRECISION, ACC_DTYPE)  # (BLOCK_N, BLOCK_M)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk += _mm(ds_t, q, INPUT_PRECISION, ACC_DTYPE)
+        dv += _mm(_cast(p_t, do.dtype, INTERPRETER_BF16), do, INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16)
+        dp_t = _mm(v, tl.trans(do), INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16)  # (BLOCK_N, BLOCK_M)
+        if FUSE_DQ:  # every key of the head is here: sums over keys (padded ones have p = 0)
+            # Divided by the recomputed rowsum(P), which is 1 up to the rounding of s - lse, so that
+            # dS sums to zero over each row as in exact arithmetic: otherwise that rounding times a
+            # component that all keys share (large where logits are large) would leak into dQ.
+            p_sum = tl.sum(p_t, axis=0)
+            delta = tl.where(mask_m, tl.sum(p_t * dp_t, axis=0) / tl.where(mask_m, p_sum, 1.0), 0.0)
+        else:
+            delta = tl.load(Delta + offs_m, mask=mask_m, other=0.0)
+        ds_t = _cast(p_t * (dp_t - delta[None, :]), q.dtype, INTERPRETER_BF16)
+        dk += _mm(ds_t, q, INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16)
         if FUSE_DQ:
-            dq = _mm(tl.trans(ds_t), k, INPUT_PRECISION, ACC_DTYPE) * sm_scale
-            tl.store(_rows(dQ, offs_m, stride_dqn, offs_d), dq.to(dQ.dtype.element_ty), mask=q_mask)
+            dq = _mm(tl.trans(ds_t), k, INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16) * sm_scale
+            tl.store(_rows(dQ, offs_m, stride_dqn, offs_d), _cast(dq, dQ.dtype.element_ty, INTERPRETER_BF16), mask=q_mask)
 
     dk *= sm_scale  # d(scale * q.k)/dk = scale * q; applied once instead of per tile
-    tl.store(_rows(dK, offs_n, stride_dkn, offs_d), dk.to(dK.dtype.element_ty), mask=kv_mask)
-    tl.store(_rows(dV, offs_n, stride_dvn, offs_d), dv.to(dV.dtype.element_ty), mask=kv_mask)
+    tl.store(_rows(dK, offs_n, stride_dkn, offs_d), _cast(dk, dK.dtype.element_ty, INTERPRETER_BF16), mask=kv_mask)
+    tl.store(_rows(dV, offs_n, stride_dvn, offs_d), _cast(dv, dV.dtype.element_ty, INTERPRETER_BF16), mask=kv_mask)
 
 
 @triton.jit
@@ -248,6 +289,7 @@ def attention_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    INTERPRETER_BF16: tl.constexpr,
 ):
     """One program owns a tile of queries and accumulates dQ = scale * dS K over all key tiles."""
     pid_m, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_M)
@@ -274,12 +316,12 @@ def attention_bwd_dq_kernel(
         k = tl.load(_rows(K, offs_n, stride_kn, offs_d), mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         v = tl.load(_rows(V, offs_n, stride_vn, offs_d), mask=kv_mask, other=0.0)
 
-        s = _mm(q, tl.trans(k), INPUT_PRECISION, ACC_DTYPE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = _mm(q, tl.trans(k), INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16) * qk_scale  # (BLOCK_M, BLOCK_N)
         # Keys past the end are zero vectors, whose p would be exp2(-lse2) != 0: zero them.
         p = tl.where(mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _mm(do, tl.trans(v), INPUT_PRECISION, ACC_DTYPE)  # (BLOCK_M, BLOCK_N)
+        dp = _mm(do, tl.trans(v), INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, INPUT_PRECISION, ACC_DTYPE)
+        dq += _mm(_cast(ds, k.dtype, INTERPRETER_BF16), k, INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16)
 
     dq *= sm_scale
-    tl.store(_rows(dQ, offs_m, stride_dqn, offs_d), dq.to(dQ.dtype.element_ty), mask=q_mask)
+    tl.store(_rows(dQ, offs_m, stride_dqn, offs_d), _cast(dq, dQ.dtype.element_ty, INTERPRETER_BF16), mask=q_mask)

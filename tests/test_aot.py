@@ -2,16 +2,24 @@
 
 import pytest
 
-from vit_fast.aot import SHARED_MEMORY_LIMIT, KernelLaunch, compile_launches
+import sys
+import types
+
+from vit_fast import aot
+from vit_fast.aot import SHARED_MEMORY_LIMIT, KernelLaunch, KernelResources, compile_launches, resident_ctas
 
 pytest.importorskip("triton", reason="Triton is needed to compile kernels ahead of time")
 
 
-def test_compile_launches_reads_resources_for_both_targets():
+def _layer_norm_launch() -> KernelLaunch:
     sig = dict(X="*fp16", RES="*fp16", W="*fp16", B="*fp16", Y="*fp16", S="*fp16", Mean="*fp32", Rstd="*fp32",
                stride_xm="i32", stride_resm="i32", stride_ym="i32", stride_sm="i32", M="i32", N="i32", eps="fp32")
     consts = dict(stride_xn=1, stride_resn=1, HAS_RESIDUAL=True, BLOCK_M=4, BLOCK_N=256, BF16_RNE_IN_SOFTWARE=False)
-    launch = KernelLaunch("vit_fast.kernels.layernorm", "layer_norm_fwd_kernel", sig, consts, ("X", "RES", "Y"))
+    return KernelLaunch("vit_fast.kernels.layernorm", "layer_norm_fwd_kernel", sig, consts, ("X", "RES", "Y"))
+
+
+def test_compile_launches_reads_resources_for_both_targets():
+    launch = _layer_norm_launch()
     results = compile_launches([launch, launch])  # duplicates compile once
     assert [r.capability for _, r in results] == [80, 90]
     for _, r in results:
@@ -24,3 +32,40 @@ def test_compile_errors_are_reported():
     bad = KernelLaunch("vit_fast.kernels.layernorm", "layer_norm_fwd_kernel", {"X": "*fp16"}, {})
     with pytest.raises(RuntimeError, match="ahead-of-time compilation failed"):
         compile_launches([bad])
+
+
+def test_resident_ctas_follow_the_sm_limits():
+    """The occupancy arithmetic, worked by hand from SM_LIMITS (64K registers, 164 / 228 KB shared
+    memory, 32 blocks, 2048 threads per SM), 1 KB reserved per block and 256-register warp units."""
+    def resources(capability, registers, shared):
+        return KernelResources("k", capability, registers, spill_bytes=0, stack_bytes=0, shared_bytes=shared)
+
+    # 52 registers round up to 56: 1792 per warp, 36 warps, 9 CTAs of 4 warps.
+    assert resident_ctas(resources(80, 52, 2048), num_warps=4) == (9, "registers")
+    # 24 registers would allow 21 CTAs of 4 warps; 2048 threads allow 16.
+    assert resident_ctas(resources(90, 24, 2048), num_warps=4) == (16, "threads")
+    # 100 KB + 1 KB reserved: one per sm_80 SM (164 KB), two per sm_90 SM (228 KB).
+    assert resident_ctas(resources(80, 32, 100 * 1024), num_warps=4) == (1, "shared")
+    assert resident_ctas(resources(90, 32, 100 * 1024), num_warps=4) == (2, "shared")
+    # One-warp CTAs with few registers: the 32-block limit binds.
+    assert resident_ctas(resources(80, 16, 0), num_warps=1) == (32, "blocks")
+
+
+def test_report_prints_one_row_per_configuration_and_target(monkeypatch, capsys):
+    """``python -m vit_fast.aot --op <op>`` prints the table of an op's ``aot_every_config()``
+    (here a stand-in op with one launch, so the test compiles little); the exit status says
+    whether anything spilled."""
+    module = types.ModuleType("_aot_report_stand_in")
+    module.aot_every_config = lambda: [_layer_norm_launch()]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(aot.REPORT_OPS, "stand_in", module.__name__)
+    assert aot.main(["--op", "stand_in"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["kernel", "dtype", "tiles", "warps", "stages", "sm", "REG", "SHARED", "LOCAL",
+                                "STACK", "CTAs/SM"]
+    # The tiles cell holds spaces ("M=4 N=256"): read the other cells from the end.
+    rows = [line.split() for line in lines[1:3]]
+    assert [row[0] for row in rows] == ["layer_norm_fwd_kernel"] * 2
+    assert [row[-7] for row in rows] == ["sm_80", "sm_90"]
+    assert all(row[-4] == "0" and row[-3] == "0" and int(row[-2]) > 0 for row in rows)  # LOCAL, STACK, CTAs
+    assert "spilling (LOCAL or STACK > 0): 0" in lines[3]

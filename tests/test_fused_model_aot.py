@@ -143,9 +143,9 @@ def _triton_kernel_names(module) -> set[str]:
 
 
 def test_enumeration_reaches_every_kernel():
-    """Every kernel of the three Triton modules but the unfused dQ is launched somewhere in a
-    training step, in both dtypes, and the backward's layer norms (with and without ds) match
-    their forwards."""
+    """Every kernel of the three Triton modules but attention's unfused delta and dQ is launched
+    somewhere in a training step, in both dtypes, and the backward's layer norms (with and
+    without ds) match their forwards."""
     from vit_fast.kernels import attention as attention_kernels
     from vit_fast.kernels import layernorm as layernorm_kernels
     from vit_fast.kernels import mlp as mlp_kernels
@@ -153,10 +153,10 @@ def test_enumeration_reaches_every_kernel():
     launches = [launch for launch, _ in _model_launches().values()]
     expected = set().union(*(_triton_kernel_names(m) for m in (layernorm_kernels, attention_kernels, mlp_kernels)))
     assert len(expected) == 9, expected
-    # At 65 tokens one dK/dV program owns every key of a head and completes dQ itself (FUSE_DQ):
-    # the separate dQ kernel is never launched by these presets.
+    # At 65 tokens one dK/dV program owns every key of a head and computes delta and dQ itself
+    # (FUSE_DQ): the preprocess and dQ kernels are never launched by these presets.
     assert all(launch.constexprs["FUSE_DQ"] for launch in launches if launch.kernel == "attention_bwd_dkdv_kernel")
-    expected -= {"attention_bwd_dq_kernel"}
+    expected -= {"attention_bwd_dq_kernel", "attention_bwd_preprocess_kernel"}
     for pointer in ("*fp16", "*bf16"):
         reached = {launch.kernel for launch in launches if pointer in launch.signature.values()}
         assert reached == expected, f"{pointer}: not launched: {expected - reached}, unexpected: {reached - expected}"

@@ -32,6 +32,27 @@ TARGETS = (80, 90)
 
 
 @dataclass(frozen=True)
+class SMLimits:
+    """What one streaming multiprocessor holds at once, for the resident-CTA count of a kernel."""
+
+    registers: int  # 32-bit registers per SM
+    shared_bytes: int  # shared memory per SM (the carve-out at its largest)
+    blocks: int  # resident blocks (CTAs) per SM
+    threads: int  # resident threads per SM
+
+
+# CUDA C++ Programming Guide, "Compute Capabilities", table "Technical Specifications per Compute
+# Capability", columns 8.0 (A100) and 9.0 (H100): 64K registers, 164 KB / 228 KB shared memory,
+# 32 blocks and 2048 threads per SM.
+SM_LIMITS = {80: SMLimits(64 * 1024, 164 * 1024, 32, 2048), 90: SMLimits(64 * 1024, 228 * 1024, 32, 2048)}
+# The same guide: of each SM's shared memory, 1 KB per resident block is reserved for system use
+# (why a block may use 163 KB of sm_80's 164 KB). CUDA Occupancy Calculator: registers are
+# allocated per warp in units of 256 (a thread's count rounded up to a multiple of 8).
+RESERVED_SHARED_PER_BLOCK = 1024
+REGISTER_ALLOCATION_UNIT = 256
+
+
+@dataclass(frozen=True)
 class KernelResources:
     name: str
     capability: int
@@ -49,6 +70,22 @@ class KernelResources:
         """Whether registers spilled. ptxas reports spills as LOCAL bytes, and sometimes only as a
         STACK frame; our kernels make no calls and hold no local arrays, so either is a spill."""
         return self.spill_bytes > 0 or self.stack_bytes > 0
+
+
+def resident_ctas(resources: KernelResources, num_warps: int) -> tuple[int, str]:
+    """How many CTAs of a kernel fit on one SM at once, and which limit binds ("registers",
+    "shared", "threads" or "blocks"): the occupancy calculator's arithmetic on SM_LIMITS."""
+    limits = SM_LIMITS[resources.capability]
+    unit = REGISTER_ALLOCATION_UNIT
+    registers_per_warp = -(-resources.registers * 32 // unit) * unit
+    by_limit = {
+        "registers": limits.registers // registers_per_warp // num_warps,
+        "shared": limits.shared_bytes // (resources.shared_bytes + RESERVED_SHARED_PER_BLOCK),
+        "threads": limits.threads // (32 * num_warps),
+        "blocks": limits.blocks,
+    }
+    binding = min(by_limit, key=by_limit.get)
+    return by_limit[binding], binding
 
 
 def _cuobjdump() -> str:
@@ -241,7 +278,7 @@ def compile_launches(launches, targets=TARGETS, timeout: float = 1800) -> list[t
     unique = list({launch.key: launch for launch in launches}.values())
     env = environment_without_interpreter()
     payload = json.dumps({"launches": [asdict(launch) for launch in unique], "targets": list(targets)})
-    child = subprocess.run([sys.executable, "-m", "vit_fast.aot"], input=payload, env=env,
+    child = subprocess.run([sys.executable, "-m", "vit_fast.aot", "--child"], input=payload, env=env,
                            capture_output=True, text=True, timeout=timeout)
     if child.returncode != 0:
         raise RuntimeError(f"ahead-of-time compilation failed:\n{child.stderr[-6000:]}")
@@ -259,5 +296,65 @@ def _child_main() -> None:
     print(json.dumps(results))
 
 
+# Ops whose module offers ``aot_every_config()``: every launch its launchers can make, over the
+# dtypes and sizes that select a different configuration.
+REPORT_OPS = {"attention": "vit_fast.fused.attention"}
+_REPORT_COLUMNS = ("kernel", "dtype", "tiles", "warps", "stages", "sm", "REG", "SHARED", "LOCAL", "STACK", "CTAs/SM")
+
+
+def _report_rows(results: list[tuple[KernelLaunch, KernelResources]]) -> list[tuple[str, ...]]:
+    tile_names = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "FUSE_DQ", "N_CTX")  # N_CTX: a length of 1 is specialised
+    rows = []
+    for launch, r in results:
+        pointer = next((t for t in launch.signature.values() if t.startswith("*")), "?")
+        tiles = " ".join(f"{k.removeprefix('BLOCK_')}={launch.constexprs[k]}" for k in tile_names
+                         if k in launch.constexprs)
+        # A length that is a multiple of 16 compiles apart (Triton specialises on it): say so.
+        tiles += "".join(f" {k}%16=0" for k in ("N_CTX", "M", "N") if k in launch.divisible_by_16)
+        ctas, binding = resident_ctas(r, launch.num_warps)
+        rows.append((launch.kernel, pointer.lstrip("*"), tiles, str(launch.num_warps), str(launch.num_stages),
+                     f"sm_{r.capability}", str(r.registers), str(r.shared_bytes), str(r.spill_bytes),
+                     str(r.stack_bytes), f"{ctas} ({binding})"))
+    return rows
+
+
+def report(ops: Iterable[str], targets=TARGETS) -> list[tuple[KernelLaunch, KernelResources]]:
+    """Compile every configuration of ``ops`` (keys of REPORT_OPS) for ``targets``, print one table
+    row per kernel configuration and target, and return the results."""
+    import importlib
+
+    launches = [launch for op in ops for launch in importlib.import_module(REPORT_OPS[op]).aot_every_config()]
+    results = compile_launches(launches, targets)
+    rows = [_REPORT_COLUMNS, *_report_rows(results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_REPORT_COLUMNS))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    spilling = [r for _, r in results if r.spills]
+    limits = "; ".join(f"sm_{c}: {l.registers // 1024}K registers, {l.shared_bytes // 1024} KB shared, {l.blocks} "
+                       f"blocks, {l.threads} threads" for c, l in SM_LIMITS.items())
+    print(f"{len(results)} kernel configurations x targets; spilling (LOCAL or STACK > 0): {len(spilling)}. "
+          f"CTAs/SM from the per-SM limits ({limits}), {RESERVED_SHARED_PER_BLOCK} B of shared memory reserved "
+          f"per CTA, registers allocated per warp in units of {REGISTER_ALLOCATION_UNIT}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vit_fast.aot",
+        description="Compile every kernel configuration of the fused ops for sm_80 and sm_90 (no GPU needed) "
+                    "and print registers, shared memory, LOCAL and STACK bytes and resident CTAs per SM.")
+    parser.add_argument("--op", choices=sorted(REPORT_OPS), action="append",
+                        help="report this op only (repeatable; default: every op)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # compile_launches' worker
+    args = parser.parse_args(argv)
+    if args.child:
+        _child_main()
+        return 0
+    results = report(args.op or sorted(REPORT_OPS))
+    return 1 if any(r.spills or not r.fits_shared_memory for _, r in results) else 0
+
+
 if __name__ == "__main__":
-    _child_main()
+    raise SystemExit(main())

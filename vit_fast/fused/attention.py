@@ -10,12 +10,16 @@ Public API (matches ``vit_fast.reference.attention`` / ``attention_packed``):
     attention_packed(qkv, scale=None)   qkv (B, N, 3, H, D)  -> (B, N, H*D)
     aot_launches(batch, seq_len, heads, head_dim, dtype, packed=True)   the GPU's kernel launches,
                                         for the ahead-of-time compile tests (vit_fast.aot)
-    KernelConfig, AttentionConfig, choose_config(head_dim, seq_len, dtype, interpret=None)
+    aot_every_config(head_dims, dtypes) the launches of every configuration choose_config can
+                                        return (python -m vit_fast.aot --op attention reports them)
+    KernelConfig, AttentionConfig, choose_config(head_dim, seq_len, dtype, interpret=None), all_configs
     launch_forward(...), launch_backward(...)   run the kernels on (B, H, N, D) views with a given config
 
 Registered ops (custom_op + register_fake + register_autograd, so they pass opcheck and trace
 under torch.compile(fullgraph=True); the forward ops return the row log-sum-exp the backward
-needs as a second, non-differentiable output):
+needs as a second, non-differentiable output; real and fake implementations run the same
+shape, dtype and device checks). A backward is one launch (the dK/dV kernel computing delta and
+dQ too) where one program covers a head's keys, else three (delta, dK/dV, dQ):
     vit_fast::attention(q, k, v, scale) -> (out, lse)
     vit_fast::attention_backward(grad_out, q, k, v, out, lse, scale) -> (dq, dk, dv)
     vit_fast::attention_packed(qkv, scale) -> (out, lse)
@@ -34,9 +38,11 @@ import triton
 from torch import Tensor
 
 from vit_fast.fused.launch import (
+    SUPPORTED_DTYPES,
     Launch,
     accumulation_dtype,
     check_launchable,
+    check_same_device,
     check_same_dtype_device,
     interpreting,
     precision_constexprs,
@@ -75,10 +81,12 @@ class AttentionConfig:
     preprocess: KernelConfig  # delta = rowsum(dO * O); only block_m is used
     dkdv: KernelConfig  # block_n keys owned per program, block_m queries per loop step
     dq: KernelConfig  # block_m queries owned per program, block_n keys per loop step
-    # The dK/dV program holds every key of its head (dkdv.block_n >= N), so it also completes
-    # dQ and the dQ kernel is not launched.
+    # The dK/dV program holds every key of its head (dkdv.block_n >= N), so it also computes
+    # delta and completes dQ: the preprocess and dQ kernels are not launched.
     fuse_dq: bool = False
 
+
+_PREPROCESS = KernelConfig(block_m=64, block_n=0, num_warps=4, num_stages=1)  # delta = rowsum(dO * O)
 
 # In Triton's interpreter the numbers only shape the arithmetic, so the tiles are fixed, small
 # and asymmetric: BLOCK_M != BLOCK_N catches mixed-up masks, and 32-wide key tiles make every test
@@ -91,7 +99,7 @@ _INTERPRETER_TILES = AttentionConfig(
     dq=KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1),
 )
 
-SINGLE_TILE_MAX_SEQ = 128  # sequences up to this length are covered by one key tile
+SINGLE_TILE_MAX_SEQ = 128  # up to this length one dK/dV program can own every key of a head
 
 
 def block_d(head_dim: int) -> int:
@@ -99,22 +107,63 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _short_sequence_config(bd: int, seq_len: int) -> AttentionConfig:
+    """16-bit tiles for N <= SINGLE_TILE_MAX_SEQ, sized for ViT on CIFAR (N = 65, head dims 16-64).
+
+    A 128 x 128 forward tile at N = 65 is 74% padding (65^2 of 128^2 logits are real) and, with
+    8 warps at about 130 registers, one CTA per SM. Here the forward takes 32 query rows per
+    program and streams keys in tiles of 16 (BLOCK_D <= 32) or 32: at N = 65 that is 96 x 80
+    (55% real) or 96 x 96 (46% real) logits per head, in CTAs of 4 warps and 50-130 registers, so
+    several CTAs share an SM (the AOT report, ``python -m vit_fast.aot --op attention``, lists the
+    count per configuration). K and V are read by the three programs of a head from L2.
+
+    The backward needs one program per head to own all keys (block_n = 64 or 128 >= N): it then
+    completes dQ and computes delta itself (fuse_dq), one launch for the whole backward. Its query
+    step is 16 rows (80 padded rows at N = 65, where 32 gives 96) and its 128 keys are spread over
+    8 warps, 16 rows each (the MMA's row count), which keeps the dK and dV accumulators in
+    registers; 64-key programs take 4 warps. At BLOCK_D = 128 the k, v, dk and dv of 128 keys do
+    not fit one program's registers: there it owns 64 keys (fused up to N = 64, else two programs
+    per head and the dQ kernel).
+    """
+    bn = 64 if seq_len <= 64 else 128
+    forward = KernelConfig(block_m=32, block_n=16 if bd <= 32 else 32, num_warps=4, num_stages=2)
+    dkdv_n = bn if bd <= 64 else 64
+    dkdv = KernelConfig(block_m=16 if bd <= 64 else 32, block_n=dkdv_n,
+                        num_warps=8 if dkdv_n * bd >= 64 * 128 or dkdv_n == 128 else 4, num_stages=2)
+    # dQ (used where not fused: BLOCK_D = 128 and N > 64) keeps q, dO and dq beside the fp32 S and
+    # dP tiles: 64 x 64 with 8 warps compiles without spills on both targets.
+    dq = KernelConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
+    return AttentionConfig(forward, _PREPROCESS, dkdv, dq, fuse_dq=dkdv_n >= seq_len)
+
+
+def _fp32_config(bd: int, seq_len: int) -> AttentionConfig:
+    """fp32 (``--no-amp``): every dot runs on FMA units ("ieee"), whose operand layouts hold a
+    thread's rows over the whole head dim in registers. Query tiles of 16 rows keep that
+    spill-free on sm_80 and sm_90 (32-row forward tiles spilled 232-376 bytes of stack at
+    BLOCK_D >= 64); at BLOCK_D = 128 the forward's key tile halves and the dK/dV and dQ programs
+    take 8 warps for the same reason (4-warp dK/dV tiles left 16-256 bytes of stack there). At
+    BLOCK_D = 16 the dK/dV program takes 2 warps: with 4 (sm_90) or 8 (sm_80) ptxas left an 8-16
+    byte stack frame in the fused variant."""
+    warps = 4 if bd <= 64 else 8
+    forward = KernelConfig(block_m=16, block_n=32 if bd <= 64 else 16, num_warps=4, num_stages=1)
+    dkdv = KernelConfig(block_m=16, block_n=32, num_warps=2 if bd == 16 else warps, num_stages=1)
+    dq = KernelConfig(block_m=32, block_n=32, num_warps=warps, num_stages=1)
+    return AttentionConfig(forward, _PREPROCESS, dkdv, dq, fuse_dq=dkdv.block_n >= seq_len)
+
+
 def choose_config(head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bool | None = None) -> AttentionConfig:
     """Launch configuration from head dim, sequence length and dtype (no autotuning: the
     interpreter cannot run it, and timings would depend on the first shape seen).
 
-    - Short sequences (N <= 128; ViT on CIFAR has N = 65): one key tile of 64 or 128 covers the
-      whole sequence. The forward runs one loop step with no online rescaling, and with 128
-      query rows (BLOCK_D <= 64) one program per head reads K and V once. The dK/dV program owns
-      every key of its head and also completes dQ (fuse_dq) when its registers allow it
-      (BLOCK_N * BLOCK_D <= 128 * 64), so the backward is two launches, not three.
-    - Longer sequences: 128 x 64 forward tiles (the FlashAttention-2 / Triton-tutorial shape),
-      64-key dK/dV tiles stepping 32 queries, 64 x 64 dQ tiles.
-    - 8 warps where 4 would spill. Every threshold here is the smallest that compiles without
-      spills for sm_80 and sm_90, checked by tests/test_attention.py::test_aot_every_config;
-      the short-sequence choices are unmeasured until bench_attention.py runs on a GPU.
-    - fp32 inputs take twice the registers per operand: tiles are halved; fp64 uses 16 x 16
-      tiles (both exist for testing, not speed).
+    - 16-bit, N <= SINGLE_TILE_MAX_SEQ: small tiles for ViT's short sequences, one backward
+      launch where one dK/dV program covers the sequence (``_short_sequence_config``).
+    - 16-bit, longer sequences: 128 x 64 forward tiles (the FlashAttention-2 / Triton-tutorial
+      shape), 64-key dK/dV tiles stepping 32 queries, 64 x 64 dQ tiles, 8 warps at BLOCK_D = 128.
+    - fp32: ``_fp32_config``; fp64 (gradcheck): 16 x 16 tiles, its dots run on FMA units through
+      shared memory; fused only up to BLOCK_D = 64, where the fused dK/dV spilled at 128.
+    - Every configuration compiles without spills (LOCAL and STACK) on sm_80 and sm_90, checked
+      by tests/test_attention.py::test_aot_every_config; the choices are unmeasured until
+      bench_attention.py runs on a GPU.
     - In the interpreter (``interpret``, default ``launch.interpreting()``) the tiles are fixed
       (_INTERPRETER_TILES).
     """
@@ -123,43 +172,20 @@ def choose_config(head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bo
     if interpret:
         return dataclasses.replace(_INTERPRETER_TILES, fuse_dq=seq_len <= _INTERPRETER_TILES.dkdv.block_n)
     bd = block_d(head_dim)
-    if seq_len <= SINGLE_TILE_MAX_SEQ:
-        # Two tile widths rather than next_pow2(N): a 64-wide tile wastes little at N = 1 or 2,
-        # and fewer distinct configurations keep the ahead-of-time test affordable.
-        bn = 64 if seq_len <= 64 else 128
-        fwd_m = 128 if bn == 128 and bd <= 64 else 64
-        fwd_warps = 8 if fwd_m * bn >= 128 * 128 or bn * bd >= 128 * 128 else 4
-        forward = KernelConfig(fwd_m, bn, num_warps=fwd_warps, num_stages=2)
-        # k, v, dk and dv of 128 keys x 128 dims fill the registers of 8 warps and spill on sm_80:
-        # there the dK/dV program owns 64 keys (two programs per head) and dQ is its own kernel.
-        dkdv_n = bn if bn * bd <= 128 * 64 else 64
-        dkdv = KernelConfig(block_m=32, block_n=dkdv_n, num_warps=8 if dkdv_n * bd >= 64 * 128 else 4, num_stages=2)
-        # dQ (used where not fused) keeps q, dO and dq beside the fp32 S and dP tiles: 64 x 128
-        # spills on sm_80 at 4 and 8 warps, 32 x 128 only fits for BLOCK_D <= 64; otherwise it
-        # takes the long-sequence tiles.
-        if bn == 128 and bd <= 64:
-            dq = KernelConfig(block_m=32, block_n=128, num_warps=4, num_stages=2)
-        else:
-            dq = KernelConfig(block_m=64, block_n=64, num_warps=8 if bd >= 128 else 4, num_stages=2)
-        fuse_dq = dkdv_n >= seq_len
-    else:
-        forward = KernelConfig(128, 64, num_warps=8 if bd >= 128 else 4, num_stages=3)
-        dkdv = KernelConfig(block_m=32, block_n=64, num_warps=8 if bd >= 128 else 4, num_stages=2)
-        dq = KernelConfig(block_m=64, block_n=64, num_warps=8 if bd >= 128 else 4, num_stages=2)
-        fuse_dq = False
     if dtype == torch.float64:
-        # fp64 exists for gradcheck only; its dots run on FMA units through shared memory, and
-        # 16 x 16 tiles keep that within sm_80's 163 KiB at BLOCK_D = 128.
-        forward = dkdv = dq = KernelConfig(16, 16, num_warps=4, num_stages=1)
-        fuse_dq = seq_len <= 16
-    elif dtype == torch.float32:
-        forward, dkdv, dq = (
-            KernelConfig(max(16, c.block_m // 2), max(16, c.block_n // 2), c.num_warps, num_stages=1)
-            for c in (forward, dkdv, dq)
-        )
-        fuse_dq = fuse_dq and dkdv.block_n >= seq_len
-    preprocess = KernelConfig(block_m=64, block_n=0, num_warps=4, num_stages=1)
-    return AttentionConfig(forward, preprocess, dkdv, dq, fuse_dq)
+        tile = KernelConfig(16, 16, num_warps=4, num_stages=1)
+        return AttentionConfig(tile, _PREPROCESS, tile, tile, fuse_dq=seq_len <= 16 and bd <= 64)
+    if dtype == torch.float32:
+        return _fp32_config(bd, seq_len)
+    if seq_len <= SINGLE_TILE_MAX_SEQ:
+        return _short_sequence_config(bd, seq_len)
+    warps = 8 if bd >= 128 else 4
+    return AttentionConfig(
+        forward=KernelConfig(128, 64, num_warps=warps, num_stages=3),
+        preprocess=_PREPROCESS,
+        dkdv=KernelConfig(block_m=32, block_n=64, num_warps=warps, num_stages=2),
+        dq=KernelConfig(block_m=64, block_n=64, num_warps=warps, num_stages=2),
+    )
 
 
 def all_configs(head_dim: int, dtype: torch.dtype) -> set[AttentionConfig]:
@@ -192,7 +218,11 @@ def _check_rank(name: str, t: Tensor, rank: int, layout: str) -> None:
         raise ValueError(f"{name} must have shape {layout} (rank {rank}), got shape {tuple(t.shape)}")
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+# Every check reads metadata only, so the fake implementations run them too. Shapes are checked
+# before dtypes and devices, so that a wrong shape is reported as such on any device (meta too).
+
+
+def _check_qkv_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_rank(name, t, 4, "(B, H, N, D)")
     if not (q.shape == k.shape == v.shape):
@@ -200,18 +230,67 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             f"q, k and v must have the same shape (B, H, N, D), "
             f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    check_same_dtype_device({"q": q, "k": k, "v": v})
     _check_head_dim(q.shape[-1])
 
 
-def _check_packed(qkv: Tensor) -> None:
+def _check_packed_shape(qkv: Tensor) -> None:
     _check_rank("qkv", qkv, 5, "(B, N, 3, H, D)")
-    check_same_dtype_device({"qkv": qkv})
     if qkv.shape[2] != 3:
         raise ValueError(
             f"qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)} (dim 2 is {qkv.shape[2]}, expected 3)"
         )
     _check_head_dim(qkv.shape[-1])
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    _check_qkv_shapes(q, k, v)
+    check_same_dtype_device({"q": q, "k": k, "v": v})
+
+
+def _check_packed(qkv: Tensor) -> None:
+    _check_packed_shape(qkv)
+    check_same_dtype_device({"qkv": qkv})
+
+
+def _check_saved(tensors: dict[str, Tensor], shape: tuple, lse: Tensor, B: int, H: int, N: int) -> None:
+    """The backward's other inputs: grad_out and out of ``shape`` and lse of (B, H, N), then one
+    dtype and device for all (the first entry's), lse in its accumulation dtype."""
+    for name, t in list(tensors.items())[-2:]:  # grad_out, out
+        _check_rank(name, t, len(shape), str(shape))
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    _check_rank("lse", lse, 3, "(B, H, N)")
+    if tuple(lse.shape) != (B, H, N):
+        raise ValueError(f"lse must have shape (B, H, N) = {(B, H, N)}, got {tuple(lse.shape)}")
+    first_name, first = next(iter(tensors.items()))
+    expected = accumulation_dtype(first.dtype)
+    if lse.dtype != expected:
+        raise TypeError(f"lse has dtype {lse.dtype}; expected {expected} for {first.dtype} inputs")
+    check_same_dtype_device(tensors)
+    check_same_device({first_name: first, "lse": lse})
+
+
+def _check_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> None:
+    _check_qkv_shapes(q, k, v)
+    _check_saved(dict(q=q, k=k, v=v, grad_out=grad_out, out=out), tuple(q.shape), lse, *q.shape[:3])
+
+
+def _check_packed_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor) -> None:
+    _check_packed_shape(qkv)
+    B, N, _, H, D = qkv.shape
+    _check_saved(dict(qkv=qkv, grad_out=grad_out, out=out), (B, N, H * D), lse, B, H, N)
+
+
+def _autocast_input(t: Tensor) -> Tensor:
+    """What autocast would hand a matmul: under autocast on the tensor's device type, fp32 (or
+    the other 16-bit dtype) becomes the autocast dtype; fp64 is left alone, as autocast leaves it.
+    Under autocast the qkv projection already returns the autocast dtype, so on the model's path
+    this returns its input and issues no cast kernel."""
+    device_type = t.device.type
+    if not torch.is_autocast_enabled(device_type) or t.dtype == torch.float64 or not t.is_floating_point():
+        return t
+    dtype = torch.get_autocast_dtype(device_type)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _resolve_scale(scale: float | None, head_dim: int) -> float:
@@ -230,13 +309,21 @@ def _unit_last_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _dtype_constexprs(dtype: torch.dtype, interpret: bool) -> dict:
+    """ACC_DTYPE, INPUT_PRECISION and INTERPRETER_BF16: under Triton's interpreter, bf16 tl.dot
+    operands are multiplied as fp32 (its bf16 dot returns garbage, upstream triton issue 11584)
+    and fp32 -> bf16 casts rounded to nearest even in software (it truncates). A GPU launch, and
+    so every ahead-of-time compile, keeps bf16 dots and the hardware conversion."""
+    return {**precision_constexprs(dtype), "INTERPRETER_BF16": interpret and dtype == torch.bfloat16}
+
+
 def _stride_args(name: str, t: Tensor) -> dict:
     """stride_<name>b, _<name>h, _<name>n of a (B, H, N, D) view (its head-dim stride is 1)."""
     return {f"stride_{name}{dim}": t.stride(i) for i, dim in enumerate("bhn")}
 
 
 def _forward_launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-                    config: AttentionConfig) -> Launch:
+                    config: AttentionConfig, interpret: bool) -> Launch:
     B, H, N, D = q.shape
     cfg = config.forward
     args = dict(
@@ -244,7 +331,8 @@ def _forward_launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, s
         **_stride_args("q", q), **_stride_args("k", k), **_stride_args("v", v), **_stride_args("o", out),
         H=H, N_CTX=N, HEAD_DIM=D, sm_scale=scale,
     )
-    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D), **precision_constexprs(q.dtype))
+    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D),
+                      **_dtype_constexprs(q.dtype, interpret))
     return Launch(attention_fwd_kernel, (triton.cdiv(N, cfg.block_m) * B * H,), args, constexprs,
                   cfg.num_warps, cfg.num_stages)
 
@@ -255,35 +343,40 @@ def launch_forward(
     """out <- softmax(q k^T * scale) v on (B, H, N, D) views; returns lse (B, H, N)."""
     B, H, N, D = q.shape
     lse = torch.empty((B, H, N), device=q.device, dtype=accumulation_dtype(q.dtype))
-    _forward_launch(q, k, v, out, lse, scale, config or choose_config(D, N, q.dtype)).run()
+    _forward_launch(q, k, v, out, lse, scale, config or choose_config(D, N, q.dtype), interpreting()).run()
     return lse
 
 
 def _backward_launches(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-    dq: Tensor, dk: Tensor, dv: Tensor, config: AttentionConfig,
+    dq: Tensor, dk: Tensor, dv: Tensor, config: AttentionConfig, interpret: bool,
 ) -> list[Launch]:
-    """The backward's launches in order: delta = rowsum(dO * O), dK/dV (and dQ when fused), dQ
-    (when not). Allocates delta."""
+    """The backward's launches in order. With fuse_dq (one dK/dV program per head) that is the
+    dK/dV kernel alone, which computes delta and dQ itself; otherwise delta = rowsum(dO * O),
+    dK/dV, then dQ. Allocates delta where it is a tensor of its own."""
     B, H, N, D = q.shape
-    dtypes = precision_constexprs(q.dtype)
+    dtypes = _dtype_constexprs(q.dtype, interpret)
     bd = block_d(D)
     shape_args = dict(H=H, N_CTX=N, HEAD_DIM=D)
-    delta = torch.empty_like(lse)
-    pre = config.preprocess
-    launches = [Launch(
-        attention_bwd_preprocess_kernel, (triton.cdiv(N, pre.block_m) * B * H,),
-        dict(Out=out, dOut=grad_out, Delta=delta, **_stride_args("o", out), **_stride_args("do", grad_out),
-             **shape_args),
-        dict(BLOCK_M=pre.block_m, BLOCK_D=bd, ACC_DTYPE=dtypes["ACC_DTYPE"]),
-        pre.num_warps, pre.num_stages,
-    )]
-    inputs = dict(Q=q, K=k, V=v, dOut=grad_out)
-    input_strides = {**_stride_args("q", q), **_stride_args("k", k), **_stride_args("v", v),
-                     **_stride_args("do", grad_out)}
     c = config.dkdv
     if config.fuse_dq and c.block_n < N:
         raise ValueError(f"fuse_dq needs one key tile per head: dkdv.block_n={c.block_n} < N={N}")
+    launches = []
+    if config.fuse_dq:
+        delta = lse  # never read by the fused kernel: any (B, H, N) tensor of the right dtype
+    else:
+        delta = torch.empty_like(lse)
+        pre = config.preprocess
+        launches.append(Launch(
+            attention_bwd_preprocess_kernel, (triton.cdiv(N, pre.block_m) * B * H,),
+            dict(Out=out, dOut=grad_out, Delta=delta, **_stride_args("o", out), **_stride_args("do", grad_out),
+                 **shape_args),
+            dict(BLOCK_M=pre.block_m, BLOCK_D=bd, ACC_DTYPE=dtypes["ACC_DTYPE"]),
+            pre.num_warps, pre.num_stages,
+        ))
+    inputs = dict(Q=q, K=k, V=v, dOut=grad_out)
+    input_strides = {**_stride_args("q", q), **_stride_args("k", k), **_stride_args("v", v),
+                     **_stride_args("do", grad_out)}
     launches.append(Launch(
         attention_bwd_dkdv_kernel, (triton.cdiv(N, c.block_n) * B * H,),
         dict(**inputs, dK=dk, dV=dv, dQ=dq, LSE=lse, Delta=delta, **input_strides, **_stride_args("dk", dk),
@@ -310,7 +403,7 @@ def launch_backward(
     """dq, dk, dv <- gradients of the attention on (B, H, N, D) views (written, not accumulated)."""
     _, _, N, D = q.shape
     config = config or choose_config(D, N, q.dtype)
-    for launch in _backward_launches(grad_out, q, k, v, out, lse, scale, dq, dk, dv, config):
+    for launch in _backward_launches(grad_out, q, k, v, out, lse, scale, dq, dk, dv, config, interpreting()):
         launch.run()
 
 
@@ -340,11 +433,34 @@ def aot_launches(batch: int, seq_len: int, heads: int, head_dim: int, dtype: tor
         q, k, v, out, grad_out, dq, dk, dv = (t(B, H, N, D) for _ in range(8))
     lse = t(B, H, N, dtype=accumulation_dtype(dtype))
     scale = _resolve_scale(None, D)
-    launches = [_forward_launch(q, k, v, out, lse, scale, config)]
-    launches += _backward_launches(grad_out, q, k, v, out, lse, scale, dq, dk, dv, config)
+    launches = [_forward_launch(q, k, v, out, lse, scale, config, interpret=False)]
+    launches += _backward_launches(grad_out, q, k, v, out, lse, scale, dq, dk, dv, config, interpret=False)
     from vit_fast.aot import kernel_launches  # the compile tests' path only: running needs none of it
 
     return kernel_launches(launches)
+
+
+AOT_HEAD_DIMS = (16, 32, 64, 128)  # one per BLOCK_D: head dims padding to the same BLOCK_D launch the same kernels
+
+
+def aot_every_config(head_dims: tuple[int, ...] = AOT_HEAD_DIMS,
+                     dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES) -> list[KernelLaunch]:
+    """The distinct launches of every configuration ``choose_config`` can return on a GPU, for
+    these head dims and dtypes (what ``python -m vit_fast.aot --op attention`` reports and the
+    ahead-of-time test compiles): per configuration the shortest and the longest sequence length
+    that pick it (N = 1 compiles apart: Triton specialises an argument equal to 1), plus the CIFAR
+    ViT's 65 tokens and 197 (ImageNet ViT-B/16). The dQ kernel is compiled where it runs."""
+    launches = []
+    for dtype in dtypes:
+        for head_dim in head_dims:
+            lengths = {65, 197}
+            for config in all_configs(head_dim, dtype):
+                picked = [n for n in range(1, SINGLE_TILE_MAX_SEQ + 2)
+                          if choose_config(head_dim, n, dtype, interpret=False) == config]
+                lengths |= {picked[0], picked[-1]}
+            for n in sorted(lengths):
+                launches += aot_launches(2, n, 3, head_dim, dtype)
+    return list({launch.key: launch for launch in launches}.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,6 +470,7 @@ def aot_launches(batch: int, seq_len: int, heads: int, head_dim: int, dtype: tor
 
 @torch.library.custom_op("vit_fast::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    _check_qkv(q, k, v)
     check_launchable("q", q)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -363,6 +480,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
 
 @_attention_op.register_fake
 def _(q, k, v, scale):
+    _check_qkv(q, k, v)
     B, H, N, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, N), dtype=accumulation_dtype(q.dtype))
 
@@ -371,6 +489,7 @@ def _(q, k, v, scale):
 def _attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    _check_backward(grad_out, q, k, v, out, lse)
     check_launchable("q", q)
     grad_out, q, k, v = (_unit_last_stride(t) for t in (grad_out, q, k, v))
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
@@ -380,6 +499,7 @@ def _attention_backward_op(
 
 @_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, scale):
+    _check_backward(grad_out, q, k, v, out, lse)
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
@@ -407,6 +527,7 @@ _attention_op.register_autograd(_attention_backward, setup_context=_attention_se
 
 @torch.library.custom_op("vit_fast::attention_packed", mutates_args=())
 def _attention_packed_op(qkv: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    _check_packed(qkv)
     check_launchable("qkv", qkv)
     qkv = _unit_last_stride(qkv)
     B, N, _, H, D = qkv.shape
@@ -417,12 +538,14 @@ def _attention_packed_op(qkv: Tensor, scale: float) -> tuple[Tensor, Tensor]:
 
 @_attention_packed_op.register_fake
 def _(qkv, scale):
+    _check_packed(qkv)
     B, N, _, H, D = qkv.shape
     return qkv.new_empty((B, N, H * D)), qkv.new_empty((B, H, N), dtype=accumulation_dtype(qkv.dtype))
 
 
 @torch.library.custom_op("vit_fast::attention_packed_backward", mutates_args=())
 def _attention_packed_backward_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float) -> Tensor:
+    _check_packed_backward(grad_out, qkv, out, lse)
     check_launchable("qkv", qkv)
     grad_out, qkv = _unit_last_stride(grad_out), _unit_last_stride(qkv)
     H = qkv.shape[3]
@@ -438,6 +561,7 @@ def _attention_packed_backward_op(grad_out: Tensor, qkv: Tensor, out: Tensor, ls
 
 @_attention_packed_backward_op.register_fake
 def _(grad_out, qkv, out, lse, scale):
+    _check_packed_backward(grad_out, qkv, out, lse)
     return qkv.new_empty(qkv.shape)
 
 
@@ -469,9 +593,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
     """softmax(q k^T * scale) v for q, k, v of shape (B, H, N, D); scale defaults to 1/sqrt(D).
 
     Same contract as ``vit_fast.reference.attention`` (without dropout). D must be a multiple of 8
-    up to 128; fp16, bf16 (fp32 accumulation), fp32 and fp64.
+    up to 128; fp16, bf16 (fp32 accumulation), fp32 and fp64. Under autocast, inputs not already
+    in the autocast dtype are cast to it (fp64 excepted, as autocast does).
     """
     _check_qkv(q, k, v)
+    q, k, v = (_autocast_input(t) for t in (q, k, v))
     out, _ = _attention_op(q, k, v, _resolve_scale(scale, q.shape[-1]))
     return out
 
@@ -480,8 +606,9 @@ def attention_packed(qkv: Tensor, scale: float | None = None) -> Tensor:
     """Attention read from the packed projection output (B, N, 3, H, D), as produced by
     ``linear(x).view(B, N, 3, H, D)``; returns (B, N, H*D), ready for the output projection.
 
-    Same contract as ``vit_fast.reference.attention_packed`` (without dropout).
+    Same contract as ``vit_fast.reference.attention_packed`` (without dropout); autocast as in
+    ``attention``: the model's qkv projection already returns the autocast dtype, so no cast runs.
     """
     _check_packed(qkv)
-    out, _ = _attention_packed_op(qkv, _resolve_scale(scale, qkv.shape[-1]))
+    out, _ = _attention_packed_op(_autocast_input(qkv), _resolve_scale(scale, qkv.shape[-1]))
     return out
