@@ -24,21 +24,6 @@ def autocast_dtype(t: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
-def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Cast floating-point inputs of a fused op to the autocast dtype when autocast is on.
-
-    Only the attention op still uses it (its input, the qkv GEMM's output, is already in the
-    autocast dtype under autocast, so nothing is cast in the model). LayerNorm, add+LayerNorm and
-    the MLP take fp32 parameters and the fp32 residual stream as they are and convert in their
-    kernels' registers; the patch embedding runs in its parameters' dtype.
-    """
-    first = next(t for t in tensors if t is not None)
-    dtype = autocast_dtype(first)
-    if dtype is None:
-        return tensors
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
-
-
 def _per_sample(scale: Tensor, like: Tensor) -> Tensor:
     """A (B,) per-sample scale viewed to broadcast over ``like`` (B, ...)."""
     return scale.view((like.shape[0],) + (1,) * (like.dim() - 1))
@@ -129,8 +114,7 @@ def attention_packed(qkv: Tensor, dropout_p: float, backend: str) -> Tensor:
             )
         from .fused import attention
 
-        (qkv,) = _autocast(qkv)
-        return attention.attention_packed(qkv)
+        return attention.attention_packed(qkv)  # casts to the autocast dtype itself, only when needed
     raise _unknown(backend)
 
 
