@@ -573,7 +573,7 @@ def training_args(preset: str, batch_size: int, backend: str, extra: list[str] |
     argv = ["--preset", preset, "--batch-size", str(batch_size), "--backend", backend, "--dataset", "synthetic",
             "--synthetic-classes", str(cfg.num_classes), "--synthetic-size", str(2 * batch_size),
             "--image-size", str(cfg.image_size), "--device", "cpu", "--no-download", *extra]
-    return train.build_parser().parse_args(argv)
+    return train.parse_args(argv)  # the recipe resolved, as the CLI resolves it
 
 
 def account_step_as_trained(preset: str = "vit-cifar", batch_size: int = 128, backend: str = "torch",
@@ -684,8 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="vit-cifar")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    p.add_argument("--mixup", type=float, default=0.0, help="account the step with mixup Beta(alpha, alpha)")
-    p.add_argument("--cutmix", type=float, default=0.0, help="account the step with cutmix Beta(alpha, alpha)")
+    p.add_argument("--recipe", default=None, help="the training recipe (default: the training CLI's default)")
+    p.add_argument("--mixup", type=float, default=None, help="override the recipe's mixup Beta(alpha, alpha)")
+    p.add_argument("--cutmix", type=float, default=None, help="override the recipe's cutmix Beta(alpha, alpha)")
     p.add_argument("--pure", action="store_true",
                    help="the fp32 forward + backward + AdamW step only (no data, autocast or clipping)")
     p.add_argument("--top", type=int, default=12, help="operators listed per backend")
@@ -705,16 +706,20 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"preset": args.preset, "batch_size": args.batch_size, "step": "pure", "dtype": "float32",
                   "backends": {b: a.to_dict() for b, a in accounts.items()}}
     else:
-        extra = ["--mixup", str(args.mixup), "--cutmix", str(args.cutmix)]
+        extra = [f"--{name}={value}" for name, value in (("recipe", args.recipe), ("mixup", args.mixup),
+                                                          ("cutmix", args.cutmix)) if value is not None]
+        trained = training_args(args.preset, args.batch_size, "torch", extra)  # what the step runs
+        args.recipe, args.mixup, args.cutmix = trained.recipe, trained.mixup, trained.cutmix
         steps = {b: account_step_as_trained(args.preset, args.batch_size, b, extra) for b in args.backends}
         print(f"cost account of the training step as trained: {args.preset}, batch {args.batch_size}, "
-              f"bf16 autocast, the CLI's recipe (mixup {args.mixup}, cutmix {args.cutmix})")
+              f"bf16 autocast, recipe {args.recipe} (mixup {args.mixup}, cutmix {args.cutmix}, "
+              f"clip {trained.clip_grad}, drop-path {trained.drop_path})")
         print("(a model of memory traffic, launches and host syncs, not a timing; CPU autocast stands in "
               "for CUDA's: see `python -c 'import vit_fast.cost; help(vit_fast.cost)'`)\n")
         print(format_step_table(steps))
         print(format_table({b: s.total for b, s in steps.items()}, args.top))
         result = {"preset": args.preset, "batch_size": args.batch_size, "step": "as_trained",
-                  "mixup": args.mixup, "cutmix": args.cutmix, "launch_overhead_s": LAUNCH_OVERHEAD_S,
+                  "recipe": args.recipe, "mixup": args.mixup, "cutmix": args.cutmix, "launch_overhead_s": LAUNCH_OVERHEAD_S,
                   "custom_op_call_s": CUSTOM_OP_CALL_S,
                   "gpus": {k: vars(g) for k, g in GPUS.items()},
                   "backends": {b: s.to_dict() for b, s in steps.items()}}
