@@ -98,15 +98,90 @@ def kernel_count(op: str, batch: int, num_patches: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def _fail(message: str) -> None:
+    # RuntimeError, as the C++ TORCH_CHECKs raise: the fake and the real op fail alike.
+    raise RuntimeError(message)
+
+
+def _check_same(images: Tensor, t: Tensor, name: str, op: str = "patch_embed") -> None:
+    if t.dtype != images.dtype:
+        _fail(f"{op}: {name} has dtype {t.dtype} but images have dtype {images.dtype}; all inputs must share one dtype")
+    if t.device != images.device:
+        _fail(f"{op}: {name} is on {t.device} but images are on {images.device}")
+
+
+def _check_shape(channels: int, height: int, width: int, weight: Tensor) -> tuple[int, int]:
+    """(num_patches, dim), with the checks of make_shape in csrc/patch_embed.cpp."""
+    w = tuple(weight.shape)
+    if weight.dim() != 4 or w[2] != w[3]:
+        _fail(f"patch_embed: weight must be a Conv2d weight of shape (D, C, p, p) with square patches, got {w}")
+    p = w[2]
+    if p < 1:
+        _fail(f"patch_embed: patch size must be at least 1, got weight of shape {w}")
+    if w[1] != channels:
+        _fail(f"patch_embed: weight {w} expects {w[1]} input channels but the images have {channels}")
+    if height % p or width % p:
+        _fail(f"patch_embed: image size ({height}, {width}) must be a multiple of the patch size {p} "
+              f"(weight of shape {w})")
+    return (height // p) * (width // p), w[0]
+
+
+def _check_forward(images: Tensor, weight: Tensor, bias: Tensor, cls_token: Tensor, pos_embed: Tensor) -> int:
+    """The forward's checks (check_forward in csrc/patch_embed.cpp), on metadata only, so fake
+    tensors (torch.compile, meta tensors, the cost account) are refused exactly as real ones are."""
+    if images.dim() != 4:
+        _fail(f"patch_embed: images must have shape (B, C, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        _fail(f"patch_embed: images must be floating point, got {images.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("cls_token", cls_token), ("pos_embed", pos_embed)):
+        _check_same(images, t, name)
+    num_patches, dim = _check_shape(images.shape[1], images.shape[2], images.shape[3], weight)
+    if tuple(bias.shape) != (dim,):
+        _fail(f"patch_embed: bias must have shape ({dim},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    if tuple(cls_token.shape) != (1, 1, dim):
+        _fail(f"patch_embed: cls_token must have shape (1, 1, {dim}), got {tuple(cls_token.shape)}")
+    if tuple(pos_embed.shape) != (1, num_patches + 1, dim):
+        _fail(f"patch_embed: pos_embed must have shape (1, {num_patches + 1}, {dim}) for {num_patches} patches of "
+              f"images {tuple(images.shape)} with weight {tuple(weight.shape)}, got {tuple(pos_embed.shape)}")
+    return num_patches
+
+
+def _check_grad_out(grad_out: Tensor, weight: Tensor, batch: int, num_patches: int) -> None:
+    expected = (batch, num_patches + 1, weight.shape[0])
+    if tuple(grad_out.shape) != expected:
+        _fail(f"patch_embed backward: grad_out must have shape {expected}, got {tuple(grad_out.shape)}")
+    if grad_out.dtype != weight.dtype:
+        _fail(f"patch_embed backward: grad_out has dtype {grad_out.dtype} but weight has dtype {weight.dtype}")
+    if grad_out.device != weight.device:
+        _fail(f"patch_embed backward: grad_out is on {grad_out.device} but weight is on {weight.device}")
+
+
+def _check_backward(grad_out: Tensor, images: Tensor, weight: Tensor) -> None:
+    if images.dim() != 4:
+        _fail(f"patch_embed backward: images must have shape (B, C, H, W), got {tuple(images.shape)}")
+    _check_same(images, weight, "weight", "patch_embed backward")
+    num_patches, _ = _check_shape(images.shape[1], images.shape[2], images.shape[3], weight)
+    _check_grad_out(grad_out, weight, images.shape[0], num_patches)
+
+
+def _check_backward_images(grad_out: Tensor, weight: Tensor, height: int, width: int) -> None:
+    if grad_out.dim() != 3:
+        _fail(f"patch_embed backward: grad_out must have shape (B, N + 1, D), got {tuple(grad_out.shape)}")
+    if weight.dim() != 4:
+        _fail(f"patch_embed backward: weight must have shape (D, C, p, p), got {tuple(weight.shape)}")
+    num_patches, _ = _check_shape(weight.shape[1], height, width, weight)
+    _check_grad_out(grad_out, weight, grad_out.shape[0], num_patches)
+
+
 def _register() -> None:
     @torch.library.register_fake("vit_fast::patch_embed")
     def _forward_fake(images, weight, bias, cls_token, pos_embed):
-        B, _, H, W = images.shape
-        D, _, p, _ = weight.shape
-        return images.new_empty((B, (H // p) * (W // p) + 1, D))
+        num_patches = _check_forward(images, weight, bias, cls_token, pos_embed)
+        return images.new_empty((images.shape[0], num_patches + 1, weight.shape[0]))
 
     @torch.library.register_fake("vit_fast::patch_embed_backward")
     def _backward_fake(grad_out, images, weight):
+        _check_backward(grad_out, images, weight)
         D = weight.shape[0]
         return (
             weight.new_empty(weight.shape),
@@ -117,6 +192,7 @@ def _register() -> None:
 
     @torch.library.register_fake("vit_fast::patch_embed_backward_images")
     def _backward_images_fake(grad_out, weight, height, width):
+        _check_backward_images(grad_out, weight, height, width)
         return grad_out.new_empty((grad_out.shape[0], weight.shape[1], height, width))
 
     def setup_context(ctx, inputs, output):
