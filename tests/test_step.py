@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vit_fast import data
+from vit_fast import data, optim
 from vit_fast import train as train_mod
 from vit_fast.distributed import World
 from vit_fast.syncs import OUTSIDE, count_host_syncs
@@ -112,13 +112,13 @@ def test_training_step_makes_no_host_syncs(tmp_path, backend, mix):
 
 
 def test_optimizer_is_fused_with_a_device_lr_and_capturable_on_cuda():
-    assert train_mod.optimizer_options(torch.device("cuda")) == {"fused": True, "capturable": True}
-    assert train_mod.optimizer_options(torch.device("cpu")) == {"fused": True, "capturable": False}
+    assert optim.optimizer_options(torch.device("cuda")) == {"fused": True, "capturable": True}
+    assert optim.optimizer_options(torch.device("cpu")) == {"fused": True, "capturable": False}
     model = torch.nn.Linear(4, 3)
-    opt = train_mod.make_optimizer(train_mod.param_groups(model, 0.05), 1e-3, (0.9, 0.999), torch.device("cpu"))
+    opt = optim.make_optimizer(optim.param_groups(model, 0.05), 1e-3, (0.9, 0.999), torch.device("cpu"))
     lr = opt.param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor) and lr.dtype == torch.float64 and lr.ndim == 0
-    assert train_mod.lr_dtype(torch.device("cuda")) == torch.float32  # what CUDA's fused AdamW reads
+    assert optim.lr_dtype(torch.device("cuda")) == torch.float32  # what CUDA's fused AdamW reads
     assert all(g["lr"] is lr and g["fused"] for g in opt.param_groups)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
 
@@ -130,7 +130,7 @@ def test_optimizer_state_is_restored_in_place():
     def stepped(seed: int, lr: float) -> torch.optim.Optimizer:
         torch.manual_seed(seed)
         model = torch.nn.Linear(4, 3)
-        opt = train_mod.make_optimizer(train_mod.param_groups(model, 0.05), lr, (0.9, 0.999), torch.device("cpu"))
+        opt = optim.make_optimizer(optim.param_groups(model, 0.05), lr, (0.9, 0.999), torch.device("cpu"))
         model(torch.randn(2, 4)).sum().backward()
         opt.step()
         return opt
@@ -138,9 +138,9 @@ def test_optimizer_state_is_restored_in_place():
     live, saved = stepped(0, 1e-3), stepped(1, 5e-4)
     lr = live.param_groups[0]["lr"]
     before = {id(t) for s in live.state.values() for t in s.values()}
-    state = train_mod.optimizer_state(saved)
+    state = optim.optimizer_state(saved)
     state["param_groups"] = [{**g, "fused": None} for g in state["param_groups"]]  # as an older checkpoint
-    train_mod.restore_optimizer(live, state)
+    optim.restore_optimizer(live, state)
     assert {id(t) for s in live.state.values() for t in s.values()} == before
     assert all(g["lr"] is lr and g["fused"] for g in live.param_groups) and float(lr) == 5e-4
     for p_live, p_saved in zip(live.state.values(), saved.state.values()):
@@ -161,7 +161,7 @@ def test_optimizer_built_on_cuda_is_fused_and_capturable(tmp_path):
 
 def formula_lr(args, steps_per_epoch: int, s: int) -> float:
     """The lr of optimizer step s by warmup_cosine (on the CPU the lr tensor is float64: exactly this)."""
-    factor = train_mod.warmup_cosine(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch,
+    factor = optim.warmup_cosine(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch,
                                      args.min_lr / args.lr)
     return args.lr * factor(s)
 
@@ -169,7 +169,7 @@ def formula_lr(args, steps_per_epoch: int, s: int) -> float:
 def test_lr_schedule_equals_the_formula_at_every_step():
     args = parse("--epochs", "3", "--warmup-epochs", "1.5", "--lr", "2e-3", "--min-lr", "1e-5")
     steps_per_epoch = 10
-    opt = train_mod.make_optimizer(train_mod.param_groups(torch.nn.Linear(2, 2), 0.0), args.lr, (0.9, 0.999),
+    opt = optim.make_optimizer(optim.param_groups(torch.nn.Linear(2, 2), 0.0), args.lr, (0.9, 0.999),
                                    torch.device("cpu"))
     sched = train_mod.make_schedule(args, opt, steps_per_epoch)
     warmup_end, last = 14, 29  # round(1.5 * 10) warm-up steps; 30 steps in all
@@ -358,6 +358,6 @@ def test_resumed_graphed_run_equals_uninterrupted_graphed_run(tmp_path):
 
 def test_warmup_cosine_formula_itself():
     """The reference the device schedule is held to: linear warm-up to 1, cosine to min_ratio."""
-    f = train_mod.warmup_cosine(4, 12, 0.1)
+    f = optim.warmup_cosine(4, 12, 0.1)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == 1.0 and math.isclose(f(8), 0.55) and f(12) == pytest.approx(0.1) and f(20) == pytest.approx(0.1)

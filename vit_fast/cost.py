@@ -588,6 +588,7 @@ def account_step_as_trained(preset: str = "vit-cifar", batch_size: int = 128, ba
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from . import distributed as dist_mod
+    from . import optim
     from . import train
     from .syncs import count_host_syncs
 
@@ -606,10 +607,10 @@ def account_step_as_trained(preset: str = "vit-cifar", batch_size: int = 128, ba
     run.amp = True
     phases: dict[str, CostAccount] = {p: CostAccount() for p in train.PHASES}
     with fake_mode, _foreach_on_fake_tensors():
-        groups = train.param_groups(run.model, args.weight_decay)
-        run.optimizer = train.make_optimizer(groups, args.lr, (args.beta1, args.beta2), run.device)
+        groups = optim.param_groups(run.model, args.weight_decay)
+        run.optimizer = optim.make_optimizer(groups, args.lr, (args.beta1, args.beta2), run.device)
         run.scheduler = train.make_schedule(args, run.optimizer, len(run.train_loader))
-        run.watch = train.NonFiniteWatch(run.device)
+        run.watch = optim.NonFiniteWatch(run.device)
         run.model.train()
         batches = train.epoch_batches(run, 0)
         train.train_step(run, *train.next_batch(batches))  # allocates the optimizer state
