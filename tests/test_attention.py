@@ -195,6 +195,9 @@ def _extreme_rows_inputs(N: int, D: int, dtype, device):
     return [t.to(dtype) for t in (q, k, v)]
 
 
+# The interpreter evaluates exp2 on every lane, masked ones included, and numpy warns when those
+# overflow; the test is about exactly those lanes and asserts that no inf reaches a gradient.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 @pytest.mark.parametrize("N", [30, 65], ids=["fused_dq", "dq_kernel"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_extreme_logit_rows_backward(dtype, N, device):
