@@ -36,9 +36,11 @@ def check_backend_device(backend: str, device: torch.device) -> None:
         )
 
 
-def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    """The bf16 mixed-precision context every forward pass of a run uses (a no-op when disabled)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def autocast(device: torch.device, enabled: bool, cache_enabled: bool = True) -> torch.autocast:
+    """The bf16 mixed-precision context every forward pass of a run uses (a no-op when disabled).
+    ``cache_enabled=False`` recomputes autocast's 16-bit weight copies on every use, as a CUDA
+    graph replay must (a cache filled during capture would hold stale weights)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache_enabled)
 
 
 def synchronize(device: torch.device) -> None:

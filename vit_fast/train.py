@@ -66,7 +66,7 @@ from .optim import (
     warmup_cosine,
 )
 from .paths import check_output_dir
-from .runtime import check_backend_device, rank_seed, resolve_device, restore_rng, rng_state, synchronize
+from .runtime import autocast, check_backend_device, rank_seed, resolve_device, restore_rng, rng_state, synchronize
 
 CHECKPOINT_FILE, METRICS_FILE, BEST_FILE = "checkpoint.pt", "metrics.jsonl", "best.pt"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -450,8 +450,7 @@ def train_step(run: TrainingRun, x: Tensor, y: Tensor,
     with phase("forward_backward"):
         # A CUDA graph must recompute the bf16 copies of the weights on every replay, not keep
         # those cached while it was captured.
-        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp,
-                            cache_enabled=not run.args.cuda_graphs):
+        with autocast(run.device, run.amp, cache_enabled=not run.args.cuda_graphs):
             logits = run.forward(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=run.args.label_smoothing)
         run.watch.update(loss.detach(), run.scheduler.steps)
