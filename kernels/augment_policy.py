@@ -54,7 +54,6 @@ import math
 
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 # The constants Python's math.radians / math.degrees multiply by (as vit_fast.augment's).
 _DEG_TO_RAD = tl.constexpr(math.pi / 180.0)
@@ -64,6 +63,13 @@ _INV_255 = tl.constexpr(1.0 / 255.0)
 # Taylor terms of atan after two half-angle reductions (|t| <= tan(pi / 16) ~ 0.199): the term
 # t^(2k+1) / (2k+1) drops below 2^-53 relative at k = 12.
 _ATAN_TERMS = tl.constexpr(13)
+# pi / 2 split for the reduction of sin / cos arguments (Cody and Waite): the hi part is pi / 2
+# rounded down to 33 significant bits (so k * hi is exact for |k| < 2^20), the lo part the
+# float64 nearest to the rest (from 60 digits of pi). Taylor terms: r^19 / 19! < 1e-19 at pi / 4.
+_TWO_OVER_PI = tl.constexpr(2.0 / math.pi)
+_PIO2_HI = tl.constexpr(1.5707963267341256)
+_PIO2_LO = tl.constexpr(6.077100506506192e-11)
+_TRIG_TERMS = tl.constexpr(9)
 
 # Op ids, as vit_fast.augment.OPS orders them.
 _SHEAR_X = tl.constexpr(1)
@@ -83,9 +89,34 @@ _INVERT = tl.constexpr(14)
 
 
 @triton.jit
-def _atan_in_software(x):
-    """float64 atan without libdevice (the interpreter's path): atan(a) = 2 atan(a / (1 +
-    sqrt(1 + a^2))) twice, then the alternating series; |x| > 1 through atan(x) = pi/2 - atan(1/x)."""
+def _sin_cos(x):
+    """float64 (sin x, cos x) for the moderate angles of the geometric ops: x - k pi/2 in two
+    steps (k pi/2 hi is exact for |k| < 2^20), then the Taylor series on [-pi/4, pi/4], whose
+    truncation error is below 1e-19; quadrant k mod 4 picks the signs and the swap."""
+    k = tl.floor(x * _TWO_OVER_PI + 0.5)
+    r = (x - k * _PIO2_HI) - k * _PIO2_LO
+    r2 = r * r
+    sin_series = tl.zeros_like(r)
+    for n in tl.static_range(_TRIG_TERMS, 0, -1):  # (-1)^n / (2n+1)!, n = TERMS..1
+        sin_series = sin_series * r2 + (1 - 2 * (n % 2)) / math.factorial(2 * n + 1)
+    cos_series = tl.zeros_like(r)
+    for n in tl.static_range(_TRIG_TERMS, 1, -1):  # (-1)^n / (2n)!, n = TERMS..2
+        cos_series = cos_series * r2 + (1 - 2 * (n % 2)) / math.factorial(2 * n)
+    sin_r = r + r * (r2 * sin_series)
+    cos_r = 1.0 - 0.5 * r2 + r2 * (r2 * cos_series)
+    quadrant = (k - 4.0 * tl.floor(k * 0.25)).to(tl.int32)  # k mod 4, in 0..3
+    swap = (quadrant % 2) == 1
+    sin_x = tl.where(swap, cos_r, sin_r)
+    cos_x = tl.where(swap, sin_r, cos_r)
+    sin_x = tl.where(quadrant >= 2, -sin_x, sin_x)
+    cos_x = tl.where((quadrant == 1) | (quadrant == 2), -cos_x, cos_x)
+    return sin_x, cos_x
+
+
+@triton.jit
+def _atan(x):
+    """float64 atan: atan(a) = 2 atan(a / (1 + sqrt(1 + a^2))) twice, then the alternating
+    series; |x| > 1 through atan(x) = pi/2 - atan(1/x)."""
     a = tl.abs(x)
     inverted = a > 1.0
     a = tl.where(inverted, 1.0 / a, a)
@@ -93,27 +124,11 @@ def _atan_in_software(x):
     a = a / (1.0 + tl.sqrt(1.0 + a * a))
     t2 = a * a
     series = tl.zeros_like(a)
-    for k in tl.static_range(_ATAN_TERMS - 1, -1, -1):
+    for k in tl.static_range(_ATAN_TERMS - 1, -1, -1):  # (-1)^k / (2k+1), k = TERMS-1..0
         series = series * t2 + (1 - 2 * (k % 2)) / (2 * k + 1)
     r = 4.0 * a * series
     r = tl.where(inverted, _HALF_PI - r, r)
     return tl.where(x < 0, -r, r)
-
-
-@triton.jit
-def _atan(x, ATAN_TAN_IN_SOFTWARE: tl.constexpr):
-    if ATAN_TAN_IN_SOFTWARE:
-        return _atan_in_software(x)
-    else:
-        return libdevice.atan(x)
-
-
-@triton.jit
-def _tan(x, ATAN_TAN_IN_SOFTWARE: tl.constexpr):
-    if ATAN_TAN_IN_SOFTWARE:
-        return tl.sin(x) / tl.cos(x)
-    else:
-        return libdevice.tan(x)
 
 
 @triton.jit
@@ -129,7 +144,7 @@ def _round_half_even(v):
 @triton.jit
 def _to_level(v):
     """clamp(v, 0, 255) truncated to an integer level (torch's clamp_ then .to(torch.uint8))."""
-    return tl.minimum(tl.maximum(v, 0.0), 255.0).to(tl.int32)
+    return tl.minimum(tl.maximum(v, 0.0), 255.0).to(tl.uint8)
 
 
 @triton.jit
@@ -138,22 +153,19 @@ def _trunc(v):
 
 
 @triton.jit
-def _gray_floor(xf, ch):
-    """Floored ITU-R 601 luma (BLOCK,) of an RGB tile (BLOCK_C, BLOCK), float32, summed in the
-    order of vit_fast.augment._gray_floor; extracting one channel by a masked sum is exact."""
-    r = tl.sum(tl.where(ch == 0, xf, 0.0), axis=0)
-    g = tl.sum(tl.where(ch == 1, xf, 0.0), axis=0)
-    b = tl.sum(tl.where(ch == 2, xf, 0.0), axis=0)
-    return tl.floor(r * 0.2989 + g * 0.587 + b * 0.114)
+def _store_channel(row_ptr, c, HW, pix, ok, y):
+    """Write channel c of the scratch row once every thread has read what it needs of it."""
+    tl.debug_barrier()
+    tl.store(row_ptr + c * HW + pix, y, mask=ok)
 
 
 @triton.jit
-def _geometric(x, op, m, scratch, ch, row, col, valid, H, W, HW, ATAN_TAN_IN_SOFTWARE: tl.constexpr):
-    """ShearX/ShearY/TranslateX/TranslateY/Rotate of the tile through the scratch row, with
-    vit_fast.augment.geometric's magnitude convention and inverse_affine's float64 arithmetic."""
+def _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW):
+    """ShearX/ShearY/TranslateX/TranslateY/Rotate, with vit_fast.augment.geometric's magnitude
+    convention and inverse_affine's float64 arithmetic; one gather per channel from the row."""
     # Per-op parameters (augment.geometric), float64.
     is_shear = (op == _SHEAR_X) | (op == _SHEAR_Y)
-    shear = _atan(m, ATAN_TAN_IN_SOFTWARE) * _RAD_TO_DEG
+    shear = _atan(m) * _RAD_TO_DEG
     angle = tl.where(op == _ROTATE, -m, 0.0)  # torchvision's rotate negates the angle
     tx = tl.where(op == _TRANSLATE_X, _trunc(m), 0.0)
     ty = tl.where(op == _TRANSLATE_Y, _trunc(m), 0.0)
@@ -166,102 +178,121 @@ def _geometric(x, op, m, scratch, ch, row, col, valid, H, W, HW, ATAN_TAN_IN_SOF
     rot = angle * _DEG_TO_RAD
     sx = shear_x * _DEG_TO_RAD
     sy = shear_y * _DEG_TO_RAD
-    cos_sy = tl.cos(sy)
-    tan_sx = _tan(sx, ATAN_TAN_IN_SOFTWARE)
+    sin_sx, cos_sx = _sin_cos(sx)
+    _, cos_sy = _sin_cos(sy)
+    sin_rot, cos_rot = _sin_cos(rot)
+    sin_diff, cos_diff = _sin_cos(rot - sy)
+    tan_sx = sin_sx / cos_sx
     cxt = cx + tx
     cyt = cy + ty
-    a = tl.cos(rot - sy) / cos_sy
-    b = -(a * tan_sx + tl.sin(rot))
-    c = tl.sin(rot - sy) / cos_sy
-    d = tl.cos(rot) - c * tan_sx
+    a = cos_diff / cos_sy
+    b = -(a * tan_sx + sin_rot)
+    c = sin_diff / cos_sy
+    d = cos_rot - c * tan_sx
     m0, m1, m3, m4 = d, -b, -c, a
     m2 = 0.0 + (cx - m0 * cxt - m1 * cyt)
     m5 = 0.0 + (cy - m3 * cxt - m4 * cyt)
-    # augment.warp: theta in float32 over half the size, then the pixel-centred base grid.
-    # Sizes enter float32 as `* 1.0` (not .to): Triton passes a size of 1 as a Python int.
+    # augment.warp: theta in float32 over half the size, then the pixel-centred base grid. Sizes
+    # enter float32 as `* 1.0` (not .to): Triton passes a size of 1 as a Python int.
     half_w = 0.5 * (W * 1.0)
     half_h = 0.5 * (H * 1.0)
-    r00 = m0.to(tl.float32) / half_w
-    r10 = m1.to(tl.float32) / half_w
-    r20 = m2.to(tl.float32) / half_w
-    r01 = m3.to(tl.float32) / half_h
-    r11 = m4.to(tl.float32) / half_h
-    r21 = m5.to(tl.float32) / half_h
     bx = col.to(tl.float32) + (1.0 - W * 1.0) * 0.5  # (BLOCK,) linspace((1-W)/2, (W-1)/2), exact
     by = row.to(tl.float32) + (1.0 - H * 1.0) * 0.5
-    gx = bx * r00 + by * r10 + r20
-    gy = bx * r01 + by * r11 + r21
+    gx = bx * tl.div_rn(m0.to(tl.float32), half_w) + by * tl.div_rn(m1.to(tl.float32), half_w) \
+        + tl.div_rn(m2.to(tl.float32), half_w)
+    gy = bx * tl.div_rn(m3.to(tl.float32), half_h) + by * tl.div_rn(m4.to(tl.float32), half_h) \
+        + tl.div_rn(m5.to(tl.float32), half_h)
     ix = _round_half_even((gx + 1.0) * half_w - 0.5)
     iy = _round_half_even((gy + 1.0) * half_h - 0.5)
-    inside = (ix >= 0.0) & (ix <= W - 1.0) & (iy >= 0.0) & (iy <= H - 1.0)
-    src = tl.minimum(tl.maximum(iy, 0.0), H - 1.0).to(tl.int32) * W + tl.minimum(tl.maximum(ix, 0.0), W - 1.0).to(tl.int32)
-    tl.store(scratch + ch * HW + row * W + col, x.to(tl.uint8), mask=valid)
-    tl.debug_barrier()  # the tile is in the scratch row for every thread
-    y = tl.load(scratch + ch * HW + src, mask=valid & inside, other=0).to(tl.int32)
-    tl.debug_barrier()  # every thread has read before anyone writes the row again
-    return y
+    inside = ok & (ix >= 0.0) & (ix <= W - 1.0) & (iy >= 0.0) & (iy <= H - 1.0)
+    src = tl.minimum(tl.maximum(iy, 0.0), H - 1.0).to(tl.int32) * W \
+        + tl.minimum(tl.maximum(ix, 0.0), W - 1.0).to(tl.int32)
+    for ci in range(C):
+        y = tl.load(row_ptr + ci * HW + src, mask=inside, other=0)
+        _store_channel(row_ptr, ci, HW, pix, ok, y)
 
 
 @triton.jit
-def _blend(x, op, m, ch, pixel_ok, HW):
-    """Brightness / Color / Contrast (augment.apply_ops' shared blend): factor = 1 + m, blended
-    with black, the grey image or its mean grey level, in float32, clamped and truncated."""
-    xf = x.to(tl.float32)
+def _blend(row_ptr, op, m, pix, ok, HW):
+    """Brightness / Color / Contrast of an RGB image (augment.apply_ops' shared blend):
+    factor = 1 + m, blended with black, the grey image or its mean grey level, in float32,
+    clamped and truncated."""
+    r = tl.load(row_ptr + pix, mask=ok, other=0).to(tl.float32)
+    g = tl.load(row_ptr + HW + pix, mask=ok, other=0).to(tl.float32)
+    b = tl.load(row_ptr + 2 * HW + pix, mask=ok, other=0).to(tl.float32)
     factor = 1.0 + m  # float64, as augment.blend forms ratio and 1 - ratio before rounding
     ratio = factor.to(tl.float32)
     alpha = (1.0 - factor).to(tl.float32)
-    gray = _gray_floor(xf, ch)
-    mean = tl.sum(tl.where(pixel_ok, gray, 0.0), axis=0) / (HW * 1.0)
-    degenerate = tl.where(op == _COLOR, gray, tl.where(op == _CONTRAST, mean, 0.0))[None, :]
-    return _to_level(xf * ratio + degenerate * alpha)
+    gray = tl.floor(r * 0.2989 + g * 0.587 + b * 0.114)  # augment._gray_floor, in its order
+    mean = tl.div_rn(tl.sum(tl.where(ok, gray, 0.0), axis=0), HW * 1.0)
+    degenerate = tl.where(op == _COLOR, gray, tl.where(op == _CONTRAST, mean, 0.0))
+    _store_channel(row_ptr, 0, HW, pix, ok, _to_level(r * ratio + degenerate * alpha))
+    _store_channel(row_ptr, 1, HW, pix, ok, _to_level(g * ratio + degenerate * alpha))
+    _store_channel(row_ptr, 2, HW, pix, ok, _to_level(b * ratio + degenerate * alpha))
 
 
 @triton.jit
-def _sharpness(x, m, scratch, ch, row, col, valid, H, W, HW):
+def _sharpness(row_ptr, m, pix, ok, row, col, C, H, W, HW):
     """Blend the interior with its 1-5-1 smoothed copy (augment.sharpness); the border is kept."""
-    tl.store(scratch + ch * HW + row * W + col, x.to(tl.uint8), mask=valid)
-    tl.debug_barrier()
-    interior = valid & (row >= 1) & (row <= H - 2) & (col >= 1) & (col <= W - 2)
-    window = tl.zeros_like(x)
-    for dy in tl.static_range(-1, 2):
-        for dx in tl.static_range(-1, 2):
-            near = tl.load(scratch + ch * HW + (row + dy) * W + (col + dx), mask=interior, other=0)
-            window += near.to(tl.int32)
-    tl.debug_barrier()
-    inner = x.to(tl.float32)
-    smooth = _round_half_even((window.to(tl.float32) + 4.0 * inner) / 13.0)
+    interior = ok & (row >= 1) & (row <= H - 2) & (col >= 1) & (col <= W - 2)
     alpha = (1.0 - (1.0 + m)).to(tl.float32)
-    return tl.where(interior, _to_level(inner + (smooth - inner) * alpha), x)
+    for ci in range(C):
+        channel = row_ptr + ci * HW
+        inner = tl.load(channel + pix, mask=ok, other=0)
+        window = tl.zeros_like(pix)
+        for dy in tl.static_range(-1, 2):
+            for dx in tl.static_range(-1, 2):
+                window += tl.load(channel + pix + dy * W + dx, mask=interior, other=0).to(tl.int32)
+        x = inner.to(tl.float32)
+        smooth = _round_half_even(tl.div_rn(window.to(tl.float32) + 4.0 * x, 13.0))
+        _store_channel(row_ptr, ci, HW, pix, ok, tl.where(interior, _to_level(x + (smooth - x) * alpha), inner))
 
 
 @triton.jit
-def _autocontrast(x, valid):
+def _autocontrast(row_ptr, pix, ok, C, HW):
     """Stretch each channel to [0, 255]; constant channels kept (augment.autocontrast)."""
-    xf = x.to(tl.float32)
-    lo = tl.min(tl.where(valid, xf, 255.0), axis=1)[:, None]
-    hi = tl.max(tl.where(valid, xf, 0.0), axis=1)[:, None]
-    flat = hi == lo
-    scale = tl.where(flat, 1.0, (hi - lo) * _INV_255)
-    lo = tl.where(flat, 0.0, lo)
-    return _to_level((xf - lo) / scale)
+    for ci in range(C):
+        x = tl.load(row_ptr + ci * HW + pix, mask=ok, other=0).to(tl.float32)
+        lo = tl.min(tl.where(ok, x, 255.0), axis=0)
+        hi = tl.max(tl.where(ok, x, 0.0), axis=0)
+        flat = hi == lo
+        scale = tl.where(flat, 1.0, (hi - lo) * _INV_255)
+        lo = tl.where(flat, 0.0, lo)
+        _store_channel(row_ptr, ci, HW, pix, ok, _to_level(tl.div_rn(x - lo, scale)))
 
 
 @triton.jit
-def _equalize(x, ch, pixel_ok, HW, BLOCK_C: tl.constexpr):
+def _equalize(row_ptr, pix, ok, C, HW):
     """PIL's histogram equalisation per channel (augment.equalize): step = (pixels not of the
     highest present level) // 255, lut[k] = (cdf[k-1] + step // 2) // step, kept where step is 0."""
     levels = tl.arange(0, 256)
-    y = x
-    for c in tl.static_range(BLOCK_C):
-        xc = tl.sum(tl.where(ch == c, x, 0), axis=0)  # (BLOCK,) channel c
-        hist = tl.histogram(xc, 256, mask=pixel_ok)
+    for ci in range(C):
+        x = tl.load(row_ptr + ci * HW + pix, mask=ok, other=0).to(tl.int32)
+        hist = tl.histogram(x, 256, mask=ok)
         top = tl.max(tl.where(hist > 0, levels, 0), axis=0)
         step = (HW - tl.sum(tl.where(levels == top, hist, 0), axis=0)) // 255
         cdf_before = tl.cumsum(hist, axis=0) - hist
         lut = tl.minimum((cdf_before + step // 2) // tl.maximum(step, 1), 255)
-        yc = tl.where(step != 0, tl.gather(lut, xc, 0), xc)
-        y = tl.where(ch == c, yc[None, :], y)
-    return y
+        y = tl.where(step != 0, tl.gather(lut, x, 0), x)
+        _store_channel(row_ptr, ci, HW, pix, ok, y.to(tl.uint8))
+
+
+@triton.jit
+def _pointwise(row_ptr, op, m, pix, ok, C, HW):
+    """Posterize, Solarize, Invert: each value on its own (augment.posterize/solarize/invert)."""
+    bits = tl.minimum(tl.maximum(m, 0.0), 8.0).to(tl.int32)  # trunc(m) clamped to [0, 8]
+    keep = (256 - (1 << (8 - bits))).to(tl.uint8)  # ones in the top `bits` bits
+    threshold = (255.0 * m).to(tl.float32)
+    for ci in range(C):
+        x = tl.load(row_ptr + ci * HW + pix, mask=ok, other=0)
+        inverted = 255 - x
+        if op == _POSTERIZE:
+            y = x & keep
+        elif op == _SOLARIZE:
+            y = tl.where(x.to(tl.float32) >= threshold, inverted, x)
+        else:
+            y = inverted
+        _store_channel(row_ptr, ci, HW, pix, ok, y)
 
 
 @triton.jit
@@ -269,20 +300,19 @@ def augment_policy_kernel(
     Images, Index, OY, OX, Flipped, Op, Magnitude, Out,
     stride_index, stride_oy, stride_ox, stride_flip, stride_op_s, stride_op_b, stride_mag_s, stride_mag_b,
     N, C, H, W, padding, S,
-    HAS_FLIP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr, ATAN_TAN_IN_SOFTWARE: tl.constexpr,
+    HAS_FLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One program per output image: Images uint8 (N, C, H, W) contiguous; Index, OY, OX,
     Flipped (B,) by their strides; Op int (S, B), Magnitude float32 (S, B); Out uint8 (B, C, H,
-    W) contiguous, also each program's scratch row. An index outside [0, N) gives a black image
-    and an op id outside OPS leaves the image as it is (neither is checkable without a host sync)."""
+    W) contiguous, each program's row of it also its scratch. An index outside [0, N) gives a
+    black image and an op id outside OPS leaves the image as it is (neither is checkable without
+    a host sync). Steps need C = 3 (the launcher checks)."""
     b = tl.program_id(0)
     HW = H * W
-    ch = tl.arange(0, BLOCK_C)[:, None]  # (BLOCK_C, 1)
-    pix = tl.arange(0, BLOCK)  # (BLOCK,)
-    pixel_ok = pix < HW
+    pix = tl.arange(0, BLOCK)  # (BLOCK,) the pixels of one channel
+    ok = pix < HW
     row = pix // W
     col = pix % W
-    valid = (ch < C) & pixel_ok[None, :]  # (BLOCK_C, BLOCK)
 
     # Crop at (oy, ox) of the zero-padded image, mirrored where flipped (data.apply_crop_flip).
     src_image = tl.load(Index + b * stride_index)
@@ -294,29 +324,26 @@ def augment_policy_kernel(
         padded_col = tl.where(flip, W - 1 - col, col)
     sr = oy + row - padding
     sc = ox + padded_col - padding
-    inside = valid & (sr >= 0) & (sr < H) & (sc >= 0) & (sc < W) & (src_image >= 0) & (src_image < N)
-    x = tl.load(Images + src_image * C * HW + ch * HW + sr * W + sc, mask=inside, other=0).to(tl.int32)
+    inside = ok & (sr >= 0) & (sr < H) & (sc >= 0) & (sc < W) & (src_image >= 0) & (src_image < N)
+    image = Images + src_image * C * HW
+    row_ptr = Out + b.to(tl.int64) * C * HW
+    for ci in range(C):
+        x = tl.load(image + ci * HW + sr * W + sc, mask=inside, other=0)
+        tl.store(row_ptr + ci * HW + pix, x, mask=ok)
 
-    scratch = Out + b.to(tl.int64) * C * HW
     for s in range(S):
+        tl.debug_barrier()  # the previous stores are visible to every thread
         op = tl.load(Op + s * stride_op_s + b * stride_op_b)
         m = tl.load(Magnitude + s * stride_mag_s + b * stride_mag_b).to(tl.float64)
         if (op >= _SHEAR_X) & (op <= _ROTATE):
-            x = _geometric(x, op, m, scratch, ch, row, col, valid, H, W, HW, ATAN_TAN_IN_SOFTWARE)
+            _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW)
         elif (op >= _BRIGHTNESS) & (op <= _CONTRAST):
-            x = _blend(x, op, m, ch, pixel_ok, HW)
+            _blend(row_ptr, op, m, pix, ok, HW)
         elif (op == _SHARPNESS) & (H > 2) & (W > 2):
-            x = _sharpness(x, m, scratch, ch, row, col, valid, H, W, HW)
-        elif op == _POSTERIZE:
-            bits = tl.minimum(tl.maximum(m, 0.0), 8.0).to(tl.int32)  # trunc(m) clamped to [0, 8]
-            x = x & (256 - (1 << (8 - bits)))
-        elif op == _SOLARIZE:
-            threshold = (255.0 * m).to(tl.float32)
-            x = tl.where(x.to(tl.float32) >= threshold, 255 - x, x)
+            _sharpness(row_ptr, m, pix, ok, row, col, C, H, W, HW)
+        elif (op == _POSTERIZE) | (op == _SOLARIZE) | (op == _INVERT):
+            _pointwise(row_ptr, op, m, pix, ok, C, HW)
         elif op == _AUTOCONTRAST:
-            x = _autocontrast(x, valid)
+            _autocontrast(row_ptr, pix, ok, C, HW)
         elif op == _EQUALIZE:
-            x = _equalize(x, ch, pixel_ok, HW, BLOCK_C)
-        elif op == _INVERT:
-            x = 255 - x
-    tl.store(scratch + ch * HW + row * W + col, x.to(tl.uint8), mask=valid)
+            _equalize(row_ptr, pix, ok, C, HW)

@@ -179,6 +179,8 @@ class KernelLaunch:
 
 
 _POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
+# Data kernels (augment_policy) also take uint8 images, int indices and bool flags.
+_POINTER_TYPES.update({"uint8": "*u8", "int32": "*i32", "int64": "*i64", "bool": "*i1"})
 
 
 def _triton_dtype_name(value) -> str:
@@ -298,7 +300,7 @@ def _child_main() -> None:
 
 # Ops whose module offers ``aot_every_config()``: every launch its launchers can make, over the
 # dtypes and sizes that select a different configuration.
-REPORT_OPS = {"attention": "vit_fast.fused.attention"}
+REPORT_OPS = {"attention": "vit_fast.fused.attention", "augment_policy": "vit_fast.fused.augment_policy"}
 _REPORT_COLUMNS = ("kernel", "dtype", "tiles", "warps", "stages", "sm", "REG", "SHARED", "LOCAL", "STACK", "CTAs/SM")
 
 

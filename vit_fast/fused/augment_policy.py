@@ -50,35 +50,33 @@ if TYPE_CHECKING:
 __all__ = ["AugmentPolicyConfig", "MAX_PIXELS", "aot_every_config", "aot_launches", "augment_policy",
            "choose_config"]
 
-# One program holds a whole image (channels x pixels) in registers. 64 x 64 RGB is 16384 values
-# per program, 32 per thread at 16 warps; CIFAR's 32 x 32 (checked spill-free ahead of time) is
-# 4096. Larger images would need a kernel that loops over the pixels.
+# One program handles a whole image, one channel of BLOCK pixels at a time, the image kept in its
+# output row between operations. 64 x 64 is 16 pixels per thread at 8 warps; the AOT test checks
+# CIFAR's 32 x 32 for spills. Larger images would need a kernel that loops over pixel blocks.
 MAX_PIXELS = 64 * 64
 # Policy steps need the grey level of an RGB image (augment._gray_floor).
 _POLICY_CHANNELS = 3
-# Values a program's tile spreads over its threads: 16 per thread keeps every live tile of the
-# widest branch (the affine gather: coordinates, indices, the tile) in registers.
-_VALUES_PER_THREAD = 16
+_PIXELS_PER_THREAD = 8
 
 
 @dataclass(frozen=True)
 class AugmentPolicyConfig:
     """Launch configuration: one program per image."""
 
-    block_c: int  # next power of two >= channels (4 for RGB)
     block: int  # next power of two >= height * width: the pixels of one channel
-    num_warps: int  # block_c * block / (32 * 16) values per thread, 4 to 16 warps
-    num_stages: int = 1  # the step loop has no loads to pipeline
+    num_warps: int  # block / (32 * 8): 8 pixels per thread, 1 to 8 warps
+    num_stages: int = 1  # the loops over steps and channels carry no loads to pipeline
 
 
 def choose_config(channels: int, height: int, width: int) -> AugmentPolicyConfig:
     """The configuration for (channels, height, width) images: a pure function of the shape, the
-    same on a GPU and under the interpreter. For 3 x 32 x 32: block_c 4, block 1024, 8 warps."""
-    if not 1 <= height * width <= MAX_PIXELS:
-        raise ValueError(f"augment_policy takes images of 1 to {MAX_PIXELS} pixels, got {height} x {width}")
-    block_c, block = triton.next_power_of_2(channels), triton.next_power_of_2(height * width)
-    num_warps = max(4, min(16, block_c * block // (32 * _VALUES_PER_THREAD)))
-    return AugmentPolicyConfig(block_c=block_c, block=block, num_warps=num_warps)
+    same on a GPU and under the interpreter. For 32 x 32: block 1024, 4 warps."""
+    if channels < 1 or not 1 <= height * width <= MAX_PIXELS:
+        raise ValueError(f"augment_policy takes images of >= 1 channel and 1 to {MAX_PIXELS} pixels, got "
+                         f"{channels} x {height} x {width}")
+    block = triton.next_power_of_2(height * width)
+    num_warps = max(1, min(8, block // (32 * _PIXELS_PER_THREAD)))
+    return AugmentPolicyConfig(block=block, num_warps=num_warps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +146,7 @@ def _launch(images: Tensor, index: Tensor, padding: int, oy: Tensor, ox: Tensor,
         stride_op_s=op.stride(0), stride_op_b=op.stride(1), stride_mag_s=magnitude.stride(0),
         stride_mag_b=magnitude.stride(1), N=N, C=C, H=H, W=W, padding=padding, S=op.shape[0],
     )
-    constexprs = dict(HAS_FLIP=flipped is not None, BLOCK_C=cfg.block_c, BLOCK=cfg.block,
-                      ATAN_TAN_IN_SOFTWARE=interpret)
+    constexprs = dict(HAS_FLIP=flipped is not None, BLOCK=cfg.block)
     return Launch(augment_policy_kernel, (out.shape[0],), args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
