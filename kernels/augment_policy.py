@@ -132,6 +132,20 @@ def _atan(x):
 
 
 @triton.jit
+def _mul(a, b, PRODUCTS_IN_ASM: tl.constexpr):
+    """a * b in float32, rounded on its own even where a sum follows. torch rounds every product
+    and sum separately (one kernel each); compiled, Triton would fuse a product with the sum after
+    it into one fma (enable_fp_fusion), rounding once, which can move a value lying on an integer
+    or a half by one level or pixel. PTX's mul.rn is never fused, by LLVM (inline asm is opaque)
+    or ptxas (an explicit rounding mode). The interpreter cannot run asm and never fuses."""
+    if PRODUCTS_IN_ASM:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
 def _round_half_even(v):
     """Round float32 to the nearest integer, ties to even (torch.round, grid_sample's nearbyint),
     from exact steps only: v - floor(v) is exact, so is the parity test on floor(v)."""
@@ -160,7 +174,7 @@ def _store_channel(row_ptr, c, HW, pix, ok, y):
 
 
 @triton.jit
-def _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW):
+def _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW, PRODUCTS_IN_ASM: tl.constexpr):
     """ShearX/ShearY/TranslateX/TranslateY/Rotate, with vit_fast.augment.geometric's magnitude
     convention and inverse_affine's float64 arithmetic; one gather per channel from the row."""
     # Per-op parameters (augment.geometric), float64.
@@ -198,12 +212,12 @@ def _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW):
     half_h = 0.5 * (H * 1.0)
     bx = col.to(tl.float32) + (1.0 - W * 1.0) * 0.5  # (BLOCK,) linspace((1-W)/2, (W-1)/2), exact
     by = row.to(tl.float32) + (1.0 - H * 1.0) * 0.5
-    gx = bx * tl.div_rn(m0.to(tl.float32), half_w) + by * tl.div_rn(m1.to(tl.float32), half_w) \
-        + tl.div_rn(m2.to(tl.float32), half_w)
-    gy = bx * tl.div_rn(m3.to(tl.float32), half_h) + by * tl.div_rn(m4.to(tl.float32), half_h) \
-        + tl.div_rn(m5.to(tl.float32), half_h)
-    ix = _round_half_even((gx + 1.0) * half_w - 0.5)
-    iy = _round_half_even((gy + 1.0) * half_h - 0.5)
+    gx = _mul(bx, tl.div_rn(m0.to(tl.float32), half_w), PRODUCTS_IN_ASM) \
+        + _mul(by, tl.div_rn(m1.to(tl.float32), half_w), PRODUCTS_IN_ASM) + tl.div_rn(m2.to(tl.float32), half_w)
+    gy = _mul(bx, tl.div_rn(m3.to(tl.float32), half_h), PRODUCTS_IN_ASM) \
+        + _mul(by, tl.div_rn(m4.to(tl.float32), half_h), PRODUCTS_IN_ASM) + tl.div_rn(m5.to(tl.float32), half_h)
+    ix = _round_half_even(_mul(gx + 1.0, half_w, PRODUCTS_IN_ASM) - 0.5)
+    iy = _round_half_even(_mul(gy + 1.0, half_h, PRODUCTS_IN_ASM) - 0.5)
     inside = ok & (ix >= 0.0) & (ix <= W - 1.0) & (iy >= 0.0) & (iy <= H - 1.0)
     src = tl.minimum(tl.maximum(iy, 0.0), H - 1.0).to(tl.int32) * W \
         + tl.minimum(tl.maximum(ix, 0.0), W - 1.0).to(tl.int32)
@@ -213,7 +227,7 @@ def _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW):
 
 
 @triton.jit
-def _blend(row_ptr, op, m, pix, ok, HW):
+def _blend(row_ptr, op, m, pix, ok, HW, PRODUCTS_IN_ASM: tl.constexpr):
     """Brightness / Color / Contrast of an RGB image (augment.apply_ops' shared blend):
     factor = 1 + m, blended with black, the grey image or its mean grey level, in float32,
     clamped and truncated."""
@@ -223,16 +237,18 @@ def _blend(row_ptr, op, m, pix, ok, HW):
     factor = 1.0 + m  # float64, as augment.blend forms ratio and 1 - ratio before rounding
     ratio = factor.to(tl.float32)
     alpha = (1.0 - factor).to(tl.float32)
-    gray = tl.floor(r * 0.2989 + g * 0.587 + b * 0.114)  # augment._gray_floor, in its order
+    gray = tl.floor(_mul(r, 0.2989, PRODUCTS_IN_ASM) + _mul(g, 0.587, PRODUCTS_IN_ASM)
+                    + _mul(b, 0.114, PRODUCTS_IN_ASM))  # augment._gray_floor, in its order
     mean = tl.div_rn(tl.sum(tl.where(ok, gray, 0.0), axis=0), HW * 1.0)
     degenerate = tl.where(op == _COLOR, gray, tl.where(op == _CONTRAST, mean, 0.0))
-    _store_channel(row_ptr, 0, HW, pix, ok, _to_level(r * ratio + degenerate * alpha))
-    _store_channel(row_ptr, 1, HW, pix, ok, _to_level(g * ratio + degenerate * alpha))
-    _store_channel(row_ptr, 2, HW, pix, ok, _to_level(b * ratio + degenerate * alpha))
+    toward = _mul(degenerate, alpha, PRODUCTS_IN_ASM)
+    _store_channel(row_ptr, 0, HW, pix, ok, _to_level(_mul(r, ratio, PRODUCTS_IN_ASM) + toward))
+    _store_channel(row_ptr, 1, HW, pix, ok, _to_level(_mul(g, ratio, PRODUCTS_IN_ASM) + toward))
+    _store_channel(row_ptr, 2, HW, pix, ok, _to_level(_mul(b, ratio, PRODUCTS_IN_ASM) + toward))
 
 
 @triton.jit
-def _sharpness(row_ptr, m, pix, ok, row, col, C, H, W, HW):
+def _sharpness(row_ptr, m, pix, ok, row, col, C, H, W, HW, PRODUCTS_IN_ASM: tl.constexpr):
     """Blend the interior with its 1-5-1 smoothed copy (augment.sharpness); the border is kept."""
     interior = ok & (row >= 1) & (row <= H - 2) & (col >= 1) & (col <= W - 2)
     alpha = (1.0 - (1.0 + m)).to(tl.float32)
@@ -245,7 +261,7 @@ def _sharpness(row_ptr, m, pix, ok, row, col, C, H, W, HW):
                 window += tl.load(channel + pix + dy * W + dx, mask=interior, other=0).to(tl.int32)
         x = inner.to(tl.float32)
         smooth = _round_half_even(tl.div_rn(window.to(tl.float32) + 4.0 * x, 13.0))
-        _store_channel(row_ptr, ci, HW, pix, ok, tl.where(interior, _to_level(x + (smooth - x) * alpha), inner))
+        _store_channel(row_ptr, ci, HW, pix, ok, tl.where(interior, _to_level(x + _mul(smooth - x, alpha, PRODUCTS_IN_ASM)), inner))
 
 
 @triton.jit
@@ -300,7 +316,7 @@ def augment_policy_kernel(
     Images, Index, OY, OX, Flipped, Op, Magnitude, Out,
     stride_index, stride_oy, stride_ox, stride_flip, stride_op_s, stride_op_b, stride_mag_s, stride_mag_b,
     N, C, H, W, padding, S,
-    HAS_FLIP: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_FLIP: tl.constexpr, BLOCK: tl.constexpr, PRODUCTS_IN_ASM: tl.constexpr,
 ):  # fmt: skip
     """One program per output image: Images uint8 (N, C, H, W) contiguous; Index, OY, OX,
     Flipped (B,) by their strides; Op int (S, B), Magnitude float32 (S, B); Out uint8 (B, C, H,
@@ -336,11 +352,11 @@ def augment_policy_kernel(
         op = tl.load(Op + s * stride_op_s + b * stride_op_b)
         m = tl.load(Magnitude + s * stride_mag_s + b * stride_mag_b).to(tl.float64)
         if (op >= _SHEAR_X) & (op <= _ROTATE):
-            _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW)
+            _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW, PRODUCTS_IN_ASM)
         elif (op >= _BRIGHTNESS) & (op <= _CONTRAST):
-            _blend(row_ptr, op, m, pix, ok, HW)
+            _blend(row_ptr, op, m, pix, ok, HW, PRODUCTS_IN_ASM)
         elif (op == _SHARPNESS) & (H > 2) & (W > 2):
-            _sharpness(row_ptr, m, pix, ok, row, col, C, H, W, HW)
+            _sharpness(row_ptr, m, pix, ok, row, col, C, H, W, HW, PRODUCTS_IN_ASM)
         elif (op == _POSTERIZE) | (op == _SOLARIZE) | (op == _INVERT):
             _pointwise(row_ptr, op, m, pix, ok, C, HW)
         elif op == _AUTOCONTRAST:
