@@ -10,19 +10,21 @@ with the arithmetic of the torch implementation (``vit_fast.augment.apply_ops`` 
 ``vit_fast.data.apply_crop_flip``), op by op and in the same order, so the uint8 result is the same
 bit for bit (see "Exactness" below).
 
-Design: one program per image. The image lives in registers as one (BLOCK_C, BLOCK) int32 tile
-(channels x pixels, BLOCK = next power of two of H*W) for all steps, and each program branches
-on its own op id with a scalar ``if``, so it runs only the op its image drew (the torch version
-runs every op on the whole batch and selects per image). Reductions (autocontrast's per-channel
-min/max, contrast's mean grey) are tile reductions; equalize builds its 256-bin histogram with
-``tl.histogram`` and looks its table up with ``tl.gather``, both in registers. The two ops that
-read other pixels (the affine gather of the five geometric ops, sharpness's 3x3 window) cannot
-index registers by a computed address, so they go through a scratch row: the image's own output
-row in global memory. The program stores the tile there, waits at ``tl.debug_barrier`` (a CTA
-barrier: every thread's stores are visible to every thread of the program after it), loads the
-pixels it needs, and waits again before anything may overwrite the row. Each program owns its
-row, so no program waits on another, the batch needs no scratch allocation beyond the output,
-and a step never costs a trip to the host: the whole policy is one launch.
+Design: one program per image, each program branching on its own op id with a scalar ``if``, so
+it runs only the op its image drew (the torch version runs every op on the whole batch and
+selects per image) and the whole policy is one launch with no trip to the host. The image lives
+in its own row of the output between operations: that row is the program's scratch. An operation
+loads a channel at a time as a (BLOCK,) vector (BLOCK = next power of two of H * W), computes,
+and stores it back. Ops that read other pixels (the affine gather of the five geometric ops,
+sharpness's 3x3 window) load them from the row at computed addresses, which registers cannot
+serve; ``tl.debug_barrier`` (a CTA barrier, after which every thread's stores are visible to
+every thread of the program) separates each channel's loads from its store, and each step's
+stores from the next step's loads. Each program owns its row, so no program waits on another and
+nothing is allocated beyond the output. Holding one channel rather than the whole image keeps
+the program at 8 values per thread (128 registers, no spills at 32 x 32; the AOT test checks).
+Per-channel reductions (autocontrast's min/max, contrast's mean grey) are vector reductions;
+equalize builds its 256-bin histogram with ``tl.histogram`` and looks its table up with
+``tl.gather``, both in registers.
 
 The geometric ops build their inverse affine matrix in the kernel, in float64 from the op id and
 the magnitude, with the operations of ``vit_fast.augment.inverse_affine`` in its order, then
@@ -33,17 +35,19 @@ compute factor * x + (1 - factor) * degenerate in float32 and truncate, as ``aug
 Exactness:
 - Under the interpreter (CPU) every op matches the torch implementation bit for bit (the tests
   check each op, both magnitude signs and edge magnitudes, and whole policies).
-- float64 atan and tan: compiled, the kernel calls libdevice's ``atan`` and ``tan``, the
-  functions torch's CUDA kernels call. Triton's interpreter cannot call libdevice, so with
-  ATAN_TAN_IN_SOFTWARE (set by the launcher only when interpreting) atan is computed here
-  (``_atan_in_software``: two half-angle reductions and a Taylor series, a few float64 ulp) and
-  tan as sin / cos. A few ulp of float64 change the float32 matrix only when a value sits within
-  that distance of a float32 rounding boundary, which the tests' magnitudes never do.
-- On a GPU, Triton contracts a * b + c into one fused multiply-add (its default
-  ``enable_fp_fusion``), where torch's separate multiply and add kernels round twice. A blend
-  value sitting exactly on an integer, or a sampling coordinate exactly on a half, can then move
-  by one intensity level or one pixel. The CPU tests are exact; a GPU check compares with the
-  torch CUDA implementation.
+- float64 sin, cos and atan are computed here (``_sin_cos``, ``_atan``: argument reduction and
+  Taylor series, within a few float64 ulp), on a GPU and in the interpreter alike: libdevice's
+  sin/cos/tan carry a Payne-Hanek slow path with a local array and a call (a stack frame in every
+  program), and Triton's interpreter cannot call libdevice at all. A few float64 ulp change the
+  float32 matrix only when a value lies that close to a float32 rounding boundary; the tests'
+  magnitudes (every bin of every policy) never do.
+- float32 products that feed a sum are rounded on their own on a GPU too (``_mul``: PTX mul.rn,
+  which no compiler pass fuses into an fma), and float32 divisions are IEEE (``tl.div_rn``;
+  Triton's ``/`` is the approximate div.full), so a blend value on an integer or a sampling
+  coordinate on a half rounds as torch's separate kernels round it. The float64 matrix is left
+  to the compiler's fma contraction: it moves the matrix by float64 ulps, as the software trig
+  does. Untested on a GPU here (no GPU on the development machine): a GPU run should compare with
+  the torch implementation on CUDA, whose bmm may sum the grid in another order.
 - Contrast's mean grey is summed in float32: exact (integers) while 255 * H * W < 2**24, i.e.
   up to 65793 pixels, beyond MAX_PIXELS of the launcher.
 """
@@ -119,7 +123,7 @@ def _atan(x):
     series; |x| > 1 through atan(x) = pi/2 - atan(1/x)."""
     a = tl.abs(x)
     inverted = a > 1.0
-    a = tl.where(inverted, 1.0 / a, a)
+    a = tl.where(inverted, 1.0 / tl.maximum(a, 1.0), a)  # the maximum keeps 1 / 0 out of unused lanes
     a = a / (1.0 + tl.sqrt(1.0 + a * a))
     a = a / (1.0 + tl.sqrt(1.0 + a * a))
     t2 = a * a
