@@ -197,7 +197,8 @@ def launch_from_args(kernel_fn, args: dict, constexprs: dict, num_warps: int, nu
     """The ``KernelLaunch`` a call ``kernel_fn[grid](**args, **constexprs, num_warps=..., num_stages=...)``
     compiles to, specialised from its concrete arguments the way Triton specialises at launch:
 
-    - tensors become pointers ("*fp16", "*bf16", "*fp32", "*fp64") marked divisible by 16 when
+    - tensors become pointers ("*fp16", "*bf16", "*fp32", "*fp64"; "*u8", "*i32", "*i64", "*i1"
+      for data kernels' images, indices and flags) marked divisible by 16 when
       16-byte aligned: every torch allocation is, so this reads the view's storage offset (meta
       tensors work, and the k and v views into a packed qkv tensor are judged like real ones);
     - ints equal to 1 become the constexpr 1; other ints are "i32" ("i64" past 32 bits), marked
