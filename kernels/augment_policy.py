@@ -335,7 +335,7 @@ def augment_policy_kernel(
     col = pix % W
 
     # Crop at (oy, ox) of the zero-padded image, mirrored where flipped (data.apply_crop_flip).
-    src_image = tl.load(Index + b * stride_index)
+    src_image = tl.load(Index + b * stride_index).to(tl.int64)  # int32 indices too: offsets past 2^31
     oy = tl.load(OY + b * stride_oy)
     ox = tl.load(OX + b * stride_ox)
     padded_col = col

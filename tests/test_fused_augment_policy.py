@@ -250,6 +250,17 @@ def test_opcheck(device):
     torch.library.opcheck(fused._augment_policy_op, tuple(inputs.values()))
 
 
+def test_traces_under_torch_compile(device):
+    """An opaque node for Dynamo (fullgraph): the data phase can be compiled or captured whole."""
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _good_inputs().items()}
+    inputs["images"] = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, device=device)
+    inputs["op"] = torch.tensor([[2, 7, 9, 13], [4, 12, 10, 14]], device=device)
+    inputs["magnitude"] = torch.tensor([[-0.3, 0.5, -0.9, 0.0], [-3.0, 0.0, 4.0, 0.0]], device=device)
+    torch._dynamo.reset()
+    compiled = torch.compile(augment_policy, fullgraph=True)
+    assert torch.equal(compiled(**inputs), augment_policy(**inputs))
+
+
 # ------------------------------------------------------------------------------------------------
 # No host syncs, one launch.
 
