@@ -170,3 +170,19 @@ def patch_embed(
             images = images.to(weight.dtype)
         return fused_patch_embed.patch_embed(images, weight, bias, cls_token, pos_embed)
     raise _unknown(backend)
+
+
+def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float, backend: str) -> Tensor:
+    """The training loss: batch-mean cross-entropy of logits (B, K) against labels (B,) or soft
+    targets (B, K), with label smoothing; a 0-dim fp32 tensor.
+
+    "fused" reads the logits in their dtype in one kernel (no ``logits.float()`` cast and none of
+    its gradient; see ``vit_fast.fused.cross_entropy`` for its edge cases); the other backends
+    compute ``F.cross_entropy`` in fp32."""
+    if backend == "fused":
+        from .fused import cross_entropy as fused_cross_entropy
+
+        return fused_cross_entropy.cross_entropy(logits, target, label_smoothing)
+    if backend in ("reference", "torch"):
+        return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+    raise _unknown(backend)
