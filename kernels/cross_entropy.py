@@ -15,8 +15,9 @@ taken as they are, as PyTorch does).
 
 Forward: one program walks every row in a fixed order, ``BLOCK_B`` rows at a time with the whole
 row in registers, keeps the per-row losses of each tile slot in a (BLOCK_B,) accumulator and sums
-that once at the end: the same order, so the same bits, on every run (no atomics). It also writes
-each row's lse for the backward. Backward: one program per tile of rows, no cross-row reduction.
+that once at the end: the same order, so the same bits, on every run (no atomics). Backward: one
+program per tile of rows, no cross-row reduction; it recomputes each row's max and sum of
+exponentials from the row it reads anyway, so the forward saves nothing.
 
 Logits are read in their own dtype (fp16, bf16, fp32, fp64) and converted in registers: no cast
 kernel runs before the loss. Arithmetic is in the dtype of the ``Loss`` buffer (fp32; fp64 for
@@ -50,8 +51,25 @@ def _mixed_target(Labels, Target, rows64, rows, cols, mask, row_mask, col_mask, 
         label = tl.load(Labels + rows, mask=row_mask, other=0)
         t = tl.where(cols[None, :] == label[:, None], 1.0, 0.0).to(acc_dtype)
         valid = (label >= 0) & (label < K)
-    m = (1.0 - smoothing) * t + smoothing / K
+    s = tl.zeros((), acc_dtype) + smoothing  # s / K in the compute dtype (fp64 for fp64 logits)
+    m = (1.0 - s) * t + s / K
     return tl.where(mask, m, 0.0), valid
+
+
+@triton.jit
+def _log_softmax(Logits, rows64, cols, mask, row_mask, stride_lb, stride_lk, acc_dtype: tl.constexpr):
+    """log softmax of a (BLOCK_B, BLOCK_K) tile of logits read in their dtype (-inf in padding).
+
+    Computed as (z - max) - log(sum exp(z - max)), never z - lse with lse rounded: at logits of
+    1e4 an fp32 lse is off by half an ulp of 1e4 (5e-4), which would shift every probability."""
+    z = tl.load(Logits + rows64 * stride_lb + cols.to(tl.int64)[None, :] * stride_lk, mask=mask,
+                other=float("-inf")).to(acc_dtype)
+    # Padding rows (all -inf) get max 0 and sum 1 so they stay NaN-free; a real row of -inf
+    # logits keeps its -inf max and comes out NaN, as in PyTorch (it has no distribution).
+    row_max = tl.where(row_mask, tl.max(z, axis=1), 0.0)
+    shifted = z - row_max[:, None]
+    sum_exp = tl.where(row_mask, tl.sum(tl.exp(shifted), axis=1), 1.0)
+    return shifted - tl.log(sum_exp)[:, None]
 
 
 @triton.jit
@@ -60,7 +78,6 @@ def cross_entropy_fwd_kernel(
     Labels,  # (B,) int64 class indices; read only when not SOFT
     Target,  # (B, K) soft targets, any strides; read only when SOFT
     Loss,  # () the batch mean, in the compute dtype (fp32, or fp64 for fp64 logits)
-    Lse,  # (B,) log-sum-exp of each row, compute dtype, for the backward
     stride_lb, stride_lk,
     stride_tb, stride_tk,
     B, K,
@@ -78,20 +95,13 @@ def cross_entropy_fwd_kernel(
         row_mask = rows < B
         mask = row_mask[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
-        z = tl.load(Logits + rows64 * stride_lb + cols.to(tl.int64)[None, :] * stride_lk, mask=mask,
-                    other=float("-inf")).to(acc_dtype)
-        # Padding rows (all -inf) get max 0 and sum 1 so they stay NaN-free; a real row of -inf
-        # logits keeps its -inf max and comes out NaN, as in PyTorch (it has no distribution).
-        row_max = tl.where(row_mask, tl.max(z, axis=1), 0.0)
-        sum_exp = tl.where(row_mask, tl.sum(tl.exp(z - row_max[:, None]), axis=1), 1.0)
-        lse = row_max + tl.log(sum_exp)
+        logp = _log_softmax(Logits, rows64, cols, mask, row_mask, stride_lb, stride_lk, acc_dtype)
         m, valid = _mixed_target(Labels, Target, rows64, rows, cols, mask, row_mask, col_mask, stride_tb, stride_tk,
                                  K, smoothing, acc_dtype, SOFT)
-        # Lanes of weight 0 (padding included) read z = lse: their term is 0 * 0, never 0 * inf.
-        row_loss = tl.sum(m * (lse[:, None] - tl.where(m != 0.0, z, lse[:, None])), axis=1)
+        # Lanes of weight 0 (padding included) contribute 0 * 0, never 0 * -inf.
+        row_loss = -tl.sum(m * tl.where(m != 0.0, logp, 0.0), axis=1)
         row_loss = tl.where(valid, row_loss, float("nan"))
         total += tl.where(row_mask, row_loss, 0.0)
-        tl.store(Lse + rows, lse, mask=row_mask)
     tl.store(Loss, tl.sum(total, axis=0) / B)
 
 
@@ -100,7 +110,6 @@ def cross_entropy_bwd_kernel(
     Logits,  # (B, K) the forward's logits, any strides
     Labels,  # (B,) int64; read only when not SOFT
     Target,  # (B, K) soft targets; read only when SOFT
-    Lse,  # (B,) the forward's log-sum-exp, compute dtype
     Grad,  # () gradient of the batch loss, compute dtype: read on the device, never on the host
     DLogits,  # (B, K) gradient of the logits in their dtype, contiguous
     stride_lb, stride_lk,
@@ -112,19 +121,17 @@ def cross_entropy_bwd_kernel(
     BLOCK_K: tl.constexpr,
     BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see round_to
 ):
-    acc_dtype = Lse.dtype.element_ty
+    acc_dtype = Grad.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_K)
     row_mask = rows < B
     col_mask = cols < K
     mask = row_mask[:, None] & col_mask[None, :]
     rows64 = rows.to(tl.int64)[:, None]
-    z = tl.load(Logits + rows64 * stride_lb + cols.to(tl.int64)[None, :] * stride_lk, mask=mask,
-                other=float("-inf")).to(acc_dtype)
-    lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
+    # The row statistics are recomputed from the row in registers (cheaper than saving them).
+    p = tl.exp(_log_softmax(Logits, rows64, cols, mask, row_mask, stride_lb, stride_lk, acc_dtype))
     m, valid = _mixed_target(Labels, Target, rows64, rows, cols, mask, row_mask, col_mask, stride_tb, stride_tk,
                              K, smoothing, acc_dtype, SOFT)
-    p = tl.exp(z - lse[:, None])  # softmax: 0 in padded lanes
     scale = tl.load(Grad).to(acc_dtype) / B
     dz = (p * tl.sum(m, axis=1)[:, None] - m) * scale
     dz = tl.where(valid[:, None], dz, float("nan"))

@@ -9,12 +9,13 @@ Public API (the loss of ``F.cross_entropy(logits.float(), target, label_smoothin
 Registered ops (``torch.library.custom_op``, each with a fake implementation; the forward has an
 autograd formula that calls the backward op):
 
-    vit_fast::cross_entropy(logits, target, label_smoothing) -> (loss, lse)
-    vit_fast::cross_entropy_backward(grad, logits, target, lse, label_smoothing) -> dlogits
+    vit_fast::cross_entropy(logits, target, label_smoothing) -> loss
+    vit_fast::cross_entropy_backward(grad, logits, target, label_smoothing) -> dlogits
 
 One kernel each way (see ``kernels/cross_entropy.py``): the forward is one program that walks the
 rows in a fixed order, so the loss is deterministic; the backward writes dlogits in the logits'
-dtype. Neither reads anything back to the host: the incoming gradient is read by the kernel.
+dtype. Neither reads anything back to the host: the incoming gradient is read by the kernel. The
+forward saves nothing for the backward, which recomputes the row statistics from the logits.
 
 Inputs: logits (B, K) in fp16, bf16, fp32 or fp64, read in their dtype (under autocast the head's
 bf16 logits go in as they are: no ``logits.float()`` and no cast of its gradient). ``target`` is
@@ -125,16 +126,13 @@ def _check_inputs(logits: Tensor, target: Tensor, label_smoothing: float) -> Non
     check_same_device({"logits": logits, "target": target})
 
 
-def _check_backward(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor, label_smoothing: float) -> None:
+def _check_backward(grad: Tensor, logits: Tensor, target: Tensor, label_smoothing: float) -> None:
     _check_inputs(logits, target, label_smoothing)
     acc = accumulation_dtype(logits.dtype)
     if grad.dim() != 0 or grad.dtype != acc:
         raise ValueError(f"cross_entropy_backward: grad must be a 0-dim {acc} tensor (the loss's gradient), "
                          f"got shape {tuple(grad.shape)} dtype {grad.dtype}")
-    if tuple(lse.shape) != (logits.shape[0],) or lse.dtype != acc:
-        raise ValueError(f"cross_entropy_backward: lse must have shape ({logits.shape[0]},) and dtype {acc}, "
-                         f"got {tuple(lse.shape)} {lse.dtype}")
-    check_same_device({"grad": grad, "logits": logits, "target": target, "lse": lse})
+    check_same_device({"grad": grad, "logits": logits, "target": target})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,21 +146,21 @@ def _target_args(logits: Tensor, target: Tensor) -> dict:
                 stride_tb=target.stride(0) if soft else 0, stride_tk=target.stride(1) if soft else 0)
 
 
-def _forward_launch(logits: Tensor, target: Tensor, loss: Tensor, lse: Tensor, label_smoothing: float) -> Launch:
+def _forward_launch(logits: Tensor, target: Tensor, loss: Tensor, label_smoothing: float) -> Launch:
     batch, classes = logits.shape
     cfg = forward_config(classes)
-    args = dict(Logits=logits, **_target_args(logits, target), Loss=loss, Lse=lse,
+    args = dict(Logits=logits, **_target_args(logits, target), Loss=loss,
                 stride_lb=logits.stride(0), stride_lk=logits.stride(1), B=batch, K=classes,
                 smoothing=float(label_smoothing))
     constexprs = dict(SOFT=target.is_floating_point(), BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k)
     return Launch(cross_entropy_fwd_kernel, (1,), args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
-def _backward_launch(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor, dlogits: Tensor,
-                     label_smoothing: float, interpret: bool) -> Launch:
+def _backward_launch(grad: Tensor, logits: Tensor, target: Tensor, dlogits: Tensor, label_smoothing: float,
+                     interpret: bool) -> Launch:
     batch, classes = logits.shape
     cfg = backward_config(classes)
-    args = dict(Logits=logits, **_target_args(logits, target), Lse=lse, Grad=grad, DLogits=dlogits,
+    args = dict(Logits=logits, **_target_args(logits, target), Grad=grad, DLogits=dlogits,
                 stride_lb=logits.stride(0), stride_lk=logits.stride(1), B=batch, K=classes,
                 smoothing=float(label_smoothing))
     constexprs = dict(SOFT=target.is_floating_point(), BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k,
@@ -184,9 +182,8 @@ def aot_launches(batch: int, classes: int, dtype: torch.dtype, soft: bool) -> li
     acc = accumulation_dtype(dtype)
     logits = t(batch, classes)
     target = t(batch, classes, dtype=torch.float32) if soft else t(batch, dtype=torch.int64)
-    lse = t(batch, dtype=acc)
-    launches = [_forward_launch(logits, target, t(dtype=acc), lse, 0.1),
-                _backward_launch(t(dtype=acc), logits, target, lse, t(batch, classes), 0.1, interpret=False)]
+    launches = [_forward_launch(logits, target, t(dtype=acc), 0.1),
+                _backward_launch(t(dtype=acc), logits, target, t(batch, classes), 0.1, interpret=False)]
     from vit_fast.aot import kernel_launches  # the compile tests' path only: running needs none of it
 
     return kernel_launches(launches)
@@ -204,60 +201,53 @@ def aot_every_config() -> list[KernelLaunch]:
 # Registered ops: vit_fast::cross_entropy, vit_fast::cross_entropy_backward
 
 
-def _outputs(logits: Tensor) -> tuple[Tensor, Tensor]:
-    acc = accumulation_dtype(logits.dtype)
-    return (torch.empty((), dtype=acc, device=logits.device),
-            torch.empty((logits.shape[0],), dtype=acc, device=logits.device))
+def _loss(logits: Tensor) -> Tensor:
+    return torch.empty((), dtype=accumulation_dtype(logits.dtype), device=logits.device)
 
 
 @torch.library.custom_op("vit_fast::cross_entropy", mutates_args=())
-def _cross_entropy_op(logits: Tensor, target: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
+def _cross_entropy_op(logits: Tensor, target: Tensor, label_smoothing: float) -> Tensor:
     """The batch-mean cross-entropy of logits (B, K) against labels (B,) or soft targets (B, K)
-    with label smoothing; also returns each row's log-sum-exp (B,) for the backward."""
+    with label smoothing."""
     _check_inputs(logits, target, label_smoothing)
     check_launchable("logits", logits)
-    loss, lse = _outputs(logits)
-    _forward_launch(logits, target, loss, lse, label_smoothing).run()
-    return loss, lse
+    loss = _loss(logits)
+    _forward_launch(logits, target, loss, label_smoothing).run()
+    return loss
 
 
 @_cross_entropy_op.register_fake
 def _(logits, target, label_smoothing):
     _check_inputs(logits, target, label_smoothing)
-    return _outputs(logits)
+    return _loss(logits)
 
 
 @torch.library.custom_op("vit_fast::cross_entropy_backward", mutates_args=())
-def _cross_entropy_backward_op(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor,
-                               label_smoothing: float) -> Tensor:
+def _cross_entropy_backward_op(grad: Tensor, logits: Tensor, target: Tensor, label_smoothing: float) -> Tensor:
     """dlogits = (softmax(logits) * sum(m) - m) * grad / B in the logits' dtype, m the mixed target."""
-    _check_backward(grad, logits, target, lse, label_smoothing)
+    _check_backward(grad, logits, target, label_smoothing)
     check_launchable("logits", logits)
     dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if logits.shape[0] > 0:
-        _backward_launch(grad, logits, target, lse, dlogits, label_smoothing, interpret=interpreting()).run()
+        _backward_launch(grad, logits, target, dlogits, label_smoothing, interpret=interpreting()).run()
     return dlogits
 
 
 @_cross_entropy_backward_op.register_fake
-def _(grad, logits, target, lse, label_smoothing):
-    _check_backward(grad, logits, target, lse, label_smoothing)
+def _(grad, logits, target, label_smoothing):
+    _check_backward(grad, logits, target, label_smoothing)
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
     logits, target, label_smoothing = inputs
-    _loss, lse = output
-    ctx.save_for_backward(logits, target, lse)
+    ctx.save_for_backward(logits, target)
     ctx.label_smoothing = label_smoothing
-    ctx.set_materialize_grads(False)  # lse never receives a gradient: no zero-fill for it
 
 
-def _backward(ctx, grad, _dlse):
-    if grad is None:
-        return None, None, None
-    logits, target, lse = ctx.saved_tensors
-    return _cross_entropy_backward_op(grad, logits, target, lse, ctx.label_smoothing), None, None
+def _backward(ctx, grad):
+    logits, target = ctx.saved_tensors
+    return _cross_entropy_backward_op(grad, logits, target, ctx.label_smoothing), None, None
 
 
 _cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -273,4 +263,4 @@ def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) 
     logits). One kernel forward, one backward; differentiable in the logits only."""
     if target.is_floating_point() and target.requires_grad:
         raise ValueError("cross_entropy: soft targets receive no gradient here; pass target.detach()")
-    return _cross_entropy_op(logits, target, float(label_smoothing))[0]
+    return _cross_entropy_op(logits, target, float(label_smoothing))
