@@ -276,9 +276,17 @@ def test_bad_inputs_are_rejected(device):
 # Ahead-of-time compilation for sm_80 / sm_90 (vit_fast.aot)
 
 
+def test_choose_config_holds_a_row_per_block():
+    assert fused.choose_config(100) == fused.CrossEntropyConfig(block_b=32, block_k=128, num_warps=8)
+    assert fused.choose_config(7).block_b == 32 and fused.choose_config(7).block_k == 8
+    assert fused.choose_config(1000) == fused.CrossEntropyConfig(block_b=4, block_k=1024, num_warps=8)
+    assert fused.choose_config(fused.MAX_CLASSES).block_b == 1
+
+
 def test_aot_compiles_without_spills():
-    """vit-cifar's training loss (batch 128, 100 classes, bf16 logits, soft targets), forward and
-    backward, as the launchers build them (``aot_every_config``)."""
+    """vit-cifar's training loss (batch 128, 100 classes, bf16 logits; soft targets, the CLI's
+    default, and labels), forward and backward, and the widest tiles (1000 classes, MAX_CLASSES),
+    as the launchers build them (``aot_every_config``)."""
     pytest.importorskip("triton", reason="Triton is needed to compile kernels ahead of time")
     from vit_fast.aot import TARGETS, compile_launches
 

@@ -178,7 +178,8 @@ class KernelLaunch:
         return f"{self.kernel}[{consts} warps={self.num_warps} stages={self.num_stages}]"
 
 
-_POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
+_POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64",
+                  "int64": "*i64"}  # int64: class labels
 
 
 def _triton_dtype_name(value) -> str:
@@ -195,7 +196,7 @@ def launch_from_args(kernel_fn, args: dict, constexprs: dict, num_warps: int, nu
     """The ``KernelLaunch`` a call ``kernel_fn[grid](**args, **constexprs, num_warps=..., num_stages=...)``
     compiles to, specialised from its concrete arguments the way Triton specialises at launch:
 
-    - tensors become pointers ("*fp16", "*bf16", "*fp32", "*fp64") marked divisible by 16 when
+    - tensors become pointers ("*fp16", "*bf16", "*fp32", "*fp64", "*i64") marked divisible by 16 when
       16-byte aligned: every torch allocation is, so this reads the view's storage offset (meta
       tensors work, and the k and v views into a packed qkv tensor are judged like real ones);
     - ints equal to 1 become the constexpr 1; other ints are "i32" ("i64" past 32 bits), marked
@@ -298,12 +299,12 @@ def _child_main() -> None:
 
 # Ops whose module offers ``aot_every_config()``: every launch its launchers can make, over the
 # dtypes and sizes that select a different configuration.
-REPORT_OPS = {"attention": "vit_fast.fused.attention"}
+REPORT_OPS = {"attention": "vit_fast.fused.attention", "cross_entropy": "vit_fast.fused.cross_entropy"}
 _REPORT_COLUMNS = ("kernel", "dtype", "tiles", "warps", "stages", "sm", "REG", "SHARED", "LOCAL", "STACK", "CTAs/SM")
 
 
 def _report_rows(results: list[tuple[KernelLaunch, KernelResources]]) -> list[tuple[str, ...]]:
-    tile_names = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "FUSE_DQ", "N_CTX")  # N_CTX: a length of 1 is specialised
+    tile_names = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_B", "BLOCK_K", "FUSE_DQ", "N_CTX")  # N_CTX: a length of 1 is specialised
     rows = []
     for launch, r in results:
         pointer = next((t for t in launch.signature.values() if t.startswith("*")), "?")

@@ -3,8 +3,9 @@
 Public API (the loss of ``F.cross_entropy(logits.float(), target, label_smoothing=s)``):
 
     cross_entropy(logits, target, label_smoothing=0.0) -> loss    0-dim, fp32 (fp64 for fp64 logits)
+    choose_config(classes)                      the kernels' tile (CrossEntropyConfig), a function of K
     aot_launches(batch, classes, dtype, soft)   the GPU's kernel launches, for vit_fast.aot's compile tests
-    aot_every_config()                          the launches at vit-cifar's shape, for ``python -m vit_fast.aot``
+    aot_every_config()                          the launches the AOT test compiles, for ``python -m vit_fast.aot``
 
 Registered ops (``torch.library.custom_op``, each with a fake implementation; the forward has an
 autograd formula that calls the backward op):
@@ -53,8 +54,7 @@ from vit_fast.kernels.cross_entropy import cross_entropy_bwd_kernel, cross_entro
 if TYPE_CHECKING:
     from vit_fast.aot import KernelLaunch
 
-__all__ = ["CrossEntropyConfig", "MAX_CLASSES", "aot_every_config", "aot_launches", "backward_config",
-           "cross_entropy", "forward_config"]
+__all__ = ["CrossEntropyConfig", "MAX_CLASSES", "aot_every_config", "aot_launches", "choose_config", "cross_entropy"]
 
 # A whole row lives in one program's registers: at 8192 classes a forward thread holds 32 fp32
 # logits of its tile (the AOT test compiles the vit-cifar shape). CIFAR-100 has 100, ImageNet-1k 1000.
@@ -67,31 +67,24 @@ _MAX_ROWS_PER_TILE = 32
 
 @dataclass(frozen=True)
 class CrossEntropyConfig:
-    """Launch configuration of the forward or the backward kernel."""
+    """Launch configuration of the forward and the backward kernel."""
 
-    block_b: int  # rows per step (forward) or per program (backward)
+    block_b: int  # rows per step of the forward's one program; rows per program of the backward
     block_k: int  # next power of two >= K: the whole row is one block
     num_warps: int
     num_stages: int = 3  # Triton's default; the kernels' loop has nothing to pipeline
 
 
-def _config(classes: int, num_warps: int) -> CrossEntropyConfig:
+def choose_config(classes: int) -> CrossEntropyConfig:
+    """The tile of both kernels, a pure function of K (the interpreter cannot autotune):
+    block_k = next_power_of_2(K), block_b = 4096 // block_k rows (1 to 32), 8 warps, so a thread
+    holds 16 logits of the tile (the forward's one program keeps more loads in flight; with 4
+    warps the backward needs up to 196 registers on sm_90, with 8 about half)."""
     if not 1 <= classes <= MAX_CLASSES:
         raise ValueError(f"cross_entropy: the number of classes K must be in [1, {MAX_CLASSES}], got {classes}")
     block_k = triton.next_power_of_2(classes)
     return CrossEntropyConfig(block_b=max(1, min(_MAX_ROWS_PER_TILE, _TILE_ELEMENTS // block_k)), block_k=block_k,
-                              num_warps=num_warps)
-
-
-def forward_config(classes: int) -> CrossEntropyConfig:
-    """The forward's tile: block_k = next_power_of_2(K), block_b = 4096 // block_k rows (1 to 32).
-    One program runs the whole batch, so it takes 8 warps to keep more loads in flight."""
-    return _config(classes, num_warps=8)
-
-
-def backward_config(classes: int) -> CrossEntropyConfig:
-    """The backward's tile, the forward's: one program per block_b rows, 4 warps each."""
-    return _config(classes, num_warps=4)
+                              num_warps=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +141,7 @@ def _target_args(logits: Tensor, target: Tensor) -> dict:
 
 def _forward_launch(logits: Tensor, target: Tensor, loss: Tensor, label_smoothing: float) -> Launch:
     batch, classes = logits.shape
-    cfg = forward_config(classes)
+    cfg = choose_config(classes)
     args = dict(Logits=logits, **_target_args(logits, target), Loss=loss,
                 stride_lb=logits.stride(0), stride_lk=logits.stride(1), B=batch, K=classes,
                 smoothing=float(label_smoothing))
@@ -159,7 +152,7 @@ def _forward_launch(logits: Tensor, target: Tensor, loss: Tensor, label_smoothin
 def _backward_launch(grad: Tensor, logits: Tensor, target: Tensor, dlogits: Tensor, label_smoothing: float,
                      interpret: bool) -> Launch:
     batch, classes = logits.shape
-    cfg = backward_config(classes)
+    cfg = choose_config(classes)
     args = dict(Logits=logits, **_target_args(logits, target), Grad=grad, DLogits=dlogits,
                 stride_lb=logits.stride(0), stride_lk=logits.stride(1), B=batch, K=classes,
                 smoothing=float(label_smoothing))
@@ -190,11 +183,11 @@ def aot_launches(batch: int, classes: int, dtype: torch.dtype, soft: bool) -> li
 
 
 def aot_every_config() -> list[KernelLaunch]:
-    """The launches of the training loss at vit-cifar's shape (batch 128, 100 classes): bf16 logits
-    under autocast with mixup/cutmix's soft targets, the CLI's default. The configuration depends
-    on K only, so this is the one the CLI runs; the other variants change a constexpr (SOFT) or a
-    pointer type."""
-    return aot_launches(128, 100, torch.bfloat16, soft=True)
+    """The training loss at vit-cifar's shape (batch 128, 100 classes, bf16 logits under autocast)
+    with mixup/cutmix's soft targets (the CLI's default) and with labels, then the widest tiles:
+    1000 classes (ImageNet) in bf16 and MAX_CLASSES in fp32. The tile depends on K only."""
+    return [*aot_launches(128, 100, torch.bfloat16, soft=True), *aot_launches(128, 100, torch.bfloat16, soft=False),
+            *aot_launches(128, 1000, torch.bfloat16, soft=True), *aot_launches(128, MAX_CLASSES, torch.float32, soft=True)]
 
 
 # ---------------------------------------------------------------------------------------------
