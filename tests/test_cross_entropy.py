@@ -164,6 +164,14 @@ def test_soft_targets_that_do_not_sum_to_one_are_taken_as_given(device):
     assert max_abs_diff(grad, grad_ref) <= 2e-6 * grad_ref.abs().max().item()
 
 
+def test_empty_batch(device):
+    logits, labels = torch.zeros(0, 10, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+    with warnings.catch_warnings():  # the interpreter's numpy warns on the mean's 0 / 0, the NaN we want
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loss, grad = _fused(logits, labels)
+    assert torch.isnan(loss) and torch.isnan(_torch(logits, labels)[0]) and grad.shape == (0, 10)
+
+
 @pytest.mark.parametrize("bad_label", [-1, -100, 10, 1 << 40])
 def test_out_of_range_labels_make_their_row_nan(device, bad_label):
     """No host-side range check (it would be a sync): the row's loss and gradient are NaN, so the

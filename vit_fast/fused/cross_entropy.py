@@ -33,7 +33,7 @@ Where it differs from ``F.cross_entropy`` (decided here, and what the tests pin)
     masked class and the loss stays finite (PyTorch's soft-target path gives NaN for it). A -inf
     logit with a positive weight gives +inf, and a row of all -inf logits NaN, as in PyTorch;
   * soft targets that do not sum to 1 are used as given (loss -sum m log p, gradient
-    p * sum(m) - m), as in PyTorch.
+    p * sum(m) - m), as in PyTorch; an empty batch gives a NaN loss (0 / 0), as in PyTorch.
 """
 
 from __future__ import annotations
