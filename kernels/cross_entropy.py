@@ -40,7 +40,7 @@ from vit_fast.kernels.layernorm import round_to
 
 
 @triton.jit
-def _mixed_target(Labels, Target, rows64, rows, cols, mask, row_mask, col_mask, stride_tb, stride_tk, K, smoothing,
+def _mixed_target(Labels, Target, rows64, rows, cols, mask, row_mask, stride_tb, stride_tk, K, smoothing,
                   acc_dtype: tl.constexpr, SOFT: tl.constexpr):
     """The (BLOCK_B, BLOCK_K) mixed target m (0 in masked lanes) and each row's validity."""
     if SOFT:
@@ -96,7 +96,7 @@ def cross_entropy_fwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
         logp = _log_softmax(Logits, rows64, cols, mask, row_mask, stride_lb, stride_lk, acc_dtype)
-        m, valid = _mixed_target(Labels, Target, rows64, rows, cols, mask, row_mask, col_mask, stride_tb, stride_tk,
+        m, valid = _mixed_target(Labels, Target, rows64, rows, cols, mask, row_mask, stride_tb, stride_tk,
                                  K, smoothing, acc_dtype, SOFT)
         # Lanes of weight 0 (padding included) contribute 0 * 0, never 0 * -inf.
         row_loss = -tl.sum(m * tl.where(m != 0.0, logp, 0.0), axis=1)
@@ -130,7 +130,7 @@ def cross_entropy_bwd_kernel(
     rows64 = rows.to(tl.int64)[:, None]
     # The row statistics are recomputed from the row in registers (cheaper than saving them).
     p = tl.exp(_log_softmax(Logits, rows64, cols, mask, row_mask, stride_lb, stride_lk, acc_dtype))
-    m, valid = _mixed_target(Labels, Target, rows64, rows, cols, mask, row_mask, col_mask, stride_tb, stride_tk,
+    m, valid = _mixed_target(Labels, Target, rows64, rows, cols, mask, row_mask, stride_tb, stride_tk,
                              K, smoothing, acc_dtype, SOFT)
     scale = tl.load(Grad).to(acc_dtype) / B
     dz = (p * tl.sum(m, axis=1)[:, None] - m) * scale

@@ -84,8 +84,9 @@ def add_layer_norm(
     """(LayerNorm(s), s) with s = scale * x + residual: the pre-LN block's residual step.
 
     ``scale`` (B,), optional, is stochastic depth's per-sample keep/scale vector for the branch x
-    (``model.DropPath``: a row of the model's one draw per step). Under autocast on "fused", s keeps the residual's dtype (fp32)
-    and LayerNorm(s) comes out in the autocast dtype, as the torch backend's next GEMM sees it.
+    (``model.DropPath``: a row of the model's one draw per step). Under autocast on "fused", s
+    keeps the residual's dtype (fp32) and LayerNorm(s) comes out in the autocast dtype, as the
+    torch backend's next GEMM sees it.
     """
     if backend == "fused":
         from .fused import layernorm

@@ -186,8 +186,9 @@ def aot_every_config() -> list[KernelLaunch]:
     """The training loss at vit-cifar's shape (batch 128, 100 classes, bf16 logits under autocast)
     with mixup/cutmix's soft targets (the CLI's default) and with labels, then the widest tiles:
     1000 classes (ImageNet) in bf16 and MAX_CLASSES in fp32. The tile depends on K only."""
-    return [*aot_launches(128, 100, torch.bfloat16, soft=True), *aot_launches(128, 100, torch.bfloat16, soft=False),
-            *aot_launches(128, 1000, torch.bfloat16, soft=True), *aot_launches(128, MAX_CLASSES, torch.float32, soft=True)]
+    shapes = [(100, torch.bfloat16, True), (100, torch.bfloat16, False), (1000, torch.bfloat16, True),
+              (MAX_CLASSES, torch.float32, True)]
+    return [launch for classes, dtype, soft in shapes for launch in aot_launches(128, classes, dtype, soft)]
 
 
 # ---------------------------------------------------------------------------------------------
