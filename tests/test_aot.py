@@ -73,3 +73,13 @@ def test_report_prints_one_row_per_configuration_and_target(monkeypatch, capsys)
     assert [row[-7] for row in rows] == ["sm_80", "sm_90"]
     assert all(row[-4] == "0" and row[-3] == "0" and int(row[-2]) > 0 for row in rows)  # LOCAL, STACK, CTAs
     assert "spilling (LOCAL or STACK > 0): 0" in lines[3]
+
+
+def test_int64_tensors_become_i64_pointers():
+    """Class labels reach kernels as int64 tensors (the cross-entropy's): "*i64", aligned like floats."""
+    import torch
+
+    from vit_fast.fused import cross_entropy
+
+    forward = cross_entropy.aot_launches(128, 100, torch.bfloat16, soft=False)[0]
+    assert forward.signature["Labels"] == "*i64" and "Labels" in forward.divisible_by_16

@@ -186,3 +186,103 @@ def test_reference_softmax_is_stable_for_huge_logits():
     p = reference.softmax(s)
     assert torch.isfinite(p).all()
     torch.testing.assert_close(p, torch.softmax(s, dim=-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stochastic depth: one draw per step
+
+
+def _dispatched(fn) -> list[str]:
+    """The aten operators ``fn()`` dispatches, by name."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Names() as mode:
+        fn()
+    return mode.names
+
+
+@pytest.mark.parametrize("depth", [2, 5])
+def test_drop_path_is_one_draw_per_step_whatever_the_depth(depth):
+    """A training forward draws every block's masks in one Bernoulli kernel and one division (it
+    drew two kernels per DropPath); eval draws nothing."""
+    model = ViTClassifier(SMALL.replace(depth=depth, drop_path=0.3), backend="torch").train()
+    names = _dispatched(lambda: model(torch.randn(3, 3, 32, 32)))
+    assert names.count("bernoulli") == 1 and "bernoulli_" not in names, names
+    assert names.count("div") == 1, names
+    assert "bernoulli" not in _dispatched(lambda: model.eval()(torch.randn(3, 3, 32, 32)))
+
+
+def test_draw_keep_scales_law():
+    """Row r is Bernoulli(keep[r]) / keep[r] rounded once to the branch dtype: values 0 or
+    1/keep, with the keep frequency within 5 standard deviations of keep."""
+    from vit_fast.model import draw_keep_scales
+
+    keep = torch.tensor([[0.9], [0.5], [1.0]])
+    batch = 20000
+    for dtype in (torch.float32, torch.bfloat16):
+        scales = draw_keep_scales(keep, batch, dtype)
+        assert scales.shape == (3, batch) and scales.dtype == dtype
+        for row, k in enumerate(keep.flatten().tolist()):
+            values = set(scales[row].unique().tolist())
+            assert values <= {0.0, torch.tensor(1.0 / k).to(dtype).item()}, (row, values)
+            kept = (scales[row] != 0).double().mean().item()
+            assert abs(kept - k) <= 5 * (k * (1 - k) / batch) ** 0.5 + 1e-12, (row, kept, k)
+
+
+def test_each_block_takes_its_rows_of_the_draw():
+    """The model's masks are rows 2i, 2i + 1 of one draw (``draw_keep_scales``), block 0's rows
+    unused (its rate is 0 by the linear rule): a forward fed those rows by hand gives the model's
+    output under the same seed."""
+    from vit_fast.model import draw_keep_scales
+
+    model = ViTClassifier(SMALL.replace(depth=3, drop_path=0.5), backend="torch").train()
+    assert [b.drop_path1.p for b in model.blocks] == [0.0, 0.25, 0.5]
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(5)
+    out = model(x)
+    torch.manual_seed(5)
+    tokens = model.patch_embed(x, model.cls_token, model.pos_embed)
+    scales = draw_keep_scales(model.drop_path_keep.view(torch.float32), 4, torch.float32)
+    assert scales.shape == (6, 4) and torch.all(scales[:2] == 1) and set(scales[4:].unique().tolist()) <= {0.0, 2.0}
+    assert (scales[2:] == 0).any(), "no sample dropped: the comparison would not see a misplaced row"
+    for i, block in enumerate(model.blocks):
+        branch = block.attn(block.norm1(tokens))
+        s1 = scales[2 * i].view(4, 1, 1) if i else 1.0
+        s2 = scales[2 * i + 1].view(4, 1, 1) if i else 1.0
+        tokens = tokens + s1 * branch
+        tokens = tokens + s2 * block.mlp(block.norm2(tokens))
+    expected = model.head(model.norm(tokens)[:, 0])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_block_on_its_own_draws_its_own_masks():
+    from vit_fast.model import ViTEncoder
+
+    block = ViTEncoder(SMALL, drop_path=0.5).train()
+    x = torch.randn(8, 5, SMALL.dim)
+    torch.manual_seed(1)
+    a = block(x)
+    torch.manual_seed(1)
+    assert torch.equal(block(x), a)  # the seed decides the masks
+    assert not torch.equal(block(x), a)  # and each call draws anew
+    assert torch.equal(block.eval()(x), block(x))  # no masks in eval
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_keep_probabilities_survive_a_dtype_conversion(dtype):
+    """model.half() converts floating buffers; the keep probabilities are held as integer bit
+    patterns, so the masks keep their law (bf16 would make 0.9 into 0.8984)."""
+    model = ViTClassifier(SMALL.replace(drop_path=0.1)).to(dtype)
+    keep = model.drop_path_keep.view(torch.float32).flatten()
+    assert keep.tolist() == torch.tensor([1.0, 1.0, 0.9, 0.9]).tolist()
+    assert "drop_path_keep" not in model.state_dict()  # not a parameter of the model: rebuilt from cfg
+    assert ViTClassifier(SMALL).drop_path_keep is None  # no stochastic depth, no draw

@@ -301,12 +301,13 @@ def _child_main() -> None:
 
 # Ops whose module offers ``aot_every_config()``: every launch its launchers can make, over the
 # dtypes and sizes that select a different configuration.
-REPORT_OPS = {"attention": "vit_fast.fused.attention", "augment_policy": "vit_fast.fused.augment_policy"}
+REPORT_OPS = {"attention": "vit_fast.fused.attention", "augment_policy": "vit_fast.fused.augment_policy",
+              "cross_entropy": "vit_fast.fused.cross_entropy"}
 _REPORT_COLUMNS = ("kernel", "dtype", "tiles", "warps", "stages", "sm", "REG", "SHARED", "LOCAL", "STACK", "CTAs/SM")
 
 
 def _report_rows(results: list[tuple[KernelLaunch, KernelResources]]) -> list[tuple[str, ...]]:
-    tile_names = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "FUSE_DQ", "N_CTX")  # N_CTX: a length of 1 is specialised
+    tile_names = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_B", "BLOCK_K", "FUSE_DQ", "N_CTX")  # N_CTX: a length of 1 is specialised
     rows = []
     for launch, r in results:
         pointer = next((t for t in launch.signature.values() if t.startswith("*")), "?")

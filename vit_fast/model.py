@@ -52,7 +52,7 @@ class LayerNorm(UsesBackend, nn.LayerNorm):
         return ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
 
     def forward_add(self, x: Tensor, residual: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(LayerNorm(s), s) with s = scale * x + residual; ``scale`` is DropPath.keep_scale's (B,) vector."""
+        """(LayerNorm(s), s) with s = scale * x + residual; ``scale`` is stochastic depth's (B,) vector (DropPath)."""
         return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, self.backend, scale=scale)
 
 
@@ -62,7 +62,17 @@ class Linear(UsesBackend, nn.Linear):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth (Huang et al. 2016): drop a residual branch per sample, scale by 1/keep."""
+    """Stochastic depth (Huang et al. 2016): drop a residual branch per sample, scale by 1/keep.
+
+    The per-sample vector is B values drawn from Bernoulli(keep = 1 - p), divided by keep: 0 or
+    1/keep, in the branch's dtype. Inside a ``ViTClassifier`` every DropPath's vector of a step
+    comes from one draw (``draw_keep_scales``: the model draws all of them at the start of its
+    forward, two kernels for the whole step instead of two per DropPath) and reaches the block as
+    a row of that draw; the fused kernels apply it where the branch joins the residual, the other
+    backends multiply by it. A block or DropPath used on its own draws its vector itself
+    (``keep_scale``). Either way the draw is a kernel of the step reading the device generator (no
+    host value), so a step stays sync-free and a captured CUDA graph draws afresh on every replay,
+    and a seed gives the same masks on every backend."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -73,20 +83,37 @@ class DropPath(nn.Module):
         return self.training and self.p > 0.0
 
     def keep_scale(self, like: Tensor, dtype: torch.dtype | None = None) -> Tensor | None:
-        """The per-sample scale of a branch shaped like ``like`` (B, ...): (B,) values 0 or 1/keep
-        in ``dtype`` (default like's, the branch's), drawn on its device; None when inactive.
-
-        The fused kernels apply it where the branch joins the residual; ``forward`` multiplies by
-        it. Either way one draw of B Bernoulli values per call, so a seed gives the same mask on
-        every backend."""
+        """This DropPath's own draw, for use outside a model: (B,) values 0 or 1/keep for a branch
+        shaped like ``like`` (B, ...), in ``dtype`` (default like's, the branch's), on its device;
+        None when inactive."""
         if not self.active:
             return None
         keep = 1.0 - self.p
         return like.new_empty((like.shape[0],), dtype=dtype).bernoulli_(keep).div_(keep)
 
-    def forward(self, x: Tensor) -> Tensor:
-        scale = self.keep_scale(x)
+    def forward(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
+        """x scaled per sample by ``scale`` (B,) when given (a row of the model's draw), else by
+        this DropPath's own draw."""
+        if scale is None:
+            scale = self.keep_scale(x)
         return x if scale is None else x * scale.view((x.shape[0],) + (1,) * (x.ndim - 1))
+
+
+def keep_bits(rates: list[float]) -> Tensor:
+    """The keep probabilities 1 - p of ``rates`` as a (len(rates), 1) int32 tensor of fp32 bit
+    patterns, read back with ``.view(torch.float32)`` (a view, no kernel). Held as integers so that
+    ``model.half()`` / ``.to(torch.bfloat16)``, which convert every floating buffer, cannot round
+    them (bf16 has 0.8984 for 0.9): the law of the masks does not depend on the model's dtype."""
+    return torch.tensor([[1.0 - p] for p in rates], dtype=torch.float32).view(torch.int32)
+
+
+def draw_keep_scales(keep: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
+    """Every DropPath's per-sample scale for one step in one draw: (R, B) with row r Bernoulli(keep[r])
+    / keep[r] in ``dtype`` (0 or 1/keep, rounded once to the branch dtype), for ``keep`` (R, 1)
+    fp32 on the device. Two kernels whatever R: the draw, and the division writing ``dtype``."""
+    mask = torch.bernoulli(keep.expand(keep.shape[0], batch))  # (R, B) fp32 0/1
+    scale = torch.empty(mask.shape, dtype=dtype, device=mask.device)
+    return torch.div(mask, keep, out=scale)  # computed in fp32, stored in dtype: no separate cast
 
 
 class PatchEmbed(UsesBackend, nn.Module):
@@ -136,17 +163,15 @@ class Mlp(UsesBackend, nn.Module):
         self.fc1 = Linear(cfg.dim, cfg.mlp_hidden)
         self.fc2 = Linear(cfg.mlp_hidden, cfg.dim)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, drop_path: DropPath | None = None) -> Tensor:
-        """residual + drop_path(MLP(x)); ``drop_path`` is the block's stochastic depth for this branch."""
+    def forward(self, x: Tensor, residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+        """residual + scale * MLP(x); ``scale`` (B,), optional, is the block's stochastic-depth
+        vector for this branch (``DropPath``), in the branch's dtype."""
         if self.training and self.dropout > 0.0:
             h = F.dropout(ops.gelu(self.fc1(x), self.approximate, self.backend), self.dropout)
             y = F.dropout(self.fc2(h), self.dropout)
-            if drop_path is not None:
-                y = drop_path(y)
+            if scale is not None:
+                y = y * scale.view((y.shape[0],) + (1,) * (y.ndim - 1))
             return y + residual if residual is not None else y
-        # The mask in the dtype the branch has on the unfused path (the GEMM's: the autocast dtype
-        # under autocast), so every backend scales by the same rounded 1/keep.
-        scale = drop_path.keep_scale(x, ops.autocast_dtype(x) or x.dtype) if drop_path is not None else None
         return ops.mlp(
             x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
             self.approximate, self.backend, residual=residual, scale=scale,
@@ -165,13 +190,37 @@ class ViTEncoder(nn.Module):
         self.drop_path1 = DropPath(drop_path)
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, scales: Tensor | None = None) -> Tensor:
+        """x (B, N, D) -> the block's output; ``scales`` (2, B), optional: the stochastic-depth
+        vectors of the attention and MLP branches (rows of the model's one draw per step, in the
+        branch dtype). Without them a block in training mode draws its own."""
         branch = self.attn(self.norm1(x))
+        scale1, scale2 = self.keep_scales(x, scales)
         # One op applies stochastic depth to the branch, produces the new residual stream and its
         # normalisation (one kernel on "fused").
-        h, x = self.norm2.forward_add(branch, x, self.drop_path1.keep_scale(branch))
+        h, x = self.norm2.forward_add(branch, x, scale1)
         # The residual add and the MLP branch's stochastic depth ride in fc2's epilogue on "fused".
-        return self.mlp(h, residual=x, drop_path=self.drop_path2)
+        return self.mlp(h, residual=x, scale=scale2)
+
+    def keep_scales(self, x: Tensor, scales: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """Each branch's scale, None for an inactive DropPath (the kernels then skip it)."""
+        dtype = branch_dtype(x)
+        pair = []
+        for row, drop_path in enumerate((self.drop_path1, self.drop_path2)):
+            if not drop_path.active:
+                pair.append(None)
+            elif scales is not None:
+                pair.append(scales[row])
+            else:
+                pair.append(drop_path.keep_scale(x, dtype))
+        return pair[0], pair[1]
+
+
+def branch_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of a residual branch computed from the stream ``x``: the GEMMs' (the autocast
+    dtype under autocast), else x's. Stochastic depth's scales come in it, so every backend
+    multiplies by the same rounded 1/keep."""
+    return ops.autocast_dtype(x) or x.dtype
 
 
 class ViTClassifier(UsesBackend, nn.Module):
@@ -187,6 +236,9 @@ class ViTClassifier(UsesBackend, nn.Module):
         self.pos_drop = nn.Dropout(cfg.dropout)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear rule, as timm
         self.blocks = nn.Sequential(*(ViTEncoder(cfg, r) for r in rates))
+        # Block i's two DropPaths own rows 2i and 2i + 1 of the step's draw (None: no stochastic depth).
+        self.register_buffer("drop_path_keep", keep_bits([r for r in rates for _ in range(2)])
+                             if cfg.drop_path > 0 else None, persistent=False)
         self.norm = LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.head = Linear(cfg.dim, cfg.num_classes)
         self.reset_parameters()
@@ -230,10 +282,20 @@ class ViTClassifier(UsesBackend, nn.Module):
                 "convert uint8 images with vit_fast.data.normalize"
             )
 
+    def drop_path_scales(self, x: Tensor) -> Tensor | None:
+        """The step's stochastic-depth scales of every block, (2 * depth, B) in the branch dtype,
+        drawn at once (``draw_keep_scales``); None outside training or without stochastic depth."""
+        if not self.training or self.drop_path_keep is None:
+            return None
+        return draw_keep_scales(self.drop_path_keep.view(torch.float32), x.shape[0], branch_dtype(x))
+
     def forward_features(self, images: Tensor) -> Tensor:
         self._check_images(images)
         x = self.patch_embed(images, self.cls_token, self.pos_embed)  # (B, N+1, D)
-        x = self.blocks(self.pos_drop(x))
+        scales = self.drop_path_scales(x)  # (2 * depth, B) or None
+        x = self.pos_drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, scales[2 * i:2 * i + 2] if scales is not None else None)
         return self.norm(x)
 
     def forward(self, images: Tensor) -> Tensor:

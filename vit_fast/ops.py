@@ -84,8 +84,9 @@ def add_layer_norm(
     """(LayerNorm(s), s) with s = scale * x + residual: the pre-LN block's residual step.
 
     ``scale`` (B,), optional, is stochastic depth's per-sample keep/scale vector for the branch x
-    (``model.DropPath.keep_scale``). Under autocast on "fused", s keeps the residual's dtype (fp32)
-    and LayerNorm(s) comes out in the autocast dtype, as the torch backend's next GEMM sees it.
+    (``model.DropPath``: a row of the model's one draw per step). Under autocast on "fused", s
+    keeps the residual's dtype (fp32) and LayerNorm(s) comes out in the autocast dtype, as the
+    torch backend's next GEMM sees it.
     """
     if backend == "fused":
         from .fused import layernorm
@@ -169,4 +170,20 @@ def patch_embed(
         if images.dtype != weight.dtype:
             images = images.to(weight.dtype)
         return fused_patch_embed.patch_embed(images, weight, bias, cls_token, pos_embed)
+    raise _unknown(backend)
+
+
+def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float, backend: str) -> Tensor:
+    """The training loss: batch-mean cross-entropy of logits (B, K) against labels (B,) or soft
+    targets (B, K), with label smoothing; a 0-dim fp32 tensor.
+
+    "fused" reads the logits in their dtype in one kernel (no ``logits.float()`` cast and none of
+    its gradient; see ``vit_fast.fused.cross_entropy`` for its edge cases); the other backends
+    compute ``F.cross_entropy`` in fp32."""
+    if backend == "fused":
+        from .fused import cross_entropy as fused_cross_entropy
+
+        return fused_cross_entropy.cross_entropy(logits, target, label_smoothing)
+    if backend in ("reference", "torch"):
+        return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
     raise _unknown(backend)

@@ -44,11 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import data as data_mod
 from . import distributed as dist_mod
+from . import ops
 from . import recipes
 from .checkpoint import RESUME_ENTRIES, CheckpointError, load_checkpoint, save_checkpoint
 from .config import BACKENDS, PRESETS, ViTConfig, get_preset
@@ -452,7 +452,7 @@ def train_step(run: TrainingRun, x: Tensor, y: Tensor,
         # those cached while it was captured.
         with autocast(run.device, run.amp, cache_enabled=not run.args.cuda_graphs):
             logits = run.forward(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=run.args.label_smoothing)
+        loss = ops.cross_entropy(logits, y, run.args.label_smoothing, run.args.backend)
         run.watch.update(loss.detach(), run.scheduler.steps)
         run.optimizer.zero_grad(set_to_none=True)
         (loss * loss_scale if loss_scale != 1.0 else loss).backward()
