@@ -446,27 +446,66 @@ class Policy:
         negative = signed & (rand(*op.shape) < 0.5)
         return op, torch.where(negative, -mag, mag)
 
+    def apply(self, images: Tensor, op: Tensor, magnitude: Tensor) -> Tensor:
+        """Apply drawn (op, magnitude) tables (steps, B), as ``draw`` returns them, step by step."""
+        _check_uint8(images)
+        if op.shape != magnitude.shape or op.ndim != 2 or op.shape[1] != images.shape[0]:
+            raise ValueError(f"expected op and magnitude of shape (steps, {images.shape[0]}), got "
+                             f"{tuple(op.shape)} and {tuple(magnitude.shape)}")
+        for step in range(op.shape[0]):
+            images = apply_ops(images, op[step], magnitude[step], self.ops)
+        return images
+
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         _check_uint8(images)
         B, _, H, W = images.shape
-        op, mag = self.draw(B, H, W, generator, images.device)
-        for step in range(op.shape[0]):
-            images = apply_ops(images, op[step], mag[step], self.ops)
-        return images
+        return self.apply(images, *self.draw(B, H, W, generator, images.device))
 
 
 # ----------------------------------------------------------------------------------------------
 # Random erasing.
 
 
-def erase_boxes(
+@dataclass
+class EraseDraw:
+    """The draws of random erasing for a batch: one box per image and the values written into it.
+
+    A box covers rows [top, top + height) and columns [left, left + width) when ``on``; the
+    coordinates are whole numbers held as float32 (B, 1), as they were drawn."""
+
+    top: Tensor  # (B, 1) float32
+    left: Tensor  # (B, 1) float32
+    height: Tensor  # (B, 1) float32, rows erased
+    width: Tensor  # (B, 1) float32, columns erased
+    on: Tensor  # (B, 1) bool: whether the image is erased at all
+    values: Tensor  # normalised units: () zero ("const"), (B, C, 1, 1) ("rand") or (B, C, H, W) ("pixel")
+
+    def rows(self, rows: slice) -> "EraseDraw":
+        """The draws of the images ``rows`` of the batch (views, no copy)."""
+        values = self.values[rows] if self.values.ndim else self.values
+        return EraseDraw(self.top[rows], self.left[rows], self.height[rows], self.width[rows], self.on[rows], values)
+
+    def mask(self, height: int, width: int) -> Tensor:
+        """The erased pixels (B, 1, H, W) bool."""
+        return erase_mask(self.top, self.left, self.height, self.width, self.on, height, width)
+
+
+def erase_mask(top: Tensor, left: Tensor, h: Tensor, w: Tensor, on: Tensor, height: int, width: int) -> Tensor:
+    """The pixels (B, 1, H, W) bool of boxes (each parameter (B, 1)) as ``draw_erase_boxes`` draws them."""
+    batch, device = top.shape[0], top.device
+    rows = torch.arange(height, device=device).view(1, height)
+    cols = torch.arange(width, device=device).view(1, width)
+    in_rows = (rows >= top) & (rows < top + h)  # (B, H)
+    in_cols = (cols >= left) & (cols < left + w)  # (B, W)
+    return (in_rows.view(batch, 1, height, 1) & in_cols.view(batch, 1, 1, width)) & on.view(batch, 1, 1, 1)
+
+
+def draw_erase_boxes(
     batch: int, height: int, width: int, p: float, generator: torch.Generator, device,
     scale: tuple[float, float] = (0.02, 1 / 3), ratio: tuple[float, float] = (0.3, 1 / 0.3), tries: int = 10,
-) -> Tensor:  # fmt: skip
-    """Per-image erasing masks (B, 1, H, W) bool: with probability p, a rectangle of area fraction
-    U(scale) and aspect exp(U(log ratio)), rounded to pixels, the first of ``tries`` draws that fits
-    inside the image (as torchvision and timm try 10 times; no rectangle when none fits), placed
-    uniformly. The tries are drawn all at once and the first fitting one picked by argmax."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The boxes of ``erase_boxes`` as (top, left, height, width, on), each (B, 1): float32
+    coordinates and sizes, ``on`` bool."""
     rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)  # noqa: E731
     area = height * width * (scale[0] + (scale[1] - scale[0]) * rand(batch, tries))
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
@@ -479,11 +518,19 @@ def erase_boxes(
     on = fits.any(dim=1, keepdim=True) & (rand(batch, 1) < p)
     top = (rand(batch, 1) * (height - h + 1)).floor()
     left = (rand(batch, 1) * (width - w + 1)).floor()
-    rows = torch.arange(height, device=device).view(1, height)
-    cols = torch.arange(width, device=device).view(1, width)
-    in_rows = (rows >= top) & (rows < top + h)  # (B, H)
-    in_cols = (cols >= left) & (cols < left + w)  # (B, W)
-    return (in_rows.view(batch, 1, height, 1) & in_cols.view(batch, 1, 1, width)) & on.view(batch, 1, 1, 1)
+    return top, left, h, w, on
+
+
+def erase_boxes(
+    batch: int, height: int, width: int, p: float, generator: torch.Generator, device,
+    scale: tuple[float, float] = (0.02, 1 / 3), ratio: tuple[float, float] = (0.3, 1 / 0.3), tries: int = 10,
+) -> Tensor:  # fmt: skip
+    """Per-image erasing masks (B, 1, H, W) bool: with probability p, a rectangle of area fraction
+    U(scale) and aspect exp(U(log ratio)), rounded to pixels, the first of ``tries`` draws that fits
+    inside the image (as torchvision and timm try 10 times; no rectangle when none fits), placed
+    uniformly. The tries are drawn all at once and the first fitting one picked by argmax."""
+    boxes = draw_erase_boxes(batch, height, width, p, generator, device, scale, ratio, tries)
+    return erase_mask(*boxes, height, width)
 
 
 def _erase_values(shape: torch.Size, mode: str, generator: torch.Generator, device) -> Tensor:
@@ -499,6 +546,28 @@ def _erase_values(shape: torch.Size, mode: str, generator: torch.Generator, devi
     raise ValueError(f"erasing mode must be 'const', 'rand' or 'pixel', got {mode!r}")
 
 
+def draw_erasing(
+    shape: tuple[int, int, int, int], generator: torch.Generator, device, p: float = 0.25, mode: str = "pixel",
+    tries: int = 10, scale: tuple[float, float] = (0.02, 1 / 3),
+) -> EraseDraw:  # fmt: skip
+    """The draws of ``random_erasing`` for a batch of ``shape`` (B, C, H, W): the boxes, then the values."""
+    B, _, H, W = shape
+    boxes = draw_erase_boxes(B, H, W, p, generator, device, scale=scale, tries=tries)
+    return EraseDraw(*boxes, values=_erase_values(shape, mode, generator, device))
+
+
+def apply_erasing(images: Tensor, draw: EraseDraw, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+    """Erase drawn boxes (see ``random_erasing`` for uint8 batches and ``mean`` / ``std``)."""
+    B, C, H, W = images.shape
+    values = draw.values
+    if images.dtype == torch.uint8:
+        if mean is None or std is None:
+            raise ValueError("erasing a uint8 batch needs the normalisation's mean and std, got None")
+        levels = (mean.view(1, C, 1, 1) + std.view(1, C, 1, 1) * values) * 255
+        values = levels.round().clamp(0, 255).to(torch.uint8)
+    return torch.where(draw.mask(H, W), values.to(images.dtype), images)
+
+
 def random_erasing(
     images: Tensor, generator: torch.Generator, p: float = 0.25, mode: str = "pixel",
     mean: Tensor | None = None, std: Tensor | None = None, tries: int = 10,
@@ -509,16 +578,9 @@ def random_erasing(
     On a normalised float batch (DeiT erases after normalising) the values are drawn in normalised
     units. On a uint8 batch pass the normalisation's mean and std (C,) in [0, 1] units: the values
     are mapped back to intensity levels, clamp(round((mean + std * v) * 255)), the same erasing
-    up to the clamp to [0, 255] and the rounding to a level."""
-    B, C, H, W = images.shape
-    mask = erase_boxes(B, H, W, p, generator, images.device, scale=scale, tries=tries)
-    values = _erase_values(images.shape, mode, generator, images.device)
-    if images.dtype == torch.uint8:
-        if mean is None or std is None:
-            raise ValueError("erasing a uint8 batch needs the normalisation's mean and std, got None")
-        levels = (mean.view(1, C, 1, 1) + std.view(1, C, 1, 1) * values) * 255
-        values = levels.round().clamp(0, 255).to(torch.uint8)
-    return torch.where(mask, values.to(images.dtype), images)
+    up to the clamp to [0, 255] and the rounding to a level. ``draw_erasing`` + ``apply_erasing``."""
+    draw = draw_erasing(images.shape, generator, images.device, p, mode, tries, scale)
+    return apply_erasing(images, draw, mean, std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,27 +614,32 @@ def sample_beta(alpha: float, n: int, generator: torch.Generator, device) -> Ten
     return torch.where(total > 0, x / total.clamp_min(1e-30), 0.5)
 
 
-def mix(
-    images: Tensor, targets: Tensor, mixup_alpha: float, cutmix_alpha: float, switch_prob: float = 0.5,
-    mode: str = "batch", generator: torch.Generator | None = None, prob: float = 1.0,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) as DeiT uses them (timm's Mixup), sync-free.
+@dataclass
+class MixDraw:
+    """The draws of mixup / cutmix for a batch: n = 1 set of parameters ("batch" mode) or one per
+    image ("elem"). Image i is mixed with its mirror B-1-i under parameters i (or the only set)."""
 
-    ``images`` float (B, C, H, W), ``targets`` soft labels (B, K) (label smoothing already applied).
-    Each image is mixed with its mirror in the batch (image B-1-i). With both alphas > 0, cutmix is
-    chosen with probability ``switch_prob``. mode "batch": one choice, lam and box for the batch;
-    "elem": one per image. CutMix's lam is corrected to the area actually pasted after clipping the
-    box to the image. Both mixes are computed and selected with torch.where, so the ops do not
-    depend on the draws. ``prob``: the probability that a batch ("batch") or an image ("elem") is
-    mixed at all (timm's mix_prob); below 1 it is drawn after everything else, so that prob 1
-    leaves the random stream as it was."""
+    use_cut: Tensor  # (n,) bool: cutmix rather than mixup
+    lam_mix: Tensor  # (n,) float32: mixup's weight of the image itself
+    y0: Tensor  # (n,) float32: cutmix's box, rows [y0, y1) and columns [x0, x1) taken from the partner
+    y1: Tensor
+    x0: Tensor
+    x1: Tensor
+    lam: Tensor  # (n,) float32: the targets' weight of the image itself (the pasted area corrected for cutmix)
+    applied: Tensor | None  # (n,) bool: whether the image (batch) is mixed at all; None when always (prob 1)
+
+
+def draw_mix(
+    batch: int, height: int, width: int, mixup_alpha: float, cutmix_alpha: float, switch_prob: float = 0.5,
+    mode: str = "batch", generator: torch.Generator | None = None, device=None, prob: float = 1.0,
+) -> MixDraw:  # fmt: skip
+    """The draws of ``mix`` for a batch of ``batch`` images of height x width (see ``mix``)."""
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         raise ValueError(f"mix needs mixup_alpha or cutmix_alpha > 0, got {mixup_alpha} and {cutmix_alpha}")
     if mode not in ("batch", "elem"):
         raise ValueError(f"mode must be 'batch' or 'elem', got {mode!r}")
-    B, _, H, W = images.shape
-    dev = images.device
-    n = 1 if mode == "batch" else B
+    H, W, dev = height, width, device
+    n = 1 if mode == "batch" else batch
     rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)  # noqa: E731
     if mixup_alpha > 0 and cutmix_alpha > 0:
         use_cut = rand(n) < switch_prob
@@ -588,26 +655,52 @@ def mix(
     y0, y1 = (cy - (cut_h / 2).floor()).clamp(0, H), (cy + (cut_h / 2).floor()).clamp(0, H)
     x0, x1 = (cx - (cut_w / 2).floor()).clamp(0, W), (cx + (cut_w / 2).floor()).clamp(0, W)
     lam_cut = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
+    lam = torch.where(use_cut, lam_cut, lam_mix)  # (n,)
+    applied = rand(n) < prob if prob < 1.0 else None
+    return MixDraw(use_cut, lam_mix, y0, y1, x0, x1, lam, applied)
+
+
+def apply_mix(images: Tensor, targets: Tensor, draw: MixDraw) -> tuple[Tensor, Tensor]:
+    """Mix drawn parameters into ``images`` (B, C, H, W) float and ``targets`` (B, K) (see ``mix``)."""
+    _, _, H, W = images.shape
+    n, dev = draw.lam.shape[0], images.device
     rows = torch.arange(H, device=dev).view(1, H)
     cols = torch.arange(W, device=dev).view(1, W)
-    in_box = ((rows >= y0[:, None]) & (rows < y1[:, None])).view(n, 1, H, 1) & (
-        (cols >= x0[:, None]) & (cols < x1[:, None])
+    in_box = ((rows >= draw.y0[:, None]) & (rows < draw.y1[:, None])).view(n, 1, H, 1) & (
+        (cols >= draw.x0[:, None]) & (cols < draw.x1[:, None])
     ).view(n, 1, 1, W)
     partner = images.flip(0)
-    lam = torch.where(use_cut, lam_cut, lam_mix)  # (n,)
-    lam_img = lam_mix.view(n, 1, 1, 1)
+    lam_img = draw.lam_mix.view(n, 1, 1, 1)
     mixed = torch.where(
-        use_cut.view(n, 1, 1, 1),
+        draw.use_cut.view(n, 1, 1, 1),
         torch.where(in_box, partner, images),
         lam_img * images + (1.0 - lam_img) * partner,
     )
-    lam_t = lam.view(n, 1)
+    lam_t = draw.lam.view(n, 1)
     mixed_targets = lam_t * targets + (1.0 - lam_t) * targets.flip(0)
-    if prob < 1.0:
-        applied = rand(n) < prob
-        mixed = torch.where(applied.view(n, 1, 1, 1), mixed, images)
-        mixed_targets = torch.where(applied.view(n, 1), mixed_targets, targets)
+    if draw.applied is not None:
+        mixed = torch.where(draw.applied.view(n, 1, 1, 1), mixed, images)
+        mixed_targets = torch.where(draw.applied.view(n, 1), mixed_targets, targets)
     return mixed, mixed_targets
+
+
+def mix(
+    images: Tensor, targets: Tensor, mixup_alpha: float, cutmix_alpha: float, switch_prob: float = 0.5,
+    mode: str = "batch", generator: torch.Generator | None = None, prob: float = 1.0,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) as DeiT uses them (timm's Mixup), sync-free.
+
+    ``images`` float (B, C, H, W), ``targets`` soft labels (B, K) (label smoothing already applied).
+    Each image is mixed with its mirror in the batch (image B-1-i). With both alphas > 0, cutmix is
+    chosen with probability ``switch_prob``. mode "batch": one choice, lam and box for the batch;
+    "elem": one per image. CutMix's lam is corrected to the area actually pasted after clipping the
+    box to the image. Both mixes are computed and selected with torch.where, so the ops do not
+    depend on the draws. ``prob``: the probability that a batch ("batch") or an image ("elem") is
+    mixed at all (timm's mix_prob); below 1 it is drawn after everything else, so that prob 1
+    leaves the random stream as it was. ``draw_mix`` + ``apply_mix``."""
+    B, _, H, W = images.shape
+    draw = draw_mix(B, H, W, mixup_alpha, cutmix_alpha, switch_prob, mode, generator, images.device, prob)
+    return apply_mix(images, targets, draw)
 
 
 def smooth_targets(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
