@@ -765,16 +765,140 @@ class AugmentConfig:
     label_smoothing: float = 0.1
 
 
+@dataclass
+class BatchDraws:
+    """Every random draw of one training batch, in the order ``draw_batch`` makes them; None where
+    the step is off."""
+
+    crop: tuple[Tensor, Tensor, Tensor | None] | None  # oy, ox (B, 1) int64, flipped (B, 1) bool or None
+    op: Tensor | None  # (steps, B) int64: the policy's op ids
+    magnitude: Tensor | None  # (steps, B) float32: their signed magnitudes
+    erase: EraseDraw | None
+    mix: MixDraw | None  # drawn for the mixing batch (see ``draw_batch``), not sliced by ``rows``
+
+    def rows(self, rows: slice) -> "BatchDraws":
+        """The per-image draws of the images ``rows`` of the batch (views); the mix draws as they are."""
+        crop = None
+        if self.crop is not None:
+            oy, ox, flipped = self.crop
+            crop = (oy[rows], ox[rows], None if flipped is None else flipped[rows])
+        return BatchDraws(
+            crop=crop, op=None if self.op is None else self.op[:, rows],
+            magnitude=None if self.magnitude is None else self.magnitude[:, rows],
+            erase=None if self.erase is None else self.erase.rows(rows), mix=self.mix,
+        )
+
+
+def draw_batch(config: AugmentConfig, policy: Policy | None, shape: tuple[int, int, int, int], generator: torch.Generator,
+               device, mix_batch: int | None = None, erase: bool = True, mix: bool = True) -> BatchDraws:
+    """Every draw of a training batch of ``shape`` (B, C, H, W) under ``config``, in DeiT's order:
+    crop and flip, the policy, random erasing, mixup / cutmix. ``mix_batch``: the batch the images
+    are mixed within (default B; a data-parallel rank mixes within its own rows of the global
+    batch). ``erase`` / ``mix`` False leave those steps out even when ``config`` has them."""
+    from vit_fast.data import crop_flip_offsets
+
+    c = config
+    B, C, H, W = shape
+    crop = crop_flip_offsets(B, c.padding, c.flip, generator, device) if c.padding or c.flip else None
+    op = magnitude = None
+    if policy is not None:
+        op, magnitude = policy.draw(B, H, W, generator, device)
+    erasing = None
+    if erase and c.erase_p > 0:
+        erasing = draw_erasing(shape, generator, device, c.erase_p, c.erase_mode, scale=(0.02, c.erase_max_area))
+    mixing = None
+    if mix and (c.mixup_alpha > 0 or c.cutmix_alpha > 0):
+        mixing = draw_mix(B if mix_batch is None else mix_batch, H, W, c.mixup_alpha, c.cutmix_alpha, c.switch_prob,
+                          c.mix_mode, generator, device, c.mix_prob)
+    return BatchDraws(crop, op, magnitude, erasing, mixing)
+
+
+def apply_geometry_and_policy(images: Tensor, draws: BatchDraws, padding: int, policy: Policy | None) -> Tensor:
+    """Crop, flip and the policy of drawn ``draws`` on the uint8 batch ``images`` (torch ops)."""
+    from vit_fast.data import apply_crop_flip
+
+    if draws.crop is not None:
+        images = apply_crop_flip(images, padding, *draws.crop)
+    if draws.op is not None:
+        images = policy.apply(images, draws.op, draws.magnitude)
+    return images
+
+
+def _augment_policy_stand_in(images: Tensor, index: Tensor, padding: int, oy: Tensor, ox: Tensor,
+                             flipped: Tensor | None, op: Tensor, magnitude: Tensor) -> Tensor:
+    """STAND-IN for ``vit_fast.fused.augment_policy.augment_policy`` (gather + crop + flip + policy
+    in one Triton kernel), with its signature, until that module exists: the torch path on
+    ``images[index]``. Delete it once the kernel is in (``fused_policy`` then finds the kernel).
+    Every policy's ops are all of OPS' (an image's op is its own whatever the list), so the
+    stand-in needs no policy object."""
+    from vit_fast.data import apply_crop_flip
+
+    batch = images[index]
+    if padding or flipped is not None:
+        batch = apply_crop_flip(batch, padding, oy.view(-1, 1), ox.view(-1, 1),
+                                None if flipped is None else flipped.view(-1, 1))
+    for step in range(op.shape[0]):
+        batch = apply_ops(batch, op[step], magnitude[step])
+    return batch
+
+
+def fused_policy():
+    """The fused gather + crop + flip + policy op, ``vit_fast.fused.augment_policy.augment_policy``,
+    or the torch stand-in while that module does not exist."""
+    try:
+        from vit_fast.fused.augment_policy import augment_policy
+    except ModuleNotFoundError as err:
+        if err.name != "vit_fast.fused.augment_policy":
+            raise
+        return _augment_policy_stand_in
+    return augment_policy
+
+
+def fused_batch(images: Tensor, index: Tensor, labels: Tensor, draws: BatchDraws, padding: int, mean: Tensor,
+                std: Tensor, num_classes: int, smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The training batch from drawn ``draws`` in two fused kernels: gather + crop + flip + policy
+    of ``images[index]`` (``images`` the (N, C, H, W) uint8 dataset, ``index`` (B,) int64), then
+    ``vit_fast::augment_finish`` (normalise, erase, mix, targets). Returns (x (B, C, H, W) float32,
+    targets (B, num_classes) float32, smoothed by ``smoothing`` and mixed); ``num_classes`` 0
+    returns (x, an empty (B, 0) tensor). Equal to the torch path of the same draws."""
+    from vit_fast.fused.augment_finish import augment_finish
+
+    B = index.shape[0]
+    if draws.crop is not None:
+        oy, ox, flipped = (None if t is None else t.view(B) for t in draws.crop)
+    else:  # no crop, no flip: the identity window
+        oy = ox = torch.zeros(B, dtype=torch.int64, device=images.device)
+        flipped = None
+    op, magnitude = draws.op, draws.magnitude
+    if op is None:  # no policy: zero steps
+        op = torch.empty((0, B), dtype=torch.int64, device=images.device)
+        magnitude = torch.empty((0, B), dtype=torch.float32, device=images.device)
+    batch = fused_policy()(images, index, padding, oy, ox, flipped, op, magnitude)
+    erase = values = None
+    if draws.erase is not None:
+        e = draws.erase
+        erase = (e.top, e.left, e.height, e.width, e.on)
+        values = e.values if e.values.ndim else None  # "const": zeros, the kernel's default
+    mix = applied = None
+    if draws.mix is not None:
+        m = draws.mix
+        mix, applied = (m.use_cut, m.lam_mix, m.y0, m.y1, m.x0, m.x1, m.lam), m.applied
+    return augment_finish(batch, mean, std, labels, num_classes, smoothing, erase, values, mix, applied)
+
+
 class DeviceAugment:
     """The DeiT order on the device: crop + flip, the policy (on uint8), normalise, random erasing
     (on the normalised batch), mixup / cutmix with smoothed targets.
 
     ``images(x, g)`` returns the augmented uint8 batch (crop, flip, policy, and erasing mapped to
     intensity levels, see ``random_erasing``); ``__call__(x, labels, g)`` returns the training batch
-    (normalised float32 (B, C, H, W), soft targets (B, K)). mean/std are (C,) in [0, 1] units."""
+    (normalised float32 (B, C, H, W), soft targets (B, K)). mean/std are (C,) in [0, 1] units.
+    ``fused``: ``__call__`` makes the same draws and builds the same batch with the fused kernels
+    (``fused_batch``; CUDA tensors, or CPU tensors under Triton's interpreter)."""
 
-    def __init__(self, config: AugmentConfig, mean: list[float], std: list[float], num_classes: int, device) -> None:
-        self.config, self.num_classes = config, num_classes
+    def __init__(self, config: AugmentConfig, mean: list[float], std: list[float], num_classes: int, device,
+                 fused: bool = False) -> None:
+        self.config, self.num_classes, self.fused = config, num_classes, fused
         self.device = torch.device(device)
         # Built once here: a per-batch torch.tensor(mean) would copy host data every batch.
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
@@ -784,21 +908,12 @@ class DeviceAugment:
         if c.policy is not None:
             self.policy = Policy(c.policy, num_ops=c.randaugment_ops, magnitude=c.randaugment_magnitude)
 
-    def _geometry_and_policy(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        from vit_fast.data import apply_crop_flip, crop_flip_offsets
-
-        c = self.config
-        if c.padding or c.flip:
-            offsets = crop_flip_offsets(images.shape[0], c.padding, c.flip, generator, images.device)
-            images = apply_crop_flip(images, c.padding, *offsets)
-        return self.policy(images, generator) if self.policy is not None else images
-
     def images(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        images = self._geometry_and_policy(images, generator)
         c = self.config
-        if c.erase_p > 0:
-            images = random_erasing(images, generator, c.erase_p, c.erase_mode, self.mean, self.std,
-                                    scale=(0.02, c.erase_max_area))
+        draws = draw_batch(c, self.policy, images.shape, generator, images.device, mix=False)
+        images = apply_geometry_and_policy(images, draws, c.padding, self.policy)
+        if draws.erase is not None:
+            images = apply_erasing(images, draws.erase, self.mean, self.std)
         return images
 
     def normalize(self, images: Tensor) -> Tensor:
@@ -806,13 +921,17 @@ class DeviceAugment:
 
     def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         c = self.config
-        x = self.normalize(self._geometry_and_policy(images, generator))
-        if c.erase_p > 0:
-            x = random_erasing(x, generator, c.erase_p, c.erase_mode, scale=(0.02, c.erase_max_area))
+        draws = draw_batch(c, self.policy, images.shape, generator, images.device)
+        if self.fused:
+            index = torch.arange(images.shape[0], device=images.device)
+            return fused_batch(images, index, labels, draws, c.padding, self.mean, self.std, self.num_classes,
+                               c.label_smoothing)
+        x = self.normalize(apply_geometry_and_policy(images, draws, c.padding, self.policy))
+        if draws.erase is not None:
+            x = apply_erasing(x, draws.erase)
         targets = smooth_targets(labels, self.num_classes, c.label_smoothing)
-        if c.mixup_alpha > 0 or c.cutmix_alpha > 0:
-            x, targets = mix(x, targets, c.mixup_alpha, c.cutmix_alpha, c.switch_prob, c.mix_mode, generator,
-                             c.mix_prob)
+        if draws.mix is not None:
+            x, targets = apply_mix(x, targets, draws.mix)
         return x, targets
 
 
