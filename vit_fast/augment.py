@@ -516,8 +516,9 @@ def draw_erase_boxes(
     first = fits.int().argmax(dim=1, keepdim=True)  # the first fitting try (argmax returns the first max)
     h, w = h.gather(1, first), w.gather(1, first)  # (B, 1)
     on = fits.any(dim=1, keepdim=True) & (rand(batch, 1) < p)
-    top = (rand(batch, 1) * (height - h + 1)).floor()
-    left = (rand(batch, 1) * (width - w + 1)).floor()
+    # (size + 1) - h: one kernel for size - h + 1, the same small integers exactly.
+    top = (rand(batch, 1) * ((height + 1) - h)).floor()
+    left = (rand(batch, 1) * ((width + 1) - w)).floor()
     return top, left, h, w, on
 
 
@@ -599,10 +600,13 @@ def sample_gamma(shape: float, n: int, generator: torch.Generator, device, propo
     z = torch.randn(n, proposals, generator=generator, device=device)
     u = torch.rand(n, proposals, generator=generator, device=device)
     v = (1.0 + c * z) ** 3
-    ok = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * torch.log(v.clamp_min(1e-30)))
+    v_positive = v.clamp_min(1e-30)
+    ok = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * torch.log(v_positive))
     first = ok.int().argmax(dim=1, keepdim=True)
-    g = d * v.clamp_min(1e-30).gather(1, first).squeeze(1)
-    boost = torch.rand(n, generator=generator, device=device).clamp_min(1e-30) ** (1.0 / shape)
+    g = d * v_positive.gather(1, first).squeeze(1)
+    boost = torch.rand(n, generator=generator, device=device).clamp_min(1e-30)
+    if shape != 1.0:  # u ** 1 is u (torch copies it): a launch saved for Beta(1, 1)
+        boost = boost ** (1.0 / shape)
     return g * boost
 
 
@@ -645,15 +649,16 @@ def draw_mix(
         use_cut = rand(n) < switch_prob
     else:
         use_cut = torch.full((n,), cutmix_alpha > 0, device=dev)
-    ones = torch.ones(n, device=dev)
-    lam_mix = sample_beta(mixup_alpha, n, generator, dev) if mixup_alpha > 0 else ones
-    lam_cut = sample_beta(cutmix_alpha, n, generator, dev) if cutmix_alpha > 0 else ones
+    lam_mix = sample_beta(mixup_alpha, n, generator, dev) if mixup_alpha > 0 else torch.ones(n, device=dev)
+    lam_cut = sample_beta(cutmix_alpha, n, generator, dev) if cutmix_alpha > 0 else torch.ones(n, device=dev)
     # The box (timm's rand_bbox): sides int(size * sqrt(1 - lam)), centre uniform on the pixels.
     cut = torch.sqrt(1.0 - lam_cut)
-    cut_h, cut_w = (H * cut).floor(), (W * cut).floor()
+    half_h = ((H * cut).floor() / 2).floor()
+    # A square image's half-sides are the same values: computed once (fewer tiny launches).
+    half_w = half_h if W == H else ((W * cut).floor() / 2).floor()
     cy, cx = (rand(n) * H).floor(), (rand(n) * W).floor()
-    y0, y1 = (cy - (cut_h / 2).floor()).clamp(0, H), (cy + (cut_h / 2).floor()).clamp(0, H)
-    x0, x1 = (cx - (cut_w / 2).floor()).clamp(0, W), (cx + (cut_w / 2).floor()).clamp(0, W)
+    y0, y1 = (cy - half_h).clamp(0, H), (cy + half_h).clamp(0, H)
+    x0, x1 = (cx - half_w).clamp(0, W), (cx + half_w).clamp(0, W)
     lam_cut = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
     lam = torch.where(use_cut, lam_cut, lam_mix)  # (n,)
     applied = rand(n) < prob if prob < 1.0 else None
