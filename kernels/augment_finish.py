@@ -2,7 +2,7 @@
 the (smoothed, mixed) one-hot targets. Triton kernel.
 
 One program per (pair, tile): pair p holds the mix partners i = p and j = B-1-p (the middle image
-of an odd batch pairs with itself), tile t a run of ``BLOCK`` elements of the flattened image
+of an odd batch pairs with itself), tile t a run of ``BLOCK_N`` elements of the flattened image
 (C * H * W). The program reads both images' uint8 pixels of the tile once and writes both mixed
 images' pixels; the programs of tile 0 also write both target rows. Per pixel, for image i:
 
@@ -132,7 +132,7 @@ def augment_finish_kernel(
     MIX_APPLIED: tl.constexpr,
     TARGETS: tl.constexpr,
     DIVIDE_BY_RECIPROCAL: tl.constexpr,
-    BLOCK: tl.constexpr,  # elements of one image per program
+    BLOCK_N: tl.constexpr,  # elements of one image per program
     BLOCK_K: tl.constexpr,  # target columns per step
 ):
     pair = tl.program_id(0)
@@ -140,7 +140,7 @@ def augment_finish_kernel(
     i = pair
     j = B - 1 - pair
     image_size = C * H * W
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    offs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     inside = offs < image_size
     c = offs // (H * W)
     y = offs % (H * W) // W

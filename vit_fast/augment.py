@@ -14,6 +14,10 @@ Contents:
 - mixup / cutmix with a device Beta sampler (``sample_beta``), per batch or per sample;
 - repeated augmentation index arithmetic (Hoffer et al. 2020; DeiT's RASampler);
 - ``DeviceAugment``: the whole pipeline in DeiT's order;
+- draws apart from their application: ``Policy.draw`` / ``Policy.apply``, ``draw_erasing`` /
+  ``apply_erasing`` (``EraseDraw``), ``draw_mix`` / ``apply_mix`` (``MixDraw``), and for a whole
+  batch ``draw_batch`` (``BatchDraws``), which the torch path applies with torch ops and
+  ``fused_batch`` with two fused kernels (the same batch from the same draws);
 - ``OpRecorder``: a dispatch mode that records aten ops, to check a batch makes no host syncs.
 """
 

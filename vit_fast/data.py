@@ -505,7 +505,7 @@ class DeviceLoader:
     the multi-rank run is a different, equally valid, draw.
 
     A batch is produced without host syncs: the normalisation constants live on the device from the
-    start, mixup/cutmix draw on the device (vit_fast.augment.mix), and the epoch's shuffle is drawn
+    start, mixup/cutmix draw on the device (vit_fast.augment.draw_mix), and the epoch's shuffle is drawn
     and copied to the device when the epoch's iterator is made, not at its first batch.
     ``drop_last`` drops an epoch's last partial global batch, so every batch has the same shape.
 

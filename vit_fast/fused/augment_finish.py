@@ -60,7 +60,7 @@ _MIX_NAMES = ("mix_use_cut", "mix_lam_mix", "mix_y0", "mix_y1", "mix_x0", "mix_x
 class AugmentFinishConfig:
     """Launch configuration: elements of one image per program and target columns per step."""
 
-    block: int  # image elements per program (a power of two)
+    block_n: int  # image elements per program (a power of two)
     block_k: int  # target columns per step (a power of two)
     num_warps: int
     num_stages: int = 1  # no loop worth pipelining
@@ -76,9 +76,9 @@ def choose_config(image_size: int, num_classes: int, interpret: bool) -> Augment
     if image_size < 1:
         raise ValueError(f"augment_finish: images must have at least one element each, got {image_size}")
     cap = 16384 if interpret else 1024
-    block = min(cap, triton.next_power_of_2(image_size))
+    block_n = min(cap, triton.next_power_of_2(image_size))
     block_k = min(1024, triton.next_power_of_2(max(num_classes, 1)))
-    return AugmentFinishConfig(block=block, block_k=block_k, num_warps=4)
+    return AugmentFinishConfig(block_n=block_n, block_k=block_k, num_warps=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,8 +209,8 @@ def _launch(images: Tensor, mean: Tensor, std: Tensor, labels: Tensor, num_class
     )
     constexprs = dict(ERASE=erase is not None, ERASE_VALUES=erase_values is not None, MIX=mix is not None,
                       MIX_APPLIED=mix_applied is not None, TARGETS=num_classes > 0,
-                      DIVIDE_BY_RECIPROCAL=cuda_arithmetic, BLOCK=cfg.block, BLOCK_K=cfg.block_k)
-    grid = ((B + 1) // 2, triton.cdiv(C * H * W, cfg.block))
+                      DIVIDE_BY_RECIPROCAL=cuda_arithmetic, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    grid = ((B + 1) // 2, triton.cdiv(C * H * W, cfg.block_n))
     # No FMA contraction: torch rounds lam * a and (1 - lam) * b before adding them.
     return Launch(augment_finish_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages,
                   options={"enable_fp_fusion": False})
