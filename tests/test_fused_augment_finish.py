@@ -137,8 +137,8 @@ def test_one_launch_planned_and_counted():
     with planning() as launches:
         fused.augment_finish(images, MEAN, STD, labels, K, 0.0, erase_boxes, values, mix_params, applied)
     assert len(launches) == 1 and launches[0].grid == (64, 3)
-    kernels = cost.custom_op_kernels(torch.ops.vit_fast.augment_finish.default,
-                                     (images, MEAN, STD, labels, K, 0.0, *erase_boxes, values, *mix_params, applied), {})
+    args = (images, MEAN, STD, labels, K, 0.0, *erase_boxes, values, *mix_params, applied)
+    kernels = cost.custom_op_kernels(torch.ops.vit_fast.augment_finish.default, args, {})
     assert len(kernels) == 1
     assert kernels[0].bytes_written == B * 3 * 32 * 32 * 4 + B * K * 4
     assert kernels[0].bytes_read >= B * 3 * 32 * 32
@@ -208,6 +208,10 @@ def test_bad_inputs_name_the_value():
         fused.augment_finish(images, MEAN, STD, labels, 5, mix_applied=torch.ones(1, dtype=torch.bool))
     with pytest.raises(ValueError, match="all tensors must be on one device"):
         fused.augment_finish(images, MEAN.to("meta"), STD, labels, 5)
+    huge = torch.empty(2**16, 3, 2**7, 2**7, dtype=torch.uint8, device="meta")  # 3 * 2**30 elements
+    huge_labels = torch.empty(2**16, dtype=torch.int64, device="meta")
+    with pytest.raises(ValueError, match=r"images spanning 3221225472 elements; at most 2147483647"):
+        fused.augment_finish(huge, MEAN.to("meta"), STD.to("meta"), huge_labels, 5)
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):

@@ -798,8 +798,9 @@ class BatchDraws:
         )
 
 
-def draw_batch(config: AugmentConfig, policy: Policy | None, shape: tuple[int, int, int, int], generator: torch.Generator,
-               device, mix_batch: int | None = None, erase: bool = True, mix: bool = True) -> BatchDraws:
+def draw_batch(config: AugmentConfig, policy: Policy | None, shape: tuple[int, int, int, int],
+               generator: torch.Generator, device, mix_batch: int | None = None, erase: bool = True,
+               mix: bool = True) -> BatchDraws:
     """Every draw of a training batch of ``shape`` (B, C, H, W) under ``config``, in DeiT's order:
     crop and flip, the policy, random erasing, mixup / cutmix. ``mix_batch``: the batch the images
     are mixed within (default B; a data-parallel rank mixes within its own rows of the global

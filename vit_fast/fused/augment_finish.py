@@ -85,6 +85,11 @@ def choose_config(image_size: int, num_classes: int, interpret: bool) -> Augment
 # Input checks, shared by the real and the fake implementations so torch.compile raises them too.
 
 
+def _span(t: Tensor) -> int:
+    """Elements from a tensor's first to its last one in memory: the largest offset the kernel forms."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+
+
 def _check_per_image(name: str, t: Tensor, batch: int, dtype: torch.dtype) -> None:
     if t.dtype != dtype:
         raise TypeError(f"augment_finish: {name} must be {dtype}, got {t.dtype}")
@@ -98,8 +103,9 @@ def _check_inputs(images: Tensor, mean: Tensor, std: Tensor, labels: Tensor, num
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"augment_finish: images must be uint8 (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
     B, C, H, W = images.shape
-    if images.numel() > _MAX_ELEMENTS:
-        raise ValueError(f"augment_finish: images of {images.numel()} elements; at most {_MAX_ELEMENTS} are supported")
+    if max(images.numel(), _span(images)) > _MAX_ELEMENTS:
+        raise ValueError(f"augment_finish: images spanning {_span(images)} elements; at most {_MAX_ELEMENTS} are "
+                         "supported (32-bit offsets)")
     for name, t in (("mean", mean), ("std", std)):
         if t.dtype != torch.float32 or tuple(t.shape) != (C,):
             raise ValueError(f"augment_finish: {name} must be float32 of shape ({C},), got {t.dtype} {tuple(t.shape)}")
@@ -131,9 +137,9 @@ def _check_inputs(images: Tensor, mean: Tensor, std: Tensor, labels: Tensor, num
         except RuntimeError:
             raise ValueError(f"augment_finish: erase_values of shape {tuple(erase_values.shape)} does not broadcast "
                              f"to the images' {tuple(images.shape)}") from None
-        if erase_values.numel() > _MAX_ELEMENTS:
-            raise ValueError(f"augment_finish: erase_values of {erase_values.numel()} elements; at most "
-                             f"{_MAX_ELEMENTS} are supported")
+        if _span(erase_values) > _MAX_ELEMENTS:
+            raise ValueError(f"augment_finish: erase_values spanning {_span(erase_values)} elements; at most "
+                             f"{_MAX_ELEMENTS} are supported (32-bit offsets)")
         tensors["erase_values"] = erase_values
     present = [t is not None for t in mix]
     if any(present) and not all(present):
