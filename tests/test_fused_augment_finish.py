@@ -144,6 +144,15 @@ def test_one_launch_planned_and_counted():
     assert kernels[0].bytes_read >= B * 3 * 32 * 32
 
 
+def test_the_fused_training_run_builds_its_batches_with_the_kernel():
+    """train.setup gives the fused backend the fused data phase (and the torch backend the torch
+    one): the as-trained account of a fused step charges its data phase one augment_finish launch."""
+    fused_data = cost.account_step_as_trained("vit-cifar", 16, "fused").phases["data"].ops
+    torch_data = cost.account_step_as_trained("vit-cifar", 16, "torch").phases["data"].ops
+    assert fused_data["vit_fast::augment_finish"].launches == 1
+    assert not any(op.startswith("vit_fast::") for op in torch_data)
+
+
 def test_no_host_syncs():
     images, labels, g = _batch(6, 8, 8, 10)
     erase = A.draw_erasing(images.shape, g, "cpu", 0.5, "pixel")
