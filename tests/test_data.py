@@ -265,3 +265,15 @@ def test_fused_data_phase_makes_no_host_syncs():
             with counter.phase("data"):
                 next(batches)
     counter.assert_sync_free()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels' CUDA arithmetic is compared with "
+                    "torch's CUDA kernels only on a GPU (the CPU runs of the test above use the interpreter)")
+def test_fused_loader_yields_the_torch_loaders_batches_on_cuda():
+    ds = data.synthetic(64, 10, seed=0)
+    mean, std = data.channel_stats(ds.images)
+    ds = ds.to("cuda")
+    loaders = [data.DeviceLoader(ds, 16, mean, std, train=True, augment=_recipe_augment("lee2021"), seed=1,
+                                 repeats=3, fused=fused) for fused in (False, True)]
+    for (x, y), (xf, yf) in zip(*loaders, strict=True):
+        assert torch.equal(xf, x) and torch.equal(yf, y)
