@@ -227,12 +227,14 @@ def _recipe_augment(name: str, **overrides):
 
 
 # lee2021 (const erasing, one mix per batch with probability 0.5, repeated augmentation), DeiT's
-# pixel erasing with per-image mixing, and the basic recipe (no mixing: the loader yields labels).
+# pixel erasing with per-image mixing, the basic recipe (no mixing: the loader yields labels).
 FUSED_LOADER_CASES = {
     "lee2021": (lambda: _recipe_augment("lee2021"), 3),
     "deit_elem": (lambda: data.Augment(policy="randaugment", erase_p=0.5, erase_mode="pixel", mixup_alpha=0.8,
                                        cutmix_alpha=1.0, mix_mode="elem"), 1),
     "basic": (lambda: _recipe_augment("basic"), 1),
+    # Neither crop nor flip (the identity window), rand erasing, mixup alone.
+    "no_crop": (lambda: data.Augment(padding=0, flip=False, erase_p=0.5, erase_mode="rand", mixup_alpha=1.0), 1),
 }
 
 
