@@ -374,3 +374,51 @@ def test_op_recorder_catches_syncs():
     assert "aten.nonzero" in rec.syncs or "aten.index" in rec.ops
     with pytest.raises(AssertionError, match="host syncs"):
         rec.assert_sync_free()
+
+
+def _one_call_pipeline(aug: A.DeviceAugment, images: torch.Tensor, labels: torch.Tensor, g: torch.Generator):
+    """DeiT's order written with the one-call functions (each draws, then applies)."""
+    from vit_fast.data import random_crop_flip
+
+    c = aug.config
+    x = random_crop_flip(images, c.padding, c.flip, g)
+    x = aug.normalize(aug.policy(x, g) if aug.policy is not None else x)
+    x = A.random_erasing(x, g, c.erase_p, c.erase_mode, scale=(0.02, c.erase_max_area))
+    targets = A.smooth_targets(labels, aug.num_classes, c.label_smoothing)
+    return A.mix(x, targets, c.mixup_alpha, c.cutmix_alpha, c.switch_prob, c.mix_mode, g, c.mix_prob)
+
+
+@pytest.mark.parametrize("kind", POLICIES)
+def test_draw_then_apply_equals_the_one_call_path(kind):
+    """Drawing first and applying after gives the one-call functions' results and leaves the
+    generator where they leave it: the policy, erasing, mixing, and DeviceAugment's whole batch."""
+    x, labels = _images(12), torch.arange(12) % 10
+    policy = A.Policy(kind)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(policy(x, g1), policy.apply(x, *policy.draw(12, 32, 32, g2, "cpu")))
+    xf = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    erased = A.apply_erasing(xf, A.draw_erasing(xf.shape, g2, "cpu", 0.5, "rand", scale=(0.02, 0.4)))
+    assert torch.equal(A.random_erasing(xf, g1, 0.5, "rand", scale=(0.02, 0.4)), erased)
+    t = A.smooth_targets(labels, 10, 0.1)
+    mixed = A.apply_mix(xf, t, A.draw_mix(12, 32, 32, 0.8, 1.0, 0.5, "elem", g2, "cpu", 0.5))
+    for ours, ref in zip(mixed, A.mix(xf, t, 0.8, 1.0, 0.5, "elem", g1, 0.5)):
+        assert torch.equal(ours, ref)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    aug = A.DeviceAugment(A.AugmentConfig(policy=kind, mix_prob=0.7), [0.5, 0.4, 0.3], [0.25] * 3, 10, "cpu")
+    for seed in range(3):
+        batch = aug(x, labels, torch.Generator().manual_seed(seed))
+        for ours, ref in zip(batch, _one_call_pipeline(aug, x, labels, torch.Generator().manual_seed(seed))):
+            assert torch.equal(ours, ref)
+
+
+def test_fused_device_augment_builds_the_same_batch():
+    """DeviceAugment(fused=True): the same draws, the fused kernels (augment_policy, then
+    vit_fast::augment_finish), the same smoothed and mixed batch."""
+    x, labels = _images(10), torch.arange(10) % 10
+    for mode, erase_mode in (("batch", "const"), ("elem", "pixel")):
+        config = A.AugmentConfig(mix_mode=mode, erase_mode=erase_mode, erase_p=0.5, mix_prob=0.6)
+        plain, fused = (A.DeviceAugment(config, [0.5, 0.4, 0.3], [0.25] * 3, 10, "cpu", fused=f) for f in (False, True))
+        for seed in range(2):
+            ref = plain(x, labels, torch.Generator().manual_seed(seed))
+            out = fused(x, labels, torch.Generator().manual_seed(seed))
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])

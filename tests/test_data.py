@@ -210,3 +210,72 @@ def test_load_split_synthetic_train_and_test_share_classes_not_images():
     assert torch.equal(data.load_split("synthetic", "unused", False, **options).labels, test.labels)
     with pytest.raises(ValueError, match=r"unknown dataset 'mnist'; expected one of \("):
         data.load_split("mnist", "unused", True)
+
+
+def _loader_pairs(augment_config, world_size: int = 1, rank: int = 0, repeats: int = 1):
+    """A torch and a fused training loader over one small synthetic dataset, same seed."""
+    ds = data.synthetic(36, 10, image_size=16, seed=0)
+    mean, std = data.channel_stats(ds.images)
+    return [data.DeviceLoader(ds, 8, mean, std, train=True, augment=augment_config, seed=2, rank=rank,
+                              world_size=world_size, repeats=repeats, fused=fused) for fused in (False, True)]
+
+
+def _recipe_augment(name: str, **overrides):
+    from vit_fast import recipes
+
+    return recipes.augment_config(recipes.get_recipe(name, **overrides))
+
+
+# lee2021 (const erasing, one mix per batch with probability 0.5, repeated augmentation), DeiT's
+# pixel erasing with per-image mixing, the basic recipe (no mixing: the loader yields labels).
+FUSED_LOADER_CASES = {
+    "lee2021": (lambda: _recipe_augment("lee2021"), 3),
+    "deit_elem": (lambda: data.Augment(policy="randaugment", erase_p=0.5, erase_mode="pixel", mixup_alpha=0.8,
+                                       cutmix_alpha=1.0, mix_mode="elem"), 1),
+    "basic": (lambda: _recipe_augment("basic"), 1),
+    # Neither crop nor flip (the identity window), rand erasing, mixup alone.
+    "no_crop": (lambda: data.Augment(padding=0, flip=False, erase_p=0.5, erase_mode="rand", mixup_alpha=1.0), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED_LOADER_CASES))
+@pytest.mark.parametrize("world_size,rank", [(1, 0), (2, 1)])
+def test_fused_loader_yields_the_torch_loaders_batches(case, world_size, rank):
+    """The fused data phase (augment_policy, then vit_fast::augment_finish) makes the same draws in
+    the same order and builds the same batches, bit for bit, over several batches and epochs
+    (rank 1 of 2: the global batch's draws sliced to the rank's rows)."""
+    config, repeats = FUSED_LOADER_CASES[case]
+    torch_loader, fused_loader = _loader_pairs(config(), world_size, rank, repeats)
+    batches = 0
+    for epoch in (0, 1):
+        torch_loader.set_epoch(epoch)
+        fused_loader.set_epoch(epoch)
+        for (x, y), (xf, yf) in zip(torch_loader, fused_loader, strict=True):
+            assert torch.equal(xf, x), f"epoch {epoch} batch {batches}: max difference {(xf - x).abs().max():.3g}"
+            assert torch.equal(yf, y) and yf.dtype == y.dtype, f"epoch {epoch} batch {batches}: targets differ"
+            batches += 1
+    assert batches >= 6
+
+
+def test_fused_data_phase_makes_no_host_syncs():
+    from vit_fast.syncs import count_host_syncs
+
+    _, loader = _loader_pairs(_recipe_augment("lee2021"))
+    batches = iter(loader)  # the epoch's shuffle reaches the device here, before the first batch
+    with count_host_syncs() as counter:
+        for _ in range(2):
+            with counter.phase("data"):
+                next(batches)
+    counter.assert_sync_free()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels' CUDA arithmetic is compared with "
+                    "torch's CUDA kernels only on a GPU (the CPU runs of the test above use the interpreter)")
+def test_fused_loader_yields_the_torch_loaders_batches_on_cuda():
+    ds = data.synthetic(64, 10, seed=0)
+    mean, std = data.channel_stats(ds.images)
+    ds = ds.to("cuda")
+    loaders = [data.DeviceLoader(ds, 16, mean, std, train=True, augment=_recipe_augment("lee2021"), seed=1,
+                                 repeats=3, fused=fused) for fused in (False, True)]
+    for (x, y), (xf, yf) in zip(*loaders, strict=True):
+        assert torch.equal(xf, x) and torch.equal(yf, y)

@@ -105,6 +105,7 @@ def compile_kernel(
     num_warps: int = 4,
     num_stages: int = 3,
     divisible_by_16: tuple[str, ...] | list[str] = (),
+    options: dict | None = None,
 ) -> KernelResources:
     """Compile ``fn`` (a ``@triton.jit`` function) for ``sm_<capability>`` and read its resources.
 
@@ -113,7 +114,7 @@ def compile_kernel(
     names the pointer and integer arguments a real launch would see as multiples of 16 (Triton
     specialises on that at launch): without these hints every load compiles scalar and loops are
     not pipelined, and the registers and shared memory read off would be those of a kernel that
-    never runs.
+    never runs. ``options``: further compile options, as a launch passes them (``Launch.options``).
 
     Must run outside Triton's interpreter (under it ``@triton.jit`` functions are
     interpreted functions that cannot be compiled): see ``compile_launches``.
@@ -131,7 +132,7 @@ def compile_kernel(
     kernel = triton.compile(
         src,
         target=GPUTarget("cuda", capability, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
+        options={"num_warps": num_warps, "num_stages": num_stages, **(options or {})},
     )
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
@@ -168,6 +169,7 @@ class KernelLaunch:
     divisible_by_16: tuple = ()
     num_warps: int = 4
     num_stages: int = 3
+    options: dict = field(default_factory=dict, hash=False)  # further compile options (Launch.options)
 
     @property
     def key(self) -> str:
@@ -179,7 +181,8 @@ class KernelLaunch:
 
 
 _POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
-# Data kernels (augment_policy) also take uint8 images, int indices and bool flags.
+# Data kernels (augment_policy, augment_finish) also take uint8 images, int indices and labels and
+# bool flags.
 _POINTER_TYPES.update({"uint8": "*u8", "int32": "*i32", "int64": "*i64", "bool": "*i1"})
 
 
@@ -193,7 +196,8 @@ def _triton_dtype_name(value) -> str:
     raise ValueError(f"{value!r} is not a dtype exported by triton.language")
 
 
-def launch_from_args(kernel_fn, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> KernelLaunch:
+def launch_from_args(kernel_fn, args: dict, constexprs: dict, num_warps: int, num_stages: int,
+                     options: dict | None = None) -> KernelLaunch:
     """The ``KernelLaunch`` a call ``kernel_fn[grid](**args, **constexprs, num_warps=..., num_stages=...)``
     compiles to, specialised from its concrete arguments the way Triton specialises at launch:
 
@@ -250,12 +254,14 @@ def launch_from_args(kernel_fn, args: dict, constexprs: dict, num_warps: int, nu
     if unknown:
         raise ValueError(f"{kernel_fn.fn.__name__} has no arguments {sorted(unknown)}")
     return KernelLaunch(module=kernel_fn.fn.__module__, kernel=kernel_fn.fn.__name__, signature=signature,
-                        constexprs=consts, divisible_by_16=tuple(aligned), num_warps=num_warps, num_stages=num_stages)
+                        constexprs=consts, divisible_by_16=tuple(aligned), num_warps=num_warps, num_stages=num_stages,
+                        options=dict(options or {}))
 
 
 def kernel_launch(launch: Launch) -> KernelLaunch:
     """The ``KernelLaunch`` that a fused op's ``Launch`` compiles to on a GPU."""
-    return launch_from_args(launch.kernel, launch.args, launch.constexprs, launch.num_warps, launch.num_stages)
+    return launch_from_args(launch.kernel, launch.args, launch.constexprs, launch.num_warps, launch.num_stages,
+                            launch.options)
 
 
 def kernel_launches(launches: Iterable[Launch]) -> list[KernelLaunch]:
@@ -272,7 +278,7 @@ def _compile_launch(launch: KernelLaunch, capability: int) -> KernelResources:
     consts = {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
               for k, v in launch.constexprs.items()}
     return compile_kernel(fn, launch.signature, consts, capability, launch.num_warps, launch.num_stages,
-                          launch.divisible_by_16)
+                          launch.divisible_by_16, launch.options)
 
 
 def compile_launches(launches, targets=TARGETS, timeout: float = 1800) -> list[tuple[KernelLaunch, KernelResources]]:
@@ -302,7 +308,7 @@ def _child_main() -> None:
 # Ops whose module offers ``aot_every_config()``: every launch its launchers can make, over the
 # dtypes and sizes that select a different configuration.
 REPORT_OPS = {"attention": "vit_fast.fused.attention", "augment_policy": "vit_fast.fused.augment_policy",
-              "cross_entropy": "vit_fast.fused.cross_entropy"}
+              "augment_finish": "vit_fast.fused.augment_finish", "cross_entropy": "vit_fast.fused.cross_entropy"}
 _REPORT_COLUMNS = ("kernel", "dtype", "tiles", "warps", "stages", "sm", "REG", "SHARED", "LOCAL", "STACK", "CTAs/SM")
 
 

@@ -14,6 +14,10 @@ Contents:
 - mixup / cutmix with a device Beta sampler (``sample_beta``), per batch or per sample;
 - repeated augmentation index arithmetic (Hoffer et al. 2020; DeiT's RASampler);
 - ``DeviceAugment``: the whole pipeline in DeiT's order;
+- draws apart from their application: ``Policy.draw`` / ``Policy.apply``, ``draw_erasing`` /
+  ``apply_erasing`` (``EraseDraw``), ``draw_mix`` / ``apply_mix`` (``MixDraw``), and for a whole
+  batch ``draw_batch`` (``BatchDraws``), which the torch path applies with torch ops and
+  ``fused_batch`` with two fused kernels (the same batch from the same draws);
 - ``OpRecorder``: a dispatch mode that records aten ops, to check a batch makes no host syncs.
 """
 
@@ -446,27 +450,66 @@ class Policy:
         negative = signed & (rand(*op.shape) < 0.5)
         return op, torch.where(negative, -mag, mag)
 
+    def apply(self, images: Tensor, op: Tensor, magnitude: Tensor) -> Tensor:
+        """Apply drawn (op, magnitude) tables (steps, B), as ``draw`` returns them, step by step."""
+        _check_uint8(images)
+        if op.shape != magnitude.shape or op.ndim != 2 or op.shape[1] != images.shape[0]:
+            raise ValueError(f"expected op and magnitude of shape (steps, {images.shape[0]}), got "
+                             f"{tuple(op.shape)} and {tuple(magnitude.shape)}")
+        for step in range(op.shape[0]):
+            images = apply_ops(images, op[step], magnitude[step], self.ops)
+        return images
+
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         _check_uint8(images)
         B, _, H, W = images.shape
-        op, mag = self.draw(B, H, W, generator, images.device)
-        for step in range(op.shape[0]):
-            images = apply_ops(images, op[step], mag[step], self.ops)
-        return images
+        return self.apply(images, *self.draw(B, H, W, generator, images.device))
 
 
 # ----------------------------------------------------------------------------------------------
 # Random erasing.
 
 
-def erase_boxes(
+@dataclass
+class EraseDraw:
+    """The draws of random erasing for a batch: one box per image and the values written into it.
+
+    A box covers rows [top, top + height) and columns [left, left + width) when ``on``; the
+    coordinates are whole numbers held as float32 (B, 1), as they were drawn."""
+
+    top: Tensor  # (B, 1) float32
+    left: Tensor  # (B, 1) float32
+    height: Tensor  # (B, 1) float32, rows erased
+    width: Tensor  # (B, 1) float32, columns erased
+    on: Tensor  # (B, 1) bool: whether the image is erased at all
+    values: Tensor  # normalised units: () zero ("const"), (B, C, 1, 1) ("rand") or (B, C, H, W) ("pixel")
+
+    def rows(self, rows: slice) -> "EraseDraw":
+        """The draws of the images ``rows`` of the batch (views, no copy)."""
+        values = self.values[rows] if self.values.ndim else self.values
+        return EraseDraw(self.top[rows], self.left[rows], self.height[rows], self.width[rows], self.on[rows], values)
+
+    def mask(self, height: int, width: int) -> Tensor:
+        """The erased pixels (B, 1, H, W) bool."""
+        return erase_mask(self.top, self.left, self.height, self.width, self.on, height, width)
+
+
+def erase_mask(top: Tensor, left: Tensor, h: Tensor, w: Tensor, on: Tensor, height: int, width: int) -> Tensor:
+    """The pixels (B, 1, H, W) bool of boxes (each parameter (B, 1)) as ``draw_erase_boxes`` draws them."""
+    batch, device = top.shape[0], top.device
+    rows = torch.arange(height, device=device).view(1, height)
+    cols = torch.arange(width, device=device).view(1, width)
+    in_rows = (rows >= top) & (rows < top + h)  # (B, H)
+    in_cols = (cols >= left) & (cols < left + w)  # (B, W)
+    return (in_rows.view(batch, 1, height, 1) & in_cols.view(batch, 1, 1, width)) & on.view(batch, 1, 1, 1)
+
+
+def draw_erase_boxes(
     batch: int, height: int, width: int, p: float, generator: torch.Generator, device,
     scale: tuple[float, float] = (0.02, 1 / 3), ratio: tuple[float, float] = (0.3, 1 / 0.3), tries: int = 10,
-) -> Tensor:  # fmt: skip
-    """Per-image erasing masks (B, 1, H, W) bool: with probability p, a rectangle of area fraction
-    U(scale) and aspect exp(U(log ratio)), rounded to pixels, the first of ``tries`` draws that fits
-    inside the image (as torchvision and timm try 10 times; no rectangle when none fits), placed
-    uniformly. The tries are drawn all at once and the first fitting one picked by argmax."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The boxes of ``erase_boxes`` as (top, left, height, width, on), each (B, 1): float32
+    coordinates and sizes, ``on`` bool."""
     rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)  # noqa: E731
     area = height * width * (scale[0] + (scale[1] - scale[0]) * rand(batch, tries))
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
@@ -477,13 +520,22 @@ def erase_boxes(
     first = fits.int().argmax(dim=1, keepdim=True)  # the first fitting try (argmax returns the first max)
     h, w = h.gather(1, first), w.gather(1, first)  # (B, 1)
     on = fits.any(dim=1, keepdim=True) & (rand(batch, 1) < p)
-    top = (rand(batch, 1) * (height - h + 1)).floor()
-    left = (rand(batch, 1) * (width - w + 1)).floor()
-    rows = torch.arange(height, device=device).view(1, height)
-    cols = torch.arange(width, device=device).view(1, width)
-    in_rows = (rows >= top) & (rows < top + h)  # (B, H)
-    in_cols = (cols >= left) & (cols < left + w)  # (B, W)
-    return (in_rows.view(batch, 1, height, 1) & in_cols.view(batch, 1, 1, width)) & on.view(batch, 1, 1, 1)
+    # (size + 1) - h: one kernel for size - h + 1, the same small integers exactly.
+    top = (rand(batch, 1) * ((height + 1) - h)).floor()
+    left = (rand(batch, 1) * ((width + 1) - w)).floor()
+    return top, left, h, w, on
+
+
+def erase_boxes(
+    batch: int, height: int, width: int, p: float, generator: torch.Generator, device,
+    scale: tuple[float, float] = (0.02, 1 / 3), ratio: tuple[float, float] = (0.3, 1 / 0.3), tries: int = 10,
+) -> Tensor:  # fmt: skip
+    """Per-image erasing masks (B, 1, H, W) bool: with probability p, a rectangle of area fraction
+    U(scale) and aspect exp(U(log ratio)), rounded to pixels, the first of ``tries`` draws that fits
+    inside the image (as torchvision and timm try 10 times; no rectangle when none fits), placed
+    uniformly. The tries are drawn all at once and the first fitting one picked by argmax."""
+    boxes = draw_erase_boxes(batch, height, width, p, generator, device, scale, ratio, tries)
+    return erase_mask(*boxes, height, width)
 
 
 def _erase_values(shape: torch.Size, mode: str, generator: torch.Generator, device) -> Tensor:
@@ -499,6 +551,28 @@ def _erase_values(shape: torch.Size, mode: str, generator: torch.Generator, devi
     raise ValueError(f"erasing mode must be 'const', 'rand' or 'pixel', got {mode!r}")
 
 
+def draw_erasing(
+    shape: tuple[int, int, int, int], generator: torch.Generator, device, p: float = 0.25, mode: str = "pixel",
+    tries: int = 10, scale: tuple[float, float] = (0.02, 1 / 3),
+) -> EraseDraw:  # fmt: skip
+    """The draws of ``random_erasing`` for a batch of ``shape`` (B, C, H, W): the boxes, then the values."""
+    B, _, H, W = shape
+    boxes = draw_erase_boxes(B, H, W, p, generator, device, scale=scale, tries=tries)
+    return EraseDraw(*boxes, values=_erase_values(shape, mode, generator, device))
+
+
+def apply_erasing(images: Tensor, draw: EraseDraw, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+    """Erase drawn boxes (see ``random_erasing`` for uint8 batches and ``mean`` / ``std``)."""
+    B, C, H, W = images.shape
+    values = draw.values
+    if images.dtype == torch.uint8:
+        if mean is None or std is None:
+            raise ValueError("erasing a uint8 batch needs the normalisation's mean and std, got None")
+        levels = (mean.view(1, C, 1, 1) + std.view(1, C, 1, 1) * values) * 255
+        values = levels.round().clamp(0, 255).to(torch.uint8)
+    return torch.where(draw.mask(H, W), values.to(images.dtype), images)
+
+
 def random_erasing(
     images: Tensor, generator: torch.Generator, p: float = 0.25, mode: str = "pixel",
     mean: Tensor | None = None, std: Tensor | None = None, tries: int = 10,
@@ -509,16 +583,9 @@ def random_erasing(
     On a normalised float batch (DeiT erases after normalising) the values are drawn in normalised
     units. On a uint8 batch pass the normalisation's mean and std (C,) in [0, 1] units: the values
     are mapped back to intensity levels, clamp(round((mean + std * v) * 255)), the same erasing
-    up to the clamp to [0, 255] and the rounding to a level."""
-    B, C, H, W = images.shape
-    mask = erase_boxes(B, H, W, p, generator, images.device, scale=scale, tries=tries)
-    values = _erase_values(images.shape, mode, generator, images.device)
-    if images.dtype == torch.uint8:
-        if mean is None or std is None:
-            raise ValueError("erasing a uint8 batch needs the normalisation's mean and std, got None")
-        levels = (mean.view(1, C, 1, 1) + std.view(1, C, 1, 1) * values) * 255
-        values = levels.round().clamp(0, 255).to(torch.uint8)
-    return torch.where(mask, values.to(images.dtype), images)
+    up to the clamp to [0, 255] and the rounding to a level. ``draw_erasing`` + ``apply_erasing``."""
+    draw = draw_erasing(images.shape, generator, images.device, p, mode, tries, scale)
+    return apply_erasing(images, draw, mean, std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,10 +604,13 @@ def sample_gamma(shape: float, n: int, generator: torch.Generator, device, propo
     z = torch.randn(n, proposals, generator=generator, device=device)
     u = torch.rand(n, proposals, generator=generator, device=device)
     v = (1.0 + c * z) ** 3
-    ok = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * torch.log(v.clamp_min(1e-30)))
+    v_positive = v.clamp_min(1e-30)
+    ok = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * torch.log(v_positive))
     first = ok.int().argmax(dim=1, keepdim=True)
-    g = d * v.clamp_min(1e-30).gather(1, first).squeeze(1)
-    boost = torch.rand(n, generator=generator, device=device).clamp_min(1e-30) ** (1.0 / shape)
+    g = d * v_positive.gather(1, first).squeeze(1)
+    boost = torch.rand(n, generator=generator, device=device).clamp_min(1e-30)
+    if shape != 1.0:  # u ** 1 is u (torch copies it): a launch saved for Beta(1, 1)
+        boost = boost ** (1.0 / shape)
     return g * boost
 
 
@@ -550,6 +620,77 @@ def sample_beta(alpha: float, n: int, generator: torch.Generator, device) -> Ten
     y = sample_gamma(alpha, n, generator, device)
     total = x + y
     return torch.where(total > 0, x / total.clamp_min(1e-30), 0.5)
+
+
+@dataclass
+class MixDraw:
+    """The draws of mixup / cutmix for a batch: n = 1 set of parameters ("batch" mode) or one per
+    image ("elem"). Image i is mixed with its mirror B-1-i under parameters i (or the only set)."""
+
+    use_cut: Tensor  # (n,) bool: cutmix rather than mixup
+    lam_mix: Tensor  # (n,) float32: mixup's weight of the image itself
+    y0: Tensor  # (n,) float32: cutmix's box, rows [y0, y1) and columns [x0, x1) taken from the partner
+    y1: Tensor
+    x0: Tensor
+    x1: Tensor
+    lam: Tensor  # (n,) float32: the targets' weight of the image itself (the pasted area corrected for cutmix)
+    applied: Tensor | None  # (n,) bool: whether the image (batch) is mixed at all; None when always (prob 1)
+
+
+def draw_mix(
+    batch: int, height: int, width: int, mixup_alpha: float, cutmix_alpha: float, switch_prob: float = 0.5,
+    mode: str = "batch", generator: torch.Generator | None = None, device=None, prob: float = 1.0,
+) -> MixDraw:  # fmt: skip
+    """The draws of ``mix`` for a batch of ``batch`` images of height x width (see ``mix``)."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        raise ValueError(f"mix needs mixup_alpha or cutmix_alpha > 0, got {mixup_alpha} and {cutmix_alpha}")
+    if mode not in ("batch", "elem"):
+        raise ValueError(f"mode must be 'batch' or 'elem', got {mode!r}")
+    H, W, dev = height, width, device
+    n = 1 if mode == "batch" else batch
+    rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)  # noqa: E731
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        use_cut = rand(n) < switch_prob
+    else:
+        use_cut = torch.full((n,), cutmix_alpha > 0, device=dev)
+    lam_mix = sample_beta(mixup_alpha, n, generator, dev) if mixup_alpha > 0 else torch.ones(n, device=dev)
+    lam_cut = sample_beta(cutmix_alpha, n, generator, dev) if cutmix_alpha > 0 else torch.ones(n, device=dev)
+    # The box (timm's rand_bbox): sides int(size * sqrt(1 - lam)), centre uniform on the pixels.
+    cut = torch.sqrt(1.0 - lam_cut)
+    half_h = ((H * cut).floor() / 2).floor()
+    # A square image's half-sides are the same values: computed once (fewer tiny launches).
+    half_w = half_h if W == H else ((W * cut).floor() / 2).floor()
+    cy, cx = (rand(n) * H).floor(), (rand(n) * W).floor()
+    y0, y1 = (cy - half_h).clamp(0, H), (cy + half_h).clamp(0, H)
+    x0, x1 = (cx - half_w).clamp(0, W), (cx + half_w).clamp(0, W)
+    lam_cut = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
+    lam = torch.where(use_cut, lam_cut, lam_mix)  # (n,)
+    applied = rand(n) < prob if prob < 1.0 else None
+    return MixDraw(use_cut, lam_mix, y0, y1, x0, x1, lam, applied)
+
+
+def apply_mix(images: Tensor, targets: Tensor, draw: MixDraw) -> tuple[Tensor, Tensor]:
+    """Mix drawn parameters into ``images`` (B, C, H, W) float and ``targets`` (B, K) (see ``mix``)."""
+    _, _, H, W = images.shape
+    n, dev = draw.lam.shape[0], images.device
+    rows = torch.arange(H, device=dev).view(1, H)
+    cols = torch.arange(W, device=dev).view(1, W)
+    in_box = ((rows >= draw.y0[:, None]) & (rows < draw.y1[:, None])).view(n, 1, H, 1) & (
+        (cols >= draw.x0[:, None]) & (cols < draw.x1[:, None])
+    ).view(n, 1, 1, W)
+    partner = images.flip(0)
+    lam_img = draw.lam_mix.view(n, 1, 1, 1)
+    mixed = torch.where(
+        draw.use_cut.view(n, 1, 1, 1),
+        torch.where(in_box, partner, images),
+        lam_img * images + (1.0 - lam_img) * partner,
+    )
+    lam_t = draw.lam.view(n, 1)
+    mixed_targets = lam_t * targets + (1.0 - lam_t) * targets.flip(0)
+    if draw.applied is not None:
+        mixed = torch.where(draw.applied.view(n, 1, 1, 1), mixed, images)
+        mixed_targets = torch.where(draw.applied.view(n, 1), mixed_targets, targets)
+    return mixed, mixed_targets
 
 
 def mix(
@@ -565,49 +706,10 @@ def mix(
     box to the image. Both mixes are computed and selected with torch.where, so the ops do not
     depend on the draws. ``prob``: the probability that a batch ("batch") or an image ("elem") is
     mixed at all (timm's mix_prob); below 1 it is drawn after everything else, so that prob 1
-    leaves the random stream as it was."""
-    if mixup_alpha <= 0 and cutmix_alpha <= 0:
-        raise ValueError(f"mix needs mixup_alpha or cutmix_alpha > 0, got {mixup_alpha} and {cutmix_alpha}")
-    if mode not in ("batch", "elem"):
-        raise ValueError(f"mode must be 'batch' or 'elem', got {mode!r}")
+    leaves the random stream as it was. ``draw_mix`` + ``apply_mix``."""
     B, _, H, W = images.shape
-    dev = images.device
-    n = 1 if mode == "batch" else B
-    rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)  # noqa: E731
-    if mixup_alpha > 0 and cutmix_alpha > 0:
-        use_cut = rand(n) < switch_prob
-    else:
-        use_cut = torch.full((n,), cutmix_alpha > 0, device=dev)
-    ones = torch.ones(n, device=dev)
-    lam_mix = sample_beta(mixup_alpha, n, generator, dev) if mixup_alpha > 0 else ones
-    lam_cut = sample_beta(cutmix_alpha, n, generator, dev) if cutmix_alpha > 0 else ones
-    # The box (timm's rand_bbox): sides int(size * sqrt(1 - lam)), centre uniform on the pixels.
-    cut = torch.sqrt(1.0 - lam_cut)
-    cut_h, cut_w = (H * cut).floor(), (W * cut).floor()
-    cy, cx = (rand(n) * H).floor(), (rand(n) * W).floor()
-    y0, y1 = (cy - (cut_h / 2).floor()).clamp(0, H), (cy + (cut_h / 2).floor()).clamp(0, H)
-    x0, x1 = (cx - (cut_w / 2).floor()).clamp(0, W), (cx + (cut_w / 2).floor()).clamp(0, W)
-    lam_cut = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
-    rows = torch.arange(H, device=dev).view(1, H)
-    cols = torch.arange(W, device=dev).view(1, W)
-    in_box = ((rows >= y0[:, None]) & (rows < y1[:, None])).view(n, 1, H, 1) & (
-        (cols >= x0[:, None]) & (cols < x1[:, None])
-    ).view(n, 1, 1, W)
-    partner = images.flip(0)
-    lam = torch.where(use_cut, lam_cut, lam_mix)  # (n,)
-    lam_img = lam_mix.view(n, 1, 1, 1)
-    mixed = torch.where(
-        use_cut.view(n, 1, 1, 1),
-        torch.where(in_box, partner, images),
-        lam_img * images + (1.0 - lam_img) * partner,
-    )
-    lam_t = lam.view(n, 1)
-    mixed_targets = lam_t * targets + (1.0 - lam_t) * targets.flip(0)
-    if prob < 1.0:
-        applied = rand(n) < prob
-        mixed = torch.where(applied.view(n, 1, 1, 1), mixed, images)
-        mixed_targets = torch.where(applied.view(n, 1), mixed_targets, targets)
-    return mixed, mixed_targets
+    draw = draw_mix(B, H, W, mixup_alpha, cutmix_alpha, switch_prob, mode, generator, images.device, prob)
+    return apply_mix(images, targets, draw)
 
 
 def smooth_targets(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
@@ -672,16 +774,112 @@ class AugmentConfig:
     label_smoothing: float = 0.1
 
 
+@dataclass
+class BatchDraws:
+    """Every random draw of one training batch, in the order ``draw_batch`` makes them; None where
+    the step is off."""
+
+    crop: tuple[Tensor, Tensor, Tensor | None] | None  # oy, ox (B, 1) int64, flipped (B, 1) bool or None
+    op: Tensor | None  # (steps, B) int64: the policy's op ids
+    magnitude: Tensor | None  # (steps, B) float32: their signed magnitudes
+    erase: EraseDraw | None
+    mix: MixDraw | None  # drawn for the mixing batch (see ``draw_batch``), not sliced by ``rows``
+
+    def rows(self, rows: slice) -> "BatchDraws":
+        """The per-image draws of the images ``rows`` of the batch (views); the mix draws as they are."""
+        crop = None
+        if self.crop is not None:
+            oy, ox, flipped = self.crop
+            crop = (oy[rows], ox[rows], None if flipped is None else flipped[rows])
+        return BatchDraws(
+            crop=crop, op=None if self.op is None else self.op[:, rows],
+            magnitude=None if self.magnitude is None else self.magnitude[:, rows],
+            erase=None if self.erase is None else self.erase.rows(rows), mix=self.mix,
+        )
+
+
+def draw_batch(config: AugmentConfig, policy: Policy | None, shape: tuple[int, int, int, int],
+               generator: torch.Generator, device, mix_batch: int | None = None, erase: bool = True,
+               mix: bool = True) -> BatchDraws:
+    """Every draw of a training batch of ``shape`` (B, C, H, W) under ``config``, in DeiT's order:
+    crop and flip, the policy, random erasing, mixup / cutmix. ``mix_batch``: the batch the images
+    are mixed within (default B; a data-parallel rank mixes within its own rows of the global
+    batch). ``erase`` / ``mix`` False leave those steps out even when ``config`` has them."""
+    from vit_fast.data import crop_flip_offsets
+
+    c = config
+    B, C, H, W = shape
+    crop = crop_flip_offsets(B, c.padding, c.flip, generator, device) if c.padding or c.flip else None
+    op = magnitude = None
+    if policy is not None:
+        op, magnitude = policy.draw(B, H, W, generator, device)
+    erasing = None
+    if erase and c.erase_p > 0:
+        erasing = draw_erasing(shape, generator, device, c.erase_p, c.erase_mode, scale=(0.02, c.erase_max_area))
+    mixing = None
+    if mix and (c.mixup_alpha > 0 or c.cutmix_alpha > 0):
+        mixing = draw_mix(B if mix_batch is None else mix_batch, H, W, c.mixup_alpha, c.cutmix_alpha, c.switch_prob,
+                          c.mix_mode, generator, device, c.mix_prob)
+    return BatchDraws(crop, op, magnitude, erasing, mixing)
+
+
+def apply_geometry_and_policy(images: Tensor, draws: BatchDraws, padding: int, policy: Policy | None) -> Tensor:
+    """Crop, flip and the policy of drawn ``draws`` on the uint8 batch ``images`` (torch ops)."""
+    from vit_fast.data import apply_crop_flip
+
+    if draws.crop is not None:
+        images = apply_crop_flip(images, padding, *draws.crop)
+    if draws.op is not None:
+        images = policy.apply(images, draws.op, draws.magnitude)
+    return images
+
+
+def fused_batch(images: Tensor, index: Tensor, labels: Tensor, draws: BatchDraws, padding: int, mean: Tensor,
+                std: Tensor, num_classes: int, smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The training batch from drawn ``draws`` in two fused kernels: gather + crop + flip + policy
+    of ``images[index]`` (``images`` the (N, C, H, W) uint8 dataset, ``index`` (B,) int64), then
+    ``vit_fast::augment_finish`` (normalise, erase, mix, targets). Returns (x (B, C, H, W) float32,
+    targets (B, num_classes) float32, smoothed by ``smoothing`` and mixed); ``num_classes`` 0
+    returns (x, an empty (B, 0) tensor). Equal to the torch path of the same draws."""
+    from vit_fast.fused.augment_finish import augment_finish
+    from vit_fast.fused.augment_policy import augment_policy
+
+    B = index.shape[0]
+    if draws.crop is not None:
+        oy, ox, flipped = (None if t is None else t.view(B) for t in draws.crop)
+    else:  # no crop, no flip: the identity window
+        oy = ox = torch.zeros(B, dtype=torch.int64, device=images.device)
+        flipped = None
+    op, magnitude = draws.op, draws.magnitude
+    if op is None:  # no policy: zero steps
+        op = torch.empty((0, B), dtype=torch.int64, device=images.device)
+        magnitude = torch.empty((0, B), dtype=torch.float32, device=images.device)
+    batch = augment_policy(images, index, padding, oy, ox, flipped, op, magnitude)
+    erase = values = None
+    if draws.erase is not None:
+        e = draws.erase
+        erase = (e.top, e.left, e.height, e.width, e.on)
+        values = e.values if e.values.ndim else None  # "const": zeros, the kernel's default
+    mix = applied = None
+    if draws.mix is not None:
+        m = draws.mix
+        mix, applied = (m.use_cut, m.lam_mix, m.y0, m.y1, m.x0, m.x1, m.lam), m.applied
+    return augment_finish(batch, mean, std, labels, num_classes, smoothing, erase, values, mix, applied)
+
+
 class DeviceAugment:
     """The DeiT order on the device: crop + flip, the policy (on uint8), normalise, random erasing
     (on the normalised batch), mixup / cutmix with smoothed targets.
 
     ``images(x, g)`` returns the augmented uint8 batch (crop, flip, policy, and erasing mapped to
     intensity levels, see ``random_erasing``); ``__call__(x, labels, g)`` returns the training batch
-    (normalised float32 (B, C, H, W), soft targets (B, K)). mean/std are (C,) in [0, 1] units."""
+    (normalised float32 (B, C, H, W), soft targets (B, K)). mean/std are (C,) in [0, 1] units.
+    ``fused``: ``__call__`` makes the same draws and builds the same batch with the fused kernels
+    (``fused_batch``; CUDA tensors, or CPU tensors under Triton's interpreter)."""
 
-    def __init__(self, config: AugmentConfig, mean: list[float], std: list[float], num_classes: int, device) -> None:
-        self.config, self.num_classes = config, num_classes
+    def __init__(self, config: AugmentConfig, mean: list[float], std: list[float], num_classes: int, device,
+                 fused: bool = False) -> None:
+        self.config, self.num_classes, self.fused = config, num_classes, fused
         self.device = torch.device(device)
         # Built once here: a per-batch torch.tensor(mean) would copy host data every batch.
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
@@ -691,21 +889,12 @@ class DeviceAugment:
         if c.policy is not None:
             self.policy = Policy(c.policy, num_ops=c.randaugment_ops, magnitude=c.randaugment_magnitude)
 
-    def _geometry_and_policy(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        from vit_fast.data import apply_crop_flip, crop_flip_offsets
-
-        c = self.config
-        if c.padding or c.flip:
-            offsets = crop_flip_offsets(images.shape[0], c.padding, c.flip, generator, images.device)
-            images = apply_crop_flip(images, c.padding, *offsets)
-        return self.policy(images, generator) if self.policy is not None else images
-
     def images(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        images = self._geometry_and_policy(images, generator)
         c = self.config
-        if c.erase_p > 0:
-            images = random_erasing(images, generator, c.erase_p, c.erase_mode, self.mean, self.std,
-                                    scale=(0.02, c.erase_max_area))
+        draws = draw_batch(c, self.policy, images.shape, generator, images.device, mix=False)
+        images = apply_geometry_and_policy(images, draws, c.padding, self.policy)
+        if draws.erase is not None:
+            images = apply_erasing(images, draws.erase, self.mean, self.std)
         return images
 
     def normalize(self, images: Tensor) -> Tensor:
@@ -713,13 +902,17 @@ class DeviceAugment:
 
     def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         c = self.config
-        x = self.normalize(self._geometry_and_policy(images, generator))
-        if c.erase_p > 0:
-            x = random_erasing(x, generator, c.erase_p, c.erase_mode, scale=(0.02, c.erase_max_area))
+        draws = draw_batch(c, self.policy, images.shape, generator, images.device)
+        if self.fused:
+            index = torch.arange(images.shape[0], device=images.device)
+            return fused_batch(images, index, labels, draws, c.padding, self.mean, self.std, self.num_classes,
+                               c.label_smoothing)
+        x = self.normalize(apply_geometry_and_policy(images, draws, c.padding, self.policy))
+        if draws.erase is not None:
+            x = apply_erasing(x, draws.erase)
         targets = smooth_targets(labels, self.num_classes, c.label_smoothing)
-        if c.mixup_alpha > 0 or c.cutmix_alpha > 0:
-            x, targets = mix(x, targets, c.mixup_alpha, c.cutmix_alpha, c.switch_prob, c.mix_mode, generator,
-                             c.mix_prob)
+        if draws.mix is not None:
+            x, targets = apply_mix(x, targets, draws.mix)
         return x, targets
 
 

@@ -505,9 +505,14 @@ class DeviceLoader:
     the multi-rank run is a different, equally valid, draw.
 
     A batch is produced without host syncs: the normalisation constants live on the device from the
-    start, mixup/cutmix draw on the device (vit_fast.augment.mix), and the epoch's shuffle is drawn
+    start, mixup/cutmix draw on the device (vit_fast.augment.draw_mix), and the epoch's shuffle is drawn
     and copied to the device when the epoch's iterator is made, not at its first batch.
     ``drop_last`` drops an epoch's last partial global batch, so every batch has the same shape.
+
+    ``fused``: a training batch is built from the same draws by two fused kernels instead of the
+    torch ops (``vit_fast.augment.fused_batch``: gather + crop + flip + policy, then normalise +
+    erase + mix + targets), with the same result; for the fused backend (CUDA tensors, or CPU
+    tensors under Triton's interpreter). Evaluation batches are the same either way.
     """
 
     def __init__(
@@ -523,6 +528,7 @@ class DeviceLoader:
         rank: int = 0,
         world_size: int = 1,
         repeats: int = 1,
+        fused: bool = False,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -532,7 +538,7 @@ class DeviceLoader:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         self.data, self.batch_size, self.mean, self.std = data, batch_size, mean, std
         self.train, self.augment, self.seed, self.drop_last = train, augment or Augment(), seed, drop_last
-        self.rank, self.world_size, self.repeats = rank, world_size, repeats
+        self.rank, self.world_size, self.repeats, self.fused = rank, world_size, repeats, fused
         self.num_classes = len(data.classes)
         self.epoch = 0
         dev = data.images.device
@@ -580,36 +586,22 @@ class DeviceLoader:
     def mixing(self) -> bool:
         return self.train and (self.augment.mixup_alpha > 0 or self.augment.cutmix_alpha > 0)
 
-    def augment_images(self, images: Tensor, global_batch: int, rows: slice, generator: torch.Generator) -> Tensor:
-        """Crop, flip and the policy of this rank's ``rows`` of a global batch, uint8 (B, C, H, W)."""
-        c, dev = self.augment, images.device
-        if c.padding or c.flip:
-            oy, ox, flipped = crop_flip_offsets(global_batch, c.padding, c.flip, generator, dev)
-            flipped = None if flipped is None else flipped[rows]
-            images = apply_crop_flip(images, c.padding, oy[rows], ox[rows], flipped)
-        if self.policy is not None:
-            _, _, H, W = images.shape
-            op, magnitude = self.policy.draw(global_batch, H, W, generator, dev)  # (steps, global batch)
-            for step in range(op.shape[0]):
-                images = A.apply_ops(images, op[step, rows], magnitude[step, rows], self.policy.ops)
-        return images
+    def draw(self, global_batch: int, rows: slice, batch: int, generator: torch.Generator) -> A.BatchDraws:
+        """Every draw of this rank's ``rows`` of a global batch (``batch`` images here): crop, flip,
+        the policy and erasing are drawn for the whole global batch and sliced, mixup / cutmix for
+        the rank's own batch (see the class docstring)."""
+        _, C, H, W = self.data.images.shape
+        draws = A.draw_batch(self.augment, self.policy, (global_batch, C, H, W), generator, self.data.images.device,
+                             mix_batch=batch, mix=self.mixing)
+        return draws.rows(rows)
 
-    def erase(self, x: Tensor, global_batch: int, rows: slice, generator: torch.Generator) -> Tensor:
-        """Random erasing of this rank's ``rows`` of a global batch, on the normalised batch (B, C, H, W)."""
-        c = self.augment
-        if c.erase_p <= 0:
-            return x
-        _, C, H, W = x.shape
-        mask = A.erase_boxes(global_batch, H, W, c.erase_p, generator, x.device, scale=(0.02, c.erase_max_area))
-        values = A._erase_values((global_batch, C, H, W), c.erase_mode, generator, x.device)
-        return torch.where(mask[rows], values[rows] if values.ndim else values, x)
-
-    def mix(self, x: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def _targets(self, x: Tensor, labels: Tensor, mix: A.MixDraw | None) -> tuple[Tensor, Tensor]:
         """Mixup / cutmix within this rank's batch; targets (B, K) one-hot mixed, unsmoothed."""
-        c = self.augment
+        if mix is None:
+            return x, labels
         # One-hot by comparison: F.one_hot reads the labels' range back to the host.
         targets = (labels.view(-1, 1) == self._classes).float()  # (B, K)
-        return A.mix(x, targets, c.mixup_alpha, c.cutmix_alpha, c.switch_prob, c.mix_mode, generator, c.mix_prob)
+        return A.apply_mix(x, targets, mix)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         dev = self.data.images.device
@@ -622,13 +614,21 @@ class DeviceLoader:
         mine = slice(self.rank, None, self.world_size)
         for start, stop in self._spans():
             sel = idx[start:stop][mine]
-            images, labels = self.data.images[sel], self.data.labels[sel]
-            if self.train:
-                images = self.augment_images(images, stop - start, mine, gen_dev)
+            labels = self.data.labels[sel]
+            if not self.train:
+                yield normalize(self.data.images[sel], self._mean, self._std), labels
+                continue
+            draws = self.draw(stop - start, mine, sel.shape[0], gen_dev)
+            if self.fused:
+                x, targets = A.fused_batch(self.data.images, sel, labels, draws, self.augment.padding, self._mean,
+                                           self._std, self.num_classes if self.mixing else 0)
+                yield x, targets if self.mixing else labels
+                continue
+            images = A.apply_geometry_and_policy(self.data.images[sel], draws, self.augment.padding, self.policy)
             x = normalize(images, self._mean, self._std)
-            if self.train:
-                x = self.erase(x, stop - start, mine, gen_dev)
-            yield self.mix(x, labels, gen_dev) if self.mixing else (x, labels)
+            if draws.erase is not None:
+                x = A.apply_erasing(x, draws.erase)
+            yield self._targets(x, labels, draws.mix)
 
 
 def _caption(target: Tensor, classes: list[str]) -> str:

@@ -3,7 +3,8 @@ accumulation and dot-precision rules, and the device/dtype checks.
 
 Public API:
 
-    Launch(kernel, grid, args, constexprs, num_warps, num_stages=3)   one planned kernel launch; .run()
+    Launch(kernel, grid, args, constexprs, num_warps, num_stages=3, options={})   one planned kernel
+                                        launch; .run()
     interpreting()                      whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1)
     environment_without_interpreter()   os.environ for a child process that must compile, not interpret
     accumulation_dtype(dtype)           torch dtype of accumulators and statistics: fp64 for fp64, else fp32
@@ -35,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -161,6 +162,9 @@ class Launch:
     constexprs: dict  # compile-time arguments by name
     num_warps: int
     num_stages: int = 3  # Triton's default on NVIDIA GPUs
+    # Further compile options, e.g. {"enable_fp_fusion": False} where a kernel must round every
+    # multiply and add as torch's separate kernels do (no FMA contraction).
+    options: dict = field(default_factory=dict)
 
     def run(self) -> None:
         if _planned is not None:  # planning(): record, do not run
@@ -170,4 +174,4 @@ class Launch:
         # Triton launches on the current CUDA device: make it the tensors' one.
         with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
             self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
-                                   num_stages=self.num_stages)
+                                   num_stages=self.num_stages, **self.options)
