@@ -227,10 +227,21 @@ def test_random_erasing_values(mode):
         A.random_erasing(u8, torch.Generator(), 1.0, mode)
 
 
+def _beta_rows(alpha: float, n: int) -> list[tuple[float, torch.Tensor]]:
+    """Beta(alpha, alpha) draws from the one-row sampler and from a batched row beside rows of
+    other shapes (the batched sampler's per-row constants must follow their row)."""
+    g = torch.Generator().manual_seed(0)
+    alone = A.sample_beta(alpha, n, g, "cpu")
+    batched = A.sample_betas((0.3, alpha, 5.0), n, g, "cpu")
+    return [(alpha, alone), (0.3, batched[0]), (alpha, batched[1]), (5.0, batched[2])]
+
+
 @pytest.mark.parametrize("alpha", [0.8, 1.0, 2.0])
-def test_beta_sampler_mean_and_variance(alpha):
+@pytest.mark.parametrize("row", range(4), ids=["alone", "batched-0.3", "batched", "batched-5.0"])
+def test_beta_sampler_mean_and_variance(alpha, row):
     n = 200_000
-    lam = A.sample_beta(alpha, n, torch.Generator().manual_seed(0), "cpu").double()
+    alpha, lam = _beta_rows(alpha, n)[row]
+    lam = lam.double()
     assert ((lam >= 0) & (lam <= 1)).all()
     mean, var = 0.5, 1.0 / (4 * (2 * alpha + 1))  # Beta(a, a)
     se_mean = math.sqrt(var / n)

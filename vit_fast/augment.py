@@ -11,7 +11,7 @@ Contents:
 - the AutoAugment CIFAR-10 policy (Cubuk et al. 2019), RandAugment(N, M) and TrivialAugment-Wide as
   ``Policy``: each image draws its own sub-policy / ops / magnitudes / signs;
 - random erasing (Zhong et al. 2020), sync-free, on uint8 or normalised float batches;
-- mixup / cutmix with a device Beta sampler (``sample_beta``), per batch or per sample;
+- mixup / cutmix with a batched device Beta sampler (``sample_betas``), per batch or per sample;
 - repeated augmentation index arithmetic (Hoffer et al. 2020; DeiT's RASampler);
 - ``DeviceAugment``: the whole pipeline in DeiT's order;
 - draws apart from their application: ``Policy.draw`` / ``Policy.apply``, ``draw_erasing`` /
@@ -592,34 +592,67 @@ def random_erasing(
 # Mixup / CutMix.
 
 
-def sample_gamma(shape: float, n: int, generator: torch.Generator, device, proposals: int = 16) -> Tensor:
-    """n Gamma(shape, 1) draws, float32, without host syncs: Marsaglia & Tsang (2000) on shape + 1
-    with a fixed number of proposals per draw (the first accepted is kept; acceptance is >= 95% per
-    proposal for shape + 1 >= 1, so all 16 fail with probability < 1e-20), then the boost
-    Gamma(a) = Gamma(a + 1) * U^(1/a)."""
-    if shape <= 0:
-        raise ValueError(f"gamma shape must be positive, got {shape}")
-    d = shape + 1.0 - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
-    z = torch.randn(n, proposals, generator=generator, device=device)
-    u = torch.rand(n, proposals, generator=generator, device=device)
+def _per_row(values: tuple[float, ...], device) -> float | Tensor:
+    """Per-row constants of a batched sampler: the Python float itself when every row has the same
+    value (no kernel), else an (S, 1, 1) float32 tensor built on the device by selects, since a
+    ``torch.tensor`` of a list would copy host data at every call."""
+    if len(set(values)) == 1:
+        return values[0]
+    rows = torch.arange(len(values), device=device).view(-1, 1, 1)
+    out = torch.full((len(values), 1, 1), values[-1], device=device)
+    for i, value in enumerate(values[:-1]):
+        out = torch.where(rows == i, value, out)
+    return out
+
+
+def sample_gammas(shapes: tuple[float, ...], n: int, generator: torch.Generator, device,
+                  proposals: int = 16) -> Tensor:
+    """(S, n) float32 Gamma(shapes[s], 1) draws, row s of shape shapes[s], all rows in one set of
+    kernels, without host syncs: Marsaglia & Tsang (2000) on shape + 1 with a fixed number of
+    proposals per draw (the first accepted is kept; acceptance is >= 95% per proposal for
+    shape + 1 >= 1, so all 16 fail with probability < 1e-20), then the boost
+    Gamma(a) = Gamma(a + 1) * U^(1/a).
+
+    Batched because mixup and cutmix need four Gamma draws per batch, and one sampler is ~25 tiny
+    kernels whatever n is: the draws of a batch then cost one sampler's kernels, not four."""
+    for shape in shapes:
+        if shape <= 0:
+            raise ValueError(f"gamma shape must be positive, got {shape}")
+    S = len(shapes)
+    d_values = tuple(shape + 1.0 - 1.0 / 3.0 for shape in shapes)
+    d = _per_row(d_values, device)
+    c = _per_row(tuple(1.0 / math.sqrt(9.0 * d_) for d_ in d_values), device)
+    z = torch.randn(S, n, proposals, generator=generator, device=device)
+    u = torch.rand(S, n, proposals, generator=generator, device=device)
     v = (1.0 + c * z) ** 3
     v_positive = v.clamp_min(1e-30)
     ok = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * torch.log(v_positive))
-    first = ok.int().argmax(dim=1, keepdim=True)
-    g = d * v_positive.gather(1, first).squeeze(1)
-    boost = torch.rand(n, generator=generator, device=device).clamp_min(1e-30)
-    if shape != 1.0:  # u ** 1 is u (torch copies it): a launch saved for Beta(1, 1)
-        boost = boost ** (1.0 / shape)
+    first = ok.int().argmax(dim=2, keepdim=True)  # the first accepted proposal (argmax: first max)
+    g = v_positive.gather(2, first).squeeze(2) * (d if isinstance(d, float) else d.view(S, 1))
+    boost = torch.rand(S, n, generator=generator, device=device).clamp_min(1e-30)
+    if any(shape != 1.0 for shape in shapes):  # u ** 1 is u: a launch saved for Gamma(1) rows only
+        exponent = _per_row(tuple(1.0 / shape for shape in shapes), device)
+        boost = boost ** (exponent if isinstance(exponent, float) else exponent.view(S, 1))
     return g * boost
 
 
-def sample_beta(alpha: float, n: int, generator: torch.Generator, device) -> Tensor:
-    """n Beta(alpha, alpha) draws (n,) float32 as X / (X + Y) of two Gamma(alpha) draws."""
-    x = sample_gamma(alpha, n, generator, device)
-    y = sample_gamma(alpha, n, generator, device)
+def sample_gamma(shape: float, n: int, generator: torch.Generator, device, proposals: int = 16) -> Tensor:
+    """n Gamma(shape, 1) draws (n,) float32 (``sample_gammas`` with one row)."""
+    return sample_gammas((shape,), n, generator, device, proposals)[0]
+
+
+def sample_betas(alphas: tuple[float, ...], n: int, generator: torch.Generator, device) -> Tensor:
+    """(S, n) float32 draws, row s from Beta(alphas[s], alphas[s]), as X / (X + Y) of two
+    Gamma(alphas[s]) draws; every row's Gammas come from one batched sampler."""
+    gammas = sample_gammas(alphas, 2 * n, generator, device)
+    x, y = gammas[:, :n], gammas[:, n:]
     total = x + y
     return torch.where(total > 0, x / total.clamp_min(1e-30), 0.5)
+
+
+def sample_beta(alpha: float, n: int, generator: torch.Generator, device) -> Tensor:
+    """n Beta(alpha, alpha) draws (n,) float32 (``sample_betas`` with one row)."""
+    return sample_betas((alpha,), n, generator, device)[0]
 
 
 @dataclass
@@ -653,8 +686,11 @@ def draw_mix(
         use_cut = rand(n) < switch_prob
     else:
         use_cut = torch.full((n,), cutmix_alpha > 0, device=dev)
-    lam_mix = sample_beta(mixup_alpha, n, generator, dev) if mixup_alpha > 0 else torch.ones(n, device=dev)
-    lam_cut = sample_beta(cutmix_alpha, n, generator, dev) if cutmix_alpha > 0 else torch.ones(n, device=dev)
+    # Both lambdas in one batched sampler: row 0 mixup's, row 1 cutmix's (the ones present).
+    alphas = tuple(a for a in (mixup_alpha, cutmix_alpha) if a > 0)
+    lams = iter(sample_betas(alphas, n, generator, dev))
+    lam_mix = next(lams) if mixup_alpha > 0 else torch.ones(n, device=dev)
+    lam_cut = next(lams) if cutmix_alpha > 0 else torch.ones(n, device=dev)
     # The box (timm's rand_bbox): sides int(size * sqrt(1 - lam)), centre uniform on the pixels.
     cut = torch.sqrt(1.0 - lam_cut)
     half_h = ((H * cut).floor() / 2).floor()
