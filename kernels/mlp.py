@@ -210,7 +210,6 @@ def gelu_bwd_kernel(
     W1,  # (N, K_IN) fc1 weight, nn.Linear layout (hidden, in_features), compute dtype or fp32
     B1,  # (N,) fc1 bias; not read unless HAS_BIAS1
     DPre,  # (M, N) output: gradient w.r.t. fc1's pre-activation, ((scale DY) W2) * GELU'(X W1^T + b1)
-    DYC,  # (M, K_OUT) output, compute dtype, contiguous: scale * DY as the dot read it; STORE_DYC only
     M, N, K_OUT, K_IN,
     rows_per_sample,
     stride_dym, stride_dyk,
@@ -224,7 +223,6 @@ def gelu_bwd_kernel(
     GROUP_M: tl.constexpr,
     HAS_BIAS1: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    STORE_DYC: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "gelu" (erf) or "gelu_tanh": the form the forward used
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -239,13 +237,12 @@ def gelu_bwd_kernel(
     dot_dtype = X.dtype.element_ty
 
     # Gradient of the hidden activation H, reduced over fc2's output width. The incoming gradient
-    # is scaled per sample and converted to the compute dtype here; the first column of programs
-    # also stores that operand (STORE_DYC), so dW2 and db2 need no separate scale or cast pass.
+    # is scaled per sample and converted to the compute dtype in registers (weight_grad_kernel does
+    # the same for dW2 and db2, so no scaled copy of it is ever stored).
     if HAS_SCALE:
         keep = tl.load(Scale + offs_m // rows_per_sample, mask=row_ok, other=0.0).to(ACC_DTYPE)
     offs_k = tl.arange(0, BLOCK_K)
     dy_ptrs = DY + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyk  # (BLOCK_M, BLOCK_K)
-    dyc_ptrs = DYC + offs_m[:, None] * K_OUT + offs_k[None, :]
     w2_ptrs = W2 + offs_k[:, None] * stride_w2k + offs_n[None, :] * stride_w2n  # (BLOCK_K, BLOCK_N)
     grad_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k_start in range(0, K_OUT, BLOCK_K):
@@ -255,13 +252,10 @@ def gelu_bwd_kernel(
         if HAS_SCALE:
             a = a.to(ACC_DTYPE) * keep[:, None]
         a = round_to(a, dot_dtype, BF16_RNE_IN_SOFTWARE)
-        if STORE_DYC:
-            tl.store(dyc_ptrs, a, mask=a_mask & (pid_n == 0))
         b = round_to(tl.load(w2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0), dot_dtype,
                      BF16_RNE_IN_SOFTWARE)
         grad_h = _dot(a, b, grad_h, DOT_IN_FP32, INPUT_PRECISION)
         dy_ptrs += BLOCK_K * stride_dyk
-        dyc_ptrs += BLOCK_K
         w2_ptrs += BLOCK_K * stride_w2k
     # The same tile of fc1's pre-activation, recomputed (module docstring: cheaper than saving it
     # at the CIFAR widths), reduced over fc1's input width; two loops because the MLP's input and
@@ -279,3 +273,107 @@ def gelu_bwd_kernel(
     dp_ptrs = DPre + offs_m[:, None] * stride_dpm + offs_n[None, :] * stride_dpn
     tl.store(dp_ptrs, round_to(grad_pre, DPre.dtype.element_ty, BF16_RNE_IN_SOFTWARE),
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _weight_grad_tiles_k(K, BLOCK_K: tl.constexpr):
+    # At least one column of tiles, so that a layer without inputs (K = 0) still gets the
+    # programs that store its bias gradient.
+    return tl.maximum(tl.cdiv(K, BLOCK_K), 1)
+
+
+@triton.jit
+def _weight_grad_tile(
+    tile,  # this program's tile of DW, in row-major order over (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))
+    DY, Scale, X, DW, DB,  # as in weight_grad_kernel, for one layer
+    M, N, K,
+    rows_per_sample,
+    stride_dym, stride_dyn,
+    stride_xm, stride_xk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BF16_RNE_IN_SOFTWARE: tl.constexpr,
+):
+    tiles_k = _weight_grad_tiles_k(K, BLOCK_K)
+    pid_n = tile // tiles_k
+    pid_k = tile % tiles_k
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = tl.arange(0, BLOCK_M).to(tl.int64)
+    n_ok = offs_n < N
+    k_ok = offs_k < K
+    dot_dtype = X.dtype.element_ty
+    # DY read transposed through its strides, (BLOCK_N, BLOCK_M): the left operand of DY^T X.
+    dy_ptrs = DY + offs_n[:, None] * stride_dyn + rows[None, :] * stride_dym
+    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
+    # The bias sums accumulate elementwise and are reduced once after the loop: no cross-thread
+    # reduction per step, and a fixed order. Every program accumulates them (a few adds per
+    # element next to the dot's BLOCK_K multiply-adds, and no branch in the pipelined loop); the
+    # programs of the first column of tiles (pid_k == 0) store them.
+    bias_acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC_DTYPE)
+    for m_start in range(0, M, BLOCK_M):
+        row_ok = rows < M - m_start
+        dy = tl.load(dy_ptrs, mask=n_ok[:, None] & row_ok[None, :], other=0.0)
+        if HAS_SCALE:
+            keep = tl.load(Scale + (m_start + rows) // rows_per_sample, mask=row_ok, other=0.0).to(ACC_DTYPE)
+            dy = dy.to(ACC_DTYPE) * keep[None, :]
+        if HAS_BIAS:
+            bias_acc += dy.to(ACC_DTYPE)  # before any rounding to the dot's dtype: the fp32 gradient
+        a = round_to(dy, dot_dtype, BF16_RNE_IN_SOFTWARE)
+        b = round_to(tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), dot_dtype,
+                     BF16_RNE_IN_SOFTWARE)
+        acc = _dot(a, b, acc, DOT_IN_FP32, INPUT_PRECISION)
+        dy_ptrs += BLOCK_M * stride_dym
+        x_ptrs += BLOCK_M * stride_xm
+    # DW and DB are the op's own contiguous outputs: (N, K) with row stride K, and (N,).
+    dw_ptrs = DW + offs_n[:, None] * K + offs_k[None, :]
+    tl.store(dw_ptrs, round_to(acc, DW.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=n_ok[:, None] & k_ok[None, :])
+    if HAS_BIAS:
+        db = tl.sum(bias_acc, axis=1)
+        tl.store(DB + offs_n, round_to(db, DB.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=n_ok & (pid_k == 0))
+
+
+@triton.jit
+def weight_grad_kernel(
+    DY,  # (M, N) gradient of the layer's output, any float dtype and strides (stride 0 included)
+    Scale,  # (M // rows_per_sample,) per-sample scale of DY's rows; HAS_SCALE only
+    X,  # (M, K) the layer's input, the compute dtype (the dot's operand dtype), any strides
+    DW,  # (N, K) output, contiguous, the weight's dtype: (scale DY)^T X accumulated in ACC_DTYPE
+    DB,  # (N,) output, contiguous, the bias's dtype: column sums of scale DY; HAS_BIAS only
+    DY2, X2, DW2, DB2,  # the second layer's, GROUPED only (its DY is never scaled)
+    M,  # rows, shared by both layers
+    N, K, N2, K2,
+    rows_per_sample,
+    stride_dym, stride_dyn,
+    stride_xm, stride_xk,
+    stride_dy2m, stride_dy2n,
+    stride_x2m, stride_x2k,
+    BLOCK_M: tl.constexpr,  # rows reduced per step
+    BLOCK_N: tl.constexpr,  # DW tile rows (output features)
+    BLOCK_K: tl.constexpr,  # DW tile columns (input features)
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GROUPED: tl.constexpr,  # a second layer's DW2 (and DB2) in the same grid, after the first's tiles
+    HAS_BIAS2: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BF16_RNE_IN_SOFTWARE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    tiles = tl.cdiv(N, BLOCK_N) * _weight_grad_tiles_k(K, BLOCK_K)
+    if tile < tiles:
+        _weight_grad_tile(tile, DY, Scale, X, DW, DB, M, N, K, rows_per_sample, stride_dym, stride_dyn,
+                          stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_K, HAS_SCALE, HAS_BIAS, ACC_DTYPE,
+                          INPUT_PRECISION, DOT_IN_FP32, BF16_RNE_IN_SOFTWARE)
+    elif GROUPED:
+        _weight_grad_tile(tile - tiles, DY2, Scale, X2, DW2, DB2, M, N2, K2, rows_per_sample, stride_dy2m,
+                          stride_dy2n, stride_x2m, stride_x2k, BLOCK_M, BLOCK_N, BLOCK_K, False, HAS_BIAS2,
+                          ACC_DTYPE, INPUT_PRECISION, DOT_IN_FP32, BF16_RNE_IN_SOFTWARE)

@@ -269,6 +269,8 @@ def launch_flops(launch, written_elements: int) -> int:
         return 2 * a["M"] * a["N"] * a["K"]
     if name == "gelu_bwd_kernel":  # dY W2, and the pre-activation recomputed
         return 2 * a["M"] * a["N"] * (a["K_OUT"] + a["K_IN"])
+    if name == "weight_grad_kernel":  # dY^T X of one layer, or of two in a grouped grid
+        return 2 * a["M"] * (a["N"] * a["K"] + (a["N2"] * a["K2"] if launch.constexprs["GROUPED"] else 0))
     if name.startswith("attention_") and "Q" in a:
         per_product = 2 * math.prod(a["Q"].shape[:-1]) * a["N_CTX"] * a["HEAD_DIM"]  # one N x N x D product
         if name == "attention_fwd_kernel":

@@ -59,14 +59,12 @@ from torch import Tensor
 from vit_fast.fused.launch import (
     SUPPORTED_DTYPES,
     Launch,
-    accumulation_dtype,
     check_launchable,
     check_same_device,
     interpreting,
-    planning_active,
     precision_constexprs,
 )
-from vit_fast.kernels.mlp import gelu_bwd_kernel, linear_fwd_kernel
+from vit_fast.kernels.mlp import gelu_bwd_kernel, linear_fwd_kernel, weight_grad_kernel
 
 if TYPE_CHECKING:
     from vit_fast.aot import KernelLaunch
@@ -79,9 +77,13 @@ _APPROXIMATE_TO_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
 
 @dataclass(frozen=True)
 class MatmulConfig:
-    block_m: int  # rows of the output tile
-    block_n: int  # columns of the output tile
-    block_k: int  # reduction step per tl.dot (>= 16, the tensor-core minimum)
+    """One launch configuration. For weight_grad_kernel the roles follow the layer's (M, N, K)
+    (rows, output features, input features): block_m is the reduction step over the rows and
+    block_n x block_k the tile of dW (N, K); group_m is unused there."""
+
+    block_m: int  # rows of the output tile (weight_grad: rows reduced per step)
+    block_n: int  # columns of the output tile (weight_grad: dW tile rows)
+    block_k: int  # reduction step per tl.dot, >= 16, the tensor-core minimum (weight_grad: dW tile columns)
     group_m: int = 8  # row tiles per L2-friendly group (see _tile_coordinates in kernels/mlp.py)
     num_warps: int = 4
     num_stages: int = 3  # software-pipelining depth of the K loop (shared-memory buffers)
@@ -130,6 +132,42 @@ def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype,
     if big:
         return MatmulConfig(128, 64, block_k, group_m=8, num_warps=8, num_stages=3)
     return MatmulConfig(64, 64, block_k, group_m=8, num_warps=4, num_stages=3)
+
+
+def choose_weight_grad_config(M: int, weights: list[tuple[int, int]], dtype: torch.dtype,
+                              interpret: bool | None = None) -> MatmulConfig:
+    """The configuration of ``weight_grad_kernel`` for dW = dY^T X over M rows, for the weights of
+    shapes ``weights`` [(N, K), ...] in one grid (the MLP's fc2 and fc1: two), dY and X in ``dtype``.
+
+    Each program owns one tile of one dW and reduces over all M rows itself (deterministic, no
+    atomics, no partial-sum pass), so the grid is the number of tiles, which the rows do not
+    change: vit-cifar's MLP weights (192 x 768 and 768 x 192) make 72 tiles of 64 x 64 and its
+    projections (576 x 192, 192 x 192, 100 x 192) 27, 9 and 6. Too few to fill an H100's 132 SMs,
+    so below one wave (_ONE_WAVE_TILES tiles of 64 x 64) the tile shrinks to 32 x 32: four times
+    the programs (288 for the MLP, 108, 36 and 24 for the projections) at twice the L2 traffic per
+    FLOP. The small-weight launches stay latency-bound (one program streams all M rows of its
+    panels); cuBLAS splits the reduction over more blocks and may be faster per GEMM on a GPU,
+    which only ``benchmarks/bench_mlp.py`` on a GPU can tell. What this kernel buys for certain:
+    the bias gradients in the same launch (no separate reduction reading dY again), dY read in
+    its own dtype with stochastic depth's scale applied in registers (no scaled 16-bit copy), both
+    MLP weights in one launch, and fp32 output without any 16-bit rounding.
+
+    - 16-bit: BLOCK_M = 64 rows per step (a 128-byte row of X per stage), 4 warps, 3 stages.
+    - fp32 and fp64 (accuracy paths): one small config each, as ``choose_config``.
+    ``interpret`` defaults to ``launch.interpreting()`` (then the fixed INTERPRETER_CONFIG).
+    """
+    if interpret is None:
+        interpret = interpreting()
+    if interpret:
+        return INTERPRETER_CONFIG
+    if dtype == torch.float32:
+        return MatmulConfig(16, 64, 64, group_m=1, num_warps=4, num_stages=3)
+    if dtype == torch.float64:
+        return MatmulConfig(16, 32, 32, group_m=1, num_warps=4, num_stages=2)
+    tiles = sum(math.ceil(n / 64) * max(math.ceil(k / 64), 1) for n, k in weights)
+    if tiles >= _ONE_WAVE_TILES:
+        return MatmulConfig(64, 64, 64, group_m=1, num_warps=4, num_stages=3)
+    return MatmulConfig(64, 32, 32, group_m=1, num_warps=4, num_stages=3)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -255,9 +293,8 @@ def linear_launch(x2d: Tensor, weight: Tensor, bias: Tensor | None, residual2d: 
 
 def gelu_bwd_launch(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, grad_pre: Tensor,
                     activation: str, interpret: bool | None = None, scale: Tensor | None = None,
-                    rows_per_sample: int = 1, dyc: Tensor | None = None) -> Launch:
-    """The launch computing grad_pre = ((scale * grad_y2d) W2) * GELU'(x2d W1^T + b1), (M, hidden),
-    and, given ``dyc`` (M, D_out) contiguous in x2d's dtype, storing scale * grad_y2d into it."""
+                    rows_per_sample: int = 1) -> Launch:
+    """The launch computing grad_pre = ((scale * grad_y2d) W2) * GELU'(x2d W1^T + b1), (M, hidden)."""
     if interpret is None:
         interpret = interpreting()
     M, k_in = x2d.shape
@@ -265,7 +302,7 @@ def gelu_bwd_launch(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor | None
     cfg = choose_config("gelu_bwd", M, hidden, max(k_in, k_out), x2d.dtype, interpret)
     args = dict(
         DY=grad_y2d, Scale=scale if scale is not None else grad_pre, W2=w2, X=x2d, W1=w1,
-        B1=b1 if b1 is not None else grad_pre, DPre=grad_pre, DYC=dyc if dyc is not None else grad_pre,
+        B1=b1 if b1 is not None else grad_pre, DPre=grad_pre,
         M=M, N=hidden, K_OUT=k_out, K_IN=k_in, rows_per_sample=rows_per_sample,
         stride_dym=grad_y2d.stride(0), stride_dyk=grad_y2d.stride(1),
         stride_w2k=w2.stride(0), stride_w2n=w2.stride(1),  # W2 (out, hidden) is the (K_OUT, N) operand as is
@@ -275,15 +312,69 @@ def gelu_bwd_launch(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor | None
     )
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        HAS_BIAS1=b1 is not None, HAS_SCALE=scale is not None, STORE_DYC=dyc is not None,
+        HAS_BIAS1=b1 is not None, HAS_SCALE=scale is not None,
         ACTIVATION=activation, **precision_constexprs(x2d.dtype), **_interpreter_constexprs(x2d.dtype, interpret),
     )
     return Launch(gelu_bwd_kernel, _grid(M, hidden, cfg), args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
-def _needs_dyc(grad_y: Tensor, x: Tensor, scale: Tensor | None) -> bool:
-    """Whether the backward's dW2 / db2 operand (scale * dY in x's dtype) differs from dY itself."""
-    return scale is not None or grad_y.dtype != x.dtype
+@dataclass(frozen=True)
+class WeightGradOperands:
+    """One layer's share of a ``weight_grad_kernel`` launch: grad_w = grad_y2d^T x2d and grad_b =
+    the column sums of grad_y2d (skipped when None)."""
+
+    grad_y2d: Tensor  # (M, N) gradient of the layer's output, any float dtype and strides
+    x2d: Tensor  # (M, K) the layer's input, in the compute dtype (the dot's operands' dtype)
+    grad_w: Tensor  # (N, K) output, contiguous, the weight's dtype
+    grad_b: Tensor | None  # (N,) output, contiguous, the bias's dtype; None: not computed
+
+
+def _weight_grad_tiles(layer: WeightGradOperands, cfg: MatmulConfig) -> int:
+    n, k = layer.grad_w.shape
+    return math.ceil(n / cfg.block_n) * max(math.ceil(k / cfg.block_k), 1)  # as _weight_grad_tiles_k
+
+
+def weight_grad_launch(first: WeightGradOperands, second: WeightGradOperands | None = None,
+                       interpret: bool | None = None, scale: Tensor | None = None, rows_per_sample: int = 1,
+                       config: MatmulConfig | None = None) -> Launch:
+    """The launch computing ``first``'s weight and bias gradients, the first one's dY scaled per
+    sample by ``scale`` (stochastic depth's, (M // rows_per_sample,)), and ``second``'s (never
+    scaled) after them in the same grid. ``config`` overrides ``choose_weight_grad_config`` (tests
+    use small tiles so that small shapes span several)."""
+    if interpret is None:
+        interpret = interpreting()
+    layers = [first] if second is None else [first, second]
+    for layer in layers:
+        if not (layer.grad_w.is_contiguous() and (layer.grad_b is None or layer.grad_b.is_contiguous())):
+            raise ValueError("weight_grad_launch writes contiguous grad_w and grad_b; got strides "
+                             f"{layer.grad_w.stride()} and {None if layer.grad_b is None else layer.grad_b.stride()}")
+    M = first.x2d.shape[0]
+    dtype = first.x2d.dtype
+    cfg = config or choose_weight_grad_config(M, [tuple(layer.grad_w.shape) for layer in layers], dtype, interpret)
+    other = second or first  # unused pointer and size arguments when there is no second layer
+    unused = first.grad_w  # a valid pointer whose flag is off
+
+    def tensors(layer: WeightGradOperands, suffix: str) -> dict:
+        return {f"DY{suffix}": layer.grad_y2d, f"X{suffix}": layer.x2d, f"DW{suffix}": layer.grad_w,
+                f"DB{suffix}": layer.grad_b if layer.grad_b is not None else unused}
+
+    def strides(layer: WeightGradOperands, suffix: str) -> dict:
+        return {f"stride_dy{suffix}m": layer.grad_y2d.stride(0), f"stride_dy{suffix}n": layer.grad_y2d.stride(1),
+                f"stride_x{suffix}m": layer.x2d.stride(0), f"stride_x{suffix}k": layer.x2d.stride(1)}
+
+    args = dict(
+        **tensors(first, ""), Scale=scale if scale is not None else unused, **tensors(other, "2"),
+        M=M, N=first.grad_w.shape[0], K=first.grad_w.shape[1], N2=other.grad_w.shape[0], K2=other.grad_w.shape[1],
+        rows_per_sample=rows_per_sample, **strides(first, ""), **strides(other, "2"),
+    )
+    constexprs = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        HAS_SCALE=scale is not None, HAS_BIAS=first.grad_b is not None, GROUPED=second is not None,
+        HAS_BIAS2=second is not None and second.grad_b is not None,
+        **precision_constexprs(dtype), **_interpreter_constexprs(dtype, interpret),
+    )
+    grid = (sum(_weight_grad_tiles(layer, cfg) for layer in layers),)
+    return Launch(weight_grad_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
 def _plans(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, approximate: str, residual: bool,
@@ -304,16 +395,20 @@ def _plans(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, appro
     scale_t = t(samples) if scale else None
     rows_per_sample = M // samples if scale else 1
     h, y, grad_y = t(M, hidden), t(M, d_out, dtype=out_dtype), t(M, d_out, dtype=out_dtype)
-    dyc = t(M, d_out) if _needs_dyc(grad_y, x, scale_t) else None
+    grad_pre = t(M, hidden)
     launches = [
         linear_launch(x, w1, b1, None, h, activation, interpret=interpret),  # fc1
         linear_launch(h, w2, b2, t(M, d_out, dtype=out_dtype) if residual else None, y, "none", interpret=interpret,
                       scale=scale_t, rows_per_sample=rows_per_sample),  # fc2
-        gelu_bwd_launch(grad_y, x, w1, b1, w2, t(M, hidden), activation, interpret=interpret, scale=scale_t,
-                        rows_per_sample=rows_per_sample, dyc=dyc),
+        gelu_bwd_launch(grad_y, x, w1, b1, w2, grad_pre, activation, interpret=interpret, scale=scale_t,
+                        rows_per_sample=rows_per_sample),
     ]
     if weight_dtype != dtype:  # dX = grad_pre W1 with W1 converted in registers (cuBLAS otherwise)
-        launches.append(linear_launch(h, w1.t(), None, None, x, "none", interpret=interpret))
+        launches.append(linear_launch(grad_pre, w1.t(), None, None, t(M, d_in), "none", interpret=interpret))
+    launches.append(weight_grad_launch(  # dW2, db2, dW1, db1
+        WeightGradOperands(grad_y, h, t(d_out, hidden, dtype=weight_dtype), t(d_out, dtype=weight_dtype) if bias else None),
+        WeightGradOperands(grad_pre, x, t(hidden, d_in, dtype=weight_dtype), t(hidden, dtype=weight_dtype) if bias else None),
+        interpret=interpret, scale=scale_t, rows_per_sample=rows_per_sample))
     return launches
 
 
@@ -323,9 +418,10 @@ def aot_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype,
                  bias: bool = True) -> list[KernelLaunch]:
     """The Triton kernels ``mlp`` runs on a GPU for x (M, d_in) in ``dtype`` -> (M, d_out) through
     ``hidden`` units, forward and backward: fc1 (bias + GELU epilogue), fc2 (bias, + residual if
-    ``residual``, in ``residual_dtype``; stochastic depth's scale if ``scale``), gelu_bwd, and the
-    dX product when the parameters are in ``weight_dtype`` (fp32 under autocast). Built by the
-    launchers themselves on meta tensors, with the GPU's config choice."""
+    ``residual``, in ``residual_dtype``; stochastic depth's scale if ``scale``), gelu_bwd, the
+    dX product when the parameters are in ``weight_dtype`` (fp32 under autocast), and the grouped
+    weight and bias gradients of both layers. Built by the launchers themselves on meta tensors,
+    with the GPU's config choice."""
     launches = _plans(M, d_in, hidden, d_out, dtype, approximate, residual, weight_dtype, residual_dtype, scale, bias)
     from vit_fast.aot import kernel_launches  # the compile tests' path only: running needs none of it
 
@@ -335,9 +431,8 @@ def aot_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype,
 def planned_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, approximate: str = "none",
                      residual: bool = True, **variant) -> list[Launch]:
     """The Triton ``Launch`` objects (kernel, grid, meta tensors) of one forward + backward, for
-    accounts of launches and bytes (``variant`` as ``aot_launches``). The backward's cuBLAS GEMMs
-    (dW1, dW2, and dX when the weights are in the compute dtype) and the two bias column sums are
-    not Triton launches and are not listed."""
+    accounts of launches and bytes (``variant`` as ``aot_launches``). The backward's one cuBLAS
+    GEMM, dX when the weights are in the compute dtype, is not a Triton launch and is not listed."""
     defaults = dict(weight_dtype=None, residual_dtype=None, scale=False, bias=True)
     return _plans(M, d_in, hidden, d_out, dtype, approximate, residual, **{**defaults, **variant})
 
@@ -381,28 +476,35 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, scal
 # ----------------------------------------------------------------------------- vit_fast::mlp_backward
 
 
-def _sum_rows(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """Column sums (a bias gradient) accumulated in fp32 (fp64 for fp64) by one reduction kernel,
-    in ``dtype``, the bias's: fp32 biases get the fp32 sum itself, never a 16-bit rounding of it."""
-    total = t.sum(0, dtype=accumulation_dtype(t.dtype))
-    return total if total.dtype == dtype else total.to(dtype)
-
-
-def _product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """a @ b in ``dtype`` (a weight gradient in its weight's dtype). 16-bit operands with an fp32
-    result: cuBLAS writes fp32 from its fp32 accumulator (``out_dtype``, CUDA only); on the CPU (the
-    interpreter's test runs) the operands are widened, which computes the same exact products."""
-    if a.dtype == dtype:
-        return a @ b
-    if a.is_cuda or planning_active():  # planning: the account plans the GPU's path
-        return torch.mm(a, b, out_dtype=dtype)
-    return a.to(dtype) @ b.to(dtype)
-
-
 def _not_needed(like: Tensor) -> Tensor:
     # A custom op returns tensors, never None: an unrequested gradient is an empty placeholder
     # (no compute, no memory) that the autograd formula turns back into None.
     return like.new_empty((0,))
+
+
+def _weight_and_bias_grads(layers: list[tuple[Tensor, Tensor, bool, bool]], dtype: torch.dtype,
+                           scale: Tensor | None = None, rows_per_sample: int = 1) -> list[tuple[Tensor, Tensor]]:
+    """(grad_w (N, K), grad_b (N,)) in ``dtype`` for each layer given as (grad_y2d (M, N), x2d (M, K),
+    needs_weight, needs_bias), by one ``weight_grad_kernel`` launch over every layer that needs
+    either; ``scale`` scales the first layer's grad_y2d per sample. Unneeded gradients come back as
+    empty placeholders; a layer whose bias gradient alone is needed still has its weight gradient
+    computed, then dropped (frozen weights with trainable biases: not worth a kernel variant)."""
+    grads, operands = [], []
+    for index, (grad_y2d, x2d, needs_weight, needs_bias) in enumerate(layers):
+        if not (needs_weight or needs_bias):
+            grads.append((_not_needed(x2d), _not_needed(x2d)))
+            continue
+        grad_w = torch.empty((grad_y2d.shape[1], x2d.shape[1]), dtype=dtype, device=x2d.device)
+        grad_b = torch.empty((grad_y2d.shape[1],), dtype=dtype, device=x2d.device) if needs_bias else None
+        operands.append((index, WeightGradOperands(grad_y2d, x2d, grad_w, grad_b)))
+        grads.append((grad_w if needs_weight else _not_needed(x2d), grad_b if needs_bias else _not_needed(x2d)))
+    if operands:
+        scaled = operands[0][0] == 0  # the scale belongs to layers[0]'s gradient only
+        launch = weight_grad_launch(*(op for _, op in operands), scale=scale if scaled else None,
+                                    rows_per_sample=rows_per_sample if scaled else 1)
+        if launch.grid[0]:  # no tiles: every output is empty (an empty grid is not a valid launch)
+            launch.run()
+    return grads
 
 
 @torch.library.custom_op("vit_fast::mlp_backward", mutates_args=())
@@ -416,34 +518,25 @@ def _mlp_backward_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Te
     _check_mlp_backward(grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, approximate, needs, scale)
     check_launchable("x", x)
     w1, w2 = fc1_weight, fc2_weight
-    param_dtype = w1.dtype
-    # The products below take their dtypes from the operands; an autocast region around the
-    # backward must not re-cast them.
+    # cuBLAS's dX (16-bit weights) takes its dtypes from the operands; an autocast region around
+    # the backward must not re-cast them.
     with torch.autocast(x.device.type, enabled=False):
-        gy2d = grad_y.reshape(-1, w2.shape[0])  # (M, D_out); may be a stride-0 view: the kernel and cuBLAS take strides
+        gy2d = grad_y.reshape(-1, w2.shape[0])  # (M, D_out); may be a stride-0 view: the kernels take strides
         x2d = x.reshape(-1, x.shape[-1])  # (M, D_in)
         M = x2d.shape[0]
+        rows_per_sample = _rows_per_sample(x, scale)
         # The only product with an elementwise tail (GELU') is fused; it needs no pre-activation.
         grad_pre = x.new_empty((M, w1.shape[0]))  # (M, Hd)
-        dyc = x.new_empty((M, w2.shape[0])) if _needs_dyc(grad_y, x, scale) else None
-        if grad_pre.numel():
+        if grad_pre.numel() and any(needs[:3]):
             gelu_bwd_launch(gy2d, x2d, w1, fc1_bias, w2, grad_pre, _APPROXIMATE_TO_ACTIVATION[approximate],
-                            scale=scale, rows_per_sample=_rows_per_sample(x, scale), dyc=dyc).run()
-        elif dyc is not None:  # no hidden units (degenerate): no kernel ran to fill it
-            keep = scale.repeat_interleave(_rows_per_sample(x, scale))[:, None] if scale is not None else 1.0
-            dyc = (gy2d * keep).to(x.dtype)
-        dy = dyc if dyc is not None else gy2d  # (M, D_out): the branch's gradient, in x's dtype
-        # The other gradients are plain GEMMs (and column sums) with nothing to fuse into them:
-        # cuBLAS runs them near the roofline already, where a Triton copy would have to match it on
-        # every shape, and both cuBLAS GEMMs and torch's sum reductions are deterministic run to run
-        # (no atomics, no split-K reductions in arbitrary order). With fp32 weights, dX is the one
-        # product that would need a 16-bit copy of W1 for cuBLAS: linear_fwd_kernel converts W1 in
-        # registers instead. To be confirmed against Triton alternatives by benchmarks/bench_mlp.py.
+                            scale=scale, rows_per_sample=rows_per_sample).run()
         grad_x = _linear_input_grad(grad_pre, w1, x.dtype).reshape(x.shape) if needs[0] else _not_needed(x)
-        grad_w1 = _product(grad_pre.t(), x2d, param_dtype) if needs[1] else _not_needed(x)
-        grad_b1 = _sum_rows(grad_pre, param_dtype) if needs[2] else _not_needed(x)
-        grad_w2 = _product(dy.t(), hidden, param_dtype) if needs[3] else _not_needed(x)
-        grad_b2 = _sum_rows(dy, param_dtype) if needs[4] else _not_needed(x)
+        # Both layers' weight and bias gradients in one grouped launch, fc2's tiles first: fc2's
+        # operand is grad_y as it came (the fp32 residual stream's under autocast), scaled and
+        # rounded to x's dtype in registers.
+        (grad_w2, grad_b2), (grad_w1, grad_b1) = _weight_and_bias_grads(
+            [(gy2d, hidden, needs[3], needs[4]), (grad_pre, x2d, needs[1], needs[2])], w1.dtype, scale,
+            rows_per_sample)
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
@@ -484,7 +577,7 @@ def _linear_input_grad(grad_y2d: Tensor, weight: Tensor, dtype: torch.dtype) -> 
 def linear_aot_launches(M: int, K: int, N: int, dtype: torch.dtype,
                         weight_dtype: torch.dtype = torch.float32, bias: bool = True) -> list[KernelLaunch]:
     """The Triton kernels ``linear`` runs on a GPU for x (M, K) in ``dtype`` and a weight (N, K) in
-    ``weight_dtype``: the forward and the backward's dX (its dW and db are cuBLAS and torch)."""
+    ``weight_dtype``: the forward and the backward's dX and dW (with db)."""
     from vit_fast.aot import kernel_launches  # the compile tests' path only
 
     return kernel_launches(linear_planned_launches(M, K, N, dtype, weight_dtype, bias))
@@ -492,15 +585,16 @@ def linear_aot_launches(M: int, K: int, N: int, dtype: torch.dtype,
 
 def linear_planned_launches(M: int, K: int, N: int, dtype: torch.dtype,
                             weight_dtype: torch.dtype = torch.float32, bias: bool = True) -> list[Launch]:
-    """``linear``'s Triton ``Launch`` objects (forward, dX) on meta tensors, for accounts."""
+    """``linear``'s Triton ``Launch`` objects (forward, dX, dW with db) on meta tensors, for accounts."""
 
     def t(*shape, dtype=dtype):
         return torch.empty(shape, dtype=dtype, device="meta")
 
-    w = t(N, K, dtype=weight_dtype)
-    return [linear_launch(t(M, K), w, t(N, dtype=weight_dtype) if bias else None, None, t(M, N), "none",
-                          interpret=False),
-            linear_launch(t(M, N), w.t(), None, None, t(M, K), "none", interpret=False)]
+    x, w, grad_y = t(M, K), t(N, K, dtype=weight_dtype), t(M, N)
+    grad_w_and_b = WeightGradOperands(grad_y, x, t(N, K, dtype=weight_dtype), t(N, dtype=weight_dtype) if bias else None)
+    return [linear_launch(x, w, t(N, dtype=weight_dtype) if bias else None, None, t(M, N), "none", interpret=False),
+            linear_launch(grad_y, w.t(), None, None, t(M, K), "none", interpret=False),
+            weight_grad_launch(grad_w_and_b, interpret=False)]
 
 
 @torch.library.custom_op("vit_fast::linear", mutates_args=())
@@ -535,8 +629,7 @@ def _linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, needs: list[b
         gy2d = grad_y.reshape(-1, weight.shape[0]).to(x.dtype)  # a no-op: y, hence grad_y, has x's dtype
         x2d = x.reshape(-1, x.shape[-1])
         grad_x = _linear_input_grad(gy2d, weight, x.dtype).reshape(x.shape) if needs[0] else _not_needed(x)
-        grad_w = _product(gy2d.t(), x2d, weight.dtype) if needs[1] else _not_needed(x)
-        grad_b = _sum_rows(gy2d, weight.dtype) if needs[2] else _not_needed(x)
+        [(grad_w, grad_b)] = _weight_and_bias_grads([(gy2d, x2d, needs[1], needs[2])], weight.dtype)
     return grad_x, grad_w, grad_b
 
 
