@@ -1,21 +1,29 @@
 """Triton kernels of the transformer MLP: fc2(GELU(fc1(x))) (+ residual), forward and backward.
 
-Two kernels, both tiled matmuls (one output tile of BLOCK_M x BLOCK_N per program, a K loop of
-``tl.dot`` accumulating in fp32, or fp64 for fp64 inputs) that differ only in their epilogue:
+Three kernels, all tiled matmuls accumulating ``tl.dot`` products in fp32 (fp64 for fp64
+inputs), that differ in what they reduce over and in their epilogues:
 
   linear_fwd_kernel      Out = residual + scale[sample] * act(X @ W^T + bias)
+                         one BLOCK_M x BLOCK_N output tile per program, a K loop
                          fc1: act = GELU (erf, or tanh approximation), no residual
                          fc2: act = identity, optional residual (the block's skip connection)
                          and optional scale (stochastic depth's per-sample 0 or 1/keep)
                          also dX = DPre @ W1 in the backward, when W1 is fp32 (see below)
   gelu_bwd_kernel        DPre = ((scale * DY) @ W2) * GELU'(X @ W1^T + b1)
                          the gradient through fc2 and the GELU in one kernel; the
-                         pre-activation is recomputed in the same program (see below);
-                         optionally also stores scale * DY in the 16-bit compute dtype
-                         (the operand of dW2 and the rows of db2)
+                         pre-activation is recomputed in the same program (see below)
+  weight_grad_kernel     DW = (scale * DY)^T @ X and DB = column sums of scale * DY
+                         one BLOCK_N x BLOCK_K tile of DW per program, reducing over all M
+                         rows itself (fixed order, no atomics, no partial-sum pass); the
+                         bias sums ride along: every program adds the DY tiles it loads
+                         anyway into an fp32 accumulator and the first column of tiles
+                         stores it. Optionally grouped: the programs after the first
+                         layer's tiles compute a second layer's DW2 and DB2 (the MLP's fc1
+                         after fc2), one launch for all four parameter gradients.
 
-The remaining backward products (dW1 = DPre^T @ X, dW2 = DY^T @ H, bias sums) have no
-elementwise work to fuse and run through cuBLAS with fp32 output; see ``vit_fast.fused.mlp``.
+The weight-gradient kernel reads DY in its own dtype (the fp32 residual stream's gradient under
+autocast) and applies stochastic depth's scale in registers, so no scaled 16-bit copy of DY is
+stored for it, and the bias sums are taken from the fp32 values before the dot's rounding.
 
 Mixed precision: the GEMM operands are converted in registers to the dtype of X (the compute
 dtype, 16-bit under autocast): fp32 weights are loaded as fp32 and rounded to bf16/fp16 right

@@ -3,8 +3,11 @@
 Public API (shapes as in ``vit_fast.reference``; weights in nn.Linear layout (out, in)):
 
     mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate="none", residual=None, scale=None)
-    MatmulConfig, choose_config(kernel, M, N, K, dtype, interpret=None)
-    linear_launch(...), gelu_bwd_launch(...)    the Launch of one kernel call
+    MatmulConfig, choose_config(kernel, M, N, K, dtype, interpret=None),
+    choose_weight_grad_config(M, weights, dtype, interpret=None)
+    linear_launch(...), gelu_bwd_launch(...), weight_grad_launch(first, second=None, ...)
+                                                the Launch of one kernel call
+    WeightGradOperands(grad_y2d, x2d, grad_w, grad_b)   one layer's share of weight_grad_launch
     aot_launches(M, d_in, hidden, d_out, dtype, approximate="none", residual=True, ...)
         the GPU's kernel launches, for vit_fast.aot's compile tests; planned_launches(...) the same
         as Launch objects (kernel, grid, tensors) for accounts of launches and bytes
@@ -18,20 +21,25 @@ Registered ops (namespace ``vit_fast``), each with a fake (meta) implementation:
 Forward: two launches of ``linear_fwd_kernel``, fc1 with bias + GELU in the epilogue (the
 hidden activation is written once, the pre-activation never), fc2 with bias, stochastic depth's
 per-sample scale and the residual: y = residual + scale[sample] * (h W2^T + b2).
-Backward, all inside ``vit_fast::mlp_backward`` (one custom-op call per MLP backward):
-``gelu_bwd_kernel`` computes grad_pre = ((scale dY) W2) * GELU'(pre), recomputing pre in the same
-program (why: ``kernels/mlp.py``) and, when dY needs scaling or converting, storing the 16-bit
-scale * dY it multiplied; dX = grad_pre W1 runs in ``linear_fwd_kernel`` when W1 is fp32 (cuBLAS
-otherwise); the weight gradients are cuBLAS GEMMs with fp32 output and the bias gradients fp32
-column sums (``_mlp_backward_op`` says why). The residual's gradient is dY itself, passed on by
-the autograd formula.
+Backward, all inside ``vit_fast::mlp_backward`` (one custom-op call per MLP backward), three
+launches: ``gelu_bwd_kernel`` computes grad_pre = ((scale dY) W2) * GELU'(pre), recomputing pre in
+the same program (why: ``kernels/mlp.py``); dX = grad_pre W1 runs in ``linear_fwd_kernel`` when W1
+is fp32 (cuBLAS otherwise: nothing to convert); one grouped ``weight_grad_kernel`` launch computes
+dW2 = (scale dY)^T H with db2, then dW1 = grad_pre^T X with db1, reading dY as it came (fp32 under
+autocast) and scaling and rounding it in registers. The weight gradients used to be cuBLAS GEMMs
+and the bias gradients two reductions (five launches, dY read twice more, a stored 16-bit copy of
+scale * dY); cuBLAS may still be faster per GEMM on a GPU, where each program of the Triton kernel
+streams all M rows of its panels (``choose_weight_grad_config`` says what the grid costs), which
+``benchmarks/bench_mlp.py`` on a GPU is to settle. The residual's gradient is dY itself, passed
+on by the autograd formula.
 
 Mixed precision (what ``vit_fast.ops`` passes under autocast): x is in the compute dtype (bf16),
 the parameters stay fp32 and are converted in the kernels' registers, the residual and y are the
 fp32 residual stream. Without a residual y has x's dtype. hidden and the backward's intermediates
-are in x's dtype; every parameter gradient comes back in its parameter's dtype, reduced in fp32
-and never rounded through 16 bits. No standalone cast kernel runs (on the CPU the interpreter's
-fallback for the fp32-output GEMMs widens its operands instead).
+are in x's dtype; every parameter gradient comes back in its parameter's dtype, accumulated in
+fp32 and stored by the kernel that reduced it, never rounded through 16 bits. No standalone cast
+kernel runs. Every kernel is Triton (but cuBLAS's dX with 16-bit weights), so on the CPU the
+interpreter runs the same kernels as a GPU.
 
 A plain linear with fp32 weights and 16-bit activations (the qkv and output projections and
 the head under autocast) is registered too, because cuBLAS would need the weights cast to 16 bits
@@ -42,9 +50,10 @@ the head under autocast) is registered too, because cuBLAS would need the weight
     vit_fast::linear_backward  (grad_y, x, weight, needs) -> (grad_x, grad_weight, grad_bias)
     linear_aot_launches(M, K, N, dtype, weight_dtype)   its Triton launches
 
-Forward: ``linear_fwd_kernel`` (no activation) converting the weight in registers; backward: dX in
-the same kernel (W read transposed), dW by cuBLAS with fp32 output, db an fp32 column sum. With
-weights in x's dtype (no autocast) a linear stays ``F.linear``: cuBLAS with nothing to convert.
+Forward: ``linear_fwd_kernel`` (no activation) converting the weight in registers; backward, two
+launches: dX in the same kernel (W read transposed), dW and db in one ``weight_grad_kernel``
+launch (fp32 output). With weights in x's dtype (no autocast) a linear stays ``F.linear``: cuBLAS
+with nothing to convert.
 """
 
 from __future__ import annotations
