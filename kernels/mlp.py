@@ -330,7 +330,9 @@ def _weight_grad_tile(
         row_ok = rows < M - m_start
         dy = tl.load(dy_ptrs, mask=n_ok[:, None] & row_ok[None, :], other=0.0)
         if HAS_SCALE:
-            keep = tl.load(Scale + (m_start + rows) // rows_per_sample, mask=row_ok, other=0.0).to(ACC_DTYPE)
+            # Sample indices in int32 (rows < M fit): an int64 division per row cost ~70 registers.
+            sample = (m_start + tl.arange(0, BLOCK_M)) // rows_per_sample
+            keep = tl.load(Scale + sample, mask=row_ok, other=0.0).to(ACC_DTYPE)
             dy = dy.to(ACC_DTYPE) * keep[None, :]
         if HAS_BIAS:
             bias_acc += dy.to(ACC_DTYPE)  # before any rounding to the dot's dtype: the fp32 gradient

@@ -161,7 +161,10 @@ def choose_weight_grad_config(M: int, weights: list[tuple[int, int]], dtype: tor
     its own dtype with stochastic depth's scale applied in registers (no scaled 16-bit copy), both
     MLP weights in one launch, and fp32 output without any 16-bit rounding.
 
-    - 16-bit: BLOCK_M = 64 rows per step (a 128-byte row of X per stage), 4 warps, 3 stages.
+    - 16-bit: 4 warps, 3 stages; 64 rows per step for 32 x 32 tiles, 32 for 64 x 64 ones. Under
+      autocast the dY tile is fp32 and is scaled, summed and converted in registers next to the dot's
+      accumulator and the bias sums' (BLOCK_N x BLOCK_M fp32 each): at 64 x 64 x 64 that took 198 to
+      255 registers (sm_90, sm_80; a STACK frame on sm_80), at 64 x 64 x 32 about 100.
     - fp32 and fp64 (accuracy paths): one small config each, as ``choose_config``.
     ``interpret`` defaults to ``launch.interpreting()`` (then the fixed INTERPRETER_CONFIG).
     """
@@ -175,7 +178,7 @@ def choose_weight_grad_config(M: int, weights: list[tuple[int, int]], dtype: tor
         return MatmulConfig(16, 32, 32, group_m=1, num_warps=4, num_stages=2)
     tiles = sum(math.ceil(n / 64) * max(math.ceil(k / 64), 1) for n, k in weights)
     if tiles >= _ONE_WAVE_TILES:
-        return MatmulConfig(64, 64, 64, group_m=1, num_warps=4, num_stages=3)
+        return MatmulConfig(32, 64, 64, group_m=1, num_warps=4, num_stages=3)
     return MatmulConfig(64, 32, 32, group_m=1, num_warps=4, num_stages=3)
 
 
