@@ -5,9 +5,10 @@ Public API (shapes as in ``vit_fast.reference``; weights in nn.Linear layout (ou
     mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate="none", residual=None, scale=None)
     MatmulConfig, choose_config(kernel, M, N, K, dtype, interpret=None),
     choose_weight_grad_config(M, weights, dtype, interpret=None)
-    linear_launch(...), gelu_bwd_launch(...), weight_grad_launch(first, second=None, ...)
+    linear_launch(...), gelu_bwd_launch(...), linear_bwd_launch(layers, input_grad=None, ...)
                                                 the Launch of one kernel call
-    WeightGradOperands(grad_y2d, x2d, grad_w, grad_b)   one layer's share of weight_grad_launch
+    WeightGradOperands(grad_y2d, x2d, grad_w, grad_b), InputGradOperands(grad_y2d, weight, grad_x)
+                                                what one linear_bwd_launch computes
     aot_launches(M, d_in, hidden, d_out, dtype, approximate="none", residual=True, ...)
         the GPU's kernel launches, for vit_fast.aot's compile tests; planned_launches(...) the same
         as Launch objects (kernel, grid, tensors) for accounts of launches and bytes
@@ -21,25 +22,25 @@ Registered ops (namespace ``vit_fast``), each with a fake (meta) implementation:
 Forward: two launches of ``linear_fwd_kernel``, fc1 with bias + GELU in the epilogue (the
 hidden activation is written once, the pre-activation never), fc2 with bias, stochastic depth's
 per-sample scale and the residual: y = residual + scale[sample] * (h W2^T + b2).
-Backward, all inside ``vit_fast::mlp_backward`` (one custom-op call per MLP backward), three
+Backward, all inside ``vit_fast::mlp_backward`` (one custom-op call per MLP backward), two
 launches: ``gelu_bwd_kernel`` computes grad_pre = ((scale dY) W2) * GELU'(pre), recomputing pre in
-the same program (why: ``kernels/mlp.py``); dX = grad_pre W1 runs in ``linear_fwd_kernel`` when W1
-is fp32 (cuBLAS otherwise: nothing to convert); one grouped ``weight_grad_kernel`` launch computes
-dW2 = (scale dY)^T H with db2, then dW1 = grad_pre^T X with db1, reading dY as it came (fp32 under
-autocast) and scaling and rounding it in registers. The weight gradients used to be cuBLAS GEMMs
-and the bias gradients two reductions (five launches, dY read twice more, a stored 16-bit copy of
-scale * dY); cuBLAS may still be faster per GEMM on a GPU, where each program of the Triton kernel
-streams all M rows of its panels (``choose_weight_grad_config`` says what the grid costs), which
-``benchmarks/bench_mlp.py`` on a GPU is to settle. The residual's gradient is dY itself, passed
-on by the autograd formula.
+the same program (why: ``kernels/mlp.py``); then one ``linear_bwd_kernel`` launch computes dW2 =
+(scale dY)^T H with db2, dW1 = grad_pre^T X with db1 and dX = grad_pre W1, each tile by its own
+programs of one grid, reading dY as it came (fp32 under autocast) and scaling and rounding it in
+registers, W1 converted in registers. This replaced five launches (dX in Triton or cuBLAS, two
+cuBLAS weight GEMMs with fp32 output, two bias reductions) and the 16-bit copy of scale * dY that
+gelu_bwd stored for them. cuBLAS may still be faster per weight GEMM on a GPU, where each
+program of the Triton kernel streams all M rows of its panels (``choose_weight_grad_config`` says
+what the grid costs): ``benchmarks/bench_mlp.py`` on a GPU is to settle it; no timing was taken.
+The residual's gradient is dY itself, passed on by the autograd formula.
 
 Mixed precision (what ``vit_fast.ops`` passes under autocast): x is in the compute dtype (bf16),
 the parameters stay fp32 and are converted in the kernels' registers, the residual and y are the
 fp32 residual stream. Without a residual y has x's dtype. hidden and the backward's intermediates
 are in x's dtype; every parameter gradient comes back in its parameter's dtype, accumulated in
 fp32 and stored by the kernel that reduced it, never rounded through 16 bits. No standalone cast
-kernel runs. Every kernel is Triton (but cuBLAS's dX with 16-bit weights), so on the CPU the
-interpreter runs the same kernels as a GPU.
+kernel runs. Every kernel is Triton, so on the CPU the interpreter runs the same kernels as a
+GPU.
 
 A plain linear with fp32 weights and 16-bit activations (the qkv and output projections and
 the head under autocast) is registered too, because cuBLAS would need the weights cast to 16 bits
@@ -50,10 +51,9 @@ the head under autocast) is registered too, because cuBLAS would need the weight
     vit_fast::linear_backward  (grad_y, x, weight, needs) -> (grad_x, grad_weight, grad_bias)
     linear_aot_launches(M, K, N, dtype, weight_dtype)   its Triton launches
 
-Forward: ``linear_fwd_kernel`` (no activation) converting the weight in registers; backward, two
-launches: dX in the same kernel (W read transposed), dW and db in one ``weight_grad_kernel``
-launch (fp32 output). With weights in x's dtype (no autocast) a linear stays ``F.linear``: cuBLAS
-with nothing to convert.
+Forward: ``linear_fwd_kernel`` (no activation) converting the weight in registers; backward, one
+``linear_bwd_kernel`` launch: dW and db (fp32 output) and dX. With weights in x's dtype (no
+autocast) a linear stays ``F.linear``: cuBLAS with nothing to convert.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ from vit_fast.fused.launch import (
     interpreting,
     precision_constexprs,
 )
-from vit_fast.kernels.mlp import gelu_bwd_kernel, linear_fwd_kernel, weight_grad_kernel
+from vit_fast.kernels.mlp import gelu_bwd_kernel, linear_bwd_kernel, linear_fwd_kernel
 
 if TYPE_CHECKING:
     from vit_fast.aot import KernelLaunch
@@ -86,13 +86,13 @@ _APPROXIMATE_TO_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
 
 @dataclass(frozen=True)
 class MatmulConfig:
-    """One launch configuration. For weight_grad_kernel the roles follow the layer's (M, N, K)
+    """One launch configuration. For weight-gradient tiles the roles follow the layer's (M, N, K)
     (rows, output features, input features): block_m is the reduction step over the rows and
     block_n x block_k the tile of dW (N, K); group_m is unused there."""
 
-    block_m: int  # rows of the output tile (weight_grad: rows reduced per step)
-    block_n: int  # columns of the output tile (weight_grad: dW tile rows)
-    block_k: int  # reduction step per tl.dot, >= 16, the tensor-core minimum (weight_grad: dW tile columns)
+    block_m: int  # rows of the output tile (dW tiles: rows reduced per step)
+    block_n: int  # columns of the output tile (dW tiles: its rows)
+    block_k: int  # reduction step per tl.dot, >= 16, the tensor-core minimum (dW tiles: its columns)
     group_m: int = 8  # row tiles per L2-friendly group (see _tile_coordinates in kernels/mlp.py)
     num_warps: int = 4
     num_stages: int = 3  # software-pipelining depth of the K loop (shared-memory buffers)
@@ -105,6 +105,15 @@ INTERPRETER_CONFIG = MatmulConfig(block_m=64, block_n=64, block_k=32, group_m=4,
 # One wave of 128x128 tiles covers the SMs of an A100 (108) or H100 (132); below that, halve the
 # tile so the grid still fills the GPU.
 _ONE_WAVE_TILES = 128
+
+
+def _fixed_config(dtype: torch.dtype, interpret: bool | None, fp32: MatmulConfig,
+                  fp64: MatmulConfig) -> MatmulConfig | None:
+    """The configurations that do not depend on shapes: the interpreter's (``interpret`` defaults to
+    ``launch.interpreting()``), and one each for the fp32 and fp64 accuracy paths; None for 16 bits."""
+    if interpret if interpret is not None else interpreting():
+        return INTERPRETER_CONFIG
+    return {torch.float32: fp32, torch.float64: fp64}.get(dtype)
 
 
 def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype,
@@ -124,14 +133,10 @@ def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype,
     """
     if kernel not in ("linear", "gelu_bwd"):
         raise ValueError(f"kernel must be 'linear' or 'gelu_bwd', got {kernel!r}")
-    if interpret is None:
-        interpret = interpreting()
-    if interpret:
-        return INTERPRETER_CONFIG
-    if dtype == torch.float32:
-        return MatmulConfig(64, 64, 16, group_m=8, num_warps=4, num_stages=3)
-    if dtype == torch.float64:
-        return MatmulConfig(32, 32, 16, group_m=8, num_warps=4, num_stages=2)
+    fixed = _fixed_config(dtype, interpret, fp32=MatmulConfig(64, 64, 16, group_m=8, num_warps=4, num_stages=3),
+                          fp64=MatmulConfig(32, 32, 16, group_m=8, num_warps=4, num_stages=2))
+    if fixed is not None:
+        return fixed
     block_k = 64
     big = math.ceil(M / 128) * math.ceil(N / 128) >= _ONE_WAVE_TILES
     if kernel == "linear":
@@ -145,8 +150,9 @@ def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype,
 
 def choose_weight_grad_config(M: int, weights: list[tuple[int, int]], dtype: torch.dtype,
                               interpret: bool | None = None) -> MatmulConfig:
-    """The configuration of ``weight_grad_kernel`` for dW = dY^T X over M rows, for the weights of
-    shapes ``weights`` [(N, K), ...] in one grid (the MLP's fc2 and fc1: two), dY and X in ``dtype``.
+    """The weight-gradient tiles' configuration in ``linear_bwd_kernel`` for dW = dY^T X over M rows,
+    for the weights of shapes ``weights`` [(N, K), ...] in one grid (the MLP's fc2 and fc1: two), dY
+    and X in ``dtype``; the launch's warps and stages are this config's.
 
     Each program owns one tile of one dW and reduces over all M rows itself (deterministic, no
     atomics, no partial-sum pass), so the grid is the number of tiles, which the rows do not
@@ -156,10 +162,12 @@ def choose_weight_grad_config(M: int, weights: list[tuple[int, int]], dtype: tor
     the programs (288 for the MLP, 108, 36 and 24 for the projections) at twice the L2 traffic per
     FLOP. The small-weight launches stay latency-bound (one program streams all M rows of its
     panels); cuBLAS splits the reduction over more blocks and may be faster per GEMM on a GPU,
-    which only ``benchmarks/bench_mlp.py`` on a GPU can tell. What this kernel buys for certain:
-    the bias gradients in the same launch (no separate reduction reading dY again), dY read in
-    its own dtype with stochastic depth's scale applied in registers (no scaled 16-bit copy), both
-    MLP weights in one launch, and fp32 output without any 16-bit rounding.
+    which only ``benchmarks/bench_mlp.py`` on a GPU can tell (no timing was taken). The dX tiles of
+    the same launch, many and short, come after these and fill the SMs they leave idle. What the
+    kernel buys for certain: the bias gradients in the same launch (no separate reduction reading
+    dY again), dY read in its own dtype with stochastic depth's scale applied in registers (no
+    scaled 16-bit copy), one launch for the whole backward of a linear (two for the MLP), and fp32
+    output without any 16-bit rounding.
 
     - 16-bit: 4 warps, 3 stages; 64 rows per step for 32 x 32 tiles, 32 for 64 x 64 ones. Under
       autocast the dY tile is fp32 and is scaled, summed and converted in registers next to the dot's
@@ -168,14 +176,10 @@ def choose_weight_grad_config(M: int, weights: list[tuple[int, int]], dtype: tor
     - fp32 and fp64 (accuracy paths): one small config each, as ``choose_config``.
     ``interpret`` defaults to ``launch.interpreting()`` (then the fixed INTERPRETER_CONFIG).
     """
-    if interpret is None:
-        interpret = interpreting()
-    if interpret:
-        return INTERPRETER_CONFIG
-    if dtype == torch.float32:
-        return MatmulConfig(16, 64, 64, group_m=1, num_warps=4, num_stages=3)
-    if dtype == torch.float64:
-        return MatmulConfig(16, 32, 32, group_m=1, num_warps=4, num_stages=2)
+    fixed = _fixed_config(dtype, interpret, fp32=MatmulConfig(16, 64, 64, group_m=1, num_warps=4, num_stages=3),
+                          fp64=MatmulConfig(16, 32, 32, group_m=1, num_warps=4, num_stages=2))
+    if fixed is not None:
+        return fixed
     tiles = sum(math.ceil(n / 64) * max(math.ceil(k / 64), 1) for n, k in weights)
     if tiles >= _ONE_WAVE_TILES:
         return MatmulConfig(32, 64, 64, group_m=1, num_warps=4, num_stages=3)
@@ -332,8 +336,8 @@ def gelu_bwd_launch(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor | None
 
 @dataclass(frozen=True)
 class WeightGradOperands:
-    """One layer's share of a ``weight_grad_kernel`` launch: grad_w = grad_y2d^T x2d and grad_b =
-    the column sums of grad_y2d (skipped when None)."""
+    """One layer's weight and bias gradients in a ``linear_bwd_launch``: grad_w = grad_y2d^T x2d and
+    grad_b = the column sums of grad_y2d (skipped when None)."""
 
     grad_y2d: Tensor  # (M, N) gradient of the layer's output, any float dtype and strides
     x2d: Tensor  # (M, K) the layer's input, in the compute dtype (the dot's operands' dtype)
@@ -341,52 +345,92 @@ class WeightGradOperands:
     grad_b: Tensor | None  # (N,) output, contiguous, the bias's dtype; None: not computed
 
 
+@dataclass(frozen=True)
+class InputGradOperands:
+    """A layer's input gradient in a ``linear_bwd_launch``: grad_x = grad_y2d @ weight."""
+
+    grad_y2d: Tensor  # (M, N) gradient of the layer's output, in the compute dtype, any strides
+    weight: Tensor  # (N, K) the layer's weight, in the compute dtype or fp32 (converted in registers)
+    grad_x: Tensor  # (M, K) output, contiguous, in the compute dtype
+
+
 def _weight_grad_tiles(layer: WeightGradOperands, cfg: MatmulConfig) -> int:
     n, k = layer.grad_w.shape
     return math.ceil(n / cfg.block_n) * max(math.ceil(k / cfg.block_k), 1)  # as _weight_grad_tiles_k
 
 
-def weight_grad_launch(first: WeightGradOperands, second: WeightGradOperands | None = None,
-                       interpret: bool | None = None, scale: Tensor | None = None, rows_per_sample: int = 1,
-                       config: MatmulConfig | None = None) -> Launch:
-    """The launch computing ``first``'s weight and bias gradients, the first one's dY scaled per
-    sample by ``scale`` (stochastic depth's, (M // rows_per_sample,)), and ``second``'s (never
-    scaled) after them in the same grid. ``config`` overrides ``choose_weight_grad_config`` (tests
-    use small tiles so that small shapes span several)."""
+def _input_grad_config(dtype: torch.dtype, weight_grad: MatmulConfig, interpret: bool) -> MatmulConfig:
+    """The DX tiles' configuration inside a ``linear_bwd_launch``. A kernel's registers are the most
+    any of its branches needs, so the DX tiles are kept as small as the weight-gradient ones: at
+    64 x 128 x 64 (``choose_config``'s "linear" for 4 warps) the kernel took 206 to 255 registers
+    with an fp32 weight, at 64 x 64 x 32 96 to 128; fp32's 64 x 64 x 16 took up to 246 (32 x 64 here)
+    and fp64's 32 x 32 x 16 a STACK frame on sm_90 (16 x 32 here). Warps and stages are the launch's."""
+    if interpret:
+        return INTERPRETER_CONFIG
+    warps, stages = weight_grad.num_warps, weight_grad.num_stages
+    if dtype == torch.float32:
+        return MatmulConfig(32, 64, 16, group_m=8, num_warps=warps, num_stages=stages)
+    if dtype == torch.float64:
+        return MatmulConfig(16, 32, 16, group_m=8, num_warps=warps, num_stages=stages)
+    return MatmulConfig(64, 64, 32, group_m=8, num_warps=warps, num_stages=stages)
+
+
+def linear_bwd_launch(layers: list[WeightGradOperands], input_grad: InputGradOperands | None = None,
+                      interpret: bool | None = None, scale: Tensor | None = None, rows_per_sample: int = 1,
+                      config: MatmulConfig | None = None) -> Launch:
+    """One launch computing the weight and bias gradients of ``layers`` (one or two, over the same
+    rows; the first one's dY scaled per sample by ``scale``, stochastic depth's, (M // rows_per_sample,))
+    and ``input_grad``'s product, each tile by its own programs of one grid. ``config`` overrides
+    ``choose_weight_grad_config`` and the DX tiles' choice (tests use small tiles so that small
+    shapes span several)."""
     if interpret is None:
         interpret = interpreting()
-    layers = [first] if second is None else [first, second]
-    for layer in layers:
-        if not (layer.grad_w.is_contiguous() and (layer.grad_b is None or layer.grad_b.is_contiguous())):
-            raise ValueError("weight_grad_launch writes contiguous grad_w and grad_b; got strides "
-                             f"{layer.grad_w.stride()} and {None if layer.grad_b is None else layer.grad_b.stride()}")
-    M = first.x2d.shape[0]
-    dtype = first.x2d.dtype
+    if not 0 <= len(layers) <= 2 or not (layers or input_grad):
+        raise ValueError(f"linear_bwd_launch takes 0 to 2 layers and an input gradient, at least one; got "
+                         f"{len(layers)} layers and input_grad={input_grad is not None}")
+    outputs = [t for layer in layers for t in (layer.grad_w, layer.grad_b)] + [input_grad.grad_x if input_grad else None]
+    if not all(t is None or t.is_contiguous() for t in outputs):
+        raise ValueError(f"linear_bwd_launch writes contiguous outputs; got strides {[t.stride() for t in outputs if t is not None]}")
+    first = layers[0] if layers else None
+    M = first.x2d.shape[0] if first else input_grad.grad_x.shape[0]
+    dtype = first.x2d.dtype if first else input_grad.grad_x.dtype
     cfg = config or choose_weight_grad_config(M, [tuple(layer.grad_w.shape) for layer in layers], dtype, interpret)
-    other = second or first  # unused pointer and size arguments when there is no second layer
-    unused = first.grad_w  # a valid pointer whose flag is off
+    dx_cfg = config or _input_grad_config(dtype, cfg, interpret)
+    # Unused pointer, size and stride arguments repeat present ones (their flags are off).
+    some = input_grad.grad_x if input_grad else first.grad_w
+    first = first or WeightGradOperands(input_grad.grad_y2d, input_grad.grad_x, some, None)
+    second = layers[1] if len(layers) == 2 else first
+    dx = input_grad or InputGradOperands(first.grad_y2d, first.grad_w, some)
 
-    def tensors(layer: WeightGradOperands, suffix: str) -> dict:
+    def operands(layer: WeightGradOperands, suffix: str) -> dict:
         return {f"DY{suffix}": layer.grad_y2d, f"X{suffix}": layer.x2d, f"DW{suffix}": layer.grad_w,
-                f"DB{suffix}": layer.grad_b if layer.grad_b is not None else unused}
+                f"DB{suffix}": layer.grad_b if layer.grad_b is not None else some}
 
     def strides(layer: WeightGradOperands, suffix: str) -> dict:
         return {f"stride_dy{suffix}m": layer.grad_y2d.stride(0), f"stride_dy{suffix}n": layer.grad_y2d.stride(1),
                 f"stride_x{suffix}m": layer.x2d.stride(0), f"stride_x{suffix}k": layer.x2d.stride(1)}
 
     args = dict(
-        **tensors(first, ""), Scale=scale if scale is not None else unused, **tensors(other, "2"),
-        M=M, N=first.grad_w.shape[0], K=first.grad_w.shape[1], N2=other.grad_w.shape[0], K2=other.grad_w.shape[1],
-        rows_per_sample=rows_per_sample, **strides(first, ""), **strides(other, "2"),
+        **operands(first, ""), Scale=scale if scale is not None else some, **operands(second, "2"),
+        G=dx.grad_y2d, W=dx.weight, DX=dx.grad_x,
+        M=M, N=first.grad_w.shape[0], K=first.grad_w.shape[1], N2=second.grad_w.shape[0], K2=second.grad_w.shape[1],
+        NX=dx.weight.shape[0], KX=dx.weight.shape[1], rows_per_sample=rows_per_sample,
+        **strides(first, ""), **strides(second, "2"),
+        stride_gm=dx.grad_y2d.stride(0), stride_gn=dx.grad_y2d.stride(1),
+        stride_wn=dx.weight.stride(0), stride_wk=dx.weight.stride(1),
     )
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        HAS_SCALE=scale is not None, HAS_BIAS=first.grad_b is not None, GROUPED=second is not None,
-        HAS_BIAS2=second is not None and second.grad_b is not None,
+        DX_BLOCK_M=dx_cfg.block_m, DX_BLOCK_N=dx_cfg.block_n, DX_BLOCK_K=dx_cfg.block_k, DX_GROUP_M=dx_cfg.group_m,
+        LAYERS=len(layers), HAS_SCALE=scale is not None and bool(layers),
+        HAS_BIAS=bool(layers) and layers[0].grad_b is not None,
+        HAS_BIAS2=len(layers) == 2 and layers[1].grad_b is not None, HAS_DX=input_grad is not None,
         **precision_constexprs(dtype), **_interpreter_constexprs(dtype, interpret),
     )
-    grid = (sum(_weight_grad_tiles(layer, cfg) for layer in layers),)
-    return Launch(weight_grad_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages)
+    tiles = sum(_weight_grad_tiles(layer, cfg) for layer in layers)
+    if input_grad is not None:
+        tiles += math.ceil(M / dx_cfg.block_m) * math.ceil(input_grad.grad_x.shape[1] / dx_cfg.block_n)
+    return Launch(linear_bwd_kernel, (tiles,), args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
 def _plans(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, approximate: str, residual: bool,
@@ -415,12 +459,10 @@ def _plans(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, appro
         gelu_bwd_launch(grad_y, x, w1, b1, w2, grad_pre, activation, interpret=interpret, scale=scale_t,
                         rows_per_sample=rows_per_sample),
     ]
-    if weight_dtype != dtype:  # dX = grad_pre W1 with W1 converted in registers (cuBLAS otherwise)
-        launches.append(linear_launch(grad_pre, w1.t(), None, None, t(M, d_in), "none", interpret=interpret))
-    launches.append(weight_grad_launch(  # dW2, db2, dW1, db1
-        WeightGradOperands(grad_y, h, t(d_out, hidden, dtype=weight_dtype), t(d_out, dtype=weight_dtype) if bias else None),
-        WeightGradOperands(grad_pre, x, t(hidden, d_in, dtype=weight_dtype), t(hidden, dtype=weight_dtype) if bias else None),
-        interpret=interpret, scale=scale_t, rows_per_sample=rows_per_sample))
+    launches.append(linear_bwd_launch(  # dW2, db2, dW1, db1, dX
+        [WeightGradOperands(grad_y, h, t(d_out, hidden, dtype=weight_dtype), t(d_out, dtype=weight_dtype) if bias else None),
+         WeightGradOperands(grad_pre, x, t(hidden, d_in, dtype=weight_dtype), t(hidden, dtype=weight_dtype) if bias else None)],
+        InputGradOperands(grad_pre, w1, t(M, d_in)), interpret=interpret, scale=scale_t, rows_per_sample=rows_per_sample))
     return launches
 
 
@@ -443,8 +485,7 @@ def aot_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype,
 def planned_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, approximate: str = "none",
                      residual: bool = True, **variant) -> list[Launch]:
     """The Triton ``Launch`` objects (kernel, grid, meta tensors) of one forward + backward, for
-    accounts of launches and bytes (``variant`` as ``aot_launches``). The backward's one cuBLAS
-    GEMM, dX when the weights are in the compute dtype, is not a Triton launch and is not listed."""
+    accounts of launches and bytes (``variant`` as ``aot_launches``): every kernel the op runs."""
     defaults = dict(weight_dtype=None, residual_dtype=None, scale=False, bias=True)
     return _plans(M, d_in, hidden, d_out, dtype, approximate, residual, **{**defaults, **variant})
 
@@ -494,13 +535,16 @@ def _not_needed(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
-def _weight_and_bias_grads(layers: list[tuple[Tensor, Tensor, bool, bool]], dtype: torch.dtype,
-                           scale: Tensor | None = None, rows_per_sample: int = 1) -> list[tuple[Tensor, Tensor]]:
-    """(grad_w (N, K), grad_b (N,)) in ``dtype`` for each layer given as (grad_y2d (M, N), x2d (M, K),
-    needs_weight, needs_bias), by one ``weight_grad_kernel`` launch over every layer that needs
-    either; ``scale`` scales the first layer's grad_y2d per sample. Unneeded gradients come back as
-    empty placeholders; a layer whose bias gradient alone is needed still has its weight gradient
-    computed, then dropped (frozen weights with trainable biases: not worth a kernel variant)."""
+def _linear_grads(layers: list[tuple[Tensor, Tensor, bool, bool]], input_grad: tuple[Tensor, Tensor] | None,
+                  dtype: torch.dtype, scale: Tensor | None = None, rows_per_sample: int = 1
+                  ) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
+    """The backward products of linear layers over the same M rows, in one ``linear_bwd_kernel``
+    launch: (grad_w (N, K), grad_b (N,)) in ``dtype`` for each layer given as (grad_y2d (M, N), x2d
+    (M, K), needs_weight, needs_bias), ``scale`` scaling the first layer's grad_y2d per sample; and,
+    given ``input_grad`` = (grad_y2d (M, N), weight (N, K)), grad_y2d @ weight (M, K) in grad_y2d's
+    dtype (else None). Unneeded parameter gradients come back as empty placeholders; a layer whose
+    bias gradient alone is needed still has its weight gradient computed, then dropped (frozen
+    weights with trainable biases: not worth a kernel variant)."""
     grads, operands = [], []
     for index, (grad_y2d, x2d, needs_weight, needs_bias) in enumerate(layers):
         if not (needs_weight or needs_bias):
@@ -510,13 +554,18 @@ def _weight_and_bias_grads(layers: list[tuple[Tensor, Tensor, bool, bool]], dtyp
         grad_b = torch.empty((grad_y2d.shape[1],), dtype=dtype, device=x2d.device) if needs_bias else None
         operands.append((index, WeightGradOperands(grad_y2d, x2d, grad_w, grad_b)))
         grads.append((grad_w if needs_weight else _not_needed(x2d), grad_b if needs_bias else _not_needed(x2d)))
-    if operands:
-        scaled = operands[0][0] == 0  # the scale belongs to layers[0]'s gradient only
-        launch = weight_grad_launch(*(op for _, op in operands), scale=scale if scaled else None,
-                                    rows_per_sample=rows_per_sample if scaled else 1)
+    grad_x = None
+    if input_grad is not None:
+        grad_y2d, weight = input_grad
+        grad_x = grad_y2d.new_empty((grad_y2d.shape[0], weight.shape[1]))
+    if operands or grad_x is not None:
+        scaled = bool(operands) and operands[0][0] == 0  # the scale belongs to layers[0]'s gradient only
+        launch = linear_bwd_launch([op for _, op in operands],
+                                   InputGradOperands(*input_grad, grad_x) if grad_x is not None else None,
+                                   scale=scale if scaled else None, rows_per_sample=rows_per_sample if scaled else 1)
         if launch.grid[0]:  # no tiles: every output is empty (an empty grid is not a valid launch)
             launch.run()
-    return grads
+    return grads, grad_x
 
 
 @torch.library.custom_op("vit_fast::mlp_backward", mutates_args=())
@@ -530,8 +579,8 @@ def _mlp_backward_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Te
     _check_mlp_backward(grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, approximate, needs, scale)
     check_launchable("x", x)
     w1, w2 = fc1_weight, fc2_weight
-    # cuBLAS's dX (16-bit weights) takes its dtypes from the operands; an autocast region around
-    # the backward must not re-cast them.
+    # Only Triton kernels run here, but an autocast region around the backward must not re-cast
+    # any torch operator a future change adds.
     with torch.autocast(x.device.type, enabled=False):
         gy2d = grad_y.reshape(-1, w2.shape[0])  # (M, D_out); may be a stride-0 view: the kernels take strides
         x2d = x.reshape(-1, x.shape[-1])  # (M, D_in)
@@ -542,13 +591,13 @@ def _mlp_backward_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Te
         if grad_pre.numel() and any(needs[:3]):
             gelu_bwd_launch(gy2d, x2d, w1, fc1_bias, w2, grad_pre, _APPROXIMATE_TO_ACTIVATION[approximate],
                             scale=scale, rows_per_sample=rows_per_sample).run()
-        grad_x = _linear_input_grad(grad_pre, w1, x.dtype).reshape(x.shape) if needs[0] else _not_needed(x)
-        # Both layers' weight and bias gradients in one grouped launch, fc2's tiles first: fc2's
-        # operand is grad_y as it came (the fp32 residual stream's under autocast), scaled and
-        # rounded to x's dtype in registers.
-        (grad_w2, grad_b2), (grad_w1, grad_b1) = _weight_and_bias_grads(
-            [(gy2d, hidden, needs[3], needs[4]), (grad_pre, x2d, needs[1], needs[2])], w1.dtype, scale,
-            rows_per_sample)
+        # Everything else in one launch: fc2's weight and bias gradients (from grad_y as it came, the
+        # fp32 residual stream's under autocast, scaled and rounded to x's dtype in registers),
+        # fc1's, and dX = grad_pre W1.
+        [(grad_w2, grad_b2), (grad_w1, grad_b1)], grad_x2d = _linear_grads(
+            [(gy2d, hidden, needs[3], needs[4]), (grad_pre, x2d, needs[1], needs[2])],
+            (grad_pre, w1) if needs[0] else None, w1.dtype, scale, rows_per_sample)
+        grad_x = grad_x2d.reshape(x.shape) if needs[0] else _not_needed(x)
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
@@ -573,23 +622,10 @@ def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     _check_linear_shapes("", x.shape, weight, bias)
 
 
-def _linear_input_grad(grad_y2d: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """grad_y2d @ weight (M, K) in ``dtype``: cuBLAS when the weight has that dtype, else the Triton
-    matmul converting the (fp32) weight in registers, read transposed through its strides."""
-    if weight.dtype == dtype:
-        return grad_y2d @ weight
-    if not grad_y2d.shape[1]:  # no output features: the gradient is zero
-        return torch.zeros((grad_y2d.shape[0], weight.shape[1]), dtype=dtype, device=grad_y2d.device)
-    out = torch.empty((grad_y2d.shape[0], weight.shape[1]), dtype=dtype, device=grad_y2d.device)
-    if out.numel():  # the kernel writes every element: no zero-fill launch
-        linear_launch(grad_y2d, weight.t(), None, None, out, "none").run()
-    return out
-
-
 def linear_aot_launches(M: int, K: int, N: int, dtype: torch.dtype,
                         weight_dtype: torch.dtype = torch.float32, bias: bool = True) -> list[KernelLaunch]:
     """The Triton kernels ``linear`` runs on a GPU for x (M, K) in ``dtype`` and a weight (N, K) in
-    ``weight_dtype``: the forward and the backward's dX and dW (with db)."""
+    ``weight_dtype``: the forward and the backward's one launch (dX, dW and db)."""
     from vit_fast.aot import kernel_launches  # the compile tests' path only
 
     return kernel_launches(linear_planned_launches(M, K, N, dtype, weight_dtype, bias))
@@ -597,7 +633,7 @@ def linear_aot_launches(M: int, K: int, N: int, dtype: torch.dtype,
 
 def linear_planned_launches(M: int, K: int, N: int, dtype: torch.dtype,
                             weight_dtype: torch.dtype = torch.float32, bias: bool = True) -> list[Launch]:
-    """``linear``'s Triton ``Launch`` objects (forward, dX, dW with db) on meta tensors, for accounts."""
+    """``linear``'s Triton ``Launch`` objects (forward; backward: dX, dW and db) on meta tensors, for accounts."""
 
     def t(*shape, dtype=dtype):
         return torch.empty(shape, dtype=dtype, device="meta")
@@ -605,8 +641,7 @@ def linear_planned_launches(M: int, K: int, N: int, dtype: torch.dtype,
     x, w, grad_y = t(M, K), t(N, K, dtype=weight_dtype), t(M, N)
     grad_w_and_b = WeightGradOperands(grad_y, x, t(N, K, dtype=weight_dtype), t(N, dtype=weight_dtype) if bias else None)
     return [linear_launch(x, w, t(N, dtype=weight_dtype) if bias else None, None, t(M, N), "none", interpret=False),
-            linear_launch(grad_y, w.t(), None, None, t(M, K), "none", interpret=False),
-            weight_grad_launch(grad_w_and_b, interpret=False)]
+            linear_bwd_launch([grad_w_and_b], InputGradOperands(grad_y, w, t(M, K)), interpret=False)]
 
 
 @torch.library.custom_op("vit_fast::linear", mutates_args=())
@@ -640,8 +675,9 @@ def _linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, needs: list[b
     with torch.autocast(x.device.type, enabled=False):
         gy2d = grad_y.reshape(-1, weight.shape[0]).to(x.dtype)  # a no-op: y, hence grad_y, has x's dtype
         x2d = x.reshape(-1, x.shape[-1])
-        grad_x = _linear_input_grad(gy2d, weight, x.dtype).reshape(x.shape) if needs[0] else _not_needed(x)
-        [(grad_w, grad_b)] = _weight_and_bias_grads([(gy2d, x2d, needs[1], needs[2])], weight.dtype)
+        [(grad_w, grad_b)], grad_x2d = _linear_grads([(gy2d, x2d, needs[1], needs[2])],
+                                                     (gy2d, weight) if needs[0] else None, weight.dtype)
+        grad_x = grad_x2d.reshape(x.shape) if needs[0] else _not_needed(x)
     return grad_x, grad_w, grad_b
 
 
