@@ -111,7 +111,9 @@ def _fixed_config(dtype: torch.dtype, interpret: bool | None, fp32: MatmulConfig
                   fp64: MatmulConfig) -> MatmulConfig | None:
     """The configurations that do not depend on shapes: the interpreter's (``interpret`` defaults to
     ``launch.interpreting()``), and one each for the fp32 and fp64 accuracy paths; None for 16 bits."""
-    if interpret if interpret is not None else interpreting():
+    if interpret is None:
+        interpret = interpreting()
+    if interpret:
         return INTERPRETER_CONFIG
     return {torch.float32: fp32, torch.float64: fp64}.get(dtype)
 
@@ -388,9 +390,11 @@ def linear_bwd_launch(layers: list[WeightGradOperands], input_grad: InputGradOpe
     if not 0 <= len(layers) <= 2 or not (layers or input_grad):
         raise ValueError(f"linear_bwd_launch takes 0 to 2 layers and an input gradient, at least one; got "
                          f"{len(layers)} layers and input_grad={input_grad is not None}")
-    outputs = [t for layer in layers for t in (layer.grad_w, layer.grad_b)] + [input_grad.grad_x if input_grad else None]
-    if not all(t is None or t.is_contiguous() for t in outputs):
-        raise ValueError(f"linear_bwd_launch writes contiguous outputs; got strides {[t.stride() for t in outputs if t is not None]}")
+    outputs = [t for layer in layers for t in (layer.grad_w, layer.grad_b) if t is not None]
+    outputs += [input_grad.grad_x] if input_grad else []
+    if not all(t.is_contiguous() for t in outputs):
+        raise ValueError(f"linear_bwd_launch writes contiguous outputs; got shapes and strides "
+                         f"{[(tuple(t.shape), t.stride()) for t in outputs]}")
     first = layers[0] if layers else None
     M = first.x2d.shape[0] if first else input_grad.grad_x.shape[0]
     dtype = first.x2d.dtype if first else input_grad.grad_x.dtype
@@ -452,18 +456,18 @@ def _plans(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, appro
     rows_per_sample = M // samples if scale else 1
     h, y, grad_y = t(M, hidden), t(M, d_out, dtype=out_dtype), t(M, d_out, dtype=out_dtype)
     grad_pre = t(M, hidden)
-    launches = [
+    return [
         linear_launch(x, w1, b1, None, h, activation, interpret=interpret),  # fc1
         linear_launch(h, w2, b2, t(M, d_out, dtype=out_dtype) if residual else None, y, "none", interpret=interpret,
                       scale=scale_t, rows_per_sample=rows_per_sample),  # fc2
         gelu_bwd_launch(grad_y, x, w1, b1, w2, grad_pre, activation, interpret=interpret, scale=scale_t,
                         rows_per_sample=rows_per_sample),
+        linear_bwd_launch(  # dW2, db2, dW1, db1, dX
+            [WeightGradOperands(grad_y, h, torch.empty_like(w2), torch.empty_like(b2) if bias else None),
+             WeightGradOperands(grad_pre, x, torch.empty_like(w1), torch.empty_like(b1) if bias else None)],
+            InputGradOperands(grad_pre, w1, t(M, d_in)), interpret=interpret, scale=scale_t,
+            rows_per_sample=rows_per_sample),
     ]
-    launches.append(linear_bwd_launch(  # dW2, db2, dW1, db1, dX
-        [WeightGradOperands(grad_y, h, t(d_out, hidden, dtype=weight_dtype), t(d_out, dtype=weight_dtype) if bias else None),
-         WeightGradOperands(grad_pre, x, t(hidden, d_in, dtype=weight_dtype), t(hidden, dtype=weight_dtype) if bias else None)],
-        InputGradOperands(grad_pre, w1, t(M, d_in)), interpret=interpret, scale=scale_t, rows_per_sample=rows_per_sample))
-    return launches
 
 
 def aot_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, approximate: str = "none",
@@ -472,10 +476,10 @@ def aot_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype,
                  bias: bool = True) -> list[KernelLaunch]:
     """The Triton kernels ``mlp`` runs on a GPU for x (M, d_in) in ``dtype`` -> (M, d_out) through
     ``hidden`` units, forward and backward: fc1 (bias + GELU epilogue), fc2 (bias, + residual if
-    ``residual``, in ``residual_dtype``; stochastic depth's scale if ``scale``), gelu_bwd, the
-    dX product when the parameters are in ``weight_dtype`` (fp32 under autocast), and the grouped
-    weight and bias gradients of both layers. Built by the launchers themselves on meta tensors,
-    with the GPU's config choice."""
+    ``residual``, in ``residual_dtype``; stochastic depth's scale if ``scale``), gelu_bwd, and the
+    one launch of both layers' weight and bias gradients and dX, the parameters in ``weight_dtype``
+    (fp32 under autocast). Built by the launchers themselves on meta tensors, with the GPU's config
+    choice."""
     launches = _plans(M, d_in, hidden, d_out, dtype, approximate, residual, weight_dtype, residual_dtype, scale, bias)
     from vit_fast.aot import kernel_launches  # the compile tests' path only: running needs none of it
 
@@ -639,7 +643,8 @@ def linear_planned_launches(M: int, K: int, N: int, dtype: torch.dtype,
         return torch.empty(shape, dtype=dtype, device="meta")
 
     x, w, grad_y = t(M, K), t(N, K, dtype=weight_dtype), t(M, N)
-    grad_w_and_b = WeightGradOperands(grad_y, x, t(N, K, dtype=weight_dtype), t(N, dtype=weight_dtype) if bias else None)
+    grad_w_and_b = WeightGradOperands(grad_y, x, t(N, K, dtype=weight_dtype),
+                                      t(N, dtype=weight_dtype) if bias else None)
     return [linear_launch(x, w, t(N, dtype=weight_dtype) if bias else None, None, t(M, N), "none", interpret=False),
             linear_bwd_launch([grad_w_and_b], InputGradOperands(grad_y, w, t(M, K)), interpret=False)]
 
