@@ -1,21 +1,31 @@
 """Triton kernels of the transformer MLP: fc2(GELU(fc1(x))) (+ residual), forward and backward.
 
-Two kernels, both tiled matmuls (one output tile of BLOCK_M x BLOCK_N per program, a K loop of
-``tl.dot`` accumulating in fp32, or fp64 for fp64 inputs) that differ only in their epilogue:
+Three kernels, all tiled matmuls accumulating ``tl.dot`` products in fp32 (fp64 for fp64
+inputs), that differ in what they reduce over and in their epilogues:
 
   linear_fwd_kernel      Out = residual + scale[sample] * act(X @ W^T + bias)
+                         one BLOCK_M x BLOCK_N output tile per program, a K loop
                          fc1: act = GELU (erf, or tanh approximation), no residual
                          fc2: act = identity, optional residual (the block's skip connection)
                          and optional scale (stochastic depth's per-sample 0 or 1/keep)
-                         also dX = DPre @ W1 in the backward, when W1 is fp32 (see below)
   gelu_bwd_kernel        DPre = ((scale * DY) @ W2) * GELU'(X @ W1^T + b1)
                          the gradient through fc2 and the GELU in one kernel; the
-                         pre-activation is recomputed in the same program (see below);
-                         optionally also stores scale * DY in the 16-bit compute dtype
-                         (the operand of dW2 and the rows of db2)
+                         pre-activation is recomputed in the same program (see below)
+  linear_bwd_kernel      the backward's remaining products, each tile by its own programs of
+                         one grid: DW = (scale * DY)^T @ X and DB = column sums of scale * DY
+                         for one or two layers (the MLP's fc2 then fc1), then DX = G @ W
+                         (G the gradient of the layer's output, W its weight)
+                         a DW program owns one BLOCK_N x BLOCK_K tile and reduces over all M
+                         rows itself (fixed order, no atomics, no partial-sum pass); the bias
+                         sums ride along: every program adds the DY tiles it loads anyway
+                         into an fp32 accumulator and the first column of tiles stores it.
+                         The DX programs are linear_fwd_kernel's tiles (W read as it is laid
+                         out) and come last, so the many short ones fill the SMs that the
+                         few long DW programs leave idle.
 
-The remaining backward products (dW1 = DPre^T @ X, dW2 = DY^T @ H, bias sums) have no
-elementwise work to fuse and run through cuBLAS with fp32 output; see ``vit_fast.fused.mlp``.
+The backward kernel reads DY in its own dtype (the fp32 residual stream's gradient under
+autocast) and applies stochastic depth's scale in registers, so no scaled 16-bit copy of DY is
+stored for it, and the bias sums are taken from the fp32 values before the dot's rounding.
 
 Mixed precision: the GEMM operands are converted in registers to the dtype of X (the compute
 dtype, 16-bit under autocast): fp32 weights are loaded as fp32 and rounded to bf16/fp16 right
@@ -93,13 +103,12 @@ def _gelu_grad(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program, visiting tiles in column-major groups of GROUP_M rows.
+def _tile_coordinates(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of tile ``pid``, visiting tiles in column-major groups of GROUP_M rows.
 
     Consecutive programs then share the same few row panels of the left operand and walk across
     the right operand together, so both stay in L2 instead of being re-read from HBM per tile.
     """
-    pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles_per_group = GROUP_M * tiles_n
@@ -175,7 +184,7 @@ def linear_fwd_kernel(
     DOT_IN_FP32: tl.constexpr,  # interpreter only: widen 16-bit dot operands (module docstring)
     BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see round_to
 ):
-    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
 
@@ -210,7 +219,6 @@ def gelu_bwd_kernel(
     W1,  # (N, K_IN) fc1 weight, nn.Linear layout (hidden, in_features), compute dtype or fp32
     B1,  # (N,) fc1 bias; not read unless HAS_BIAS1
     DPre,  # (M, N) output: gradient w.r.t. fc1's pre-activation, ((scale DY) W2) * GELU'(X W1^T + b1)
-    DYC,  # (M, K_OUT) output, compute dtype, contiguous: scale * DY as the dot read it; STORE_DYC only
     M, N, K_OUT, K_IN,
     rows_per_sample,
     stride_dym, stride_dyk,
@@ -224,14 +232,13 @@ def gelu_bwd_kernel(
     GROUP_M: tl.constexpr,
     HAS_BIAS1: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    STORE_DYC: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "gelu" (erf) or "gelu_tanh": the form the forward used
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     BF16_RNE_IN_SOFTWARE: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_m < M
@@ -239,13 +246,12 @@ def gelu_bwd_kernel(
     dot_dtype = X.dtype.element_ty
 
     # Gradient of the hidden activation H, reduced over fc2's output width. The incoming gradient
-    # is scaled per sample and converted to the compute dtype here; the first column of programs
-    # also stores that operand (STORE_DYC), so dW2 and db2 need no separate scale or cast pass.
+    # is scaled per sample and converted to the compute dtype in registers (linear_bwd_kernel does
+    # the same for dW2 and db2, so no scaled copy of it is ever stored).
     if HAS_SCALE:
         keep = tl.load(Scale + offs_m // rows_per_sample, mask=row_ok, other=0.0).to(ACC_DTYPE)
     offs_k = tl.arange(0, BLOCK_K)
     dy_ptrs = DY + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyk  # (BLOCK_M, BLOCK_K)
-    dyc_ptrs = DYC + offs_m[:, None] * K_OUT + offs_k[None, :]
     w2_ptrs = W2 + offs_k[:, None] * stride_w2k + offs_n[None, :] * stride_w2n  # (BLOCK_K, BLOCK_N)
     grad_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k_start in range(0, K_OUT, BLOCK_K):
@@ -255,13 +261,10 @@ def gelu_bwd_kernel(
         if HAS_SCALE:
             a = a.to(ACC_DTYPE) * keep[:, None]
         a = round_to(a, dot_dtype, BF16_RNE_IN_SOFTWARE)
-        if STORE_DYC:
-            tl.store(dyc_ptrs, a, mask=a_mask & (pid_n == 0))
         b = round_to(tl.load(w2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0), dot_dtype,
                      BF16_RNE_IN_SOFTWARE)
         grad_h = _dot(a, b, grad_h, DOT_IN_FP32, INPUT_PRECISION)
         dy_ptrs += BLOCK_K * stride_dyk
-        dyc_ptrs += BLOCK_K
         w2_ptrs += BLOCK_K * stride_w2k
     # The same tile of fc1's pre-activation, recomputed (module docstring: cheaper than saving it
     # at the CIFAR widths), reduced over fc1's input width; two loops because the MLP's input and
@@ -279,3 +282,160 @@ def gelu_bwd_kernel(
     dp_ptrs = DPre + offs_m[:, None] * stride_dpm + offs_n[None, :] * stride_dpn
     tl.store(dp_ptrs, round_to(grad_pre, DPre.dtype.element_ty, BF16_RNE_IN_SOFTWARE),
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _weight_grad_tiles_k(K, BLOCK_K: tl.constexpr):
+    # At least one column of tiles, so that a layer without inputs (K = 0) still gets the
+    # programs that store its bias gradient.
+    return tl.maximum(tl.cdiv(K, BLOCK_K), 1)
+
+
+@triton.jit
+def _weight_grad_tile(
+    tile,  # this program's tile of DW, in row-major order over (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))
+    DY, Scale, X, DW, DB,  # as in linear_bwd_kernel, for one layer
+    M, N, K,
+    rows_per_sample,
+    stride_dym, stride_dyn,
+    stride_xm, stride_xk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BF16_RNE_IN_SOFTWARE: tl.constexpr,
+):
+    tiles_k = _weight_grad_tiles_k(K, BLOCK_K)
+    pid_n = tile // tiles_k
+    pid_k = tile % tiles_k
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = tl.arange(0, BLOCK_M).to(tl.int64)
+    n_ok = offs_n < N
+    k_ok = offs_k < K
+    dot_dtype = X.dtype.element_ty
+    # DY read transposed through its strides, (BLOCK_N, BLOCK_M): the left operand of DY^T X.
+    dy_ptrs = DY + offs_n[:, None] * stride_dyn + rows[None, :] * stride_dym
+    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
+    # The bias sums accumulate elementwise and are reduced once after the loop: no cross-thread
+    # reduction per step, and a fixed order. Every program accumulates them (a few adds per
+    # element next to the dot's BLOCK_K multiply-adds, and no branch in the pipelined loop); the
+    # programs of the first column of tiles (pid_k == 0) store them.
+    bias_acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC_DTYPE)
+    for m_start in range(0, M, BLOCK_M):
+        row_ok = rows < M - m_start
+        dy = tl.load(dy_ptrs, mask=n_ok[:, None] & row_ok[None, :], other=0.0)
+        if HAS_SCALE:
+            # Sample indices in int32 (rows < M fit): an int64 division per row cost ~70 registers.
+            sample = (m_start + tl.arange(0, BLOCK_M)) // rows_per_sample
+            keep = tl.load(Scale + sample, mask=row_ok, other=0.0).to(ACC_DTYPE)
+            dy = dy.to(ACC_DTYPE) * keep[None, :]
+        if HAS_BIAS:
+            bias_acc += dy.to(ACC_DTYPE)  # before any rounding to the dot's dtype: the fp32 gradient
+        a = round_to(dy, dot_dtype, BF16_RNE_IN_SOFTWARE)
+        b = round_to(tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), dot_dtype,
+                     BF16_RNE_IN_SOFTWARE)
+        acc = _dot(a, b, acc, DOT_IN_FP32, INPUT_PRECISION)
+        dy_ptrs += BLOCK_M * stride_dym
+        x_ptrs += BLOCK_M * stride_xm
+    # DW and DB are the op's own contiguous outputs: (N, K) with row stride K, and (N,).
+    dw_ptrs = DW + offs_n[:, None] * K + offs_k[None, :]
+    tl.store(dw_ptrs, round_to(acc, DW.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=n_ok[:, None] & k_ok[None, :])
+    if HAS_BIAS:
+        db = tl.sum(bias_acc, axis=1)
+        tl.store(DB + offs_n, round_to(db, DB.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=n_ok & (pid_k == 0))
+
+
+@triton.jit
+def _input_grad_tile(
+    tile,  # this program's tile of DX, in _tile_coordinates' order
+    G, W, DX,  # as in linear_bwd_kernel
+    M, N, K,  # DX (M, K) = G (M, N) @ W (N, K): a reduction over the layer's N output features
+    stride_gm, stride_gn,
+    stride_wn, stride_wk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # DX tile columns (input features)
+    BLOCK_K: tl.constexpr,  # output features reduced per step
+    GROUP_M: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BF16_RNE_IN_SOFTWARE: tl.constexpr,
+):
+    pid_m, pid_n = _tile_coordinates(tile, M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    # The weight (N, K) is the (reduction, column) operand as it is laid out; an fp32 weight is
+    # rounded to DX's dtype (the compute dtype) in registers.
+    acc = _matmul_tile(acc, G, stride_gm, stride_gn, W, stride_wn, stride_wk, offs_m, offs_n, M, K, N,
+                       DX.dtype.element_ty, BLOCK_K, INPUT_PRECISION, DOT_IN_FP32, BF16_RNE_IN_SOFTWARE)
+    dx_ptrs = DX + offs_m[:, None] * K + offs_n[None, :]  # DX is the op's own contiguous (M, K) output
+    tl.store(dx_ptrs, round_to(acc, DX.dtype.element_ty, BF16_RNE_IN_SOFTWARE),
+             mask=(offs_m < M)[:, None] & (offs_n < K)[None, :])
+
+
+@triton.jit
+def linear_bwd_kernel(
+    DY,  # (M, N) gradient of the first layer's output, any float dtype and strides (stride 0 included)
+    Scale,  # (M // rows_per_sample,) per-sample scale of DY's rows; HAS_SCALE only
+    X,  # (M, K) the first layer's input, the compute dtype (the dot's operand dtype), any strides
+    DW,  # (N, K) output, contiguous, the weight's dtype: (scale DY)^T X accumulated in ACC_DTYPE
+    DB,  # (N,) output, contiguous, the bias's dtype: column sums of scale DY; HAS_BIAS only
+    DY2, X2, DW2, DB2,  # the second layer's, LAYERS == 2 only (its DY is never scaled)
+    G,  # (MX, NX) the gradient whose product with W is DX, the compute dtype, any strides; HAS_DX only
+    W,  # (NX, KX) that layer's weight, the compute dtype or fp32, any strides; HAS_DX only
+    DX,  # (MX, KX) output, contiguous, the compute dtype: G @ W; HAS_DX only
+    M,  # rows, shared by the layers
+    N, K, N2, K2, NX, KX,
+    rows_per_sample,
+    stride_dym, stride_dyn,
+    stride_xm, stride_xk,
+    stride_dy2m, stride_dy2n,
+    stride_x2m, stride_x2k,
+    stride_gm, stride_gn,
+    stride_wn, stride_wk,
+    BLOCK_M: tl.constexpr,  # rows reduced per step of a weight-gradient tile
+    BLOCK_N: tl.constexpr,  # DW tile rows (output features)
+    BLOCK_K: tl.constexpr,  # DW tile columns (input features)
+    DX_BLOCK_M: tl.constexpr,  # DX tile rows
+    DX_BLOCK_N: tl.constexpr,  # DX tile columns
+    DX_BLOCK_K: tl.constexpr,  # output features reduced per step of a DX tile
+    DX_GROUP_M: tl.constexpr,
+    LAYERS: tl.constexpr,  # 0, 1 or 2 layers' weight (and bias) gradients, in this order
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_BIAS2: tl.constexpr,
+    HAS_DX: tl.constexpr,  # DX's tiles after the weight-gradient tiles
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BF16_RNE_IN_SOFTWARE: tl.constexpr,
+):
+    # Tiles in this order: the first layer's DW, the second's, DX. The weight-gradient programs
+    # each stream all M rows; the many short DX programs come last, so they fill the SMs that the
+    # long ones leave idle instead of delaying them.
+    tile = tl.program_id(0)
+    tiles = 0
+    if LAYERS >= 1:
+        tiles = tl.cdiv(N, BLOCK_N) * _weight_grad_tiles_k(K, BLOCK_K)
+    tiles2 = 0
+    if LAYERS == 2:
+        tiles2 = tl.cdiv(N2, BLOCK_N) * _weight_grad_tiles_k(K2, BLOCK_K)
+    if tile < tiles:
+        _weight_grad_tile(tile, DY, Scale, X, DW, DB, M, N, K, rows_per_sample, stride_dym, stride_dyn,
+                          stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_K, HAS_SCALE, HAS_BIAS, ACC_DTYPE,
+                          INPUT_PRECISION, DOT_IN_FP32, BF16_RNE_IN_SOFTWARE)
+    elif tile < tiles + tiles2:
+        _weight_grad_tile(tile - tiles, DY2, Scale, X2, DW2, DB2, M, N2, K2, rows_per_sample, stride_dy2m,
+                          stride_dy2n, stride_x2m, stride_x2k, BLOCK_M, BLOCK_N, BLOCK_K, False, HAS_BIAS2,
+                          ACC_DTYPE, INPUT_PRECISION, DOT_IN_FP32, BF16_RNE_IN_SOFTWARE)
+    elif HAS_DX:
+        _input_grad_tile(tile - tiles - tiles2, G, W, DX, M, NX, KX, stride_gm, stride_gn, stride_wn, stride_wk,
+                         DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, DX_GROUP_M, ACC_DTYPE, INPUT_PRECISION, DOT_IN_FP32,
+                         BF16_RNE_IN_SOFTWARE)

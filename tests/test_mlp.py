@@ -7,6 +7,7 @@ launcher can pick at the ViT shapes for sm_80 and sm_90 and reads spills and sha
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -275,6 +276,167 @@ def test_mlp_is_deterministic(device):
         assert torch.equal(first[name], second[name]), f"{name} differs between two identical runs"
 
 
+# ----------------------------------------------------------------------------- linear_bwd_kernel
+
+# Tiles of 16 (the dot's minimum) so that the awkward shapes below span several of each: M = 37 is
+# two full row steps and a partial one, N = 24 and K = 20 a full and a partial tile.
+SMALL_TILES = fused.MatmulConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1)
+# (M, N, K) of the first layer and (N2, K2) of the second one of a grouped launch.
+WGRAD_SHAPE, WGRAD_SECOND = (37, 24, 20), (30, 11)
+# (operand dtype of X, incoming gradient's dtype, parameter dtype): fp32 throughout; bf16 with
+# bf16 parameters; autocast's bf16 activations with an fp32 gradient and fp32 parameters.
+WGRAD_DTYPES = [(torch.float32, torch.float32, torch.float32), (BF16, BF16, BF16),
+                (BF16, torch.float32, torch.float32)]
+
+
+def _weight_grad_inputs(device, M, layers, x_dtype, dy_dtype, param_dtype, bias, scale_samples=0):
+    """Inputs and NaN-filled outputs (every element must be written) of a linear_bwd launch: one
+    WeightGradOperands per (N, K) in ``layers``, and a per-sample scale over ``scale_samples``
+    samples (0: none)."""
+    operands = []
+    for n, k in layers:
+        operands.append(fused.WeightGradOperands(
+            torch.randn(M, n, device=device, dtype=dy_dtype), torch.randn(M, k, device=device, dtype=x_dtype),
+            torch.full((n, k), float("nan"), device=device, dtype=param_dtype),
+            torch.full((n,), float("nan"), device=device, dtype=param_dtype) if bias else None))
+    scale = _keep_scale(scale_samples, torch.float32).to(device) if scale_samples else None
+    return operands, scale
+
+
+def _input_grad_operands(device, M, N, K, x_dtype, param_dtype):
+    return fused.InputGradOperands(torch.randn(M, N, device=device, dtype=x_dtype),
+                                   torch.randn(N, K, device=device, dtype=param_dtype),
+                                   torch.full((M, K), float("nan"), device=device, dtype=x_dtype))
+
+
+def _check(out, ref, low, label):
+    """fp32 outputs against the fp64 reference of the kernel's own (rounded) operands at fp32's
+    tight default tolerance (only the summation order differs); 16-bit outputs by the parity rule,
+    against the same product computed by torch in that dtype (``low``)."""
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref, rtol=1.3e-6, atol=1e-5, msg=lambda m: f"{label}: {m}")
+    else:
+        assert_parity(out.double(), low().to(out.dtype), ref, name=label)
+
+
+def _check_weight_grads(op, scale, rows_per_sample, name):
+    """dW and db of one layer: the dot multiplies scale * dY (formed in fp32, as the kernel does)
+    rounded to X's dtype, what the tensor cores take; the bias sums scale * dY before that rounding."""
+    dy = op.grad_y2d.float()
+    if scale is not None:
+        dy = dy * scale.float().repeat_interleave(rows_per_sample)[:, None]
+    dy_low = dy.to(op.x2d.dtype)
+    _check(op.grad_w, dy_low.double().t() @ op.x2d.double(), lambda: dy_low.t() @ op.x2d, f"{name} grad_w")
+    if op.grad_b is not None:
+        _check(op.grad_b, dy.double().sum(0), lambda: dy_low.sum(0), f"{name} grad_b")
+
+
+def _check_input_grad(op, name):
+    """dX = dY W with the weight rounded to dX's dtype in registers."""
+    w_low = op.weight.to(op.grad_x.dtype)
+    _check(op.grad_x, op.grad_y2d.double() @ w_low.double(), lambda: op.grad_y2d @ w_low, f"{name} grad_x")
+
+
+# What one launch computes: "weights" one layer's dW (and db); "linear" the same and its dX, as
+# linear_backward launches it; "mlp" two layers' (the first one's dY scaled per sample) and the
+# second one's dX, as mlp_backward launches it; "input_grad" dX alone.
+LAUNCH_LAYOUTS = ["weights", "linear", "mlp", "input_grad"]
+
+
+@pytest.mark.parametrize("dtypes", WGRAD_DTYPES, ids=["fp32", "bf16", "bf16_x_fp32_params"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("layout", LAUNCH_LAYOUTS)
+def test_linear_bwd_kernel_on_awkward_shapes(device, dtypes, bias, layout):
+    """dW = dY^T X, db = column sums of dY and dX = dY W, for shapes that are no multiple of the
+    tiles, with and without biases, each product by its own programs of one grid."""
+    x_dtype, dy_dtype, param_dtype = dtypes
+    M, N, K = WGRAD_SHAPE
+    layers = {"weights": [(N, K)], "linear": [(N, K)], "mlp": [(N, K), WGRAD_SECOND], "input_grad": []}[layout]
+    rows_per_sample = 1
+    operands, scale = _weight_grad_inputs(device, M, layers, x_dtype, dy_dtype, param_dtype, bias,
+                                          scale_samples=M if layout == "mlp" else 0)
+    dx_shape = (N, K) if layout != "mlp" else WGRAD_SECOND
+    input_grad = _input_grad_operands(device, M, *dx_shape, x_dtype, param_dtype) if layout != "weights" else None
+    launch = fused.linear_bwd_launch(operands, input_grad, scale=scale, rows_per_sample=rows_per_sample,
+                                     config=SMALL_TILES)
+    dx_tiles = math.ceil(M / 16) * math.ceil(dx_shape[1] / 16) if input_grad is not None else 0
+    assert launch.grid == (sum(math.ceil(n / 16) * math.ceil(k / 16) for n, k in layers) + dx_tiles,)
+    launch.run()
+    for i, op in enumerate(operands):
+        _check_weight_grads(op, scale if i == 0 else None, rows_per_sample, name=f"layer {i}")
+    if input_grad is not None:
+        _check_input_grad(input_grad, name=layout)
+
+
+def test_linear_bwd_kernel_with_the_launchers_config(device):
+    """The launcher's own configuration (the interpreter's fixed one on a CPU) over several row
+    steps and a partial one, with stochastic depth's scale over samples of 65 rows and a stride-0
+    incoming gradient (what y.sum().backward() hands in)."""
+    M, N, K = 3 * 65, 40, 72
+    operands, _ = _weight_grad_inputs(device, M, [(N, K)], BF16, torch.float32, torch.float32, bias=True)
+    op = dataclasses.replace(operands[0], grad_y2d=torch.full((), 0.75, device=device).expand(M, N))
+    scale = _keep_scale(3, torch.float32).to(device)
+    input_grad = _input_grad_operands(device, M, N, K, BF16, torch.float32)
+    fused.linear_bwd_launch([op], input_grad, scale=scale, rows_per_sample=65).run()
+    _check_weight_grads(op, scale, 65, name="stride-0 dY")
+    _check_input_grad(input_grad, name="launcher's config")
+
+
+def test_linear_bwd_kernel_without_inputs_still_sums_the_bias(device):
+    """K = 0 (a layer without inputs): no dW tiles, but one column of programs stores db."""
+    operands, _ = _weight_grad_inputs(device, 37, [(24, 0)], torch.float32, torch.float32, torch.float32, bias=True)
+    fused.linear_bwd_launch(operands, config=SMALL_TILES).run()
+    _check_weight_grads(operands[0], None, 1, name="K = 0")
+
+
+def test_weight_grad_check_catches_a_dropped_bias_tile(device, tmp_path, monkeypatch):
+    """Mutation test: a copy of the kernel whose bias sum skips the last row step (the partial one,
+    where masking bugs live) must fail the check that the real kernel passes, while its dW, still
+    complete, passes."""
+    import importlib
+    import inspect
+
+    from vit_fast.kernels import mlp as kernels
+
+    source = inspect.getsource(kernels)
+    accumulate = "            bias_acc += dy.to(ACC_DTYPE)"
+    assert source.count(accumulate) == 1, "the mutation's anchor moved: update this test with the kernel"
+    mutated = source.replace(accumulate, "            if m_start + BLOCK_M < M:\n    " + accumulate)
+    (tmp_path / "mutated_mlp_kernels.py").write_text(mutated)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mutant = importlib.import_module("mutated_mlp_kernels").linear_bwd_kernel
+
+    M, N, K = WGRAD_SHAPE
+    operands, _ = _weight_grad_inputs(device, M, [(N, K)], torch.float32, torch.float32, torch.float32, bias=True)
+    launch = fused.linear_bwd_launch(operands, config=SMALL_TILES)
+    launch.run()
+    _check_weight_grads(operands[0], None, 1, name="real kernel")
+    launch.kernel = mutant
+    launch.run()
+    _check_weight_grads(dataclasses.replace(operands[0], grad_b=None), None, 1, name="mutant's dW")
+    with pytest.raises(AssertionError, match="grad_b"):
+        _check_weight_grads(operands[0], None, 1, name="mutant")
+
+
+def test_backward_launch_counts_under_autocast():
+    """What the cost account sees of one backward at vit-cifar's shapes under autocast (bf16
+    activations, fp32 parameters, the fp32 residual stream's gradient, drop-path's scale):
+    mlp_backward = gelu_bwd + one launch of both layers' dW/db and dX, linear_backward = one launch
+    of dX, dW and db, and no standalone cast."""
+    from vit_fast import cost
+
+    B, N, d, hidden = 8, 65, 192, 768
+    t = torch.empty
+    x, hid = t(B, N, d, dtype=BF16), t(B * N, hidden, dtype=BF16)
+    w1, b1, w2 = t(hidden, d), t(hidden), t(d, hidden)
+    mlp_bwd = cost.custom_op_kernels(torch.ops.vit_fast.mlp_backward.default,
+                                     (t(B, N, d), x, w1, b1, w2, hid, "none", [True] * 5, t(B)), {})
+    lin_bwd = cost.custom_op_kernels(torch.ops.vit_fast.linear_backward.default,
+                                     (t(B, N, 3 * d, dtype=BF16), x, t(3 * d, d), [True] * 3), {})
+    assert (len(mlp_bwd), len(lin_bwd)) == (2, 1)
+    assert not any(k.cast for k in mlp_bwd + lin_bwd)
+
+
 # ----------------------------------------------------------------------------- registration, compile
 
 
@@ -423,7 +585,15 @@ def vit_launches(dtype, widths=AOT_WIDTHS, ratios=AOT_RATIOS, rows=AOT_ROWS) -> 
 
 def _config(launch) -> tuple:
     c = launch.constexprs
-    return launch.kernel, c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP_M"], launch.num_warps, launch.num_stages
+    return (launch.kernel, c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c.get("GROUP_M"), launch.num_warps,
+            launch.num_stages)
+
+
+def _without_linear_bwd(launches) -> list:
+    """The forward and gelu_bwd launches only: linear_bwd_kernel's configurations are compiled by
+    test_linear_bwd_configs_compile_without_spills at the shapes that pick each one (its variants
+    at every shape here, 38 of them, would add minutes for no new configuration)."""
+    return [launch for launch in launches if launch.kernel != "linear_bwd_kernel"]
 
 
 def test_vit_shapes_reach_every_16bit_config():
@@ -433,11 +603,15 @@ def test_vit_shapes_reach_every_16bit_config():
         configs = {_config(launch) for launch in vit_launches(dtype)}
         assert len({c for c in configs if c[0] == "linear_fwd_kernel"}) == 2, configs
         assert len({c for c in configs if c[0] == "gelu_bwd_kernel"}) == 2, configs
+        assert len({c for c in configs if c[0] == "linear_bwd_kernel"}) == 2, configs
 
 
 def test_interpreter_config_is_fixed():
     assert {fused.choose_config(k, m, n, kk, dt, interpret=True)
             for k in ("linear", "gelu_bwd") for m in (1, 8320) for n in (24, 3072) for kk in (8, 768)
+            for dt in (torch.float16, torch.float32)} == {fused.INTERPRETER_CONFIG}
+    assert {fused.choose_weight_grad_config(m, [(n, kk)] * layers, dt, interpret=True)
+            for m in (1, 8320) for n in (24, 3072) for kk in (8, 768) for layers in (1, 2)
             for dt in (torch.float16, torch.float32)} == {fused.INTERPRETER_CONFIG}
 
 
@@ -448,7 +622,7 @@ def test_linear_launches_compile_without_spills():
 
     launches = [launch for dtype in (torch.float16, torch.bfloat16) for m in (128 * 65, 8 * 65, 128)
                 for d in AOT_WIDTHS for n in (3 * d, d, 100)
-                for launch in fused.linear_aot_launches(m, d, n, dtype, torch.float32)]
+                for launch in _without_linear_bwd(fused.linear_aot_launches(m, d, n, dtype, torch.float32))]
     for launch, r in compile_launches(launches):
         assert not r.spills, f"{launch.describe()} sm_{r.capability} spills: {r}"
         assert r.fits_shared_memory, f"{launch.describe()} needs {r.shared_bytes} B of shared memory"
@@ -460,13 +634,30 @@ def test_every_launch_config_compiles_without_spills(dtype):
 
     # fp32 is the accuracy path of GPU test runs (one config for every shape): one shape suffices.
     launches = vit_launches(dtype) if dtype != torch.float32 else vit_launches(dtype, (192,), (4,), (128 * 65,))
-    results = compile_launches(launches)
+    results = compile_launches(_without_linear_bwd(launches))
     assert results, "nothing was compiled"
     for launch, r in results:
         where = f"{launch.describe()} sm_{r.capability}"
         # r.spills counts STACK too: ptxas sometimes reports spills only there.
         assert not r.spills, f"{where} spills: {r}"
         assert r.fits_shared_memory, f"{where} needs {r.shared_bytes} B of shared memory"
+
+
+def test_linear_bwd_configs_compile_without_spills():
+    """linear_bwd_kernel's two 16-bit configurations, each at a shape that picks it, as autocast
+    trains (bf16 activations, the fp32 residual stream's gradient, drop-path's scale, fp32
+    parameters): vit-cifar's MLP (D = 192, hidden 768, batch 128: 72 tiles of 64 x 64, below a wave,
+    so 32 x 32) and a D = 384 MLP (288 tiles: 64 x 64), both layers and dX in one launch."""
+    from vit_fast.aot import compile_launches
+
+    launches = [launch for d in (192, 384)
+                for launch in fused.aot_launches(128 * 65, d, 4 * d, d, BF16, weight_dtype=torch.float32,
+                                                 residual_dtype=torch.float32, scale=True)
+                if launch.kernel == "linear_bwd_kernel"]
+    assert {(launch.constexprs["BLOCK_N"], launch.constexprs["BLOCK_K"]) for launch in launches} == {(32, 32), (64, 64)}
+    for launch, r in compile_launches(launches):
+        assert not r.spills, f"{launch.describe()} sm_{r.capability} spills (LOCAL or STACK): {r}"
+        assert r.fits_shared_memory, f"{launch.describe()} needs {r.shared_bytes} B of shared memory"
 
 
 def test_launch_from_args_specialises_like_a_launch():

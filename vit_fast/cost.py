@@ -18,8 +18,8 @@ What is counted, per phase and per operator:
 - launches: a dispatched aten operator counts once (views and allocations are free). A ``vit_fast``
   custom op counts as the kernels its launcher issues at that shape: the Python ops' real
   implementations run on fake tensors under ``vit_fast.fused.launch.planning()``, which collects
-  each Triton ``Launch`` instead of running it, while the torch operators they call (the cuBLAS
-  products and bias sums of ``mlp_backward``) are recorded like any other; the C++ patch embedding
+  each Triton ``Launch`` instead of running it, while any torch operators they call are recorded
+  like any other; the C++ patch embedding
   is asked ``patch_embed.kernel_count``.
 - bytes: every kernel reads each distinct tensor it is handed once and writes each output once
   (no cache reuse between kernels; what a kernel re-reads internally is ignored). For a Triton
@@ -269,6 +269,10 @@ def launch_flops(launch, written_elements: int) -> int:
         return 2 * a["M"] * a["N"] * a["K"]
     if name == "gelu_bwd_kernel":  # dY W2, and the pre-activation recomputed
         return 2 * a["M"] * a["N"] * (a["K_OUT"] + a["K_IN"])
+    if name == "linear_bwd_kernel":  # dY^T X of each of its layers, and dY W for the input gradient
+        c = launch.constexprs
+        products = [(a["N"], a["K"])] * (c["LAYERS"] >= 1) + [(a["N2"], a["K2"])] * (c["LAYERS"] == 2)
+        return 2 * a["M"] * sum(n * k for n, k in products + [(a["NX"], a["KX"])] * c["HAS_DX"])
     if name.startswith("attention_") and "Q" in a:
         per_product = 2 * math.prod(a["Q"].shape[:-1]) * a["N_CTX"] * a["HEAD_DIM"]  # one N x N x D product
         if name == "attention_fwd_kernel":

@@ -3,8 +3,12 @@
 Public API (shapes as in ``vit_fast.reference``; weights in nn.Linear layout (out, in)):
 
     mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate="none", residual=None, scale=None)
-    MatmulConfig, choose_config(kernel, M, N, K, dtype, interpret=None)
-    linear_launch(...), gelu_bwd_launch(...)    the Launch of one kernel call
+    MatmulConfig, choose_config(kernel, M, N, K, dtype, interpret=None),
+    choose_weight_grad_config(M, weights, dtype, interpret=None)
+    linear_launch(...), gelu_bwd_launch(...), linear_bwd_launch(layers, input_grad=None, ...)
+                                                the Launch of one kernel call
+    WeightGradOperands(grad_y2d, x2d, grad_w, grad_b), InputGradOperands(grad_y2d, weight, grad_x)
+                                                what one linear_bwd_launch computes
     aot_launches(M, d_in, hidden, d_out, dtype, approximate="none", residual=True, ...)
         the GPU's kernel launches, for vit_fast.aot's compile tests; planned_launches(...) the same
         as Launch objects (kernel, grid, tensors) for accounts of launches and bytes
@@ -18,20 +22,25 @@ Registered ops (namespace ``vit_fast``), each with a fake (meta) implementation:
 Forward: two launches of ``linear_fwd_kernel``, fc1 with bias + GELU in the epilogue (the
 hidden activation is written once, the pre-activation never), fc2 with bias, stochastic depth's
 per-sample scale and the residual: y = residual + scale[sample] * (h W2^T + b2).
-Backward, all inside ``vit_fast::mlp_backward`` (one custom-op call per MLP backward):
-``gelu_bwd_kernel`` computes grad_pre = ((scale dY) W2) * GELU'(pre), recomputing pre in the same
-program (why: ``kernels/mlp.py``) and, when dY needs scaling or converting, storing the 16-bit
-scale * dY it multiplied; dX = grad_pre W1 runs in ``linear_fwd_kernel`` when W1 is fp32 (cuBLAS
-otherwise); the weight gradients are cuBLAS GEMMs with fp32 output and the bias gradients fp32
-column sums (``_mlp_backward_op`` says why). The residual's gradient is dY itself, passed on by
-the autograd formula.
+Backward, all inside ``vit_fast::mlp_backward`` (one custom-op call per MLP backward), two
+launches: ``gelu_bwd_kernel`` computes grad_pre = ((scale dY) W2) * GELU'(pre), recomputing pre in
+the same program (why: ``kernels/mlp.py``); then one ``linear_bwd_kernel`` launch computes dW2 =
+(scale dY)^T H with db2, dW1 = grad_pre^T X with db1 and dX = grad_pre W1, each tile by its own
+programs of one grid, reading dY as it came (fp32 under autocast) and scaling and rounding it in
+registers, W1 converted in registers. This replaced five launches (dX in Triton or cuBLAS, two
+cuBLAS weight GEMMs with fp32 output, two bias reductions) and the 16-bit copy of scale * dY that
+gelu_bwd stored for them. cuBLAS may still be faster per weight GEMM on a GPU, where each
+program of the Triton kernel streams all M rows of its panels (``choose_weight_grad_config`` says
+what the grid costs): ``benchmarks/bench_mlp.py`` on a GPU is to settle it; no timing was taken.
+The residual's gradient is dY itself, passed on by the autograd formula.
 
 Mixed precision (what ``vit_fast.ops`` passes under autocast): x is in the compute dtype (bf16),
 the parameters stay fp32 and are converted in the kernels' registers, the residual and y are the
 fp32 residual stream. Without a residual y has x's dtype. hidden and the backward's intermediates
-are in x's dtype; every parameter gradient comes back in its parameter's dtype, reduced in fp32
-and never rounded through 16 bits. No standalone cast kernel runs (on the CPU the interpreter's
-fallback for the fp32-output GEMMs widens its operands instead).
+are in x's dtype; every parameter gradient comes back in its parameter's dtype, accumulated in
+fp32 and stored by the kernel that reduced it, never rounded through 16 bits. No standalone cast
+kernel runs. Every kernel is Triton, so on the CPU the interpreter runs the same kernels as a
+GPU.
 
 A plain linear with fp32 weights and 16-bit activations (the qkv and output projections and
 the head under autocast) is registered too, because cuBLAS would need the weights cast to 16 bits
@@ -42,9 +51,9 @@ the head under autocast) is registered too, because cuBLAS would need the weight
     vit_fast::linear_backward  (grad_y, x, weight, needs) -> (grad_x, grad_weight, grad_bias)
     linear_aot_launches(M, K, N, dtype, weight_dtype)   its Triton launches
 
-Forward: ``linear_fwd_kernel`` (no activation) converting the weight in registers; backward: dX in
-the same kernel (W read transposed), dW by cuBLAS with fp32 output, db an fp32 column sum. With
-weights in x's dtype (no autocast) a linear stays ``F.linear``: cuBLAS with nothing to convert.
+Forward: ``linear_fwd_kernel`` (no activation) converting the weight in registers; backward, one
+``linear_bwd_kernel`` launch: dW and db (fp32 output) and dX. With weights in x's dtype (no
+autocast) a linear stays ``F.linear``: cuBLAS with nothing to convert.
 """
 
 from __future__ import annotations
@@ -59,14 +68,12 @@ from torch import Tensor
 from vit_fast.fused.launch import (
     SUPPORTED_DTYPES,
     Launch,
-    accumulation_dtype,
     check_launchable,
     check_same_device,
     interpreting,
-    planning_active,
     precision_constexprs,
 )
-from vit_fast.kernels.mlp import gelu_bwd_kernel, linear_fwd_kernel
+from vit_fast.kernels.mlp import gelu_bwd_kernel, linear_bwd_kernel, linear_fwd_kernel
 
 if TYPE_CHECKING:
     from vit_fast.aot import KernelLaunch
@@ -79,9 +86,13 @@ _APPROXIMATE_TO_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
 
 @dataclass(frozen=True)
 class MatmulConfig:
-    block_m: int  # rows of the output tile
-    block_n: int  # columns of the output tile
-    block_k: int  # reduction step per tl.dot (>= 16, the tensor-core minimum)
+    """One launch configuration. For weight-gradient tiles the roles follow the layer's (M, N, K)
+    (rows, output features, input features): block_m is the reduction step over the rows and
+    block_n x block_k the tile of dW (N, K); group_m is unused there."""
+
+    block_m: int  # rows of the output tile (dW tiles: rows reduced per step)
+    block_n: int  # columns of the output tile (dW tiles: its rows)
+    block_k: int  # reduction step per tl.dot, >= 16, the tensor-core minimum (dW tiles: its columns)
     group_m: int = 8  # row tiles per L2-friendly group (see _tile_coordinates in kernels/mlp.py)
     num_warps: int = 4
     num_stages: int = 3  # software-pipelining depth of the K loop (shared-memory buffers)
@@ -94,6 +105,17 @@ INTERPRETER_CONFIG = MatmulConfig(block_m=64, block_n=64, block_k=32, group_m=4,
 # One wave of 128x128 tiles covers the SMs of an A100 (108) or H100 (132); below that, halve the
 # tile so the grid still fills the GPU.
 _ONE_WAVE_TILES = 128
+
+
+def _fixed_config(dtype: torch.dtype, interpret: bool | None, fp32: MatmulConfig,
+                  fp64: MatmulConfig) -> MatmulConfig | None:
+    """The configurations that do not depend on shapes: the interpreter's (``interpret`` defaults to
+    ``launch.interpreting()``), and one each for the fp32 and fp64 accuracy paths; None for 16 bits."""
+    if interpret is None:
+        interpret = interpreting()
+    if interpret:
+        return INTERPRETER_CONFIG
+    return {torch.float32: fp32, torch.float64: fp64}.get(dtype)
 
 
 def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype,
@@ -113,14 +135,10 @@ def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype,
     """
     if kernel not in ("linear", "gelu_bwd"):
         raise ValueError(f"kernel must be 'linear' or 'gelu_bwd', got {kernel!r}")
-    if interpret is None:
-        interpret = interpreting()
-    if interpret:
-        return INTERPRETER_CONFIG
-    if dtype == torch.float32:
-        return MatmulConfig(64, 64, 16, group_m=8, num_warps=4, num_stages=3)
-    if dtype == torch.float64:
-        return MatmulConfig(32, 32, 16, group_m=8, num_warps=4, num_stages=2)
+    fixed = _fixed_config(dtype, interpret, fp32=MatmulConfig(64, 64, 16, group_m=8, num_warps=4, num_stages=3),
+                          fp64=MatmulConfig(32, 32, 16, group_m=8, num_warps=4, num_stages=2))
+    if fixed is not None:
+        return fixed
     block_k = 64
     big = math.ceil(M / 128) * math.ceil(N / 128) >= _ONE_WAVE_TILES
     if kernel == "linear":
@@ -130,6 +148,44 @@ def choose_config(kernel: str, M: int, N: int, K: int, dtype: torch.dtype,
     if big:
         return MatmulConfig(128, 64, block_k, group_m=8, num_warps=8, num_stages=3)
     return MatmulConfig(64, 64, block_k, group_m=8, num_warps=4, num_stages=3)
+
+
+def choose_weight_grad_config(M: int, weights: list[tuple[int, int]], dtype: torch.dtype,
+                              interpret: bool | None = None) -> MatmulConfig:
+    """The weight-gradient tiles' configuration in ``linear_bwd_kernel`` for dW = dY^T X over M rows,
+    for the weights of shapes ``weights`` [(N, K), ...] in one grid (the MLP's fc2 and fc1: two), dY
+    and X in ``dtype``; the launch's warps and stages are this config's.
+
+    Each program owns one tile of one dW and reduces over all M rows itself (deterministic, no
+    atomics, no partial-sum pass), so the grid is the number of tiles, which the rows do not
+    change: vit-cifar's MLP weights (192 x 768 and 768 x 192) make 72 tiles of 64 x 64 and its
+    projections (576 x 192, 192 x 192, 100 x 192) 27, 9 and 6. Too few to fill an H100's 132 SMs,
+    so below one wave (_ONE_WAVE_TILES tiles of 64 x 64) the tile shrinks to 32 x 32: four times
+    the programs (288 for the MLP, 108, 36 and 24 for the projections) at twice the L2 traffic per
+    FLOP. The small-weight launches stay latency-bound (one program streams all M rows of its
+    panels); cuBLAS splits the reduction over more blocks and may be faster per GEMM on a GPU,
+    which only ``benchmarks/bench_mlp.py`` on a GPU can tell (no timing was taken). The dX tiles of
+    the same launch, many and short, come after these and fill the SMs they leave idle. What the
+    kernel buys for certain: the bias gradients in the same launch (no separate reduction reading
+    dY again), dY read in its own dtype with stochastic depth's scale applied in registers (no
+    scaled 16-bit copy), one launch for the whole backward of a linear (two for the MLP), and fp32
+    output without any 16-bit rounding.
+
+    - 16-bit: 4 warps, 3 stages; 64 rows per step for 32 x 32 tiles, 32 for 64 x 64 ones. Under
+      autocast the dY tile is fp32 and is scaled, summed and converted in registers next to the dot's
+      accumulator and the bias sums' (BLOCK_N x BLOCK_M fp32 each): at 64 x 64 x 64 that took 198 to
+      255 registers (sm_90, sm_80; a STACK frame on sm_80), at 64 x 64 x 32 about 100.
+    - fp32 and fp64 (accuracy paths): one small config each, as ``choose_config``.
+    ``interpret`` defaults to ``launch.interpreting()`` (then the fixed INTERPRETER_CONFIG).
+    """
+    fixed = _fixed_config(dtype, interpret, fp32=MatmulConfig(16, 64, 64, group_m=1, num_warps=4, num_stages=3),
+                          fp64=MatmulConfig(16, 32, 32, group_m=1, num_warps=4, num_stages=2))
+    if fixed is not None:
+        return fixed
+    tiles = sum(math.ceil(n / 64) * max(math.ceil(k / 64), 1) for n, k in weights)
+    if tiles >= _ONE_WAVE_TILES:
+        return MatmulConfig(32, 64, 64, group_m=1, num_warps=4, num_stages=3)
+    return MatmulConfig(64, 32, 32, group_m=1, num_warps=4, num_stages=3)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -255,9 +311,8 @@ def linear_launch(x2d: Tensor, weight: Tensor, bias: Tensor | None, residual2d: 
 
 def gelu_bwd_launch(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, grad_pre: Tensor,
                     activation: str, interpret: bool | None = None, scale: Tensor | None = None,
-                    rows_per_sample: int = 1, dyc: Tensor | None = None) -> Launch:
-    """The launch computing grad_pre = ((scale * grad_y2d) W2) * GELU'(x2d W1^T + b1), (M, hidden),
-    and, given ``dyc`` (M, D_out) contiguous in x2d's dtype, storing scale * grad_y2d into it."""
+                    rows_per_sample: int = 1) -> Launch:
+    """The launch computing grad_pre = ((scale * grad_y2d) W2) * GELU'(x2d W1^T + b1), (M, hidden)."""
     if interpret is None:
         interpret = interpreting()
     M, k_in = x2d.shape
@@ -265,7 +320,7 @@ def gelu_bwd_launch(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor | None
     cfg = choose_config("gelu_bwd", M, hidden, max(k_in, k_out), x2d.dtype, interpret)
     args = dict(
         DY=grad_y2d, Scale=scale if scale is not None else grad_pre, W2=w2, X=x2d, W1=w1,
-        B1=b1 if b1 is not None else grad_pre, DPre=grad_pre, DYC=dyc if dyc is not None else grad_pre,
+        B1=b1 if b1 is not None else grad_pre, DPre=grad_pre,
         M=M, N=hidden, K_OUT=k_out, K_IN=k_in, rows_per_sample=rows_per_sample,
         stride_dym=grad_y2d.stride(0), stride_dyk=grad_y2d.stride(1),
         stride_w2k=w2.stride(0), stride_w2n=w2.stride(1),  # W2 (out, hidden) is the (K_OUT, N) operand as is
@@ -275,15 +330,111 @@ def gelu_bwd_launch(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor | None
     )
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        HAS_BIAS1=b1 is not None, HAS_SCALE=scale is not None, STORE_DYC=dyc is not None,
+        HAS_BIAS1=b1 is not None, HAS_SCALE=scale is not None,
         ACTIVATION=activation, **precision_constexprs(x2d.dtype), **_interpreter_constexprs(x2d.dtype, interpret),
     )
     return Launch(gelu_bwd_kernel, _grid(M, hidden, cfg), args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
-def _needs_dyc(grad_y: Tensor, x: Tensor, scale: Tensor | None) -> bool:
-    """Whether the backward's dW2 / db2 operand (scale * dY in x's dtype) differs from dY itself."""
-    return scale is not None or grad_y.dtype != x.dtype
+@dataclass(frozen=True)
+class WeightGradOperands:
+    """One layer's weight and bias gradients in a ``linear_bwd_launch``: grad_w = grad_y2d^T x2d and
+    grad_b = the column sums of grad_y2d (skipped when None)."""
+
+    grad_y2d: Tensor  # (M, N) gradient of the layer's output, any float dtype and strides
+    x2d: Tensor  # (M, K) the layer's input, in the compute dtype (the dot's operands' dtype)
+    grad_w: Tensor  # (N, K) output, contiguous, the weight's dtype
+    grad_b: Tensor | None  # (N,) output, contiguous, the bias's dtype; None: not computed
+
+
+@dataclass(frozen=True)
+class InputGradOperands:
+    """A layer's input gradient in a ``linear_bwd_launch``: grad_x = grad_y2d @ weight."""
+
+    grad_y2d: Tensor  # (M, N) gradient of the layer's output, in the compute dtype, any strides
+    weight: Tensor  # (N, K) the layer's weight, in the compute dtype or fp32 (converted in registers)
+    grad_x: Tensor  # (M, K) output, contiguous, in the compute dtype
+
+
+def _weight_grad_tiles(layer: WeightGradOperands, cfg: MatmulConfig) -> int:
+    n, k = layer.grad_w.shape
+    return math.ceil(n / cfg.block_n) * max(math.ceil(k / cfg.block_k), 1)  # as _weight_grad_tiles_k
+
+
+def _input_grad_config(dtype: torch.dtype, weight_grad: MatmulConfig, interpret: bool) -> MatmulConfig:
+    """The DX tiles' configuration inside a ``linear_bwd_launch``. A kernel's registers are the most
+    any of its branches needs, so the DX tiles are kept as small as the weight-gradient ones: at
+    64 x 128 x 64 (``choose_config``'s "linear" for 4 warps) the kernel took 206 to 255 registers
+    with an fp32 weight, at 64 x 64 x 32 96 to 128; fp32's 64 x 64 x 16 took up to 246 (32 x 64 here)
+    and fp64's 32 x 32 x 16 a STACK frame on sm_90 (16 x 32 here). Warps and stages are the launch's."""
+    if interpret:
+        return INTERPRETER_CONFIG
+    warps, stages = weight_grad.num_warps, weight_grad.num_stages
+    if dtype == torch.float32:
+        return MatmulConfig(32, 64, 16, group_m=8, num_warps=warps, num_stages=stages)
+    if dtype == torch.float64:
+        return MatmulConfig(16, 32, 16, group_m=8, num_warps=warps, num_stages=stages)
+    return MatmulConfig(64, 64, 32, group_m=8, num_warps=warps, num_stages=stages)
+
+
+def linear_bwd_launch(layers: list[WeightGradOperands], input_grad: InputGradOperands | None = None,
+                      interpret: bool | None = None, scale: Tensor | None = None, rows_per_sample: int = 1,
+                      config: MatmulConfig | None = None) -> Launch:
+    """One launch computing the weight and bias gradients of ``layers`` (one or two, over the same
+    rows; the first one's dY scaled per sample by ``scale``, stochastic depth's, (M // rows_per_sample,))
+    and ``input_grad``'s product, each tile by its own programs of one grid. ``config`` overrides
+    ``choose_weight_grad_config`` and the DX tiles' choice (tests use small tiles so that small
+    shapes span several)."""
+    if interpret is None:
+        interpret = interpreting()
+    if not 0 <= len(layers) <= 2 or not (layers or input_grad):
+        raise ValueError(f"linear_bwd_launch takes 0 to 2 layers and an input gradient, at least one; got "
+                         f"{len(layers)} layers and input_grad={input_grad is not None}")
+    outputs = [t for layer in layers for t in (layer.grad_w, layer.grad_b) if t is not None]
+    outputs += [input_grad.grad_x] if input_grad else []
+    if not all(t.is_contiguous() for t in outputs):
+        raise ValueError(f"linear_bwd_launch writes contiguous outputs; got shapes and strides "
+                         f"{[(tuple(t.shape), t.stride()) for t in outputs]}")
+    first = layers[0] if layers else None
+    M = first.x2d.shape[0] if first else input_grad.grad_x.shape[0]
+    dtype = first.x2d.dtype if first else input_grad.grad_x.dtype
+    cfg = config or choose_weight_grad_config(M, [tuple(layer.grad_w.shape) for layer in layers], dtype, interpret)
+    dx_cfg = config or _input_grad_config(dtype, cfg, interpret)
+    # Unused pointer, size and stride arguments repeat present ones (their flags are off).
+    some = input_grad.grad_x if input_grad else first.grad_w
+    first = first or WeightGradOperands(input_grad.grad_y2d, input_grad.grad_x, some, None)
+    second = layers[1] if len(layers) == 2 else first
+    dx = input_grad or InputGradOperands(first.grad_y2d, first.grad_w, some)
+
+    def operands(layer: WeightGradOperands, suffix: str) -> dict:
+        return {f"DY{suffix}": layer.grad_y2d, f"X{suffix}": layer.x2d, f"DW{suffix}": layer.grad_w,
+                f"DB{suffix}": layer.grad_b if layer.grad_b is not None else some}
+
+    def strides(layer: WeightGradOperands, suffix: str) -> dict:
+        return {f"stride_dy{suffix}m": layer.grad_y2d.stride(0), f"stride_dy{suffix}n": layer.grad_y2d.stride(1),
+                f"stride_x{suffix}m": layer.x2d.stride(0), f"stride_x{suffix}k": layer.x2d.stride(1)}
+
+    args = dict(
+        **operands(first, ""), Scale=scale if scale is not None else some, **operands(second, "2"),
+        G=dx.grad_y2d, W=dx.weight, DX=dx.grad_x,
+        M=M, N=first.grad_w.shape[0], K=first.grad_w.shape[1], N2=second.grad_w.shape[0], K2=second.grad_w.shape[1],
+        NX=dx.weight.shape[0], KX=dx.weight.shape[1], rows_per_sample=rows_per_sample,
+        **strides(first, ""), **strides(second, "2"),
+        stride_gm=dx.grad_y2d.stride(0), stride_gn=dx.grad_y2d.stride(1),
+        stride_wn=dx.weight.stride(0), stride_wk=dx.weight.stride(1),
+    )
+    constexprs = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        DX_BLOCK_M=dx_cfg.block_m, DX_BLOCK_N=dx_cfg.block_n, DX_BLOCK_K=dx_cfg.block_k, DX_GROUP_M=dx_cfg.group_m,
+        LAYERS=len(layers), HAS_SCALE=scale is not None and bool(layers),
+        HAS_BIAS=bool(layers) and layers[0].grad_b is not None,
+        HAS_BIAS2=len(layers) == 2 and layers[1].grad_b is not None, HAS_DX=input_grad is not None,
+        **precision_constexprs(dtype), **_interpreter_constexprs(dtype, interpret),
+    )
+    tiles = sum(_weight_grad_tiles(layer, cfg) for layer in layers)
+    if input_grad is not None:
+        tiles += math.ceil(M / dx_cfg.block_m) * math.ceil(input_grad.grad_x.shape[1] / dx_cfg.block_n)
+    return Launch(linear_bwd_kernel, (tiles,), args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
 def _plans(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, approximate: str, residual: bool,
@@ -304,17 +455,19 @@ def _plans(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, appro
     scale_t = t(samples) if scale else None
     rows_per_sample = M // samples if scale else 1
     h, y, grad_y = t(M, hidden), t(M, d_out, dtype=out_dtype), t(M, d_out, dtype=out_dtype)
-    dyc = t(M, d_out) if _needs_dyc(grad_y, x, scale_t) else None
-    launches = [
+    grad_pre = t(M, hidden)
+    return [
         linear_launch(x, w1, b1, None, h, activation, interpret=interpret),  # fc1
         linear_launch(h, w2, b2, t(M, d_out, dtype=out_dtype) if residual else None, y, "none", interpret=interpret,
                       scale=scale_t, rows_per_sample=rows_per_sample),  # fc2
-        gelu_bwd_launch(grad_y, x, w1, b1, w2, t(M, hidden), activation, interpret=interpret, scale=scale_t,
-                        rows_per_sample=rows_per_sample, dyc=dyc),
+        gelu_bwd_launch(grad_y, x, w1, b1, w2, grad_pre, activation, interpret=interpret, scale=scale_t,
+                        rows_per_sample=rows_per_sample),
+        linear_bwd_launch(  # dW2, db2, dW1, db1, dX
+            [WeightGradOperands(grad_y, h, torch.empty_like(w2), torch.empty_like(b2) if bias else None),
+             WeightGradOperands(grad_pre, x, torch.empty_like(w1), torch.empty_like(b1) if bias else None)],
+            InputGradOperands(grad_pre, w1, t(M, d_in)), interpret=interpret, scale=scale_t,
+            rows_per_sample=rows_per_sample),
     ]
-    if weight_dtype != dtype:  # dX = grad_pre W1 with W1 converted in registers (cuBLAS otherwise)
-        launches.append(linear_launch(h, w1.t(), None, None, x, "none", interpret=interpret))
-    return launches
 
 
 def aot_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, approximate: str = "none",
@@ -324,8 +477,9 @@ def aot_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype,
     """The Triton kernels ``mlp`` runs on a GPU for x (M, d_in) in ``dtype`` -> (M, d_out) through
     ``hidden`` units, forward and backward: fc1 (bias + GELU epilogue), fc2 (bias, + residual if
     ``residual``, in ``residual_dtype``; stochastic depth's scale if ``scale``), gelu_bwd, and the
-    dX product when the parameters are in ``weight_dtype`` (fp32 under autocast). Built by the
-    launchers themselves on meta tensors, with the GPU's config choice."""
+    one launch of both layers' weight and bias gradients and dX, the parameters in ``weight_dtype``
+    (fp32 under autocast). Built by the launchers themselves on meta tensors, with the GPU's config
+    choice."""
     launches = _plans(M, d_in, hidden, d_out, dtype, approximate, residual, weight_dtype, residual_dtype, scale, bias)
     from vit_fast.aot import kernel_launches  # the compile tests' path only: running needs none of it
 
@@ -335,9 +489,7 @@ def aot_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype,
 def planned_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, approximate: str = "none",
                      residual: bool = True, **variant) -> list[Launch]:
     """The Triton ``Launch`` objects (kernel, grid, meta tensors) of one forward + backward, for
-    accounts of launches and bytes (``variant`` as ``aot_launches``). The backward's cuBLAS GEMMs
-    (dW1, dW2, and dX when the weights are in the compute dtype) and the two bias column sums are
-    not Triton launches and are not listed."""
+    accounts of launches and bytes (``variant`` as ``aot_launches``): every kernel the op runs."""
     defaults = dict(weight_dtype=None, residual_dtype=None, scale=False, bias=True)
     return _plans(M, d_in, hidden, d_out, dtype, approximate, residual, **{**defaults, **variant})
 
@@ -381,28 +533,43 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, scal
 # ----------------------------------------------------------------------------- vit_fast::mlp_backward
 
 
-def _sum_rows(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """Column sums (a bias gradient) accumulated in fp32 (fp64 for fp64) by one reduction kernel,
-    in ``dtype``, the bias's: fp32 biases get the fp32 sum itself, never a 16-bit rounding of it."""
-    total = t.sum(0, dtype=accumulation_dtype(t.dtype))
-    return total if total.dtype == dtype else total.to(dtype)
-
-
-def _product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """a @ b in ``dtype`` (a weight gradient in its weight's dtype). 16-bit operands with an fp32
-    result: cuBLAS writes fp32 from its fp32 accumulator (``out_dtype``, CUDA only); on the CPU (the
-    interpreter's test runs) the operands are widened, which computes the same exact products."""
-    if a.dtype == dtype:
-        return a @ b
-    if a.is_cuda or planning_active():  # planning: the account plans the GPU's path
-        return torch.mm(a, b, out_dtype=dtype)
-    return a.to(dtype) @ b.to(dtype)
-
-
 def _not_needed(like: Tensor) -> Tensor:
     # A custom op returns tensors, never None: an unrequested gradient is an empty placeholder
     # (no compute, no memory) that the autograd formula turns back into None.
     return like.new_empty((0,))
+
+
+def _linear_grads(layers: list[tuple[Tensor, Tensor, bool, bool]], input_grad: tuple[Tensor, Tensor] | None,
+                  dtype: torch.dtype, scale: Tensor | None = None, rows_per_sample: int = 1
+                  ) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
+    """The backward products of linear layers over the same M rows, in one ``linear_bwd_kernel``
+    launch: (grad_w (N, K), grad_b (N,)) in ``dtype`` for each layer given as (grad_y2d (M, N), x2d
+    (M, K), needs_weight, needs_bias), ``scale`` scaling the first layer's grad_y2d per sample; and,
+    given ``input_grad`` = (grad_y2d (M, N), weight (N, K)), grad_y2d @ weight (M, K) in grad_y2d's
+    dtype (else None). Unneeded parameter gradients come back as empty placeholders; a layer whose
+    bias gradient alone is needed still has its weight gradient computed, then dropped (frozen
+    weights with trainable biases: not worth a kernel variant)."""
+    grads, operands = [], []
+    for index, (grad_y2d, x2d, needs_weight, needs_bias) in enumerate(layers):
+        if not (needs_weight or needs_bias):
+            grads.append((_not_needed(x2d), _not_needed(x2d)))
+            continue
+        grad_w = torch.empty((grad_y2d.shape[1], x2d.shape[1]), dtype=dtype, device=x2d.device)
+        grad_b = torch.empty((grad_y2d.shape[1],), dtype=dtype, device=x2d.device) if needs_bias else None
+        operands.append((index, WeightGradOperands(grad_y2d, x2d, grad_w, grad_b)))
+        grads.append((grad_w if needs_weight else _not_needed(x2d), grad_b if needs_bias else _not_needed(x2d)))
+    grad_x = None
+    if input_grad is not None:
+        grad_y2d, weight = input_grad
+        grad_x = grad_y2d.new_empty((grad_y2d.shape[0], weight.shape[1]))
+    if operands or grad_x is not None:
+        scaled = bool(operands) and operands[0][0] == 0  # the scale belongs to layers[0]'s gradient only
+        launch = linear_bwd_launch([op for _, op in operands],
+                                   InputGradOperands(*input_grad, grad_x) if grad_x is not None else None,
+                                   scale=scale if scaled else None, rows_per_sample=rows_per_sample if scaled else 1)
+        if launch.grid[0]:  # no tiles: every output is empty (an empty grid is not a valid launch)
+            launch.run()
+    return grads, grad_x
 
 
 @torch.library.custom_op("vit_fast::mlp_backward", mutates_args=())
@@ -416,34 +583,25 @@ def _mlp_backward_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Te
     _check_mlp_backward(grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, approximate, needs, scale)
     check_launchable("x", x)
     w1, w2 = fc1_weight, fc2_weight
-    param_dtype = w1.dtype
-    # The products below take their dtypes from the operands; an autocast region around the
-    # backward must not re-cast them.
+    # Only Triton kernels run here, but an autocast region around the backward must not re-cast
+    # any torch operator a future change adds.
     with torch.autocast(x.device.type, enabled=False):
-        gy2d = grad_y.reshape(-1, w2.shape[0])  # (M, D_out); may be a stride-0 view: the kernel and cuBLAS take strides
+        gy2d = grad_y.reshape(-1, w2.shape[0])  # (M, D_out); may be a stride-0 view: the kernels take strides
         x2d = x.reshape(-1, x.shape[-1])  # (M, D_in)
         M = x2d.shape[0]
+        rows_per_sample = _rows_per_sample(x, scale)
         # The only product with an elementwise tail (GELU') is fused; it needs no pre-activation.
         grad_pre = x.new_empty((M, w1.shape[0]))  # (M, Hd)
-        dyc = x.new_empty((M, w2.shape[0])) if _needs_dyc(grad_y, x, scale) else None
-        if grad_pre.numel():
+        if grad_pre.numel() and any(needs[:3]):
             gelu_bwd_launch(gy2d, x2d, w1, fc1_bias, w2, grad_pre, _APPROXIMATE_TO_ACTIVATION[approximate],
-                            scale=scale, rows_per_sample=_rows_per_sample(x, scale), dyc=dyc).run()
-        elif dyc is not None:  # no hidden units (degenerate): no kernel ran to fill it
-            keep = scale.repeat_interleave(_rows_per_sample(x, scale))[:, None] if scale is not None else 1.0
-            dyc = (gy2d * keep).to(x.dtype)
-        dy = dyc if dyc is not None else gy2d  # (M, D_out): the branch's gradient, in x's dtype
-        # The other gradients are plain GEMMs (and column sums) with nothing to fuse into them:
-        # cuBLAS runs them near the roofline already, where a Triton copy would have to match it on
-        # every shape, and both cuBLAS GEMMs and torch's sum reductions are deterministic run to run
-        # (no atomics, no split-K reductions in arbitrary order). With fp32 weights, dX is the one
-        # product that would need a 16-bit copy of W1 for cuBLAS: linear_fwd_kernel converts W1 in
-        # registers instead. To be confirmed against Triton alternatives by benchmarks/bench_mlp.py.
-        grad_x = _linear_input_grad(grad_pre, w1, x.dtype).reshape(x.shape) if needs[0] else _not_needed(x)
-        grad_w1 = _product(grad_pre.t(), x2d, param_dtype) if needs[1] else _not_needed(x)
-        grad_b1 = _sum_rows(grad_pre, param_dtype) if needs[2] else _not_needed(x)
-        grad_w2 = _product(dy.t(), hidden, param_dtype) if needs[3] else _not_needed(x)
-        grad_b2 = _sum_rows(dy, param_dtype) if needs[4] else _not_needed(x)
+                            scale=scale, rows_per_sample=rows_per_sample).run()
+        # Everything else in one launch: fc2's weight and bias gradients (from grad_y as it came, the
+        # fp32 residual stream's under autocast, scaled and rounded to x's dtype in registers),
+        # fc1's, and dX = grad_pre W1.
+        [(grad_w2, grad_b2), (grad_w1, grad_b1)], grad_x2d = _linear_grads(
+            [(gy2d, hidden, needs[3], needs[4]), (grad_pre, x2d, needs[1], needs[2])],
+            (grad_pre, w1) if needs[0] else None, w1.dtype, scale, rows_per_sample)
+        grad_x = grad_x2d.reshape(x.shape) if needs[0] else _not_needed(x)
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
@@ -468,23 +626,10 @@ def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     _check_linear_shapes("", x.shape, weight, bias)
 
 
-def _linear_input_grad(grad_y2d: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """grad_y2d @ weight (M, K) in ``dtype``: cuBLAS when the weight has that dtype, else the Triton
-    matmul converting the (fp32) weight in registers, read transposed through its strides."""
-    if weight.dtype == dtype:
-        return grad_y2d @ weight
-    if not grad_y2d.shape[1]:  # no output features: the gradient is zero
-        return torch.zeros((grad_y2d.shape[0], weight.shape[1]), dtype=dtype, device=grad_y2d.device)
-    out = torch.empty((grad_y2d.shape[0], weight.shape[1]), dtype=dtype, device=grad_y2d.device)
-    if out.numel():  # the kernel writes every element: no zero-fill launch
-        linear_launch(grad_y2d, weight.t(), None, None, out, "none").run()
-    return out
-
-
 def linear_aot_launches(M: int, K: int, N: int, dtype: torch.dtype,
                         weight_dtype: torch.dtype = torch.float32, bias: bool = True) -> list[KernelLaunch]:
     """The Triton kernels ``linear`` runs on a GPU for x (M, K) in ``dtype`` and a weight (N, K) in
-    ``weight_dtype``: the forward and the backward's dX (its dW and db are cuBLAS and torch)."""
+    ``weight_dtype``: the forward and the backward's one launch (dX, dW and db)."""
     from vit_fast.aot import kernel_launches  # the compile tests' path only
 
     return kernel_launches(linear_planned_launches(M, K, N, dtype, weight_dtype, bias))
@@ -492,15 +637,16 @@ def linear_aot_launches(M: int, K: int, N: int, dtype: torch.dtype,
 
 def linear_planned_launches(M: int, K: int, N: int, dtype: torch.dtype,
                             weight_dtype: torch.dtype = torch.float32, bias: bool = True) -> list[Launch]:
-    """``linear``'s Triton ``Launch`` objects (forward, dX) on meta tensors, for accounts."""
+    """``linear``'s Triton ``Launch`` objects (forward; backward: dX, dW and db) on meta tensors, for accounts."""
 
     def t(*shape, dtype=dtype):
         return torch.empty(shape, dtype=dtype, device="meta")
 
-    w = t(N, K, dtype=weight_dtype)
-    return [linear_launch(t(M, K), w, t(N, dtype=weight_dtype) if bias else None, None, t(M, N), "none",
-                          interpret=False),
-            linear_launch(t(M, N), w.t(), None, None, t(M, K), "none", interpret=False)]
+    x, w, grad_y = t(M, K), t(N, K, dtype=weight_dtype), t(M, N)
+    grad_w_and_b = WeightGradOperands(grad_y, x, t(N, K, dtype=weight_dtype),
+                                      t(N, dtype=weight_dtype) if bias else None)
+    return [linear_launch(x, w, t(N, dtype=weight_dtype) if bias else None, None, t(M, N), "none", interpret=False),
+            linear_bwd_launch([grad_w_and_b], InputGradOperands(grad_y, w, t(M, K)), interpret=False)]
 
 
 @torch.library.custom_op("vit_fast::linear", mutates_args=())
@@ -534,9 +680,9 @@ def _linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, needs: list[b
     with torch.autocast(x.device.type, enabled=False):
         gy2d = grad_y.reshape(-1, weight.shape[0]).to(x.dtype)  # a no-op: y, hence grad_y, has x's dtype
         x2d = x.reshape(-1, x.shape[-1])
-        grad_x = _linear_input_grad(gy2d, weight, x.dtype).reshape(x.shape) if needs[0] else _not_needed(x)
-        grad_w = _product(gy2d.t(), x2d, weight.dtype) if needs[1] else _not_needed(x)
-        grad_b = _sum_rows(gy2d, weight.dtype) if needs[2] else _not_needed(x)
+        [(grad_w, grad_b)], grad_x2d = _linear_grads([(gy2d, x2d, needs[1], needs[2])],
+                                                     (gy2d, weight) if needs[0] else None, weight.dtype)
+        grad_x = grad_x2d.reshape(x.shape) if needs[0] else _not_needed(x)
     return grad_x, grad_w, grad_b
 
 
