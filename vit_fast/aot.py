@@ -308,7 +308,8 @@ def _child_main() -> None:
 # Ops whose module offers ``aot_every_config()``: every launch its launchers can make, over the
 # dtypes and sizes that select a different configuration.
 REPORT_OPS = {"attention": "vit_fast.fused.attention", "augment_policy": "vit_fast.fused.augment_policy",
-              "augment_finish": "vit_fast.fused.augment_finish", "cross_entropy": "vit_fast.fused.cross_entropy"}
+              "augment_finish": "vit_fast.fused.augment_finish", "cross_entropy": "vit_fast.fused.cross_entropy",
+              "layernorm": "vit_fast.fused.layernorm", "mlp": "vit_fast.fused.mlp"}
 _REPORT_COLUMNS = ("kernel", "dtype", "tiles", "warps", "stages", "sm", "REG", "SHARED", "LOCAL", "STACK", "CTAs/SM")
 
 

@@ -338,6 +338,22 @@ def aot_launches(rows: int, width: int, dtype: torch.dtype, residual: bool, weig
     return kernel_launches(launches)
 
 
+def aot_every_config(rows: int = 128 * 65, widths: tuple[int, ...] = (192,)) -> list[KernelLaunch]:
+    """The distinct launches of the fused model's LayerNorms in training, for
+    ``python -m vit_fast.aot --op layernorm``: at ``rows`` (vit-cifar's 128 images x 65 tokens)
+    and each width, under bf16 autocast (``add_layer_norm``: bf16 branch, fp32 residual stream
+    and parameters, stochastic depth's scale, bf16 output; ``layer_norm``: the fp32 stream in,
+    bf16 out) and in fp32 (``--no-amp``)."""
+    launches = []
+    for width in widths:
+        launches += aot_launches(rows, width, torch.bfloat16, True, weight_dtype=torch.float32,
+                                 residual_dtype=torch.float32, out_dtype=torch.bfloat16, scale=True)
+        launches += aot_launches(rows, width, torch.float32, False, out_dtype=torch.bfloat16)
+        launches += aot_launches(rows, width, torch.float32, True, scale=True)
+        launches += aot_launches(rows, width, torch.float32, False)
+    return list({launch.key: launch for launch in launches}.values())
+
+
 def planned_launches(rows: int, width: int, dtype: torch.dtype, residual: bool, multiprocessors: int = 132,
                      **variant) -> list[Launch]:
     """The ``Launch`` objects (kernel, grid, tensors) of one forward + backward on a GPU with

@@ -635,6 +635,22 @@ def linear_aot_launches(M: int, K: int, N: int, dtype: torch.dtype,
     return kernel_launches(linear_planned_launches(M, K, N, dtype, weight_dtype, bias))
 
 
+def aot_every_config(batch: int = 128, tokens: int = 65, dim: int = 192, hidden: int = 384,
+                     classes: int = 100) -> list[KernelLaunch]:
+    """The distinct launches of the fused model's MLPs and autocast linears in training, for
+    ``python -m vit_fast.aot --op mlp``: vit-cifar's shapes by default (``batch`` images of
+    ``tokens`` tokens, width ``dim``, MLP ``hidden``, ``classes`` head outputs), under bf16
+    autocast (bf16 activations, fp32 parameters, the fp32 residual stream, stochastic depth's
+    scale; the qkv and output projections and the head as ``linear``) and the MLP in fp32."""
+    M = batch * tokens
+    launches = aot_launches(M, dim, hidden, dim, torch.bfloat16, weight_dtype=torch.float32,
+                            residual_dtype=torch.float32, scale=True)
+    launches += aot_launches(M, dim, hidden, dim, torch.float32, scale=True)
+    for rows, n in ((M, 3 * dim), (M, dim), (batch, classes)):  # qkv, proj, head (class tokens)
+        launches += linear_aot_launches(rows, dim, n, torch.bfloat16)
+    return list({launch.key: launch for launch in launches}.values())
+
+
 def linear_planned_launches(M: int, K: int, N: int, dtype: torch.dtype,
                             weight_dtype: torch.dtype = torch.float32, bias: bool = True) -> list[Launch]:
     """``linear``'s Triton ``Launch`` objects (forward; backward: dX, dW and db) on meta tensors, for accounts."""
