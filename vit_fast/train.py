@@ -169,6 +169,8 @@ def resolve_recipe(args: argparse.Namespace) -> recipes.Lee2021:
 
 def check_args(args: argparse.Namespace) -> None:
     resolve_recipe(args)
+    if args.fused:  # one place decides the backend: the model, the loss and the loader read args.backend
+        args.backend = "fused"
 
     def positive(name):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
@@ -355,7 +357,7 @@ def make_train_loader(args: argparse.Namespace, world: dist_mod.World, train_set
     loader = data_mod.DeviceLoader(train_set, per_rank_batch(args.batch_size, world), mean, std, train=True,
                                    augment=recipes.augment_config(recipe), seed=args.seed,
                                    drop_last=args.cuda_graphs, rank=world.rank, world_size=world.size,
-                                   repeats=recipe.repeats, fused=args.fused or args.backend == "fused")
+                                   repeats=recipe.repeats, fused=args.backend == "fused")
     dropped = len(train_set) - sum(loader.global_batch_sizes())
     if args.cuda_graphs and dropped and world.is_main:
         log(f"--cuda-graphs: every batch has the captured graph's shape, so each epoch's last partial batch of "
@@ -689,9 +691,7 @@ def train(args: argparse.Namespace) -> dict:
     Started by torchrun, this process is one rank of a data-parallel job (see vit_fast.distributed);
     otherwise it trains alone, with no process group.
     """
-    check_args(args)  # resolves the recipe into args
-    if args.fused:
-        args.backend = "fused"
+    check_args(args)  # resolves the recipe and --fused into args
     world = dist_mod.world_from_env()
     device = dist_mod.device_for(world, args.device) if world.is_distributed else resolve_device(args.device)
     check_backend_device(args.backend, device)
