@@ -33,7 +33,7 @@ Goal (measured here on a GPU, never claimed before): at B = 256, N = 65, D = 64 
 Without a GPU nothing is timed: the script says so and runs a correctness smoke of the fused op
 against the reference under TRITON_INTERPRET=1.
 
-    python -m benchmarks.bench_attention [--quick] [--out-dir DIR] [--dtype bf16|fp16]
+    python benchmarks/bench_attention.py [--quick] [--out-dir DIR] [--dtype bf16|fp16]
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ import dataclasses
 
 import torch
 
-from benchmarks import common
-from benchmarks.common import PASSES
+from vit_fast import benchmarking as common
+from vit_fast.benchmarking import PASSES
 from vit_fast import ops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -201,7 +201,7 @@ def run_cpu(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.parser(__doc__, "N in (65, 1025) and the CIFAR goal shape only; one smoke case")
+    parser = common.parser(__doc__, "N in (65, 1025) and the CIFAR goal shape only; one smoke case", __file__)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--head-dim", type=int, default=64, help="head dim of the sequence sweep (default 64)")
     return common.run("bench_attention", parser.parse_args(argv), run_gpu, run_cpu)

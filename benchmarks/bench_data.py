@@ -1,7 +1,7 @@
 """Throughput of the device-resident input pipeline (crop, flip, normalise, optional mixup).
 
-    python -m benchmarks.bench_data [--batch-size 128] [--images 50000] [--mixup 0.8] [--device cpu]
-    python -m benchmarks.bench_data --recipe [--workers 2] [--repeats 3]
+    python benchmarks/bench_data.py [--batch-size 128] [--images 50000] [--mixup 0.8] [--device cpu]
+    python benchmarks/bench_data.py --recipe [--workers 2] [--repeats 3]
 
 ``--recipe`` compares the full Lee et al. (2021) / DeiT recipe (crop + flip, AutoAugment CIFAR-10
 policy, random erasing, mixup / cutmix, label smoothing) done batched by vit_fast.augment with the
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from benchmarks import common
+from vit_fast import benchmarking as common
 from vit_fast import data
 
 
@@ -69,7 +69,7 @@ def run_cpu(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__, "5000 images, 1 timed epoch")
+    p = common.parser(__doc__, "5000 images, 1 timed epoch", __file__)
     p.add_argument("--images", type=int, default=50_000, help="synthetic images of CIFAR's shape")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3, help="timed epochs (after one warm-up epoch)")

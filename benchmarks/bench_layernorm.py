@@ -1,6 +1,6 @@
 """Benchmark of the fused LayerNorm (+ residual add), vit_fast.fused.layernorm.
 
-    python -m benchmarks.bench_layernorm [--quick] [--dtype bf16] [--out-dir DIR]
+    python benchmarks/bench_layernorm.py [--quick] [--dtype bf16] [--out-dir DIR]
 
 Providers, side by side in one process, on identical inputs, all vit_fast.ops.layer_norm /
 add_layer_norm with a backend:
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import common
-from benchmarks.common import PROVIDERS, device_peaks, no_gpu_notice, plot_lines, time_cuda
+from vit_fast import benchmarking as common
+from vit_fast.benchmarking import PROVIDERS, device_peaks, no_gpu_notice, plot_lines, time_cuda
 from vit_fast import ops
 from vit_fast.testing import assert_parity
 
@@ -205,7 +205,7 @@ def plot(result: dict, out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__, "fewer shapes: 128*65 rows on a GPU, widths 192 and 768 on CPU")
+    p = common.parser(__doc__, "fewer shapes: 128*65 rows on a GPU, widths 192 and 768 on CPU", __file__)
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default: bf16 on a GPU (training's dtype), fp32 for the CPU smoke (tightest check)")
     args = p.parse_args(argv)

@@ -29,15 +29,15 @@ the torch provider and not slower than torch.compile at the CIFAR shapes.
 Without a GPU nothing is timed; the script checks the fused MLP against the reference under
 TRITON_INTERPRET=1 (forward and every gradient, at a CIFAR width) and reports the model.
 
-    python -m benchmarks.bench_mlp [--quick] [--breakdown] [--out-dir DIR] [--dtype bf16|fp16]
+    python benchmarks/bench_mlp.py [--quick] [--breakdown] [--out-dir DIR] [--dtype bf16|fp16]
 """
 
 from __future__ import annotations
 
 import torch
 
-from benchmarks import common
-from benchmarks.common import PASSES
+from vit_fast import benchmarking as common
+from vit_fast.benchmarking import PASSES
 from vit_fast import ops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -153,7 +153,7 @@ def run_cpu(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.parser(__doc__, "one shape (D=192, ratio 4, B=256); one smoke case")
+    parser = common.parser(__doc__, "one shape (D=192, ratio 4, B=256); one smoke case", __file__)
     parser.add_argument("--breakdown", action="store_true", help="also list each kernel's time, fused beside torch")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     return common.run("bench_mlp", parser.parse_args(argv), run_gpu, run_cpu)

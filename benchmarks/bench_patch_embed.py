@@ -19,7 +19,7 @@ times the element size. K = C*p*p, N = (H/p)*(W/p).
 Without a GPU nothing is timed; the script checks the fused op against the reference on the CPU
 (forward and every gradient, both configurations at small batch) and reports the byte model.
 
-    python -m benchmarks.bench_patch_embed [--quick] [--out-dir DIR] [--dtype bf16|fp16|fp32]
+    python benchmarks/bench_patch_embed.py [--quick] [--out-dir DIR] [--dtype bf16|fp16|fp32]
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks import common
-from benchmarks.common import PASSES
+from vit_fast import benchmarking as common
+from vit_fast.benchmarking import PASSES
 from vit_fast import ops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -146,7 +146,7 @@ def run_cpu(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.parser(__doc__, "one batch size per configuration")
+    parser = common.parser(__doc__, "one batch size per configuration", __file__)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     return common.run("bench_patch_embed", parser.parse_args(argv), run_gpu, run_cpu)
 

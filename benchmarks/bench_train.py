@@ -1,6 +1,6 @@
 """The training step as trained: images/s, step time and peak memory per backend and step mode.
 
-    python -m benchmarks.bench_train [--presets vit-cifar] [--batch-sizes 128 512] [--quick]
+    python benchmarks/bench_train.py [--presets vit-cifar] [--batch-sizes 128 512] [--quick]
 
 A timed step is what ``python -m vit_fast.train`` runs for each batch, built by its own code
 (``train.setup``, ``epoch_batches``, ``run_step``): DeviceLoader draws and augments the batch
@@ -29,8 +29,8 @@ import tempfile
 
 import torch
 
-from benchmarks import common
-from benchmarks.common import device_peaks, environment, no_gpu_notice, plot_lines, time_cuda
+from vit_fast import benchmarking as common
+from vit_fast.benchmarking import device_peaks, environment, no_gpu_notice, plot_lines, time_cuda
 from vit_fast import cost
 
 BACKENDS = ("reference", "torch", "fused")
@@ -159,7 +159,7 @@ def run_gpu(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__, "vit-cifar at batch 128 only")
+    p = common.parser(__doc__, "vit-cifar at batch 128 only", __file__)
     p.add_argument("--presets", nargs="+", default=["vit-cifar"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 512])
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)

@@ -1,6 +1,6 @@
 """One command for the whole validation: parity suite, op benchmarks, training benchmark, report.
 
-    python -m benchmarks.run_all [--out-dir report] [--quick] [--skip-tests]
+    python benchmarks/run_all.py [--out-dir report] [--quick] [--skip-tests]
 
 On a CUDA machine (run_gpu): the test suite on the GPU (bf16 included), every op benchmark, the training
 benchmark, and a short real training comparison (same seed and steps with --fused and with the
@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import common
-from benchmarks.common import environment, gpu_available
+from vit_fast import benchmarking as common
+from vit_fast.benchmarking import environment, gpu_available
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,8 +151,8 @@ def write_summary_md(out: Path, summary: dict) -> None:
 
 
 def benchmark_step(name: str, out: Path, quick: bool, timeout: float) -> dict:
-    """One benchmark script as a module of this package, its JSON and plots written into ``out``."""
-    return run_step(name, [sys.executable, "-m", f"benchmarks.{name}", "--out-dir", str(out),
+    """One benchmark script run by its path, as users run it; its JSON and plots written into ``out``."""
+    return run_step(name, [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--out-dir", str(out),
                            *(["--quick"] if quick else [])], out, timeout)
 
 
@@ -205,7 +205,7 @@ def run_cpu(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__, "smoke everything (minutes): the test suite's mode", default_out_dir=Path("report"))
+    p = common.parser(__doc__, "smoke everything (minutes): the test suite's mode", __file__, default_out_dir=Path("report"))
     p.add_argument("--skip-tests", action="store_true", help="do not run pytest (e.g. CI already did)")
     p.add_argument("--data-dir", default="./data", help="CIFAR-100 for the training comparison, if present")
     args = p.parse_args(argv)

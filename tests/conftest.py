@@ -26,3 +26,21 @@ def device() -> torch.device:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``benchmark_script("bench_train")``: benchmarks/bench_train.py loaded by its path, as
+    ``python benchmarks/bench_train.py`` finds it (not through a ``benchmarks`` package, which only
+    the repository root on ``sys.path`` provides)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"_benchmark_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

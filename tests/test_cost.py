@@ -194,8 +194,10 @@ def test_cli_pure_prints_tables_and_writes_json(tmp_path, capsys):
     assert set(data["backends"]) == {"reference", "fused"} and data["batch_size"] == 8 and data["step"] == "pure"
 
 
-def test_bench_train_without_a_gpu_prints_the_account(tmp_path, monkeypatch, capsys):
-    from benchmarks import bench_train, common
+def test_bench_train_without_a_gpu_prints_the_account(tmp_path, monkeypatch, capsys, benchmark_script):
+    from vit_fast import benchmarking as common
+
+    bench_train = benchmark_script("bench_train")
 
     monkeypatch.setattr(common, "gpu_available", lambda: False)  # the CPU path, on any machine
     assert bench_train.main(["--batch-sizes", "8", "--backends", "torch", "fused", "--out-dir", str(tmp_path)]) == 0
@@ -206,8 +208,8 @@ def test_bench_train_without_a_gpu_prints_the_account(tmp_path, monkeypatch, cap
     assert set(data["cost_account"]["vit-cifar/b8"]["fused"]["phases"]) == set(train.PHASES)
 
 
-def test_bench_train_speedup_table():
-    from benchmarks import bench_train
+def test_bench_train_speedup_table(benchmark_script):
+    bench_train = benchmark_script("bench_train")
 
     providers = bench_train.provider_names(("torch", "fused"), ("eager", "cuda-graphs"))
     assert providers == ["torch/eager", "torch/cuda-graphs", "fused/eager", "fused/cuda-graphs"]

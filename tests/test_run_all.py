@@ -1,4 +1,4 @@
-"""benchmarks.run_all in its quick mode writes a complete report directory."""
+"""benchmarks/run_all.py in its quick mode writes a complete report directory."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_run_all_quick_writes_the_report(tmp_path):
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--out-dir", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--out-dir", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -1,5 +1,12 @@
 """Shared benchmark plumbing: the entry point, providers, GPU timing, peaks, JSON and plots.
 
+The scripts in ``benchmarks/`` import this module, which is installed with the package, so that
+each of them runs as users type it: ``python benchmarks/bench_attention.py`` from the repository
+root, by its full path from any directory, or as ``python -m benchmarks.bench_attention``. (A
+module beside the scripts would need the repository root on ``sys.path``, which running a script
+by its path does not give.) Import it before anything imports triton: without a GPU it selects
+Triton's interpreter, which must be chosen before triton is first imported.
+
 Every benchmark runs its providers side by side in one process. GPU times come from
 ``triton.testing.do_bench`` (warm-up, CUDA events, L2 flushed between runs) as the median with
 20th/80th percentiles. Without a GPU nothing is timed: interpreter or CPU timings of GPU kernels
@@ -26,7 +33,9 @@ from torch import Tensor
 
 from vit_fast.testing import assert_parity, max_abs_diff
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+if not torch.cuda.is_available():
+    # Without a GPU the smokes run the Triton kernels in the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Published peak figures (NVIDIA data sheets): dense tensor-core TFLOP/s for 16-bit inputs and HBM
 # bandwidth in GB/s. Matched against torch.cuda.get_device_name(); order matters (longest first).
@@ -54,8 +63,12 @@ def gpu_available() -> bool:
 # ----------------------------------------------------------------------------- entry point
 
 
-def parser(doc: str, quick_help: str, default_out_dir: Path = RESULTS_DIR) -> argparse.ArgumentParser:
-    """The arguments every script takes: --quick and --out-dir; scripts add their own."""
+def parser(doc: str, quick_help: str, script: str, default_out_dir: Path | None = None) -> argparse.ArgumentParser:
+    """The arguments every script takes: --quick and --out-dir; scripts add their own.
+
+    ``script`` is the calling script's ``__file__``: results go to ``results/`` beside it unless
+    ``default_out_dir`` or ``--out-dir`` says otherwise, whatever the working directory."""
+    default_out_dir = default_out_dir or Path(script).resolve().parent / "results"
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--out-dir", type=Path, default=default_out_dir, help=f"where the output goes (default {default_out_dir})")
@@ -219,8 +232,8 @@ def environment() -> dict:
     return info
 
 
-def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
-    out_dir = Path(out_dir or RESULTS_DIR)
+def write_json(name: str, payload: dict, out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
