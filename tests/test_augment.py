@@ -210,6 +210,35 @@ def test_random_erasing_boxes():
         assert 0.02 * H * W * 0.5 < h * w < (H * W / 3) * 1.5 + 2 * (h + w)  # area fraction in scale, up to rounding
 
 
+def test_random_erasing_boxes_reach_every_edge_uniformly():
+    """Kills the mutation of ``draw_erase_boxes`` drawing the box top from ``height - h`` (or the
+    left from ``width - w``) instead of ``height + 1 - h`` / ``width + 1 - w``: boxes would never
+    touch the bottom (right) edge. A box of h rows has H + 1 - h places, each drawn with
+    probability 1 / (H + 1 - h); so given the drawn sizes, the number of boxes at the top edge
+    (top == 0) and at the bottom edge (top + h == H) are sums of independent Bernoulli draws of
+    known mean and variance (the same for columns). 20,000 boxes on 32 x 32: about 1,280 expected
+    at each edge, with a standard deviation of about 34; the bound is 6 of those (a false failure
+    has a chance under 1e-8, and the seed is fixed), the mutation gives 0 at the bottom (right)."""
+    B, H, W = 20_000, 32, 32
+    top, left, h, w, on = A.draw_erase_boxes(B, H, W, 1.0, torch.Generator().manual_seed(0), "cpu")
+    on = on[:, 0]
+    assert on.float().mean() > 0.99  # nearly every image has a fitting try
+    top, left, h, w = top[on, 0], left[on, 0], h[on, 0], w[on, 0]
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
+    assert (top == top.floor()).all() and (left == left.floor()).all()
+    for edge, at_edge, places in [("top", top == 0, H + 1 - h), ("bottom", top + h == H, H + 1 - h),
+                                  ("left", left == 0, W + 1 - w), ("right", left + w == W, W + 1 - w)]:
+        p = 1 / places  # each box's chance of this edge, given its size
+        expected, sd = float(p.sum()), float((p * (1 - p)).sum().sqrt())
+        count = int(at_edge.sum())
+        assert expected > 1000 and abs(count - expected) < 6 * sd, \
+            f"{count} of {len(p)} boxes at the {edge} edge, expected {expected:.0f} +- {sd:.0f}"
+    # The masks of the same draws erase the last row / column of exactly those images.
+    mask = A.erase_boxes(B, H, W, 1.0, torch.Generator().manual_seed(0), "cpu")[:, 0]  # (B, H, W)
+    assert int(mask[:, -1, :].any(-1).sum()) == int((top + h == H).sum())
+    assert int(mask[:, :, -1].any(-1).sum()) == int((left + w == W).sum())
+
+
 @pytest.mark.parametrize("mode", ["const", "rand", "pixel"])
 def test_random_erasing_values(mode):
     x = torch.randn(64, 3, 16, 16)

@@ -279,3 +279,34 @@ def test_fused_loader_yields_the_torch_loaders_batches_on_cuda():
                                  repeats=3, fused=fused) for fused in (False, True)]
     for (x, y), (xf, yf) in zip(*loaders, strict=True):
         assert torch.equal(xf, x) and torch.equal(yf, y)
+
+
+def test_fingerprint_covers_the_labels_and_a_relabelled_split_is_refused_on_resume(tmp_path):
+    """Kills the mutation that drops the labels from ``data.fingerprint``'s digest: a split with the
+    same images and one label changed must fingerprint differently, ``fingerprint_changes`` must
+    name that split, and ``--resume`` (``train.check_resume_data``) must refuse it."""
+    from vit_fast import train as train_mod
+
+    ds = data.synthetic(40, 4, image_size=8, seed=0)
+    train = data.ImageDataset(ds.images[:32], ds.labels[:32], ds.classes)
+    test = data.ImageDataset(ds.images[32:], ds.labels[32:], ds.classes)
+    saved = data.fingerprint("synthetic", train, test)
+    assert data.fingerprint("synthetic", train, test) == saved
+    assert data.fingerprint_changes(saved, data.fingerprint("synthetic", train, test)) == []
+
+    def relabelled(split: data.ImageDataset) -> data.ImageDataset:
+        labels = split.labels.clone()
+        labels[3] = (labels[3] + 1) % len(split.classes)  # one label changed, the images the same
+        return data.ImageDataset(split.images.clone(), labels, split.classes)
+
+    for name, now in [("train", data.fingerprint("synthetic", relabelled(train), test)),
+                      ("test", data.fingerprint("synthetic", train, relabelled(test)))]:
+        other = "test" if name == "train" else "train"
+        assert now[f"{name}_sha256"] != saved[f"{name}_sha256"]
+        assert now[f"{other}_sha256"] == saved[f"{other}_sha256"]
+        assert data.fingerprint_changes(saved, now) == [f"{name} image or label content (same count, different SHA-256)"]
+        ckpt = {"data": {"dataset": "synthetic", "classes": list(ds.classes), "fingerprint": saved}}
+        with pytest.raises(SystemExit, match=rf"--resume with different data than .*checkpoint\.pt was trained on: "
+                                             rf"{name} image or label content"):
+            train_mod.check_resume_data(ckpt, now, tmp_path / "checkpoint.pt")
+        train_mod.check_resume_data(ckpt, saved, tmp_path / "checkpoint.pt")  # the original data resumes

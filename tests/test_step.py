@@ -2,6 +2,7 @@
 schedule, the optimizer, non-finite losses, CUDA-graph batching and arguments, graph replay on a GPU."""
 
 import argparse
+import contextlib
 import math
 
 import pytest
@@ -121,6 +122,29 @@ def test_optimizer_is_fused_with_a_device_lr_and_capturable_on_cuda():
     assert optim.lr_dtype(torch.device("cuda")) == torch.float32  # what CUDA's fused AdamW reads
     assert all(g["lr"] is lr and g["fused"] for g in opt.param_groups)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_weight_decay_groups_hold_the_right_parameters():
+    """Kills the mutation ``p.ndim <= 1`` -> ``p.ndim < 1`` in ``optim.param_groups`` (biases and
+    LayerNorm parameters decayed): the groups are checked by parameter name, not by their
+    ``weight_decay`` values or sizes. No decay: every bias, every LayerNorm weight and bias, the
+    class token and the positional embedding (3-D, excluded by name); decay: the weights of the
+    patch-embedding convolution and of every Linear layer."""
+    from vit_fast.config import ViTConfig
+    from vit_fast.model import ViTClassifier
+
+    model = ViTClassifier(ViTConfig(image_size=8, patch_size=4, dim=8, depth=2, num_heads=2, num_classes=3))
+    decay, no_decay = optim.param_groups(model, 0.05)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    blocks = [f"blocks.{i}." for i in range(2)]
+    assert sorted(name_of[id(p)] for p in decay["params"]) == sorted(
+        ["patch_embed.proj.weight", "head.weight"]
+        + [b + f"{layer}.weight" for b in blocks for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")])
+    assert sorted(name_of[id(p)] for p in no_decay["params"]) == sorted(
+        ["cls_token", "pos_embed", "patch_embed.proj.bias", "head.bias", "norm.weight", "norm.bias"]
+        + [b + f"{layer}.bias" for b in blocks for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+        + [b + f"{norm}.{kind}" for b in blocks for norm in ("norm1", "norm2") for kind in ("weight", "bias")])
 
 
 def test_optimizer_state_is_restored_in_place():
@@ -311,6 +335,143 @@ def test_graph_and_compile_mode_argument_errors(tmp_path):
                                      torch.device("cuda", 0))
     with pytest.raises(SystemExit):  # argparse: invalid choice
         parse("--compile-mode", "fastest")
+
+
+class _FakeCuda:
+    """The torch.cuda calls GraphedStep makes, recorded in ``log`` in order, on a CPU. As a real
+    capture, the fake one runs nothing: each ``train_step`` called inside ``graph(g)`` is recorded
+    in ``g`` (a closure over the tensors it was given) and returns a static output tensor, and
+    every ``g.replay()`` runs the recorded steps, which read the static inputs as they are then
+    and write their loss into that output."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+        self.current = self.default = _FakeStream(self, "default")
+        self.capturing: _FakeGraph | None = None
+
+    def Stream(self, device=None) -> "_FakeStream":  # noqa: N802 - torch.cuda's name
+        self.log.append(("Stream",))
+        return _FakeStream(self, "side")
+
+    def current_stream(self, device=None) -> "_FakeStream":
+        return self.current
+
+    @contextlib.contextmanager
+    def stream(self, s: "_FakeStream"):
+        self.log.append(("enter stream", s.name))
+        before, self.current = self.current, s
+        try:
+            yield
+        finally:
+            self.current = before
+            self.log.append(("exit stream", s.name))
+
+    def CUDAGraph(self) -> "_FakeGraph":  # noqa: N802
+        self.log.append(("CUDAGraph",))
+        return _FakeGraph(self)
+
+    @contextlib.contextmanager
+    def graph(self, g: "_FakeGraph"):
+        self.log.append(("capture begins",))
+        self.capturing = g
+        try:
+            yield
+        finally:
+            self.capturing = None
+            self.log.append(("capture ends",))
+
+
+class _FakeStream:
+    def __init__(self, cuda: _FakeCuda, name: str) -> None:
+        self.cuda, self.name = cuda, name
+
+    def wait_stream(self, other: "_FakeStream") -> None:
+        self.cuda.log.append(("wait", self.name, "for", other.name))
+
+
+class _FakeGraph:
+    def __init__(self, cuda: _FakeCuda) -> None:
+        self.cuda, self.recorded = cuda, []
+
+    def replay(self) -> None:
+        self.cuda.log.append(("replay",))
+        for work in self.recorded:
+            work()
+
+
+def test_graphed_step_warms_up_captures_and_replays_on_a_cpu(tmp_path, monkeypatch):
+    """Kills the mutation that drops GraphedStep's ``replay()`` right after the capture (the
+    captured batch would never be trained). With torch.cuda's streams and graphs replaced by
+    recording fakes (_FakeCuda) and the real ``train_step`` on a CPU: the first
+    GRAPH_WARMUP_STEPS calls are eager steps on one side stream, fenced by the stream waits; the
+    next call captures once and replays at once; later calls only replay. Every call is exactly
+    one optimizer step on its own batch, read from the same static buffers, and returns that
+    step's loss; the parameters end as those of as many eager steps; a batch of another shape is
+    refused."""
+    run = tiny_run(tmp_path / "graphed", "cpu", "--backend", "torch", "--recipe", "basic")
+    eager = tiny_run(tmp_path / "eager", "cpu", "--backend", "torch", "--recipe", "basic")
+    for a, b in zip(run.model.parameters(), eager.model.parameters()):
+        b.data.copy_(a.data)  # the same starting point
+    cuda = _FakeCuda()
+    for name in ("Stream", "current_stream", "stream", "CUDAGraph", "graph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
+    real_step, ran = train_mod.train_step, []
+
+    def execute(run, x, y):
+        cuda.log.append(("step on", cuda.current.name))
+        loss = real_step(run, x, y)
+        ran.append((x.data_ptr(), y.data_ptr(), x.clone(), y.clone(), loss.clone()))
+        return loss
+
+    def recorded_step(run, x, y, *rest, **options):
+        assert not rest and not options  # GraphedStep takes the default phases and loss scale
+        if cuda.capturing is None:
+            return execute(run, x, y)
+        out = torch.zeros((), dtype=torch.float32)  # the graph's static output
+        cuda.capturing.recorded.append(lambda: out.copy_(execute(run, x, y)))
+        cuda.log.append(("step recorded",))
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", recorded_step)
+    step, n_warm = train_mod.GraphedStep(run), train_mod.GRAPH_WARMUP_STEPS
+    assert n_warm >= 1 and step.warmup_steps == n_warm
+    warm = [("wait", "side", "for", "default"), ("enter stream", "side"), ("step on", "side"),
+            ("exit stream", "side"), ("wait", "default", "for", "side")]
+    g = torch.Generator().manual_seed(0)
+    calls, losses, batches = n_warm + 3, [], []
+    torch.manual_seed(0)
+    for i in range(calls):
+        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
+        batches.append((x, y))
+        cuda.log.clear()
+        losses.append(step(x, y))
+        if i == 0:
+            expected = [("Stream",), *warm]
+        elif i < n_warm:
+            expected = warm
+        elif i == n_warm:
+            expected = [("CUDAGraph",), ("capture begins",), ("step recorded",), ("capture ends",),
+                        ("replay",), ("step on", "default")]
+        else:
+            expected = [("replay",), ("step on", "default")]
+        assert cuda.log == expected, f"call {i + 1}"
+        assert len(ran) == i + 1 and int(run.scheduler.steps) == i + 1, f"call {i + 1}: one optimizer step per call"
+        x_ptr, y_ptr, x_seen, y_seen, loss = ran[-1]
+        assert (x_ptr, y_ptr) == (step.static_x.data_ptr(), step.static_y.data_ptr()), "the static buffers"
+        assert torch.equal(x_seen, x) and torch.equal(y_seen, y), f"call {i + 1} trained on another batch"
+        assert torch.equal(losses[-1], loss), f"call {i + 1} returned another step's loss"
+    assert len(step.graph.recorded) == 1 and all(out is losses[n_warm] for out in losses[n_warm:])  # static output
+    assert all(int(s["step"]) == calls for s in run.optimizer.state.values())
+    torch.manual_seed(0)
+    for i, (x, y) in enumerate(batches):
+        assert torch.equal(real_step(eager, x, y), ran[i][4]), f"step {i + 1}"
+    for (name, a), b in zip(run.model.named_parameters(), eager.model.parameters()):
+        assert torch.equal(a, b), name
+    cuda.log.clear()
+    with pytest.raises(RuntimeError, match=r"the CUDA graph was captured for batches of \(8, 3, 8, 8\) and \(8,\), "
+                                           r"got \(4, 3, 8, 8\) and \(4,\)"):
+        step(batches[0][0][:4], batches[0][1][:4])
+    assert cuda.log == [] and len(ran) == calls
 
 
 # ------------------------------------------------------------------------------------------------
