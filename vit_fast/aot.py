@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
+from vit_fast.cli import errors_handled
 from vit_fast.fused.launch import Launch, environment_without_interpreter
 
 # Maximum dynamic shared memory one block may use (CUDA programming guide, "Compute capabilities").
@@ -281,6 +282,11 @@ def _compile_launch(launch: KernelLaunch, capability: int) -> KernelResources:
                           launch.divisible_by_16, launch.options)
 
 
+class CompileError(RuntimeError):
+    """The compiling process failed (no Triton, no cuobjdump, a compiler error); the message ends
+    with that process's stderr."""
+
+
 def compile_launches(launches, targets=TARGETS, timeout: float = 1800) -> list[tuple[KernelLaunch, KernelResources]]:
     """Compile each distinct launch for each target in a fresh Python process outside Triton's
     interpreter (so this works from a test session that runs the kernels in the interpreter)."""
@@ -290,7 +296,7 @@ def compile_launches(launches, targets=TARGETS, timeout: float = 1800) -> list[t
     child = subprocess.run([sys.executable, "-m", "vit_fast.aot", "--child"], input=payload, env=env,
                            capture_output=True, text=True, timeout=timeout)
     if child.returncode != 0:
-        raise RuntimeError(f"ahead-of-time compilation failed:\n{child.stderr[-6000:]}")
+        raise CompileError(f"ahead-of-time compilation failed:\n{child.stderr[-6000:]}")
     results = json.loads(child.stdout.splitlines()[-1])
     return [(unique[i], KernelResources(**r)) for i, r in results]
 
@@ -363,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         _child_main()
         return 0
-    results = report(args.op or sorted(REPORT_OPS))
+    with errors_handled(CompileError, subprocess.TimeoutExpired):
+        results = report(args.op or sorted(REPORT_OPS))
     return 1 if any(r.spills or not r.fits_shared_memory for _, r in results) else 0
 
 

@@ -85,8 +85,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .config import BACKENDS, get_preset
+from .cli import UsageError, errors_handled
+from .config import BACKENDS, PRESETS, get_preset
 from .paths import check_output_file
+from .recipes import RECIPES
 
 # Allocation-only or bookkeeping operators: no kernel reads or writes memory for them.
 _FREE_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh",
@@ -686,10 +688,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vit_fast.cost",
                                 description="Per-step cost account (kernels, casts, bytes, FLOPs, host syncs) "
                                             "of a training step, with a roofline model per GPU")
-    p.add_argument("--preset", default="vit-cifar")
+    p.add_argument("--preset", default="vit-cifar", choices=sorted(PRESETS))
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    p.add_argument("--recipe", default=None, help="the training recipe (default: the training CLI's default)")
+    p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                   help="the training recipe (default: the training CLI's default)")
     p.add_argument("--mixup", type=float, default=None, help="override the recipe's mixup Beta(alpha, alpha)")
     p.add_argument("--cutmix", type=float, default=None, help="override the recipe's cutmix Beta(alpha, alpha)")
     p.add_argument("--pure", action="store_true",
@@ -701,6 +704,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    with errors_handled():  # a UsageError exits 2 (--mixup and --cutmix are checked by the training CLI's rules)
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> dict:
+    if args.batch_size <= 0 or args.top < 0:
+        raise UsageError(f"--batch-size must be positive and --top >= 0, got {args.batch_size} and {args.top}")
     if args.json:  # before the accounts, which take a while
         check_output_file(args.json, "--json")
     if args.pure:

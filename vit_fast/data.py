@@ -676,36 +676,67 @@ def preview(dataset: ImageDataset, recipe, path: str | Path, count: int = 32, se
     return save_figure(fig, path)
 
 
+MAX_PREVIEW_IMAGES = 256  # a preview grid of 32 rows of 8: 12.8 x 64 inches, written in seconds
+
+
+def preview_path(path: str | Path) -> Path:
+    """The file ``--preview`` writes: ``path``, with ``.png`` added when it has no suffix (as
+    matplotlib would add it); an image format matplotlib does not write is a UsageError."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from .cli import UsageError
+    from .paths import check_output_file
+
+    path = Path(path)
+    if not path.suffix and not path.is_dir():
+        path = path.with_name(path.name + ".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if not path.is_dir() and path.suffix[1:].lower() not in formats:
+        raise UsageError(f"--preview {path}: {path.suffix!r} is not an image format matplotlib writes; use .png "
+                         f"(or one of {', '.join(sorted(formats))})")
+    return check_output_file(path, "--preview")
+
+
 def main(argv: list[str] | None = None) -> Path:
     """``python -m vit_fast.data --preview grid.png``: a look at the augmented training data."""
     import argparse
 
     from . import recipes
+    from .cli import UsageError, errors_handled
 
     p = argparse.ArgumentParser(prog="python -m vit_fast.data", description=main.__doc__)
-    p.add_argument("--preview", required=True, metavar="PNG", help="write the grid of augmented images here")
+    p.add_argument("--preview", required=True, metavar="PNG",
+                   help="write the grid of augmented images here (.png added to a name without a suffix)")
     p.add_argument("--dataset", default="cifar100", choices=DATASETS)
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--no-download", action="store_true", help="never try to download a missing dataset")
-    p.add_argument("--count", type=int, default=32, help="images in the grid")
+    p.add_argument("--count", type=int, default=32, help=f"images in the grid, at most {MAX_PREVIEW_IMAGES}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epoch", type=int, default=0, help="the epoch whose first batch is shown (0-based)")
     recipes.add_recipe_argument(p)
     recipes.add_augment_arguments(p.add_argument_group("augmentation (overrides the recipe)"))
     args = p.parse_args(argv)
-    if args.count <= 0 or args.epoch < 0:
-        raise SystemExit(f"--count must be positive and --epoch >= 0, got {args.count} and {args.epoch}")
-    try:
-        recipe = recipes.resolve(args)
-        recipes.check(recipe)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    try:
+    # DatasetNotFoundError is a FileNotFoundError, ImageReadError a DatasetIntegrityError.
+    with errors_handled(FileNotFoundError, DatasetIntegrityError):
+        if args.count <= 0 or args.epoch < 0:
+            raise UsageError(f"--count must be positive and --epoch >= 0, got {args.count} and {args.epoch}")
+        if args.count > MAX_PREVIEW_IMAGES:
+            raise UsageError(f"--count {args.count}: a preview grid holds at most {MAX_PREVIEW_IMAGES} images "
+                             "(data.MAX_PREVIEW_IMAGES)")
+        try:
+            recipe = recipes.resolve(args)
+            recipes.check(recipe)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        image_size = 32  # the preview loads every dataset at load_split's default size
+        if recipe.crop_padding >= image_size:
+            raise UsageError(f"--crop-padding {recipe.crop_padding} is at least the image size ({image_size} pixels): "
+                             "many random crops would be all padding; use a padding below it (lee2021: 4)")
+        out = preview_path(args.preview)  # before the data is loaded and the grid drawn
         train_set = load_split(args.dataset, args.data_dir, True, download=not args.no_download, seed=args.seed)
-    except DatasetNotFoundError as err:
-        raise SystemExit(f"error: {err}") from None
-    path = preview(train_set, recipe, args.preview, args.count, args.seed, args.epoch)
-    print(f"wrote {path}: {args.count} training images of {args.dataset} under recipe {recipe.name}")
+        path = preview(train_set, recipe, out, args.count, args.seed, args.epoch)
+    shown = min(args.count, len(train_set))
+    print(f"wrote {path}: {shown} training images of {args.dataset} under recipe {recipe.name}")
     return path
 
 

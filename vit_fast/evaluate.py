@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import data as data_mod
 from . import distributed as dist_mod
 from .checkpoint import CheckpointError, load_model
+from .cli import UsageError, errors_handled
 from .paths import check_output_file
 from .runtime import autocast, check_backend_device, resolve_device
 
@@ -172,15 +173,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pairs", type=int, default=10, help="how many confused class pairs to list")
     p.add_argument("--json", help="also write the report (with every class's accuracy) to this JSON file")
     args = p.parse_args(argv)
-    if args.batch_size <= 0 or args.pairs < 0:
-        raise SystemExit(f"--batch-size must be positive and --pairs >= 0, got {args.batch_size} and {args.pairs}")
-    if args.json:
-        check_output_file(args.json, "--json")  # before the evaluation, not after it
-    try:
+    # DatasetNotFoundError is a FileNotFoundError; a UsageError (e.g. an unknown --device) exits 2.
+    with errors_handled(FileNotFoundError, CheckpointError, data_mod.DatasetIntegrityError):
+        if args.batch_size <= 0 or args.pairs < 0:
+            raise UsageError(f"--batch-size must be positive and --pairs >= 0, got {args.batch_size} and {args.pairs}")
+        resolve_device(args.device)  # an unknown device before anything is read
+        if args.json:
+            check_output_file(args.json, "--json")  # before the evaluation, not after it
         report = evaluate_checkpoint(args.checkpoint, args.data_dir, args.dataset, args.device, args.batch_size,
                                      args.backend, not args.no_download, args.pairs)
-    except (FileNotFoundError, CheckpointError, data_mod.DatasetIntegrityError) as err:
-        raise SystemExit(f"error: {err}") from None  # DatasetNotFoundError is a FileNotFoundError
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .paths import check_output_file
+
 # (panel title, [(metrics key, label)], y-axis label, log scale)
 PANELS = (
     ("loss", [("train_loss", "train"), ("val_loss", "val")], "cross-entropy", False),
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-o", "--out", help="PNG to write (default: curves.png beside the metrics log)")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.metrics).with_name("curves.png")
+    if args.out:  # e.g. a file where its directory belongs: one line, not a traceback
+        check_output_file(out, "--out")
     try:
         plot_metrics(args.metrics, out)
     except (FileNotFoundError, ValueError) as err:

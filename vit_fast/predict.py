@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_model
+from .cli import UsageError, errors_handled
 from .data import ImageReadError, normalize, read_image
 from .evaluate import checkpoint_data
 from .runtime import check_backend_device, resolve_device
@@ -69,12 +70,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--backend", default="torch", choices=("reference", "torch", "fused"))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
-    if args.top_k <= 0:
-        raise SystemExit(f"--top-k must be positive, got {args.top_k}")
-    try:
+    with errors_handled(FileNotFoundError, CheckpointError, ImageReadError):  # a UsageError exits 2
+        if args.top_k <= 0:
+            raise UsageError(f"--top-k must be positive, got {args.top_k}")
         results = predict_files(args.images, args.checkpoint, args.device, args.top_k, args.backend)
-    except (FileNotFoundError, CheckpointError, ImageReadError) as err:
-        raise SystemExit(f"error: {err}") from None
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -7,6 +7,12 @@ dataclass; its field names are the training command's argument names (``--drop-p
 preset and every other value comes from it (``resolve``). The checkpoint records the resolved
 recipe and ``--resume`` refuses to continue under different values.
 
+A shortened run keeps a sensible warm-up: when ``--epochs`` is at most the preset's warm-up (say
+lee2021, 10 warm-up epochs, with ``--epochs 5``) and ``--warmup-epochs`` is not given, the warm-up
+is scaled to the share of the run it has in the preset (10 of 100 epochs: 0.5 of 5), with a
+warning (``fit_warmup``). An explicit ``--warmup-epochs`` longer than ``--epochs`` is an error
+(``check``), as is a ``--min-lr`` above ``--lr``.
+
 Sources of the lee2021 values (each field says which):
 - [L] Lee, Lee & Song 2021, "Vision Transformer for Small-Size Datasets" (arXiv 2112.13492), which
   trains its ViTs with DeiT's augmentation and regularisation. The numbers are the argument
@@ -22,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 POLICIES = ("autoaugment", "randaugment", "trivialaugment", "none")
@@ -107,24 +115,47 @@ DEFAULT = "lee2021"
 FIELDS = tuple(f.name for f in dataclasses.fields(Lee2021) if f.name != "name")
 
 
-def get_recipe(name: str, **overrides) -> Lee2021:
-    """The preset ``name`` with ``overrides`` (field name -> value; None keeps the preset's)."""
+def get_recipe(name: str, log: Callable[[str], None] | None = None, **overrides) -> Lee2021:
+    """The preset ``name`` with ``overrides`` (field name -> value; None keeps the preset's), its
+    warm-up fitted to a shortened run unless ``warmup_epochs`` is given (``fit_warmup``, which
+    warns through ``log``)."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
     unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown recipe fields {unknown}; expected some of {FIELDS}")
-    recipe = RECIPES[name]()
-    return dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    recipe = dataclasses.replace(RECIPES[name](), **{k: v for k, v in overrides.items() if v is not None})
+    return recipe if overrides.get("warmup_epochs") is not None else fit_warmup(recipe, log)
 
 
-def resolve(args: argparse.Namespace) -> Lee2021:
+def resolve(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> Lee2021:
     """Fill every recipe argument left None in ``args`` from the preset ``args.recipe`` (in place)
-    and return the resolved recipe. Idempotent: resolved arguments are no longer None."""
-    recipe = get_recipe(args.recipe, **{f: getattr(args, f, None) for f in FIELDS})
+    and return the resolved recipe. Idempotent: resolved arguments are no longer None.
+
+    The preset's warm-up is fitted to a shortened run (``fit_warmup``); ``log`` gets the warning."""
+    recipe = get_recipe(args.recipe, log, **{f: getattr(args, f, None) for f in FIELDS})
     for f in FIELDS:
         setattr(args, f, getattr(recipe, f))
     return recipe
+
+
+def fit_warmup(recipe: Lee2021, log: Callable[[str], None] | None = None) -> Lee2021:
+    """``recipe`` with its preset's warm-up scaled to a run that is not longer than it: when the
+    preset's warm-up (lee2021: 10 epochs) is at least ``recipe.epochs``, the peak learning rate
+    would never be reached (or reached at the very end, with no decay), so the warm-up keeps the
+    share of the run it has in the preset's own schedule (lee2021: 10 of 100 epochs, so
+    ``--epochs 5`` warms up for 0.5 epochs), with a warning to ``log``. Otherwise unchanged.
+    Only for the preset's value: an explicit ``--warmup-epochs`` above ``--epochs`` is an error
+    (``check``)."""
+    preset = RECIPES[recipe.name]()
+    if not (recipe.epochs > 0 and recipe.warmup_epochs >= recipe.epochs):
+        return recipe
+    warmup = preset.warmup_epochs * recipe.epochs / preset.epochs
+    if log is not None:
+        log(f"warning: recipe {recipe.name}'s {preset.warmup_epochs:g} warm-up epochs are at least --epochs "
+            f"{recipe.epochs}: warming up for {warmup:g} epochs instead, the preset's share of its "
+            f"{preset.epochs}-epoch schedule (pass --warmup-epochs to choose)")
+    return dataclasses.replace(recipe, warmup_epochs=warmup)
 
 
 def preset_help(field: str) -> str:
@@ -163,12 +194,16 @@ def add_augment_arguments(group) -> None:
 
 def add_recipe_argument(parser) -> None:
     parser.add_argument("--recipe", default=DEFAULT, choices=sorted(RECIPES),
-                        help="the training recipe; any recipe flag given overrides its value (see README)")
+                        help="the training recipe; any recipe flag given overrides its value (docs/training.md)")
 
 
 def check(recipe: Lee2021) -> None:
     """Raise ValueError naming the first value out of range."""
     r = recipe
+    for f in dataclasses.fields(r):  # NaN fails every rule below; an infinity would pass some
+        value = getattr(r, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value!r}")
     rules = [
         ("crop_padding", r.crop_padding >= 0, ">= 0"),
         ("policy", r.policy in POLICIES, f"one of {POLICIES}"),
@@ -191,13 +226,20 @@ def check(recipe: Lee2021) -> None:
         ("batch_size", r.batch_size > 0, "positive"),
         ("lr", r.lr > 0, "positive"),
         ("min_lr", r.min_lr >= 0, ">= 0"),
+        ("min_lr", r.min_lr <= r.lr, f"at most --lr ({r.lr:g})", "the cosine decays from --lr to --min-lr"),
         ("warmup_epochs", r.warmup_epochs >= 0, ">= 0"),
+        # fit_warmup has scaled a preset's warm-up to a shorter run: this is an explicit value.
+        ("warmup_epochs", r.warmup_epochs <= r.epochs, f"at most --epochs ({r.epochs})",
+         "a longer warm-up never reaches the peak --lr"),
         ("weight_decay", r.weight_decay >= 0, ">= 0"),
+        ("beta1", 0 <= r.beta1 < 1, "in [0, 1)"),
+        ("beta2", 0 <= r.beta2 < 1, "in [0, 1)"),
         ("clip_grad", r.clip_grad >= 0, ">= 0"),
     ]
-    for field, ok, expected in rules:
+    for field, ok, expected, *why in rules:
         if not ok:
-            raise ValueError(f"--{field.replace('_', '-')} must be {expected}, got {getattr(r, field)!r}")
+            raise ValueError(f"--{field.replace('_', '-')} must be {expected}, got {getattr(r, field)!r}"
+                             + "".join(f": {w}" for w in why))
 
 
 def augment_config(recipe: Lee2021):

@@ -1,26 +1,43 @@
 """Device and runtime helpers shared by training, evaluation and prediction.
 
-Public API: ``resolve_device``, ``check_backend_device``, ``autocast``, ``synchronize``,
-``rng_state``, ``set_rng_state``, ``rank_seed``, ``restore_rng``.
+Public API: ``check_device_name``, ``resolve_device``, ``check_backend_device``, ``autocast``,
+``synchronize``, ``rng_state``, ``set_rng_state``, ``rank_seed``, ``restore_rng``.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
 
+from .cli import UsageError
 from .distributed import World
 
 
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
+def check_device_name(name: str) -> None:
+    """A UsageError naming ``name`` unless it is one of DEVICE_FORMS (whether this machine has that
+    device is resolve_device's question)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", name):
+        raise UsageError(f"--device {name!r} is not a device; expected {DEVICE_FORMS}")
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N`` as a device; a clear error when
-    CUDA is asked for on a machine without it."""
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N`` as a device. Any other name is a
+    UsageError naming it; CUDA asked for on a machine without it, or a GPU index it does not have,
+    is a one-line SystemExit (status 1)."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+        raise SystemExit(f"error: --device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 

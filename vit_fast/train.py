@@ -51,6 +51,7 @@ from . import distributed as dist_mod
 from . import ops
 from . import recipes
 from .checkpoint import RESUME_ENTRIES, CheckpointError, load_checkpoint, save_checkpoint
+from .cli import UsageError, errors_handled
 from .config import BACKENDS, PRESETS, ViTConfig, get_preset
 from .ema import EMA
 from .evaluate import evaluate
@@ -66,7 +67,8 @@ from .optim import (
     warmup_cosine,
 )
 from .paths import check_output_dir
-from .runtime import autocast, check_backend_device, rank_seed, resolve_device, restore_rng, rng_state, synchronize
+from .runtime import (autocast, check_backend_device, check_device_name, rank_seed, resolve_device, restore_rng,
+                      rng_state, synchronize)
 
 CHECKPOINT_FILE, METRICS_FILE, BEST_FILE = "checkpoint.pt", "metrics.jsonl", "best.pt"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -114,15 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-download", action="store_true", help="never try to download a missing dataset")
     d.add_argument("--image-size", type=int, default=32, help="image folder and synthetic data are resized to this")
     d.add_argument("--synthetic-size", type=int, default=2048, help="training images of --dataset synthetic")
-    d.add_argument("--synthetic-classes", type=int, default=10)
+    d.add_argument("--synthetic-classes", type=int, default=10, help="at least 2")
     recipes.add_augment_arguments(p.add_argument_group("augmentation (recipe)"))
     o = p.add_argument_group("optimisation (recipe)")
     _recipe_flag(o, "--epochs", type=int)
     _recipe_flag(o, "--batch-size", "global batch: under torchrun each of the N ranks takes batch-size / N images "
                  "per step", type=int)
     _recipe_flag(o, "--lr", "peak learning rate", type=float)
-    _recipe_flag(o, "--min-lr", "learning rate at the end of the cosine", type=float)
-    _recipe_flag(o, "--warmup-epochs", type=float)
+    _recipe_flag(o, "--min-lr", "learning rate at the end of the cosine, at most --lr", type=float)
+    _recipe_flag(o, "--warmup-epochs", "linear warm-up, at most --epochs; when --epochs is at most the recipe's "
+                 "warm-up and this flag is not given, the warm-up keeps its share of the recipe's own schedule "
+                 "(lee2021: 10 of 100 epochs, so --epochs 5 warms up for 0.5), with a warning", type=float)
     _recipe_flag(o, "--weight-decay", type=float)
     _recipe_flag(o, "--beta1", type=float)
     _recipe_flag(o, "--beta2", type=float)
@@ -135,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out-dir", default="runs/vit", help="checkpoint.pt and metrics.jsonl go here")
     r.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
-    r.add_argument("--overwrite", action="store_true", help="start afresh even if OUT_DIR has a checkpoint")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if OUT_DIR has a checkpoint; the previous run's checkpoint.pt, "
+                        "metrics.jsonl and best.pt stay until this run writes its first checkpoint")
     r.add_argument("--keep-best", action="store_true",
                    help="also keep the weights of the best epoch (top-1; raw or EMA) in OUT_DIR/best.pt")
     r.add_argument("--stop-after", type=int, default=None,
@@ -158,13 +164,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_recipe(args: argparse.Namespace) -> recipes.Lee2021:
-    """Fill the recipe arguments left None from ``--recipe`` (in place) and check them."""
+    """Fill the recipe arguments left None from ``--recipe`` (in place) and check them; a value out
+    of range is a UsageError. A warning (the preset's warm-up fitted to a shortened run:
+    recipes.fit_warmup) goes to stderr, from the first rank only."""
+    def warn(message: str) -> None:
+        if dist_mod.world_from_env().is_main:
+            print(message, file=sys.stderr)
+
     try:
-        recipe = recipes.resolve(args)
+        recipe = recipes.resolve(args, warn)
         recipes.check(recipe)
     except ValueError as err:
-        raise SystemExit(str(err)) from None
+        raise UsageError(str(err)) from None
     return recipe
+
+
+def image_size_of(args: argparse.Namespace) -> int:
+    """The side of the training images: CIFAR's 32, or --image-size (image folders and synthetic
+    data are resized to it)."""
+    return 32 if args.dataset in ("cifar100", "cifar10") else args.image_size
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -174,18 +192,30 @@ def check_args(args: argparse.Namespace) -> None:
 
     def positive(name):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 
     for name in ("eval_batch_size", "synthetic_size", "synthetic_classes", "image_size", "depth", "dim", "heads",
                  "patch_size", "stop_after"):
         positive(name)
+    if args.dataset == "synthetic" and args.synthetic_classes < 2:
+        raise UsageError(f"--synthetic-classes must be at least 2, got {args.synthetic_classes}: a classifier of "
+                         "one class learns nothing (its loss is 0 from the start)")
+    if args.crop_padding >= image_size_of(args):
+        raise UsageError(f"--crop-padding {args.crop_padding} is at least the image size ({image_size_of(args)} "
+                         "pixels): many random crops would be all padding; use a padding below it (lee2021: 4)")
     if args.log_every < 0:
-        raise SystemExit(f"--log-every must be >= 0, got {args.log_every}")
+        raise UsageError(f"--log-every must be >= 0, got {args.log_every}")
     if args.compile_mode is not None and not args.compile:
-        raise SystemExit(f"--compile-mode {args.compile_mode} needs --compile")
+        raise UsageError(f"--compile-mode {args.compile_mode} needs --compile")
     if args.cuda_graphs and args.compile and args.compile_mode not in (None, "default"):
-        raise SystemExit(f"--cuda-graphs with --compile-mode {args.compile_mode}: that mode captures CUDA graphs "
+        raise UsageError(f"--cuda-graphs with --compile-mode {args.compile_mode}: that mode captures CUDA graphs "
                          "of its own; use --compile-mode default (or no --cuda-graphs)")
+    check_device_name(args.device)
+    model_config(args, 2, image_size_of(args))  # e.g. a patch size that does not divide the images, before loading
+    ckpt_path = Path(args.out_dir) / CHECKPOINT_FILE
+    if args.resume and not ckpt_path.exists():
+        raise SystemExit(f"error: --resume: there is no checkpoint to continue from at {ckpt_path}; start a new "
+                         "run without --resume (or give the --out-dir of the run to continue)")
     check_output_dir(args.out_dir, "--out-dir")  # now, not when the first epoch's checkpoint is due
 
 
@@ -210,7 +240,7 @@ def data_options(args: argparse.Namespace) -> dict:
 def per_rank_batch(global_batch: int, world: dist_mod.World) -> int:
     """The images each rank takes per step when ``global_batch`` is shared by ``world.size`` ranks."""
     if global_batch % world.size:
-        raise SystemExit(
+        raise UsageError(
             f"--batch-size {global_batch} is the global batch and must be divisible by the number of "
             f"processes ({world.size}); use e.g. {max(1, round(global_batch / world.size)) * world.size}"
         )
@@ -225,7 +255,7 @@ def model_config(args, num_classes: int, image_size: int):
     try:
         return get_preset(args.preset, **overrides)
     except ValueError as err:
-        raise SystemExit(f"invalid model configuration: {err}") from err
+        raise UsageError(f"invalid model configuration: {err}") from None
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool = True):
@@ -265,6 +295,9 @@ class TrainingRun:
     best: dict | None = None  # --keep-best: {"epoch", "top1", "weights"} of the best epoch so far
     watch: NonFiniteWatch | None = None  # setup makes one on the device
     graph: GraphedStep | None = None  # --cuda-graphs: replays the captured step
+    # A fresh run (not --resume) until its first checkpoint: the files in out_dir, if any, are still a
+    # previous run's (--overwrite replaces them only then: save_epoch).
+    replacing: bool = False
 
     @property
     def ckpt_path(self) -> Path:
@@ -309,6 +342,10 @@ def setup(args: argparse.Namespace, world: dist_mod.World, device: torch.device)
     fingerprint = data_mod.fingerprint(args.dataset, train_set, test_set)  # on the host, before .to(device)
     if resume_state is not None:
         check_resume_data(resume_state, fingerprint, out_dir / CHECKPOINT_FILE, print if world.is_main else _silent)
+    if len(train_set.classes) < 2:
+        raise SystemExit(f"error: {args.dataset} in {args.data_dir} has a single class ({train_set.classes[0]!r}): "
+                         "a classifier of one class learns nothing; an image folder needs a folder per class "
+                         "under train/ (and val/)")
     cfg = model_config(args, len(train_set.classes), train_set.images.shape[-1])
     if resume_state is not None and resume_state["config"] != cfg.to_dict():
         diff = {k: (v, cfg.to_dict()[k]) for k, v in resume_state["config"].items() if cfg.to_dict().get(k) != v}
@@ -335,12 +372,13 @@ def setup(args: argparse.Namespace, world: dist_mod.World, device: torch.device)
         out_dir=out_dir, amp=device.type == "cuda" and not args.no_amp, log=print if world.is_main else _silent,
         watch=NonFiniteWatch(device),
         recipe=recipe, ema=EMA(model, args.ema) if args.ema > 0 else None,
+        # Nothing is deleted here: a previous run's files (--overwrite, or a run that died before its
+        # first checkpoint) are replaced when this run writes its first checkpoint (save_epoch).
+        replacing=resume_state is None,
     )
     if resume_state is not None:
         check_steps_per_epoch(resume_state, len(train_loader), out_dir / CHECKPOINT_FILE)
         _resume(run, resume_state)
-    elif run.metrics_path.exists() and world.is_main:
-        run.metrics_path.unlink()  # --overwrite, or a run that died before its first checkpoint
     run.forward = _wrap(model, args.compile, world, device, args.compile_mode)
     if args.cuda_graphs:
         run.graph = GraphedStep(run)
@@ -567,14 +605,27 @@ def _world_first_bad(run: TrainingRun) -> Tensor:
     return first_bad
 
 
+def _saved_epoch(path: Path) -> int | str:
+    """The epoch count of the checkpoint at ``path``, read without loading its tensors (mmap), or
+    "unknown" when it does not read."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception:  # noqa: BLE001 - only for an error message: a damaged file must not hide the real error
+        return "unknown"
+
+
 def stop_if_not_finite(run: TrainingRun, first_bad: int) -> None:
     """Leave the run (exit status 1) when a loss was not finite; nothing is checkpointed from that state."""
     if first_bad == NO_BAD_STEP:
         return
     steps = len(run.train_loader)
-    # Every epoch end checks the flag: the last checkpoint is from before the bad step's epoch.
-    kept = (f"{run.ckpt_path} still holds the last good checkpoint (epoch {first_bad // steps})"
-            if run.ckpt_path.exists() else "no checkpoint was written")
+    if not run.ckpt_path.exists():
+        kept = "no checkpoint was written"
+    elif run.replacing:  # this run has written none: what is there is the previous run's, untouched
+        kept = (f"{run.ckpt_path} is still the previous run's checkpoint (epoch {_saved_epoch(run.ckpt_path)}), "
+                f"left as it was with its {METRICS_FILE} (--resume would continue that run)")
+    else:  # every epoch end checks the flag: the last checkpoint is from before the bad step's epoch
+        kept = f"{run.ckpt_path} still holds the last good checkpoint (epoch {first_bad // steps})"
     raise SystemExit(
         f"error: the training loss of optimizer step {first_bad + 1} (epoch {first_bad // steps + 1}, step "
         f"{first_bad % steps + 1} of {steps}) was not finite (the training diverged); stopping without "
@@ -637,8 +688,13 @@ def save_epoch(run: TrainingRun, epoch: int, metrics: dict) -> None:
     if run.world.is_distributed:
         state["rng_ranks"] = rng_ranks
     save_checkpoint(state, run.ckpt_path)
-    with open(run.metrics_path, "a") as f:
+    # The first checkpoint of a fresh run replaces a previous run's files (--overwrite): its metrics
+    # start afresh, and a best.pt this run did not write (--keep-best writes it before this) goes.
+    with open(run.metrics_path, "w" if run.replacing else "a") as f:
         f.write(json.dumps(metrics) + "\n")
+    if run.replacing and run.best is None and run.best_path.exists():
+        run.best_path.unlink()
+    run.replacing = False
 
 
 def keep_best(run: TrainingRun, epoch: int, metrics: dict) -> None:
@@ -737,11 +793,13 @@ def _truncate_metrics(path: Path, epochs_done: int, last: dict | None = None, lo
 
     A crash while a line was appended leaves the file's last line cut short: that line is dropped
     and reported, and ``last`` (the checkpoint's own metrics, the line a crash right after saving
-    loses) restores the checkpoint's epoch if it is missing. A damaged line anywhere else is not a
-    crash's doing: it is an error naming the file and line, and the file is left as it is."""
-    if not path.exists():
+    loses) restores the checkpoint's epoch if it is missing, and a missing file from it too. A
+    damaged line anywhere else is not a crash's doing: it is an error naming the file and line, and
+    the file is left as it is."""
+    missing = not path.exists()
+    if missing and last is None:
         return
-    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    lines = [] if missing else path.read_bytes().decode("utf-8", errors="replace").splitlines()
     kept: list[dict] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -762,16 +820,19 @@ def _truncate_metrics(path: Path, epochs_done: int, last: dict | None = None, lo
             kept.append(record)
     if last is not None and epochs_done not in {r["epoch"] for r in kept}:
         kept.append(last)
-        log(f"note: {path} had no line for epoch {epochs_done}; restored it from the checkpoint")
+        if missing:
+            lost = f" (the lines of epochs 1 to {epochs_done - 1} are lost)" if epochs_done > 1 else ""
+            log(f"note: {path} is missing; restored the line of epoch {epochs_done} from the checkpoint{lost}")
+        else:
+            log(f"note: {path} had no line for epoch {epochs_done}; restored it from the checkpoint")
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        train(args)
-    except (data_mod.DatasetNotFoundError, data_mod.DatasetIntegrityError, CheckpointError) as err:
-        raise SystemExit(f"error: {err}") from None
+    """The command: usage errors exit 2, missing or damaged files and a diverged run exit 1, each as
+    one line ``error: ...`` (vit_fast.cli)."""
+    with errors_handled(data_mod.DatasetNotFoundError, data_mod.DatasetIntegrityError, CheckpointError):
+        train(parse_args(argv))
 
 
 if __name__ == "__main__":
