@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py [--presets vit-cifar] [--batch-sizes 128 512] [--quick]
 
 A timed step is what ``python -m vit_fast.train`` runs for each batch, built by its own code
-(``train.setup``, ``epoch_batches``, ``run_step``): DeviceLoader draws and augments the batch
+(``vit_fast.run.setup``, ``vit_fast.step.epoch_batches``, ``run_step``): DeviceLoader draws and augments the batch
 (crop, flip; mixup/cutmix with --mixup/--cutmix), then forward under bf16 autocast, the
 label-smoothed loss, backward, gradient clipping, fused AdamW and the learning-rate update.
 Providers: backend (reference, torch, fused) x step mode:
@@ -51,31 +51,30 @@ def provider_names(backends=BACKENDS, modes=tuple(MODES)) -> list[str]:
 def training_run(preset: str, batch: int, backend: str, mode: str, extra: list[str], out_dir: str):
     """A TrainingRun on the GPU as the CLI builds it, on a synthetic dataset of whole batches."""
     from vit_fast import distributed as dist_mod
-    from vit_fast import train
+    from vit_fast import run as run_mod
 
-    args = cost.training_args(preset, batch, backend, [*extra, *MODES[mode], "--device", "cuda",
-                                                       "--synthetic-size", str(BATCHES_PER_EPOCH * batch),
-                                                       "--out-dir", out_dir])
-    train.check_args(args)
+    config = cost.training_args(preset, batch, backend, [*extra, *MODES[mode], "--device", "cuda",
+                                                         "--synthetic-size", str(BATCHES_PER_EPOCH * batch),
+                                                         "--out-dir", out_dir])
     with contextlib.redirect_stdout(io.StringIO()):  # setup's start line
-        return train.setup(args, dist_mod.World(), torch.device("cuda"))
+        return run_mod.setup(config, dist_mod.World(), torch.device("cuda"))
 
 
 def step_fn(run):
     """One training step as the epoch loop takes it: the next batch, then ``run_step``; a new epoch
     (its shuffle drawn) when one runs out, as training does."""
-    from vit_fast import train
+    from vit_fast import step as step_mod
 
-    state = {"epoch": 0, "batches": train.epoch_batches(run, 0)}
+    state = {"epoch": 0, "batches": step_mod.epoch_batches(run, 0)}
 
     def step():
         try:
             x, y = next(state["batches"])
         except StopIteration:
             state["epoch"] += 1
-            state["batches"] = train.epoch_batches(run, state["epoch"])
+            state["batches"] = step_mod.epoch_batches(run, state["epoch"])
             x, y = next(state["batches"])
-        return train.run_step(run, x, y)
+        return step_mod.run_step(run, x, y)
 
     return step
 
@@ -86,7 +85,7 @@ def time_provider(preset: str, batch: int, backend: str, mode: str, extra: list[
         run = training_run(preset, batch, backend, mode, extra, out_dir)
         run.model.train()
         step = step_fn(run)
-        for _ in range(5):  # compile, autotune, graph capture (after train.GRAPH_WARMUP_STEPS), allocator
+        for _ in range(5):  # compile, autotune, graph capture (after vit_fast.step.GRAPH_WARMUP_STEPS), allocator
             step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

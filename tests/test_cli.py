@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from vit_fast import aot, cost, data, evaluate, optim, predict, recipes
+from vit_fast import run as run_mod
 from vit_fast import train as train_mod
 from vit_fast.checkpoint import load_checkpoint
 from vit_fast.cli import UsageError, errors_handled
@@ -75,7 +76,7 @@ def test_a_value_that_cannot_be_meant_is_a_usage_error(case, tmp_path, capsys, m
     def must_not_load(*args, **kwargs):
         raise AssertionError("the data was loaded before the arguments were checked")
 
-    monkeypatch.setattr(train_mod.data_mod, "load_data", must_not_load)
+    monkeypatch.setattr(run_mod.data_mod, "load_data", must_not_load)
     status, message = fails(train_mod.main, [*TINY, "--out-dir", str(tmp_path / "run"), *extra], capsys)
     assert status == 2
     assert re.search(expected, message), message
@@ -102,7 +103,7 @@ def test_a_fitted_warm_up_reaches_the_peak_learning_rate():
     args = train_mod.parse_args(["--epochs", "2"])  # lee2021's warm-up: 10 epochs, fitted to 0.2
     opt = optim.make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], args.lr, (0.9, 0.999),
                                torch.device("cpu"))
-    schedule = train_mod.make_schedule(args, opt, steps_per_epoch=50)  # 100 steps, 10 of them warm-up
+    schedule = run_mod.make_schedule(args, opt, steps_per_epoch=50)  # 100 steps, 10 of them warm-up
     assert schedule.table.max().item() == pytest.approx(args.lr)
     assert int(schedule.table.argmax()) == 9 and schedule.table[-1].item() == pytest.approx(args.min_lr)
 
@@ -267,5 +268,5 @@ def test_resume_restores_a_missing_metrics_file_from_the_checkpoint(tmp_path, ca
     assert lines[0] == epoch1 and [m["epoch"] for m in lines] == [1, 2]
     # Nothing to restore from (a checkpoint without metrics): no file is made up.
     (tmp_path / "metrics.jsonl").unlink()
-    train_mod._truncate_metrics(tmp_path / "metrics.jsonl", 2, None)
+    run_mod._truncate_metrics(tmp_path / "metrics.jsonl", 2, None)
     assert not (tmp_path / "metrics.jsonl").exists()

@@ -284,8 +284,8 @@ def test_fused_loader_yields_the_torch_loaders_batches_on_cuda():
 def test_fingerprint_covers_the_labels_and_a_relabelled_split_is_refused_on_resume(tmp_path):
     """Kills the mutation that drops the labels from ``data.fingerprint``'s digest: a split with the
     same images and one label changed must fingerprint differently, ``fingerprint_changes`` must
-    name that split, and ``--resume`` (``train.check_resume_data``) must refuse it."""
-    from vit_fast import train as train_mod
+    name that split, and ``--resume`` (``run.check_resume_data``) must refuse it."""
+    from vit_fast import run as run_mod
 
     ds = data.synthetic(40, 4, image_size=8, seed=0)
     train = data.ImageDataset(ds.images[:32], ds.labels[:32], ds.classes)
@@ -308,5 +308,5 @@ def test_fingerprint_covers_the_labels_and_a_relabelled_split_is_refused_on_resu
         ckpt = {"data": {"dataset": "synthetic", "classes": list(ds.classes), "fingerprint": saved}}
         with pytest.raises(SystemExit, match=rf"--resume with different data than .*checkpoint\.pt was trained on: "
                                              rf"{name} image or label content"):
-            train_mod.check_resume_data(ckpt, now, tmp_path / "checkpoint.pt")
-        train_mod.check_resume_data(ckpt, saved, tmp_path / "checkpoint.pt")  # the original data resumes
+            run_mod.check_resume_data(ckpt, now, tmp_path / "checkpoint.pt")
+        run_mod.check_resume_data(ckpt, saved, tmp_path / "checkpoint.pt")  # the original data resumes

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from vit_fast import data, distributed, evaluate
+from vit_fast import run as run_mod
 from vit_fast import train as train_mod
 from vit_fast.checkpoint import load_checkpoint
 
@@ -49,7 +50,7 @@ def torchrun(out_dir, *extra, nproc=2):
 
 
 def single(out_dir, *extra):
-    return train_mod.train(train_mod.build_parser().parse_args([*TINY, "--out-dir", str(out_dir), *extra]))
+    return train_mod.train(train_mod.parse_args([*TINY, "--out-dir", str(out_dir), *extra]))
 
 
 def assert_same_weights(a: dict, b: dict):
@@ -149,9 +150,9 @@ def test_a_rank_without_test_images_contributes_nothing():
 
 def test_global_batch_must_divide_over_the_ranks():
     world = distributed.World(rank=1, local_rank=1, size=4)
-    assert train_mod.per_rank_batch(128, world) == 32
+    assert run_mod.per_rank_batch(128, world) == 32
     with pytest.raises(SystemExit, match=r"--batch-size 130 is the global batch and must be divisible by .*\(4\)"):
-        train_mod.per_rank_batch(130, world)
+        run_mod.per_rank_batch(130, world)
 
 
 def test_world_from_torchrun_environment():

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from vit_fast import evaluate, predict
+from vit_fast import run as run_mod
 from vit_fast import train as train_mod
 from vit_fast.checkpoint import load_checkpoint, load_model
 from vit_fast.data import load_split, normalize
@@ -23,12 +24,12 @@ TINY = ["--dataset", "synthetic", "--synthetic-size", "256", "--synthetic-classe
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    train_mod.train(train_mod.build_parser().parse_args([*TINY, "--out-dir", str(out)]))
+    train_mod.train(train_mod.parse_args([*TINY, "--out-dir", str(out)]))
     ckpt_path = out / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_path)
     # The synthetic test split the run evaluated on, rebuilt from the training arguments.
-    args = train_mod.build_parser().parse_args(TINY)
-    test_set = load_split(args.dataset, args.data_dir, False, **train_mod.data_options(args))
+    args = train_mod.parse_args(TINY)
+    test_set = load_split(args.dataset, args.data_dir, False, **run_mod.data_options(args))
     return ckpt_path, ckpt, test_set
 
 

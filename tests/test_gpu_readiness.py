@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from vit_fast import ViTConfig, ops
+from vit_fast import run as run_mod
 from vit_fast import train as train_mod
 from vit_fast.model import ViTClassifier
 from vit_fast.testing import assert_close_relative, assert_parity, assert_parity_relative, devices
@@ -165,7 +166,7 @@ def test_train_cli_fused_follows_torch(tmp_path, monkeypatch, device, precision)
     training losses agree within LOSS_BOUND at every step and the validation losses too. On the
     CPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set by conftest), which the
     command accepts for --fused."""
-    monkeypatch.setattr(train_mod, "write_curves", lambda *a: None)  # the plot is seconds of matplotlib, not compared
+    monkeypatch.setattr(run_mod, "write_curves", lambda *a: None)  # the plot is seconds of matplotlib, not compared
     argv = [*(CLI_GPU if device.type == "cuda" else CLI_CPU), "--device", str(device), "--seed", "3"]
     if precision == "fp32" and device.type == "cuda":
         argv.append("--no-amp")

@@ -32,7 +32,7 @@ TINY = ["--dataset", "synthetic", "--synthetic-size", "64", "--synthetic-classes
 
 
 def train_args(out_dir, *extra, base=TINY):
-    return train_mod.build_parser().parse_args([*base, "--out-dir", str(out_dir), *extra])
+    return train_mod.parse_args([*base, "--out-dir", str(out_dir), *extra])
 
 
 @pytest.fixture(scope="module")

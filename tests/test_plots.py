@@ -70,14 +70,14 @@ def test_bad_metrics_logs(tmp_path):
 def test_training_writes_curves_and_survives_a_failing_plot(tmp_path, monkeypatch, capsys):
     args = ["--dataset", "synthetic", "--synthetic-size", "64", "--synthetic-classes", "3", "--dim", "16", "--heads", "2",
             "--depth", "1", "--batch-size", "32", "--epochs", "2", "--device", "cpu"]
-    train_mod.train(train_mod.build_parser().parse_args([*args, "--out-dir", str(tmp_path / "a")]))
+    train_mod.train(train_mod.parse_args([*args, "--out-dir", str(tmp_path / "a")]))
     assert_real_png(tmp_path / "a" / "curves.png")
 
     def broken(*_):
         raise RuntimeError("no fonts on this machine")
 
     monkeypatch.setattr(plots, "plot_metrics", broken)
-    metrics = train_mod.train(train_mod.build_parser().parse_args([*args, "--out-dir", str(tmp_path / "b")]))
+    metrics = train_mod.train(train_mod.parse_args([*args, "--out-dir", str(tmp_path / "b")]))
     assert metrics["epoch"] == 2 and (tmp_path / "b" / "checkpoint.pt").exists()
     assert not (tmp_path / "b" / "curves.png").exists()
     assert "warning: could not plot the training curves" in capsys.readouterr().err

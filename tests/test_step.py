@@ -1,7 +1,6 @@
 """The training step as `python -m vit_fast.train` runs it: host syncs, the device-side learning-rate
 schedule, the optimizer, non-finite losses, CUDA-graph batching and arguments, graph replay on a GPU."""
 
-import argparse
 import contextlib
 import math
 
@@ -9,6 +8,8 @@ import pytest
 import torch
 
 from vit_fast import data, optim
+from vit_fast import run as run_mod
+from vit_fast import step as step_mod
 from vit_fast import train as train_mod
 from vit_fast.distributed import World
 from vit_fast.syncs import OUTSIDE, count_host_syncs
@@ -24,14 +25,14 @@ SMALL = ["--dataset", "synthetic", "--synthetic-size", "512", "--synthetic-class
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and fused CUDA optimizers need a GPU")
 
 
-def parse(*argv: str) -> argparse.Namespace:
+def parse(*argv: str) -> train_mod.TrainConfig:
     return train_mod.parse_args(list(argv))  # the recipe's values resolved, as the CLI resolves them
 
 
-def tiny_run(tmp_path, device, *extra: str) -> train_mod.TrainingRun:
+def tiny_run(tmp_path, device, *extra: str) -> run_mod.TrainingRun:
     args = parse(*TINY, "--device", str(device), "--out-dir", str(tmp_path), *extra)
-    train_mod.check_args(args)
-    return train_mod.setup(args, World(), torch.device(device))
+    train_mod.check_paths(args)
+    return run_mod.setup(args, World(), torch.device(device))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,12 +102,12 @@ def test_training_step_makes_no_host_syncs(tmp_path, backend, mix):
     extra = ["--backend", backend, "--clip-grad", "1.0"] + ([] if mix else ["--recipe", "basic"])
     run = tiny_run(tmp_path, "cpu", *extra)
     run.amp = True
-    batches = train_mod.epoch_batches(run, 0)
+    batches = step_mod.epoch_batches(run, 0)
     for _ in range(2):
         with count_host_syncs() as counter:
-            x, y = train_mod.next_batch(batches, counter.phase)
-            loss = train_mod.train_step(run, x, y, counter.phase)
-        assert set(counter.counts) == set(train_mod.PHASES)
+            x, y = step_mod.next_batch(batches, counter.phase)
+            loss = step_mod.train_step(run, x, y, counter.phase)
+        assert set(counter.counts) == set(step_mod.PHASES)
         counter.assert_sync_free()
         assert y.shape == ((8, 4) if mix else (8,))
     assert torch.isfinite(loss)
@@ -195,7 +196,7 @@ def test_lr_schedule_equals_the_formula_at_every_step():
     steps_per_epoch = 10
     opt = optim.make_optimizer(optim.param_groups(torch.nn.Linear(2, 2), 0.0), args.lr, (0.9, 0.999),
                                    torch.device("cpu"))
-    sched = train_mod.make_schedule(args, opt, steps_per_epoch)
+    sched = run_mod.make_schedule(args, opt, steps_per_epoch)
     warmup_end, last = 14, 29  # round(1.5 * 10) warm-up steps; 30 steps in all
     seen = []
     for s in range(33):  # and past the end, where the rate stays at the minimum
@@ -207,7 +208,7 @@ def test_lr_schedule_equals_the_formula_at_every_step():
     assert seen[last] == formula_lr(args, steps_per_epoch, last)
     assert seen[32] == seen[30]
     # A restored schedule continues where it was; a torch LambdaLR state ("last_epoch") loads too.
-    other = train_mod.make_schedule(args, opt, steps_per_epoch)
+    other = run_mod.make_schedule(args, opt, steps_per_epoch)
     other.load_state_dict(sched.state_dict())
     assert int(other.steps) == 33 and float(other.lr) == seen[-1]
     other.load_state_dict({"last_epoch": 7})
@@ -217,7 +218,7 @@ def test_lr_schedule_equals_the_formula_at_every_step():
 def _record_lrs(monkeypatch) -> list[tuple[int, float, int]]:
     """(run.step, the lr the step used, the schedule's count after it) of every training step."""
     seen = []
-    step = train_mod.run_step
+    step = step_mod.run_step
 
     def recording(run, x, y, loss_scale=1.0):
         before, lr = run.step, float(run.optimizer.param_groups[0]["lr"])
@@ -225,7 +226,7 @@ def _record_lrs(monkeypatch) -> list[tuple[int, float, int]]:
         seen.append((before, lr, int(run.scheduler.steps)))
         return loss
 
-    monkeypatch.setattr(train_mod, "run_step", recording)
+    monkeypatch.setattr(run_mod, "run_step", recording)
     return seen
 
 
@@ -252,8 +253,8 @@ def test_schedule_advances_once_per_step_in_fresh_and_resumed_runs(tmp_path, mon
 
 def test_resume_with_other_steps_per_epoch_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"took 16 steps in 2 epoch\(s\), this run takes 9 per epoch"):
-        train_mod.check_steps_per_epoch({"step": 16, "epoch": 2}, 9, tmp_path / "checkpoint.pt")
-    train_mod.check_steps_per_epoch({"step": 16, "epoch": 2}, 8, tmp_path / "checkpoint.pt")
+        run_mod.check_steps_per_epoch({"step": 16, "epoch": 2}, 9, tmp_path / "checkpoint.pt")
+    run_mod.check_steps_per_epoch({"step": 16, "epoch": 2}, 8, tmp_path / "checkpoint.pt")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def test_resume_with_other_steps_per_epoch_is_refused(tmp_path):
 def _poison_forward(monkeypatch, at_call: int) -> dict:
     """From the at_call-th forward of training on (1-based), the logits are NaN."""
     calls = {"n": 0}
-    wrap = train_mod._wrap
+    wrap = run_mod._wrap
 
     def poisoned_wrap(*args, **kwargs):
         forward = wrap(*args, **kwargs)
@@ -275,7 +276,7 @@ def _poison_forward(monkeypatch, at_call: int) -> dict:
 
         return poisoned
 
-    monkeypatch.setattr(train_mod, "_wrap", poisoned_wrap)
+    monkeypatch.setattr(run_mod, "_wrap", poisoned_wrap)
     return calls
 
 
@@ -308,13 +309,13 @@ def test_cuda_graphs_batches_have_one_shape_and_the_drop_is_logged(capsys):
     args = parse("--batch-size", "32", "--cuda-graphs", "--no-flip")
     ds = data.synthetic(100, 5, image_size=8)
     mean, std = data.channel_stats(ds.images)
-    loader = train_mod.make_train_loader(args, World(), ds, mean, std)
+    loader = run_mod.make_train_loader(args, World(), ds, mean, std)
     assert len(loader) == 3 and [b[0].shape[0] for b in loader] == [32, 32, 32]
     assert "last partial batch of 4 images is dropped (3 steps of 32 images per epoch)" in capsys.readouterr().out
-    eager = train_mod.make_train_loader(parse("--batch-size", "32"), World(), ds, mean, std)
+    eager = run_mod.make_train_loader(parse("--batch-size", "32"), World(), ds, mean, std)
     assert [b[0].shape[0] for b in eager] == [32, 32, 32, 4]
     assert "dropped" not in capsys.readouterr().out
-    even = train_mod.make_train_loader(args, World(), data.synthetic(96, 5, image_size=8), mean, std)
+    even = run_mod.make_train_loader(args, World(), data.synthetic(96, 5, image_size=8), mean, std)
     assert len(even) == 3 and "dropped" not in capsys.readouterr().out
 
 
@@ -324,14 +325,14 @@ def test_graph_and_compile_mode_argument_errors(tmp_path):
         train_mod.train(parse(*SMALL, "--out-dir", str(tmp_path), "--cuda-graphs"))
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before any work
     with pytest.raises(SystemExit, match="--compile-mode max-autotune needs --compile"):
-        train_mod.check_args(parse("--compile-mode", "max-autotune"))
+        parse("--compile-mode", "max-autotune")  # checked as it is parsed
     with pytest.raises(SystemExit, match="--cuda-graphs with --compile-mode reduce-overhead: that mode captures"):
-        train_mod.check_args(parse("--cuda-graphs", "--compile", "--compile-mode", "reduce-overhead"))
-    train_mod.check_args(parse("--cuda-graphs", "--compile", "--compile-mode", "default"))
+        parse("--cuda-graphs", "--compile", "--compile-mode", "reduce-overhead")  # checked as it is parsed
+    parse("--cuda-graphs", "--compile", "--compile-mode", "default")  # checked as it is parsed
     with pytest.raises(SystemExit, match="--log-every must be >= 0, got -1"):
-        train_mod.check_args(parse("--log-every", "-1"))
+        parse("--log-every", "-1")  # checked as it is parsed
     with pytest.raises(SystemExit, match=r"--cuda-graphs runs in a single process; this job has 2"):
-        train_mod.check_graph_device(parse("--cuda-graphs"), World(rank=0, local_rank=0, size=2),
+        run_mod.check_graph_device(parse("--cuda-graphs"), World(rank=0, local_rank=0, size=2),
                                      torch.device("cuda", 0))
     with pytest.raises(SystemExit):  # argparse: invalid choice
         parse("--compile-mode", "fastest")
@@ -415,7 +416,7 @@ def test_graphed_step_warms_up_captures_and_replays_on_a_cpu(tmp_path, monkeypat
     cuda = _FakeCuda()
     for name in ("Stream", "current_stream", "stream", "CUDAGraph", "graph"):
         monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
-    real_step, ran = train_mod.train_step, []
+    real_step, ran = step_mod.train_step, []
 
     def execute(run, x, y):
         cuda.log.append(("step on", cuda.current.name))
@@ -432,8 +433,8 @@ def test_graphed_step_warms_up_captures_and_replays_on_a_cpu(tmp_path, monkeypat
         cuda.log.append(("step recorded",))
         return out
 
-    monkeypatch.setattr(train_mod, "train_step", recorded_step)
-    step, n_warm = train_mod.GraphedStep(run), train_mod.GRAPH_WARMUP_STEPS
+    monkeypatch.setattr(step_mod, "train_step", recorded_step)
+    step, n_warm = step_mod.GraphedStep(run), step_mod.GRAPH_WARMUP_STEPS
     assert n_warm >= 1 and step.warmup_steps == n_warm
     warm = [("wait", "side", "for", "default"), ("enter stream", "side"), ("step on", "side"),
             ("exit stream", "side"), ("wait", "default", "for", "side")]
@@ -480,12 +481,12 @@ def test_graphed_step_warms_up_captures_and_replays_on_a_cpu(tmp_path, monkeypat
 
 def _losses(tmp_path, backend: str, *extra: str, steps: int = 8) -> torch.Tensor:
     args = parse(*SMALL[:-2], "--device", "cuda", "--out-dir", str(tmp_path), "--backend", backend, *extra)
-    train_mod.check_args(args)
+    train_mod.check_paths(args)
     torch.manual_seed(0)
-    run = train_mod.setup(args, World(), torch.device("cuda"))
+    run = run_mod.setup(args, World(), torch.device("cuda"))
     run.model.train()
-    batches = train_mod.epoch_batches(run, 0)
-    losses = [train_mod.run_step(run, *train_mod.next_batch(batches)).clone() for _ in range(steps)]
+    batches = step_mod.epoch_batches(run, 0)
+    losses = [step_mod.run_step(run, *step_mod.next_batch(batches)).clone() for _ in range(steps)]
     return torch.stack(losses).float()
 
 

@@ -16,7 +16,7 @@ SMALL = ["--dataset", "synthetic", "--synthetic-size", "512", "--synthetic-class
 
 
 def run(tmp, *extra):
-    args = train_mod.build_parser().parse_args([*SMALL, "--out-dir", str(tmp), *extra])
+    args = train_mod.parse_args([*SMALL, "--out-dir", str(tmp), *extra])
     return train_mod.train(args)
 
 
@@ -93,7 +93,7 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(SystemExit, match="--batch-size must be positive, got 0"):
         run(tmp_path, "--batch-size", "0")
     with pytest.raises(SystemExit):  # argparse: invalid choice
-        train_mod.build_parser().parse_args(["--preset", "vit-huge"])
+        train_mod.parse_args(["--preset", "vit-huge"])
 
 
 def test_cli_missing_cifar_offline_is_a_clear_error(tmp_path):

@@ -5,12 +5,13 @@ training step, per phase, with a roofline estimate per GPU.
     python -m vit_fast.cost --mixup 0.8 --cutmix 1.0 --json cost.json
     python -m vit_fast.cost --pure                # fp32 forward, backward and AdamW only (the old account)
 
-The step as trained (the default) is built by the training CLI's own code (``vit_fast.train``:
-``build_parser`` with its defaults, ``setup``, ``epoch_batches``/``next_batch``, ``train_step``):
+The step as trained (the default) is built by the training CLI's own code (``vit_fast.train``'s
+``parse_args`` with its defaults, ``vit_fast.run.setup``, ``vit_fast.step``'s
+``epoch_batches``/``next_batch`` and ``train_step``):
 a batch drawn by ``DeviceLoader`` with its augmentation (crop, flip; mixup/cutmix when asked),
 forward under bf16 autocast, the label-smoothed loss, backward, gradient clipping, AdamW as
 ``make_optimizer`` builds it and the learning-rate update of ``LRSchedule``. Its four phases are
-``train.PHASES``: data, forward_backward, clip, optimizer. The dataset is synthetic data of the
+``step_mod.PHASES``: data, forward_backward, clip, optimizer. The dataset is synthetic data of the
 preset's image size and class count (what the data phase does does not depend on the pixels).
 
 What is counted, per phase and per operator:
@@ -546,7 +547,7 @@ class StepAccount:
     """The account of one training step as ``python -m vit_fast.train`` runs it, per phase."""
 
     backend: str
-    phases: dict[str, CostAccount]  # train.PHASES, in order
+    phases: dict[str, CostAccount]  # vit_fast.step.PHASES, in order
     syncs: dict[str, int]  # distinct host syncs per phase
     amp: bool = True
 
@@ -570,7 +571,8 @@ class StepAccount:
 
 
 def training_args(preset: str, batch_size: int, backend: str, extra: list[str] | tuple[str, ...] = ()):
-    """The training CLI's arguments for ``preset`` at ``batch_size`` on a synthetic dataset of the
+    """The training CLI's resolved configuration (vit_fast.train.TrainConfig) for ``preset`` at
+    ``batch_size`` on a synthetic dataset of the
     preset's image size and class count: every recipe option at its CLI default unless ``extra``
     sets it (e.g. ``["--mixup", "0.8"]``)."""
     from . import train
@@ -588,21 +590,21 @@ def account_step_as_trained(preset: str = "vit-cifar", batch_size: int = 128, ba
 
     ``setup`` builds the run on the CPU; its parameters, optimizer (``make_optimizer``), schedule
     (``make_schedule``), non-finite watch and loader tensors are then made fake, rebuilt by
-    train.py's own builders where they hold parameters. bf16 autocast is on (the CLI's default on
+    vit_fast.run's own builders where they hold parameters. bf16 autocast is on (the CLI's default on
     CUDA). One step runs un-recorded (the optimizer state is allocated there), the next is recorded.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from . import distributed as dist_mod
     from . import optim
-    from . import train
+    from . import run as run_mod
+    from . import step as step_mod
     from .syncs import count_host_syncs
 
     with tempfile.TemporaryDirectory() as out_dir:
-        args = training_args(preset, batch_size, backend, [*extra, "--out-dir", out_dir])
-        train.check_args(args)
+        config = training_args(preset, batch_size, backend, [*extra, "--out-dir", out_dir])
         with contextlib.redirect_stdout(io.StringIO()):  # setup's start line
-            run = train.setup(args, dist_mod.World(), torch.device("cpu"))
+            run = run_mod.setup(config, dist_mod.World(), torch.device("cpu"))
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     _fake_parameters(run.model, fake_mode)
     loader = run.train_loader
@@ -611,15 +613,15 @@ def account_step_as_trained(preset: str = "vit-cifar", batch_size: int = 128, ba
     for name in ("_mean", "_std", "_classes"):
         setattr(loader, name, fake_mode.from_tensor(getattr(loader, name)))
     run.amp = True
-    phases: dict[str, CostAccount] = {p: CostAccount() for p in train.PHASES}
+    phases: dict[str, CostAccount] = {p: CostAccount() for p in step_mod.PHASES}
     with fake_mode, _foreach_on_fake_tensors():
-        groups = optim.param_groups(run.model, args.weight_decay)
-        run.optimizer = optim.make_optimizer(groups, args.lr, (args.beta1, args.beta2), run.device)
-        run.scheduler = train.make_schedule(args, run.optimizer, len(run.train_loader))
+        groups = optim.param_groups(run.model, config.weight_decay)
+        run.optimizer = optim.make_optimizer(groups, config.lr, (config.beta1, config.beta2), run.device)
+        run.scheduler = run_mod.make_schedule(config, run.optimizer, len(run.train_loader))
         run.watch = optim.NonFiniteWatch(run.device)
         run.model.train()
-        batches = train.epoch_batches(run, 0)
-        train.train_step(run, *train.next_batch(batches))  # allocates the optimizer state
+        batches = step_mod.epoch_batches(run, 0)
+        step_mod.train_step(run, *step_mod.next_batch(batches))  # allocates the optimizer state
         recorder = OpRecorder(CostAccount(), phases)
         with count_host_syncs() as counter, recorder:
             def phase(name):
@@ -628,13 +630,13 @@ def account_step_as_trained(preset: str = "vit-cifar", batch_size: int = 128, ba
                 stack.enter_context(recorder.phase(name))
                 return stack
 
-            x, y = train.next_batch(batches, phase)
-            train.train_step(run, x, y, phase)
-    syncs = {p: counter.counts[p].total if p in counter.counts else 0 for p in train.PHASES}
+            x, y = step_mod.next_batch(batches, phase)
+            step_mod.train_step(run, x, y, phase)
+    syncs = {p: counter.counts[p].total if p in counter.counts else 0 for p in step_mod.PHASES}
     outside = counter.total() - sum(syncs.values())
     if outside or recorder.account.launches:
         raise RuntimeError(f"the step ran work outside its phases ({recorder.account.launches} kernels, "
-                           f"{outside} host syncs); train.PHASES should cover all of it")
+                           f"{outside} host syncs); vit_fast.step.PHASES should cover all of it")
     return StepAccount(backend, phases, syncs)
 
 

@@ -10,7 +10,7 @@
     counter.counts["data"].total        # 0 when the phase is sync-free
     counter.assert_sync_free("data", "forward_backward")   # AssertionError naming each sync
 
-``counter.phase`` has the signature of ``vit_fast.train.train_step``'s ``phase`` argument, so a
+``counter.phase`` has the signature of ``vit_fast.step.train_step``'s ``phase`` argument, so a
 training step can be counted as it runs: ``train_step(run, x, y, phase=counter.phase)``. Code
 outside any phase is counted under ``OUTSIDE``. Phases nest; the innermost one is charged.
 

@@ -1,0 +1,184 @@
+"""The training step: what one optimizer step does, eagerly or replayed from a CUDA graph.
+
+A step is four phases, ``PHASES = ("data", "forward_backward", "clip", "optimizer")``, and this is
+how code that measures it (``python -m vit_fast.cost``, ``benchmarks/bench_train.py``) runs it:
+
+    run = vit_fast.run.setup(config, world, device)   # a TrainingRun: model, optimizer, schedule, loaders
+    batches = epoch_batches(run, epoch)             # the epoch's batch iterator (epoch set-up happens here)
+    x, y = next_batch(batches, phase)               # "data": DeviceLoader draws, augments, normalises a batch
+    loss = train_step(run, x, y, phase)             # "forward_backward", "clip", "optimizer"; loss (0-dim, device)
+
+``phase`` is a callable ``phase(name) -> context manager`` entered around each phase (default
+``no_phase``: nothing); ``vit_fast.syncs.HostSyncCounter.phase`` is one. ``train_step`` runs
+forward under bf16 autocast (``run.amp``), the label-smoothed cross-entropy, the non-finite-loss
+watch and backward ("forward_backward"); gradient clipping ("clip"); ``optimizer.step()`` and the
+learning-rate update on the device ("optimizer"). ``train_step(..., loss_scale=s)`` backpropagates
+``loss * s`` (data parallel: see ``vit_fast.run.train_one_epoch``). No phase reads anything back
+to the host: the learning rate is a device tensor written by ``LRSchedule.step`` from a device
+step counter, the optimizer (``make_optimizer``) is AdamW with ``fused=True`` (and
+``capturable=True`` on CUDA), a non-finite loss sets a device flag (``NonFiniteWatch``) that
+``LossReadback`` reads only at log points and epoch ends. ``GraphedStep`` (``--cuda-graphs``)
+captures ``train_step`` whole in one CUDA graph.
+
+The step reads the run's resolved configuration (``run.config``, a ``vit_fast.train.TrainConfig``)
+and nothing else of the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .runtime import autocast
+
+if TYPE_CHECKING:
+    from .run import TrainingRun
+
+PHASES = ("data", "forward_backward", "clip", "optimizer")
+GRAPH_WARMUP_STEPS = 3  # eager steps before capture: lazy state (optimizer moments, compiled code) exists by then
+
+
+def no_phase(name: str) -> contextlib.AbstractContextManager:
+    """The default ``phase`` of next_batch and train_step: marks nothing."""
+    return contextlib.nullcontext()
+
+
+def epoch_batches(run: TrainingRun, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """The training batches of epoch ``epoch`` (0-based); the epoch's shuffle is drawn here, once."""
+    run.train_loader.set_epoch(epoch)
+    return iter(run.train_loader)
+
+
+def next_batch(batches: Iterator[tuple[Tensor, Tensor]],
+               phase: Callable[[str], contextlib.AbstractContextManager] = no_phase) -> tuple[Tensor, Tensor]:
+    """The "data" phase: the next batch (x (B, C, H, W) float32, y (B,) labels or (B, K) soft targets)."""
+    with phase("data"):
+        return next(batches)
+
+
+def train_step(run: TrainingRun, x: Tensor, y: Tensor,
+               phase: Callable[[str], contextlib.AbstractContextManager] = no_phase,
+               loss_scale: float = 1.0) -> Tensor:
+    """One optimizer step on the batch ``x`` (B, C, H, W), ``y`` (B,) or soft (B, K); returns the
+    batch's mean loss (0-dim, on the device, detached). Backward runs on ``loss * loss_scale`` (see
+    train_one_epoch). Reads nothing back to the host; see the module docstring for the phases."""
+    with phase("forward_backward"):
+        # A CUDA graph must recompute the bf16 copies of the weights on every replay, not keep
+        # those cached while it was captured.
+        with autocast(run.device, run.amp, cache_enabled=not run.config.cuda_graphs):
+            logits = run.forward(x)
+        loss = ops.cross_entropy(logits, y, run.config.label_smoothing, run.config.backend)
+        run.watch.update(loss.detach(), run.scheduler.steps)
+        run.optimizer.zero_grad(set_to_none=True)
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    with phase("clip"):
+        if run.config.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.clip_grad)
+    with phase("optimizer"):
+        run.optimizer.step()
+        run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update()
+    return loss.detach()
+
+
+class GraphedStep:
+    """``train_step`` captured whole (forward, backward, clip, optimizer, lr update) in one CUDA
+    graph and replayed for every batch (--cuda-graphs).
+
+    Each batch is copied into static input buffers. The first GRAPH_WARMUP_STEPS calls are ordinary
+    eager steps on a side stream (as capture requires: the optimizer's moments, cuBLAS workspaces
+    and compiled code get allocated there, not inside the graph); the next call captures the step
+    and replays it, later calls only replay. Warm-up steps are real training steps on real batches,
+    so a graphed run takes exactly the steps an eager one does. Dropout and stochastic depth draw
+    from the CUDA default generator, which advances its Philox offset on every replay. Everything
+    the step updates lives in tensors updated in place (parameters, optimizer state, the lr tensor
+    and step counter of LRSchedule, NonFiniteWatch), so a resumed run, which restores those before
+    the capture, continues exactly."""
+
+    def __init__(self, run: TrainingRun, warmup_steps: int = GRAPH_WARMUP_STEPS) -> None:
+        self.run, self.warmup_steps = run, warmup_steps
+        self.eager_steps = 0
+        self.side: torch.cuda.Stream | None = None  # the warm-up steps' stream
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_x: Tensor | None = None
+        self.static_y: Tensor | None = None
+        self.loss: Tensor | None = None
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.static_x is None:
+            self.static_x, self.static_y = x.clone(), y.clone()
+        else:
+            if x.shape != self.static_x.shape or y.shape != self.static_y.shape:
+                raise RuntimeError(f"the CUDA graph was captured for batches of {tuple(self.static_x.shape)} and "
+                                   f"{tuple(self.static_y.shape)}, got {tuple(x.shape)} and {tuple(y.shape)}")
+            self.static_x.copy_(x)
+            self.static_y.copy_(y)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.eager_steps < self.warmup_steps:
+            self.side = self.side or torch.cuda.Stream(self.run.device)
+            self.side.wait_stream(torch.cuda.current_stream(self.run.device))
+            with torch.cuda.stream(self.side):
+                self.loss = train_step(self.run, self.static_x, self.static_y)
+            torch.cuda.current_stream(self.run.device).wait_stream(self.side)
+            self.eager_steps += 1
+        else:
+            self.graph = torch.cuda.CUDAGraph()
+            # Gradients are allocated afresh inside the capture, from the graph's memory pool.
+            self.run.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(self.graph):
+                self.loss = train_step(self.run, self.static_x, self.static_y)
+            self.graph.replay()  # capture only records: this runs the batch
+        return self.loss
+
+
+def run_step(run: TrainingRun, x: Tensor, y: Tensor, loss_scale: float = 1.0) -> Tensor:
+    """A training step as the epoch loop takes it: replayed from the CUDA graph under --cuda-graphs."""
+    if run.graph is not None:
+        return run.graph(x, y)  # loss_scale is 1: one process, full batches
+    return train_step(run, x, y, loss_scale=loss_scale)
+
+
+class LossReadback:
+    """Reads the loss and the first non-finite step back every --log-every steps without waiting
+    for the device: each request is copied into pinned host memory behind the queued work, and
+    read at the next request, by when the device is long past it."""
+
+    def __init__(self, run: TrainingRun) -> None:
+        self.run = run
+        cuda = run.device.type == "cuda"
+        self.loss = torch.zeros((), dtype=torch.float32, pin_memory=cuda)
+        self.first_bad = torch.zeros((), dtype=torch.int64, pin_memory=cuda)
+        self.event = torch.cuda.Event() if cuda else None
+        self.pending: int | None = None  # the step the buffers (will) hold
+
+    def request(self, step: int, loss: Tensor) -> None:
+        first_bad = world_first_bad(self.run)
+        self.loss.copy_(loss, non_blocking=True)
+        self.first_bad.copy_(first_bad, non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+        self.pending = step
+
+    def take(self) -> tuple[int, float, int] | None:
+        """(step, its loss, first non-finite step or NO_BAD_STEP) of the last request, or None."""
+        if self.pending is None:
+            return None
+        if self.event is not None:
+            self.event.synchronize()
+        step, self.pending = self.pending, None
+        return step, float(self.loss), int(self.first_bad)
+
+
+def world_first_bad(run: TrainingRun) -> Tensor:
+    """The first non-finite step over all ranks (every rank calls this at the same steps)."""
+    first_bad = run.watch.first_bad.clone()
+    if run.world.is_distributed:
+        torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+    return first_bad
