@@ -1,4 +1,5 @@
-"""Helpers shared by the parity tests and the benchmarks' correctness smoke runs."""
+"""Helpers shared by the parity tests and the benchmarks' correctness smoke runs, and the rounding-error
+bounds that replace the parity rule where a same-dtype reference's error is a matter of luck."""
 
 from __future__ import annotations
 
@@ -84,6 +85,129 @@ def assert_parity_relative(out: Tensor, out_pt: Tensor, out_ref: Tensor, rel: fl
         f"{name}: fused max error {err:.3e} vs reference-in-same-dtype error {err_pt:.3e} "
         f"(allowed 2 x that + {rel:g} x max|reference| {scale:.3e} = {allowed:.3e})"
     )
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = 2^-p for a p-bit significand: the largest relative error of one rounding to nearest."""
+    return torch.finfo(dtype).eps / 2
+
+
+def gamma(n: int, u: float) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative bound, over ``|x|.|y|``, on the rounding error
+    of a dot product of length n in ANY summation order (Accuracy and Stability of Numerical
+    Algorithms, 2nd ed., eq. 3.5). Being order-free is the point: a bound built from it holds for
+    every BLAS kernel, tile shape and SIMD width, where a measured same-dtype error holds for one."""
+    if not 0 <= n * u < 1:
+        raise ValueError(f"gamma_n needs n u < 1, got n = {n}, u = {u}")
+    return n * u / (1 - n * u)
+
+
+def assert_within_bound(out: Tensor, out_ref: Tensor, bound: Tensor, name: str = "output") -> None:
+    """|out - out_ref| <= bound, element by element (``out_ref`` the fp64 truth, ``bound`` an error
+    bound computed in fp64 from the inputs alone, such as ``attention_rounding_bounds``).
+
+    Elementwise, so that an entry the bound pins down (a saturated softmax row, whose exact
+    output is one value row) cannot hide behind the tensor's loosest entry. The bound must be
+    below |out_ref| somewhere, or an all-zero result would pass: then this fails rather than pass
+    vacuously.
+    """
+    _check_finite_and_shape(out, out_ref, name)
+    assert bound.shape == out_ref.shape, f"{name}: bound shape {tuple(bound.shape)} != {tuple(out_ref.shape)}"
+    ref, bound = out_ref.double(), bound.double()
+    assert (ref.abs() > bound).any(), (
+        f"{name}: the bound is at least |reference| everywhere, so it would accept an all-zero result")
+    err = (out.double() - ref).abs()
+    excess = err - bound
+    at = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))
+    assert excess[at] <= 0, (
+        f"{name}: error {err[at].item():.3e} at {at} exceeds its rounding bound {bound[at].item():.3e} "
+        f"(reference {ref[at].item():.4e}, result {out[at].item():.4e}); max error {err.max().item():.3e}")
+
+
+def attention_rounding_bounds(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, scale: float) -> dict[str, Tensor]:
+    """Elementwise bounds on |fused - exact| for the fused attention's out, dq, dk and dv (keys of
+    the dict), computed in fp64 from the inputs alone: first-order rounding-error analysis of the
+    arithmetic of ``kernels/attention.py`` (FlashAttention-2: the backward recomputes P from the
+    forward's stored log-sum-exp), with fp32 accumulation and q, k, v, grad_out in their dtype.
+
+    Why not the parity rule: at |logits| ~ 1e3-1e4 an fp32 logit is off by up to ~1e-3 and the
+    softmax of a near-tie row moves with it, so the fp32 reference's own error is set by the order
+    in which the CPU's BLAS happens to sum, and a bound of twice that error holds on one CPU and
+    not on another. In 16 bits the reference rounds the logits themselves (bf16 at 160: +-0.5),
+    and twice its error accepts a kernel that drops a key. Every term below is a worst case over
+    summation orders instead, so the bound is the same on every CPU and GPU.
+
+    u is the accumulation's unit roundoff (2^-24; 2^-23 for 16-bit inputs, whose tensor-core sums
+    may truncate), u_io that of the inputs' dtype, eta_io half its smallest subnormal; err(X)
+    bounds |computed X - exact X|:
+
+    - logits: err(s_ij) <= E_ij = gamma_D scale |q_i|.|k_j| + 2u |s_ij| (the dot product in any
+      order; the product by the rounded constant scale * log2(e)). The forward, the dQ kernel
+      (Q K^T tiles) and the dK/dV kernel (K Q^T tiles) each round their logits their own way.
+    - the forward's P, normalised by its running sum: a softmax moves only with logit
+      differences, so err(P_ij) / P_ij <= (1 - P_ij) E_ij + sum_{k != j} P_ik E_ik + sigma_ij,
+      sigma_ij = gamma_2N (N terms, up to N rescalings by the running max) + 8u (exp2 and log2, 2
+      ulp each on a GPU) + u |s_ij - lse_i|. This is the softmax's conditioning: ~0 on a
+      saturated row, ~P(1 - P) E on a near-tie row.
+    - the backward's P = exp2(s'_ij - lse2_i): s' is rounded independently of the logits lse came
+      from, and lse2 is rounded three times at its own magnitude (m + log2 l; to natural log for
+      storage; back), so err(P_ij) / P_ij <= E_ij + sum_k P_ik E_ik + 3u |lse_i| + sigma_ij on
+      every row, saturated ones included. This term is the algorithm's, not the softmax's: a
+      reference that normalises P has no such error, and at |logits| ~ 5e3 it is what dominates
+      dV (P of saturated rows measured off by ~1e-3 relative).
+    - P cast to the input dtype for the dots: u_io relative and eta_io absolute; exp2 may flush
+      to zero below the accumulation's smallest normal: that much absolute.
+    - O = P V / l and dV = P^T dO: err(P) |V| + gamma_2N+1 P |V| and the store, u_io |O| + eta_io.
+    - dP = dO V^T: gamma_D |dO| |V|^T. Delta (rowsum(dO * O) from the stored O, or rowsum(P dP) /
+      rowsum(P) in the one-launch backward): |dO|.err(O) + |P| err(dP) + gamma_max(N,D)+1 times
+      the sums of absolute values.
+    - dS = P (dP - Delta): err(P) |dP - Delta| + |P| (err(dP) + err(Delta)) + (2u + u_io) |dS|
+      + eta_io; dQ = scale dS K and dK = scale dS^T Q: err(dS) |K| + gamma_2N+1 |dS| |K|, and the
+      store.
+
+    Products of two error terms are kept where they are cheap (|P| <= P + err(P); expm1 for
+    exp's curvature); what is dropped is of order u^2 relative. The bound is loose where the
+    logits are large (gamma_D is D u; a real dot product errs by ~sqrt(D) u), not where a kernel
+    bug shows: a saturated row's output is pinned to within a few ulps of its one value row.
+    """
+    dtype = q.dtype
+    u_io = unit_roundoff(dtype)
+    eta_io = torch.finfo(dtype).tiny * torch.finfo(dtype).eps / 2
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    u = unit_roundoff(acc) * (1 if dtype in (torch.float32, torch.float64) else 2)
+    flushed = torch.finfo(acc).tiny
+    q, k, v, do = (t.double() for t in (q, k, v, grad_out))
+    N, D = q.shape[-2], q.shape[-1]
+    kt, vt = k.transpose(-2, -1), v.transpose(-2, -1)
+    s = scale * q @ kt
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.exp(s - lse)
+    pt = p.transpose(-2, -1)
+    out, dp = p @ v, do @ vt
+    delta = (do * out).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dst = ds.transpose(-2, -1)
+    dq, dk, dv = scale * ds @ k, scale * dst @ q, pt @ do
+
+    e = gamma(D, u) * scale * q.abs() @ kt.abs() + 2 * u * s.abs()
+    e_mean = (p * e).sum(-1, keepdim=True)
+    sigma = gamma(2 * N, u) + 8 * u + u * (s - lse).abs()
+    floor = flushed + eta_io
+    err_p_fwd = p * (torch.expm1((1 - p) * e + (e_mean - p * e).clamp_min(0) + sigma) + u_io) + floor
+    err_p_bwd = p * (torch.expm1(e + e_mean + 3 * u * lse.abs() + sigma) + u_io) + floor
+    p_bwd = p + err_p_bwd  # >= |the backward's P|
+
+    err_out = err_p_fwd @ v.abs() + gamma(2 * N + 1, u) * p @ v.abs() + u_io * out.abs() + eta_io
+    err_dv = err_p_bwd.transpose(-2, -1) @ do.abs() + gamma(2 * N, u) * pt @ do.abs() + u_io * dv.abs() + eta_io
+    err_dp = gamma(D, u) * do.abs() @ vt.abs()
+    err_delta = ((do.abs() * err_out).sum(-1, keepdim=True) + (p_bwd * err_dp).sum(-1, keepdim=True)
+                 + gamma(max(N, D) + 1, u) * ((do * out).abs().sum(-1, keepdim=True)
+                                                + (p_bwd * dp.abs()).sum(-1, keepdim=True)))
+    err_ds = err_p_bwd * (dp - delta).abs() + p_bwd * (err_dp + err_delta) + (2 * u + u_io) * ds.abs() + eta_io
+    err_dq = scale * (err_ds @ k.abs() + gamma(2 * N + 1, u) * ds.abs() @ k.abs()) + u_io * dq.abs() + eta_io
+    err_dk = (scale * (err_ds.transpose(-2, -1) @ q.abs() + gamma(2 * N + 1, u) * dst.abs() @ q.abs())
+              + u_io * dk.abs() + eta_io)
+    return {"out": err_out, "dq": err_dq, "dk": err_dk, "dv": err_dv}
 
 
 def default_device() -> torch.device:
