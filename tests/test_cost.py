@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from vit_fast import cost, train
+from vit_fast import cost
+from vit_fast import step as step_mod
 from vit_fast.fused import attention as fused_attention
 from vit_fast.fused import launch as fused_launch
 from vit_fast.fused import mlp as fused_mlp
@@ -153,7 +154,7 @@ def as_trained(request):
 
 def test_step_as_trained_has_every_phase_and_no_host_sync(as_trained):
     for name, step in as_trained.items():
-        assert tuple(step.phases) == train.PHASES, name
+        assert tuple(step.phases) == step_mod.PHASES, name
         for phase, acc in step.phases.items():
             assert acc.launches > 0, (name, phase)
             assert step.syncs[phase] == 0, (name, phase, step.syncs)
@@ -173,13 +174,13 @@ def test_step_table_and_json(tmp_path, capsys):
     result = cost.main(["--batch-size", "8", "--backends", "torch", "fused", "--json", str(out), "--top", "3"])
     text = capsys.readouterr().out
     assert "not a timing" in text and "roofline model" in text and "H100 SXM" in text
-    for phase in train.PHASES:
+    for phase in step_mod.PHASES:
         assert f"fused      {phase}" in text
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result))
     assert data["step"] == "as_trained" and set(data["backends"]) == {"torch", "fused"}
     fused = data["backends"]["fused"]
-    assert set(fused["phases"]) == set(train.PHASES) and fused["total"]["host_syncs"] == 0
+    assert set(fused["phases"]) == set(step_mod.PHASES) and fused["total"]["host_syncs"] == 0
     assert fused["roofline"]["H100"]["eager_ms"] > fused["roofline"]["H100"]["graph_ms"] > 0
     assert math.isclose(sum(p["launches"] for p in fused["phases"].values()), fused["total"]["launches"])
 
@@ -205,7 +206,7 @@ def test_bench_train_without_a_gpu_prints_the_account(tmp_path, monkeypatch, cap
     assert "account of the step as trained" in text and "roofline model" in text
     data = json.loads((tmp_path / "bench_train.json").read_text())
     assert not data["timed"] and set(data["cost_account"]["vit-cifar/b8"]) == {"torch", "fused"}
-    assert set(data["cost_account"]["vit-cifar/b8"]["fused"]["phases"]) == set(train.PHASES)
+    assert set(data["cost_account"]["vit-cifar/b8"]["fused"]["phases"]) == set(step_mod.PHASES)
 
 
 def test_bench_train_speedup_table(benchmark_script):
@@ -240,4 +241,4 @@ def test_fused_step_targets_as_trained(as_trained_128):
         assert f.launches <= 0.40 * t.launches, (name, f.launches, t.launches)
         assert f.bytes <= 0.6 * t.bytes, (name, f.bytes, t.bytes)
     assert fused.total.casts <= 5, fused.total.to_dict()["ops"]
-    assert all(fused.syncs[p] == 0 for p in train.PHASES), fused.syncs
+    assert all(fused.syncs[p] == 0 for p in step_mod.PHASES), fused.syncs

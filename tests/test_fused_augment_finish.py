@@ -145,7 +145,7 @@ def test_one_launch_planned_and_counted():
 
 
 def test_the_fused_training_run_builds_its_batches_with_the_kernel():
-    """train.setup gives the fused backend the fused data phase (and the torch backend the torch
+    """run.setup gives the fused backend the fused data phase (and the torch backend the torch
     one): the as-trained account of a fused step charges its data phase one augment_finish launch."""
     fused_data = cost.account_step_as_trained("vit-cifar", 16, "fused").phases["data"].ops
     torch_data = cost.account_step_as_trained("vit-cifar", 16, "torch").phases["data"].ops

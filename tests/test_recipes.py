@@ -36,9 +36,9 @@ def test_flags_override_the_preset_and_the_rest_comes_from_it():
     assert (args.policy, args.repeats, args.cutmix, args.lr) == (basic.policy, 1, 0.0, basic.lr)
     fast = train_mod.parse_args(["--recipe", "fast", "--lr", "4e-3"])
     assert (fast.epochs, fast.batch_size, fast.lr, fast.drop_path) == (20, 256, 4e-3, 0.0)
-    # Resolution is idempotent: resolved values are no longer None, so a second pass keeps them.
-    assert recipes.resolve(args) == recipes.get_recipe("basic", mixup=0.3, flip=False, epochs=5, erase=0.0)
-    config = recipes.augment_config(recipes.resolve(args))
+    # Resolved once, into a frozen config: its recipe is the preset with the flags applied.
+    assert args.recipe_values == recipes.get_recipe("basic", mixup=0.3, flip=False, epochs=5, erase=0.0)
+    config = recipes.augment_config(args.recipe_values)
     assert (config.policy, config.erase_p, config.mixup_alpha, config.flip, config.label_smoothing) == (
         None, 0.0, 0.3, False, 0.0)
     with pytest.raises(SystemExit, match=r"--erase must be in \[0, 1\], got 1.5"):
