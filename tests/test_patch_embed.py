@@ -1,10 +1,12 @@
 """Fused patch embedding (vit_fast._C) against vit_fast.reference.patch_embed.
 
 CPU: the C++ implementation, which calls the same index helpers (csrc/patch_embed_index.h) and
-sums the parameter gradients in the same orders (csrc/patch_embed_sum.h) as the CUDA kernels: forward and every gradient, fp32 tight and fp64
-gradcheck, awkward and strided inputs, a B=256 batch against fp64 with the CUDA test's bound,
-opcheck, errors, torch.compile. When the extension was built with nvcc, the compiled kernels are
-read with cuobjdump (sm_80 and sm_90 code without local memory or stack frames, compute_90 PTX).
+sums the parameter gradients in the same orders (csrc/patch_embed_sum.h) as the CUDA kernels:
+forward and every gradient, fp32 tight and fp64 gradcheck, awkward and strided inputs, a B=256
+batch against fp64 by bounds that hold on every CPU (the summation orders' rounding depth, with
+serial sums as the mutation they reject), opcheck, errors, torch.compile. When the extension was
+built with nvcc, the compiled kernels are read with cuobjdump (sm_80 and sm_90 code without local
+memory or stack frames, compute_90 PTX).
 On a GPU the same parity tests run on CUDA in fp32, fp16 and bf16.
 """
 
@@ -14,13 +16,24 @@ import os
 import re
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from vit_fast import reference
 from vit_fast.fused import patch_embed as fused
-from vit_fast.testing import assert_compiled_matches_eager, assert_parity
+from vit_fast.testing import (
+    assert_compiled_matches_eager,
+    assert_parity,
+    assert_summation_accuracy,
+    assert_within_bound,
+    gamma,
+    separating_depth,
+    serial_sum,
+    summation_error_ratios,
+    unit_roundoff,
+)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA parity needs a CUDA GPU")
 
@@ -243,17 +256,103 @@ def assert_dtype_parity(shape, dtype, device):
         assert_parity(a, b, c, atol=1e-5 if dtype == torch.float32 else 1e-2, name=name)
 
 
-def test_large_batch_fp32_cpu():
-    # The CPU implementation sums the parameter gradients in the CUDA kernels' orders (pos_embed /
-    # cls_token / bias: chunks of 16 rows, then the chunk partials; weight: 64 slices of 256 patch
-    # rows here, then the slice partials), so this is the accuracy check of those orders at the
-    # CUDA test's largest batch, with the CUDA test's bound. Measured against fp64 for this shape,
-    # max errors (PyTorch fp32 in brackets): grad_pos_embed 1.3e-5 (1.3e-5; max value 75),
-    # grad_bias 5.6e-5 (1.1e-4), grad_weight 2.6e-4 (2.1e-4). One serial fp32 sum over the batch
-    # (the order before) reaches 4e-5 on grad_pos_embed, and over all 16384 patch rows 2.4e-3 on
-    # grad_weight: both beyond this bound.
+@pytest.fixture(scope="module")
+def large_batch():
+    """CUDA_SHAPES[0] (B = 256 CIFAR images, 4x4 patches, D = 192) with a random grad_out; the
+    fp64 reference (``exact``: each of its roundings is 2^-29 of an fp32 one); and for each
+    parameter gradient ``terms[name] = (n, sum of squared terms per output)`` (fp64):
+    grad_pos_embed[t] and grad_cls_token sum grad_out[b, t] over the batch (n = 256), grad_bias
+    sums grad_out over the batch and the 64 patch tokens, grad_weight the products
+    grad_patches[m, d] patches[m, k] over the B N patch rows m (n = 16384)."""
     torch.manual_seed(0)
-    assert_dtype_parity(CUDA_SHAPES[0], torch.float32, "cpu")
+    B, C, H, W, p, D = CUDA_SHAPES[0]
+    inputs = make_inputs(B, C, H, W, p, D)
+    grad_out = torch.randn(B, (H // p) * (W // p) + 1, D)
+    out64, grads64 = forward_and_grads(reference.patch_embed, [t.double() for t in inputs], grad_out.double())
+    patches = reference.patchify(inputs[0], p).reshape(-1, C * p * p)  # (B N, C p p)
+    grad_patches = grad_out[:, 1:].reshape(-1, D)  # (B N, D)
+    sq = grad_out.double().square()
+    weight_sq = grad_patches.double().square().T @ patches.double().square()
+    terms = {
+        "weight": (patches.shape[0], weight_sq.reshape(D, C, p, p)),
+        "bias": (patches.shape[0], sq[:, 1:].sum((0, 1))),
+        "cls_token": (B, sq[:, :1].sum(0, keepdim=True)),
+        "pos_embed": (B, sq.sum(0, keepdim=True)),
+    }
+    exact = dict(zip(["tokens", *NAMES], [out64, *grads64]))
+    return SimpleNamespace(inputs=inputs, grad_out=grad_out, patches=patches, grad_patches=grad_patches,
+                           exact=exact, terms=terms)
+
+
+def test_large_batch_fp32_cpu(large_batch):
+    # The CPU implementation sums the parameter gradients in the CUDA kernels' orders
+    # (csrc/patch_embed_sum.h): grad_pos_embed and grad_cls_token over the batch in chunks of 16
+    # images, then the 16 chunk partials; grad_bias the same per token, then over the 64 tokens the
+    # same way; grad_weight over the 16384 patch rows in 64 slices of 256 rows, then the 64 slice
+    # partials. So this is the accuracy check of those orders at the CUDA test's largest batch.
+    #
+    # Not by the CUDA test's parity rule (twice the error of PyTorch's fp32 result): on the CPU
+    # that error is whatever order the CPU's BLAS and torch's reductions sum in. Here it made
+    # grad_weight's allowance 4.2e-4 for a fused 2.6e-4; BLAS block sizes of other CPUs give it
+    # 1.3e-4 to 3.4e-4 (2.6e-4 to 6.8e-4 allowed), a pairwise sum 6e-5, and a correct fused result
+    # would fail there. And one serial fp32 sum over the batch, the order this test exists to
+    # catch, made grad_pos_embed 3.57e-5 off against an allowance of 3.57e-5.
+    #
+    # Instead, vit_fast.testing.assert_summation_accuracy (its docstring has the analysis): with
+    # z = |error| / (u |terms|_2) per output, a summation order of mean rounding depth d has
+    # rms z = sqrt(0.18 d); the rms z of each gradient must be at most that of depth
+    # separating_depth(n), halfway on a log scale between the best blocked order (sqrt n) and one
+    # serial sum (n / 2): 45 for the batch sums (rms z 2.86), 1024 for the row sums (13.6); and
+    # max z at most 8 times that. Only the inputs and the fp64 sums enter it, so the bound is the
+    # same on every CPU. So is the fused result: no BLAS (explicit loops in csrc/patch_embed.cpp,
+    # whose threads split the outputs, not the sums), and only a compiler's contraction of a
+    # product and an add into an FMA can change it: not by default (-O3, baseline x86-64); a
+    # -march=haswell build changed grad_weight and grad_images in the last bits (grad_weight's
+    # ratios below by under 0.01), the sums without products not at all. Measured, rms z / allowed
+    # and max z / allowed:
+    #   grad_weight 0.40, 0.31 (fused rms z 5.47: depth 161); one serial sum 2.86, 2.86
+    #   grad_pos_embed 0.64, 0.57 (rms z 1.83: depth 16); one serial sum over the batch 1.70, 1.57
+    #   grad_cls_token 0.72, 0.57; serial 1.99, 1.57
+    #   grad_bias 0.18, 0.07; one serial sum over the 16384 rows 2.96, 2.01
+    # (test_large_batch_bound_kills_serial_sums keeps the serial sums failing.)
+    #
+    # The tokens and the image gradient are dot products of 48 and 192 terms, in no order the
+    # kernels promise: each element must be within the any-order bound gamma_n |x|.|y| (Higham
+    # 3.5; n = 48 + 2 with the bias and positional additions, 192 for the images), which FMAs
+    # only tighten. Measured: at most 0.11 (tokens) and 0.033 (grad_images) of it.
+    lb = large_batch
+    out, grads = forward_and_grads(fused.patch_embed, lb.inputs, lb.grad_out)
+    result = dict(zip(["tokens", *NAMES], [out, *grads]))
+    abs_out, abs_grads = forward_and_grads(
+        reference.patch_embed, [t.double().abs() for t in lb.inputs], lb.grad_out.double().abs())
+    D, C, p, _ = lb.inputs[1].shape
+    u = unit_roundoff(torch.float32)
+    assert_within_bound(result["tokens"], lb.exact["tokens"], gamma(C * p * p + 2, u) * abs_out, "tokens")
+    assert_within_bound(result["images"], lb.exact["images"], gamma(D, u) * abs_grads[0], "grad_images")
+    for name, (n, sq) in lb.terms.items():
+        assert_summation_accuracy(result[name], lb.exact[name], sq, separating_depth(n), f"grad_{name}")
+
+
+def test_large_batch_bound_kills_serial_sums(large_batch):
+    # The regressions test_large_batch_fp32_cpu exists to catch: one serial fp32 sum over the
+    # batch (grad_pos_embed, grad_cls_token), over all 16384 rows (grad_bias), over all 16384
+    # patch rows (grad_weight). Computed here left to right with elementwise adds
+    # (vit_fast.testing.serial_sum: the same on every CPU), each must fail its bound by 1.4x in rms
+    # (measured: 1.70 grad_pos_embed, 1.99 grad_cls_token, 2.96 grad_bias, 2.86 grad_weight).
+    lb = large_batch
+    rows = zip(lb.grad_patches, lb.patches)
+    serial = {
+        "pos_embed": serial_sum(lb.grad_out.unbind(0)).unsqueeze(0),
+        "bias": serial_sum(lb.grad_patches.unbind(0)),
+        "weight": serial_sum(g[:, None] * x[None, :] for g, x in rows).reshape(lb.exact["weight"].shape),
+    }
+    serial["cls_token"] = serial["pos_embed"][:, :1]
+    for name, value in serial.items():
+        n, sq = lb.terms[name]
+        rms_ratio, _ = summation_error_ratios(value, lb.exact[name], sq, separating_depth(n))
+        assert rms_ratio >= 1.4, f"grad_{name}: a serial sum is only {rms_ratio:.2f}x the allowed rms error"
+        with pytest.raises(AssertionError, match="rms error"):
+            assert_summation_accuracy(value, lb.exact[name], sq, separating_depth(n), f"grad_{name}")
 
 
 @requires_cuda
