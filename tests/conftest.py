@@ -3,6 +3,11 @@
 Without a GPU, Triton kernels run in the interpreter on CPU tensors; the variable must be set
 before triton is first imported, which is why it is set here, at collection time. On a CUDA
 machine nothing is set and the same tests run the compiled kernels on the GPU.
+
+A test that only means something on a GPU carries ``@pytest.mark.gpu(reason=...)``; without CUDA it
+is skipped with that reason, and ``python -m pytest -m gpu`` selects exactly those tests on a GPU
+machine. (Tests parametrized over ``vit_fast.testing.devices()`` run on the CPU everywhere and on
+CUDA where there is one: they are not GPU-only.)
 """
 
 import os
@@ -15,6 +20,16 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from vit_fast.testing import default_device  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        mark = item.get_closest_marker("gpu")
+        if mark is not None:
+            reason = mark.kwargs.get("reason") or (mark.args[0] if mark.args else "needs a CUDA GPU")
+            item.add_marker(pytest.mark.skip(reason=f"no CUDA GPU here: {reason}"))
 
 
 @pytest.fixture(scope="session")

@@ -269,7 +269,7 @@ def test_fused_data_phase_makes_no_host_syncs():
     counter.assert_sync_free()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels' CUDA arithmetic is compared with "
+@pytest.mark.gpu(reason="the fused kernels' CUDA arithmetic is compared with "
                     "torch's CUDA kernels only on a GPU (the CPU runs of the test above use the interpreter)")
 def test_fused_loader_yields_the_torch_loaders_batches_on_cuda():
     ds = data.synthetic(64, 10, seed=0)

@@ -237,7 +237,7 @@ def test_config_is_a_pure_function_of_the_shapes():
         fused.choose_config(0, 10, interpret=False)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA arithmetic (division by the float32 reciprocal "
+@pytest.mark.gpu(reason="the CUDA arithmetic (division by the float32 reciprocal "
                     "of 255, no FMA contraction) is compared with torch's CUDA kernels only on a GPU")
 def test_matches_the_torch_path_on_cuda():
     B, H, W, K = 128, 32, 32, 100

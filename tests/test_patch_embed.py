@@ -35,7 +35,7 @@ from vit_fast.testing import (
     unit_roundoff,
 )
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA parity needs a CUDA GPU")
+requires_cuda = pytest.mark.gpu(reason="CUDA parity needs a CUDA GPU")
 
 
 def test_extension_is_built():

@@ -22,7 +22,7 @@ TINY = ["--dataset", "synthetic", "--synthetic-size", "16", "--synthetic-classes
 # The tests of test_train.py: 8 steps per epoch.
 SMALL = ["--dataset", "synthetic", "--synthetic-size", "512", "--synthetic-classes", "10", "--dim", "64",
          "--heads", "4", "--depth", "2", "--batch-size", "64", "--warmup-epochs", "1", "--device", "cpu"]
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and fused CUDA optimizers need a GPU")
+CUDA = pytest.mark.gpu(reason="CUDA graphs and fused CUDA optimizers need a GPU")
 
 
 def parse(*argv: str) -> train_mod.TrainConfig:
