@@ -39,7 +39,7 @@ BATCH_SIZES = (128, 512)
 DTYPES = (torch.float16, torch.bfloat16)
 # Ops with no Triton kernel of their own: the CUDA C++ patch embedding (see the docstring) and the
 # backward halves, whose launches come with their forward op's aot_launches (checked below).
-_NOT_TRITON = {"patch_embed", "patch_embed_backward", "patch_embed_backward_images"}
+_NOT_TRITON = {"patch_embed", "patch_embed_backward"}
 _BACKWARD_OF = {"layer_norm_backward": ("layer_norm", "add_layer_norm"),
                 "attention_packed_backward": ("attention_packed",), "mlp_backward": ("mlp",),
                 "linear_backward": ("linear",)}
