@@ -22,12 +22,14 @@ from pathlib import Path
 
 from vit_fast import benchmarking as common
 from vit_fast.benchmarking import environment, gpu_available
+from vit_fast.fused import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
-OP_BENCHMARKS = ("bench_attention", "bench_layernorm", "bench_mlp", "bench_patch_embed", "bench_data")
-PARITY_TESTS = ("tests/test_layernorm.py", "tests/test_attention.py", "tests/test_mlp.py",
-                "tests/test_patch_embed.py", "tests/test_fused_model.py", "tests/test_fused_model_aot.py")
+# Derived from the one list of fused ops (vit_fast.fused.registry.OPS): each op's benchmark and
+# test file, then the pipeline's benchmark and the whole model's tests.
+OP_BENCHMARKS = (*(Path(script).stem for script in registry.benchmark_scripts()), "bench_data")
+PARITY_TESTS = registry.parity_tests()
 
 
 def run_step(name: str, cmd: list[str], out: Path, timeout: float) -> dict:

@@ -3,11 +3,15 @@
 //
 // Ops (namespace vit_fast; fake and autograd implementations live in vit_fast/fused/patch_embed.py):
 //   patch_embed(images, weight, bias, cls_token, pos_embed) -> tokens (B, N + 1, D)
-//   patch_embed_backward(grad_out, images, weight)
-//       -> (grad_weight (D, C, p, p), grad_bias (D,), grad_cls_token (1, 1, D), grad_pos_embed (1, N + 1, D))
-//   patch_embed_backward_images(grad_out, weight, height, width) -> grad_images (B, C, H, W)
-// The image gradient is a separate op so that the usual case (images do not require grad) costs
-// nothing.
+//   patch_embed_backward(grad_out, images, weight, needs)
+//       -> (grad_images (B, C, H, W), grad_weight (D, C, p, p), grad_bias (D,), grad_cls_token (1, 1, D),
+//           grad_pos_embed (1, N + 1, D))
+// The whole backward is one op (one call per backward, like every vit_fast op). `needs` (five bools,
+// the forward's inputs in order: images, weight, bias, cls_token, pos_embed) says which gradients
+// are wanted; the others come back as empty (0,) placeholders in the images' dtype, as
+// vit_fast::mlp_backward does. The image gradient's kernel runs only when needs[0] (the usual
+// training step feeds images that do not require grad); the parameter gradients come from one
+// pass that computes all four whenever any of them is needed, and the unwanted ones are dropped.
 //
 // Strides: images are read through their strides (channels_last and sliced batches need no copy);
 // grad_out is made contiguous deliberately (an expanded stride-0 gradient from `.sum().backward()`
@@ -29,6 +33,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -263,14 +269,39 @@ at::Tensor forward_cpu(const at::Tensor& images, const at::Tensor& weight_in, co
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_param_grads(const at::Tensor& weight,
-                                                                             const PatchEmbedShape& s) {
+using ParamGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // weight, bias, cls, pos
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // images, then ParamGrads
+
+ParamGrads empty_param_grads(const at::Tensor& weight, const PatchEmbedShape& s) {
   const auto opts = weight.options();
   return {at::empty(weight.sizes(), opts), at::empty({s.dim}, opts), at::empty({1, 1, s.dim}, opts),
           at::empty({1, s.num_patches + 1, s.dim}, opts)};
 }
 
-PatchEmbedShape check_backward_params(const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight) {
+// The gradients the backward is asked for: one flag per input of the forward, in its order.
+constexpr int64_t kNumInputs = 5;
+using Needs = std::array<bool, kNumInputs>;  // images, weight, bias, cls_token, pos_embed
+
+// `needs` as Python prints a list, for the error message (the fake's words).
+std::string python_list(const c10::List<bool>& needs) {
+  std::string listed = "[";
+  for (size_t i = 0; i < needs.size(); ++i) listed += std::string(i ? ", " : "") + (needs.get(i) ? "True" : "False");
+  return listed + "]";
+}
+
+// A ValueError (TORCH_CHECK_VALUE), as the fake and vit_fast::mlp_backward raise.
+Needs read_needs(const c10::List<bool>& needs) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(needs.size()) == kNumInputs,
+                    "needs must list 5 booleans (images, weight, bias, cls_token, pos_embed), got ",
+                    python_list(needs));
+  Needs out;
+  for (int64_t i = 0; i < kNumInputs; ++i) out[i] = needs.get(i);
+  return out;
+}
+
+bool any_param(const Needs& need) { return need[1] || need[2] || need[3] || need[4]; }
+
+PatchEmbedShape check_backward(const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight) {
   TORCH_CHECK(images.dim() == 4, "patch_embed backward: images must have shape (B, C, H, W), got ", images.sizes());
   check_same_dtype_device(images, weight, "weight");
   const PatchEmbedShape s = make_shape(images.size(0), images.size(1), images.size(2), images.size(3), weight);
@@ -278,11 +309,23 @@ PatchEmbedShape check_backward_params(const at::Tensor& grad_out, const at::Tens
   return s;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_params_cpu(const at::Tensor& grad_out_in,
-                                                                               const at::Tensor& images,
-                                                                               const at::Tensor& weight) {
-  const PatchEmbedShape s = check_backward_params(grad_out_in, images, weight);
+// The op's frame, shared by the CPU and CUDA implementations: grad_out made contiguous once, each
+// part run only when one of its gradients is needed (images_grad(grad_out) -> grad_images,
+// param_grads(grad_out) -> ParamGrads), and empty placeholders for the gradients not needed.
+template <class ImagesGrad, class ParamGradsFn>
+Grads backward_frame(const at::Tensor& grad_out_in, const at::Tensor& images, const Needs& need,
+                     ImagesGrad&& images_grad, ParamGradsFn&& param_grads) {
   const at::Tensor grad_out = grad_out_in.contiguous();
+  const auto not_needed = [&] { return at::empty({0}, images.options()); };
+  at::Tensor grad_images = need[0] ? images_grad(grad_out) : not_needed();
+  ParamGrads params = any_param(need) ? param_grads(grad_out) : ParamGrads{};
+  auto& [grad_weight, grad_bias, grad_cls, grad_pos] = params;
+  return {grad_images, need[1] ? grad_weight : not_needed(), need[2] ? grad_bias : not_needed(),
+          need[3] ? grad_cls : not_needed(), need[4] ? grad_pos : not_needed()};
+}
+
+ParamGrads param_grads_cpu(const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight,
+                           const PatchEmbedShape& s) {
   auto grads = empty_param_grads(weight, s);
   auto& [grad_weight, grad_bias, grad_cls, grad_pos] = grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "patch_embed_backward_cpu", [&] {
@@ -294,26 +337,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_params_cpu(c
   return grads;
 }
 
-PatchEmbedShape check_backward_images(const at::Tensor& grad_out, const at::Tensor& weight, int64_t height,
-                                      int64_t width) {
-  TORCH_CHECK(grad_out.dim() == 3, "patch_embed backward: grad_out must have shape (B, N + 1, D), got ",
-              grad_out.sizes());
-  TORCH_CHECK(weight.dim() == 4, "patch_embed backward: weight must have shape (D, C, p, p), got ", weight.sizes());
-  const PatchEmbedShape s = make_shape(grad_out.size(0), weight.size(1), height, width, weight);
-  check_grad_out(grad_out, weight, s);
-  return s;
-}
-
-at::Tensor backward_images_cpu(const at::Tensor& grad_out_in, const at::Tensor& weight_in, int64_t height,
-                               int64_t width) {
-  const PatchEmbedShape s = check_backward_images(grad_out_in, weight_in, height, width);
-  const at::Tensor grad_out = grad_out_in.contiguous(), weight = weight_in.contiguous();
+at::Tensor images_grad_cpu(const at::Tensor& grad_out, const at::Tensor& weight_in, const PatchEmbedShape& s) {
+  const at::Tensor weight = weight_in.contiguous();
   at::Tensor grad_images = at::empty({s.batch, s.channels, s.height, s.width}, grad_out.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "patch_embed_backward_images_cpu", [&] {
     backward_images_cpu_impl<scalar_t>(grad_out.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
                                        grad_images.mutable_data_ptr<scalar_t>(), s);
   });
   return grad_images;
+}
+
+Grads backward_cpu(const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight,
+                   const c10::List<bool>& needs) {
+  const PatchEmbedShape s = check_backward(grad_out, images, weight);
+  const Needs need = read_needs(needs);
+  return backward_frame(
+      grad_out, images, need, [&](const at::Tensor& g) { return images_grad_cpu(g, weight, s); },
+      [&](const at::Tensor& g) { return param_grads_cpu(g, images, weight, s); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -345,13 +385,8 @@ at::Tensor forward_cuda(const at::Tensor& images, const at::Tensor& weight_in, c
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_params_cuda(const at::Tensor& grad_out_in,
-                                                                                const at::Tensor& images,
-                                                                                const at::Tensor& weight) {
-  const PatchEmbedShape s = check_backward_params(grad_out_in, images, weight);
-  const cuda::DType dtype = cuda_dtype(images.scalar_type());
-  const c10::cuda::CUDAGuard guard(images.device());
-  const at::Tensor grad_out = grad_out_in.contiguous();
+ParamGrads param_grads_cuda(cuda::DType dtype, const at::Tensor& grad_out, const at::Tensor& images,
+                            const at::Tensor& weight, const PatchEmbedShape& s) {
   auto grads = empty_param_grads(weight, s);
   auto& [grad_weight, grad_bias, grad_cls, grad_pos] = grads;
   if (s.dim == 0) return grads;
@@ -373,18 +408,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_params_cuda(
   return grads;
 }
 
-at::Tensor backward_images_cuda(const at::Tensor& grad_out_in, const at::Tensor& weight_in, int64_t height,
-                                int64_t width) {
-  const PatchEmbedShape s = check_backward_images(grad_out_in, weight_in, height, width);
-  const cuda::DType dtype = cuda_dtype(grad_out_in.scalar_type());
-  const c10::cuda::CUDAGuard guard(grad_out_in.device());
-  const at::Tensor grad_out = grad_out_in.contiguous(), weight = weight_in.contiguous();
+at::Tensor images_grad_cuda(cuda::DType dtype, const at::Tensor& grad_out, const at::Tensor& weight_in,
+                            const PatchEmbedShape& s) {
+  const at::Tensor weight = weight_in.contiguous();
   at::Tensor grad_images = at::empty({s.batch, s.channels, s.height, s.width}, grad_out.options());
   if (grad_images.numel() == 0) return grad_images;
   if (s.dim == 0) return grad_images.zero_();
   cuda::launch_patch_embed_backward_images(dtype, grad_out.const_data_ptr(), weight.const_data_ptr(),
                                            grad_images.mutable_data_ptr(), s, c10::cuda::getCurrentCUDAStream());
   return grad_images;
+}
+
+// The two kernel launchers of patch_embed_cuda.cu behind one op: the image gradient's, then the
+// parameter gradients', each only when needed.
+Grads backward_cuda(const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight,
+                    const c10::List<bool>& needs) {
+  const PatchEmbedShape s = check_backward(grad_out, images, weight);
+  const Needs need = read_needs(needs);
+  const cuda::DType dtype = cuda_dtype(images.scalar_type());
+  const c10::cuda::CUDAGuard guard(images.device());
+  return backward_frame(
+      grad_out, images, need, [&](const at::Tensor& g) { return images_grad_cuda(dtype, g, weight, s); },
+      [&](const at::Tensor& g) { return param_grads_cuda(dtype, g, images, weight, s); });
 }
 
 #endif  // WITH_CUDA
@@ -397,21 +442,19 @@ TORCH_LIBRARY(vit_fast, m) {
   // imports it if an op is traced before the user did.
   m.set_python_module("vit_fast.fused.patch_embed");
   m.def("patch_embed(Tensor images, Tensor weight, Tensor bias, Tensor cls_token, Tensor pos_embed) -> Tensor");
-  m.def("patch_embed_backward(Tensor grad_out, Tensor images, Tensor weight) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("patch_embed_backward_images(Tensor grad_out, Tensor weight, SymInt height, SymInt width) -> Tensor");
+  m.def("patch_embed_backward(Tensor grad_out, Tensor images, Tensor weight, bool[] needs) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vit_fast, CPU, m) {
   m.impl("patch_embed", &vit_fast::forward_cpu);
-  m.impl("patch_embed_backward", &vit_fast::backward_params_cpu);
-  m.impl("patch_embed_backward_images", &vit_fast::backward_images_cpu);
+  m.impl("patch_embed_backward", &vit_fast::backward_cpu);
 }
 
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(vit_fast, CUDA, m) {
   m.impl("patch_embed", &vit_fast::forward_cuda);
-  m.impl("patch_embed_backward", &vit_fast::backward_params_cuda);
-  m.impl("patch_embed_backward_images", &vit_fast::backward_images_cuda);
+  m.impl("patch_embed_backward", &vit_fast::backward_cuda);
 }
 #endif
 

@@ -30,19 +30,18 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vit_fast import PRESETS
-from vit_fast.fused import attention, layernorm, mlp
+from vit_fast.fused import attention, layernorm, mlp, registry
 from vit_fast.model import ViTClassifier
 
 pytest.importorskip("triton", reason="Triton is needed to compile kernels ahead of time")
 
 BATCH_SIZES = (128, 512)
 DTYPES = (torch.float16, torch.bfloat16)
-# Ops with no Triton kernel of their own: the CUDA C++ patch embedding (see the docstring) and the
-# backward halves, whose launches come with their forward op's aot_launches (checked below).
-_NOT_TRITON = {"patch_embed", "patch_embed_backward", "patch_embed_backward_images"}
-_BACKWARD_OF = {"layer_norm_backward": ("layer_norm", "add_layer_norm"),
-                "attention_packed_backward": ("attention_packed",), "mlp_backward": ("mlp",),
-                "linear_backward": ("linear",)}
+# From the one list of fused ops: the ops with no Triton kernel of their own (the CUDA C++ patch
+# embedding, see the docstring), and the backward ops, whose launches come with their forward
+# op's aot_launches (checked below).
+_NOT_TRITON = set(registry.registered_ops("cuda"))
+_BACKWARD_OF = registry.backward_of()
 
 
 class _FusedOpRecorder(TorchDispatchMode):

@@ -506,7 +506,7 @@ def test_patch_embed_fake_checks_shapes_and_dtypes_like_the_real_op(bad):
 def test_patch_embed_backward_fakes_check_grad_out():
     images, weight, *_ = _patch_embed_inputs()
     bad_grad = torch.randn(2, 4, 6, device="meta")  # 5 tokens expected (4 patches + class token)
-    with pytest.raises(RuntimeError, match=r"grad_out must have shape \(2, 5, 6\), got \(2, 4, 6\)"):
-        torch.ops.vit_fast.patch_embed_backward(bad_grad, images.to("meta"), weight.to("meta"))
-    with pytest.raises(RuntimeError, match=r"grad_out must have shape \(2, 5, 6\), got \(2, 4, 6\)"):
-        torch.ops.vit_fast.patch_embed_backward_images(bad_grad, weight.to("meta"), 8, 8)
+    # Whichever gradients are asked for: the parameters' only, the images' only, all of them.
+    for needs in ([False, True, True, True, True], [True, False, False, False, False], [True] * 5):
+        with pytest.raises(RuntimeError, match=r"grad_out must have shape \(2, 5, 6\), got \(2, 4, 6\)"):
+            torch.ops.vit_fast.patch_embed_backward(bad_grad, images.to("meta"), weight.to("meta"), needs)

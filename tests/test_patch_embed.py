@@ -173,9 +173,60 @@ def test_opcheck():
             cls_token.requires_grad_(), pos_embed.requires_grad_())
     torch.library.opcheck(torch.ops.vit_fast.patch_embed.default, args)
     grad_out = torch.randn(3, 7, 5)
-    ops = torch.ops.vit_fast
-    torch.library.opcheck(ops.patch_embed_backward.default, (grad_out, images.detach(), weight.detach()))
-    torch.library.opcheck(ops.patch_embed_backward_images.default, (grad_out, weight.detach(), 8, 12))
+    backward = torch.ops.vit_fast.patch_embed_backward.default
+    # Every gradient; the parameters' only (frozen images, the training step); the images' only;
+    # a mix (the placeholders of the others must match the fake's).
+    for needs in ([True] * 5, [False, True, True, True, True], [True, False, False, False, False],
+                  [False, True, False, True, False]):
+        torch.library.opcheck(backward, (grad_out, images.detach(), weight.detach(), needs))
+
+
+def test_backward_is_one_op_with_a_needs_mask():
+    # Each wanted gradient equals the one computed with every gradient wanted; each unwanted one is
+    # an empty (0,) placeholder in the images' dtype, from the real op and the fake alike.
+    images, weight, *_ = make_inputs(3, 3, 8, 12, 4, 5)
+    grad_out = torch.randn(3, 7, 5)
+    every = torch.ops.vit_fast.patch_embed_backward(grad_out, images, weight, [True] * 5)
+    assert [tuple(g.shape) for g in every] == [(3, 3, 8, 12), (5, 3, 4, 4), (5,), (1, 1, 5), (1, 7, 5)]
+    for needs in ([True, False, False, False, False], [False, True, True, True, True],
+                  [False, False, True, False, True]):
+        for device in ("cpu", "meta"):
+            grads = torch.ops.vit_fast.patch_embed_backward(grad_out.to(device), images.to(device),
+                                                            weight.to(device), needs)
+            for name, g, full, need in zip(NAMES, grads, every, needs):
+                assert g.dtype == images.dtype and g.device.type == device, (name, needs, device)
+                assert g.shape == (full.shape if need else (0,)), (name, needs, device)
+                if need and device == "cpu":
+                    assert torch.equal(g, full), (name, needs)
+    for device in ("cpu", "meta"):
+        with pytest.raises(ValueError, match=r"needs must list 5 booleans \(images, weight, bias, cls_token, "
+                                             r"pos_embed\), got \[True, False\]"):
+            torch.ops.vit_fast.patch_embed_backward(grad_out.to(device), images.to(device), weight.to(device),
+                                                    [True, False])
+
+
+@pytest.mark.parametrize("images_grad", [False, True])
+def test_autograd_calls_the_backward_op_once(images_grad):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "vit_fast":
+                self.calls.append((func.overloadpacket.__name__, args[3] if len(args) > 3 else None))
+            return func(*args, **(kwargs or {}))
+
+    images, *params = make_inputs(2, 3, 8, 12, 4, 6)
+    images.requires_grad_(images_grad)
+    params[2].requires_grad_()  # the class token alone among the parameters
+    out = fused.patch_embed(images, *params)
+    with Recorder() as recorder:
+        out.backward(torch.randn_like(out))
+    assert recorder.calls == [("patch_embed_backward", [images_grad, False, False, True, False])]
+    assert (images.grad is not None) == images_grad and params[2].grad is not None
 
 
 # (input to replace, how, the message expected): each names the offending shape and the expectation.
@@ -203,7 +254,7 @@ def test_errors_name_the_shapes(case):
 def test_backward_error_names_the_grad_shape():
     images, weight, *_ = make_inputs(2, 3, 8, 12, 4, 5)
     with pytest.raises(RuntimeError, match=r"grad_out must have shape \(2, 7, 5\), got \[2, 6, 5\]"):
-        torch.ops.vit_fast.patch_embed_backward(torch.randn(2, 6, 5), images, weight)
+        torch.ops.vit_fast.patch_embed_backward(torch.randn(2, 6, 5), images, weight, [True] * 5)
 
 
 def test_torch_compile_fullgraph():

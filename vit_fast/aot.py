@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 from vit_fast.cli import errors_handled
 from vit_fast.fused.launch import Launch, environment_without_interpreter
+from vit_fast.fused.registry import OPS
 
 # Maximum dynamic shared memory one block may use (CUDA programming guide, "Compute capabilities").
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -311,11 +312,11 @@ def _child_main() -> None:
     print(json.dumps(results))
 
 
-# Ops whose module offers ``aot_every_config()``: every launch its launchers can make, over the
-# dtypes and sizes that select a different configuration.
-REPORT_OPS = {"attention": "vit_fast.fused.attention", "augment_policy": "vit_fast.fused.augment_policy",
-              "augment_finish": "vit_fast.fused.augment_finish", "cross_entropy": "vit_fast.fused.cross_entropy",
-              "layernorm": "vit_fast.fused.layernorm", "mlp": "vit_fast.fused.mlp"}
+# The Triton ops of the registry (``vit_fast.fused.registry.OPS``), name -> module: each module
+# offers ``aot_every_config()``, every launch its launchers can make, over the dtypes and sizes
+# that select a different configuration. (The CUDA C++ op's compiled kernels are checked by
+# tests/test_patch_embed.py with cuobjdump.)
+REPORT_OPS = {op.name: op.module for op in OPS if op.kind == "triton"}
 _REPORT_COLUMNS = ("kernel", "dtype", "tiles", "warps", "stages", "sm", "REG", "SHARED", "LOCAL", "STACK", "CTAs/SM")
 
 

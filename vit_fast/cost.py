@@ -404,20 +404,34 @@ class _InnerRecorder(_KernelMode):
 
 def _patch_embed_kernels(op: str, args: tuple, outs: list[torch.Tensor]) -> list[Kernel]:
     """The C++ patch embedding has no launch objects to plan: its kernel count comes from
-    ``patch_embed.kernel_count``, its bytes from its boundary (inputs read, outputs written) and
-    its FLOPs from the projection (2 per patch, output channel and weight element), all charged to
-    its first kernel."""
+    ``patch_embed.kernel_count``, its bytes from the boundary of each of its parts (inputs read,
+    outputs written) and its FLOPs from the projection (2 per patch, output channel and weight
+    element), all charged to each part's first kernel. The forward is one part; the backward has
+    two, each run only when needed: the image gradient (reads grad_out and the weight, writes the
+    images' gradient) and the parameter gradients (reads grad_out, the images and the weight,
+    writes all four: the unwanted ones are computed, then dropped)."""
     from .fused import patch_embed
 
     if op == "patch_embed":  # (images, weight, bias, cls_token, pos_embed) -> (B, N + 1, D)
         weight, tokens = args[1], outs[0].shape[1]
-    else:  # (grad_out (B, N + 1, D), images, weight) or (grad_out, weight, height, width)
-        weight, tokens = (args[2] if op == "patch_embed_backward" else args[1]), args[0].shape[1]
-    batch, patches = args[0].shape[0], tokens - 1
-    n = patch_embed.kernel_count(op, batch, patches)
-    first = Kernel(sum(tensor_bytes(t) for t in _tensors(args)), sum(tensor_bytes(t) for t in outs),
-                   2 * batch * patches * weight.numel())
-    return [first] + [Kernel(0, 0, 0) for _ in range(n - 1)] if n else []
+        batch, patches = args[0].shape[0], tokens - 1
+        parts = [(patch_embed.kernel_count(op, batch, patches), _tensors(args), sum(map(tensor_bytes, outs)))]
+    else:  # (grad_out (B, N + 1, D), images, weight, needs)
+        grad_out, images, weight, needs = args
+        batch, patches, dim = grad_out.shape[0], grad_out.shape[1] - 1, weight.shape[0]
+        param_elements = weight.numel() + dim + dim + (patches + 1) * dim  # weight, bias, cls_token, pos_embed
+        images_only, params_only = (True, False, False, False, False), (False, True, True, True, True)
+        parts = [(patch_embed.kernel_count(op, batch, patches, images_only), [grad_out, weight],
+                  images.numel() * images.element_size())] if needs[0] else []
+        if any(needs[1:]):
+            parts.append((patch_embed.kernel_count(op, batch, patches, params_only), [grad_out, images, weight],
+                          param_elements * weight.element_size()))
+    kernels = []
+    for n, read, written in parts:
+        if n:
+            kernels += [Kernel(sum(map(tensor_bytes, read)), written, 2 * batch * patches * weight.numel())]
+            kernels += [Kernel(0, 0, 0) for _ in range(n - 1)]
+    return kernels
 
 
 def custom_op_kernels(func, args: tuple, kwargs: dict, out=None) -> list[Kernel]:

@@ -7,22 +7,25 @@ Images (B, C, H, W) -> tokens (B, N+1, D) in one pass: patchify, project with th
 Public API:
     patch_embed(images, weight, bias, cls_token, pos_embed) -> Tensor
     extension_available() -> bool
-    kernel_count(op, batch, num_patches) -> int   CUDA kernels one call of vit_fast::<op> launches
+    kernel_count(op, batch, num_patches, needs=None) -> int
+        CUDA kernels one call of vit_fast::<op> launches
 
 Registered ops (schema and CPU/CUDA kernels in csrc/patch_embed.cpp; the fake and autograd
 implementations below make them work under opcheck and torch.compile(fullgraph=True)):
     vit_fast::patch_embed(images, weight, bias, cls_token, pos_embed) -> tokens
-    vit_fast::patch_embed_backward(grad_out, images, weight)
-        -> (grad_weight, grad_bias, grad_cls_token, grad_pos_embed)
-    vit_fast::patch_embed_backward_images(grad_out, weight, height, width) -> grad_images
-The image gradient is its own op and runs only when the images require grad (the usual training
-step feeds images that do not).
+    vit_fast::patch_embed_backward(grad_out, images, weight, needs)
+        -> (grad_images, grad_weight, grad_bias, grad_cls_token, grad_pos_embed)
+The backward is one op, called once per backward; ``needs`` (five bools, the forward's inputs in
+order) says which gradients are wanted and the others come back empty, as in
+``vit_fast::mlp_backward``. The image gradient's kernel runs only when the images require grad
+(the usual training step feeds images that do not).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,6 +35,8 @@ REBUILD_COMMAND = "pip install --no-build-isolation -e ."
 # The extension's sources, present in a source checkout (editable install); absent from a wheel.
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _SOURCE_SUFFIXES = {".cpp", ".cu", ".h", ".cuh"}
+# The forward's inputs, in order: one flag each in the backward's ``needs``.
+_INPUTS = ("images", "weight", "bias", "cls_token", "pos_embed")
 
 
 def _load_extension() -> str | None:
@@ -79,18 +84,23 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Tensor, cls_token: Tensor,
     return torch.ops.vit_fast.patch_embed(images, weight, bias, cls_token, pos_embed)
 
 
-def kernel_count(op: str, batch: int, num_patches: int) -> int:
+def kernel_count(op: str, batch: int, num_patches: int, needs: Sequence[bool] | None = None) -> int:
     """CUDA kernels one call of ``vit_fast::<op>`` launches for ``batch`` images of ``num_patches``
-    patches (the launchers in csrc/patch_embed_cuda.cu; the C++ code has no launch objects to ask,
-    so this mirrors them and must change with them). Forward and image gradient: one kernel each.
-    Parameter gradients: the weight gradient's partial and reduce kernels, then two column sums
-    (position embedding, bias) of a partial and a finish kernel each; a column sum over no rows
-    launches only its finish kernel, and an empty batch or width launches nothing."""
-    if op in ("patch_embed", "patch_embed_backward_images"):
+    patches, with the backward's ``needs`` mask (the launchers in csrc/patch_embed_cuda.cu; the C++
+    code has no launch objects to ask, so this mirrors them and must change with them). Forward and
+    image gradient (needs[0]): one kernel each. Parameter gradients (any of needs[1:]): the weight
+    gradient's partial and reduce kernels, then two column sums (position embedding, bias) of a
+    partial and a finish kernel each; a column sum over no rows launches only its finish kernel, and
+    an empty batch or width launches nothing."""
+    if op == "patch_embed":
         return 1 if batch else 0
     if op == "patch_embed_backward":
-        return 2 + 2 + (2 if num_patches else 1) if batch else 0
-    raise ValueError(f"op must be patch_embed, patch_embed_backward or patch_embed_backward_images, got {op!r}")
+        if needs is None or len(needs) != len(_INPUTS):
+            raise ValueError(f"needs must list {len(_INPUTS)} booleans ({', '.join(_INPUTS)}), got {needs}")
+        if not batch:
+            return 0
+        return (1 if needs[0] else 0) + ((2 + 2 + (2 if num_patches else 1)) if any(needs[1:]) else 0)
+    raise ValueError(f"op must be patch_embed or patch_embed_backward, got {op!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,21 +166,15 @@ def _check_grad_out(grad_out: Tensor, weight: Tensor, batch: int, num_patches: i
         _fail(f"patch_embed backward: grad_out is on {grad_out.device} but weight is on {weight.device}")
 
 
-def _check_backward(grad_out: Tensor, images: Tensor, weight: Tensor) -> None:
+def _check_backward(grad_out: Tensor, images: Tensor, weight: Tensor, needs: Sequence[bool]) -> None:
+    """check_backward and read_needs in csrc/patch_embed.cpp, in that order."""
     if images.dim() != 4:
         _fail(f"patch_embed backward: images must have shape (B, C, H, W), got {tuple(images.shape)}")
     _check_same(images, weight, "weight", "patch_embed backward")
     num_patches, _ = _check_shape(images.shape[1], images.shape[2], images.shape[3], weight)
     _check_grad_out(grad_out, weight, images.shape[0], num_patches)
-
-
-def _check_backward_images(grad_out: Tensor, weight: Tensor, height: int, width: int) -> None:
-    if grad_out.dim() != 3:
-        _fail(f"patch_embed backward: grad_out must have shape (B, N + 1, D), got {tuple(grad_out.shape)}")
-    if weight.dim() != 4:
-        _fail(f"patch_embed backward: weight must have shape (D, C, p, p), got {tuple(weight.shape)}")
-    num_patches, _ = _check_shape(weight.shape[1], height, width, weight)
-    _check_grad_out(grad_out, weight, grad_out.shape[0], num_patches)
+    if len(needs) != len(_INPUTS):  # a ValueError, as TORCH_CHECK_VALUE raises and mlp_backward's check
+        raise ValueError(f"needs must list {len(_INPUTS)} booleans ({', '.join(_INPUTS)}), got {list(needs)}")
 
 
 def _register() -> None:
@@ -180,20 +184,12 @@ def _register() -> None:
         return images.new_empty((images.shape[0], num_patches + 1, weight.shape[0]))
 
     @torch.library.register_fake("vit_fast::patch_embed_backward")
-    def _backward_fake(grad_out, images, weight):
-        _check_backward(grad_out, images, weight)
+    def _backward_fake(grad_out, images, weight, needs):
+        _check_backward(grad_out, images, weight, needs)
         D = weight.shape[0]
-        return (
-            weight.new_empty(weight.shape),
-            weight.new_empty((D,)),
-            weight.new_empty((1, 1, D)),
-            weight.new_empty((1, grad_out.shape[1], D)),
-        )
-
-    @torch.library.register_fake("vit_fast::patch_embed_backward_images")
-    def _backward_images_fake(grad_out, weight, height, width):
-        _check_backward_images(grad_out, weight, height, width)
-        return grad_out.new_empty((grad_out.shape[0], weight.shape[1], height, width))
+        shapes = (images.shape, weight.shape, (D,), (1, 1, D), (1, grad_out.shape[1], D))
+        # Unneeded gradients: empty (0,) placeholders in the images' dtype, as the C++ op returns.
+        return tuple(images.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
 
     def setup_context(ctx, inputs, output):
         images, weight, _bias, _cls_token, _pos_embed = inputs
@@ -201,17 +197,9 @@ def _register() -> None:
 
     def backward(ctx, grad_out):
         images, weight = ctx.saved_tensors
-        needs_images, *needs_params = ctx.needs_input_grad
-        grad_images = None
-        if needs_images:
-            grad_images = torch.ops.vit_fast.patch_embed_backward_images(
-                grad_out, weight, images.shape[2], images.shape[3]
-            )
-        param_grads = [None] * 4
-        if any(needs_params):
-            # One pass yields all four; the ones nobody asked for are dropped (they are small).
-            param_grads = torch.ops.vit_fast.patch_embed_backward(grad_out, images, weight)
-        return grad_images, *(g if need else None for g, need in zip(param_grads, needs_params))
+        needs = list(ctx.needs_input_grad[:5])
+        grads = torch.ops.vit_fast.patch_embed_backward(grad_out, images, weight, needs)
+        return tuple(g if need else None for g, need in zip(grads, needs))
 
     torch.library.register_autograd("vit_fast::patch_embed", backward, setup_context=setup_context)
 
