@@ -430,6 +430,66 @@ def test_non_contiguous_and_deterministic(device):
     assert all(torch.equal(a, b) for a, b in zip([out, *grads], [again, *grads_again]))
 
 
+# ---------------------------------------------------------------------------------------------
+# The patch embedding's fake (meta) implementations check what the C++ op checks.
+
+
+
+def _patch_embed_inputs(device="cpu", image=8, patch=4, dim=6):
+    n = (image // patch) ** 2
+    images = torch.randn(2, 3, image, image, device=device)
+    weight = torch.randn(dim, 3, patch, patch, device=device)
+    return images, weight, torch.randn(dim, device=device), torch.randn(1, 1, dim, device=device), \
+        torch.randn(1, n + 1, dim, device=device)
+
+
+def test_patch_embed_fake_refuses_mixed_devices():
+    images, weight, bias, cls_token, pos_embed = _patch_embed_inputs()
+    with pytest.raises(RuntimeError, match="weight is on meta but images are on cpu"):
+        torch.ops.vit_fast.patch_embed(images, weight.to("meta"), bias, cls_token, pos_embed)
+
+
+def test_patch_embed_fake_refuses_images_not_a_multiple_of_the_patch():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    images, weight, bias, cls_token, pos_embed = _patch_embed_inputs()
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (torch.randn(2, 3, 9, 9), weight, bias, cls_token, pos_embed)]
+        with pytest.raises(RuntimeError, match=r"image size \(9, 9\) must be a multiple of the patch size 4"):
+            torch.ops.vit_fast.patch_embed(*fake)
+    # The real op refuses the same input with the same words.
+    with pytest.raises(RuntimeError, match=r"image size \(9, 9\) must be a multiple of the patch size 4"):
+        torch.ops.vit_fast.patch_embed(torch.randn(2, 3, 9, 9), weight, bias, cls_token, pos_embed)
+
+
+@pytest.mark.parametrize("bad", ["bias", "cls_token", "pos_embed", "dtype"])
+def test_patch_embed_fake_checks_shapes_and_dtypes_like_the_real_op(bad):
+    images, weight, bias, cls_token, pos_embed = _patch_embed_inputs()
+    args = dict(images=images, weight=weight, bias=bias, cls_token=cls_token, pos_embed=pos_embed)
+    if bad == "dtype":
+        args["bias"] = bias.double()
+    else:
+        args[bad] = torch.randn(*[s + 1 if i == len(args[bad].shape) - 1 else s
+                                  for i, s in enumerate(args[bad].shape)])
+    with pytest.raises(RuntimeError) as real:
+        torch.ops.vit_fast.patch_embed(*args.values())
+    meta = {k: v.to("meta") for k, v in args.items()}
+    with pytest.raises(RuntimeError) as fake:
+        torch.ops.vit_fast.patch_embed(*meta.values())
+    # The same words name the same mistake (C++ prints sizes and dtypes in its own notation).
+    assert str(fake.value).split()[:4] == str(real.value).split()[:4]
+    assert str(fake.value).split()[1] == ("bias" if bad == "dtype" else bad)
+
+
+def test_patch_embed_backward_fakes_check_grad_out():
+    images, weight, *_ = _patch_embed_inputs()
+    bad_grad = torch.randn(2, 4, 6, device="meta")  # 5 tokens expected (4 patches + class token)
+    # Whichever gradients are asked for: the parameters' only, the images' only, all of them.
+    for needs in ([False, True, True, True, True], [True, False, False, False, False], [True] * 5):
+        with pytest.raises(RuntimeError, match=r"grad_out must have shape \(2, 5, 6\), got \(2, 4, 6\)"):
+            torch.ops.vit_fast.patch_embed_backward(bad_grad, images.to("meta"), weight.to("meta"), needs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Compiled kernels: sm_80 and sm_90 code without local memory or stack frames, compute_90 PTX
 # (needs an nvcc build, not a GPU)
