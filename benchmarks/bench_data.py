@@ -127,7 +127,9 @@ def compare_recipe(args) -> dict:
     n = min(args.images, 4096)
     ds = data.synthetic(n, 100)
     mean, std = data.channel_stats(ds.images)
-    pipeline = augment.DeviceAugment(augment.AugmentConfig(), mean, std, 100, "cpu")
+    config = augment.AugmentConfig()  # DeiT's augmentation, and its label smoothing below
+    policy = augment.Policy(config.policy, config.randaugment_ops, config.randaugment_magnitude)
+    mean_t, std_t, classes = torch.tensor(mean), torch.tensor(std), torch.arange(100)
     threads = args.threads
 
     def batched() -> None:
@@ -137,7 +139,9 @@ def compare_recipe(args) -> dict:
             g = torch.Generator().manual_seed(0)
             order = torch.randperm(n, generator=g)
             for sel in order.split(args.batch_size):
-                pipeline(ds.images[sel], ds.labels[sel], g)
+                draws = augment.draw_batch(config, policy, (len(sel), *ds.images.shape[1:]), g, "cpu")
+                augment.build_batch(ds.images, sel, ds.labels[sel], draws, config.padding, policy, mean_t, std_t,
+                                    classes, smoothing=0.1)
         finally:
             torch.set_num_threads(before)
 

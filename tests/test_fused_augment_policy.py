@@ -272,9 +272,6 @@ def test_makes_no_host_syncs(device):
     with count_host_syncs() as counter, counter.phase("augment"):
         augment_policy(**inputs)
     counter.assert_sync_free("augment")
-    with A.OpRecorder() as rec:
-        augment_policy(**inputs)
-    rec.assert_sync_free()
 
 
 def test_cost_account_counts_one_launch():
@@ -283,7 +280,7 @@ def test_cost_account_counts_one_launch():
     from vit_fast import cost
 
     account, inputs = cost.CostAccount(), _good_inputs(batch=16)
-    with cost.OpRecorder(account):
+    with cost.CostRecorder(account):
         augment_policy(**inputs)
     assert account.ops["vit_fast::augment_policy"].launches == 1
     assert account.launches == 1 and account.casts == 0

@@ -13,12 +13,10 @@ Contents:
 - random erasing (Zhong et al. 2020), sync-free, on uint8 or normalised float batches;
 - mixup / cutmix with a batched device Beta sampler (``sample_betas``), per batch or per sample;
 - repeated augmentation index arithmetic (Hoffer et al. 2020; DeiT's RASampler);
-- ``DeviceAugment``: the whole pipeline in DeiT's order;
 - draws apart from their application: ``Policy.draw`` / ``Policy.apply``, ``draw_erasing`` /
   ``apply_erasing`` (``EraseDraw``), ``draw_mix`` / ``apply_mix`` (``MixDraw``), and for a whole
-  batch ``draw_batch`` (``BatchDraws``), which the torch path applies with torch ops and
-  ``fused_batch`` with two fused kernels (the same batch from the same draws);
-- ``OpRecorder``: a dispatch mode that records aten ops, to check a batch makes no host syncs.
+  batch ``draw_batch`` (``BatchDraws``), which ``build_batch`` applies in DeiT's order with torch
+  ops, or with two fused kernels (``fused_batch``; the same batch from the same draws).
 """
 
 from __future__ import annotations
@@ -29,8 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 # ----------------------------------------------------------------------------------------------
 # Operation ids. A policy is a table of (op id, magnitude) per image and slot; the ids index OPS.
@@ -748,11 +744,15 @@ def mix(
     return apply_mix(images, targets, draw)
 
 
-def smooth_targets(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
-    """One-hot (B, K) float targets with label smoothing: 1 - s + s/K on the label, s/K elsewhere."""
+def smooth_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0, classes: Tensor | None = None) -> Tensor:
+    """One-hot (B, K) float targets with label smoothing: 1 - s + s/K on the label, s/K elsewhere
+    (smoothing 0: the one-hot rows). ``classes``: arange(K) on the labels' device, when the caller
+    keeps one (made here otherwise)."""
     # F.one_hot reads the labels' range back to the host; a comparison with arange does not.
-    hot = labels.view(-1, 1) == torch.arange(num_classes, device=labels.device)
-    return hot.float() * (1.0 - smoothing) + smoothing / num_classes
+    if classes is None:
+        classes = torch.arange(num_classes, device=labels.device)
+    hot = (labels.view(-1, 1) == classes).float()
+    return hot * (1.0 - smoothing) + smoothing / num_classes if smoothing else hot
 
 
 # ----------------------------------------------------------------------------------------------
@@ -903,134 +903,33 @@ def fused_batch(images: Tensor, index: Tensor, labels: Tensor, draws: BatchDraws
     return augment_finish(batch, mean, std, labels, num_classes, smoothing, erase, values, mix, applied)
 
 
-class DeviceAugment:
-    """The DeiT order on the device: crop + flip, the policy (on uint8), normalise, random erasing
-    (on the normalised batch), mixup / cutmix with smoothed targets.
+def build_batch(images: Tensor, index: Tensor, labels: Tensor, draws: BatchDraws, padding: int,
+                policy: Policy | None, mean: Tensor, std: Tensor, classes: Tensor | None = None,
+                smoothing: float = 0.0, fused: bool = False) -> tuple[Tensor, Tensor]:
+    """The training batch of ``images[index]`` (``images`` the (N, C, H, W) uint8 dataset, ``index``
+    (B,) int64) from drawn ``draws``, in DeiT's order: crop + flip and the policy (uint8), normalise
+    (``mean``, ``std`` (C,) float32 on the device, in [0, 1] units), random erasing (on the
+    normalised batch), then the targets and mixup / cutmix.
 
-    ``images(x, g)`` returns the augmented uint8 batch (crop, flip, policy, and erasing mapped to
-    intensity levels, see ``random_erasing``); ``__call__(x, labels, g)`` returns the training batch
-    (normalised float32 (B, C, H, W), soft targets (B, K)). mean/std are (C,) in [0, 1] units.
-    ``fused``: ``__call__`` makes the same draws and builds the same batch with the fused kernels
-    (``fused_batch``; CUDA tensors, or CPU tensors under Triton's interpreter)."""
+    Returns (x (B, C, H, W) float32, targets). With ``classes`` (arange(K) on the device, made once
+    by the caller) the targets are (B, K) float32 one-hot rows, smoothed by ``smoothing`` and mixed
+    as drawn; with None they are ``labels`` themselves (``draws`` must then hold no mixing).
+    ``fused``: the same batch from the same draws by two fused kernels (``fused_batch``; CUDA
+    tensors, or CPU tensors under Triton's interpreter), bit for bit."""
+    from vit_fast.data import normalize
 
-    def __init__(self, config: AugmentConfig, mean: list[float], std: list[float], num_classes: int, device,
-                 fused: bool = False) -> None:
-        self.config, self.num_classes, self.fused = config, num_classes, fused
-        self.device = torch.device(device)
-        # Built once here: a per-batch torch.tensor(mean) would copy host data every batch.
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
-        c = config
-        self.policy = None
-        if c.policy is not None:
-            self.policy = Policy(c.policy, num_ops=c.randaugment_ops, magnitude=c.randaugment_magnitude)
-
-    def images(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        c = self.config
-        draws = draw_batch(c, self.policy, images.shape, generator, images.device, mix=False)
-        images = apply_geometry_and_policy(images, draws, c.padding, self.policy)
-        if draws.erase is not None:
-            images = apply_erasing(images, draws.erase, self.mean, self.std)
-        return images
-
-    def normalize(self, images: Tensor) -> Tensor:
-        return (images.float() / 255 - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
-
-    def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        c = self.config
-        draws = draw_batch(c, self.policy, images.shape, generator, images.device)
-        if self.fused:
-            index = torch.arange(images.shape[0], device=images.device)
-            return fused_batch(images, index, labels, draws, c.padding, self.mean, self.std, self.num_classes,
-                               c.label_smoothing)
-        x = self.normalize(apply_geometry_and_policy(images, draws, c.padding, self.policy))
-        if draws.erase is not None:
-            x = apply_erasing(x, draws.erase)
-        targets = smooth_targets(labels, self.num_classes, c.label_smoothing)
-        if draws.mix is not None:
-            x, targets = apply_mix(x, targets, draws.mix)
-        return x, targets
-
-
-# ----------------------------------------------------------------------------------------------
-# Host-sync check.
-
-# Ops that read a tensor back to the host or whose output shape depends on the data.
-SYNC_OPS = frozenset({
-    "aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.nonzero",
-    "aten.nonzero_static", "aten.masked_select", "aten._unique2", "aten.unique_dim",
-    "aten.unique_consecutive", "aten.repeat_interleave", "aten.bincount",
-})  # fmt: skip
-
-
-# Tensor methods that hand data to the host; on a CPU tensor some (tolist, numpy) never reach an
-# aten op, so they are caught at the torch-function level.
-HOST_READS = frozenset({
-    "tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__", "__array__",
-})  # fmt: skip
-
-
-class _DispatchRecorder(TorchDispatchMode):
-    def __init__(self, owner: "OpRecorder") -> None:
-        super().__init__()
-        self.owner = owner
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = str(func.overloadpacket)
-        name = name if name.startswith("aten.") else f"aten.{name}"
-        self.owner.ops.append(name)
-        out = func(*args, **kwargs)
-        if name.startswith("aten.lift_fresh"):
-            self.owner.host_data.append(name)
-        elif name in ("aten._to_copy", "aten.copy_"):
-            src = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)][-1:]
-            if any(s.device.type == "cpu" for s in src) and isinstance(out, Tensor) and out.device.type != "cpu":
-                self.owner.host_data.append(name)
-        return out
-
-
-class _FunctionRecorder(TorchFunctionMode):
-    def __init__(self, owner: "OpRecorder") -> None:
-        super().__init__()
-        self.owner = owner
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in HOST_READS:
-            self.owner.host_reads.append(f"Tensor.{name}")
-        return func(*args, **(kwargs or {}))
-
-
-class OpRecorder:
-    """Records the aten ops run under it, to check that code makes no host syncs.
-
-    ``syncs``: ops of SYNC_OPS (scalar reads such as .item() / bool(tensor) reach
-    aten._local_scalar_dense; nonzero and friends have data-dependent shapes) and tensor methods of
-    HOST_READS (.tolist(), .numpy(), ...: on a CPU tensor they read memory without an aten op).
-    ``host_data``: tensors made from host data (torch.tensor(list) reaches aten.lift_fresh; flagged
-    on any device, since on a CPU a host-to-device copy cannot be told apart) and copies from the
-    CPU to another device. Use as ``with OpRecorder() as rec: ...; rec.assert_sync_free()``."""
-
-    def __init__(self) -> None:
-        self.ops: list[str] = []
-        self.host_reads: list[str] = []
-        self.host_data: list[str] = []
-        self._modes = (_FunctionRecorder(self), _DispatchRecorder(self))
-
-    def __enter__(self) -> "OpRecorder":
-        for mode in self._modes:
-            mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for mode in reversed(self._modes):
-            mode.__exit__(*exc)
-
-    @property
-    def syncs(self) -> list[str]:
-        return [op for op in self.ops if op in SYNC_OPS] + self.host_reads
-
-    def assert_sync_free(self) -> None:
-        if self.syncs or self.host_data:
-            raise AssertionError(f"host syncs {sorted(set(self.syncs))}, host data {sorted(set(self.host_data))}")
+    if classes is None and draws.mix is not None:
+        raise ValueError("mixing needs targets to mix: pass classes")
+    if fused:
+        x, targets = fused_batch(images, index, labels, draws, padding, mean, std,
+                                 0 if classes is None else classes.shape[0], smoothing)
+        return x, labels if classes is None else targets
+    x = normalize(apply_geometry_and_policy(images[index], draws, padding, policy), mean, std)
+    if draws.erase is not None:
+        x = apply_erasing(x, draws.erase)
+    if classes is None:
+        return x, labels
+    targets = smooth_targets(labels, classes.shape[0], smoothing, classes)
+    if draws.mix is not None:
+        x, targets = apply_mix(x, targets, draws.mix)
+    return x, targets

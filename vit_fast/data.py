@@ -595,14 +595,6 @@ class DeviceLoader:
                              mix_batch=batch, mix=self.mixing)
         return draws.rows(rows)
 
-    def _targets(self, x: Tensor, labels: Tensor, mix: A.MixDraw | None) -> tuple[Tensor, Tensor]:
-        """Mixup / cutmix within this rank's batch; targets (B, K) one-hot mixed, unsmoothed."""
-        if mix is None:
-            return x, labels
-        # One-hot by comparison: F.one_hot reads the labels' range back to the host.
-        targets = (labels.view(-1, 1) == self._classes).float()  # (B, K)
-        return A.apply_mix(x, targets, mix)
-
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         dev = self.data.images.device
         gen_cpu = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -619,16 +611,8 @@ class DeviceLoader:
                 yield normalize(self.data.images[sel], self._mean, self._std), labels
                 continue
             draws = self.draw(stop - start, mine, sel.shape[0], gen_dev)
-            if self.fused:
-                x, targets = A.fused_batch(self.data.images, sel, labels, draws, self.augment.padding, self._mean,
-                                           self._std, self.num_classes if self.mixing else 0)
-                yield x, targets if self.mixing else labels
-                continue
-            images = A.apply_geometry_and_policy(self.data.images[sel], draws, self.augment.padding, self.policy)
-            x = normalize(images, self._mean, self._std)
-            if draws.erase is not None:
-                x = A.apply_erasing(x, draws.erase)
-            yield self._targets(x, labels, draws.mix)
+            yield A.build_batch(self.data.images, sel, labels, draws, self.augment.padding, self.policy, self._mean,
+                                self._std, self._classes if self.mixing else None, fused=self.fused)
 
 
 def _caption(target: Tensor, classes: list[str]) -> str:
