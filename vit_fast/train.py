@@ -393,9 +393,8 @@ def make_train_loader(args: argparse.Namespace, world: dist_mod.World, train_set
     batches with the fused data kernels (the same batches: see DeviceLoader's ``fused``)."""
     recipe = recipes.resolve(args)
     loader = data_mod.DeviceLoader(train_set, per_rank_batch(args.batch_size, world), mean, std, train=True,
-                                   augment=recipes.augment_config(recipe), seed=args.seed,
-                                   drop_last=args.cuda_graphs, rank=world.rank, world_size=world.size,
-                                   repeats=recipe.repeats, fused=args.backend == "fused")
+                                   augment=recipe.augmentation(), seed=args.seed, drop_last=args.cuda_graphs,
+                                   rank=world.rank, world_size=world.size, fused=args.backend == "fused")
     dropped = len(train_set) - sum(loader.global_batch_sizes())
     if args.cuda_graphs and dropped and world.is_main:
         log(f"--cuda-graphs: every batch has the captured graph's shape, so each epoch's last partial batch of "
