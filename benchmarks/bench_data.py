@@ -27,16 +27,18 @@ import time
 import torch
 
 from vit_fast import benchmarking as common
-from vit_fast import data
+from vit_fast import datasets
+from vit_fast.augment.config import AugmentConfig
+from vit_fast.loader import DeviceLoader
 
 
 def measure(args, device: torch.device) -> dict:
     """Images per second of the training-mode loader on ``device``: one warm-up epoch, then the
     median of ``args.epochs`` timed epochs."""
-    ds = data.synthetic(args.images, 100).to(device)
-    mean, std = data.channel_stats(ds.images)
-    aug = data.Augment(padding=4, flip=True, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix)
-    loader = data.DeviceLoader(ds, args.batch_size, mean, std, train=True, augment=aug)
+    ds = datasets.synthetic(args.images, 100).to(device)
+    mean, std = datasets.channel_stats(ds.images)
+    aug = AugmentConfig(crop_padding=4, flip=True, mixup=args.mixup, cutmix=args.cutmix, mix_prob=1.0)
+    loader = DeviceLoader(ds, args.batch_size, mean, std, train=True, augment=aug)
 
     def one_epoch(e: int) -> float:
         loader.set_epoch(e)
@@ -120,14 +122,18 @@ def compare_recipe(args) -> dict:
     after a warm-up pass, and the medians compared."""
     from torchvision.transforms import v2
 
-    from vit_fast import augment
+    from vit_fast.augment import pipeline
 
     cores = len(os.sched_getaffinity(0))
     workers = cores if args.workers is None else args.workers
     n = min(args.images, 4096)
-    ds = data.synthetic(n, 100)
-    mean, std = data.channel_stats(ds.images)
-    pipeline = augment.DeviceAugment(augment.AugmentConfig(), mean, std, 100, "cpu")
+    ds = datasets.synthetic(n, 100)
+    mean, std = datasets.channel_stats(ds.images)
+    # DeiT's augmentation (its label smoothing below), as _PerImageRecipe's transforms.
+    config = AugmentConfig(crop_padding=4, flip=True, policy="autoaugment", erase=0.25, erase_max_area=1 / 3,
+                           erase_mode="pixel", mixup=0.8, cutmix=1.0, mix_prob=1.0, mix_switch_prob=0.5)
+    policy = pipeline.policy_of(config)
+    mean_t, std_t, classes = torch.tensor(mean), torch.tensor(std), torch.arange(100)
     threads = args.threads
 
     def batched() -> None:
@@ -137,7 +143,9 @@ def compare_recipe(args) -> dict:
             g = torch.Generator().manual_seed(0)
             order = torch.randperm(n, generator=g)
             for sel in order.split(args.batch_size):
-                pipeline(ds.images[sel], ds.labels[sel], g)
+                draws = pipeline.draw_batch(config, policy, (len(sel), *ds.images.shape[1:]), g, "cpu")
+                pipeline.build_batch(ds.images, sel, ds.labels[sel], draws, config, policy, mean_t, std_t, classes,
+                                     smoothing=0.1)
         finally:
             torch.set_num_threads(before)
 

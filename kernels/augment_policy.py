@@ -6,8 +6,8 @@
     for s in 0..S-1:  x = OPS[op[s, b]](x, magnitude[s, b])
     out[b] = x
 
-with the arithmetic of the torch implementation (``vit_fast.augment.apply_ops`` after
-``vit_fast.data.apply_crop_flip``), op by op and in the same order, so the uint8 result is the same
+with the arithmetic of the torch implementation (``vit_fast.augment.image_ops.apply_ops`` after
+``vit_fast.augment.pipeline.apply_crop_flip``), op by op and in the same order, so the uint8 result is the same
 bit for bit (see "Exactness" below).
 
 Design: one program per image, each program branching on its own op id with a scalar ``if``, so
@@ -28,7 +28,7 @@ equalize builds its 256-bin histogram with ``tl.histogram`` and looks its table 
 ``tl.gather``, both in registers.
 
 The geometric ops build their inverse affine matrix in the kernel, in float64 from the op id and
-the magnitude, with the operations of ``vit_fast.augment.inverse_affine`` in its order, then
+the magnitude, with the operations of ``vit_fast.augment.image_ops.inverse_affine`` in its order, then
 round it to float32; the sampling grid is then built in float32 as ``augment.warp`` builds it
 ((x * r0 + y * r1) + r2, the order torch's CPU bmm sums in) and rounded half to even. Blends
 compute factor * x + (1 - factor) * degenerate in float32 and truncate, as ``augment.blend``.
@@ -60,7 +60,7 @@ import math
 import triton
 import triton.language as tl
 
-# The constants Python's math.radians / math.degrees multiply by (as vit_fast.augment's).
+# The constants Python's math.radians / math.degrees multiply by (as vit_fast.augment.image_ops').
 _DEG_TO_RAD = tl.constexpr(math.pi / 180.0)
 _RAD_TO_DEG = tl.constexpr(180.0 / math.pi)
 _HALF_PI = tl.constexpr(math.pi / 2.0)
@@ -76,7 +76,7 @@ _PIO2_HI = tl.constexpr(1.5707963267341256)
 _PIO2_LO = tl.constexpr(6.077100506506192e-11)
 _TRIG_TERMS = tl.constexpr(9)
 
-# Op ids, as vit_fast.augment.OPS orders them.
+# Op ids, as vit_fast.augment.image_ops.OPS orders them.
 _SHEAR_X = tl.constexpr(1)
 _SHEAR_Y = tl.constexpr(2)
 _TRANSLATE_X = tl.constexpr(3)
@@ -180,7 +180,7 @@ def _store_channel(row_ptr, c, HW, pix, ok, y):
 
 @triton.jit
 def _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW, PRODUCTS_IN_ASM: tl.constexpr):
-    """ShearX/ShearY/TranslateX/TranslateY/Rotate, with vit_fast.augment.geometric's magnitude
+    """ShearX/ShearY/TranslateX/TranslateY/Rotate, with vit_fast.augment.image_ops.geometric's magnitude
     convention and inverse_affine's float64 arithmetic; one gather per channel from the row."""
     # Per-op parameters (augment.geometric), float64.
     is_shear = (op == _SHEAR_X) | (op == _SHEAR_Y)
@@ -335,7 +335,7 @@ def augment_policy_kernel(
     row = pix // W
     col = pix % W
 
-    # Crop at (oy, ox) of the zero-padded image, mirrored where flipped (data.apply_crop_flip).
+    # Crop at (oy, ox) of the zero-padded image, mirrored where flipped (pipeline.apply_crop_flip).
     src_image = tl.load(Index + b * stride_index).to(tl.int64)  # int32 indices too: offsets past 2^31
     oy = tl.load(OY + b * stride_oy)
     ox = tl.load(OX + b * stride_ox)

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from vit_fast import aot, cost, data, evaluate, optim, predict, recipes
+from vit_fast import aot, cost, data, evaluate, optim, predict, preview, recipes
 from vit_fast import run as run_mod
 from vit_fast import train as train_mod
 from vit_fast.checkpoint import load_checkpoint
@@ -76,7 +76,7 @@ def test_a_value_that_cannot_be_meant_is_a_usage_error(case, tmp_path, capsys, m
     def must_not_load(*args, **kwargs):
         raise AssertionError("the data was loaded before the arguments were checked")
 
-    monkeypatch.setattr(run_mod.data_mod, "load_data", must_not_load)
+    monkeypatch.setattr(run_mod.datasets, "load_data", must_not_load)
     status, message = fails(train_mod.main, [*TINY, "--out-dir", str(tmp_path / "run"), *extra], capsys)
     assert status == 2
     assert re.search(expected, message), message
@@ -172,18 +172,18 @@ def test_preview_output_paths(tmp_path, capsys, monkeypatch):
     synthetic = ["--dataset", "synthetic", "--count", "4"]
     status, message = fails(data.main, ["--preview", str(tmp_path / "afile" / "x.png"), *synthetic], capsys)
     assert status == 1 and "afile is a file; expected a directory" in message
-    load_split = data.load_split
+    load_split = preview.load_split
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the data was loaded before --preview was checked")
 
-    monkeypatch.setattr(data, "load_split", must_not_load)
+    monkeypatch.setattr(preview, "load_split", must_not_load)
     status, message = fails(data.main, ["--preview", str(tmp_path / "grid.txt"), *synthetic], capsys)
     assert status == 2 and "grid.txt: '.txt' is not an image format matplotlib writes; use .png" in message
     status, message = fails(data.main, ["--preview", str(tmp_path), *synthetic], capsys)
     assert status == 1 and "is a directory; expected a file name" in message
     # A name without a suffix gets .png, and the message names the file written.
-    monkeypatch.setattr(data, "load_split", load_split)
+    monkeypatch.setattr(preview, "load_split", load_split)
     out = data.main(["--preview", str(tmp_path / "grid"), *synthetic])
     assert out == tmp_path / "grid.png" and out.is_file()
     assert f"wrote {tmp_path / 'grid.png'}: 4 training images" in capsys.readouterr().out

@@ -19,7 +19,7 @@ from vit_fast.fused import mlp as fused_mlp
 def test_counting_rules():
     acc = cost.CostAccount()
     x, y = torch.randn(64, 32), torch.randn(64, 32)
-    with cost.OpRecorder(acc):
+    with cost.CostRecorder(acc):
         z = x + y  # one launch: reads 2 x 8 KiB, writes 8 KiB
         v = z.t().contiguous()  # a transpose (a view: free), then a real copy
         _ = v.view(-1)  # a view: free
@@ -42,7 +42,7 @@ def test_counting_rules():
 def test_flops_of_products_from_shapes():
     acc = cost.CostAccount()
     a, b, bias = torch.randn(8, 16), torch.randn(16, 4), torch.randn(4)
-    with cost.OpRecorder(acc):
+    with cost.CostRecorder(acc):
         a @ b
         torch.addmm(bias, a, b)
         torch.randn(3, 8, 16) @ torch.randn(3, 16, 4)  # bmm

@@ -2,7 +2,7 @@
 
 The equivalence holds with augmentation on: the loader draws the crop and flip offsets, the
 AutoAugment ops and the erasing boxes for the whole global batch on every rank and each rank
-applies its own rows (vit_fast.data.DeviceLoader), repeated augmentation included; mixup and cutmix
+applies its own rows (vit_fast.DeviceLoader), repeated augmentation included; mixup and cutmix
 are off (--mixup 0 --cutmix 0), since they pair images within each rank's batch,
 and each rank's mean loss is weighted by its share of the global batch before DDP averages the
 gradients. Stochastic depth and dropout are off (--drop-path 0, dropout defaults to 0): each rank
@@ -16,8 +16,10 @@ import sys
 import pytest
 import torch
 
-from vit_fast import data, distributed, evaluate
+from vit_fast import datasets, distributed, evaluate
 from vit_fast import run as run_mod
+from vit_fast.augment.config import AugmentConfig
+from vit_fast.loader import DeviceLoader
 from vit_fast import train as train_mod
 from vit_fast.checkpoint import load_checkpoint
 
@@ -113,14 +115,14 @@ def test_fused_backend_under_two_ranks(tmp_path, monkeypatch):
 
 def test_rank_batches_are_the_single_process_batch_interleaved():
     """Rank r's batch b, crops and flips included, is rows r, r + W, ... of the single-process batch b."""
-    ds = data.synthetic(50, 5, seed=0)
-    mean, std = data.channel_stats(ds.images)
-    aug = data.Augment(padding=4, flip=True)
-    whole = list(data.DeviceLoader(ds, 12, mean, std, True, aug, seed=7))
-    ranks = [list(data.DeviceLoader(ds, 4, mean, std, True, aug, seed=7, rank=r, world_size=3)) for r in range(3)]
+    ds = datasets.synthetic(50, 5, seed=0)
+    mean, std = datasets.channel_stats(ds.images)
+    aug = AugmentConfig(crop_padding=4, flip=True)
+    whole = list(DeviceLoader(ds, 12, mean, std, True, aug, seed=7))
+    ranks = [list(DeviceLoader(ds, 4, mean, std, True, aug, seed=7, rank=r, world_size=3)) for r in range(3)]
     # 50 = 4 x 12 + 2: the last global batch is smaller than the 3 ranks, so the ranks drop it.
     assert [len(r) for r in ranks] == [4, 4, 4] and len(whole) == 5
-    assert data.DeviceLoader(ds, 4, mean, std, True, aug, rank=1, world_size=3).global_batch_sizes() == [12] * 4
+    assert DeviceLoader(ds, 4, mean, std, True, aug, rank=1, world_size=3).global_batch_sizes() == [12] * 4
     for b in range(4):
         for r in range(3):
             torch.testing.assert_close(ranks[r][b][0], whole[b][0][r::3], atol=0, rtol=0)
@@ -128,11 +130,11 @@ def test_rank_batches_are_the_single_process_batch_interleaved():
 
 
 def test_evaluation_shards_cover_the_test_set_once():
-    ds = data.synthetic(7, 3, seed=0)
+    ds = datasets.synthetic(7, 3, seed=0)
     ds.images[:, 0, 0, 0] = torch.arange(7, dtype=torch.uint8)
     seen = []
     for r in range(4):  # 7 images, eval batch 1 per rank: rank 3 has one image fewer
-        loader = data.DeviceLoader(ds, 1, [0.0] * 3, [1.0] * 3, train=False, rank=r, world_size=4)
+        loader = DeviceLoader(ds, 1, [0.0] * 3, [1.0] * 3, train=False, rank=r, world_size=4)
         seen += [round(v) for x, _ in loader for v in (x[:, 0, 0, 0] * 255).tolist()]
     assert sorted(seen) == list(range(7))
 
@@ -142,7 +144,7 @@ def test_a_rank_without_test_images_contributes_nothing():
     from vit_fast.model import build_model
 
     model = build_model("vit-cifar", backend="torch", dim=16, num_heads=2, depth=1, num_classes=3)
-    loader = data.DeviceLoader(data.synthetic(1, 3), 4, [0.5] * 3, [0.25] * 3, train=False, rank=1, world_size=2)
+    loader = DeviceLoader(datasets.synthetic(1, 3), 4, [0.5] * 3, [0.25] * 3, train=False, rank=1, world_size=2)
     assert len(loader) == 0
     top, labels, loss_sum = evaluate.predict_topk(model, loader, torch.device("cpu"), amp=False)
     assert top.shape[0] == 0 and labels.shape == (0,) and loss_sum == 0.0

@@ -14,7 +14,8 @@ from vit_fast import evaluate, predict
 from vit_fast import run as run_mod
 from vit_fast import train as train_mod
 from vit_fast.checkpoint import load_checkpoint, load_model
-from vit_fast.data import load_split, normalize
+from vit_fast.augment.pipeline import normalize
+from vit_fast.datasets import load_split
 
 TINY = ["--dataset", "synthetic", "--synthetic-size", "256", "--synthetic-classes", "4", "--dim", "32", "--heads", "2",
         "--depth", "1", "--batch-size", "64", "--warmup-epochs", "1", "--lr", "3e-3", "--epochs", "2",
@@ -174,11 +175,11 @@ def test_evaluate_on_a_dataset_with_other_classes(trained, tmp_path, monkeypatch
     """A 4-class synthetic checkpoint asked to evaluate on CIFAR-100 (official-format files written here)."""
     from test_data import md5_table, write_cifar100
 
-    from vit_fast import data
+    from vit_fast import datasets
 
     ckpt_path, _, _ = trained
     write_cifar100(tmp_path / "data", n_train=4, n_test=4)
-    monkeypatch.setitem(data.CIFAR_MD5, "cifar100", md5_table(tmp_path / "data" / "cifar-100-python"))
+    monkeypatch.setitem(datasets.CIFAR_MD5, "cifar100", md5_table(tmp_path / "data" / "cifar-100-python"))
     with pytest.raises(SystemExit, match=r"cifar100 has 100 classes but the model in .* predicts 4"):
         evaluate.main(["--checkpoint", str(ckpt_path), "--device", "cpu", "--dataset", "cifar100",
                        "--data-dir", str(tmp_path / "data"), "--no-download"])

@@ -1,6 +1,6 @@
 """vit_fast::augment_finish (normalise + random erasing + mixup/cutmix + targets in one kernel)
 against the torch data phase it replaces: ``normalize -> apply_erasing -> smooth_targets ->
-apply_mix`` of vit_fast.augment on the same draws. Every operation is float32 in torch's order,
+apply_mix`` of vit_fast.augment (pipeline, erasing, mixing) on the same draws. Every operation is float32 in torch's order,
 so the batch must be bit-identical (torch.equal), not merely close."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vit_fast import augment as A
-from vit_fast import cost, data
+from vit_fast import cost
+from vit_fast.augment.erasing import EraseDraw, apply_erasing, draw_erasing
+from vit_fast.augment.mixing import MixDraw, apply_mix, draw_mix, smooth_targets
+from vit_fast.augment.pipeline import normalize
 from vit_fast.fused import augment_finish as fused
 from vit_fast.fused.launch import planning
 from vit_fast.syncs import count_host_syncs
@@ -25,25 +27,25 @@ def _batch(B: int, H: int, W: int, K: int, seed: int = 0, C: int = 3):
     return images, labels, g
 
 
-def _erase_args(draw: A.EraseDraw | None):
+def _erase_args(draw: EraseDraw | None):
     if draw is None:
         return None, None
     return (draw.top, draw.left, draw.height, draw.width, draw.on), draw.values if draw.values.ndim else None
 
 
-def _mix_args(draw: A.MixDraw | None):
+def _mix_args(draw: MixDraw | None):
     if draw is None:
         return None, None
     return (draw.use_cut, draw.lam_mix, draw.y0, draw.y1, draw.x0, draw.x1, draw.lam), draw.applied
 
 
 def _torch_path(images, labels, K, smoothing, erase, mix, mean=MEAN, std=STD):
-    x = data.normalize(images, mean, std)
+    x = normalize(images, mean, std)
     if erase is not None:
-        x = A.apply_erasing(x, erase)
-    targets = A.smooth_targets(labels, K, smoothing)
+        x = apply_erasing(x, erase)
+    targets = smooth_targets(labels, K, smoothing)
     if mix is not None:
-        x, targets = A.apply_mix(x, targets, mix)
+        x, targets = apply_mix(x, targets, mix)
     return x, targets
 
 
@@ -76,19 +78,19 @@ def test_matches_the_torch_path(mix, mode, erase_mode):
     mixup, cutmix, switch, prob = MIXES[mix]
     changed = 0
     for _ in range(3):  # several draws: the mixing choices and boxes differ
-        erase = A.draw_erasing(images.shape, g, "cpu", 0.7, erase_mode, scale=(0.02, 0.4))
-        mixing = A.draw_mix(B, H, W, mixup, cutmix, switch, mode, g, "cpu", prob)
+        erase = draw_erasing(images.shape, g, "cpu", 0.7, erase_mode, scale=(0.02, 0.4))
+        mixing = draw_mix(B, H, W, mixup, cutmix, switch, mode, g, "cpu", prob)
         expected = _torch_path(images, labels, K, 0.1, erase, mixing)
         _assert_same(_fused_path(images, labels, K, 0.1, erase, mixing), expected)
-        changed += int((expected[0] != data.normalize(images, MEAN, STD)).flatten(1).any(1).sum())
+        changed += int((expected[0] != normalize(images, MEAN, STD)).flatten(1).any(1).sum())
     assert changed > 0, "no image was erased or mixed: the case checks nothing"
 
 
 @pytest.mark.parametrize("B", [8, 1])
 def test_even_and_single_image_batches_at_cifar_classes(B):
     images, labels, g = _batch(B, 32, 32, 100, seed=B)
-    erase = A.draw_erasing(images.shape, g, "cpu", 1.0, "pixel")
-    mixing = A.draw_mix(B, 32, 32, 1.0, 1.0, 0.5, "elem", g, "cpu", 0.5)
+    erase = draw_erasing(images.shape, g, "cpu", 1.0, "pixel")
+    mixing = draw_mix(B, 32, 32, 1.0, 1.0, 0.5, "elem", g, "cpu", 0.5)
     _assert_same(_fused_path(images, labels, 100, 0.1, erase, mixing),
                  _torch_path(images, labels, 100, 0.1, erase, mixing))
 
@@ -98,18 +100,18 @@ def test_more_classes_than_one_target_block():
     B, K = 3, 1500
     images, labels, g = _batch(B, 4, 5, K)
     labels[0] = K - 1  # the label in the last, partial block
-    mixing = A.draw_mix(B, 4, 5, 0.8, 0.0, 0.5, "elem", g, "cpu")
+    mixing = draw_mix(B, 4, 5, 0.8, 0.0, 0.5, "elem", g, "cpu")
     _assert_same(_fused_path(images, labels, K, 0.2, None, mixing), _torch_path(images, labels, K, 0.2, None, mixing))
 
 
 def test_without_mixing_or_erasing():
     images, labels, g = _batch(5, 7, 3, 10)
-    erase = A.draw_erasing(images.shape, g, "cpu", 1.0, "rand")
+    erase = draw_erasing(images.shape, g, "cpu", 1.0, "rand")
     _assert_same(_fused_path(images, labels, 10, 0.1, erase, None), _torch_path(images, labels, 10, 0.1, erase, None))
     _assert_same(_fused_path(images, labels, 10, 0.0, None, None), _torch_path(images, labels, 10, 0.0, None, None))
     # No targets (the loader keeps its labels when it does not mix): only x is written.
     x, targets = fused.augment_finish(images, MEAN, STD, labels, 0)
-    assert targets.shape == (5, 0) and torch.equal(x, data.normalize(images, MEAN, STD))
+    assert targets.shape == (5, 0) and torch.equal(x, normalize(images, MEAN, STD))
 
 
 def test_strided_inputs_as_a_data_parallel_rank_passes_them():
@@ -119,9 +121,9 @@ def test_strided_inputs_as_a_data_parallel_rank_passes_them():
     g = torch.Generator().manual_seed(4)
     images = torch.randint(0, 256, (6, H, W, 3), generator=g, dtype=torch.uint8).permute(0, 3, 1, 2)
     labels = torch.randint(0, K, (12,), generator=g)[1::2]
-    erase = A.draw_erasing((B_global, 3, H, W), g, "cpu", 1.0, "pixel").rows(slice(1, None, 2))
+    erase = draw_erasing((B_global, 3, H, W), g, "cpu", 1.0, "pixel").rows(slice(1, None, 2))
     assert erase.top.stride(0) == 2 and not erase.values.is_contiguous()
-    mixing = A.draw_mix(6, H, W, 0.8, 1.0, 0.5, "elem", g, "cpu")
+    mixing = draw_mix(6, H, W, 0.8, 1.0, 0.5, "elem", g, "cpu")
     _assert_same(_fused_path(images, labels, K, 0.0, erase, mixing), _torch_path(images, labels, K, 0.0, erase, mixing))
 
 
@@ -130,8 +132,8 @@ def test_one_launch_planned_and_counted():
     batch once and writing x and the targets."""
     B, K = 128, 100
     images, labels, g = _batch(B, 32, 32, K)
-    erase = A.draw_erasing(images.shape, g, "cpu", 0.25, "const")
-    mixing = A.draw_mix(B, 32, 32, 1.0, 1.0, 0.5, "batch", g, "cpu", 0.5)
+    erase = draw_erasing(images.shape, g, "cpu", 0.25, "const")
+    mixing = draw_mix(B, 32, 32, 1.0, 1.0, 0.5, "batch", g, "cpu", 0.5)
     erase_boxes, values = _erase_args(erase)
     mix_params, applied = _mix_args(mixing)
     with planning() as launches:
@@ -155,8 +157,8 @@ def test_the_fused_training_run_builds_its_batches_with_the_kernel():
 
 def test_no_host_syncs():
     images, labels, g = _batch(6, 8, 8, 10)
-    erase = A.draw_erasing(images.shape, g, "cpu", 0.5, "pixel")
-    mixing = A.draw_mix(6, 8, 8, 0.8, 1.0, 0.5, "elem", g, "cpu", 0.5)
+    erase = draw_erasing(images.shape, g, "cpu", 0.5, "pixel")
+    mixing = draw_mix(6, 8, 8, 0.8, 1.0, 0.5, "elem", g, "cpu", 0.5)
     with count_host_syncs() as counter, counter.phase("data"):
         _fused_path(images, labels, 10, 0.1, erase, mixing)
     counter.assert_sync_free()
@@ -164,8 +166,8 @@ def test_no_host_syncs():
 
 def test_opcheck():
     images, labels, g = _batch(5, 4, 6, 10)
-    erase = A.draw_erasing(images.shape, g, "cpu", 1.0, "rand")
-    mixing = A.draw_mix(5, 4, 6, 0.8, 1.0, 0.5, "batch", g, "cpu", 0.5)
+    erase = draw_erasing(images.shape, g, "cpu", 1.0, "rand")
+    mixing = draw_mix(5, 4, 6, 0.8, 1.0, 0.5, "batch", g, "cpu", 0.5)
     erase_boxes, values = _erase_args(erase)
     mix_params, applied = _mix_args(mixing)
     args = (images, MEAN, STD, labels, 10, 0.1, *erase_boxes, values, *mix_params, applied)
@@ -176,7 +178,7 @@ def test_opcheck():
 
 def test_compiled_matches_eager():
     images, labels, g = _batch(4, 4, 4, 5)
-    mixing = A.draw_mix(4, 4, 4, 0.8, 1.0, 0.5, "elem", g, "cpu")
+    mixing = draw_mix(4, 4, 4, 0.8, 1.0, 0.5, "elem", g, "cpu")
     mix_params, _ = _mix_args(mixing)
 
     def finish(images, labels):
@@ -189,9 +191,9 @@ def test_compiled_matches_eager():
 
 def test_bad_inputs_name_the_value():
     images, labels, g = _batch(4, 4, 4, 5)
-    erase = A.draw_erasing(images.shape, g, "cpu", 1.0, "const")
+    erase = draw_erasing(images.shape, g, "cpu", 1.0, "const")
     boxes = (erase.top, erase.left, erase.height, erase.width, erase.on)
-    mixing = A.draw_mix(4, 4, 4, 0.8, 0.0, 0.5, "elem", g, "cpu")
+    mixing = draw_mix(4, 4, 4, 0.8, 0.0, 0.5, "elem", g, "cpu")
     mix_params, _ = _mix_args(mixing)
     with pytest.raises(ValueError, match=r"images must be uint8 \(B, C, H, W\), got torch.float32"):
         fused.augment_finish(images.float(), MEAN, STD, labels, 5)
@@ -242,11 +244,11 @@ def test_config_is_a_pure_function_of_the_shapes():
 def test_matches_the_torch_path_on_cuda():
     B, H, W, K = 128, 32, 32, 100
     images, labels, g = _batch(B, H, W, K)
-    erase = A.draw_erasing(images.shape, g, "cpu", 0.5, "pixel")
-    mixing = A.draw_mix(B, H, W, 1.0, 1.0, 0.5, "elem", g, "cpu", 0.5)
+    erase = draw_erasing(images.shape, g, "cpu", 0.5, "pixel")
+    mixing = draw_mix(B, H, W, 1.0, 1.0, 0.5, "elem", g, "cpu", 0.5)
     move = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
-    erase = A.EraseDraw(*(move(t) for t in vars(erase).values()))
-    mixing = A.MixDraw(*(move(t) for t in vars(mixing).values()))
+    erase = EraseDraw(*(move(t) for t in vars(erase).values()))
+    mixing = MixDraw(*(move(t) for t in vars(mixing).values()))
     args = (images.cuda(), labels.cuda(), K, 0.1, erase, mixing, MEAN.cuda(), STD.cuda())
     _assert_same(_fused_path(*args), _torch_path(*args))
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from vit_fast import checkpoint as ckpt_mod
-from vit_fast import data, evaluate, predict
+from vit_fast import datasets, evaluate, predict
 from vit_fast import train as train_mod
 from vit_fast.config import ViTConfig
 
@@ -85,9 +85,9 @@ def md5s(folder):
 
 def test_cifar_files_that_are_not_the_official_ones_are_refused(tmp_path):
     fake_cifar100(tmp_path)
-    with pytest.raises(data.DatasetIntegrityError, match=r"cifar-100-python/train is not the official file: MD5 "
+    with pytest.raises(datasets.DatasetIntegrityError, match=r"cifar-100-python/train is not the official file: MD5 "
                                                          r"[0-9a-f]{32}, expected 16019d7e3df5f24257cddd939b257f8d"):
-        data.load_cifar(tmp_path, "cifar100", train=True, download=False)
+        datasets.load_cifar(tmp_path, "cifar100", train=True, download=False)
 
 
 def test_cifar_md5_is_checked_by_the_training_command(tmp_path):
@@ -114,11 +114,11 @@ def test_a_malicious_cifar_pickle_runs_nothing(tmp_path, monkeypatch):
     with open(folder / "train", "wb") as f:
         pickle.dump({"data": _Exploit(marker), "fine_labels": [0]}, f)
     # Its MD5 is "known" here, so the unpickler itself is what must stop it.
-    monkeypatch.setattr(data, "CIFAR_MD5", {"cifar100": md5s(folder)}, raising=False)
+    monkeypatch.setattr(datasets, "CIFAR_MD5", {"cifar100": md5s(folder)}, raising=False)
     with pytest.raises(Exception) as err:
-        data.load_cifar(tmp_path, "cifar100", train=True, download=False)
+        datasets.load_cifar(tmp_path, "cifar100", train=True, download=False)
     assert not marker.exists(), "the pickle ran its payload"
-    assert isinstance(err.value, data.DatasetIntegrityError)
+    assert isinstance(err.value, datasets.DatasetIntegrityError)
     assert re.search(r"cifar-100-python/train is not a CIFAR python-pickle file: UnpicklingError: forbidden global "
                      r"(posix|os)\.system", str(err.value))
 
@@ -127,8 +127,8 @@ def test_cifar_data_of_the_wrong_dtype_is_refused(tmp_path):
     folder = fake_cifar100(tmp_path)
     with open(folder / "train", "wb") as f:  # int64 rows would wrap silently in a uint8 cast
         pickle.dump({"data": np.full((2, 3072), 300, np.int64), "fine_labels": [0, 1]}, f)
-    with pytest.raises(data.DatasetIntegrityError, match=r"train: 'data' should be a uint8 numpy array, got int64"):
-        data.load_cifar(tmp_path, "cifar100", train=True, download=False, md5=md5s(folder))
+    with pytest.raises(datasets.DatasetIntegrityError, match=r"train: 'data' should be a uint8 numpy array, got int64"):
+        datasets.load_cifar(tmp_path, "cifar100", train=True, download=False, md5=md5s(folder))
 
 
 # --- image files ----------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_val_classes_outside_the_training_classes_stop_training_before_it_starts
 
 def test_load_data_maps_a_val_subset_by_name(tmp_path):
     root = image_folder(tmp_path / "folder", {"train": ["cat", "dog", "frog"], "val": ["cat", "frog"]})
-    train, val = data.load_data("imagefolder", root, image_size=8)
+    train, val = datasets.load_data("imagefolder", root, image_size=8)
     assert train.classes == val.classes == ["cat", "dog", "frog"]
     assert val.labels.tolist() == [0, 0, 2, 2]  # frog is class 2 of training, not val's position 1
     assert torch.equal(val.images[2], train.images[4])  # the same frog picture as in train/
@@ -247,11 +247,11 @@ def test_an_empty_class_folder_is_one_line(tmp_path):
 
 
 def test_align_classes_maps_by_name():
-    val = data.ImageDataset(torch.zeros(3, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 1]), ["cat", "frog"])
-    aligned = data.align_classes(val, ["cat", "dog", "frog"], "val")
+    val = datasets.ImageDataset(torch.zeros(3, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 1]), ["cat", "frog"])
+    aligned = datasets.align_classes(val, ["cat", "dog", "frog"], "val")
     assert aligned.classes == ["cat", "dog", "frog"] and aligned.labels.tolist() == [0, 2, 2]
-    with pytest.raises(data.DatasetIntegrityError, match=r"val has classes the model was not trained on: \['frog'\]"):
-        data.align_classes(val, ["cat", "dog"], "val")
+    with pytest.raises(datasets.DatasetIntegrityError, match=r"val has classes the model was not trained on: \['frog'\]"):
+        datasets.align_classes(val, ["cat", "dog"], "val")
 
 
 # --- checkpoints ----------------------------------------------------------------------------------

@@ -6,10 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from vit_fast import augment, data, recipes
+from vit_fast import data, datasets, recipes
+from vit_fast.augment import erasing, mixing
+from vit_fast.augment.config import AugmentConfig
 from vit_fast import train as train_mod
 from vit_fast.checkpoint import load_checkpoint, load_model
 from vit_fast.ema import EMA
+from vit_fast.loader import DeviceLoader
+from vit_fast.syncs import count_host_syncs
 
 # A tiny ViT on the synthetic task under the full default recipe: a few seconds per epoch.
 TINY = ["--dataset", "synthetic", "--synthetic-size", "64", "--image-size", "16", "--synthetic-classes", "4",
@@ -38,9 +42,9 @@ def test_flags_override_the_preset_and_the_rest_comes_from_it():
     assert (fast.epochs, fast.batch_size, fast.lr, fast.drop_path) == (20, 256, 4e-3, 0.0)
     # Resolved once, into a frozen config: its recipe is the preset with the flags applied.
     assert args.recipe_values == recipes.get_recipe("basic", mixup=0.3, flip=False, epochs=5, erase=0.0)
-    config = recipes.augment_config(args.recipe_values)
-    assert (config.policy, config.erase_p, config.mixup_alpha, config.flip, config.label_smoothing) == (
-        None, 0.0, 0.3, False, 0.0)
+    config = args.recipe_values.augmentation()
+    assert (config.policy, config.erase, config.mixup, config.flip, config.repeats) == ("none", 0.0, 0.3, False, 1)
+    assert not hasattr(config, "label_smoothing")  # the loss's, not the loader's
     with pytest.raises(SystemExit, match=r"--erase must be in \[0, 1\], got 1.5"):
         train_mod.parse_args(["--erase", "1.5"])
     with pytest.raises(SystemExit):  # argparse: invalid choice
@@ -48,6 +52,17 @@ def test_flags_override_the_preset_and_the_rest_comes_from_it():
     with pytest.raises(ValueError, match=r"unknown recipe fields \['warmup'\]"):
         recipes.get_recipe("lee2021", warmup=3)
     assert "[lee2021 0.25, basic 0, fast 0]" in " ".join(train_mod.build_parser().format_help().split())
+
+
+def test_the_recipe_hands_out_its_augmentation_as_the_loaders_config():
+    """One augmentation config under the recipe's names (the command line's flags): each recipe's
+    values, and its defaults the basic recipe's augmentation."""
+    fields = [f.name for f in dataclasses.fields(AugmentConfig)]
+    assert fields == [f for f in recipes.FIELDS if f in fields]  # the recipe's names, in its order
+    for cls in recipes.RECIPES.values():
+        recipe = cls()
+        assert dataclasses.asdict(recipe.augmentation()) == {f: getattr(recipe, f) for f in fields}
+    assert recipes.Basic().augmentation() == AugmentConfig()
 
 
 def test_ema_update_by_hand_and_sync_free():
@@ -59,9 +74,9 @@ def test_ema_update_by_hand_and_sync_free():
             p.add_(torch.randn_like(p))
         model[1].running_mean.add_(1.0)
         model[1].num_batches_tracked.add_(5)
-    with augment.OpRecorder() as rec:
+    with count_host_syncs() as counter:
         ema.update()
-    rec.assert_sync_free()
+    counter.assert_sync_free()
     for name, live in model.state_dict().items():
         if live.is_floating_point():
             torch.testing.assert_close(ema.state_dict()[name], 0.75 * before[name] + 0.25 * live)
@@ -103,17 +118,18 @@ def test_checkpoint_records_the_recipe_ema_and_best_and_resume_is_exact(tmp_path
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 4)
 
 
-def _small(n: int = 48, size: int = 16) -> data.ImageDataset:
-    return data.synthetic(n, 4, size, seed=0)
+def _small(n: int = 48, size: int = 16) -> datasets.ImageDataset:
+    return datasets.synthetic(n, 4, size, seed=0)
 
 
 def test_loader_batches_repeat_per_seed_and_epoch_under_the_full_recipe():
     ds = _small()
-    mean, std = data.channel_stats(ds.images)
-    config = recipes.augment_config(recipes.get_recipe("lee2021", mix_prob=1.0))
+    mean, std = datasets.channel_stats(ds.images)
+    config = recipes.get_recipe("lee2021", mix_prob=1.0).augmentation()
+    assert config.repeats == 3
 
     def batches(epoch, seed=1):
-        loader = data.DeviceLoader(ds, 16, mean, std, True, config, seed=seed, repeats=3)
+        loader = DeviceLoader(ds, 16, mean, std, True, config, seed=seed)
         loader.set_epoch(epoch)
         return list(loader)
 
@@ -130,12 +146,12 @@ def test_repeated_augmentation_copies_differ_and_ranks_match_one_process():
     """Rank r's batch, policy and erasing included, is rows r, r + W, ... of the single-process
     batch; the three copies of an image sit side by side there and go to three ranks."""
     ds = _small()
-    mean, std = data.channel_stats(ds.images)
-    config = recipes.augment_config(recipes.get_recipe("lee2021", mixup=0.0, cutmix=0.0, erase=0.5, crop_padding=0))
-    whole_loader = data.DeviceLoader(ds, 12, mean, std, True, config, seed=4, repeats=3)
+    mean, std = datasets.channel_stats(ds.images)
+    config = recipes.get_recipe("lee2021", mixup=0.0, cutmix=0.0, erase=0.5, crop_padding=0).augmentation()
+    assert config.repeats == 3
+    whole_loader = DeviceLoader(ds, 12, mean, std, True, config, seed=4)
     whole = list(whole_loader)
-    ranks = [list(data.DeviceLoader(ds, 4, mean, std, True, config, seed=4, rank=r, world_size=3, repeats=3))
-             for r in range(3)]
+    ranks = [list(DeviceLoader(ds, 4, mean, std, True, config, seed=4, rank=r, world_size=3)) for r in range(3)]
     assert [len(r) for r in ranks] == [4, 4, 4] and len(whole) == 4
     for b in range(4):
         for r in range(3):
@@ -152,13 +168,13 @@ def test_repeated_augmentation_copies_differ_and_ranks_match_one_process():
 
 def test_a_training_batch_makes_no_host_sync():
     ds = _small()
-    mean, std = data.channel_stats(ds.images)
-    loader = data.DeviceLoader(ds, 16, mean, std, True, recipes.augment_config(recipes.Lee2021()), repeats=3)
+    mean, std = datasets.channel_stats(ds.images)
+    loader = DeviceLoader(ds, 16, mean, std, True, recipes.Lee2021().augmentation())
     batches = iter(loader)
     next(batches)  # the epoch's order is drawn at the first batch, the policy's tables built once
-    with augment.OpRecorder() as rec:
+    with count_host_syncs() as counter:
         next(batches)
-    rec.assert_sync_free()
+    counter.assert_sync_free()
 
 
 def test_preview_writes_a_png_grid(tmp_path, capsys):
@@ -185,7 +201,7 @@ def test_mix_prob_and_erase_area_the_lee2021_recipe_sets():
     x, y = torch.randn(8, 3, 16, 16), torch.eye(4).repeat(2, 1)  # (8, 4) one-hot targets
 
     def mixed(**kw):
-        return augment.mix(x, y, 1.0, 1.0, generator=torch.Generator().manual_seed(3), **kw)
+        return mixing.mix(x, y, 1.0, 1.0, generator=torch.Generator().manual_seed(3), **kw)
 
     xa, ya = mixed()
     xb, yb = mixed(prob=1.0)  # prob 1 draws nothing more: the stream and the result are unchanged
@@ -194,11 +210,11 @@ def test_mix_prob_and_erase_area_the_lee2021_recipe_sets():
         x0, y0 = mixed(prob=0.0, mode=mode)
         assert torch.equal(x0, x) and torch.equal(y0, y)
     # Per image ("elem") with prob 0.5: some images mixed, the others exactly as they were.
-    xe, ye = augment.mix(x, y, 1.0, 0.0, mode="elem", generator=torch.Generator().manual_seed(0), prob=0.5)
+    xe, ye = mixing.mix(x, y, 1.0, 0.0, mode="elem", generator=torch.Generator().manual_seed(0), prob=0.5)
     kept = [torch.equal(xe[i], x[i]) and torch.equal(ye[i], y[i]) for i in range(8)]
     assert 0 < sum(kept) < 8
 
     g = torch.Generator().manual_seed(1)
-    masks = augment.erase_boxes(512, 20, 20, 1.0, g, "cpu", scale=(0.02, 0.4))
+    masks = erasing.erase_boxes(512, 20, 20, 1.0, g, "cpu", scale=(0.02, 0.4))
     area = masks.float().mean(dim=(1, 2, 3))
     assert area.max() <= 0.4 + 0.06 and area.max() > 1 / 3  # up to 40% (rounded to pixels), not 1/3

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from vit_fast import data, optim
+from vit_fast import datasets, optim
 from vit_fast import run as run_mod
 from vit_fast import step as step_mod
 from vit_fast import train as train_mod
+from vit_fast.augment.pipeline import normalize
 from vit_fast.distributed import World
 from vit_fast.syncs import OUTSIDE, count_host_syncs
 
@@ -83,7 +84,7 @@ def test_sync_counter_sees_per_batch_host_constants():
     """What the loader did before: normalisation constants built from lists for every batch."""
     images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     with count_host_syncs() as counter, counter.phase("data"):
-        data.normalize(images, [0.5, 0.5, 0.5], [0.2, 0.2, 0.2])
+        normalize(images, [0.5, 0.5, 0.5], [0.2, 0.2, 0.2])
     assert counter.counts["data"].host_data == 2
 
 
@@ -307,15 +308,15 @@ def test_non_finite_loss_is_caught_at_the_epoch_end_and_keeps_the_last_checkpoin
 
 def test_cuda_graphs_batches_have_one_shape_and_the_drop_is_logged(capsys):
     args = parse("--batch-size", "32", "--cuda-graphs", "--no-flip")
-    ds = data.synthetic(100, 5, image_size=8)
-    mean, std = data.channel_stats(ds.images)
+    ds = datasets.synthetic(100, 5, image_size=8)
+    mean, std = datasets.channel_stats(ds.images)
     loader = run_mod.make_train_loader(args, World(), ds, mean, std)
     assert len(loader) == 3 and [b[0].shape[0] for b in loader] == [32, 32, 32]
     assert "last partial batch of 4 images is dropped (3 steps of 32 images per epoch)" in capsys.readouterr().out
     eager = run_mod.make_train_loader(parse("--batch-size", "32"), World(), ds, mean, std)
     assert [b[0].shape[0] for b in eager] == [32, 32, 32, 4]
     assert "dropped" not in capsys.readouterr().out
-    even = run_mod.make_train_loader(args, World(), data.synthetic(96, 5, image_size=8), mean, std)
+    even = run_mod.make_train_loader(args, World(), datasets.synthetic(96, 5, image_size=8), mean, std)
     assert len(even) == 3 and "dropped" not in capsys.readouterr().out
 
 

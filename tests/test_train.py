@@ -108,8 +108,8 @@ def test_cli_missing_cifar_offline_is_a_clear_error(tmp_path):
 
 # `python -m vit_fast.train` with the official MD5 sums replaced by those of fake files (the first
 # argument): the command itself always checks, so the test swaps the table, not the check.
-RUN_TRAIN_WITH_MD5 = ("import json, runpy, sys; from vit_fast import data; "
-                      "data.CIFAR_MD5['cifar100'] = json.loads(sys.argv.pop(1)); "
+RUN_TRAIN_WITH_MD5 = ("import json, runpy, sys; from vit_fast import datasets; "
+                      "datasets.CIFAR_MD5['cifar100'] = json.loads(sys.argv.pop(1)); "
                       "runpy.run_module('vit_fast.train', run_name='__main__', alter_sys=True)")
 
 

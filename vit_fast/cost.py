@@ -463,8 +463,8 @@ def custom_op_kernels(func, args: tuple, kwargs: dict, out=None) -> list[Kernel]
     return planner.kernels
 
 
-class OpRecorder(_KernelMode):
-    """Records every dispatched operator into a CostAccount: ``with OpRecorder(acc): ...``.
+class CostRecorder(_KernelMode):
+    """Records every dispatched operator into a CostAccount: ``with CostRecorder(acc): ...``.
 
     ``phases`` (optional) maps a phase name to its account; ``phase(name)`` switches to it."""
 
@@ -548,7 +548,7 @@ def account_training_step(preset: str, batch_size: int, backend: str, **override
             opt.zero_grad(set_to_none=True)
 
         step()  # the first step allocates the optimizer state; account for a steady-state step
-        with OpRecorder(account):
+        with CostRecorder(account):
             step()
     return account
 
@@ -636,7 +636,7 @@ def account_step_as_trained(preset: str = "vit-cifar", batch_size: int = 128, ba
         run.model.train()
         batches = step_mod.epoch_batches(run, 0)
         step_mod.train_step(run, *step_mod.next_batch(batches))  # allocates the optimizer state
-        recorder = OpRecorder(CostAccount(), phases)
+        recorder = CostRecorder(CostAccount(), phases)
         with count_host_syncs() as counter, recorder:
             def phase(name):
                 stack = contextlib.ExitStack()

@@ -21,14 +21,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data as data_mod
+from . import datasets
 from . import distributed as dist_mod
 from .checkpoint import CheckpointError, load_model
 from .cli import UsageError, errors_handled
+from .loader import DeviceLoader
 from .paths import check_output_file
 from .runtime import autocast, check_backend_device, resolve_device
 
-# The training arguments that, with the dataset and its directory, define a split (data.load_split's options).
+# The training arguments that, with the dataset and its directory, define a split (datasets.load_split's options).
 SPLIT_ARGS = ("image_size", "synthetic_size", "synthetic_classes", "seed")
 
 
@@ -70,7 +71,7 @@ def checkpoint_data(ckpt: dict, path) -> dict:
 
 
 def split_options(ckpt: dict) -> dict:
-    """data.load_split's options as the training run that wrote ``ckpt`` used them; an option its
+    """datasets.load_split's options as the training run that wrote ``ckpt`` used them; an option its
     arguments lack keeps load_split's default, which is the training command's default."""
     saved = ckpt.get("args", {})
     return {key: saved[key] for key in SPLIT_ARGS if key in saved}
@@ -122,21 +123,21 @@ def evaluate_checkpoint(
     model, ckpt = load_model(path, backend=backend)
     info = checkpoint_data(ckpt, path)
     dataset = dataset or info["dataset"]
-    test_set = data_mod.load_split(dataset, data_dir, False, download=download, **split_options(ckpt))
+    test_set = datasets.load_split(dataset, data_dir, False, download=download, **split_options(ckpt))
     cfg = model.cfg
     if len(test_set.classes) > cfg.num_classes:
         raise CheckpointError(f"{dataset} has {len(test_set.classes)} classes but the model in {path} "
                               f"predicts {cfg.num_classes}")
     try:  # the same rule as training's: the training classes or a subset, matched by name
-        test_set = data_mod.align_classes(test_set, list(info["classes"]), f"the {dataset} test split")
-    except data_mod.DatasetIntegrityError as err:
+        test_set = datasets.align_classes(test_set, list(info["classes"]), f"the {dataset} test split")
+    except datasets.DatasetIntegrityError as err:
         raise CheckpointError(f"the class names of {dataset} differ from those {path} was trained on: "
                               f"{err}") from None
     shape = tuple(test_set.images.shape[1:])
     if shape != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise CheckpointError(f"{dataset} images are {shape} but the model in {path} expects "
                               f"{(cfg.in_channels, cfg.image_size, cfg.image_size)}")
-    loader = data_mod.DeviceLoader(test_set.to(dev), batch_size, info["mean"], info["std"], train=False)
+    loader = DeviceLoader(test_set.to(dev), batch_size, info["mean"], info["std"], train=False)
     amp = dev.type == "cuda"
     top, labels, loss_sum = predict_topk(model.to(dev), loader, dev, amp)
     report = summarize(top, labels, loss_sum, test_set.classes, num_pairs)
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by vit_fast.train")
     p.add_argument("--data-dir", default="./data")
-    p.add_argument("--dataset", choices=data_mod.DATASETS, help="default: the dataset the checkpoint was trained on")
+    p.add_argument("--dataset", choices=datasets.DATASETS, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--no-download", action="store_true", help="never try to download a missing dataset")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--backend", default="torch", choices=("reference", "torch", "fused"))
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", help="also write the report (with every class's accuracy) to this JSON file")
     args = p.parse_args(argv)
     # DatasetNotFoundError is a FileNotFoundError; a UsageError (e.g. an unknown --device) exits 2.
-    with errors_handled(FileNotFoundError, CheckpointError, data_mod.DatasetIntegrityError):
+    with errors_handled(FileNotFoundError, CheckpointError, datasets.DatasetIntegrityError):
         if args.batch_size <= 0 or args.pairs < 0:
             raise UsageError(f"--batch-size must be positive and --pairs >= 0, got {args.batch_size} and {args.pairs}")
         resolve_device(args.device)  # an unknown device before anything is read

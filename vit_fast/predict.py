@@ -7,7 +7,7 @@ Any file Pillow reads (PNG, JPEG, ...) is converted to RGB, resized to the model
 away) and normalised with the mean and std of the checkpoint's training set; the five most
 probable classes are printed with their probabilities. 16-bit images are scaled to 8 bits and
 float images (values in [0, 1]) to 0..255; other pixel formats, damaged or truncated files,
-directories and images of more than data.MAX_IMAGE_PIXELS pixels are refused with an error that
+directories and images of more than datasets.MAX_IMAGE_PIXELS pixels are refused with an error that
 names the file.
 """
 
@@ -20,15 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .augment.pipeline import normalize
 from .checkpoint import CheckpointError, load_model
 from .cli import UsageError, errors_handled
-from .data import ImageReadError, normalize, read_image
+from .datasets import ImageReadError, read_image
 from .evaluate import checkpoint_data
 from .runtime import check_backend_device, resolve_device
 
 
 def load_image(path: str | Path, image_size: int) -> torch.Tensor:
-    """The image at ``path`` as uint8 (3, image_size, image_size) RGB (see data.read_image)."""
+    """The image at ``path`` as uint8 (3, image_size, image_size) RGB (see datasets.read_image)."""
     from PIL import Image
 
     # Pillow's resize filters are antialiased, so a large photo is averaged, not aliased.

@@ -32,9 +32,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-POLICIES = ("autoaugment", "randaugment", "trivialaugment", "none")
-ERASE_MODES = ("const", "rand", "pixel")
-MIX_MODES = ("batch", "elem")
+from .augment.config import ERASE_MODES, MIX_MODES, POLICIES, AugmentConfig
 
 
 @dataclass(frozen=True)
@@ -79,6 +77,11 @@ class Lee2021:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def augmentation(self) -> AugmentConfig:
+        """The recipe's augmentation, the loader's config (its fields are the recipe's). Label
+        smoothing stays with the loss, which applies it to mixed targets as well."""
+        return AugmentConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AugmentConfig)})
 
 
 @dataclass(frozen=True)
@@ -241,18 +244,3 @@ def check(recipe: Lee2021) -> None:
             raise ValueError(f"--{field.replace('_', '-')} must be {expected}, got {getattr(r, field)!r}"
                              + "".join(f": {w}" for w in why))
 
-
-def augment_config(recipe: Lee2021):
-    """The loader's augmentation (vit_fast.augment.AugmentConfig) of ``recipe``. Label smoothing
-    stays with the loss, which applies it to mixed targets as well (it is linear, so smoothing
-    after mixing equals DeiT's smoothing before)."""
-    from .augment import AugmentConfig
-
-    r = recipe
-    return AugmentConfig(
-        padding=r.crop_padding, flip=r.flip, policy=None if r.policy == "none" else r.policy,
-        randaugment_ops=r.randaugment_ops, randaugment_magnitude=r.randaugment_magnitude,
-        erase_p=r.erase, erase_mode=r.erase_mode, erase_max_area=r.erase_max_area,
-        mixup_alpha=r.mixup, cutmix_alpha=r.cutmix, mix_prob=r.mix_prob, switch_prob=r.mix_switch_prob,
-        mix_mode=r.mix_mode, label_smoothing=0.0,
-    )

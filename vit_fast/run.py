@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from . import data as data_mod
+from . import datasets
 from . import distributed as dist_mod
 from . import recipes
 from .checkpoint import RESUME_ENTRIES, CheckpointError, load_checkpoint, save_checkpoint
@@ -32,6 +32,7 @@ from .cli import UsageError
 from .config import ViTConfig, get_preset
 from .ema import EMA
 from .evaluate import evaluate
+from .loader import DeviceLoader
 from .model import ViTClassifier
 from .optim import (
     NO_BAD_STEP,
@@ -119,8 +120,8 @@ class TrainingRun:
     forward: Callable[[Tensor], Tensor]  # the model, or its DDP / torch.compile wrapper: what a step calls
     optimizer: torch.optim.Optimizer
     scheduler: LRSchedule
-    train_loader: data_mod.DeviceLoader
-    test_loader: data_mod.DeviceLoader
+    train_loader: DeviceLoader
+    test_loader: DeviceLoader
     data_info: dict  # the checkpoint's "data" entry: dataset, classes, mean, std, fingerprint
     out_dir: Path  # checkpoint.pt, metrics.jsonl and curves.png
     amp: bool = False  # bf16 autocast (CUDA only)
@@ -174,8 +175,8 @@ def setup(config: TrainConfig, world: dist_mod.World, device: torch.device) -> T
     out_dir = Path(config.out_dir)
     resume_state = _resume_state(config, out_dir / CHECKPOINT_FILE)
     torch.manual_seed(config.seed)
-    train_set, test_set = data_mod.load_data(config.dataset, config.data_dir, **data_options(config))
-    fingerprint = data_mod.fingerprint(config.dataset, train_set, test_set)  # on the host, before .to(device)
+    train_set, test_set = datasets.load_data(config.dataset, config.data_dir, **data_options(config))
+    fingerprint = datasets.fingerprint(config.dataset, train_set, test_set)  # on the host, before .to(device)
     if resume_state is not None:
         check_resume_data(resume_state, fingerprint, out_dir / CHECKPOINT_FILE, print if world.is_main else _silent)
     if len(train_set.classes) < 2:
@@ -187,10 +188,10 @@ def setup(config: TrainConfig, world: dist_mod.World, device: torch.device) -> T
         diff = {k: (v, cfg.to_dict()[k]) for k, v in resume_state["config"].items() if cfg.to_dict().get(k) != v}
         raise SystemExit(f"--resume: the model configuration differs from {out_dir / CHECKPOINT_FILE} "
                          f"(checkpoint, now): {diff}")
-    mean, std = data_mod.channel_stats(train_set.images)
+    mean, std = datasets.channel_stats(train_set.images)
     shard = dict(rank=world.rank, world_size=world.size)
     train_loader = make_train_loader(config, world, train_set.to(device), mean, std)
-    test_loader = data_mod.DeviceLoader(test_set.to(device), config.eval_batch_size, mean, std, train=False, **shard)
+    test_loader = DeviceLoader(test_set.to(device), config.eval_batch_size, mean, std, train=False, **shard)
 
     model = ViTClassifier(cfg, backend=config.backend).to(device)
     optimizer = make_optimizer(param_groups(model, config.weight_decay), config.lr, (config.beta1, config.beta2), device)
@@ -221,16 +222,15 @@ def setup(config: TrainConfig, world: dist_mod.World, device: torch.device) -> T
     return run
 
 
-def make_train_loader(config: TrainConfig, world: dist_mod.World, train_set: data_mod.ImageDataset,
-                      mean: list[float], std: list[float], log: Callable[..., None] = print) -> data_mod.DeviceLoader:
+def make_train_loader(config: TrainConfig, world: dist_mod.World, train_set: datasets.ImageDataset,
+                      mean: list[float], std: list[float], log: Callable[..., None] = print) -> DeviceLoader:
     """The training loader. Under --cuda-graphs every batch must have the graph's shape, so the last
     partial batch of each epoch is dropped (logged with its size). The fused backend builds its
-    batches with the fused data kernels (the same batches: see DeviceLoader's ``fused``)."""
+    batches with the fused data kernels (the same batches: see DeviceLoader's ``backend``)."""
     recipe = config.recipe_values
-    loader = data_mod.DeviceLoader(train_set, per_rank_batch(config.batch_size, world), mean, std, train=True,
-                                   augment=recipes.augment_config(recipe), seed=config.seed,
-                                   drop_last=config.cuda_graphs, rank=world.rank, world_size=world.size,
-                                   repeats=recipe.repeats, fused=config.backend == "fused")
+    loader = DeviceLoader(train_set, per_rank_batch(config.batch_size, world), mean, std, train=True,
+                                   augment=recipe.augmentation(), seed=config.seed, drop_last=config.cuda_graphs,
+                                   rank=world.rank, world_size=world.size, backend=config.backend)
     dropped = len(train_set) - sum(loader.global_batch_sizes())
     if config.cuda_graphs and dropped and world.is_main:
         log(f"--cuda-graphs: every batch has the captured graph's shape, so each epoch's last partial batch of "
@@ -445,7 +445,7 @@ def check_resume_data(ckpt: dict, fingerprint: dict, ckpt_path: Path, log=print)
         log(f"warning: {ckpt_path} records no dataset fingerprint (it predates them), so a change in the data's "
             "content or size cannot be detected; only the class names are compared")
         saved = {**fingerprint, "classes": list(ckpt["data"].get("classes", []))}
-    changes = data_mod.fingerprint_changes(saved, fingerprint)
+    changes = datasets.fingerprint_changes(saved, fingerprint)
     if changes:
         raise SystemExit(f"--resume with different data than {ckpt_path} was trained on: {'; '.join(changes)}. "
                          "Resume with the original data, or start a new run (--overwrite or another --out-dir)")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from . import data as data_mod
+from . import datasets
 from . import distributed as dist_mod
 from . import recipes
 from .checkpoint import CheckpointError
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                    help="torch.compile mode (needs --compile; default: 'default')")
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", default="cifar100", choices=data_mod.DATASETS)
+    d.add_argument("--dataset", default="cifar100", choices=datasets.DATASETS)
     d.add_argument("--data-dir", default="./data", help="where the dataset is (or is downloaded to)")
     d.add_argument("--no-download", action="store_true", help="never try to download a missing dataset")
     d.add_argument("--image-size", type=int, default=32, help="image folder and synthetic data are resized to this")
@@ -280,7 +280,7 @@ def train(config: TrainConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """The command: usage errors exit 2, missing or damaged files and a diverged run exit 1, each as
     one line ``error: ...`` (vit_fast.cli)."""
-    with errors_handled(data_mod.DatasetNotFoundError, data_mod.DatasetIntegrityError, CheckpointError):
+    with errors_handled(datasets.DatasetNotFoundError, datasets.DatasetIntegrityError, CheckpointError):
         train(parse_args(argv))
 
 

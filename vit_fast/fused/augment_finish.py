@@ -21,10 +21,10 @@ phase has no gradient):
 Inputs: ``images`` (B, C, H, W) uint8 (any strides); ``mean``, ``std`` (C,) float32; ``labels``
 (B,) int64 (a label outside [0, num_classes) gets no hot class: it is never read back to check).
 ``erase`` = (top, left, height, width, on), each (B,) or (B, 1) (float32; ``on`` bool) as
-``vit_fast.augment.draw_erase_boxes`` draws them; ``erase_values`` float32 broadcastable to
+``vit_fast.augment.erasing.draw_erase_boxes`` draws them; ``erase_values`` float32 broadcastable to
 (B, C, H, W) (``"rand"``: (B, C, 1, 1), ``"pixel"``: (B, C, H, W)), None for ``"const"`` (zeros).
 ``mix`` = (use_cut, lam_mix, y0, y1, x0, x1, lam), each (n,) with n = 1 (one draw for the batch)
-or B (one per image), as ``vit_fast.augment.draw_mix`` draws them; ``mix_applied`` (n,) bool or
+or B (one per image), as ``vit_fast.augment.mixing.draw_mix`` draws them; ``mix_applied`` (n,) bool or
 None (always mixed). Outputs: x (B, C, H, W) float32 and targets (B, num_classes) float32, the
 one-hot labels smoothed by ``smoothing`` and mixed with the partner's (image i's partner is
 B-1-i); ``num_classes`` 0 writes no targets (a (B, 0) tensor: the caller keeps its labels).

@@ -4,7 +4,7 @@ Public API:
 
     augment_policy(images, index, padding, oy, ox, flipped, op, magnitude) -> uint8 (B, C, H, W)
         images[index] cropped at (oy, ox) of the zero-padded image, mirrored where ``flipped``, then
-        ``vit_fast.augment.apply_ops(x, op[s], magnitude[s])`` for each step s: bit for bit the
+        ``vit_fast.augment.image_ops.apply_ops(x, op[s], magnitude[s])`` for each step s: bit for bit the
         torch implementation (see kernels/augment_policy.py for the exactness notes)
     AugmentPolicyConfig, choose_config(channels, height, width)   the launch configuration
     aot_launches(batch, channels, height, width, steps=2, flip=True)   the GPU's launch, for
@@ -17,11 +17,11 @@ Registered op (``torch.library.custom_op`` with a fake implementation; no autogr
 Inputs:
 - ``images`` uint8 (N, C, H, W), contiguous: the device-resident dataset (not copied per batch);
 - ``index`` int (B,): the batch's dataset indices;
-- ``oy``, ``ox`` int (B,) or (B, 1) (as ``vit_fast.data.crop_flip_offsets`` draws them): the
+- ``oy``, ``ox`` int (B,) or (B, 1) (as ``vit_fast.augment.pipeline.crop_flip_offsets`` draws them): the
   crop offsets into the image zero-padded by ``padding`` on every side;
 - ``flipped`` bool (B,) or (B, 1), or None for no flips;
-- ``op`` int (S, B), ids of ``vit_fast.augment.OPS`` (Identity = 0), and ``magnitude`` float32
-  (S, B), signed, torchvision's AutoAugment convention: what ``augment.Policy.draw`` returns.
+- ``op`` int (S, B), ids of ``vit_fast.augment.image_ops.OPS`` (Identity = 0), and ``magnitude`` float32
+  (S, B), signed, torchvision's AutoAugment convention: what ``augment.policies.Policy.draw`` returns.
   S may be 0 (crop and flip only). Steps with S > 0 need RGB images (C = 3), as the torch
   implementation's grey-level ops do.
 
@@ -54,7 +54,7 @@ __all__ = ["AugmentPolicyConfig", "MAX_PIXELS", "aot_every_config", "aot_launche
 # output row between operations. 64 x 64 is 16 pixels per thread at 8 warps; the AOT test checks
 # CIFAR's 32 x 32 for spills. Larger images would need a kernel that loops over pixel blocks.
 MAX_PIXELS = 64 * 64
-# Policy steps need the grey level of an RGB image (augment._gray_floor).
+# Policy steps need the grey level of an RGB image (augment.image_ops._gray_floor).
 _POLICY_CHANNELS = 3
 _PIXELS_PER_THREAD = 8
 
@@ -215,5 +215,5 @@ def augment_policy(images: Tensor, index: Tensor, padding: int, oy: Tensor, ox: 
     """images[index] (uint8 (N, C, H, W) dataset, (B,) indices) cropped at (oy, ox) of the image
     zero-padded by ``padding``, mirrored where ``flipped`` (None: never), then the policy's steps
     ``op``/``magnitude`` (S, B) applied in order, in one kernel launch and without host syncs.
-    Equal, bit for bit, to ``augment.apply_ops`` over ``data.apply_crop_flip(images[index], ...)``."""
+    Equal, bit for bit, to ``image_ops.apply_ops`` over ``pipeline.apply_crop_flip(images[index], ...)``."""
     return _augment_policy_op(images, index, padding, oy, ox, flipped, op, magnitude)

@@ -91,10 +91,11 @@ OPS: tuple[FusedOp, ...] = (
     # `python -m vit_fast.cost`, the pipeline's throughput in benchmarks/bench_data.py).
     FusedOp("augment_policy", "vit_fast.fused.augment_policy", (("augment_policy", None),),
             "triton", "kernels/augment_policy.py", "tests/test_fused_augment_policy.py", None,
-            ("vit_fast.data.apply_crop_flip", "vit_fast.augment.Policy.apply")),
+            ("vit_fast.augment.pipeline.apply_crop_flip", "vit_fast.augment.policies.Policy.apply")),
     FusedOp("augment_finish", "vit_fast.fused.augment_finish", (("augment_finish", None),),
             "triton", "kernels/augment_finish.py", "tests/test_fused_augment_finish.py", None,
-            ("vit_fast.augment.apply_erasing", "vit_fast.augment.apply_mix", "vit_fast.augment.smooth_targets")),
+            ("vit_fast.augment.erasing.apply_erasing", "vit_fast.augment.mixing.apply_mix",
+             "vit_fast.augment.mixing.smooth_targets")),
     FusedOp("patch_embed", "vit_fast.fused.patch_embed", (("patch_embed", "patch_embed_backward"),),
             "cuda", "csrc/patch_embed_cuda.cu", "tests/test_patch_embed.py", "benchmarks/bench_patch_embed.py",
             ("vit_fast.reference.patch_embed",)),
