@@ -310,11 +310,10 @@ def _unit_last_stride(t: Tensor) -> Tensor:
 
 
 def _dtype_constexprs(dtype: torch.dtype, interpret: bool) -> dict:
-    """ACC_DTYPE, INPUT_PRECISION and INTERPRETER_BF16: under Triton's interpreter, bf16 tl.dot
-    operands are multiplied as fp32 (its bf16 dot returns garbage, upstream triton issue 11584)
-    and fp32 -> bf16 casts rounded to nearest even in software (it truncates). A GPU launch, and
-    so every ahead-of-time compile, keeps bf16 dots and the hardware conversion."""
-    return {**precision_constexprs(dtype), "INTERPRETER_BF16": interpret and dtype == torch.bfloat16}
+    """ACC_DTYPE, INPUT_PRECISION and INTERPRETING (under Triton's interpreter the kernels widen
+    bf16 dots and round bf16 casts in software: ``kernels/attention.py``). A GPU launch, and so
+    every ahead-of-time compile, keeps bf16 dots and the hardware conversion."""
+    return {**precision_constexprs(dtype), "INTERPRETING": interpret}
 
 
 def _stride_args(name: str, t: Tensor) -> dict:

@@ -146,7 +146,7 @@ def _launch(images: Tensor, index: Tensor, padding: int, oy: Tensor, ox: Tensor,
         stride_op_s=op.stride(0), stride_op_b=op.stride(1), stride_mag_s=magnitude.stride(0),
         stride_mag_b=magnitude.stride(1), N=N, C=C, H=H, W=W, padding=padding, S=op.shape[0],
     )
-    constexprs = dict(HAS_FLIP=flipped is not None, BLOCK=cfg.block, PRODUCTS_IN_ASM=not interpret)
+    constexprs = dict(HAS_FLIP=flipped is not None, BLOCK=cfg.block, INTERPRETING=interpret)
     return Launch(augment_policy_kernel, (out.shape[0],), args, constexprs, cfg.num_warps, cfg.num_stages)
 
 

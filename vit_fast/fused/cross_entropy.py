@@ -157,7 +157,7 @@ def _backward_launch(grad: Tensor, logits: Tensor, target: Tensor, dlogits: Tens
                 stride_lb=logits.stride(0), stride_lk=logits.stride(1), B=batch, K=classes,
                 smoothing=float(label_smoothing))
     constexprs = dict(SOFT=target.is_floating_point(), BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k,
-                      BF16_RNE_IN_SOFTWARE=interpret)
+                      INTERPRETING=interpret)
     return Launch(cross_entropy_bwd_kernel, (triton.cdiv(batch, cfg.block_b),), args, constexprs, cfg.num_warps,
                   cfg.num_stages)
 

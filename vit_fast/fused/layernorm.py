@@ -246,7 +246,7 @@ def _forward_launch(x2: Tensor, res2: Tensor, scale: Tensor | None, weight: Tens
         stride_ym=width, stride_sm=width, M=rows, N=width, rows_per_sample=rows_per_sample, eps=eps,
     )
     constexprs = dict(HAS_RESIDUAL=has_residual, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BF16_RNE_IN_SOFTWARE=interpret)
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERPRETING=interpret)
     return Launch(layer_norm_fwd_kernel, (triton.cdiv(rows, cfg.block_m),), args, constexprs, cfg.num_warps,
                   cfg.num_stages)
 
@@ -273,11 +273,11 @@ def _backward_launches(x2: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, d
         M=rows, N=width, P=programs, rows_per_program=rows_per_program, rows_per_sample=rows_per_sample,
     )
     constexprs = dict(HAS_DS=ds2 is not None, HAS_SCALE=scale is not None, WRITE_DBRANCH=dbranch is not None,
-                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BF16_RNE_IN_SOFTWARE=interpret)
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERPRETING=interpret)
     partial_sums = Launch(layer_norm_bwd_kernel, (programs,), args, constexprs, cfg.num_warps, cfg.num_stages)
     red = column_sum_config(width, programs, interpret)
     args = dict(Partial=partial, DW=dweight, DB=dbias, P=programs, N=width)
-    constexprs = dict(BLOCK_C=red.block_m, BLOCK_P=red.block_n, BF16_RNE_IN_SOFTWARE=interpret)
+    constexprs = dict(BLOCK_C=red.block_m, BLOCK_P=red.block_n, INTERPRETING=interpret)
     column_sums = Launch(column_sum_kernel, (triton.cdiv(2 * width, red.block_m),), args, constexprs, red.num_warps,
                          red.num_stages)
     return [partial_sums, column_sums]

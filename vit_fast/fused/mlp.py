@@ -275,11 +275,6 @@ def _grid(M: int, N: int, cfg: MatmulConfig) -> tuple[int]:
     return (math.ceil(M / cfg.block_m) * math.ceil(N / cfg.block_n),)
 
 
-def _interpreter_constexprs(dtype: torch.dtype, interpret: bool) -> dict:
-    """DOT_IN_FP32 and BF16_RNE_IN_SOFTWARE: set only under the interpreter (kernels/mlp.py says why)."""
-    return {"DOT_IN_FP32": interpret and dtype in (torch.float16, torch.bfloat16), "BF16_RNE_IN_SOFTWARE": interpret}
-
-
 def linear_launch(x2d: Tensor, weight: Tensor, bias: Tensor | None, residual2d: Tensor | None, out: Tensor,
                   activation: str, interpret: bool | None = None, scale: Tensor | None = None,
                   rows_per_sample: int = 1) -> Launch:
@@ -304,7 +299,7 @@ def linear_launch(x2d: Tensor, weight: Tensor, bias: Tensor | None, residual2d: 
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual2d is not None,
-        ACTIVATION=activation, **precision_constexprs(x2d.dtype), **_interpreter_constexprs(x2d.dtype, interpret),
+        ACTIVATION=activation, **precision_constexprs(x2d.dtype), INTERPRETING=interpret,
     )
     return Launch(linear_fwd_kernel, _grid(M, N, cfg), args, constexprs, cfg.num_warps, cfg.num_stages)
 
@@ -331,7 +326,7 @@ def gelu_bwd_launch(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor | None
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         HAS_BIAS1=b1 is not None, HAS_SCALE=scale is not None,
-        ACTIVATION=activation, **precision_constexprs(x2d.dtype), **_interpreter_constexprs(x2d.dtype, interpret),
+        ACTIVATION=activation, **precision_constexprs(x2d.dtype), INTERPRETING=interpret,
     )
     return Launch(gelu_bwd_kernel, _grid(M, hidden, cfg), args, constexprs, cfg.num_warps, cfg.num_stages)
 
@@ -429,7 +424,7 @@ def linear_bwd_launch(layers: list[WeightGradOperands], input_grad: InputGradOpe
         LAYERS=len(layers), HAS_SCALE=scale is not None and bool(layers),
         HAS_BIAS=bool(layers) and layers[0].grad_b is not None,
         HAS_BIAS2=len(layers) == 2 and layers[1].grad_b is not None, HAS_DX=input_grad is not None,
-        **precision_constexprs(dtype), **_interpreter_constexprs(dtype, interpret),
+        **precision_constexprs(dtype), INTERPRETING=interpret,
     )
     tiles = sum(_weight_grad_tiles(layer, cfg) for layer in layers)
     if input_grad is not None:
