@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,12 +40,14 @@ from torch import Tensor
 
 from vit_fast.fused.launch import (
     SUPPORTED_DTYPES,
+    VIT_CIFAR_TOKENS,
     Launch,
     accumulation_dtype,
     check_launchable,
     check_same_device,
     check_same_dtype_device,
     interpreting,
+    meta_tensor,
     precision_constexprs,
 )
 from vit_fast.kernels.attention import (
@@ -420,9 +423,7 @@ def aot_launches(batch: int, seq_len: int, heads: int, head_dim: int, dtype: tor
     _check_head_dim(head_dim)
     config = choose_config(head_dim, seq_len, dtype, interpret=False)
 
-    def t(*shape, dtype=dtype):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
+    t = partial(meta_tensor, dtype=dtype)
     B, N, H, D = batch, seq_len, heads, head_dim
     if packed:
         q, k, v = split_qkv(t(B, N, 3, H, D))
@@ -452,7 +453,7 @@ def aot_every_config(head_dims: tuple[int, ...] = AOT_HEAD_DIMS,
     launches = []
     for dtype in dtypes:
         for head_dim in head_dims:
-            lengths = {65, 197}
+            lengths = {VIT_CIFAR_TOKENS, 197}
             for config in all_configs(head_dim, dtype):
                 picked = [n for n in range(1, SINGLE_TILE_MAX_SEQ + 2)
                           if choose_config(head_dim, n, dtype, interpret=False) == config]

@@ -35,6 +35,7 @@ One kernel launch, sync-free: every parameter stays on the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,7 +43,9 @@ import torch
 import triton
 from torch import Tensor
 
-from vit_fast.fused.launch import Launch, check_launchable, check_same_device, interpreting, planning_active
+from vit_fast.fused.launch import (
+    Launch, check_launchable, check_same_device, interpreting, meta_tensor, planning_active,
+)
 from vit_fast.kernels.augment_finish import augment_finish_kernel
 
 if TYPE_CHECKING:
@@ -232,9 +235,7 @@ def aot_launches(batch: int, channels: int, height: int, width: int, num_classes
     """The kernel a GPU runs for a batch of that shape: erasing with ``erase_values`` "pixel",
     "rand", "const" (or None: no erasing), mixing one set per batch (``mix_per_image`` False),
     per image (True) or not at all (None), with ``mix_applied`` (mix probability below 1)."""
-    def t(*shape, dtype=torch.float32):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
+    t = partial(meta_tensor, dtype=torch.float32)
     B = batch
     images = t(B, channels, height, width, dtype=torch.uint8)
     erase = None

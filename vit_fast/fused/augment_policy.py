@@ -41,7 +41,7 @@ import torch
 import triton
 from torch import Tensor
 
-from vit_fast.fused.launch import Launch, check_launchable, check_same_device, interpreting
+from vit_fast.fused.launch import Launch, check_launchable, check_same_device, interpreting, meta_tensor
 from vit_fast.kernels.augment_policy import augment_policy_kernel
 
 if TYPE_CHECKING:
@@ -159,14 +159,11 @@ def aot_launches(batch: int, channels: int, height: int, width: int, steps: int 
     """The launch a GPU makes for a batch of ``batch`` images of (channels, height, width) with
     ``steps`` policy steps, built by the launcher's own builder on meta tensors (a dataset of
     50000 images, int64 indices and offsets as the data pipeline draws them)."""
-    def t(*shape, dtype):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
-    images = t(50000, channels, height, width, dtype=torch.uint8)
-    index, oy, ox = t(batch, dtype=torch.int64), t(batch, dtype=torch.int64), t(batch, dtype=torch.int64)
-    flipped = t(batch, dtype=torch.bool) if flip else None
-    op, magnitude = t(steps, batch, dtype=torch.int64), t(steps, batch, dtype=torch.float32)
-    out = t(batch, channels, height, width, dtype=torch.uint8)
+    images = meta_tensor(50000, channels, height, width, dtype=torch.uint8)
+    index, oy, ox = (meta_tensor(batch, dtype=torch.int64) for _ in range(3))
+    flipped = meta_tensor(batch, dtype=torch.bool) if flip else None
+    op, magnitude = meta_tensor(steps, batch, dtype=torch.int64), meta_tensor(steps, batch, dtype=torch.float32)
+    out = meta_tensor(batch, channels, height, width, dtype=torch.uint8)
     launch = _launch(images, index, 4, oy, ox, flipped, op, magnitude, out, interpret=False)
     from vit_fast.aot import kernel_launches  # the compile tests' path only: running needs none of it
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,7 +48,7 @@ import triton
 from torch import Tensor
 
 from vit_fast.fused.launch import (
-    SUPPORTED_DTYPES, Launch, accumulation_dtype, check_launchable, check_same_device, interpreting,
+    SUPPORTED_DTYPES, Launch, accumulation_dtype, check_launchable, check_same_device, interpreting, meta_tensor,
 )
 from vit_fast.kernels.cross_entropy import cross_entropy_bwd_kernel, cross_entropy_fwd_kernel
 
@@ -169,9 +170,7 @@ def _backward_launch(grad: Tensor, logits: Tensor, target: Tensor, dlogits: Tens
 def aot_launches(batch: int, classes: int, dtype: torch.dtype, soft: bool) -> list[KernelLaunch]:
     """The forward and backward kernels a GPU runs for logits (batch, classes) in ``dtype`` with
     soft fp32 targets (``soft``) or int64 labels, as the launchers build them."""
-    def t(*shape, dtype=dtype):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
+    t = partial(meta_tensor, dtype=dtype)
     acc = accumulation_dtype(dtype)
     logits = t(batch, classes)
     target = t(batch, classes, dtype=torch.float32) if soft else t(batch, dtype=torch.int64)

@@ -18,6 +18,9 @@ Public API:
     planning_active()                   whether planning() is on (device-branching code takes the GPU path)
     planning()                          collect the launches an op's real implementation plans (on fake
                                         tensors) instead of running them (for vit_fast.cost)
+    meta_tensor(*shape, dtype)          an empty meta tensor: what ahead-of-time and planned launches take
+    VIT_CIFAR_TOKENS, planned_samples(rows)   the images (of vit-cifar's 65 tokens) that planned
+                                        launches with a per-sample scale divide their rows into
 
 One builder per kernel launch returns a ``Launch``: the op runs it (``Launch.run``), and the
 ahead-of-time compile tests convert the very same object (``vit_fast.aot.kernel_launch``), so what
@@ -40,6 +43,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from vit_fast.config import PRESETS
 
 _INTERPRET_VARIABLE = "TRITON_INTERPRET"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -83,6 +88,26 @@ def environment_without_interpreter() -> dict[str, str]:
     """A copy of os.environ in which Triton compiles kernels: ``@triton.jit`` functions created
     under the interpreter cannot be compiled, so ahead-of-time compilation runs in a child process."""
     return {k: v for k, v in os.environ.items() if k != _INTERPRET_VARIABLE}
+
+
+def meta_tensor(*shape: int, dtype: torch.dtype) -> Tensor:
+    """An empty tensor of ``shape`` and ``dtype`` on the meta device (metadata, no memory): what the
+    ahead-of-time and planning builders (``aot_launches``, ``planned_launches``) hand the launchers.
+    A builder with a default dtype binds it: ``functools.partial(meta_tensor, dtype=dtype)``."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+# Tokens per image of vit-cifar (32 x 32 images in 4 x 4 patches: 64 patches and the class token).
+# The ahead-of-time reports size their sequences by it, and planned launches of ops that take
+# stochastic depth's per-sample scale divide their token rows into images of this many tokens.
+VIT_CIFAR_TOKENS = PRESETS["vit-cifar"].num_tokens
+
+
+def planned_samples(rows: int) -> tuple[int, int]:
+    """(samples, rows_per_sample) of a planned launch over ``rows`` token rows: vit-cifar images of
+    VIT_CIFAR_TOKENS tokens, at least one image (fewer rows make one image of every row)."""
+    samples = max(1, rows // VIT_CIFAR_TOKENS)
+    return samples, rows // samples
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

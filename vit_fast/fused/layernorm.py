@@ -47,7 +47,10 @@ import torch
 import triton
 from torch import Tensor
 
-from vit_fast.fused.launch import Launch, accumulation_dtype, check_launchable, check_same_device, interpreting
+from vit_fast.fused.launch import (
+    VIT_CIFAR_TOKENS, Launch, accumulation_dtype, check_launchable, check_same_device, interpreting, meta_tensor,
+    planned_samples,
+)
 from vit_fast.kernels.layernorm import column_sum_kernel, layer_norm_bwd_kernel, layer_norm_fwd_kernel
 
 if TYPE_CHECKING:
@@ -297,15 +300,13 @@ def _plans(rows: int, width: int, dtype: torch.dtype, residual: bool, weight_dty
     weight_dtype = weight_dtype or dtype
     stream_dtype = (residual_dtype or dtype) if residual else dtype  # s's dtype: what is normalised
 
-    def t(*shape, dtype=dtype):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
+    t = functools.partial(meta_tensor, dtype=dtype)
     x2, w = t(rows, width), t(width, dtype=weight_dtype)
     b = w if bias else None
     stats = t(rows, dtype=accumulation_dtype(stream_dtype))
-    samples = max(1, rows // 65)
+    samples, rows_per_sample = planned_samples(rows)
     scale_t = t(samples) if scale and residual else None
-    rows_per_sample = rows // samples if scale_t is not None else 1
+    rows_per_sample = rows_per_sample if scale_t is not None else 1
     # As the launchers do: an absent residual (ds) is passed as x (dy), never read.
     res2 = t(rows, width, dtype=stream_dtype) if residual else x2
     y = t(rows, width, dtype=out_dtype or dtype)
@@ -338,7 +339,7 @@ def aot_launches(rows: int, width: int, dtype: torch.dtype, residual: bool, weig
     return kernel_launches(launches)
 
 
-def aot_every_config(rows: int = 128 * 65, widths: tuple[int, ...] = (192,)) -> list[KernelLaunch]:
+def aot_every_config(rows: int = 128 * VIT_CIFAR_TOKENS, widths: tuple[int, ...] = (192,)) -> list[KernelLaunch]:
     """The distinct launches of the fused model's LayerNorms in training, for
     ``python -m vit_fast.aot --op layernorm``: at ``rows`` (vit-cifar's 128 images x 65 tokens)
     and each width, under bf16 autocast (``add_layer_norm``: bf16 branch, fp32 residual stream

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -67,10 +68,13 @@ from torch import Tensor
 
 from vit_fast.fused.launch import (
     SUPPORTED_DTYPES,
+    VIT_CIFAR_TOKENS,
     Launch,
     check_launchable,
     check_same_device,
     interpreting,
+    meta_tensor,
+    planned_samples,
     precision_constexprs,
 )
 from vit_fast.kernels.mlp import gelu_bwd_kernel, linear_bwd_kernel, linear_fwd_kernel
@@ -441,14 +445,12 @@ def _plans(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, appro
     weight_dtype = weight_dtype or dtype
     out_dtype = (residual_dtype or dtype) if residual else dtype
 
-    def t(*shape, dtype=dtype):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
+    t = partial(meta_tensor, dtype=dtype)
     x, w1, w2 = t(M, d_in), t(hidden, d_in, dtype=weight_dtype), t(d_out, hidden, dtype=weight_dtype)
     b1, b2 = (t(hidden, dtype=weight_dtype), t(d_out, dtype=weight_dtype)) if bias else (None, None)
-    samples = max(1, M // 65)
+    samples, rows_per_sample = planned_samples(M)
     scale_t = t(samples) if scale else None
-    rows_per_sample = M // samples if scale else 1
+    rows_per_sample = rows_per_sample if scale else 1
     h, y, grad_y = t(M, hidden), t(M, d_out, dtype=out_dtype), t(M, d_out, dtype=out_dtype)
     grad_pre = t(M, hidden)
     return [
@@ -630,7 +632,7 @@ def linear_aot_launches(M: int, K: int, N: int, dtype: torch.dtype,
     return kernel_launches(linear_planned_launches(M, K, N, dtype, weight_dtype, bias))
 
 
-def aot_every_config(batch: int = 128, tokens: int = 65, dim: int = 192, hidden: int = 384,
+def aot_every_config(batch: int = 128, tokens: int = VIT_CIFAR_TOKENS, dim: int = 192, hidden: int = 384,
                      classes: int = 100) -> list[KernelLaunch]:
     """The distinct launches of the fused model's MLPs and autocast linears in training, for
     ``python -m vit_fast.aot --op mlp``: vit-cifar's shapes by default (``batch`` images of
@@ -650,9 +652,7 @@ def linear_planned_launches(M: int, K: int, N: int, dtype: torch.dtype,
                             weight_dtype: torch.dtype = torch.float32, bias: bool = True) -> list[Launch]:
     """``linear``'s Triton ``Launch`` objects (forward; backward: dX, dW and db) on meta tensors, for accounts."""
 
-    def t(*shape, dtype=dtype):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
+    t = partial(meta_tensor, dtype=dtype)
     x, w, grad_y = t(M, K), t(N, K, dtype=weight_dtype), t(M, N)
     grad_w_and_b = WeightGradOperands(grad_y, x, t(N, K, dtype=weight_dtype),
                                       t(N, dtype=weight_dtype) if bias else None)
