@@ -309,7 +309,8 @@ def _child_main() -> None:
 # dtypes and sizes that select a different configuration.
 REPORT_OPS = {"attention": "vit_fast.fused.attention", "augment_policy": "vit_fast.fused.augment_policy",
               "augment_finish": "vit_fast.fused.augment_finish", "cross_entropy": "vit_fast.fused.cross_entropy",
-              "layernorm": "vit_fast.fused.layernorm", "mlp": "vit_fast.fused.mlp"}
+              "layernorm": "vit_fast.fused.layernorm", "linear": "vit_fast.fused.linear",
+              "mlp": "vit_fast.fused.mlp"}
 _REPORT_COLUMNS = ("kernel", "dtype", "tiles", "warps", "stages", "sm", "REG", "SHARED", "LOCAL", "STACK", "CTAs/SM")
 
 

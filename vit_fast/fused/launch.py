@@ -21,6 +21,7 @@ Public API:
     meta_tensor(*shape, dtype)          an empty meta tensor: what ahead-of-time and planned launches take
     VIT_CIFAR_TOKENS, planned_samples(rows)   the images (of vit-cifar's 65 tokens) that planned
                                         launches with a per-sample scale divide their rows into
+    rows_per_sample_of(x, scale)        token rows per sample of x (..., D) under a per-sample (B,) scale
 
 One builder per kernel launch returns a ``Launch``: the op runs it (``Launch.run``), and the
 ahead-of-time compile tests convert the very same object (``vit_fast.aot.kernel_launch``), so what
@@ -37,6 +38,7 @@ built on fake CPU tensors needs no interpreter.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -108,6 +110,13 @@ def planned_samples(rows: int) -> tuple[int, int]:
     VIT_CIFAR_TOKENS tokens, at least one image (fewer rows make one image of every row)."""
     samples = max(1, rows // VIT_CIFAR_TOKENS)
     return samples, rows // samples
+
+
+def rows_per_sample_of(x: Tensor, scale: Tensor | None) -> int:
+    """The rows of x (..., D), flattened to (rows, D), that share one entry of stochastic depth's
+    per-sample (B,) ``scale`` (the kernels' ``rows_per_sample``); 1 without a scale."""
+    rows = math.prod(x.shape[:-1])
+    return rows // scale.shape[0] if scale is not None and scale.shape[0] else 1
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from vit_fast.fused.launch import (
     VIT_CIFAR_TOKENS, Launch, accumulation_dtype, check_launchable, check_same_device, interpreting, meta_tensor,
-    planned_samples,
+    planned_samples, rows_per_sample_of,
 )
 from vit_fast.kernels.layernorm import column_sum_kernel, layer_norm_bwd_kernel, layer_norm_fwd_kernel
 
@@ -226,11 +226,6 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _rows_per_sample(x: Tensor, scale: Tensor | None) -> int:
-    rows = x.numel() // x.shape[-1]
-    return rows // scale.shape[0] if scale is not None and scale.shape[0] else 1
-
-
 # ---------------------------------------------------------------------------------------------
 # Launch builders: one Launch per kernel call, run by the ops and compiled by aot_launches
 
@@ -385,7 +380,7 @@ def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | 
     if rows > 0:
         _forward_launch(x2, res2, scale.contiguous() if scale is not None else None, weight.contiguous(),
                         bias.contiguous() if bias is not None else None, y, s, mean, rstd, eps,
-                        has_residual=residual is not None, rows_per_sample=_rows_per_sample(x, scale),
+                        has_residual=residual is not None, rows_per_sample=rows_per_sample_of(x, scale),
                         interpret=interpreting()).run()
     return y, s, mean, rstd
 
@@ -449,7 +444,7 @@ def _layer_norm_backward_op(
         return dx, placeholder, dweight.zero_(), dbias.zero_()
     for launch in _backward_launches(x2, weight.contiguous(), mean, rstd, dy2, ds2,
                                      scale.contiguous() if scale is not None else None, dx, dbranch, dweight, dbias,
-                                     _rows_per_sample(x, scale), max_programs=_max_backward_programs(x.device),
+                                     rows_per_sample_of(x, scale), max_programs=_max_backward_programs(x.device),
                                      interpret=interpreting()):
         launch.run()
     return dx, placeholder, dweight, dbias
