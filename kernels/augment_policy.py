@@ -43,9 +43,10 @@ Exactness:
   float32 matrix only when a value lies that close to a float32 rounding boundary; at every
   magnitude bin of every policy for 32 x 32 images, both signs, none does (the tests check).
 - float32 products that feed a sum are rounded on their own on a GPU too
-  (``vit_fast.kernels.common.mul_rn``: PTX mul.rn, which no compiler pass fuses into an fma), and float32 divisions are IEEE (``tl.div_rn``;
-  Triton's ``/`` is the approximate div.full), so a blend value on an integer or a sampling
-  coordinate on a half rounds as torch's separate kernels round it. The float64 matrix is left
+  (``vit_fast.kernels.common.mul_rn``: PTX mul.rn, which no compiler pass fuses into an fma),
+  and float32 divisions are IEEE (``tl.div_rn``; Triton's ``/`` is the approximate div.full), so
+  a blend value on an integer or a sampling coordinate on a half rounds as torch's separate
+  kernels round it. The float64 matrix is left
   to the compiler's fma contraction: it moves the matrix by float64 ulps, as the software trig
   does. Untested on a GPU here (no GPU on the development machine): a GPU run should compare with
   the torch implementation on CUDA, whose bmm may sum the grid in another order.

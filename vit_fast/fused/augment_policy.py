@@ -6,7 +6,8 @@ Public API:
         images[index] cropped at (oy, ox) of the zero-padded image, mirrored where ``flipped``, then
         ``vit_fast.augment.apply_ops(x, op[s], magnitude[s])`` for each step s: bit for bit the
         torch implementation (see kernels/augment_policy.py for the exactness notes)
-    AugmentPolicyConfig, choose_config(channels, height, width)   the launch configuration
+    AugmentPolicyConfig, choose_config(channels, height, width, dtype, *, interpret=None)
+        the launch configuration
     aot_launches(batch, channels, height, width, steps=2, flip=True)   the GPU's launch, for
         vit_fast.aot's compile tests (aot_every_config: the vit-cifar shape)
 
@@ -68,9 +69,12 @@ class AugmentPolicyConfig:
     num_stages: int = 1  # the loops over steps and channels carry no loads to pipeline
 
 
-def choose_config(channels: int, height: int, width: int) -> AugmentPolicyConfig:
+def choose_config(channels: int, height: int, width: int, dtype: torch.dtype, *,
+                  interpret: bool | None = None) -> AugmentPolicyConfig:
     """The configuration for (channels, height, width) images: a pure function of the shape, the
-    same on a GPU and under the interpreter. For 32 x 32: block 1024, 4 warps."""
+    same on a GPU and under the interpreter. For 32 x 32: block 1024, 4 warps. ``dtype`` (the op
+    takes uint8) and ``interpret`` are taken as every op's ``choose_config`` takes them
+    (CONTRIBUTING.md) and change nothing here."""
     if channels < 1 or not 1 <= height * width <= MAX_PIXELS:
         raise ValueError(f"augment_policy takes images of >= 1 channel and 1 to {MAX_PIXELS} pixels, got "
                          f"{channels} x {height} x {width}")
@@ -103,7 +107,7 @@ def _check_inputs(images: Tensor, index: Tensor, padding: int, oy: Tensor, ox: T
         raise ValueError(f"images must be contiguous (the dataset is read in place, never copied), got strides "
                          f"{images.stride()} for shape {tuple(images.shape)}")
     _, C, H, W = images.shape
-    choose_config(C, H, W)  # raises for sizes the kernel cannot hold
+    choose_config(channels=C, height=H, width=W, dtype=images.dtype)  # raises for sizes the kernel can't hold
     if index.ndim != 1 or index.dtype not in _INDEX_DTYPES:
         raise ValueError(f"index must be int32 or int64 (B,), got {index.dtype} {tuple(index.shape)}")
     B = index.shape[0]
@@ -137,7 +141,7 @@ def _launch(images: Tensor, index: Tensor, padding: int, oy: Tensor, ox: Tensor,
             op: Tensor, magnitude: Tensor, out: Tensor, interpret: bool) -> Launch:
     """The one launch: a program per image of ``out`` (B, C, H, W); per-image inputs as (B,) views."""
     N, C, H, W = images.shape
-    cfg = choose_config(C, H, W)
+    cfg = choose_config(channels=C, height=H, width=W, dtype=images.dtype, interpret=interpret)
     args = dict(
         Images=images, Index=index, OY=oy, OX=ox, Flipped=flipped if flipped is not None else index, Op=op,
         Magnitude=magnitude, Out=out,

@@ -5,6 +5,7 @@ Public API:
 
     Launch(kernel, grid, args, constexprs, num_warps, num_stages=3, options={})   one planned kernel
                                         launch; .run()
+    KernelConfig(block_m, block_n, num_warps, num_stages=3)   one kernel's tiles in an op's config
     interpreting()                      whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1)
     environment_without_interpreter()   os.environ for a child process that must compile, not interpret
     accumulation_dtype(dtype)           torch dtype of accumulators and statistics: fp64 for fp64, else fp32
@@ -184,6 +185,17 @@ def check_same_dtype_device(tensors: dict[str, Tensor | None]) -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
                             "all tensors must have the same dtype")
     check_same_device(present)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One kernel's tiles and launch options, as an op's ``<Op>Config`` (from its ``choose_config``)
+    holds them, one per kernel; the op's config says what a tile's rows and columns are."""
+
+    block_m: int  # rows of a tile
+    block_n: int  # columns of a tile
+    num_warps: int
+    num_stages: int = 3  # software-pipelining depth of a loop over tiles; Triton's default
 
 
 @dataclass

@@ -8,7 +8,7 @@ builders that it shares with ``vit_fast.fused.mlp`` (``vit_fast.fused.matmul``).
 Public API:
 
     linear(x, weight, bias=None) -> y           x 16-bit, weight/bias fp32, y in x's dtype
-    LinearConfig, choose_config(*, rows, in_features, out_features, dtype, interpret=None)
+    LinearConfig, choose_config(rows, in_features, out_features, dtype, *, interpret=None)
                                                 the tiles of its forward and backward launches
     aot_launches(M, K, N, dtype, weight_dtype=torch.float32, bias=True)   its Triton launches on a
         GPU, for vit_fast.aot's compile tests; planned_launches(...) the same as Launch objects;
@@ -68,7 +68,7 @@ class LinearConfig:
     input_grad: MatmulConfig
 
 
-def choose_config(*, rows: int, in_features: int, out_features: int, dtype: torch.dtype,
+def choose_config(rows: int, in_features: int, out_features: int, dtype: torch.dtype, *,
                   interpret: bool | None = None) -> LinearConfig:
     """The tiles for x (rows, in_features) in ``dtype`` times a weight (out_features, in_features):
     ``vit_fast.fused.matmul``'s rules (``product_config``, ``weight_grad_config``,

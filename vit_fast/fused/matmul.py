@@ -5,11 +5,11 @@ launched by the code here, which neither op module repeats.
 Public API (for the two op modules, their tests and the benchmarks):
 
     MatmulConfig, INTERPRETER_CONFIG   one kernel's tiles; the interpreter's fixed tiles
-    product_config(kernel, *, rows, columns, dtype, interpret=None)
+    product_config(kernel, rows, columns, dtype, *, interpret=None)
                                        the tiles of ``linear_fwd_kernel`` ("linear") or
                                        ``gelu_bwd_kernel`` ("gelu_bwd") for a (rows, columns) output
-    weight_grad_config(*, rows, weights, dtype, interpret=None), input_grad_config(*, weight_grad,
-        dtype, interpret=None)         the weight- and input-gradient tiles of ``linear_bwd_kernel``
+    weight_grad_config(rows, weights, dtype, *, interpret=None), input_grad_config(weight_grad,
+        dtype, *, interpret=None)      the weight- and input-gradient tiles of ``linear_bwd_kernel``
                                        (each op's ``choose_config`` composes these rules)
     check_linear_shapes(prefix, x_shape, weight, bias), check_dtypes(x, params, stream)
                                        input checks (metadata only)
@@ -80,7 +80,7 @@ def _fixed_config(dtype: torch.dtype, interpret: bool | None, fp32: MatmulConfig
     return {torch.float32: fp32, torch.float64: fp64}.get(dtype)
 
 
-def product_config(kernel: str, *, rows: int, columns: int, dtype: torch.dtype,
+def product_config(kernel: str, rows: int, columns: int, dtype: torch.dtype, *,
                    interpret: bool | None = None) -> MatmulConfig:
     """The tiles of ``kernel`` ("linear": ``linear_fwd_kernel``; "gelu_bwd") for a (rows, columns)
     output, its operands in ``dtype``.
@@ -113,7 +113,7 @@ def product_config(kernel: str, *, rows: int, columns: int, dtype: torch.dtype,
     return MatmulConfig(64, 64, block_k, group_m=8, num_warps=4, num_stages=3)
 
 
-def weight_grad_config(*, rows: int, weights: list[tuple[int, int]], dtype: torch.dtype,
+def weight_grad_config(rows: int, weights: list[tuple[int, int]], dtype: torch.dtype, *,
                        interpret: bool | None = None) -> MatmulConfig:
     """The weight-gradient tiles' configuration in ``linear_bwd_kernel`` for dW = dY^T X over ``rows`` rows,
     for the weights of shapes ``weights`` [(N, K), ...] in one grid (the MLP's fc2 and fc1: two), dY
@@ -151,7 +151,7 @@ def weight_grad_config(*, rows: int, weights: list[tuple[int, int]], dtype: torc
     return MatmulConfig(64, 32, 32, group_m=1, num_warps=4, num_stages=3)
 
 
-def input_grad_config(*, weight_grad: MatmulConfig, dtype: torch.dtype,
+def input_grad_config(weight_grad: MatmulConfig, dtype: torch.dtype, *,
                       interpret: bool | None = None) -> MatmulConfig:
     """The DX tiles' configuration inside a ``linear_bwd_launch``. A kernel's registers are the most
     any of its branches needs, so the DX tiles are kept as small as the weight-gradient ones: at

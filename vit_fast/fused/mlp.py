@@ -3,7 +3,7 @@
 Public API (shapes as in ``vit_fast.reference``; weights in nn.Linear layout (out, in)):
 
     mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate="none", residual=None, scale=None)
-    MLPConfig, choose_config(*, rows, d_in, hidden, d_out, dtype, interpret=None)
+    MLPConfig, choose_config(rows, d_in, hidden, d_out, dtype, *, interpret=None)
                                                 the tiles of its launches (``MatmulConfig`` each)
     gelu_bwd_launch(...)                        the Launch of ``gelu_bwd_kernel``; the other two
                                                 kernels' builders, shared with the autocast linear
@@ -106,7 +106,7 @@ class MLPConfig:
     input_grad: MatmulConfig
 
 
-def choose_config(*, rows: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype,
+def choose_config(rows: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, *,
                   interpret: bool | None = None) -> MLPConfig:
     """The tiles for x (rows, d_in) in ``dtype`` through ``hidden`` units to (rows, d_out):
     ``vit_fast.fused.matmul``'s rules, which the launch builders apply (a backward that needs
