@@ -50,16 +50,8 @@ import triton
 from torch import Tensor
 
 from vit_fast.fused.launch import (
-    VIT_CIFAR_TOKENS,
-    KernelConfig,
-    Launch,
-    accumulation_dtype,
-    check_launchable,
-    check_same_device,
-    interpreting,
-    meta_tensor,
-    planned_samples,
-    rows_per_sample_of,
+    VIT_CIFAR_TOKENS, KernelConfig, Launch, accumulation_dtype, check_launchable, check_same_device, interpreting,
+    meta_tensor, planned_samples, rows_per_sample_of,
 )
 from vit_fast.kernels.layernorm import column_sum_kernel, layer_norm_bwd_kernel, layer_norm_fwd_kernel
 

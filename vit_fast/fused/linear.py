@@ -35,18 +35,8 @@ from torch import Tensor
 
 from vit_fast.fused.launch import VIT_CIFAR_TOKENS, Launch, check_launchable, check_same_device, meta_tensor
 from vit_fast.fused.matmul import (
-    InputGradOperands,
-    MatmulConfig,
-    WeightGradOperands,
-    check_dtypes,
-    check_linear_shapes,
-    input_grad_config,
-    linear_bwd_launch,
-    linear_grads,
-    linear_launch,
-    not_needed,
-    product_config,
-    weight_grad_config,
+    InputGradOperands, MatmulConfig, WeightGradOperands, check_dtypes, check_linear_shapes, input_grad_config,
+    linear_bwd_launch, linear_grads, linear_launch, not_needed, product_config, weight_grad_config,
 )
 
 if TYPE_CHECKING:

@@ -54,30 +54,12 @@ import torch
 from torch import Tensor
 
 from vit_fast.fused.launch import (
-    VIT_CIFAR_TOKENS,
-    Launch,
-    check_launchable,
-    check_same_device,
-    interpreting,
-    meta_tensor,
-    planned_samples,
-    precision_constexprs,
-    rows_per_sample_of,
+    VIT_CIFAR_TOKENS, Launch, check_launchable, check_same_device, interpreting, meta_tensor, planned_samples,
+    precision_constexprs, rows_per_sample_of,
 )
 from vit_fast.fused.matmul import (
-    InputGradOperands,
-    MatmulConfig,
-    WeightGradOperands,
-    check_dtypes,
-    check_linear_shapes,
-    input_grad_config,
-    linear_bwd_launch,
-    linear_grads,
-    linear_launch,
-    not_needed,
-    product_config,
-    tile_grid,
-    weight_grad_config,
+    InputGradOperands, MatmulConfig, WeightGradOperands, check_dtypes, check_linear_shapes, input_grad_config,
+    linear_bwd_launch, linear_grads, linear_launch, not_needed, product_config, tile_grid, weight_grad_config,
 )
 from vit_fast.kernels.mlp import gelu_bwd_kernel
 
