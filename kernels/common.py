@@ -15,8 +15,9 @@ which of these work-arounds it applies under it:
     mul_rn(a, b, INTERPRETING)   a float32 product rounded on its own: PTX ``mul.rn`` compiled,
         a plain multiply in the interpreter, which cannot run inline asm (and never fuses)
 
-Each work-around applies only where the interpreter needs it (bf16 operands, bf16 results), so
-fp32, fp64 and fp16 run the same operations with INTERPRETING set or not.
+``dot`` and ``round_to`` act only where the interpreter needs them (bf16 operands, fp32 -> bf16
+results), so fp16, fp32 and fp64 run the same operations with INTERPRETING set or not; the two
+forms of ``mul_rn`` round alike (each product on its own).
 """
 
 from __future__ import annotations
