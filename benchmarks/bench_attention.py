@@ -64,7 +64,7 @@ def launch_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype) -> d
     a GPU, recorded beside each measurement so that a timing names the tiles it measured."""
     from vit_fast.fused import attention as fused_attention
 
-    config = fused_attention.choose_config(head_dim, seq_len, dtype, interpret=False)
+    config = fused_attention.choose_config(head_dim=head_dim, seq_len=seq_len, dtype=dtype, interpret=False)
     launches = fused_attention.aot_launches(batch, seq_len, heads, head_dim, dtype)
     return {"config": dataclasses.asdict(config), "kernels": [launch.describe() for launch in launches]}
 

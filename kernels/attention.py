@@ -21,6 +21,11 @@ uses exp2 with the scale folded into log2(e) * scale. Probabilities are cast to 
 only as tl.dot operands (the same rounding FlashAttention does). Padding, to the tile size in N
 and to a power of two in D, is done with masked loads (zeros) and with -inf / 0 on the logits of
 keys past the end; nothing is copied.
+
+Under Triton's interpreter (INTERPRETING, set by the launchers) the dots and the casts to the
+input dtype go through ``vit_fast.kernels.common``'s work-arounds: bf16 ``tl.dot`` operands are
+multiplied as fp32 (``dot``) and fp32 -> bf16 casts are rounded to nearest even in software
+(``round_to``); fp16, fp32 and fp64 run unchanged, and so does every compiled kernel.
 """
 
 from __future__ import annotations
@@ -28,36 +33,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from vit_fast.kernels.common import dot, round_to
+
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
-
-
-@triton.jit
-def _mm(a, b, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
-    """a @ b accumulated in ACC_DTYPE; INPUT_PRECISION "ieee" keeps fp32 inputs off TF32.
-
-    INTERPRETER_BF16 (set by the launcher for bf16 under Triton's interpreter only) multiplies the
-    operands as fp32: triton 3.8's interpreter returns garbage for a bf16 tl.dot (upstream issue
-    11584). The operands keep their bf16 rounding, and products of bf16 values are exact in fp32,
-    so this is the arithmetic of a tensor core accumulating in fp32: the CPU tests still test the
-    kernel.
-    """
-    if INTERPRETER_BF16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC_DTYPE)
-    return tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
-    """x.to(dtype), rounding to nearest even as the GPU's cvt.rn does. Triton 3.8's interpreter
-    truncates fp32 -> bf16 instead, a biased error twice as large that the bf16 parity tests
-    catch, so under it (INTERPRETER_BF16) the rounding is done on the bits first: adding 0x7FFF
-    plus the lowest kept bit (ties to even) carries into the kept 16 bits exactly when rounding
-    up is due, and the truncating cast of the result is then exact."""
-    if INTERPRETER_BF16 and dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
-        x = tl.where(x == x, rounded, x)  # NaN stays NaN
-    return x.to(dtype)
 
 
 @triton.jit
@@ -110,7 +88,7 @@ def attention_fwd_kernel(
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two (>= 16 for tl.dot)
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 inputs (no TF32 rounding), else "tf32" (ignored)
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs (so gradcheck can verify)
-    INTERPRETER_BF16: tl.constexpr,  # bf16 under the interpreter only: dots in fp32, casts rounded (_mm, _cast)
+    INTERPRETING: tl.constexpr,  # under the interpreter: bf16 dots widened, bf16 casts rounded (module docstring)
 ):
     pid_m, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_M)
     Q, K, V, Out = _four_at_head(Q, K, V, Out, off_b, off_h, stride_qb, stride_qh, stride_kb, stride_kh,
@@ -136,7 +114,7 @@ def attention_fwd_kernel(
         k = tl.load(_rows(K, offs_n, stride_kn, offs_d), mask=kv_mask, other=0.0)
         v = tl.load(_rows(V, offs_n, stride_vn, offs_d), mask=kv_mask, other=0.0)
 
-        s = _mm(q, tl.trans(k), INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE), INPUT_PRECISION, INTERPRETING) * qk_scale
         # Keys past the end get -inf. Every tile starts below N_CTX, so each row keeps at least
         # one finite logit and m_new is finite: no inf - inf below.
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -144,11 +122,12 @@ def attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max (0 at first)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _mm(_cast(p, v.dtype, INTERPRETER_BF16), v, INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16)
+        acc = acc * alpha[:, None] + dot(round_to(p, v.dtype, INTERPRETING), v, tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE),
+                                         INPUT_PRECISION, INTERPRETING)
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    tl.store(_rows(Out, offs_m, stride_on, offs_d), _cast(acc, Out.dtype.element_ty, INTERPRETER_BF16),
+    tl.store(_rows(Out, offs_m, stride_on, offs_d), round_to(acc, Out.dtype.element_ty, INTERPRETING),
              mask=mask_m[:, None] & mask_d[None, :])
     # Back to natural-log units: lse = ln(sum_j exp(scale * q.k_j)).
     lse = (m_i + tl.log2(l_i)) / LOG2E
@@ -200,7 +179,7 @@ def attention_bwd_dkdv_kernel(
     FUSE_DQ: tl.constexpr,  # BLOCK_N >= N: this program holds every key of its head
     INPUT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    INTERPRETER_BF16: tl.constexpr,
+    INTERPRETING: tl.constexpr,
 ):
     """One program owns a tile of keys and accumulates its dK and dV over all query tiles, so each
     element of dK and dV is written once, by one program: deterministic without atomics.
@@ -247,12 +226,13 @@ def attention_bwd_dkdv_kernel(
         lse2 = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * LOG2E  # (BLOCK_M,)
 
         # P^T recomputed from the saved log-sum-exp: exactly the forward's normalised softmax.
-        s_t = _mm(k, tl.trans(q), INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16) * qk_scale  # (BLOCK_N, BLOCK_M)
+        s_t = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], ACC_DTYPE), INPUT_PRECISION, INTERPRETING) * qk_scale
         # Padding is zero vectors, whose p = exp2(-lse2) is not 0 (and overflows for very negative
         # lse): zero p outside the real (key, query) pairs.
         p_t = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv += _mm(_cast(p_t, do.dtype, INTERPRETER_BF16), do, INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16)
-        dp_t = _mm(v, tl.trans(do), INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16)  # (BLOCK_N, BLOCK_M)
+        dv += dot(round_to(p_t, do.dtype, INTERPRETING), do, tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE), INPUT_PRECISION,
+                  INTERPRETING)
+        dp_t = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], ACC_DTYPE), INPUT_PRECISION, INTERPRETING)
         if FUSE_DQ:  # every key of the head is here: sums over keys (padded ones have p = 0)
             # Divided by the recomputed rowsum(P), which is 1 up to the rounding of s - lse, so that
             # dS sums to zero over each row as in exact arithmetic: otherwise that rounding times a
@@ -261,15 +241,17 @@ def attention_bwd_dkdv_kernel(
             delta = tl.where(mask_m, tl.sum(p_t * dp_t, axis=0) / tl.where(mask_m, p_sum, 1.0), 0.0)
         else:
             delta = tl.load(Delta + offs_m, mask=mask_m, other=0.0)
-        ds_t = _cast(p_t * (dp_t - delta[None, :]), q.dtype, INTERPRETER_BF16)
-        dk += _mm(ds_t, q, INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16)
+        ds_t = round_to(p_t * (dp_t - delta[None, :]), q.dtype, INTERPRETING)
+        dk += dot(ds_t, q, tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE), INPUT_PRECISION, INTERPRETING)
         if FUSE_DQ:
-            dq = _mm(tl.trans(ds_t), k, INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16) * sm_scale
-            tl.store(_rows(dQ, offs_m, stride_dqn, offs_d), _cast(dq, dQ.dtype.element_ty, INTERPRETER_BF16), mask=q_mask)
+            dq = dot(tl.trans(ds_t), k, tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE), INPUT_PRECISION,
+                     INTERPRETING) * sm_scale
+            tl.store(_rows(dQ, offs_m, stride_dqn, offs_d), round_to(dq, dQ.dtype.element_ty, INTERPRETING),
+                     mask=q_mask)
 
     dk *= sm_scale  # d(scale * q.k)/dk = scale * q; applied once instead of per tile
-    tl.store(_rows(dK, offs_n, stride_dkn, offs_d), _cast(dk, dK.dtype.element_ty, INTERPRETER_BF16), mask=kv_mask)
-    tl.store(_rows(dV, offs_n, stride_dvn, offs_d), _cast(dv, dV.dtype.element_ty, INTERPRETER_BF16), mask=kv_mask)
+    tl.store(_rows(dK, offs_n, stride_dkn, offs_d), round_to(dk, dK.dtype.element_ty, INTERPRETING), mask=kv_mask)
+    tl.store(_rows(dV, offs_n, stride_dvn, offs_d), round_to(dv, dV.dtype.element_ty, INTERPRETING), mask=kv_mask)
 
 
 @triton.jit
@@ -289,7 +271,7 @@ def attention_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    INTERPRETER_BF16: tl.constexpr,
+    INTERPRETING: tl.constexpr,
 ):
     """One program owns a tile of queries and accumulates dQ = scale * dS K over all key tiles."""
     pid_m, pid_bh, off_b, off_h = _program_position(N_CTX, H, BLOCK_M)
@@ -316,12 +298,13 @@ def attention_bwd_dq_kernel(
         k = tl.load(_rows(K, offs_n, stride_kn, offs_d), mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         v = tl.load(_rows(V, offs_n, stride_vn, offs_d), mask=kv_mask, other=0.0)
 
-        s = _mm(q, tl.trans(k), INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE), INPUT_PRECISION, INTERPRETING) * qk_scale
         # Keys past the end are zero vectors, whose p would be exp2(-lse2) != 0: zero them.
         p = tl.where(mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _mm(do, tl.trans(v), INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16)  # (BLOCK_M, BLOCK_N)
+        dp = dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE), INPUT_PRECISION, INTERPRETING)
         ds = p * (dp - delta[:, None])
-        dq += _mm(_cast(ds, k.dtype, INTERPRETER_BF16), k, INPUT_PRECISION, ACC_DTYPE, INTERPRETER_BF16)
+        dq += dot(round_to(ds, k.dtype, INTERPRETING), k, tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE), INPUT_PRECISION,
+                  INTERPRETING)
 
     dq *= sm_scale
-    tl.store(_rows(dQ, offs_m, stride_dqn, offs_d), _cast(dq, dQ.dtype.element_ty, INTERPRETER_BF16), mask=q_mask)
+    tl.store(_rows(dQ, offs_m, stride_dqn, offs_d), round_to(dq, dQ.dtype.element_ty, INTERPRETING), mask=q_mask)

@@ -42,10 +42,11 @@ Exactness:
   program), and Triton's interpreter cannot call libdevice at all. A few float64 ulp change the
   float32 matrix only when a value lies that close to a float32 rounding boundary; at every
   magnitude bin of every policy for 32 x 32 images, both signs, none does (the tests check).
-- float32 products that feed a sum are rounded on their own on a GPU too (``_mul``: PTX mul.rn,
-  which no compiler pass fuses into an fma), and float32 divisions are IEEE (``tl.div_rn``;
-  Triton's ``/`` is the approximate div.full), so a blend value on an integer or a sampling
-  coordinate on a half rounds as torch's separate kernels round it. The float64 matrix is left
+- float32 products that feed a sum are rounded on their own on a GPU too
+  (``vit_fast.kernels.common.mul_rn``: PTX mul.rn, which no compiler pass fuses into an fma),
+  and float32 divisions are IEEE (``tl.div_rn``; Triton's ``/`` is the approximate div.full), so
+  a blend value on an integer or a sampling coordinate on a half rounds as torch's separate
+  kernels round it. The float64 matrix is left
   to the compiler's fma contraction: it moves the matrix by float64 ulps, as the software trig
   does. Untested on a GPU here (no GPU on the development machine): a GPU run should compare with
   the torch implementation on CUDA, whose bmm may sum the grid in another order.
@@ -59,6 +60,8 @@ import math
 
 import triton
 import triton.language as tl
+
+from vit_fast.kernels.common import mul_rn
 
 # The constants Python's math.radians / math.degrees multiply by (as vit_fast.augment.image_ops').
 _DEG_TO_RAD = tl.constexpr(math.pi / 180.0)
@@ -137,20 +140,6 @@ def _atan(x):
 
 
 @triton.jit
-def _mul(a, b, PRODUCTS_IN_ASM: tl.constexpr):
-    """a * b in float32, rounded on its own even where a sum follows. torch rounds every product
-    and sum separately (one kernel each); compiled, Triton would fuse a product with the sum after
-    it into one fma (enable_fp_fusion), rounding once, which can move a value lying on an integer
-    or a half by one level or pixel. PTX's mul.rn is never fused, by LLVM (inline asm is opaque)
-    or ptxas (an explicit rounding mode). The interpreter cannot run asm and never fuses."""
-    if PRODUCTS_IN_ASM:
-        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return a * b
-
-
-@triton.jit
 def _round_half_even(v):
     """Round float32 to the nearest integer, ties to even (torch.round, grid_sample's nearbyint),
     from exact steps only: v - floor(v) is exact, so is the parity test on floor(v)."""
@@ -179,7 +168,7 @@ def _store_channel(row_ptr, c, HW, pix, ok, y):
 
 
 @triton.jit
-def _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW, PRODUCTS_IN_ASM: tl.constexpr):
+def _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW, INTERPRETING: tl.constexpr):
     """ShearX/ShearY/TranslateX/TranslateY/Rotate, with vit_fast.augment.image_ops.geometric's magnitude
     convention and inverse_affine's float64 arithmetic; one gather per channel from the row."""
     # Per-op parameters (augment.geometric), float64.
@@ -217,12 +206,12 @@ def _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW, PRODUCTS_IN_ASM: 
     half_h = 0.5 * (H * 1.0)
     bx = col.to(tl.float32) + (1.0 - W * 1.0) * 0.5  # (BLOCK,) linspace((1-W)/2, (W-1)/2), exact
     by = row.to(tl.float32) + (1.0 - H * 1.0) * 0.5
-    gx = _mul(bx, tl.div_rn(m0.to(tl.float32), half_w), PRODUCTS_IN_ASM) \
-        + _mul(by, tl.div_rn(m1.to(tl.float32), half_w), PRODUCTS_IN_ASM) + tl.div_rn(m2.to(tl.float32), half_w)
-    gy = _mul(bx, tl.div_rn(m3.to(tl.float32), half_h), PRODUCTS_IN_ASM) \
-        + _mul(by, tl.div_rn(m4.to(tl.float32), half_h), PRODUCTS_IN_ASM) + tl.div_rn(m5.to(tl.float32), half_h)
-    ix = _round_half_even(_mul(gx + 1.0, half_w, PRODUCTS_IN_ASM) - 0.5)
-    iy = _round_half_even(_mul(gy + 1.0, half_h, PRODUCTS_IN_ASM) - 0.5)
+    gx = mul_rn(bx, tl.div_rn(m0.to(tl.float32), half_w), INTERPRETING) \
+        + mul_rn(by, tl.div_rn(m1.to(tl.float32), half_w), INTERPRETING) + tl.div_rn(m2.to(tl.float32), half_w)
+    gy = mul_rn(bx, tl.div_rn(m3.to(tl.float32), half_h), INTERPRETING) \
+        + mul_rn(by, tl.div_rn(m4.to(tl.float32), half_h), INTERPRETING) + tl.div_rn(m5.to(tl.float32), half_h)
+    ix = _round_half_even(mul_rn(gx + 1.0, half_w, INTERPRETING) - 0.5)
+    iy = _round_half_even(mul_rn(gy + 1.0, half_h, INTERPRETING) - 0.5)
     inside = ok & (ix >= 0.0) & (ix <= W - 1.0) & (iy >= 0.0) & (iy <= H - 1.0)
     src = tl.minimum(tl.maximum(iy, 0.0), H - 1.0).to(tl.int32) * W \
         + tl.minimum(tl.maximum(ix, 0.0), W - 1.0).to(tl.int32)
@@ -232,7 +221,7 @@ def _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW, PRODUCTS_IN_ASM: 
 
 
 @triton.jit
-def _blend(row_ptr, op, m, pix, ok, HW, PRODUCTS_IN_ASM: tl.constexpr):
+def _blend(row_ptr, op, m, pix, ok, HW, INTERPRETING: tl.constexpr):
     """Brightness / Color / Contrast of an RGB image (augment.apply_ops' shared blend):
     factor = 1 + m, blended with black, the grey image or its mean grey level, in float32,
     clamped and truncated."""
@@ -242,18 +231,18 @@ def _blend(row_ptr, op, m, pix, ok, HW, PRODUCTS_IN_ASM: tl.constexpr):
     factor = 1.0 + m  # float64, as augment.blend forms ratio and 1 - ratio before rounding
     ratio = factor.to(tl.float32)
     alpha = (1.0 - factor).to(tl.float32)
-    gray = tl.floor(_mul(r, 0.2989, PRODUCTS_IN_ASM) + _mul(g, 0.587, PRODUCTS_IN_ASM)
-                    + _mul(b, 0.114, PRODUCTS_IN_ASM))  # augment._gray_floor, in its order
+    gray = tl.floor(mul_rn(r, 0.2989, INTERPRETING) + mul_rn(g, 0.587, INTERPRETING)
+                    + mul_rn(b, 0.114, INTERPRETING))  # augment._gray_floor, in its order
     mean = tl.div_rn(tl.sum(tl.where(ok, gray, 0.0), axis=0), HW * 1.0)
     degenerate = tl.where(op == _COLOR, gray, tl.where(op == _CONTRAST, mean, 0.0))
-    toward = _mul(degenerate, alpha, PRODUCTS_IN_ASM)
-    _store_channel(row_ptr, 0, HW, pix, ok, _to_level(_mul(r, ratio, PRODUCTS_IN_ASM) + toward))
-    _store_channel(row_ptr, 1, HW, pix, ok, _to_level(_mul(g, ratio, PRODUCTS_IN_ASM) + toward))
-    _store_channel(row_ptr, 2, HW, pix, ok, _to_level(_mul(b, ratio, PRODUCTS_IN_ASM) + toward))
+    toward = mul_rn(degenerate, alpha, INTERPRETING)
+    _store_channel(row_ptr, 0, HW, pix, ok, _to_level(mul_rn(r, ratio, INTERPRETING) + toward))
+    _store_channel(row_ptr, 1, HW, pix, ok, _to_level(mul_rn(g, ratio, INTERPRETING) + toward))
+    _store_channel(row_ptr, 2, HW, pix, ok, _to_level(mul_rn(b, ratio, INTERPRETING) + toward))
 
 
 @triton.jit
-def _sharpness(row_ptr, m, pix, ok, row, col, C, H, W, HW, PRODUCTS_IN_ASM: tl.constexpr):
+def _sharpness(row_ptr, m, pix, ok, row, col, C, H, W, HW, INTERPRETING: tl.constexpr):
     """Blend the interior with its 1-5-1 smoothed copy (augment.sharpness); the border is kept."""
     interior = ok & (row >= 1) & (row <= H - 2) & (col >= 1) & (col <= W - 2)
     alpha = (1.0 - (1.0 + m)).to(tl.float32)
@@ -266,7 +255,8 @@ def _sharpness(row_ptr, m, pix, ok, row, col, C, H, W, HW, PRODUCTS_IN_ASM: tl.c
                 window += tl.load(channel + pix + dy * W + dx, mask=interior, other=0).to(tl.int32)
         x = inner.to(tl.float32)
         smooth = _round_half_even(tl.div_rn(window.to(tl.float32) + 4.0 * x, 13.0))
-        _store_channel(row_ptr, ci, HW, pix, ok, tl.where(interior, _to_level(x + _mul(smooth - x, alpha, PRODUCTS_IN_ASM)), inner))
+        _store_channel(row_ptr, ci, HW, pix, ok,
+                       tl.where(interior, _to_level(x + mul_rn(smooth - x, alpha, INTERPRETING)), inner))
 
 
 @triton.jit
@@ -321,13 +311,15 @@ def augment_policy_kernel(
     Images, Index, OY, OX, Flipped, Op, Magnitude, Out,
     stride_index, stride_oy, stride_ox, stride_flip, stride_op_s, stride_op_b, stride_mag_s, stride_mag_b,
     N, C, H, W, padding, S,
-    HAS_FLIP: tl.constexpr, BLOCK: tl.constexpr, PRODUCTS_IN_ASM: tl.constexpr,
+    HAS_FLIP: tl.constexpr, BLOCK: tl.constexpr, INTERPRETING: tl.constexpr,
 ):  # fmt: skip
     """One program per output image: Images uint8 (N, C, H, W) contiguous; Index, OY, OX,
     Flipped (B,) by their strides; Op int (S, B), Magnitude float32 (S, B); Out uint8 (B, C, H,
     W) contiguous, each program's row of it also its scratch. An index outside [0, N) gives a
     black image and an op id outside OPS leaves the image as it is (neither is checkable without
-    a host sync). Steps need C = 3 (the launcher checks)."""
+    a host sync). Steps need C = 3 (the launcher checks). INTERPRETING (running under Triton's
+    interpreter, which cannot run inline asm): the products of ``mul_rn`` are plain multiplies,
+    which the interpreter rounds on their own anyway; compiled, they are PTX mul.rn."""
     b = tl.program_id(0)
     HW = H * W
     pix = tl.arange(0, BLOCK)  # (BLOCK,) the pixels of one channel
@@ -357,11 +349,11 @@ def augment_policy_kernel(
         op = tl.load(Op + s * stride_op_s + b * stride_op_b)
         m = tl.load(Magnitude + s * stride_mag_s + b * stride_mag_b).to(tl.float64)
         if (op >= _SHEAR_X) & (op <= _ROTATE):
-            _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW, PRODUCTS_IN_ASM)
+            _geometric(row_ptr, op, m, pix, ok, row, col, C, H, W, HW, INTERPRETING)
         elif (op >= _BRIGHTNESS) & (op <= _CONTRAST):
-            _blend(row_ptr, op, m, pix, ok, HW, PRODUCTS_IN_ASM)
+            _blend(row_ptr, op, m, pix, ok, HW, INTERPRETING)
         elif (op == _SHARPNESS) & (H > 2) & (W > 2):
-            _sharpness(row_ptr, m, pix, ok, row, col, C, H, W, HW, PRODUCTS_IN_ASM)
+            _sharpness(row_ptr, m, pix, ok, row, col, C, H, W, HW, INTERPRETING)
         elif (op == _POSTERIZE) | (op == _SOLARIZE) | (op == _INVERT):
             _pointwise(row_ptr, op, m, pix, ok, C, HW)
         elif op == _AUTOCONTRAST:

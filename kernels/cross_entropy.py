@@ -21,7 +21,10 @@ exponentials from the row it reads anyway, so the forward saves nothing.
 
 Logits are read in their own dtype (fp16, bf16, fp32, fp64) and converted in registers: no cast
 kernel runs before the loss. Arithmetic is in the dtype of the ``Loss`` buffer (fp32; fp64 for
-fp64 logits, which gradcheck uses). The gradient is stored in the logits' dtype.
+fp64 logits, which gradcheck uses). The gradient is stored in the logits' dtype, through
+``vit_fast.kernels.common.round_to``: under Triton's interpreter (the backward's INTERPRETING, set
+by the launcher) fp32 -> bf16 rounded to nearest even in software. The forward needs no
+work-around (it stores only the fp32 loss).
 
 Edge cases (the launcher's module documents them for users):
   * a class with target weight m_k = 0 contributes nothing (not 0 * (lse - z_k)), so a -inf logit
@@ -36,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vit_fast.kernels.layernorm import round_to
+from vit_fast.kernels.common import round_to
 
 
 @triton.jit
@@ -119,7 +122,7 @@ def cross_entropy_bwd_kernel(
     SOFT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see round_to
+    INTERPRETING: tl.constexpr,  # under the interpreter: bf16 stores rounded in software (round_to)
 ):
     acc_dtype = Grad.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -135,5 +138,5 @@ def cross_entropy_bwd_kernel(
     scale = tl.load(Grad).to(acc_dtype) / B
     dz = (p * tl.sum(m, axis=1)[:, None] - m) * scale
     dz = tl.where(valid[:, None], dz, float("nan"))
-    tl.store(DLogits + rows64 * K + cols[None, :], round_to(dz, DLogits.dtype.element_ty, BF16_RNE_IN_SOFTWARE),
+    tl.store(DLogits + rows64 * K + cols[None, :], round_to(dz, DLogits.dtype.element_ty, INTERPRETING),
              mask=mask)

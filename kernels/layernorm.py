@@ -29,6 +29,9 @@ its gradient) and the parameters are fp32: nothing is cast outside the kernels. 
 arithmetic run in the dtype of the ``Mean`` buffer the launcher allocates: fp32, or fp64 for
 fp64 inputs (which ``gradcheck`` uses). Every load and store is masked, so widths need not be
 powers of two and row counts need not be multiples of ``BLOCK_M``.
+
+Under Triton's interpreter (INTERPRETING, set by the launchers) the one work-around is
+``vit_fast.kernels.common.round_to``'s: fp32 -> bf16 stores rounded to nearest even in software.
 """
 
 from __future__ import annotations
@@ -36,26 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def round_to(x, dtype: tl.constexpr, BF16_RNE_IN_SOFTWARE: tl.constexpr):
-    """Cast ``x`` to ``dtype``, rounding fp32 to nearest even as the GPU's conversion does.
-
-    Triton 3.8's interpreter truncates fp32 -> bf16 casts (``cast_impl`` in
-    triton/runtime/interpreter.py ignores the rounding mode), which doubles bf16 errors and breaks
-    parity with torch. The launchers set BF16_RNE_IN_SOFTWARE only under the interpreter; the
-    compiled kernels keep the hardware conversion (cvt.rn.bf16.f32). Shared by every kernel
-    module that stores or converts to bf16 (``kernels/mlp.py`` imports it).
-    """
-    if BF16_RNE_IN_SOFTWARE:
-        if dtype == tl.bfloat16:
-            if x.dtype == tl.float32:
-                bits = x.to(tl.uint32, bitcast=True)
-                # Add just under half an ulp of bf16, plus the kept lsb for ties-to-even, then
-                # clear the 16 bits the cast drops; the truncating cast is then exact.
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
-                x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN stays NaN
-    return x.to(dtype)
+from vit_fast.kernels.common import round_to
 
 
 @triton.jit
@@ -81,7 +65,7 @@ def layer_norm_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # power of two >= N: the whole row is one block
-    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see round_to
+    INTERPRETING: tl.constexpr,  # under the interpreter: bf16 stores rounded in software (round_to)
 ):
     acc_dtype = Mean.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -101,7 +85,7 @@ def layer_norm_fwd_kernel(
         res = tl.load(RES + rows64 * stride_resm + cols64 * stride_resn, mask=mask, other=0.0)
         # Round the sum to the stream's dtype before normalizing it: the stored s is what the next
         # block reads, and LayerNorm(s) must be the LayerNorm of exactly that tensor.
-        s = round_to(res.to(acc_dtype) + x, S.dtype.element_ty, BF16_RNE_IN_SOFTWARE)
+        s = round_to(res.to(acc_dtype) + x, S.dtype.element_ty, INTERPRETING)
         tl.store(S + rows64 * stride_sm + cols64, s, mask=mask)
         x = s.to(acc_dtype)
 
@@ -121,7 +105,7 @@ def layer_norm_fwd_kernel(
     y = xc * rstd[:, None] * w[None, :]
     if HAS_BIAS:
         y += tl.load(B + cols, mask=col_mask, other=0.0).to(acc_dtype)[None, :]
-    tl.store(Y + rows64 * stride_ym + cols64, round_to(y, Y.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=mask)
+    tl.store(Y + rows64 * stride_ym + cols64, round_to(y, Y.dtype.element_ty, INTERPRETING), mask=mask)
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
@@ -150,7 +134,7 @@ def layer_norm_bwd_kernel(
     WRITE_DBRANCH: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # power of two >= N
-    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see round_to
+    INTERPRETING: tl.constexpr,  # under the interpreter: bf16 stores rounded in software (round_to)
 ):
     acc_dtype = Mean.dtype.element_ty
     pid = tl.program_id(0)
@@ -189,12 +173,12 @@ def layer_norm_bwd_kernel(
         dx = (g - mean_g[:, None] - xhat * mean_gxhat[:, None]) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows64 * stride_dsm + cols64 * stride_dsn, mask=mask, other=0.0).to(acc_dtype)
-        tl.store(DX + rows64 * N + cols64, round_to(dx, DX.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=mask)
+        tl.store(DX + rows64 * N + cols64, round_to(dx, DX.dtype.element_ty, INTERPRETING), mask=mask)
         if WRITE_DBRANCH:
             if HAS_SCALE:
                 keep = tl.load(Scale + rows // rows_per_sample, mask=row_mask, other=0.0).to(acc_dtype)
                 dx = dx * keep[:, None]
-            tl.store(DBranch + rows64 * N + cols64, round_to(dx, DBranch.dtype.element_ty, BF16_RNE_IN_SOFTWARE),
+            tl.store(DBranch + rows64 * N + cols64, round_to(dx, DBranch.dtype.element_ty, INTERPRETING),
                      mask=mask)
 
         dw_acc += dy * xhat
@@ -212,7 +196,7 @@ def column_sum_kernel(
     P, N,
     BLOCK_C: tl.constexpr,  # partial rows (columns of dweight, then of dbias) per program
     BLOCK_P: tl.constexpr,  # partials summed per step
-    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see round_to
+    INTERPRETING: tl.constexpr,  # under the interpreter: bf16 stores rounded in software (round_to)
 ):
     """Second stage of the weight and bias gradients: each program sums BLOCK_C rows of the
     partial buffer, BLOCK_P contiguous partials per step, in a fixed order (the same tiles, the
@@ -226,6 +210,6 @@ def column_sum_kernel(
         acc += tl.load(Partial + rows.to(tl.int64)[:, None] * P + ps[None, :], mask=mask, other=0.0)
     total = tl.sum(acc, axis=1)  # (BLOCK_C,)
     is_dw = rows < N
-    tl.store(DW + rows, round_to(total, DW.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=row_mask & is_dw)
-    tl.store(DB + (rows - N), round_to(total, DB.dtype.element_ty, BF16_RNE_IN_SOFTWARE),
+    tl.store(DW + rows, round_to(total, DW.dtype.element_ty, INTERPRETING), mask=row_mask & is_dw)
+    tl.store(DB + (rows - N), round_to(total, DB.dtype.element_ty, INTERPRETING),
              mask=row_mask & (rows >= N))

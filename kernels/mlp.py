@@ -31,10 +31,14 @@ Mixed precision: the GEMM operands are converted in registers to the dtype of X 
 dtype, 16-bit under autocast): fp32 weights are loaded as fp32 and rounded to bf16/fp16 right
 before ``tl.dot``, an fp32 incoming gradient likewise. The residual and the output may be fp32
 (the residual stream), everything else is read in its own dtype and accumulated in fp32. Under
-Triton's interpreter, whose ``tl.dot`` on bf16 operands returns garbage (triton issue 11584),
-the launchers set DOT_IN_FP32 and the 16-bit operands are widened to fp32 before the dot (exact:
-every 16-bit value is an fp32 value, and the GPU accumulates in fp32 too); stores and operand
-conversions to bf16 round to nearest even in software there (``round_to``).
+Triton's interpreter (INTERPRETING, set by the launchers) two work-arounds of
+``vit_fast.kernels.common`` apply: bf16 dot operands are widened to fp32 (``dot``; the
+interpreter's bf16 ``tl.dot`` returns garbage, triton issue 11584; exact: every bf16 value is an
+fp32 value, and the GPU accumulates in fp32 too), and stores and operand conversions to bf16
+round to nearest even in software (``round_to``).
+
+These kernels serve two ops: ``vit_fast.fused.mlp`` (all three) and the autocast linear,
+``vit_fast.fused.linear`` (``linear_fwd_kernel`` without activation, ``linear_bwd_kernel``).
 
 Pre-activation: recomputed, not saved. Per element of the hidden (M, Hd) tensor, saving the
 pre-activation in 16 bits costs 2 bytes written by the forward plus 2 bytes read by the
@@ -59,7 +63,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vit_fast.kernels.layernorm import round_to
+from vit_fast.kernels.common import dot, round_to
 
 # Activation names understood by the epilogues (constexpr strings select code at compile time).
 ACTIVATIONS = ("none", "gelu", "gelu_tanh")
@@ -120,14 +124,6 @@ def _tile_coordinates(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G
 
 
 @triton.jit
-def _dot(a, b, acc, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc + a @ b; the 16-bit operands widened to fp32 under the interpreter (DOT_IN_FP32)."""
-    if DOT_IN_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee", out_dtype=acc.dtype)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-
-
-@triton.jit
 def _matmul_tile(
     acc,  # (BLOCK_M, BLOCK_N) accumulator, returned with A[rows] @ B[:, cols] added
     A, stride_am, stride_ak,  # left operand (M, K)
@@ -137,8 +133,7 @@ def _matmul_tile(
     DOT_DTYPE: tl.constexpr,  # both operands are converted to it in registers (fp32 weights -> 16 bits)
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
-    BF16_RNE_IN_SOFTWARE: tl.constexpr,
+    INTERPRETING: tl.constexpr,
 ):
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
@@ -147,11 +142,9 @@ def _matmul_tile(
     col_ok = offs_n < N
     for k_start in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k_start  # masked (zero) lanes contribute nothing to the dot
-        a = round_to(tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), DOT_DTYPE,
-                     BF16_RNE_IN_SOFTWARE)
-        b = round_to(tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0), DOT_DTYPE,
-                     BF16_RNE_IN_SOFTWARE)
-        acc = _dot(a, b, acc, DOT_IN_FP32, INPUT_PRECISION)
+        a = round_to(tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), DOT_DTYPE, INTERPRETING)
+        b = round_to(tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0), DOT_DTYPE, INTERPRETING)
+        acc = dot(a, b, acc, INPUT_PRECISION, INTERPRETING)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
@@ -181,8 +174,7 @@ def linear_fwd_kernel(
     ACTIVATION: tl.constexpr,  # "none", "gelu" (erf) or "gelu_tanh"
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 (no TF32 rounding), "tf32" otherwise
-    DOT_IN_FP32: tl.constexpr,  # interpreter only: widen 16-bit dot operands (module docstring)
-    BF16_RNE_IN_SOFTWARE: tl.constexpr,  # interpreter only, see round_to
+    INTERPRETING: tl.constexpr,  # under the interpreter: bf16 dots widened, bf16 casts rounded (module docstring)
 ):
     pid_m, pid_n = _tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -191,7 +183,7 @@ def linear_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     # X W^T: the weight read as a (K, N) operand by swapping its strides, no transpose copy.
     acc = _matmul_tile(acc, X, stride_xm, stride_xk, W, stride_wk, stride_wn, offs_m, offs_n, M, N, K,
-                       X.dtype.element_ty, BLOCK_K, INPUT_PRECISION, DOT_IN_FP32, BF16_RNE_IN_SOFTWARE)
+                       X.dtype.element_ty, BLOCK_K, INPUT_PRECISION, INTERPRETING)
 
     # Epilogue, on the fp32 accumulator while the tile is still in registers: the pre-activation
     # never reaches memory, and the output is rounded to its dtype exactly once.
@@ -207,7 +199,7 @@ def linear_fwd_kernel(
         r_ptrs = Residual + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
         acc += tl.load(r_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
     out_ptrs = Out + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, round_to(acc, Out.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=mask)
+    tl.store(out_ptrs, round_to(acc, Out.dtype.element_ty, INTERPRETING), mask=mask)
 
 
 @triton.jit
@@ -235,8 +227,7 @@ def gelu_bwd_kernel(
     ACTIVATION: tl.constexpr,  # "gelu" (erf) or "gelu_tanh": the form the forward used
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
-    BF16_RNE_IN_SOFTWARE: tl.constexpr,
+    INTERPRETING: tl.constexpr,
 ):
     pid_m, pid_n = _tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -260,10 +251,9 @@ def gelu_bwd_kernel(
         a = tl.load(dy_ptrs, mask=a_mask, other=0.0)
         if HAS_SCALE:
             a = a.to(ACC_DTYPE) * keep[:, None]
-        a = round_to(a, dot_dtype, BF16_RNE_IN_SOFTWARE)
-        b = round_to(tl.load(w2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0), dot_dtype,
-                     BF16_RNE_IN_SOFTWARE)
-        grad_h = _dot(a, b, grad_h, DOT_IN_FP32, INPUT_PRECISION)
+        a = round_to(a, dot_dtype, INTERPRETING)
+        b = round_to(tl.load(w2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0), dot_dtype, INTERPRETING)
+        grad_h = dot(a, b, grad_h, INPUT_PRECISION, INTERPRETING)
         dy_ptrs += BLOCK_K * stride_dyk
         w2_ptrs += BLOCK_K * stride_w2k
     # The same tile of fc1's pre-activation, recomputed (module docstring: cheaper than saving it
@@ -271,7 +261,7 @@ def gelu_bwd_kernel(
     # output widths may differ when there is no residual.
     pre = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     pre = _matmul_tile(pre, X, stride_xm, stride_xk, W1, stride_w1k, stride_w1n, offs_m, offs_n,
-                       M, N, K_IN, dot_dtype, BLOCK_K, INPUT_PRECISION, DOT_IN_FP32, BF16_RNE_IN_SOFTWARE)
+                       M, N, K_IN, dot_dtype, BLOCK_K, INPUT_PRECISION, INTERPRETING)
 
     if HAS_BIAS1:
         pre += tl.load(B1 + offs_n, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
@@ -280,7 +270,7 @@ def gelu_bwd_kernel(
     # below the rounding of the 16-bit result.
     grad_pre = grad_h * _gelu_grad(pre, ACTIVATION)
     dp_ptrs = DPre + offs_m[:, None] * stride_dpm + offs_n[None, :] * stride_dpn
-    tl.store(dp_ptrs, round_to(grad_pre, DPre.dtype.element_ty, BF16_RNE_IN_SOFTWARE),
+    tl.store(dp_ptrs, round_to(grad_pre, DPre.dtype.element_ty, INTERPRETING),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -306,8 +296,7 @@ def _weight_grad_tile(
     HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
-    BF16_RNE_IN_SOFTWARE: tl.constexpr,
+    INTERPRETING: tl.constexpr,
 ):
     tiles_k = _weight_grad_tiles_k(K, BLOCK_K)
     pid_n = tile // tiles_k
@@ -337,18 +326,17 @@ def _weight_grad_tile(
             dy = dy.to(ACC_DTYPE) * keep[None, :]
         if HAS_BIAS:
             bias_acc += dy.to(ACC_DTYPE)  # before any rounding to the dot's dtype: the fp32 gradient
-        a = round_to(dy, dot_dtype, BF16_RNE_IN_SOFTWARE)
-        b = round_to(tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), dot_dtype,
-                     BF16_RNE_IN_SOFTWARE)
-        acc = _dot(a, b, acc, DOT_IN_FP32, INPUT_PRECISION)
+        a = round_to(dy, dot_dtype, INTERPRETING)
+        b = round_to(tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), dot_dtype, INTERPRETING)
+        acc = dot(a, b, acc, INPUT_PRECISION, INTERPRETING)
         dy_ptrs += BLOCK_M * stride_dym
         x_ptrs += BLOCK_M * stride_xm
     # DW and DB are the op's own contiguous outputs: (N, K) with row stride K, and (N,).
     dw_ptrs = DW + offs_n[:, None] * K + offs_k[None, :]
-    tl.store(dw_ptrs, round_to(acc, DW.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=n_ok[:, None] & k_ok[None, :])
+    tl.store(dw_ptrs, round_to(acc, DW.dtype.element_ty, INTERPRETING), mask=n_ok[:, None] & k_ok[None, :])
     if HAS_BIAS:
         db = tl.sum(bias_acc, axis=1)
-        tl.store(DB + offs_n, round_to(db, DB.dtype.element_ty, BF16_RNE_IN_SOFTWARE), mask=n_ok & (pid_k == 0))
+        tl.store(DB + offs_n, round_to(db, DB.dtype.element_ty, INTERPRETING), mask=n_ok & (pid_k == 0))
 
 
 @triton.jit
@@ -364,8 +352,7 @@ def _input_grad_tile(
     GROUP_M: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
-    BF16_RNE_IN_SOFTWARE: tl.constexpr,
+    INTERPRETING: tl.constexpr,
 ):
     pid_m, pid_n = _tile_coordinates(tile, M, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -374,9 +361,9 @@ def _input_grad_tile(
     # The weight (N, K) is the (reduction, column) operand as it is laid out; an fp32 weight is
     # rounded to DX's dtype (the compute dtype) in registers.
     acc = _matmul_tile(acc, G, stride_gm, stride_gn, W, stride_wn, stride_wk, offs_m, offs_n, M, K, N,
-                       DX.dtype.element_ty, BLOCK_K, INPUT_PRECISION, DOT_IN_FP32, BF16_RNE_IN_SOFTWARE)
+                       DX.dtype.element_ty, BLOCK_K, INPUT_PRECISION, INTERPRETING)
     dx_ptrs = DX + offs_m[:, None] * K + offs_n[None, :]  # DX is the op's own contiguous (M, K) output
-    tl.store(dx_ptrs, round_to(acc, DX.dtype.element_ty, BF16_RNE_IN_SOFTWARE),
+    tl.store(dx_ptrs, round_to(acc, DX.dtype.element_ty, INTERPRETING),
              mask=(offs_m < M)[:, None] & (offs_n < K)[None, :])
 
 
@@ -414,8 +401,7 @@ def linear_bwd_kernel(
     HAS_DX: tl.constexpr,  # DX's tiles after the weight-gradient tiles
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
-    BF16_RNE_IN_SOFTWARE: tl.constexpr,
+    INTERPRETING: tl.constexpr,
 ):
     # Tiles in this order: the first layer's DW, the second's, DX. The weight-gradient programs
     # each stream all M rows; the many short DX programs come last, so they fill the SMs that the
@@ -430,12 +416,11 @@ def linear_bwd_kernel(
     if tile < tiles:
         _weight_grad_tile(tile, DY, Scale, X, DW, DB, M, N, K, rows_per_sample, stride_dym, stride_dyn,
                           stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_K, HAS_SCALE, HAS_BIAS, ACC_DTYPE,
-                          INPUT_PRECISION, DOT_IN_FP32, BF16_RNE_IN_SOFTWARE)
+                          INPUT_PRECISION, INTERPRETING)
     elif tile < tiles + tiles2:
         _weight_grad_tile(tile - tiles, DY2, Scale, X2, DW2, DB2, M, N2, K2, rows_per_sample, stride_dy2m,
                           stride_dy2n, stride_x2m, stride_x2k, BLOCK_M, BLOCK_N, BLOCK_K, False, HAS_BIAS2,
-                          ACC_DTYPE, INPUT_PRECISION, DOT_IN_FP32, BF16_RNE_IN_SOFTWARE)
+                          ACC_DTYPE, INPUT_PRECISION, INTERPRETING)
     elif HAS_DX:
         _input_grad_tile(tile - tiles - tiles2, G, W, DX, M, NX, KX, stride_gm, stride_gn, stride_wn, stride_wk,
-                         DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, DX_GROUP_M, ACC_DTYPE, INPUT_PRECISION, DOT_IN_FP32,
-                         BF16_RNE_IN_SOFTWARE)
+                         DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, DX_GROUP_M, ACC_DTYPE, INPUT_PRECISION, INTERPRETING)

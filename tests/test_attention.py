@@ -25,7 +25,7 @@ from vit_fast.testing import (
 
 ON_CUDA = torch.cuda.is_available()
 # bf16 runs on the CPU too: under the interpreter the launcher has the kernels multiply bf16 tl.dot
-# operands as fp32 and round casts to bf16 in software (INTERPRETER_BF16), since triton 3.8's
+# operands as fp32 and round casts to bf16 in software (INTERPRETING), since triton 3.8's
 # interpreter returns garbage for a bf16 dot and truncates fp32 -> bf16.
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]

@@ -285,10 +285,16 @@ def test_bad_inputs_are_rejected(device):
 
 
 def test_choose_config_holds_a_row_per_block():
-    assert fused.choose_config(100) == fused.CrossEntropyConfig(block_b=32, block_k=128, num_warps=8)
-    assert fused.choose_config(7).block_b == 32 and fused.choose_config(7).block_k == 8
-    assert fused.choose_config(1000) == fused.CrossEntropyConfig(block_b=4, block_k=1024, num_warps=8)
-    assert fused.choose_config(fused.MAX_CLASSES).block_b == 1
+    def choose(classes, dtype=torch.float32):
+        return fused.choose_config(classes=classes, dtype=dtype)
+
+    assert choose(100) == fused.CrossEntropyConfig(block_b=32, block_k=128, num_warps=8)
+    assert choose(7).block_b == 32 and choose(7).block_k == 8
+    assert choose(1000) == fused.CrossEntropyConfig(block_b=4, block_k=1024, num_warps=8)
+    assert choose(fused.MAX_CLASSES).block_b == 1
+    # The tile is a function of K alone: the same for every logits dtype, interpreted or not.
+    assert {fused.choose_config(classes=100, dtype=dtype, interpret=interpret)
+            for dtype in (torch.float16, torch.bfloat16, torch.float64) for interpret in (False, True)} == {choose(100)}
 
 
 def test_aot_compiles_without_spills():

@@ -233,10 +233,12 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 def test_config_is_a_pure_function_of_the_shapes():
-    assert fused.choose_config(3 * 32 * 32, 100, interpret=False) == fused.AugmentFinishConfig(1024, 128, 4)
-    assert fused.choose_config(3 * 5 * 7, 1500, interpret=True).block_k == 1024
+    u8 = torch.uint8
+    assert (fused.choose_config(image_size=3 * 32 * 32, num_classes=100, dtype=u8, interpret=False)
+            == fused.AugmentFinishConfig(1024, 128, 4))
+    assert fused.choose_config(image_size=3 * 5 * 7, num_classes=1500, dtype=u8, interpret=True).block_k == 1024
     with pytest.raises(ValueError, match="at least one element each, got 0"):
-        fused.choose_config(0, 10, interpret=False)
+        fused.choose_config(image_size=0, num_classes=10, dtype=u8, interpret=False)
 
 
 @pytest.mark.gpu(reason="the CUDA arithmetic (division by the float32 reciprocal "

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vit_fast import PRESETS
-from vit_fast.fused import attention, layernorm, mlp, registry
+from vit_fast.fused import attention, layernorm, linear, mlp, registry
 from vit_fast.model import ViTClassifier
 
 pytest.importorskip("triton", reason="Triton is needed to compile kernels ahead of time")
@@ -111,8 +111,8 @@ def _launches_of(op: str, args: tuple) -> list:
                                 scale=scale is not None, bias=b1 is not None)
     if op == "linear":  # the projections under autocast (fp32 weights converted in registers)
         x, weight, bias = args
-        return mlp.linear_aot_launches(x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], x.dtype,
-                                       weight.dtype, bias is not None)
+        return linear.aot_launches(x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], x.dtype,
+                                   weight.dtype, bias is not None)
     raise AssertionError(f"the fused model dispatches vit_fast::{op}, which this test cannot compile: extend it")
 
 

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from vit_fast import reference
+from vit_fast.fused import linear as fused_linear
+from vit_fast.fused import matmul
 from vit_fast.fused import mlp as fused
 from vit_fast.testing import assert_compiled_matches_eager, assert_parity
 
@@ -210,7 +212,7 @@ def test_linear_mixed_precision_parity(device, shape, dtype, bias):
         y.backward(grad_y.to(device=device, dtype=y.dtype))
         return [y.detach()] + [t.grad for t in leaves if t is not None]
 
-    out = run(fused.linear, dtype, torch.float32)
+    out = run(fused_linear.linear, dtype, torch.float32)
     assert [t.dtype for t in out] == [dtype, dtype] + [torch.float32] * (1 + bias)
     out_pt = run(reference.linear, dtype, dtype)
     out_ref = run(reference.linear, torch.float64, torch.float64)
@@ -280,7 +282,7 @@ def test_mlp_is_deterministic(device):
 
 # Tiles of 16 (the dot's minimum) so that the awkward shapes below span several of each: M = 37 is
 # two full row steps and a partial one, N = 24 and K = 20 a full and a partial tile.
-SMALL_TILES = fused.MatmulConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1)
+SMALL_TILES = matmul.MatmulConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1)
 # (M, N, K) of the first layer and (N2, K2) of the second one of a grouped launch.
 WGRAD_SHAPE, WGRAD_SECOND = (37, 24, 20), (30, 11)
 # (operand dtype of X, incoming gradient's dtype, parameter dtype): fp32 throughout; bf16 with
@@ -295,7 +297,7 @@ def _weight_grad_inputs(device, M, layers, x_dtype, dy_dtype, param_dtype, bias,
     samples (0: none)."""
     operands = []
     for n, k in layers:
-        operands.append(fused.WeightGradOperands(
+        operands.append(matmul.WeightGradOperands(
             torch.randn(M, n, device=device, dtype=dy_dtype), torch.randn(M, k, device=device, dtype=x_dtype),
             torch.full((n, k), float("nan"), device=device, dtype=param_dtype),
             torch.full((n,), float("nan"), device=device, dtype=param_dtype) if bias else None))
@@ -304,7 +306,7 @@ def _weight_grad_inputs(device, M, layers, x_dtype, dy_dtype, param_dtype, bias,
 
 
 def _input_grad_operands(device, M, N, K, x_dtype, param_dtype):
-    return fused.InputGradOperands(torch.randn(M, N, device=device, dtype=x_dtype),
+    return matmul.InputGradOperands(torch.randn(M, N, device=device, dtype=x_dtype),
                                    torch.randn(N, K, device=device, dtype=param_dtype),
                                    torch.full((M, K), float("nan"), device=device, dtype=x_dtype))
 
@@ -357,7 +359,7 @@ def test_linear_bwd_kernel_on_awkward_shapes(device, dtypes, bias, layout):
                                           scale_samples=M if layout == "mlp" else 0)
     dx_shape = (N, K) if layout != "mlp" else WGRAD_SECOND
     input_grad = _input_grad_operands(device, M, *dx_shape, x_dtype, param_dtype) if layout != "weights" else None
-    launch = fused.linear_bwd_launch(operands, input_grad, scale=scale, rows_per_sample=rows_per_sample,
+    launch = matmul.linear_bwd_launch(operands, input_grad, scale=scale, rows_per_sample=rows_per_sample,
                                      config=SMALL_TILES)
     dx_tiles = math.ceil(M / 16) * math.ceil(dx_shape[1] / 16) if input_grad is not None else 0
     assert launch.grid == (sum(math.ceil(n / 16) * math.ceil(k / 16) for n, k in layers) + dx_tiles,)
@@ -377,7 +379,7 @@ def test_linear_bwd_kernel_with_the_launchers_config(device):
     op = dataclasses.replace(operands[0], grad_y2d=torch.full((), 0.75, device=device).expand(M, N))
     scale = _keep_scale(3, torch.float32).to(device)
     input_grad = _input_grad_operands(device, M, N, K, BF16, torch.float32)
-    fused.linear_bwd_launch([op], input_grad, scale=scale, rows_per_sample=65).run()
+    matmul.linear_bwd_launch([op], input_grad, scale=scale, rows_per_sample=65).run()
     _check_weight_grads(op, scale, 65, name="stride-0 dY")
     _check_input_grad(input_grad, name="launcher's config")
 
@@ -385,7 +387,7 @@ def test_linear_bwd_kernel_with_the_launchers_config(device):
 def test_linear_bwd_kernel_without_inputs_still_sums_the_bias(device):
     """K = 0 (a layer without inputs): no dW tiles, but one column of programs stores db."""
     operands, _ = _weight_grad_inputs(device, 37, [(24, 0)], torch.float32, torch.float32, torch.float32, bias=True)
-    fused.linear_bwd_launch(operands, config=SMALL_TILES).run()
+    matmul.linear_bwd_launch(operands, config=SMALL_TILES).run()
     _check_weight_grads(operands[0], None, 1, name="K = 0")
 
 
@@ -408,7 +410,7 @@ def test_weight_grad_check_catches_a_dropped_bias_tile(device, tmp_path, monkeyp
 
     M, N, K = WGRAD_SHAPE
     operands, _ = _weight_grad_inputs(device, M, [(N, K)], torch.float32, torch.float32, torch.float32, bias=True)
-    launch = fused.linear_bwd_launch(operands, config=SMALL_TILES)
+    launch = matmul.linear_bwd_launch(operands, config=SMALL_TILES)
     launch.run()
     _check_weight_grads(operands[0], None, 1, name="real kernel")
     launch.kernel = mutant
@@ -606,13 +608,23 @@ def test_vit_shapes_reach_every_16bit_config():
         assert len({c for c in configs if c[0] == "linear_bwd_kernel"}) == 2, configs
 
 
+def _tiles(config) -> list:
+    """The MatmulConfig of each kernel (part) of an op's config (MLPConfig, LinearConfig)."""
+    return [getattr(config, field.name) for field in dataclasses.fields(config)]
+
+
 def test_interpreter_config_is_fixed():
-    assert {fused.choose_config(k, m, n, kk, dt, interpret=True)
-            for k in ("linear", "gelu_bwd") for m in (1, 8320) for n in (24, 3072) for kk in (8, 768)
-            for dt in (torch.float16, torch.float32)} == {fused.INTERPRETER_CONFIG}
-    assert {fused.choose_weight_grad_config(m, [(n, kk)] * layers, dt, interpret=True)
-            for m in (1, 8320) for n in (24, 3072) for kk in (8, 768) for layers in (1, 2)
-            for dt in (torch.float16, torch.float32)} == {fused.INTERPRETER_CONFIG}
+    sizes = [(m, n, kk, dt) for m in (1, 8320) for n in (24, 3072) for kk in (8, 768)
+             for dt in (torch.float16, torch.float32)]
+    assert {tile for m, n, kk, dt in sizes
+            for config in (fused.choose_config(rows=m, d_in=kk, hidden=n, d_out=kk, dtype=dt, interpret=True),
+                           fused_linear.choose_config(rows=m, in_features=kk, out_features=n, dtype=dt,
+                                                      interpret=True))
+            for tile in _tiles(config)} == {matmul.INTERPRETER_CONFIG}
+    assert {matmul.product_config(k, rows=m, columns=n, dtype=dt, interpret=True)
+            for k in ("linear", "gelu_bwd") for m, n, _, dt in sizes} == {matmul.INTERPRETER_CONFIG}
+    assert {matmul.weight_grad_config(rows=m, weights=[(n, kk)] * layers, dtype=dt, interpret=True)
+            for m, n, kk, dt in sizes for layers in (1, 2)} == {matmul.INTERPRETER_CONFIG}
 
 
 def test_linear_launches_compile_without_spills():
@@ -622,7 +634,7 @@ def test_linear_launches_compile_without_spills():
 
     launches = [launch for dtype in (torch.float16, torch.bfloat16) for m in (128 * 65, 8 * 65, 128)
                 for d in AOT_WIDTHS for n in (3 * d, d, 100)
-                for launch in _without_linear_bwd(fused.linear_aot_launches(m, d, n, dtype, torch.float32))]
+                for launch in _without_linear_bwd(fused_linear.aot_launches(m, d, n, dtype, torch.float32))]
     for launch, r in compile_launches(launches):
         assert not r.spills, f"{launch.describe()} sm_{r.capability} spills: {r}"
         assert r.fits_shared_memory, f"{launch.describe()} needs {r.shared_bytes} B of shared memory"
@@ -670,7 +682,7 @@ def test_launch_from_args_specialises_like_a_launch():
         return torch.empty(shape, dtype=dtype, device="meta")
 
     x = t(48, 2 * 32)[:, 4:]  # 4 bf16 = 8 bytes into the storage: not 16-byte aligned
-    launch = fused.linear_launch(x, t(40, 60), t(40), None, t(48, 40), "gelu", interpret=False)
+    launch = matmul.linear_launch(x, t(40, 60), t(40), None, t(48, 40), "gelu", interpret=False)
     launch.args["M"] = 1  # as a one-row launch would pass it
     k = kernel_launch(launch)
     assert k.kernel == "linear_fwd_kernel" and k.module == "vit_fast.kernels.mlp"
@@ -679,4 +691,4 @@ def test_launch_from_args_specialises_like_a_launch():
     assert k.constexprs["stride_xk"] == 1 and k.constexprs["ACC_DTYPE"] == "tl.float32"
     assert k.signature["stride_xm"] == "i32" and "stride_xm" in k.divisible_by_16  # 64
     assert k.signature["N"] == "i32" and "N" not in k.divisible_by_16  # 40
-    assert list(k.signature) == [n for n in fused.linear_fwd_kernel.arg_names if n in k.signature]
+    assert list(k.signature) == [n for n in matmul.linear_fwd_kernel.arg_names if n in k.signature]

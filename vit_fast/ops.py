@@ -44,12 +44,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str) -> Tens
     if backend == "reference":
         return reference.linear(x, weight, bias)
     if backend == "fused" and autocast_dtype(x) is not None and x.dtype != weight.dtype:
-        from .fused import mlp as fused_mlp
+        from .fused import linear as fused_linear
 
         # Under autocast cuBLAS would need the fp32 weight and bias cast to 16 bits and their
         # gradients cast back (four standalone casts per linear and step): the Triton matmul
         # converts them in registers instead.
-        return fused_mlp.linear(x.to(autocast_dtype(x)), weight, bias)
+        return fused_linear.linear(x.to(autocast_dtype(x)), weight, bias)
     if backend in ("torch", "fused"):  # a plain GEMM: cuBLAS
         return F.linear(x, weight, bias)
     raise _unknown(backend)

@@ -12,7 +12,7 @@ Public API (matches ``vit_fast.reference.attention`` / ``attention_packed``):
                                         for the ahead-of-time compile tests (vit_fast.aot)
     aot_every_config(head_dims, dtypes) the launches of every configuration choose_config can
                                         return (python -m vit_fast.aot --op attention reports them)
-    KernelConfig, AttentionConfig, choose_config(head_dim, seq_len, dtype, interpret=None), all_configs
+    KernelConfig, AttentionConfig, choose_config(head_dim, seq_len, dtype, *, interpret=None), all_configs
     launch_forward(...), launch_backward(...)   run the kernels on (B, H, N, D) views with a given config
 
 Registered ops (custom_op + register_fake + register_autograd, so they pass opcheck and trace
@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,12 +40,15 @@ from torch import Tensor
 
 from vit_fast.fused.launch import (
     SUPPORTED_DTYPES,
+    VIT_CIFAR_TOKENS,
+    KernelConfig,
     Launch,
     accumulation_dtype,
     check_launchable,
     check_same_device,
     check_same_dtype_device,
     interpreting,
+    meta_tensor,
     precision_constexprs,
 )
 from vit_fast.kernels.attention import (
@@ -66,18 +70,11 @@ MAX_HEAD_DIM = 128
 
 
 @dataclass(frozen=True)
-class KernelConfig:
-    block_m: int  # query rows per tile
-    block_n: int  # keys per tile
-    num_warps: int
-    num_stages: int  # software-pipelining depth of the tile loop (shared-memory buffers)
-
-
-@dataclass(frozen=True)
 class AttentionConfig:
-    """One launch configuration per kernel of a forward + backward pass."""
+    """One launch configuration per kernel of a forward + backward pass: block_m query rows and
+    block_n keys per tile, num_stages the software-pipelining depth of the tile loop."""
 
-    forward: KernelConfig
+    forward: KernelConfig  # block_m queries owned per program, block_n keys per loop step
     preprocess: KernelConfig  # delta = rowsum(dO * O); only block_m is used
     dkdv: KernelConfig  # block_n keys owned per program, block_m queries per loop step
     dq: KernelConfig  # block_m queries owned per program, block_n keys per loop step
@@ -151,7 +148,8 @@ def _fp32_config(bd: int, seq_len: int) -> AttentionConfig:
     return AttentionConfig(forward, _PREPROCESS, dkdv, dq, fuse_dq=dkdv.block_n >= seq_len)
 
 
-def choose_config(head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bool | None = None) -> AttentionConfig:
+def choose_config(head_dim: int, seq_len: int, dtype: torch.dtype, *,
+                  interpret: bool | None = None) -> AttentionConfig:
     """Launch configuration from head dim, sequence length and dtype (no autotuning: the
     interpreter cannot run it, and timings would depend on the first shape seen).
 
@@ -195,7 +193,8 @@ def all_configs(head_dim: int, dtype: torch.dtype) -> set[AttentionConfig]:
     1..SINGLE_TILE_MAX_SEQ + 1 enumerates them all (the ahead-of-time test compiles each). The
     dQ kernel's configuration is included even where fuse_dq makes it unused.
     """
-    return {choose_config(head_dim, n, dtype, interpret=False) for n in range(1, SINGLE_TILE_MAX_SEQ + 2)}
+    return {choose_config(head_dim=head_dim, seq_len=n, dtype=dtype, interpret=False)
+            for n in range(1, SINGLE_TILE_MAX_SEQ + 2)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,11 +309,10 @@ def _unit_last_stride(t: Tensor) -> Tensor:
 
 
 def _dtype_constexprs(dtype: torch.dtype, interpret: bool) -> dict:
-    """ACC_DTYPE, INPUT_PRECISION and INTERPRETER_BF16: under Triton's interpreter, bf16 tl.dot
-    operands are multiplied as fp32 (its bf16 dot returns garbage, upstream triton issue 11584)
-    and fp32 -> bf16 casts rounded to nearest even in software (it truncates). A GPU launch, and
-    so every ahead-of-time compile, keeps bf16 dots and the hardware conversion."""
-    return {**precision_constexprs(dtype), "INTERPRETER_BF16": interpret and dtype == torch.bfloat16}
+    """ACC_DTYPE, INPUT_PRECISION and INTERPRETING (under Triton's interpreter the kernels widen
+    bf16 dots and round bf16 casts in software: ``kernels/attention.py``). A GPU launch, and so
+    every ahead-of-time compile, keeps bf16 dots and the hardware conversion."""
+    return {**precision_constexprs(dtype), "INTERPRETING": interpret}
 
 
 def _stride_args(name: str, t: Tensor) -> dict:
@@ -343,7 +341,8 @@ def launch_forward(
     """out <- softmax(q k^T * scale) v on (B, H, N, D) views; returns lse (B, H, N)."""
     B, H, N, D = q.shape
     lse = torch.empty((B, H, N), device=q.device, dtype=accumulation_dtype(q.dtype))
-    _forward_launch(q, k, v, out, lse, scale, config or choose_config(D, N, q.dtype), interpreting()).run()
+    config = config or choose_config(head_dim=D, seq_len=N, dtype=q.dtype)
+    _forward_launch(q, k, v, out, lse, scale, config, interpreting()).run()
     return lse
 
 
@@ -402,7 +401,7 @@ def launch_backward(
 ) -> None:
     """dq, dk, dv <- gradients of the attention on (B, H, N, D) views (written, not accumulated)."""
     _, _, N, D = q.shape
-    config = config or choose_config(D, N, q.dtype)
+    config = config or choose_config(head_dim=D, seq_len=N, dtype=q.dtype)
     for launch in _backward_launches(grad_out, q, k, v, out, lse, scale, dq, dk, dv, config, interpreting()):
         launch.run()
 
@@ -419,11 +418,9 @@ def aot_launches(batch: int, seq_len: int, heads: int, head_dim: int, dtype: tor
     views into a (B, N, 3, H, D) qkv tensor, output and gradient (B, N, H*D)) or of ``attention``
     (contiguous (B, H, N, D) tensors) at these sizes, with the GPU's configuration choice."""
     _check_head_dim(head_dim)
-    config = choose_config(head_dim, seq_len, dtype, interpret=False)
+    config = choose_config(head_dim=head_dim, seq_len=seq_len, dtype=dtype, interpret=False)
 
-    def t(*shape, dtype=dtype):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
+    t = partial(meta_tensor, dtype=dtype)
     B, N, H, D = batch, seq_len, heads, head_dim
     if packed:
         q, k, v = split_qkv(t(B, N, 3, H, D))
@@ -453,10 +450,10 @@ def aot_every_config(head_dims: tuple[int, ...] = AOT_HEAD_DIMS,
     launches = []
     for dtype in dtypes:
         for head_dim in head_dims:
-            lengths = {65, 197}
+            lengths = {VIT_CIFAR_TOKENS, 197}
             for config in all_configs(head_dim, dtype):
                 picked = [n for n in range(1, SINGLE_TILE_MAX_SEQ + 2)
-                          if choose_config(head_dim, n, dtype, interpret=False) == config]
+                          if choose_config(head_dim=head_dim, seq_len=n, dtype=dtype, interpret=False) == config]
                 lengths |= {picked[0], picked[-1]}
             for n in sorted(lengths):
                 launches += aot_launches(2, n, 3, head_dim, dtype)

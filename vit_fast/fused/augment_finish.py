@@ -6,7 +6,7 @@ smooth_targets -> apply_mix``, bit for bit on the same device):
 
     augment_finish(images, mean, std, labels, num_classes, smoothing=0.0, erase=None, erase_values=None,
                    mix=None, mix_applied=None) -> (x, targets)
-    choose_config(image_size, num_classes, interpret) -> AugmentFinishConfig
+    choose_config(image_size, num_classes, dtype, *, interpret=None) -> AugmentFinishConfig
     aot_launches(batch, channels, height, width, num_classes, erase_values, mix_per_image, mix_applied)
         the GPU's launch at that shape, for vit_fast.aot's compile tests
     aot_every_config()   the launches of the vit-cifar training batch (``python -m vit_fast.aot``)
@@ -35,6 +35,7 @@ One kernel launch, sync-free: every parameter stays on the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,7 +43,9 @@ import torch
 import triton
 from torch import Tensor
 
-from vit_fast.fused.launch import Launch, check_launchable, check_same_device, interpreting, planning_active
+from vit_fast.fused.launch import (
+    Launch, check_launchable, check_same_device, interpreting, meta_tensor, planning_active,
+)
 from vit_fast.kernels.augment_finish import augment_finish_kernel
 
 if TYPE_CHECKING:
@@ -66,8 +69,11 @@ class AugmentFinishConfig:
     num_stages: int = 1  # no loop worth pipelining
 
 
-def choose_config(image_size: int, num_classes: int, interpret: bool) -> AugmentFinishConfig:
-    """A pure function of the shapes (the interpreter cannot autotune).
+def choose_config(image_size: int, num_classes: int, dtype: torch.dtype, *,
+                  interpret: bool | None = None) -> AugmentFinishConfig:
+    """A pure function of the shapes (the interpreter cannot autotune). ``dtype`` (the op takes
+    uint8) is taken as every op's ``choose_config`` takes it (CONTRIBUTING.md) and changes
+    nothing; ``interpret`` defaults to ``launch.interpreting()``.
 
     On a GPU 1024 elements per program, 8 per thread of 4 warps: the vit-cifar batch (3 x 32 x 32
     images, 128 of them) makes 64 pairs x 3 tiles = 192 programs, enough to spread its 0.4 MB of
@@ -75,6 +81,8 @@ def choose_config(image_size: int, num_classes: int, interpret: bool) -> Augment
     (up to 16384 elements) per program."""
     if image_size < 1:
         raise ValueError(f"augment_finish: images must have at least one element each, got {image_size}")
+    if interpret is None:
+        interpret = interpreting()
     cap = 16384 if interpret else 1024
     block_n = min(cap, triton.next_power_of_2(image_size))
     block_k = min(1024, triton.next_power_of_2(max(num_classes, 1)))
@@ -182,7 +190,7 @@ def _launch(images: Tensor, mean: Tensor, std: Tensor, labels: Tensor, num_class
     """The kernel's launch; ``x`` (B, C, H, W) and ``targets`` (B, K) are contiguous float32 outputs.
     ``cuda_arithmetic``: follow torch's CUDA arithmetic (see the kernel's module docstring)."""
     B, C, H, W = images.shape
-    cfg = choose_config(C * H * W, num_classes, interpret)
+    cfg = choose_config(image_size=C * H * W, num_classes=num_classes, dtype=images.dtype, interpret=interpret)
     # Absent tensors get a valid pointer the kernel never reads (its flag is off).
     unused = mean
     if erase is not None:
@@ -232,9 +240,7 @@ def aot_launches(batch: int, channels: int, height: int, width: int, num_classes
     """The kernel a GPU runs for a batch of that shape: erasing with ``erase_values`` "pixel",
     "rand", "const" (or None: no erasing), mixing one set per batch (``mix_per_image`` False),
     per image (True) or not at all (None), with ``mix_applied`` (mix probability below 1)."""
-    def t(*shape, dtype=torch.float32):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
+    t = partial(meta_tensor, dtype=torch.float32)
     B = batch
     images = t(B, channels, height, width, dtype=torch.uint8)
     erase = None

@@ -6,7 +6,8 @@ Public API:
         images[index] cropped at (oy, ox) of the zero-padded image, mirrored where ``flipped``, then
         ``vit_fast.augment.image_ops.apply_ops(x, op[s], magnitude[s])`` for each step s: bit for bit the
         torch implementation (see kernels/augment_policy.py for the exactness notes)
-    AugmentPolicyConfig, choose_config(channels, height, width)   the launch configuration
+    AugmentPolicyConfig, choose_config(channels, height, width, dtype, *, interpret=None)
+        the launch configuration
     aot_launches(batch, channels, height, width, steps=2, flip=True)   the GPU's launch, for
         vit_fast.aot's compile tests (aot_every_config: the vit-cifar shape)
 
@@ -41,7 +42,7 @@ import torch
 import triton
 from torch import Tensor
 
-from vit_fast.fused.launch import Launch, check_launchable, check_same_device, interpreting
+from vit_fast.fused.launch import Launch, check_launchable, check_same_device, interpreting, meta_tensor
 from vit_fast.kernels.augment_policy import augment_policy_kernel
 
 if TYPE_CHECKING:
@@ -68,9 +69,12 @@ class AugmentPolicyConfig:
     num_stages: int = 1  # the loops over steps and channels carry no loads to pipeline
 
 
-def choose_config(channels: int, height: int, width: int) -> AugmentPolicyConfig:
+def choose_config(channels: int, height: int, width: int, dtype: torch.dtype, *,
+                  interpret: bool | None = None) -> AugmentPolicyConfig:
     """The configuration for (channels, height, width) images: a pure function of the shape, the
-    same on a GPU and under the interpreter. For 32 x 32: block 1024, 4 warps."""
+    same on a GPU and under the interpreter. For 32 x 32: block 1024, 4 warps. ``dtype`` (the op
+    takes uint8) and ``interpret`` are taken as every op's ``choose_config`` takes them
+    (CONTRIBUTING.md) and change nothing here."""
     if channels < 1 or not 1 <= height * width <= MAX_PIXELS:
         raise ValueError(f"augment_policy takes images of >= 1 channel and 1 to {MAX_PIXELS} pixels, got "
                          f"{channels} x {height} x {width}")
@@ -103,7 +107,7 @@ def _check_inputs(images: Tensor, index: Tensor, padding: int, oy: Tensor, ox: T
         raise ValueError(f"images must be contiguous (the dataset is read in place, never copied), got strides "
                          f"{images.stride()} for shape {tuple(images.shape)}")
     _, C, H, W = images.shape
-    choose_config(C, H, W)  # raises for sizes the kernel cannot hold
+    choose_config(channels=C, height=H, width=W, dtype=images.dtype)  # raises for sizes the kernel can't hold
     if index.ndim != 1 or index.dtype not in _INDEX_DTYPES:
         raise ValueError(f"index must be int32 or int64 (B,), got {index.dtype} {tuple(index.shape)}")
     B = index.shape[0]
@@ -137,7 +141,7 @@ def _launch(images: Tensor, index: Tensor, padding: int, oy: Tensor, ox: Tensor,
             op: Tensor, magnitude: Tensor, out: Tensor, interpret: bool) -> Launch:
     """The one launch: a program per image of ``out`` (B, C, H, W); per-image inputs as (B,) views."""
     N, C, H, W = images.shape
-    cfg = choose_config(C, H, W)
+    cfg = choose_config(channels=C, height=H, width=W, dtype=images.dtype, interpret=interpret)
     args = dict(
         Images=images, Index=index, OY=oy, OX=ox, Flipped=flipped if flipped is not None else index, Op=op,
         Magnitude=magnitude, Out=out,
@@ -146,7 +150,7 @@ def _launch(images: Tensor, index: Tensor, padding: int, oy: Tensor, ox: Tensor,
         stride_op_s=op.stride(0), stride_op_b=op.stride(1), stride_mag_s=magnitude.stride(0),
         stride_mag_b=magnitude.stride(1), N=N, C=C, H=H, W=W, padding=padding, S=op.shape[0],
     )
-    constexprs = dict(HAS_FLIP=flipped is not None, BLOCK=cfg.block, PRODUCTS_IN_ASM=not interpret)
+    constexprs = dict(HAS_FLIP=flipped is not None, BLOCK=cfg.block, INTERPRETING=interpret)
     return Launch(augment_policy_kernel, (out.shape[0],), args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
@@ -159,14 +163,11 @@ def aot_launches(batch: int, channels: int, height: int, width: int, steps: int 
     """The launch a GPU makes for a batch of ``batch`` images of (channels, height, width) with
     ``steps`` policy steps, built by the launcher's own builder on meta tensors (a dataset of
     50000 images, int64 indices and offsets as the data pipeline draws them)."""
-    def t(*shape, dtype):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
-    images = t(50000, channels, height, width, dtype=torch.uint8)
-    index, oy, ox = t(batch, dtype=torch.int64), t(batch, dtype=torch.int64), t(batch, dtype=torch.int64)
-    flipped = t(batch, dtype=torch.bool) if flip else None
-    op, magnitude = t(steps, batch, dtype=torch.int64), t(steps, batch, dtype=torch.float32)
-    out = t(batch, channels, height, width, dtype=torch.uint8)
+    images = meta_tensor(50000, channels, height, width, dtype=torch.uint8)
+    index, oy, ox = (meta_tensor(batch, dtype=torch.int64) for _ in range(3))
+    flipped = meta_tensor(batch, dtype=torch.bool) if flip else None
+    op, magnitude = meta_tensor(steps, batch, dtype=torch.int64), meta_tensor(steps, batch, dtype=torch.float32)
+    out = meta_tensor(batch, channels, height, width, dtype=torch.uint8)
     launch = _launch(images, index, 4, oy, ox, flipped, op, magnitude, out, interpret=False)
     from vit_fast.aot import kernel_launches  # the compile tests' path only: running needs none of it
 

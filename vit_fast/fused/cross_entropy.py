@@ -3,7 +3,8 @@
 Public API (the loss of ``F.cross_entropy(logits.float(), target, label_smoothing=s)``):
 
     cross_entropy(logits, target, label_smoothing=0.0) -> loss    0-dim, fp32 (fp64 for fp64 logits)
-    choose_config(classes)                      the kernels' tile (CrossEntropyConfig), a function of K
+    choose_config(classes, dtype, *, interpret=None)
+                                                the kernels' tile (CrossEntropyConfig), a function of K
     aot_launches(batch, classes, dtype, soft)   the GPU's kernel launches, for vit_fast.aot's compile tests
     aot_every_config()                          the launches the AOT test compiles, for ``python -m vit_fast.aot``
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,7 +49,7 @@ import triton
 from torch import Tensor
 
 from vit_fast.fused.launch import (
-    SUPPORTED_DTYPES, Launch, accumulation_dtype, check_launchable, check_same_device, interpreting,
+    SUPPORTED_DTYPES, Launch, accumulation_dtype, check_launchable, check_same_device, interpreting, meta_tensor,
 )
 from vit_fast.kernels.cross_entropy import cross_entropy_bwd_kernel, cross_entropy_fwd_kernel
 
@@ -75,11 +77,13 @@ class CrossEntropyConfig:
     num_stages: int = 3  # Triton's default; the kernels' loop has nothing to pipeline
 
 
-def choose_config(classes: int) -> CrossEntropyConfig:
+def choose_config(classes: int, dtype: torch.dtype, *, interpret: bool | None = None) -> CrossEntropyConfig:
     """The tile of both kernels, a pure function of K (the interpreter cannot autotune):
     block_k = next_power_of_2(K), block_b = 4096 // block_k rows (1 to 32), 8 warps, so a thread
     holds 16 logits of the tile (the forward's one program keeps more loads in flight; with 4
-    warps the backward needs up to 196 registers on sm_90, with 8 about half)."""
+    warps the backward needs up to 196 registers on sm_90, with 8 about half). ``dtype`` (the
+    logits') and ``interpret`` are taken as every op's ``choose_config`` takes them
+    (CONTRIBUTING.md) and change nothing here."""
     if not 1 <= classes <= MAX_CLASSES:
         raise ValueError(f"cross_entropy: the number of classes K must be in [1, {MAX_CLASSES}], got {classes}")
     block_k = triton.next_power_of_2(classes)
@@ -141,7 +145,7 @@ def _target_args(logits: Tensor, target: Tensor) -> dict:
 
 def _forward_launch(logits: Tensor, target: Tensor, loss: Tensor, label_smoothing: float) -> Launch:
     batch, classes = logits.shape
-    cfg = choose_config(classes)
+    cfg = choose_config(classes=classes, dtype=logits.dtype)
     args = dict(Logits=logits, **_target_args(logits, target), Loss=loss,
                 stride_lb=logits.stride(0), stride_lk=logits.stride(1), B=batch, K=classes,
                 smoothing=float(label_smoothing))
@@ -152,12 +156,12 @@ def _forward_launch(logits: Tensor, target: Tensor, loss: Tensor, label_smoothin
 def _backward_launch(grad: Tensor, logits: Tensor, target: Tensor, dlogits: Tensor, label_smoothing: float,
                      interpret: bool) -> Launch:
     batch, classes = logits.shape
-    cfg = choose_config(classes)
+    cfg = choose_config(classes=classes, dtype=logits.dtype, interpret=interpret)
     args = dict(Logits=logits, **_target_args(logits, target), Grad=grad, DLogits=dlogits,
                 stride_lb=logits.stride(0), stride_lk=logits.stride(1), B=batch, K=classes,
                 smoothing=float(label_smoothing))
     constexprs = dict(SOFT=target.is_floating_point(), BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k,
-                      BF16_RNE_IN_SOFTWARE=interpret)
+                      INTERPRETING=interpret)
     return Launch(cross_entropy_bwd_kernel, (triton.cdiv(batch, cfg.block_b),), args, constexprs, cfg.num_warps,
                   cfg.num_stages)
 
@@ -169,9 +173,7 @@ def _backward_launch(grad: Tensor, logits: Tensor, target: Tensor, dlogits: Tens
 def aot_launches(batch: int, classes: int, dtype: torch.dtype, soft: bool) -> list[KernelLaunch]:
     """The forward and backward kernels a GPU runs for logits (batch, classes) in ``dtype`` with
     soft fp32 targets (``soft``) or int64 labels, as the launchers build them."""
-    def t(*shape, dtype=dtype):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
+    t = partial(meta_tensor, dtype=dtype)
     acc = accumulation_dtype(dtype)
     logits = t(batch, classes)
     target = t(batch, classes, dtype=torch.float32) if soft else t(batch, dtype=torch.int64)

@@ -5,6 +5,7 @@ Public API:
 
     Launch(kernel, grid, args, constexprs, num_warps, num_stages=3, options={})   one planned kernel
                                         launch; .run()
+    KernelConfig(block_m, block_n, num_warps, num_stages=3)   one kernel's tiles in an op's config
     interpreting()                      whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1)
     environment_without_interpreter()   os.environ for a child process that must compile, not interpret
     accumulation_dtype(dtype)           torch dtype of accumulators and statistics: fp64 for fp64, else fp32
@@ -18,6 +19,10 @@ Public API:
     planning_active()                   whether planning() is on (device-branching code takes the GPU path)
     planning()                          collect the launches an op's real implementation plans (on fake
                                         tensors) instead of running them (for vit_fast.cost)
+    meta_tensor(*shape, dtype)          an empty meta tensor: what ahead-of-time and planned launches take
+    VIT_CIFAR_TOKENS, planned_samples(rows)   the images (of vit-cifar's 65 tokens) that planned
+                                        launches with a per-sample scale divide their rows into
+    rows_per_sample_of(x, scale)        token rows per sample of x (..., D) under a per-sample (B,) scale
 
 One builder per kernel launch returns a ``Launch``: the op runs it (``Launch.run``), and the
 ahead-of-time compile tests convert the very same object (``vit_fast.aot.kernel_launch``), so what
@@ -34,12 +39,15 @@ built on fake CPU tensors needs no interpreter.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from vit_fast.config import PRESETS
 
 _INTERPRET_VARIABLE = "TRITON_INTERPRET"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -83,6 +91,33 @@ def environment_without_interpreter() -> dict[str, str]:
     """A copy of os.environ in which Triton compiles kernels: ``@triton.jit`` functions created
     under the interpreter cannot be compiled, so ahead-of-time compilation runs in a child process."""
     return {k: v for k, v in os.environ.items() if k != _INTERPRET_VARIABLE}
+
+
+def meta_tensor(*shape: int, dtype: torch.dtype) -> Tensor:
+    """An empty tensor of ``shape`` and ``dtype`` on the meta device (metadata, no memory): what the
+    ahead-of-time and planning builders (``aot_launches``, ``planned_launches``) hand the launchers.
+    A builder with a default dtype binds it: ``functools.partial(meta_tensor, dtype=dtype)``."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+# Tokens per image of vit-cifar (32 x 32 images in 4 x 4 patches: 64 patches and the class token).
+# The ahead-of-time reports size their sequences by it, and planned launches of ops that take
+# stochastic depth's per-sample scale divide their token rows into images of this many tokens.
+VIT_CIFAR_TOKENS = PRESETS["vit-cifar"].num_tokens
+
+
+def planned_samples(rows: int) -> tuple[int, int]:
+    """(samples, rows_per_sample) of a planned launch over ``rows`` token rows: vit-cifar images of
+    VIT_CIFAR_TOKENS tokens, at least one image (fewer rows make one image of every row)."""
+    samples = max(1, rows // VIT_CIFAR_TOKENS)
+    return samples, rows // samples
+
+
+def rows_per_sample_of(x: Tensor, scale: Tensor | None) -> int:
+    """The rows of x (..., D), flattened to (rows, D), that share one entry of stochastic depth's
+    per-sample (B,) ``scale`` (the kernels' ``rows_per_sample``); 1 without a scale."""
+    rows = math.prod(x.shape[:-1])
+    return rows // scale.shape[0] if scale is not None and scale.shape[0] else 1
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -150,6 +185,17 @@ def check_same_dtype_device(tensors: dict[str, Tensor | None]) -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
                             "all tensors must have the same dtype")
     check_same_device(present)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One kernel's tiles and launch options, as an op's ``<Op>Config`` (from its ``choose_config``)
+    holds them, one per kernel; the op's config says what a tile's rows and columns are."""
+
+    block_m: int  # rows of a tile
+    block_n: int  # columns of a tile
+    num_warps: int
+    num_stages: int = 3  # software-pipelining depth of a loop over tiles; Triton's default
 
 
 @dataclass

@@ -9,6 +9,8 @@ Public API (the same math as ``vit_fast.reference.layer_norm`` / ``add_layer_nor
         for vit_fast.aot's compile tests
     planned_launches(rows, width, dtype, residual, multiprocessors=132, ...)   the same as Launch
         objects (kernel, grid, meta tensors), for accounts of launches and bytes
+    LayerNormConfig, choose_config(rows, width, dtype, *, max_programs, interpret=None)
+        the kernels' tiles and the backward's grid (no autotuning)
 
 Registered ops (``torch.library.custom_op``, each with a fake implementation; the two forward ops
 have autograd formulas that call the backward op):
@@ -47,15 +49,18 @@ import torch
 import triton
 from torch import Tensor
 
-from vit_fast.fused.launch import Launch, accumulation_dtype, check_launchable, check_same_device, interpreting
+from vit_fast.fused.launch import (
+    VIT_CIFAR_TOKENS, KernelConfig, Launch, accumulation_dtype, check_launchable, check_same_device, interpreting,
+    meta_tensor, planned_samples, rows_per_sample_of,
+)
 from vit_fast.kernels.layernorm import column_sum_kernel, layer_norm_bwd_kernel, layer_norm_fwd_kernel
 
 if TYPE_CHECKING:
     from vit_fast.aot import KernelLaunch
 
 __all__ = [
-    "LayerNormConfig", "MAX_WIDTH", "add_layer_norm", "aot_launches", "backward_config", "column_sum_config",
-    "forward_config", "layer_norm", "planned_launches",
+    "LayerNormConfig", "MAX_WIDTH", "add_layer_norm", "aot_launches", "aot_every_config", "choose_config",
+    "layer_norm", "planned_launches",
 ]
 
 # A whole row lives in one program's registers. Up to 4096 every configuration compiles without
@@ -72,21 +77,59 @@ _MAX_ROWS_PER_TILE = 16
 
 @dataclass(frozen=True)
 class LayerNormConfig:
-    """Launch configuration of the forward kernel or of the backward kernel."""
+    """The launches of one forward or one backward: each kernel's tiles and the backward's grid.
+    A pass uses its own part (the forward ``forward``; the backward the rest)."""
 
-    block_m: int  # rows per tile: several narrow rows share one program
-    block_n: int  # next power of two >= width: the whole row is one block
-    num_warps: int
-    num_stages: int = 3  # Triton's default; the kernels have no loop to pipeline, so it is moot
+    forward: KernelConfig  # layer_norm_fwd_kernel: block_m rows per program, block_n >= width
+    backward: KernelConfig  # layer_norm_bwd_kernel: block_m rows per tile, block_n >= width
+    backward_programs: int  # its grid: each program writes its column of the partial sums
+    rows_per_program: int  # whole tiles (a multiple of backward.block_m), so none straddles two programs
+    column_sum: KernelConfig  # column_sum_kernel: block_m partial rows per program, block_n partials per step
 
 
-def _config(width: int, tile_elements: int, elements_per_thread: int) -> LayerNormConfig:
+def choose_config(rows: int, width: int, dtype: torch.dtype, *, max_programs: int,
+                  interpret: bool | None = None) -> LayerNormConfig:
+    """The launch configuration of a pass over ``rows`` x ``width`` (no autotuning, which the
+    interpreter cannot run). ``dtype`` is that of the tensor the pass normalizes: x for the
+    forward, and for the backward the tensor that was normalized (x, or ``add_layer_norm``'s s in
+    the residual stream's dtype), so each pass asks with its own. ``max_programs`` caps the
+    backward grid (``_max_backward_programs``: a few programs per SM on a GPU, 8 otherwise).
+    ``interpret`` defaults to ``launch.interpreting()``.
+
+    - forward: block_n = next_power_of_2(width); block_m = 4096 // block_n rows per program (1 to
+      16), so narrow rows share a program (16 rows of 192, 8 of 384) instead of leaving most lanes
+      idle; num_warps gives each thread two 16-byte vectors of the tile: 8 fp32 or 16 fp16/bf16
+      elements per thread (1 to 16 warps). The same on a GPU and under the interpreter.
+    - backward: the same with half the tile (2048 elements, block_m = 2048 // block_n), since the
+      backward keeps more values live per element. With 8 fp16/bf16 elements per thread instead,
+      ptxas caps some variants at 64 registers and spills (sm_90, width 384); the AOT test checks
+      every choice for spills. Its grid: at most ``max_programs`` programs of whole tiles.
+    - column sums, over the backward's (2 * width, programs) partial buffer: on a GPU about 256
+      programs or more, so the reduction fills 100+ SMs at width 192 (384 rows, one per program; 2
+      CTAs did it before): block_m = the power of two <= 2 * width / 256, 1 to 16 partial rows
+      (columns of dweight and dbias) per program. Each step reads block_n = 256 contiguous
+      partials per row (4 per thread of 2 warps, one 16-byte vector). Under the interpreter,
+      whose cost is per program, 64 rows per program and every partial in one step.
+    """
+    if interpret is None:
+        interpret = interpreting()
+    per_thread = _elements_per_thread(dtype)
+    backward = _row_tile(width, _BWD_TILE_ELEMENTS, per_thread)
+    programs = max(1, min(triton.cdiv(rows, backward.block_m), max_programs))
+    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), backward.block_m) * backward.block_m
+    programs = triton.cdiv(rows, rows_per_program)
+    return LayerNormConfig(forward=_row_tile(width, _FWD_TILE_ELEMENTS, per_thread), backward=backward,
+                           backward_programs=programs, rows_per_program=rows_per_program,
+                           column_sum=_column_sum_tile(width, programs, interpret))
+
+
+def _row_tile(width: int, tile_elements: int, elements_per_thread: int) -> KernelConfig:
     if not 1 <= width <= MAX_WIDTH:
         raise ValueError(f"LayerNorm width (the last dimension of x) must be in [1, {MAX_WIDTH}], got {width}")
     block_n = triton.next_power_of_2(width)
     block_m = max(1, min(_MAX_ROWS_PER_TILE, tile_elements // block_n))
     num_warps = max(1, min(16, block_m * block_n // (32 * elements_per_thread)))
-    return LayerNormConfig(block_m=block_m, block_n=block_n, num_warps=num_warps)
+    return KernelConfig(block_m=block_m, block_n=block_n, num_warps=num_warps)
 
 
 def _elements_per_thread(dtype: torch.dtype) -> int:
@@ -95,24 +138,13 @@ def _elements_per_thread(dtype: torch.dtype) -> int:
     return 2 * 16 // torch.empty((), dtype=dtype).element_size()
 
 
-def forward_config(width: int, dtype: torch.dtype) -> LayerNormConfig:
-    """Forward launch configuration: a pure function of (width, dtype), the same on a GPU and
-    under the interpreter (no autotuning, which the interpreter cannot run).
-
-    block_n = next_power_of_2(width). block_m = 4096 // block_n rows per program (1 to 16), so
-    narrow rows share a program (16 rows of 192, 8 of 384) instead of leaving most lanes idle.
-    num_warps gives each thread two 16-byte vectors of the tile: 8 fp32 or 16 fp16/bf16 elements
-    per thread (1 to 16 warps).
-    """
-    return _config(width, _FWD_TILE_ELEMENTS, _elements_per_thread(dtype))
-
-
-def backward_config(width: int, dtype: torch.dtype) -> LayerNormConfig:
-    """Backward launch configuration: as ``forward_config`` with half the tile (2048 elements,
-    block_m = 2048 // block_n), since the backward keeps more values live per element. With 8
-    fp16/bf16 elements per thread instead, ptxas caps some variants at 64 registers and spills
-    (sm_90, width 384); the AOT test checks every choice for spills."""
-    return _config(width, _BWD_TILE_ELEMENTS, _elements_per_thread(dtype))
+def _column_sum_tile(width: int, programs: int, interpret: bool) -> KernelConfig:
+    if interpret:
+        return KernelConfig(block_m=64, block_n=triton.next_power_of_2(programs), num_warps=1)
+    block_m = 1
+    while block_m < 16 and 2 * block_m * 256 <= 2 * width:
+        block_m *= 2
+    return KernelConfig(block_m=block_m, block_n=256, num_warps=2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,22 +161,6 @@ def _max_backward_programs(device: torch.device) -> int:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return 4 * _multiprocessor_count(index)
     return 8
-
-
-def column_sum_config(width: int, programs: int, interpret: bool) -> LayerNormConfig:
-    """The partial-sum reduction over the backward's (2 * width, programs) buffer: ``block_m``
-    partial rows (columns of dweight and dbias) per program and ``block_n`` partials per step.
-
-    On a GPU about 256 programs or more, so the reduction fills 100+ SMs at width 192 (384 rows,
-    one per program; 2 CTAs did it before): block_m = the power of two <= 2 * width / 256, 1 to
-    16. Each step reads 256 contiguous partials per row (4 per thread of 2 warps, one 16-byte
-    vector). Under the interpreter, whose cost is per program, 64 rows per program."""
-    if interpret:
-        return LayerNormConfig(block_m=64, block_n=triton.next_power_of_2(programs), num_warps=1)
-    block_m = 1
-    while block_m < 16 and 2 * block_m * 256 <= 2 * width:
-        block_m *= 2
-    return LayerNormConfig(block_m=block_m, block_n=256, num_warps=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,21 +239,16 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _rows_per_sample(x: Tensor, scale: Tensor | None) -> int:
-    rows = x.numel() // x.shape[-1]
-    return rows // scale.shape[0] if scale is not None and scale.shape[0] else 1
-
-
 # ---------------------------------------------------------------------------------------------
 # Launch builders: one Launch per kernel call, run by the ops and compiled by aot_launches
 
 
 def _forward_launch(x2: Tensor, res2: Tensor, scale: Tensor | None, weight: Tensor, bias: Tensor | None, y: Tensor,
                     s: Tensor, mean: Tensor, rstd: Tensor, eps: float, has_residual: bool, rows_per_sample: int,
-                    interpret: bool) -> Launch:
+                    config: LayerNormConfig, interpret: bool) -> Launch:
     """The forward kernel's launch on (M, N) rows; y and s are contiguous (M, N) outputs."""
     rows, width = x2.shape
-    cfg = forward_config(width, x2.dtype)
+    cfg = config.forward
     # Absent tensors get a valid pointer the kernel never reads (its flag is off).
     args = dict(
         X=x2, RES=res2, Scale=scale if scale is not None else mean, W=weight,
@@ -246,23 +257,19 @@ def _forward_launch(x2: Tensor, res2: Tensor, scale: Tensor | None, weight: Tens
         stride_ym=width, stride_sm=width, M=rows, N=width, rows_per_sample=rows_per_sample, eps=eps,
     )
     constexprs = dict(HAS_RESIDUAL=has_residual, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BF16_RNE_IN_SOFTWARE=interpret)
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERPRETING=interpret)
     return Launch(layer_norm_fwd_kernel, (triton.cdiv(rows, cfg.block_m),), args, constexprs, cfg.num_warps,
                   cfg.num_stages)
 
 
 def _backward_launches(x2: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, dy2: Tensor, ds2: Tensor | None,
                        scale: Tensor | None, dx: Tensor, dbranch: Tensor | None, dweight: Tensor, dbias: Tensor,
-                       rows_per_sample: int, max_programs: int, interpret: bool) -> list[Launch]:
+                       rows_per_sample: int, config: LayerNormConfig, interpret: bool) -> list[Launch]:
     """The backward's two launches on (M, N) rows: per-program partial sums of the weight and bias
     gradients (and dx, contiguous (M, N), and the branch's dbranch when given), then their column
     sums. Allocates the partial buffer."""
     rows, width = x2.shape
-    cfg = backward_config(width, x2.dtype)
-    programs = max(1, min(triton.cdiv(rows, cfg.block_m), max_programs))
-    # Whole tiles per program, so no tile straddles two programs.
-    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), cfg.block_m) * cfg.block_m
-    programs = triton.cdiv(rows, rows_per_program)
+    cfg, programs, rows_per_program = config.backward, config.backward_programs, config.rows_per_program
     partial = torch.empty((2, width, programs), dtype=mean.dtype, device=x2.device)
     ds_arg = ds2 if ds2 is not None else dy2  # as for absent forward inputs: never read
     args = dict(
@@ -273,11 +280,11 @@ def _backward_launches(x2: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, d
         M=rows, N=width, P=programs, rows_per_program=rows_per_program, rows_per_sample=rows_per_sample,
     )
     constexprs = dict(HAS_DS=ds2 is not None, HAS_SCALE=scale is not None, WRITE_DBRANCH=dbranch is not None,
-                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BF16_RNE_IN_SOFTWARE=interpret)
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERPRETING=interpret)
     partial_sums = Launch(layer_norm_bwd_kernel, (programs,), args, constexprs, cfg.num_warps, cfg.num_stages)
-    red = column_sum_config(width, programs, interpret)
+    red = config.column_sum
     args = dict(Partial=partial, DW=dweight, DB=dbias, P=programs, N=width)
-    constexprs = dict(BLOCK_C=red.block_m, BLOCK_P=red.block_n, BF16_RNE_IN_SOFTWARE=interpret)
+    constexprs = dict(BLOCK_C=red.block_m, BLOCK_P=red.block_n, INTERPRETING=interpret)
     column_sums = Launch(column_sum_kernel, (triton.cdiv(2 * width, red.block_m),), args, constexprs, red.num_warps,
                          red.num_stages)
     return [partial_sums, column_sums]
@@ -297,28 +304,28 @@ def _plans(rows: int, width: int, dtype: torch.dtype, residual: bool, weight_dty
     weight_dtype = weight_dtype or dtype
     stream_dtype = (residual_dtype or dtype) if residual else dtype  # s's dtype: what is normalised
 
-    def t(*shape, dtype=dtype):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
+    t = functools.partial(meta_tensor, dtype=dtype)
     x2, w = t(rows, width), t(width, dtype=weight_dtype)
     b = w if bias else None
     stats = t(rows, dtype=accumulation_dtype(stream_dtype))
-    samples = max(1, rows // 65)
+    samples, rows_per_sample = planned_samples(rows)
     scale_t = t(samples) if scale and residual else None
-    rows_per_sample = rows // samples if scale_t is not None else 1
+    rows_per_sample = rows_per_sample if scale_t is not None else 1
     # As the launchers do: an absent residual (ds) is passed as x (dy), never read.
     res2 = t(rows, width, dtype=stream_dtype) if residual else x2
     y = t(rows, width, dtype=out_dtype or dtype)
     s = t(rows, width, dtype=stream_dtype)
+    config = choose_config(rows=rows, width=width, dtype=dtype, max_programs=4 * multiprocessors[0], interpret=False)
     launches = [_forward_launch(x2, res2, scale_t, w, b, y, s, stats, stats, 1e-6, has_residual=residual,
-                                rows_per_sample=rows_per_sample, interpret=False)]
+                                rows_per_sample=rows_per_sample, config=config, interpret=False)]
     normalised = t(rows, width, dtype=stream_dtype)
     dy2 = t(rows, width, dtype=out_dtype or dtype)
     ds2 = t(rows, width, dtype=stream_dtype) if residual else None
     dbranch = t(rows, width) if residual and (scale_t is not None or stream_dtype != dtype) else None
     for sms in multiprocessors:
+        config = choose_config(rows=rows, width=width, dtype=stream_dtype, max_programs=4 * sms, interpret=False)
         launches += _backward_launches(normalised, w, stats, stats, dy2, ds2, scale_t, t(rows, width, dtype=stream_dtype),
-                                       dbranch, w, w, rows_per_sample, max_programs=4 * sms, interpret=False)
+                                       dbranch, w, w, rows_per_sample, config=config, interpret=False)
     return launches
 
 
@@ -338,7 +345,7 @@ def aot_launches(rows: int, width: int, dtype: torch.dtype, residual: bool, weig
     return kernel_launches(launches)
 
 
-def aot_every_config(rows: int = 128 * 65, widths: tuple[int, ...] = (192,)) -> list[KernelLaunch]:
+def aot_every_config(rows: int = 128 * VIT_CIFAR_TOKENS, widths: tuple[int, ...] = (192,)) -> list[KernelLaunch]:
     """The distinct launches of the fused model's LayerNorms in training, for
     ``python -m vit_fast.aot --op layernorm``: at ``rows`` (vit-cifar's 128 images x 65 tokens)
     and each width, under bf16 autocast (``add_layer_norm``: bf16 branch, fp32 residual stream
@@ -382,10 +389,13 @@ def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | 
     s = torch.empty(x.shape, dtype=residual.dtype, device=x.device) if residual is not None else y
     mean, rstd = _stats(x, residual.dtype if residual is not None else x.dtype)
     if rows > 0:
+        interpret = interpreting()
+        config = choose_config(rows=rows, width=x2.shape[1], dtype=x.dtype,
+                               max_programs=_max_backward_programs(x.device), interpret=interpret)
         _forward_launch(x2, res2, scale.contiguous() if scale is not None else None, weight.contiguous(),
                         bias.contiguous() if bias is not None else None, y, s, mean, rstd, eps,
-                        has_residual=residual is not None, rows_per_sample=_rows_per_sample(x, scale),
-                        interpret=interpreting()).run()
+                        has_residual=residual is not None, rows_per_sample=rows_per_sample_of(x, scale),
+                        config=config, interpret=interpret).run()
     return y, s, mean, rstd
 
 
@@ -446,10 +456,12 @@ def _layer_norm_backward_op(
     placeholder = dbranch if dbranch is not None else x.new_empty((0,))
     if rows == 0:
         return dx, placeholder, dweight.zero_(), dbias.zero_()
+    interpret = interpreting()
+    config = choose_config(rows=rows, width=x2.shape[1], dtype=x.dtype,
+                           max_programs=_max_backward_programs(x.device), interpret=interpret)
     for launch in _backward_launches(x2, weight.contiguous(), mean, rstd, dy2, ds2,
                                      scale.contiguous() if scale is not None else None, dx, dbranch, dweight, dbias,
-                                     _rows_per_sample(x, scale), max_programs=_max_backward_programs(x.device),
-                                     interpret=interpreting()):
+                                     rows_per_sample_of(x, scale), config=config, interpret=interpret):
         launch.run()
     return dx, placeholder, dweight, dbias
 

@@ -79,9 +79,12 @@ OPS: tuple[FusedOp, ...] = (
             (("attention", "attention_backward"), ("attention_packed", "attention_packed_backward")),
             "triton", "kernels/attention.py", "tests/test_attention.py", "benchmarks/bench_attention.py",
             ("vit_fast.reference.attention", "vit_fast.reference.attention_packed")),
-    FusedOp("mlp", "vit_fast.fused.mlp", (("mlp", "mlp_backward"), ("linear", "linear_backward")),
-            "triton", "kernels/mlp.py", "tests/test_mlp.py", "benchmarks/bench_mlp.py",
-            ("vit_fast.reference.mlp", "vit_fast.reference.linear")),
+    FusedOp("mlp", "vit_fast.fused.mlp", (("mlp", "mlp_backward"),),
+            "triton", "kernels/mlp.py", "tests/test_mlp.py", "benchmarks/bench_mlp.py", ("vit_fast.reference.mlp",)),
+    # The autocast linear of qkv, proj and head: the MLP's matmul kernels (vit_fast/fused/matmul.py
+    # holds what the two modules share), tested and benchmarked with the MLP.
+    FusedOp("linear", "vit_fast.fused.linear", (("linear", "linear_backward"),),
+            "triton", "kernels/mlp.py", "tests/test_mlp.py", "benchmarks/bench_mlp.py", ("vit_fast.reference.linear",)),
     # The torch backend's loss, F.cross_entropy(logits.float(), ...), is the reference; the
     # cost of its one small kernel each way is in `python -m vit_fast.cost`.
     FusedOp("cross_entropy", "vit_fast.fused.cross_entropy", (("cross_entropy", "cross_entropy_backward"),),

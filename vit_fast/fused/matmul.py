@@ -1,0 +1,368 @@
+"""What the two matmul ops share: the autocast linear (``vit_fast.fused.linear``) and the MLP
+(``vit_fast.fused.mlp``) run the same Triton kernels (``kernels/mlp.py``), configured, checked and
+launched by the code here, which neither op module repeats.
+
+Public API (for the two op modules, their tests and the benchmarks):
+
+    MatmulConfig, INTERPRETER_CONFIG   one kernel's tiles; the interpreter's fixed tiles
+    product_config(kernel, rows, columns, dtype, *, interpret=None)
+                                       the tiles of ``linear_fwd_kernel`` ("linear") or
+                                       ``gelu_bwd_kernel`` ("gelu_bwd") for a (rows, columns) output
+    weight_grad_config(rows, weights, dtype, *, interpret=None), input_grad_config(weight_grad,
+        dtype, *, interpret=None)      the weight- and input-gradient tiles of ``linear_bwd_kernel``
+                                       (each op's ``choose_config`` composes these rules)
+    check_linear_shapes(prefix, x_shape, weight, bias), check_dtypes(x, params, stream)
+                                       input checks (metadata only)
+    linear_launch(...), linear_bwd_launch(layers, input_grad=None, ...)   the Launch of one kernel call
+    tile_grid(M, N, cfg)               the grid of an (M, N) output tiled by cfg
+    WeightGradOperands(grad_y2d, x2d, grad_w, grad_b), InputGradOperands(grad_y2d, weight, grad_x)
+                                       what one linear_bwd_launch computes
+    linear_grads(layers, input_grad, dtype, scale=None, rows_per_sample=1)   a backward's weight,
+                                       bias and input gradients of linear layers in one launch
+    not_needed(like)                   the empty placeholder of a gradient nobody asked for
+
+The launch builders pick each kernel's tiles with the rules above from the tensors they are
+given (a backward that differentiates fewer weights picks its weight-gradient tiles from those),
+so what an op launches is what its ``choose_config`` reports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vit_fast.fused.launch import SUPPORTED_DTYPES, Launch, interpreting, precision_constexprs
+from vit_fast.kernels.mlp import linear_bwd_kernel, linear_fwd_kernel
+
+__all__ = [
+    "INTERPRETER_CONFIG", "InputGradOperands", "MatmulConfig", "WeightGradOperands", "check_dtypes",
+    "check_linear_shapes", "input_grad_config", "linear_bwd_launch", "linear_grads", "linear_launch", "not_needed",
+    "product_config", "tile_grid", "weight_grad_config",
+]
+
+# ----------------------------------------------------------------------------- launch configs
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """One launch configuration. For weight-gradient tiles the roles follow the layer's (M, N, K)
+    (rows, output features, input features): block_m is the reduction step over the rows and
+    block_n x block_k the tile of dW (N, K); group_m is unused there."""
+
+    block_m: int  # rows of the output tile (dW tiles: rows reduced per step)
+    block_n: int  # columns of the output tile (dW tiles: its rows)
+    block_k: int  # reduction step per tl.dot, >= 16, the tensor-core minimum (dW tiles: its columns)
+    group_m: int = 8  # row tiles per L2-friendly group (see _tile_coordinates in kernels/mlp.py)
+    num_warps: int = 4
+    num_stages: int = 3  # software-pipelining depth of the K loop (shared-memory buffers)
+
+
+# In Triton's interpreter one fixed, modest config: tiles of 64 keep the number of programs (the
+# interpreter's cost) low while test shapes still span several tiles and K steps.
+INTERPRETER_CONFIG = MatmulConfig(block_m=64, block_n=64, block_k=32, group_m=4, num_warps=4, num_stages=1)
+
+# One wave of 128x128 tiles covers the SMs of an A100 (108) or H100 (132); below that, halve the
+# tile so the grid still fills the GPU.
+_ONE_WAVE_TILES = 128
+
+
+def _fixed_config(dtype: torch.dtype, interpret: bool | None, fp32: MatmulConfig,
+                  fp64: MatmulConfig) -> MatmulConfig | None:
+    """The configurations that do not depend on shapes: the interpreter's (``interpret`` defaults to
+    ``launch.interpreting()``), and one each for the fp32 and fp64 accuracy paths; None for 16 bits."""
+    if interpret is None:
+        interpret = interpreting()
+    if interpret:
+        return INTERPRETER_CONFIG
+    return {torch.float32: fp32, torch.float64: fp64}.get(dtype)
+
+
+def product_config(kernel: str, rows: int, columns: int, dtype: torch.dtype, *,
+                   interpret: bool | None = None) -> MatmulConfig:
+    """The tiles of ``kernel`` ("linear": ``linear_fwd_kernel``; "gelu_bwd") for a (rows, columns)
+    output, its operands in ``dtype``.
+
+    - 16-bit inputs (the performance path): BLOCK_K = 64, a 128-byte row per pipeline stage.
+    - "linear": 128x128 tiles with 8 warps when the grid has at least a wave of them, else 64x128
+      with 4 warps and one more stage. Accumulator: 64 fp32 registers per thread either way.
+    - "gelu_bwd" holds two accumulators (dY W2 and the recomputed pre-activation): 128x64 tiles
+      with 8 warps (or 64x64 with 4) keep them at 64 fp32 registers per thread in total.
+    - fp32 and fp64 are accuracy paths (tests, gradcheck), not performance paths: one small
+      config each (64x64x16 and 32x32x16) whose fp32/fp64 accumulators stay clear of spills.
+    A heuristic from tile counts and register/shared-memory budgets, to be tuned on a GPU with
+    benchmarks/bench_mlp.py; ``tests/test_mlp.py`` compiles every config it can return.
+    ``interpret`` defaults to ``launch.interpreting()`` (then the fixed config).
+    """
+    if kernel not in ("linear", "gelu_bwd"):
+        raise ValueError(f"kernel must be 'linear' or 'gelu_bwd', got {kernel!r}")
+    fixed = _fixed_config(dtype, interpret, fp32=MatmulConfig(64, 64, 16, group_m=8, num_warps=4, num_stages=3),
+                          fp64=MatmulConfig(32, 32, 16, group_m=8, num_warps=4, num_stages=2))
+    if fixed is not None:
+        return fixed
+    block_k = 64
+    big = math.ceil(rows / 128) * math.ceil(columns / 128) >= _ONE_WAVE_TILES
+    if kernel == "linear":
+        if big:
+            return MatmulConfig(128, 128, block_k, group_m=8, num_warps=8, num_stages=3)
+        return MatmulConfig(64, 128, block_k, group_m=8, num_warps=4, num_stages=4)
+    if big:
+        return MatmulConfig(128, 64, block_k, group_m=8, num_warps=8, num_stages=3)
+    return MatmulConfig(64, 64, block_k, group_m=8, num_warps=4, num_stages=3)
+
+
+def weight_grad_config(rows: int, weights: list[tuple[int, int]], dtype: torch.dtype, *,
+                       interpret: bool | None = None) -> MatmulConfig:
+    """The weight-gradient tiles' configuration in ``linear_bwd_kernel`` for dW = dY^T X over ``rows`` rows,
+    for the weights of shapes ``weights`` [(N, K), ...] in one grid (the MLP's fc2 and fc1: two), dY
+    and X in ``dtype``; the launch's warps and stages are this config's.
+
+    Each program owns one tile of one dW and reduces over all M rows itself (deterministic, no
+    atomics, no partial-sum pass), so the grid is the number of tiles, which the rows do not
+    change: vit-cifar's MLP weights (192 x 768 and 768 x 192) make 72 tiles of 64 x 64 and its
+    projections (576 x 192, 192 x 192, 100 x 192) 27, 9 and 6. Too few to fill an H100's 132 SMs,
+    so below one wave (_ONE_WAVE_TILES tiles of 64 x 64) the tile shrinks to 32 x 32: four times
+    the programs (288 for the MLP, 108, 36 and 24 for the projections) at twice the L2 traffic per
+    FLOP. The small-weight launches stay latency-bound (one program streams all M rows of its
+    panels); cuBLAS splits the reduction over more blocks and may be faster per GEMM on a GPU,
+    which only ``benchmarks/bench_mlp.py`` on a GPU can tell (no timing was taken). The dX tiles of
+    the same launch, many and short, come after these and fill the SMs they leave idle. What the
+    kernel buys for certain: the bias gradients in the same launch (no separate reduction reading
+    dY again), dY read in its own dtype with stochastic depth's scale applied in registers (no
+    scaled 16-bit copy), one launch for the whole backward of a linear (two for the MLP), and fp32
+    output without any 16-bit rounding.
+
+    - 16-bit: 4 warps, 3 stages; 64 rows per step for 32 x 32 tiles, 32 for 64 x 64 ones. Under
+      autocast the dY tile is fp32 and is scaled, summed and converted in registers next to the dot's
+      accumulator and the bias sums' (BLOCK_N x BLOCK_M fp32 each): at 64 x 64 x 64 that took 198 to
+      255 registers (sm_90, sm_80; a STACK frame on sm_80), at 64 x 64 x 32 about 100.
+    - fp32 and fp64 (accuracy paths): one small config each, as ``product_config``.
+    ``interpret`` defaults to ``launch.interpreting()`` (then the fixed INTERPRETER_CONFIG).
+    """
+    fixed = _fixed_config(dtype, interpret, fp32=MatmulConfig(16, 64, 64, group_m=1, num_warps=4, num_stages=3),
+                          fp64=MatmulConfig(16, 32, 32, group_m=1, num_warps=4, num_stages=2))
+    if fixed is not None:
+        return fixed
+    tiles = sum(math.ceil(n / 64) * max(math.ceil(k / 64), 1) for n, k in weights)
+    if tiles >= _ONE_WAVE_TILES:
+        return MatmulConfig(32, 64, 64, group_m=1, num_warps=4, num_stages=3)
+    return MatmulConfig(64, 32, 32, group_m=1, num_warps=4, num_stages=3)
+
+
+def input_grad_config(weight_grad: MatmulConfig, dtype: torch.dtype, *,
+                      interpret: bool | None = None) -> MatmulConfig:
+    """The DX tiles' configuration inside a ``linear_bwd_launch``. A kernel's registers are the most
+    any of its branches needs, so the DX tiles are kept as small as the weight-gradient ones: at
+    64 x 128 x 64 (``product_config``'s "linear" for 4 warps) the kernel took 206 to 255 registers
+    with an fp32 weight, at 64 x 64 x 32 96 to 128; fp32's 64 x 64 x 16 took up to 246 (32 x 64 here)
+    and fp64's 32 x 32 x 16 a STACK frame on sm_90 (16 x 32 here). Warps and stages are the launch's
+    (``weight_grad``'s). ``interpret`` defaults to ``launch.interpreting()`` (then INTERPRETER_CONFIG)."""
+    if interpret is None:
+        interpret = interpreting()
+    if interpret:
+        return INTERPRETER_CONFIG
+    warps, stages = weight_grad.num_warps, weight_grad.num_stages
+    if dtype == torch.float32:
+        return MatmulConfig(32, 64, 16, group_m=8, num_warps=warps, num_stages=stages)
+    if dtype == torch.float64:
+        return MatmulConfig(16, 32, 16, group_m=8, num_warps=warps, num_stages=stages)
+    return MatmulConfig(64, 64, 32, group_m=8, num_warps=warps, num_stages=stages)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def check_linear_shapes(prefix: str, x_shape, weight: Tensor, bias: Tensor | None) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"{prefix}weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x_shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{prefix}weight of shape {tuple(weight.shape)} expects inputs of width {weight.shape[1]}, "
+            f"got width {x_shape[-1]} (input shape {tuple(x_shape)})"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{prefix}bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def check_dtypes(x: Tensor, params: dict[str, Tensor | None], stream: dict[str, Tensor | None]) -> None:
+    """x: a supported float dtype (the compute dtype). The parameters share one dtype, x's or fp32
+    (fp32 master weights under autocast); the residual-stream tensors are x's dtype or fp32."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
+    present = {name: t for name, t in {**params, **stream}.items() if t is not None}
+    allowed = (x.dtype,) if x.dtype == torch.float64 else (x.dtype, torch.float32)
+    for name, t in present.items():
+        if t.dtype not in allowed:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; expected "
+                            f"{' or '.join(map(str, dict.fromkeys(allowed)))}")
+    first_name, first = next((name, t) for name, t in present.items() if name in params)
+    for name, t in present.items():
+        if name in params and t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                            "the parameters must share one dtype")
+
+
+# ----------------------------------------------------------------------------- launch builders
+
+def tile_grid(M: int, N: int, cfg: MatmulConfig) -> tuple[int]:
+    """The 1-D grid of an (M, N) output in ``cfg``'s tiles."""
+    return (math.ceil(M / cfg.block_m) * math.ceil(N / cfg.block_n),)
+
+
+def linear_launch(x2d: Tensor, weight: Tensor, bias: Tensor | None, residual2d: Tensor | None, out: Tensor,
+                  activation: str, interpret: bool | None = None, scale: Tensor | None = None,
+                  rows_per_sample: int = 1) -> Launch:
+    """The launch computing out = residual2d + scale[row // rows_per_sample] * act(x2d W^T + bias);
+    x2d (M, K), weight (N, K) (any strides: a transposed view is read as is), out (M, N)."""
+    if interpret is None:
+        interpret = interpreting()
+    M, K = x2d.shape
+    N = weight.shape[0]
+    cfg = product_config("linear", rows=M, columns=N, dtype=x2d.dtype, interpret=interpret)
+    # Unused pointer arguments get `out`: a valid pointer the kernel never reads (its flag is off).
+    bias_arg = bias if bias is not None else out
+    res_arg = residual2d if residual2d is not None else out
+    args = dict(
+        X=x2d, W=weight, Bias=bias_arg, Scale=scale if scale is not None else out, Residual=res_arg, Out=out,
+        M=M, N=N, K=K, rows_per_sample=rows_per_sample,
+        stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
+        stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_rm=res_arg.stride(0), stride_rn=res_arg.stride(1),
+        stride_om=out.stride(0), stride_on=out.stride(1),
+    )
+    constexprs = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual2d is not None,
+        ACTIVATION=activation, **precision_constexprs(x2d.dtype), INTERPRETING=interpret,
+    )
+    return Launch(linear_fwd_kernel, tile_grid(M, N, cfg), args, constexprs, cfg.num_warps, cfg.num_stages)
+
+
+@dataclass(frozen=True)
+class WeightGradOperands:
+    """One layer's weight and bias gradients in a ``linear_bwd_launch``: grad_w = grad_y2d^T x2d and
+    grad_b = the column sums of grad_y2d (skipped when None)."""
+
+    grad_y2d: Tensor  # (M, N) gradient of the layer's output, any float dtype and strides
+    x2d: Tensor  # (M, K) the layer's input, in the compute dtype (the dot's operands' dtype)
+    grad_w: Tensor  # (N, K) output, contiguous, the weight's dtype
+    grad_b: Tensor | None  # (N,) output, contiguous, the bias's dtype; None: not computed
+
+
+@dataclass(frozen=True)
+class InputGradOperands:
+    """A layer's input gradient in a ``linear_bwd_launch``: grad_x = grad_y2d @ weight."""
+
+    grad_y2d: Tensor  # (M, N) gradient of the layer's output, in the compute dtype, any strides
+    weight: Tensor  # (N, K) the layer's weight, in the compute dtype or fp32 (converted in registers)
+    grad_x: Tensor  # (M, K) output, contiguous, in the compute dtype
+
+
+def _weight_grad_tiles(layer: WeightGradOperands, cfg: MatmulConfig) -> int:
+    n, k = layer.grad_w.shape
+    return math.ceil(n / cfg.block_n) * max(math.ceil(k / cfg.block_k), 1)  # as _weight_grad_tiles_k
+
+
+def linear_bwd_launch(layers: list[WeightGradOperands], input_grad: InputGradOperands | None = None,
+                      interpret: bool | None = None, scale: Tensor | None = None, rows_per_sample: int = 1,
+                      config: MatmulConfig | None = None) -> Launch:
+    """One launch computing the weight and bias gradients of ``layers`` (one or two, over the same
+    rows; the first one's dY scaled per sample by ``scale``, stochastic depth's, (M // rows_per_sample,))
+    and ``input_grad``'s product, each tile by its own programs of one grid. ``config`` overrides
+    ``weight_grad_config`` and ``input_grad_config`` (tests use small tiles so that small
+    shapes span several)."""
+    if interpret is None:
+        interpret = interpreting()
+    if not 0 <= len(layers) <= 2 or not (layers or input_grad):
+        raise ValueError(f"linear_bwd_launch takes 0 to 2 layers and an input gradient, at least one; got "
+                         f"{len(layers)} layers and input_grad={input_grad is not None}")
+    outputs = [t for layer in layers for t in (layer.grad_w, layer.grad_b) if t is not None]
+    outputs += [input_grad.grad_x] if input_grad else []
+    if not all(t.is_contiguous() for t in outputs):
+        raise ValueError(f"linear_bwd_launch writes contiguous outputs; got shapes and strides "
+                         f"{[(tuple(t.shape), t.stride()) for t in outputs]}")
+    first = layers[0] if layers else None
+    M = first.x2d.shape[0] if first else input_grad.grad_x.shape[0]
+    dtype = first.x2d.dtype if first else input_grad.grad_x.dtype
+    cfg = config or weight_grad_config(rows=M, weights=[tuple(layer.grad_w.shape) for layer in layers], dtype=dtype,
+                                       interpret=interpret)
+    dx_cfg = config or input_grad_config(weight_grad=cfg, dtype=dtype, interpret=interpret)
+    # Unused pointer, size and stride arguments repeat present ones (their flags are off).
+    some = input_grad.grad_x if input_grad else first.grad_w
+    first = first or WeightGradOperands(input_grad.grad_y2d, input_grad.grad_x, some, None)
+    second = layers[1] if len(layers) == 2 else first
+    dx = input_grad or InputGradOperands(first.grad_y2d, first.grad_w, some)
+
+    def operands(layer: WeightGradOperands, suffix: str) -> dict:
+        return {f"DY{suffix}": layer.grad_y2d, f"X{suffix}": layer.x2d, f"DW{suffix}": layer.grad_w,
+                f"DB{suffix}": layer.grad_b if layer.grad_b is not None else some}
+
+    def strides(layer: WeightGradOperands, suffix: str) -> dict:
+        return {f"stride_dy{suffix}m": layer.grad_y2d.stride(0), f"stride_dy{suffix}n": layer.grad_y2d.stride(1),
+                f"stride_x{suffix}m": layer.x2d.stride(0), f"stride_x{suffix}k": layer.x2d.stride(1)}
+
+    args = dict(
+        **operands(first, ""), Scale=scale if scale is not None else some, **operands(second, "2"),
+        G=dx.grad_y2d, W=dx.weight, DX=dx.grad_x,
+        M=M, N=first.grad_w.shape[0], K=first.grad_w.shape[1], N2=second.grad_w.shape[0], K2=second.grad_w.shape[1],
+        NX=dx.weight.shape[0], KX=dx.weight.shape[1], rows_per_sample=rows_per_sample,
+        **strides(first, ""), **strides(second, "2"),
+        stride_gm=dx.grad_y2d.stride(0), stride_gn=dx.grad_y2d.stride(1),
+        stride_wn=dx.weight.stride(0), stride_wk=dx.weight.stride(1),
+    )
+    constexprs = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        DX_BLOCK_M=dx_cfg.block_m, DX_BLOCK_N=dx_cfg.block_n, DX_BLOCK_K=dx_cfg.block_k, DX_GROUP_M=dx_cfg.group_m,
+        LAYERS=len(layers), HAS_SCALE=scale is not None and bool(layers),
+        HAS_BIAS=bool(layers) and layers[0].grad_b is not None,
+        HAS_BIAS2=len(layers) == 2 and layers[1].grad_b is not None, HAS_DX=input_grad is not None,
+        **precision_constexprs(dtype), INTERPRETING=interpret,
+    )
+    tiles = sum(_weight_grad_tiles(layer, cfg) for layer in layers)
+    if input_grad is not None:
+        tiles += math.ceil(M / dx_cfg.block_m) * math.ceil(input_grad.grad_x.shape[1] / dx_cfg.block_n)
+    return Launch(linear_bwd_kernel, (tiles,), args, constexprs, cfg.num_warps, cfg.num_stages)
+
+
+# ----------------------------------------------------------------------------- backward helpers
+
+
+def not_needed(like: Tensor) -> Tensor:
+    # A custom op returns tensors, never None: an unrequested gradient is an empty placeholder
+    # (no compute, no memory) that the autograd formula turns back into None.
+    return like.new_empty((0,))
+
+
+def linear_grads(layers: list[tuple[Tensor, Tensor, bool, bool]], input_grad: tuple[Tensor, Tensor] | None,
+                 dtype: torch.dtype, scale: Tensor | None = None, rows_per_sample: int = 1
+                 ) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
+    """The backward products of linear layers over the same M rows, in one ``linear_bwd_kernel``
+    launch: (grad_w (N, K), grad_b (N,)) in ``dtype`` for each layer given as (grad_y2d (M, N), x2d
+    (M, K), needs_weight, needs_bias), ``scale`` scaling the first layer's grad_y2d per sample; and,
+    given ``input_grad`` = (grad_y2d (M, N), weight (N, K)), grad_y2d @ weight (M, K) in grad_y2d's
+    dtype (else None). Unneeded parameter gradients come back as empty placeholders; a layer whose
+    bias gradient alone is needed still has its weight gradient computed, then dropped (frozen
+    weights with trainable biases: not worth a kernel variant)."""
+    grads, operands = [], []
+    for index, (grad_y2d, x2d, needs_weight, needs_bias) in enumerate(layers):
+        if not (needs_weight or needs_bias):
+            grads.append((not_needed(x2d), not_needed(x2d)))
+            continue
+        grad_w = torch.empty((grad_y2d.shape[1], x2d.shape[1]), dtype=dtype, device=x2d.device)
+        grad_b = torch.empty((grad_y2d.shape[1],), dtype=dtype, device=x2d.device) if needs_bias else None
+        operands.append((index, WeightGradOperands(grad_y2d, x2d, grad_w, grad_b)))
+        grads.append((grad_w if needs_weight else not_needed(x2d), grad_b if needs_bias else not_needed(x2d)))
+    grad_x = None
+    if input_grad is not None:
+        grad_y2d, weight = input_grad
+        grad_x = grad_y2d.new_empty((grad_y2d.shape[0], weight.shape[1]))
+    if operands or grad_x is not None:
+        scaled = bool(operands) and operands[0][0] == 0  # the scale belongs to layers[0]'s gradient only
+        launch = linear_bwd_launch([op for _, op in operands],
+                                   InputGradOperands(*input_grad, grad_x) if grad_x is not None else None,
+                                   scale=scale if scaled else None, rows_per_sample=rows_per_sample if scaled else 1)
+        if launch.grid[0]:  # no tiles: every output is empty (an empty grid is not a valid launch)
+            launch.run()
+    return grads, grad_x
