@@ -24,6 +24,10 @@ dQ too) where one program covers a head's keys, else three (delta, dK/dV, dQ):
     vit_fast::attention_backward(grad_out, q, k, v, out, lse, scale) -> (dq, dk, dv)
     vit_fast::attention_packed(qkv, scale) -> (out, lse)
     vit_fast::attention_packed_backward(grad_out, qkv, out, lse, scale) -> dqkv
+
+One module of about 600 lines, on purpose: the two layouts are one op on two sets of strides, so
+they share the tile choice (``choose_config``, whose table of configurations is most of the
+length), the launch builders and the backward; splitting them by layout would split those.
 """
 
 from __future__ import annotations
