@@ -20,7 +20,8 @@ from vit_fast import reference
 from vit_fast.reference import split_qkv
 from vit_fast.fused import attention as fused
 from vit_fast.testing import (
-    assert_compiled_matches_eager, assert_parity, assert_within_bound, attention_rounding_bounds,
+    GPU_SIZED_REL, assert_compiled_matches_eager, assert_parity, assert_within_bound, attention_rounding_bounds,
+    check_forward_backward_relative, gpu_sized_cases, gpu_sized_id,
 )
 
 ON_CUDA = torch.cuda.is_available()
@@ -468,3 +469,20 @@ def test_aot_every_config(dtype):
     too_big = [f"{launch.describe()} sm_{r.capability}: {r}" for launch, r in results if not r.fits_shared_memory]
     assert not spills, "register spills (LOCAL or STACK):\n" + "\n".join(spills)
     assert not too_big, "over the shared-memory limit:\n" + "\n".join(too_big)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU-sized case (vit_fast.testing.gpu_sized_cases: full size on CUDA, shrunken on the CPU)
+
+
+# (batch, heads, seq_len): the CIFAR goal shape (batch 256 of 65 tokens), then long sequences. On
+# the CPU one head of 197 tokens (several key tiles, the last one padded).
+@pytest.mark.parametrize("device,dtype,shape", gpu_sized_cases([(256, 12, 65), (4, 12, 197), (4, 12, 577), (4, 12, 1025)],
+                                                               [(1, 1, 197)]), ids=gpu_sized_id)
+def test_attention_packed_large(device, dtype, shape):
+    from vit_fast.fused import attention
+
+    batch, heads, seq_len = shape
+    qkv = torch.randn(batch, seq_len, 3, heads, 64, device=device, dtype=dtype)  # (B, N, 3, H, Dh)
+    check_forward_backward_relative(attention.attention_packed, reference.attention_packed, [qkv], GPU_SIZED_REL,
+                                    f"attention N={seq_len}")

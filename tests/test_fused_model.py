@@ -12,9 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vit_fast import ViTConfig
+from vit_fast import PRESETS, ViTConfig
 from vit_fast.model import ViTClassifier
-from vit_fast.testing import assert_compiled_matches_eager, assert_parity, max_abs_diff
+from vit_fast.testing import (
+    GPU_SIZED_REL,
+    assert_compiled_matches_eager,
+    assert_parity,
+    assert_parity_relative,
+    gpu_sized_cases,
+    gpu_sized_id,
+    max_abs_diff,
+)
 
 SMALL = ViTConfig(dim=64, depth=2, num_heads=2, mlp_ratio=4.0, num_classes=10)  # 65 tokens, head dim 32
 TINY = ViTConfig(dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10)  # for many steps in the interpreter
@@ -255,3 +263,47 @@ def test_fused_step_under_autocast_has_at_most_5_standalone_casts():
     torch_casts = _standalone_casts("torch")
     assert len(fused) <= 5, "\n".join(fused)
     assert len(torch_casts) > 50, f"the torch backend's casts are the comparison: {len(torch_casts)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU-sized case (vit_fast.testing.gpu_sized_cases: full size on CUDA, shrunken on the CPU)
+
+
+# (preset, batch, depth): the full presets at batch 128 on CUDA; on the CPU vit-tiny's widths and
+# head count with one block and one image (the interpreter's budget).
+@pytest.mark.parametrize("device,dtype,case", gpu_sized_cases([("vit-cifar", 128, None), ("vit-tiny", 128, None)],
+                                                              [("vit-tiny", 1, 1)]), ids=gpu_sized_id)
+def test_fused_model_autocast_training_step(device, dtype, case):
+    """A training step of the fused model under 16-bit autocast (what ``python -m vit_fast.train``
+    runs on a GPU; bf16 there, fp16 covers GPUs and AMP setups without bf16) against the fp32
+    reference, by the parity rule. The like-for-like baseline is the reference model converted to
+    the same 16-bit dtype: under autocast the fused backend's residual stream and its ops' outputs
+    are 16-bit (ops cast at their boundaries), while the reference under autocast would keep an
+    fp32 residual stream and fp32 elementwise work, a more precise model than the one tested."""
+    preset, batch, depth = case
+    cfg = PRESETS[preset] if depth is None else PRESETS[preset].replace(depth=depth)
+    torch.manual_seed(0)
+    model = ViTClassifier(cfg).to(device)
+    with torch.no_grad():  # past the near-zero initialisation, so that every gradient is substantial
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    images = torch.randn(batch, 3, 32, 32, device=device)
+    labels = torch.randint(cfg.num_classes, (batch,), device=device)
+
+    def step(m, x, amp):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            logits = m(x)
+        F.cross_entropy(logits.float(), labels).backward()
+        return logits.detach().float(), {n: p.grad.detach().float() for n, p in m.named_parameters()}
+
+    out_ref, g_ref = step(model.set_backend("reference"), images, False)  # fp32 truth
+    out, g = step(model.set_backend("fused"), images, True)
+    low = ViTClassifier(cfg).to(device)
+    low.load_state_dict(model.state_dict())
+    out_pt, g_pt = step(low.to(dtype).set_backend("reference"), images.to(dtype), False)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters()), "autocast must leave fp32 gradients"
+    assert_parity_relative(out, out_pt, out_ref, GPU_SIZED_REL, name="logits")
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        assert_parity_relative(g[name], g_pt[name], g_ref[name], GPU_SIZED_REL, name=f"grad {name}")

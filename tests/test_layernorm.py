@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 from vit_fast import reference
 from vit_fast.fused import layernorm as fused
-from vit_fast.testing import assert_compiled_matches_eager, assert_parity
+from vit_fast.testing import (
+    GPU_SIZED_REL,
+    assert_compiled_matches_eager,
+    assert_parity,
+    check_forward_backward_relative,
+    gpu_sized_cases,
+    gpu_sized_id,
+)
 
 EPS = 1e-6
 
@@ -501,3 +508,23 @@ def test_aot_compiles_without_spills():
         # r.spills counts STACK too: ptxas has reported this kernel's spills only there (width 8192).
         assert not r.spills, f"{where} spills: {r}"
         assert r.fits_shared_memory, f"{where} needs {r.shared_bytes} B of shared memory"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU-sized case (vit_fast.testing.gpu_sized_cases: full size on CUDA, shrunken on the CPU)
+
+
+# (rows, width): 512 images of 65 tokens on CUDA; 17 rows on the CPU (one partial row tile), at each
+# ViT width.
+@pytest.mark.parametrize("device,dtype,shape", gpu_sized_cases([(512 * 65, w) for w in (192, 384, 768)],
+                                                               [(17, w) for w in (192, 384, 768)]), ids=gpu_sized_id)
+def test_add_layer_norm_large(device, dtype, shape):
+    from vit_fast.fused import layernorm
+
+    rows, width = shape
+    x, res = (torch.randn(rows, width, device=device, dtype=dtype) for _ in range(2))
+    w = 1 + 0.1 * torch.randn(width, device=device, dtype=dtype)
+    b = 0.1 * torch.randn(width, device=device, dtype=dtype)
+    check_forward_backward_relative(lambda *a: layernorm.add_layer_norm(*a)[0] * 2 + layernorm.add_layer_norm(*a)[1],
+                                    lambda *a: reference.add_layer_norm(*a)[0] * 2 + reference.add_layer_norm(*a)[1],
+                                    [x, res, w, b], GPU_SIZED_REL, f"add_layer_norm width {width}")

@@ -18,7 +18,14 @@ from vit_fast import reference
 from vit_fast.fused import linear as fused_linear
 from vit_fast.fused import matmul
 from vit_fast.fused import mlp as fused
-from vit_fast.testing import assert_compiled_matches_eager, assert_parity
+from vit_fast.testing import (
+    GPU_SIZED_REL,
+    assert_compiled_matches_eager,
+    assert_parity,
+    check_forward_backward_relative,
+    gpu_sized_cases,
+    gpu_sized_id,
+)
 
 # bf16 runs in the interpreter too: the launchers widen 16-bit tl.dot operands to fp32 there
 # (triton issue 11584 made the interpreter's bf16 tl.dot return garbage) and round bf16 stores to
@@ -692,3 +699,26 @@ def test_launch_from_args_specialises_like_a_launch():
     assert k.signature["stride_xm"] == "i32" and "stride_xm" in k.divisible_by_16  # 64
     assert k.signature["N"] == "i32" and "N" not in k.divisible_by_16  # 40
     assert list(k.signature) == [n for n in matmul.linear_fwd_kernel.arg_names if n in k.signature]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU-sized case (vit_fast.testing.gpu_sized_cases: full size on CUDA, shrunken on the CPU)
+
+
+# (rows, dim, mlp ratio): 128 images of 65 tokens on CUDA; on the CPU 17 rows (one partial row tile)
+# at vit-cifar's and vit-small's MLP shapes.
+@pytest.mark.parametrize("device,dtype,shape", gpu_sized_cases([(128 * 65, d, r) for d, r in ((192, 2), (192, 4), (384, 4))],
+                                                               [(17, 192, 2), (17, 384, 4)]), ids=gpu_sized_id)
+def test_mlp_large(device, dtype, shape):
+    from vit_fast.fused import mlp
+
+    M, dim, ratio = shape
+    hidden = dim * ratio
+    x, res = (torch.randn(M, dim, device=device, dtype=dtype) for _ in range(2))
+    w1 = torch.randn(hidden, dim, device=device, dtype=dtype) / dim**0.5
+    b1 = 0.1 * torch.randn(hidden, device=device, dtype=dtype)
+    w2 = torch.randn(dim, hidden, device=device, dtype=dtype) / hidden**0.5
+    b2 = 0.1 * torch.randn(dim, device=device, dtype=dtype)
+    check_forward_backward_relative(lambda *a: mlp.mlp(*a[:5], "none", a[5]),
+                                    lambda *a: reference.mlp(*a[:5], "none", a[5]),
+                                    [x, w1, b1, w2, b2, res], GPU_SIZED_REL, f"mlp {dim}x{ratio}")

@@ -334,3 +334,57 @@ def assert_compiled_matches_eager(module: torch.nn.Module, x: Tensor, rtol: floa
     torch.testing.assert_close(out_compiled, out_eager, rtol=rtol, atol=atol)
     for name, c, e in zip(["input", *(n for n, _ in named)], grads_compiled, grads_eager):
         torch.testing.assert_close(c, e, rtol=rtol, atol=atol, msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+# ----------------------------------------------------------------------------- GPU-sized cases
+# Each op's test file has a case at the sizes a GPU trains at (the CIFAR goal shapes, long
+# sequences, wide rows, bf16 through tl.dot, a whole-model step at batch 128 under 16-bit
+# autocast). Its body runs on every device of ``devices()``: on CUDA at those sizes, on the CPU
+# (Triton interpreter, the patch embedding's C++ twin) at shrunken sizes that keep each case's
+# structure (several key tiles with a padded last one; the ViT widths), so the set-up, the shapes
+# and the tolerances are proven on machines without a GPU before a GPU runs them.
+
+# Slack beyond the parity rule, as a fraction of each tensor's largest value: bf16 keeps 8
+# significant bits (a rounding is up to 0.4% of the value), so 1% is about two roundings of the
+# largest element, far below the 100% error of a zeroed or unwritten result.
+GPU_SIZED_REL = 1e-2
+GPU_SIZED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def gpu_sized_cases(gpu_cases: list, cpu_cases: list) -> list[tuple[torch.device, torch.dtype, object]]:
+    """(device, dtype, case) triples: the GPU sizes on CUDA, their shrunken twins on the CPU, each
+    in bf16 and fp16. bf16 runs on the CPU too: the fused ops widen bf16 dot operands to fp32 under
+    Triton's interpreter (whose own bf16 tl.dot is broken, upstream triton issue 11584)."""
+    return [(device, dtype, case) for device in devices() for dtype in GPU_SIZED_DTYPES
+            for case in (gpu_cases if device.type == "cuda" else cpu_cases)]
+
+
+def gpu_sized_id(value) -> str:
+    """A readable pytest id for each element of a ``gpu_sized_cases`` triple."""
+    if isinstance(value, torch.device):
+        return value.type
+    if isinstance(value, torch.dtype):
+        return str(value)[6:]
+    return str(value)
+
+
+def check_forward_backward_relative(fused_fn, ref_fn, inputs: list[torch.Tensor], rel: float, name: str) -> None:
+    """The output and every input gradient of ``fused_fn`` against ``ref_fn`` by the relative
+    parity rule (``assert_parity_relative``): ``ref_fn`` in the inputs' 16-bit dtype is the
+    like-for-like baseline, ``ref_fn`` in fp32 the truth. An all-zero or garbage tensor is 100% off
+    and fails."""
+    def grads(fn, tensors, grad_out):
+        tensors = [x.detach().clone().requires_grad_(True) for x in tensors]
+        out = fn(*tensors)
+        out.backward(grad_out.to(out.dtype))
+        return out.detach(), [x.grad for x in tensors]
+
+    grad_out = torch.randn(ref_fn(*inputs).shape, device=inputs[0].device)
+    out, g = grads(fused_fn, inputs, grad_out)
+    out_pt, g_pt = grads(ref_fn, inputs, grad_out)
+    out_ref, g_ref = grads(ref_fn, [x.float() for x in inputs], grad_out)
+    assert_parity_relative(out, out_pt, out_ref, rel, name=f"{name} output")
+    for i, (a, b, c) in enumerate(zip(g, g_pt, g_ref)):
+        assert a.dtype == b.dtype, f"{name} grad {i}: dtype {a.dtype}, expected {b.dtype}"
+        assert_parity_relative(a, b, c, rel, name=f"{name} grad {i}")
+

@@ -10,7 +10,7 @@
 - The relative comparison helpers of ``vit_fast.testing`` reject a zeroed gradient, which the
   absolute tolerance they replace accepted.
 
-fp16 autocast on CUDA is a case of tests/test_gpu_large.py (the whole-model training step runs
+fp16 autocast on CUDA is a case of tests/test_fused_model.py (the whole-model training step runs
 under bf16 and fp16 autocast).
 """
 
