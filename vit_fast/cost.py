@@ -17,10 +17,11 @@ preset's image size and class count (what the data phase does does not depend on
 What is counted, per phase and per operator:
 
 - launches: a dispatched aten operator counts once (views and allocations are free). A ``vit_fast``
-  custom op counts as the kernels its launcher issues at that shape: the Python ops' real
-  implementations run on fake tensors under ``vit_fast.fused.launch.planning()``, which collects
-  each Triton ``Launch`` instead of running it, while any torch operators they call are recorded
-  like any other; the C++ patch embedding
+  custom op counts as the kernels its launcher issues at that shape: each Triton op's module (found
+  through ``vit_fast.fused.registry``) is asked for its ``launch_plan`` of the call, on the call's
+  fake arguments and outputs, for a GPU (``Target(interpret=False, device_type="cuda",
+  multiprocessors=132)``), the very function its real implementation runs; any torch operators
+  the plan issues (a copy of a strided input) are recorded like any other; the C++ patch embedding
   is asked ``patch_embed.kernel_count``.
 - bytes: every kernel reads each distinct tensor it is handed once and writes each output once
   (no cache reuse between kernels; what a kernel re-reads internally is ignored). For a Triton
@@ -58,8 +59,8 @@ A CPU stands in for the GPU; where that changes the account:
 - host syncs: no device-to-host or pageable host-to-device copy can happen on a CPU; the counter
   still sees every scalar read, tensor built from host data and data-dependent shape, which is
   where syncs come from (``vit_fast.syncs``).
-- the LayerNorm backward's partial-sum grid is planned on fake CPU tensors, where it has the
-  interpreter's 8 programs instead of 4 per multiprocessor (a few kB of fp32 partial sums).
+- the LayerNorm backward's partial-sum grid follows the GPU's rule, 4 programs per multiprocessor
+  of an H100 SXM (132): an A100's 108 would move a few kB less of fp32 partial sums.
 
 The roofline estimate is a model, not a timing: per kernel max(FLOPs / peak, bytes / bandwidth)
 on the named GPU (bf16 dense tensor-core peak for every kernel, so an fp32 product is modelled
@@ -74,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import math
@@ -326,14 +328,14 @@ def _view_key(t: torch.Tensor) -> tuple:
 
 
 class _Planner:
-    """The kernels of one custom-op call on fake tensors: Triton launches (collected by
-    ``planning()``) and aten operators, in the order the implementation issues them."""
+    """The kernels of one custom-op call on fake tensors: aten operators its plan issues, then its
+    Triton launches (``launch_plan``'s), in that order."""
 
     def __init__(self, inputs: list[torch.Tensor]) -> None:
         self.inputs = {_storage_key(t) for t in inputs}
         self.written: set[int] = set()
         self.kernels: list[Kernel] = []
-        self.launches: list = []  # planning()'s list, drained in order
+        self.launches: list = []  # launch_plan()'s list, drained in order
         self.drained = 0
         # Storages are told apart by identity: keep the op's outputs alive so that none is freed and
         # its identity reused by a later allocation while the op is planned (launches hold theirs).
@@ -434,31 +436,47 @@ def _patch_embed_kernels(op: str, args: tuple, outs: list[torch.Tensor]) -> list
     return kernels
 
 
+# The GPU a custom op's launches are planned for: no interpreter, CUDA arithmetic, and an H100
+# SXM's 132 multiprocessors (the LayerNorm backward's grid follows them).
+GPU_TARGET_MULTIPROCESSORS = 132
+
+
+def _bound_args(func, args: tuple, kwargs: dict) -> tuple:
+    """The call's arguments in its schema's order, defaults filled in."""
+    bound = list(args)
+    for arg in func._schema.arguments[len(args):]:
+        bound.append(kwargs[arg.name] if arg.name in kwargs else arg.default_value)
+    return tuple(bound)
+
+
 def custom_op_kernels(func, args: tuple, kwargs: dict, out=None) -> list[Kernel]:
     """The kernels one call of the ``vit_fast`` op ``func`` issues on a GPU at these shapes, asked
-    of its launcher (see the module docstring); ``out`` is the call's output (fake tensors)."""
-    from torch._library.custom_ops import OPDEFS
+    of its module's ``launch_plan`` (see the module docstring); ``out`` is the call's output (fake
+    tensors; computed by the op's fake implementation when not given)."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    from .fused import launch as launch_mod
+    from .fused.launch import Target
+    from .fused.registry import OPS
 
-    opdef = OPDEFS.get(f"{func.namespace}::{func.overloadpacket.__name__}")
-    if opdef is None:
-        return _patch_embed_kernels(func.overloadpacket.__name__, args, _tensors(out))
-    # The op's body runs on fake tensors (on their device, so device-keyed code such as
-    # torch.autocast(x.device.type) behaves as it would): its torch operators compute nothing and
-    # its Triton launches are collected by planning(), not run.
-    fake = next((t.fake_mode for t in _tensors((args, kwargs)) if isinstance(t, FakeTensor)), None)
-    entered = contextlib.nullcontext() if fake is not None else FakeTensorMode(allow_non_fake_inputs=True)
+    name = func.overloadpacket.__name__
+    entry = next((op for op in OPS if name in op.op_names), None)
+    if entry is None or entry.kind != "triton":
+        return _patch_embed_kernels(name, args, _tensors(out))
+    module = importlib.import_module(entry.module)
+    target = Target(interpret=False, device_type="cuda", multiprocessors=GPU_TARGET_MULTIPROCESSORS)
+    # The plan is built on fake tensors (on their device, so device-keyed code such as
+    # torch.autocast(x.device.type) behaves as it would): its torch operators compute nothing.
+    fake = next((t.fake_mode for t in _tensors((args, kwargs, out)) if isinstance(t, FakeTensor)), None)
+    entered = contextlib.nullcontext(fake) if fake is not None else FakeTensorMode(allow_non_fake_inputs=True)
     with entered as mode:
         if fake is None:
-            args, kwargs = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
-                                    (args, kwargs))
+            args, kwargs, out = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
+                                         (args, kwargs, out))
+        if out is None:
+            out = func(*args, **kwargs)  # the op's fake implementation
         planner = _Planner(_tensors((args, kwargs)))
-        # Every output of our Python ops is written by one of the kernels planned here.
-        with launch_mod.planning() as launches, _InnerRecorder(planner):
-            planner.launches = launches
-            opdef._init_fn(*args, **kwargs)
+        with _InnerRecorder(planner):
+            planner.launches = module.launch_plan(name, _bound_args(func, args, kwargs), tuple(_tensors(out)), target)
     planner.drain()
     return planner.kernels
 
