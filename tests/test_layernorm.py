@@ -486,7 +486,7 @@ def test_column_sum_fills_the_gpu():
     for sms in (108, 132):
         from vit_fast.fused.launch import Target, meta_tensor
 
-        x, dy = meta_tensor(AOT_ROWS, 192, dtype=torch.bfloat16), meta_tensor(AOT_ROWS, 192, dtype=torch.bfloat16)
+        dy = meta_tensor(AOT_ROWS, 192, dtype=torch.bfloat16)
         s, ds, dx = (meta_tensor(AOT_ROWS, 192, dtype=torch.float32) for _ in range(3))
         w, stats = meta_tensor(192, dtype=torch.float32), meta_tensor(AOT_ROWS, dtype=torch.float32)
         plan = fused.launch_plan("layer_norm_backward", (dy, ds, s, w, stats, stats, None, None),

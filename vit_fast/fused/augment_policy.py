@@ -42,7 +42,7 @@ import torch
 import triton
 from torch import Tensor
 
-from vit_fast.fused.launch import Launch, Target, check_launchable, check_same_device, interpreting, meta_tensor
+from vit_fast.fused.launch import Launch, Target, check_launchable, check_same_device, meta_tensor
 from vit_fast.kernels.augment_policy import augment_policy_kernel
 
 if TYPE_CHECKING:

@@ -49,7 +49,7 @@ import triton
 from torch import Tensor
 
 from vit_fast.fused.launch import (
-    SUPPORTED_DTYPES, Launch, Target, accumulation_dtype, check_launchable, check_same_device, interpreting, meta_tensor,
+    SUPPORTED_DTYPES, Launch, Target, accumulation_dtype, check_launchable, check_same_device, meta_tensor,
 )
 from vit_fast.kernels.cross_entropy import cross_entropy_bwd_kernel, cross_entropy_fwd_kernel
 

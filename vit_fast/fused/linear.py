@@ -40,7 +40,7 @@ from vit_fast.fused.launch import (
 )
 from vit_fast.fused.matmul import (
     InputGradOperands, MatmulConfig, WeightGradOperands, check_dtypes, check_linear_shapes, input_grad_config,
-    linear_bwd_launch, linear_grads_launches, linear_launch, not_needed, product_config, weight_grad_config,
+    linear_bwd_launch, linear_grads_launches, linear_launch, product_config, weight_grad_config,
 )
 
 if TYPE_CHECKING:

@@ -19,7 +19,6 @@ Public API (for the two op modules, their tests and the benchmarks):
                                        what one linear_bwd_launch computes
     linear_grads_launches(layers, input_grad, interpret, scale=None, rows_per_sample=1)   a backward's weight,
                                        bias and input gradients of linear layers in one launch
-    not_needed(like)                   the empty placeholder of a gradient nobody asked for
 
 The launch builders pick each kernel's tiles with the rules above from the tensors they are
 given (a backward that differentiates fewer weights picks its weight-gradient tiles from those),
@@ -39,7 +38,7 @@ from vit_fast.kernels.mlp import linear_bwd_kernel, linear_fwd_kernel
 
 __all__ = [
     "INTERPRETER_CONFIG", "InputGradOperands", "MatmulConfig", "WeightGradOperands", "check_dtypes",
-    "check_linear_shapes", "input_grad_config", "linear_bwd_launch", "linear_grads_launches", "linear_launch", "not_needed",
+    "check_linear_shapes", "input_grad_config", "linear_bwd_launch", "linear_grads_launches", "linear_launch",
     "product_config", "tile_grid", "weight_grad_config",
 ]
 
@@ -327,12 +326,6 @@ def linear_bwd_launch(layers: list[WeightGradOperands], input_grad: InputGradOpe
 
 
 # ----------------------------------------------------------------------------- backward helpers
-
-
-def not_needed(like: Tensor) -> Tensor:
-    # A custom op returns tensors, never None: an unrequested gradient is an empty placeholder
-    # (no compute, no memory) that the autograd formula turns back into None.
-    return like.new_empty((0,))
 
 
 def linear_grads_launches(layers: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]],

@@ -60,7 +60,7 @@ from vit_fast.fused.launch import (
 )
 from vit_fast.fused.matmul import (
     InputGradOperands, MatmulConfig, WeightGradOperands, check_dtypes, check_linear_shapes, input_grad_config,
-    linear_bwd_launch, linear_grads_launches, linear_launch, not_needed, product_config, tile_grid, weight_grad_config,
+    linear_bwd_launch, linear_grads_launches, linear_launch, product_config, tile_grid, weight_grad_config,
 )
 from vit_fast.kernels.mlp import gelu_bwd_kernel
 
