@@ -68,13 +68,6 @@ def test_roofline_arithmetic_on_a_hand_checkable_case():
     assert (cost.GPUS["A100"].peak_flops, cost.GPUS["A100"].bandwidth) == (312e12, 2.0e12)
 
 
-def _planned(fn, *args) -> int:
-    """Triton launches the real implementation plans on meta tensors (what the account asks)."""
-    with fused_launch.planning() as launches:
-        fn(*args)
-    return len(launches)
-
-
 def test_custom_op_counted_as_its_launchers_kernels():
     """A vit_fast op counts the kernels its launcher issues at that shape, not one per call."""
     M, d, hidden = 96, 32, 64
@@ -108,14 +101,30 @@ def test_custom_op_counted_as_its_launchers_kernels():
     assert a_fwd[0].flops == 4 * B * H * N * N * D
 
 
-def test_planning_runs_nothing_and_restores_the_interpreter_switch():
+def test_a_gpu_plan_runs_nothing_and_leaves_the_interpreter_switch():
+    """The account asks each op's launch_plan for a GPU's launches (no interpreter, the GPU's
+    multiprocessors): building the plan launches nothing, reads no global mode and changes no
+    switch, and CPU tensors still need the interpreter to run a kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vit_fast.fused import layernorm as fused_layernorm
+
     before = fused_launch.interpreting()
-    never_run = fused_launch.Launch(kernel=None, grid=(1,), args={"X": torch.empty(4)}, constexprs={}, num_warps=1)
-    with fused_launch.planning() as launches:
-        assert not fused_launch.interpreting()  # a plan is the GPU's
-        fused_launch.check_launchable("x", torch.empty(4))  # CPU tensors plan, whatever the interpreter
-        never_run.run()  # a kernel of None would raise if it were launched
-    assert launches == [never_run] and fused_launch.interpreting() == before
+    gpu = fused_launch.Target(interpret=False, device_type="cuda", multiprocessors=132)
+    with FakeTensorMode():
+        x, w = torch.randn(8 * 65, 64), torch.randn(64)
+        y, stats = torch.empty(8 * 65, 64), torch.empty(8 * 65)
+        plan = fused_layernorm.launch_plan("layer_norm", (x, w, w, 1e-6, None), (y, stats, stats), gpu)
+        back = fused_layernorm.launch_plan("layer_norm_backward", (y, None, x, w, stats, stats, None, None),
+                                           (torch.empty_like(x), torch.empty(0), w, w), gpu)
+    assert [launch.kernel.fn.__name__ for launch in plan + back] == [
+        "layer_norm_fwd_kernel", "layer_norm_bwd_kernel", "column_sum_kernel"]
+    assert not any(launch.constexprs["INTERPRETING"] for launch in plan + back)  # a plan is the GPU's
+    assert back[0].grid[0] <= 4 * 132 and back[0].args["P"] == back[0].grid[0]
+    assert fused_launch.interpreting() == before
+    if not before:
+        with pytest.raises(ValueError, match="interpreter"):
+            fused_launch.check_launchable("x", torch.empty(4))
 
 
 @pytest.fixture(scope="module")

@@ -228,12 +228,12 @@ def test_ops_dispatch(device):
 
 
 def test_one_kernel_each_way_and_no_cast():
-    """What the cost account sees (``vit_fast.cost.custom_op_kernels``): the op bodies plan one
-    Triton launch each and dispatch no aten kernel, on bf16 logits."""
+    """What the cost account sees (``vit_fast.cost.custom_op_kernels``): the ops' launch plans, for a
+    GPU, are one Triton launch each and dispatch no aten kernel, on bf16 logits."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from vit_fast.fused.launch import planning
+    from vit_fast.fused.launch import Target
 
     class Aten(TorchDispatchMode):
         def __init__(self):
@@ -248,9 +248,11 @@ def test_one_kernel_each_way_and_no_cast():
     with FakeTensorMode():
         logits = torch.randn(128, 100, dtype=torch.bfloat16)
         target, grad = torch.rand(128, 100), torch.ones(())
-        with planning() as launches, Aten() as aten:
-            fused._cross_entropy_op._init_fn(logits, target, SMOOTHING)
-            fused._cross_entropy_backward_op._init_fn(grad, logits, target, SMOOTHING)
+        gpu = Target(interpret=False, device_type="cuda", multiprocessors=132)
+        loss, dlogits = torch.empty(()), torch.empty(logits.shape, dtype=logits.dtype)
+        with Aten() as aten:
+            launches = fused.launch_plan("cross_entropy", (logits, target, SMOOTHING), (loss,), gpu)
+            launches += fused.launch_plan("cross_entropy_backward", (grad, logits, target, SMOOTHING), (dlogits,), gpu)
     assert [launch.kernel.fn.__name__ for launch in launches] == ["cross_entropy_fwd_kernel",
                                                                   "cross_entropy_bwd_kernel"]
     assert launches[0].grid == (1,)  # one program: the fixed summation order

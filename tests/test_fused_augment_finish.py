@@ -13,7 +13,7 @@ from vit_fast.augment.erasing import EraseDraw, apply_erasing, draw_erasing
 from vit_fast.augment.mixing import MixDraw, apply_mix, draw_mix, smooth_targets
 from vit_fast.augment.pipeline import normalize
 from vit_fast.fused import augment_finish as fused
-from vit_fast.fused.launch import planning
+from vit_fast.fused.launch import Target
 from vit_fast.syncs import count_host_syncs
 
 MEAN = torch.tensor([0.5071, 0.4865, 0.4409])
@@ -128,18 +128,21 @@ def test_strided_inputs_as_a_data_parallel_rank_passes_them():
 
 
 def test_one_launch_planned_and_counted():
-    """Under planning() the op plans one kernel (what vit_fast.cost charges it), reading the uint8
-    batch once and writing x and the targets."""
+    """The op's launch plan for a GPU is one kernel (what vit_fast.cost charges it), reading the
+    uint8 batch once and writing x and the targets, with torch's CUDA division."""
     B, K = 128, 100
     images, labels, g = _batch(B, 32, 32, K)
     erase = draw_erasing(images.shape, g, "cpu", 0.25, "const")
     mixing = draw_mix(B, 32, 32, 1.0, 1.0, 0.5, "batch", g, "cpu", 0.5)
     erase_boxes, values = _erase_args(erase)
     mix_params, applied = _mix_args(mixing)
-    with planning() as launches:
-        fused.augment_finish(images, MEAN, STD, labels, K, 0.0, erase_boxes, values, mix_params, applied)
-    assert len(launches) == 1 and launches[0].grid == (64, 3)
     args = (images, MEAN, STD, labels, K, 0.0, *erase_boxes, values, *mix_params, applied)
+    outputs = (torch.empty(images.shape), torch.empty(B, K))
+    launches = fused.launch_plan("augment_finish", args, outputs, Target(False, "cuda", 132))
+    assert len(launches) == 1 and launches[0].grid == (64, 3)
+    assert launches[0].constexprs["DIVIDE_BY_RECIPROCAL"]
+    cpu = fused.launch_plan("augment_finish", args, outputs, Target(False, "cpu", 0))
+    assert not cpu[0].constexprs["DIVIDE_BY_RECIPROCAL"]
     kernels = cost.custom_op_kernels(torch.ops.vit_fast.augment_finish.default, args, {})
     assert len(kernels) == 1
     assert kernels[0].bytes_written == B * 3 * 32 * 32 * 4 + B * K * 4

@@ -491,8 +491,13 @@ def test_column_sum_fills_the_gpu():
     programs on an A100 and an H100 (it ran 2), and the same order every time (a pure function of
     the shape and the SM count)."""
     for sms in (108, 132):
-        plan = fused.planned_launches(AOT_ROWS, 192, torch.bfloat16, True, multiprocessors=sms,
-                                      weight_dtype=torch.float32, residual_dtype=torch.float32)
+        from vit_fast.fused.launch import Target, meta_tensor
+
+        dy = meta_tensor(AOT_ROWS, 192, dtype=torch.bfloat16)
+        s, ds, dx = (meta_tensor(AOT_ROWS, 192, dtype=torch.float32) for _ in range(3))
+        w, stats = meta_tensor(192, dtype=torch.float32), meta_tensor(AOT_ROWS, dtype=torch.float32)
+        plan = fused.launch_plan("layer_norm_backward", (dy, ds, s, w, stats, stats, None, None),
+                                 (dx, meta_tensor(0, dtype=torch.float32), w, w), Target(False, "cuda", sms))
         column_sum = [launch for launch in plan if launch.kernel.fn.__name__ == "column_sum_kernel"]
         assert len(column_sum) == 1 and column_sum[0].grid[0] >= 100, column_sum[0].grid
 

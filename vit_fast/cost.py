@@ -17,10 +17,11 @@ preset's image size and class count (what the data phase does does not depend on
 What is counted, per phase and per operator:
 
 - launches: a dispatched aten operator counts once (views and allocations are free). A ``vit_fast``
-  custom op counts as the kernels its launcher issues at that shape: the Python ops' real
-  implementations run on fake tensors under ``vit_fast.fused.launch.planning()``, which collects
-  each Triton ``Launch`` instead of running it, while any torch operators they call are recorded
-  like any other; the C++ patch embedding
+  custom op counts as the kernels its launcher issues at that shape: each Triton op's module (found
+  through ``vit_fast.fused.registry``) is asked for its ``launch_plan`` of the call, on the call's
+  fake arguments and outputs, for a GPU (``Target(interpret=False, device_type="cuda",
+  multiprocessors=132)``), the very function its real implementation runs; any torch operators
+  the plan issues (a copy of a strided input) are recorded like any other; the C++ patch embedding
   is asked ``patch_embed.kernel_count``.
 - bytes: every kernel reads each distinct tensor it is handed once and writes each output once
   (no cache reuse between kernels; what a kernel re-reads internally is ignored). For a Triton
@@ -58,8 +59,9 @@ A CPU stands in for the GPU; where that changes the account:
 - host syncs: no device-to-host or pageable host-to-device copy can happen on a CPU; the counter
   still sees every scalar read, tensor built from host data and data-dependent shape, which is
   where syncs come from (``vit_fast.syncs``).
-- the LayerNorm backward's partial-sum grid is planned on fake CPU tensors, where it has the
-  interpreter's 8 programs instead of 4 per multiprocessor (a few kB of fp32 partial sums).
+- the LayerNorm backward's partial-sum grid follows the GPU's rule, 4 programs per multiprocessor
+  of an H100 SXM (132 SMs: 528 programs, so 2 x width x 528 fp32 partial sums, about 0.8 MB at
+  width 192, written by one kernel and read by the next); an A100's 108 SMs give 432 programs.
 
 The roofline estimate is a model, not a timing: per kernel max(FLOPs / peak, bytes / bandwidth)
 on the named GPU (bf16 dense tensor-core peak for every kernel, so an fp32 product is modelled
@@ -68,6 +70,10 @@ too fast), summed ("graph": the step replayed from a CUDA graph), plus, for an u
 (their comments say where the figures come from). The sum is what the estimate reports; a step
 with no host sync lets the host run ahead of the GPU, so max(host, graph) is the optimistic
 bound. ``benchmarks/bench_train.py`` measures the step on a GPU.
+
+The module's parts: ``vit_fast.cost_account`` (the account types, the roofline model and the
+tables), ``vit_fast.cost_kernels`` (what each operator and custom-op call costs, and the recorder),
+and this module (the step drivers and the command line). Their public names are importable from here.
 """
 
 from __future__ import annotations
@@ -76,420 +82,29 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import tempfile
-from collections import defaultdict
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 
 from .cli import UsageError, errors_handled
 from .config import BACKENDS, PRESETS, get_preset
+from .cost_account import (
+    CUSTOM_OP_CALL_S, GPU, GPUS, LAUNCH_OVERHEAD_S, CostAccount, Kernel, OpCost, StepAccount, format_step_table,
+    format_table, merge,
+)
+from .cost_kernels import (
+    GPU_TARGET_MULTIPROCESSORS, CostRecorder, aten_flops, custom_op_kernels, launch_flops, tensor_bytes,
+)
 from .paths import check_output_file
 from .recipes import RECIPES
 
-# Allocation-only or bookkeeping operators: no kernel reads or writes memory for them.
-_FREE_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh",
-             "_local_scalar_dense", "copy_", "_unsafe_view", "is_same_size", "sym_size", "sym_stride",
-             "sym_numel", "sym_storage_offset", "_has_compatible_shallow_copy_type", "set_"}
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-# Host time per kernel launch of an uncaptured step, an assumption of this model: PyTorch's eager
-# dispatch of one operator from Python (argument parsing, dispatcher, allocator) measured 3.5 us
-# for a tiny CPU op on this project's development machine (its kernel included), and a GPU launch
-# adds cudaLaunchKernel's 1-2 us; a GPU also needs a few microseconds between dependent small
-# kernels. A CUDA graph replays all of a step's launches for one.
-LAUNCH_OVERHEAD_S = 5e-6
-# Extra host time of a Python-level custom-op call (torch.library's Python dispatch around the
-# op's body): measured 17 us over its body's own ops on the same machine, assumed 15 us.
-CUSTOM_OP_CALL_S = 15e-6
-
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    peak_flops: float  # bf16 dense tensor-core FLOP/s
-    bandwidth: float  # HBM bytes/s
-
-
-GPUS = {
-    "H100": GPU("H100 SXM", 989e12, 3.35e12),
-    "A100": GPU("A100 SXM", 312e12, 2.0e12),
-}
-
-
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes of the distinct elements a tensor addresses (an expanded, stride-0 dim counts once)."""
-    n = 1
-    for size, stride in zip(t.shape, t.stride()):
-        if stride != 0:
-            n *= size
-    return n * t.element_size()
-
-
-def _numel(t: torch.Tensor) -> int:
-    return tensor_bytes(t) // t.element_size()
-
-
-def _is_view(func) -> bool:
-    """True for operators whose outputs alias an input without writing it (view, transpose, ...)."""
-    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
-
-
-def _tensors(tree) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
-
-
-@dataclass
-class Kernel:
-    """One kernel launch: what the roofline is summed over."""
-
-    bytes_read: int
-    bytes_written: int
-    flops: int
-    cast: bool = False
-
-
-@dataclass
-class OpCost:
-    launches: int = 0  # kernels
-    calls: int = 0  # dispatches of the operator (for a custom op: Python-level calls)
-    casts: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    flops: int = 0
-
-
-@dataclass
-class CostAccount:
-    ops: dict[str, OpCost] = field(default_factory=lambda: defaultdict(OpCost))
-    kernels: list[Kernel] = field(default_factory=list)
-
-    def charge(self, key: str, kernels: list[Kernel]) -> None:
-        cost = self.ops[key]
-        cost.calls += 1
-        for k in kernels:
-            cost.launches += 1
-            cost.casts += k.cast
-            cost.bytes_read += k.bytes_read
-            cost.bytes_written += k.bytes_written
-            cost.flops += k.flops
-        self.kernels.extend(kernels)
-
-    def _sum(self, name: str) -> int:
-        return sum(getattr(c, name) for c in self.ops.values())
-
-    @property
-    def launches(self) -> int:
-        return self._sum("launches")
-
-    @property
-    def casts(self) -> int:
-        return self._sum("casts")
-
-    @property
-    def bytes(self) -> int:
-        return self._sum("bytes_read") + self._sum("bytes_written")
-
-    @property
-    def flops(self) -> int:
-        return self._sum("flops")
-
-    @property
-    def custom_op_calls(self) -> int:
-        return sum(c.calls for k, c in self.ops.items() if not k.startswith("aten::"))
-
-    def host_s(self) -> float:
-        """Modelled host time of an uncaptured step: LAUNCH_OVERHEAD_S per kernel, CUSTOM_OP_CALL_S
-        more per custom-op call."""
-        return len(self.kernels) * LAUNCH_OVERHEAD_S + self.custom_op_calls * CUSTOM_OP_CALL_S
-
-    def roofline_s(self, gpu: GPU, captured: bool) -> float:
-        """Modelled seconds: per kernel max(FLOPs / peak, bytes / bandwidth), summed, plus the host
-        time (``host_s``) unless the step is replayed from a CUDA graph."""
-        t = sum(max(k.flops / gpu.peak_flops, (k.bytes_read + k.bytes_written) / gpu.bandwidth) for k in self.kernels)
-        return t + (0.0 if captured else self.host_s())
-
-    def summary(self) -> dict:
-        return {"launches": self.launches, "casts": self.casts, "bytes": self.bytes, "flops": self.flops,
-                "custom_op_calls": self.custom_op_calls}
-
-    def to_dict(self) -> dict:
-        ops = sorted(self.ops.items(), key=lambda kv: -(kv[1].bytes_read + kv[1].bytes_written))
-        return {**self.summary(), "ops": {k: vars(v) for k, v in ops}}
-
-
-def merge(accounts: list[CostAccount]) -> CostAccount:
-    total = CostAccount()
-    for acc in accounts:
-        for key, c in acc.ops.items():
-            t = total.ops[key]
-            for name, value in vars(c).items():
-                setattr(t, name, getattr(t, name) + value)
-        total.kernels.extend(acc.kernels)
-    return total
-
-
-# ----------------------------------------------------------------------------- FLOPs
-
-
-def _mm_flops(a: torch.Tensor, b: torch.Tensor) -> int:
-    """2 M N K per product of (..., M, K) x (..., K, N)."""
-    batch = math.prod(a.shape[:-2]) if a.dim() > 2 else 1
-    return 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
-
-
-def aten_flops(name: str, args: tuple, outs: list[torch.Tensor]) -> int:
-    """FLOPs of an aten operator from its shapes; one per element written for the rest."""
-    if name in ("mm", "bmm"):
-        return _mm_flops(args[0], args[1])
-    if name in ("addmm", "baddbmm"):
-        return _mm_flops(args[1], args[2])
-    if name == "convolution":  # 2 x outputs x (in_channels / groups) x kernel area
-        w = args[1]
-        return 2 * _numel(outs[0]) * math.prod(w.shape[1:])
-    if name == "convolution_backward":  # the input and the weight gradients, each as much as the forward
-        grad_out, w = args[0], args[2]
-        return 2 * 2 * _numel(grad_out) * math.prod(w.shape[1:])
-    if name.startswith("_scaled_dot_product") and "attention" in name:
-        backward = "backward" in name  # (grad_out, q, k, ...) rather than (q, k, ...)
-        q, k = (args[1], args[2]) if backward else (args[0], args[1])
-        fwd = 4 * math.prod(q.shape[:-1]) * k.shape[-2] * q.shape[-1]  # Q K^T and P V
-        return fwd * 5 // 2 if backward else fwd  # backward: S recomputed, dV, dP, dQ, dK
-    return sum(_numel(t) for t in outs)
-
-
-def launch_flops(launch, written_elements: int) -> int:
-    """FLOPs of a planned Triton launch: our GEMM and attention kernels from their arguments,
-    one per element written for the rest."""
-    name = getattr(launch.kernel, "__name__", "") or getattr(getattr(launch.kernel, "fn", None), "__name__", "")
-    a = launch.args
-    if name == "linear_fwd_kernel":
-        return 2 * a["M"] * a["N"] * a["K"]
-    if name == "gelu_bwd_kernel":  # dY W2, and the pre-activation recomputed
-        return 2 * a["M"] * a["N"] * (a["K_OUT"] + a["K_IN"])
-    if name == "linear_bwd_kernel":  # dY^T X of each of its layers, and dY W for the input gradient
-        c = launch.constexprs
-        products = [(a["N"], a["K"])] * (c["LAYERS"] >= 1) + [(a["N2"], a["K2"])] * (c["LAYERS"] == 2)
-        return 2 * a["M"] * sum(n * k for n, k in products + [(a["NX"], a["KX"])] * c["HAS_DX"])
-    if name.startswith("attention_") and "Q" in a:
-        per_product = 2 * math.prod(a["Q"].shape[:-1]) * a["N_CTX"] * a["HEAD_DIM"]  # one N x N x D product
-        if name == "attention_fwd_kernel":
-            return 2 * per_product
-        if name == "attention_bwd_dkdv_kernel":  # S, dP, dV, dK (+ dQ when fused)
-            return (5 if launch.constexprs.get("FUSE_DQ") else 4) * per_product
-        if name == "attention_bwd_dq_kernel":  # S, dP, dQ
-            return 3 * per_product
-    return written_elements
-
-
-# ----------------------------------------------------------------------------- recording
-
-
-def _is_cast(name: str, args: tuple, outs: list[torch.Tensor]) -> bool:
-    if name == "_to_copy":
-        return bool(outs) and args[0].dtype in _FLOATS and outs[0].dtype in _FLOATS and args[0].dtype != outs[0].dtype
-    if name == "copy_":
-        return args[0].dtype in _FLOATS and args[1].dtype in _FLOATS and args[0].dtype != args[1].dtype
-    return False
-
-
-def _aten_kernel(func, args, kwargs, out) -> Kernel | None:
-    """The kernel of one dispatched aten operator, or None for views, allocations and metadata."""
-    name = func.overloadpacket.__name__
-    if func.namespace in ("prim", "profiler"):  # metadata queries, profiler markers
-        return None
-    if name in _FREE_OPS or _is_view(func):
-        if not (name == "copy_" and args[0].shape):
-            return None
-    if name == "copy_":  # a real copy into a buffer: read source, write destination
-        return Kernel(tensor_bytes(args[1]), tensor_bytes(args[0]), _numel(args[0]), _is_cast(name, args, []))
-    read = sum(tensor_bytes(t) for t in _tensors((args, kwargs)))
-    mutated = _tensors([a for a, arg in zip(args, func._schema.arguments)
-                        if arg.alias_info is not None and arg.alias_info.is_write])
-    mutated_ids = {id(t) for t in mutated}
-    outs = [t for t in _tensors(out) if id(t) not in mutated_ids]
-    written = sum(tensor_bytes(t) for t in mutated) + sum(tensor_bytes(t) for t in outs)
-    return Kernel(read, written, aten_flops(name, args, mutated + outs), _is_cast(name, args, outs))
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
-
-
-def _view_key(t: torch.Tensor) -> tuple:
-    return _storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
-
-
-class _Planner:
-    """The kernels of one custom-op call on fake tensors: Triton launches (collected by
-    ``planning()``) and aten operators, in the order the implementation issues them."""
-
-    def __init__(self, inputs: list[torch.Tensor]) -> None:
-        self.inputs = {_storage_key(t) for t in inputs}
-        self.written: set[int] = set()
-        self.kernels: list[Kernel] = []
-        self.launches: list = []  # planning()'s list, drained in order
-        self.drained = 0
-        # Storages are told apart by identity: keep the op's outputs alive so that none is freed and
-        # its identity reused by a later allocation while the op is planned (launches hold theirs).
-        self.alive: list[torch.Tensor] = []
-
-    def drain(self) -> None:
-        for launch in self.launches[self.drained:]:
-            read = written = written_elements = 0
-            seen = set()
-            for t in launch.args.values():
-                if not isinstance(t, torch.Tensor) or _view_key(t) in seen:
-                    continue  # an unused pointer argument is another argument passed again
-                seen.add(_view_key(t))
-                s = _storage_key(t)
-                if s not in self.inputs and s not in self.written:
-                    written += tensor_bytes(t)
-                    written_elements += _numel(t)
-                    self.written.add(s)
-                else:
-                    read += tensor_bytes(t)
-            self.kernels.append(Kernel(read, written, launch_flops(launch, written_elements)))
-        self.drained = len(self.launches)
-
-    def aten(self, kernel: Kernel, outs: list[torch.Tensor]) -> None:
-        self.drain()
-        self.kernels.append(kernel)
-        self.written.update(_storage_key(t) for t in outs)
-        self.alive.extend(outs)
-
-
-class _KernelMode(TorchDispatchMode):
-    """A dispatch mode that hands each operator to ``record``; with ``decompose``, composite operators
-    are decomposed first."""
-
-    decompose = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        # Inside a custom op called from the fake mode, composite operators (matmul, to) reach the
-        # mode whole (the fake mode's python dispatcher is on); decomposed, they arrive as the
-        # kernels they run (mm, _to_copy). The step itself reaches the mode decomposed already.
-        if (self.decompose and func.namespace == "aten"
-                and torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")):
-            with self:  # the mode is off inside its own dispatch: the pieces must reach it again
-                out = func.decompose(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
-        out = func(*args, **kwargs)
-        self.record(func, args, kwargs, out)
-        return out
-
-    def record(self, func, args, kwargs, out) -> None:
-        raise NotImplementedError
-
-
-class _InnerRecorder(_KernelMode):
-    decompose = True
-
-    def __init__(self, planner: _Planner) -> None:
-        super().__init__()
-        self.planner = planner
-
-    def record(self, func, args, kwargs, out) -> None:
-        kernel = _aten_kernel(func, args, kwargs, out)
-        if kernel is not None:
-            self.planner.aten(kernel, _tensors(out))
-
-
-def _patch_embed_kernels(op: str, args: tuple, outs: list[torch.Tensor]) -> list[Kernel]:
-    """The C++ patch embedding has no launch objects to plan: its kernel count comes from
-    ``patch_embed.kernel_count``, its bytes from the boundary of each of its parts (inputs read,
-    outputs written) and its FLOPs from the projection (2 per patch, output channel and weight
-    element), all charged to each part's first kernel. The forward is one part; the backward has
-    two, each run only when needed: the image gradient (reads grad_out and the weight, writes the
-    images' gradient) and the parameter gradients (reads grad_out, the images and the weight,
-    writes all four: the unwanted ones are computed, then dropped)."""
-    from .fused import patch_embed
-
-    if op == "patch_embed":  # (images, weight, bias, cls_token, pos_embed) -> (B, N + 1, D)
-        weight, tokens = args[1], outs[0].shape[1]
-        batch, patches = args[0].shape[0], tokens - 1
-        parts = [(patch_embed.kernel_count(op, batch, patches), _tensors(args), sum(map(tensor_bytes, outs)))]
-    else:  # (grad_out (B, N + 1, D), images, weight, needs)
-        grad_out, images, weight, needs = args
-        batch, patches, dim = grad_out.shape[0], grad_out.shape[1] - 1, weight.shape[0]
-        param_elements = weight.numel() + dim + dim + (patches + 1) * dim  # weight, bias, cls_token, pos_embed
-        images_only, params_only = (True, False, False, False, False), (False, True, True, True, True)
-        parts = [(patch_embed.kernel_count(op, batch, patches, images_only), [grad_out, weight],
-                  images.numel() * images.element_size())] if needs[0] else []
-        if any(needs[1:]):
-            parts.append((patch_embed.kernel_count(op, batch, patches, params_only), [grad_out, images, weight],
-                          param_elements * weight.element_size()))
-    kernels = []
-    for n, read, written in parts:
-        if n:
-            kernels += [Kernel(sum(map(tensor_bytes, read)), written, 2 * batch * patches * weight.numel())]
-            kernels += [Kernel(0, 0, 0) for _ in range(n - 1)]
-    return kernels
-
-
-def custom_op_kernels(func, args: tuple, kwargs: dict, out=None) -> list[Kernel]:
-    """The kernels one call of the ``vit_fast`` op ``func`` issues on a GPU at these shapes, asked
-    of its launcher (see the module docstring); ``out`` is the call's output (fake tensors)."""
-    from torch._library.custom_ops import OPDEFS
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-
-    from .fused import launch as launch_mod
-
-    opdef = OPDEFS.get(f"{func.namespace}::{func.overloadpacket.__name__}")
-    if opdef is None:
-        return _patch_embed_kernels(func.overloadpacket.__name__, args, _tensors(out))
-    # The op's body runs on fake tensors (on their device, so device-keyed code such as
-    # torch.autocast(x.device.type) behaves as it would): its torch operators compute nothing and
-    # its Triton launches are collected by planning(), not run.
-    fake = next((t.fake_mode for t in _tensors((args, kwargs)) if isinstance(t, FakeTensor)), None)
-    entered = contextlib.nullcontext() if fake is not None else FakeTensorMode(allow_non_fake_inputs=True)
-    with entered as mode:
-        if fake is None:
-            args, kwargs = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
-                                    (args, kwargs))
-        planner = _Planner(_tensors((args, kwargs)))
-        # Every output of our Python ops is written by one of the kernels planned here.
-        with launch_mod.planning() as launches, _InnerRecorder(planner):
-            planner.launches = launches
-            opdef._init_fn(*args, **kwargs)
-    planner.drain()
-    return planner.kernels
-
-
-class CostRecorder(_KernelMode):
-    """Records every dispatched operator into a CostAccount: ``with CostRecorder(acc): ...``.
-
-    ``phases`` (optional) maps a phase name to its account; ``phase(name)`` switches to it."""
-
-    def __init__(self, account: CostAccount, phases: dict[str, CostAccount] | None = None) -> None:
-        super().__init__()
-        self.account = account
-        self.phases = phases
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        outer = self.account
-        self.account = self.phases.setdefault(name, CostAccount())
-        try:
-            yield
-        finally:
-            self.account = outer
-
-    def record(self, func, args, kwargs, out) -> None:
-        ns, name = func.namespace, func.overloadpacket.__name__
-        if ns == "vit_fast":
-            self.account.charge(f"{ns}::{name}", custom_op_kernels(func, args, kwargs, out))
-            return
-        kernel = _aten_kernel(func, args, kwargs, out)
-        if kernel is not None:
-            self.account.charge(f"{ns}::{name}", [kernel])
+__all__ = [
+    "CUSTOM_OP_CALL_S", "GPU", "GPUS", "GPU_TARGET_MULTIPROCESSORS", "LAUNCH_OVERHEAD_S", "CostAccount", "CostRecorder",
+    "Kernel", "OpCost", "StepAccount", "account_step_as_trained", "account_training_step", "aten_flops",
+    "build_parser", "custom_op_kernels", "format_step_table", "format_table", "launch_flops", "main", "merge",
+    "tensor_bytes", "training_args",
+]
 
 
 @contextlib.contextmanager
@@ -554,34 +169,6 @@ def account_training_step(preset: str, batch_size: int, backend: str, **override
 
 
 # ----------------------------------------------------------------------------- the step as trained
-
-
-@dataclass
-class StepAccount:
-    """The account of one training step as ``python -m vit_fast.train`` runs it, per phase."""
-
-    backend: str
-    phases: dict[str, CostAccount]  # vit_fast.step.PHASES, in order
-    syncs: dict[str, int]  # distinct host syncs per phase
-    amp: bool = True
-
-    @property
-    def total(self) -> CostAccount:
-        return merge(list(self.phases.values()))
-
-    def roofline(self) -> dict:
-        """Modelled milliseconds per GPU: {gpu: {"graph": ms, "eager": ms}}."""
-        total = self.total
-        return {key: {"graph_ms": total.roofline_s(gpu, captured=True) * 1e3,
-                      "eager_ms": total.roofline_s(gpu, captured=False) * 1e3,
-                      "host_ms": total.host_s() * 1e3} for key, gpu in GPUS.items()}
-
-    def to_dict(self) -> dict:
-        total = {**self.total.summary(), "host_syncs": sum(self.syncs.values())}
-        # The totals also sit at the top, where readers of the pure account's JSON find them.
-        return {**total, "amp": self.amp, "total": total,
-                "phases": {p: {**a.to_dict(), "host_syncs": self.syncs.get(p, 0)} for p, a in self.phases.items()},
-                "roofline": self.roofline()}
 
 
 def training_args(preset: str, batch_size: int, backend: str, extra: list[str] | tuple[str, ...] = ()):
@@ -652,52 +239,6 @@ def account_step_as_trained(preset: str = "vit-cifar", batch_size: int = 128, ba
         raise RuntimeError(f"the step ran work outside its phases ({recorder.account.launches} kernels, "
                            f"{outside} host syncs); vit_fast.step.PHASES should cover all of it")
     return StepAccount(backend, phases, syncs)
-
-
-# ----------------------------------------------------------------------------- output
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.3f}"
-
-
-def format_step_table(accounts: dict[str, StepAccount]) -> str:
-    """Per backend and phase: launches, casts, custom-op calls, GB moved, GFLOP, host syncs; then
-    the roofline model per GPU."""
-    lines = [f"{'backend':<10} {'phase':<17} {'launches':>8} {'casts':>6} {'op calls':>8} {'GB moved':>9} "
-             f"{'GFLOP':>8} {'syncs':>6}"]
-    for name, step in accounts.items():
-        rows = [*step.phases.items(), ("total", step.total)]
-        for phase, acc in rows:
-            syncs = sum(step.syncs.values()) if phase == "total" else step.syncs.get(phase, 0)
-            lines.append(f"{name:<10} {phase:<17} {acc.launches:>8d} {acc.casts:>6d} {acc.custom_op_calls:>8d} "
-                         f"{_gb(acc.bytes):>9} {acc.flops / 1e9:>8.1f} {syncs:>6d}")
-    lines.append("\nroofline model (not a timing): graph = sum over kernels of max(FLOPs/peak, bytes/bandwidth); "
-                 f"eager adds {LAUNCH_OVERHEAD_S * 1e6:.0f} us per launch and {CUSTOM_OP_CALL_S * 1e6:.0f} us per "
-                 "custom-op call of host time")
-    lines.append(f"{'backend':<10} " + " ".join(f"{gpu.name + ' ' + mode:>20}" for gpu in GPUS.values()
-                                                 for mode in ("graph ms", "eager ms")))
-    for name, step in accounts.items():
-        r = step.roofline()
-        lines.append(f"{name:<10} " + " ".join(f"{r[key][mode]:>20.3f}" for key in GPUS
-                                               for mode in ("graph_ms", "eager_ms")))
-    return "\n".join(lines)
-
-
-def format_table(accounts: dict[str, CostAccount], top: int = 12) -> str:
-    lines = []
-    base = accounts.get("reference")
-    lines.append(f"{'backend':<10} {'launches':>9} {'casts':>6} {'GB moved':>9} {'vs reference':>22}")
-    for name, acc in accounts.items():
-        rel = f"{acc.launches / base.launches:.2f}x ops, {acc.bytes / base.bytes:.2f}x bytes" if base else ""
-        lines.append(f"{name:<10} {acc.launches:>9d} {acc.casts:>6d} {_gb(acc.bytes):>9} {rel:>22}")
-    for name, acc in accounts.items():
-        lines.append(f"\n{name}: top operators by bytes")
-        lines.append(f"  {'operator':<44} {'calls':>6} {'kernels':>8} {'MB read':>10} {'MB written':>11}")
-        for op, c in list(acc.to_dict()["ops"].items())[:top]:
-            lines.append(f"  {op:<44} {c['calls']:>6d} {c['launches']:>8d} {c['bytes_read'] / 1e6:>10.1f} "
-                         f"{c['bytes_written'] / 1e6:>11.1f}")
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

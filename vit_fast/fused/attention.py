@@ -14,6 +14,8 @@ Public API (matches ``vit_fast.reference.attention`` / ``attention_packed``):
                                         return (python -m vit_fast.aot --op attention reports them)
     KernelConfig, AttentionConfig, choose_config(head_dim, seq_len, dtype, *, interpret=None), all_configs
     launch_forward(...), launch_backward(...)   run the kernels on (B, H, N, D) views with a given config
+    launch_plan(op, args, outputs, target)   the launches of one call of a registered op (run by the op,
+                                        counted by vit_fast.cost)
 
 Registered ops (custom_op + register_fake + register_autograd, so they pass opcheck and trace
 under torch.compile(fullgraph=True); the forward ops return the row log-sum-exp the backward
@@ -53,6 +55,7 @@ from vit_fast.fused.launch import (
     check_same_dtype_device,
     interpreting,
     meta_tensor,
+    Target,
     precision_constexprs,
 )
 from vit_fast.kernels.attention import (
@@ -342,7 +345,7 @@ def _forward_launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, s
 def launch_forward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float, config: AttentionConfig | None = None
 ) -> Tensor:
-    """out <- softmax(q k^T * scale) v on (B, H, N, D) views; returns lse (B, H, N)."""
+    """out <- softmax(q k^T * scale) v on (B, H, N, D) views with a given config (tests); returns lse (B, H, N)."""
     B, H, N, D = q.shape
     lse = torch.empty((B, H, N), device=q.device, dtype=accumulation_dtype(q.dtype))
     config = config or choose_config(head_dim=D, seq_len=N, dtype=q.dtype)
@@ -410,6 +413,49 @@ def launch_backward(
         launch.run()
 
 
+def launch_plan(op: str, args: tuple, outputs: tuple, target: Target) -> list[Launch]:
+    """The launches of one call of ``vit_fast::<op>`` (attention, attention_backward,
+    attention_packed, attention_packed_backward) with ``args`` (the op's arguments, in its schema's
+    order) writing ``outputs`` (what the op returns), on ``target``. The real implementations run
+    them; ``vit_fast.cost`` counts them. Copies an input whose head dim is strided (as the op does)."""
+    interpret = target.interpret
+
+    def config(q: Tensor) -> AttentionConfig:
+        return choose_config(head_dim=q.shape[-1], seq_len=q.shape[2], dtype=q.dtype, interpret=interpret)
+
+    if op == "attention":
+        q, k, v, scale = args
+        out, lse = outputs
+        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+        return [_forward_launch(q, k, v, out, lse, scale, config(q), interpret)]
+    if op == "attention_backward":
+        grad_out, q, k, v, out, lse, scale = args
+        dq, dk, dv = outputs
+        grad_out, q, k, v = (_unit_last_stride(t) for t in (grad_out, q, k, v))
+        return _backward_launches(grad_out, q, k, v, out, lse, scale, dq, dk, dv, config(q), interpret)
+    if op == "attention_packed":
+        qkv, scale = args
+        out, lse = outputs
+        qkv = _unit_last_stride(qkv)
+        q, k, v = split_qkv(qkv)
+        return [_forward_launch(q, k, v, _packed_out_view(out, qkv.shape[3]), lse, scale, config(q), interpret)]
+    if op == "attention_packed_backward":
+        grad_out, qkv, out, lse, scale = args
+        (dqkv,) = outputs
+        grad_out, qkv = _unit_last_stride(grad_out), _unit_last_stride(qkv)
+        H = qkv.shape[3]
+        q, k, v = split_qkv(qkv)
+        # dq, dk, dv are written into the one (B, N, 3, H, D) gradient through strides.
+        return _backward_launches(_packed_out_view(grad_out, H), q, k, v, _packed_out_view(out, H), lse, scale,
+                                  *split_qkv(dqkv), config(q), interpret)
+    raise ValueError(f"vit_fast::{op} is not an attention op")
+
+
+def _run(op: str, args: tuple, outputs: tuple, device_of: Tensor) -> None:
+    for launch in launch_plan(op, args, outputs, Target.of(device_of)):
+        launch.run()
+
+
 def _packed_out_view(out: Tensor, H: int) -> Tensor:
     """(B, N, H*D) -> (B, H, N, D) view of the same memory."""
     B, N, HD = out.shape
@@ -473,9 +519,10 @@ def aot_every_config(head_dims: tuple[int, ...] = AOT_HEAD_DIMS,
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     _check_qkv(q, k, v)
     check_launchable("q", q)
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    B, H, N, _ = q.shape
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    lse = launch_forward(q, k, v, out, scale)
+    lse = torch.empty((B, H, N), device=q.device, dtype=accumulation_dtype(q.dtype))
+    _run("attention", (q, k, v, scale), (out, lse), q)
     return out, lse
 
 
@@ -492,9 +539,8 @@ def _attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_backward(grad_out, q, k, v, out, lse)
     check_launchable("q", q)
-    grad_out, q, k, v = (_unit_last_stride(t) for t in (grad_out, q, k, v))
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
-    launch_backward(grad_out, q, k, v, out, lse, scale, dq, dk, dv)
+    _run("attention_backward", (grad_out, q, k, v, out, lse, scale), (dq, dk, dv), q)
     return dq, dk, dv
 
 
@@ -530,10 +576,10 @@ _attention_op.register_autograd(_attention_backward, setup_context=_attention_se
 def _attention_packed_op(qkv: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     _check_packed(qkv)
     check_launchable("qkv", qkv)
-    qkv = _unit_last_stride(qkv)
     B, N, _, H, D = qkv.shape
     out = torch.empty((B, N, H * D), device=qkv.device, dtype=qkv.dtype)  # ready for the projection
-    lse = launch_forward(*split_qkv(qkv), _packed_out_view(out, H), scale)
+    lse = torch.empty((B, H, N), device=qkv.device, dtype=accumulation_dtype(qkv.dtype))
+    _run("attention_packed", (qkv, scale), (out, lse), qkv)
     return out, lse
 
 
@@ -548,15 +594,10 @@ def _(qkv, scale):
 def _attention_packed_backward_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float) -> Tensor:
     _check_packed_backward(grad_out, qkv, out, lse)
     check_launchable("qkv", qkv)
-    grad_out, qkv = _unit_last_stride(grad_out), _unit_last_stride(qkv)
-    H = qkv.shape[3]
     # One (B, N, 3, H, D) gradient, the layout of qkv: dq, dk, dv are written into it through
     # strides, so it flows back into the qkv projection with no cat or copy.
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-    dq, dk, dv = split_qkv(dqkv)
-    launch_backward(
-        _packed_out_view(grad_out, H), *split_qkv(qkv), _packed_out_view(out, H), lse, scale, dq, dk, dv
-    )
+    _run("attention_packed_backward", (grad_out, qkv, out, lse, scale), (dqkv,), qkv)
     return dqkv
 
 

@@ -44,7 +44,7 @@ import triton
 from torch import Tensor
 
 from vit_fast.fused.launch import (
-    Launch, check_launchable, check_same_device, interpreting, meta_tensor, planning_active,
+    Launch, check_launchable, check_same_device, interpreting, meta_tensor, Target,
 )
 from vit_fast.kernels.augment_finish import augment_finish_kernel
 
@@ -276,6 +276,24 @@ def aot_every_config() -> list[KernelLaunch]:
 # Registered op: vit_fast::augment_finish
 
 
+def launch_plan(op: str, args: tuple, outputs: tuple, target: Target) -> list[Launch]:
+    """The launches of one call of ``vit_fast::augment_finish`` with ``args`` (the op's arguments,
+    in its schema's order) writing ``outputs`` (x, targets), on ``target``: torch's CUDA division
+    (``cuda_arithmetic``) exactly when ``target.device_type`` is "cuda". The real implementation
+    runs them; ``vit_fast.cost`` counts them."""
+    if op != "augment_finish":
+        raise ValueError(f"vit_fast::{op} is not the augment_finish op")
+    images, mean, std, labels, num_classes, smoothing = args[:6]
+    erase, erase_values, mix, mix_applied = tuple(args[6:11]), args[11], tuple(args[12:19]), args[19]
+    x, targets = outputs
+    if images.numel() == 0:
+        return []
+    return [_launch(images, mean.contiguous(), std.contiguous(), labels, num_classes, smoothing,
+                    erase if erase[0] is not None else None, erase_values, mix if mix[0] is not None else None,
+                    mix_applied, x, targets, interpret=target.interpret,
+                    cuda_arithmetic=target.device_type == "cuda")]
+
+
 def _outputs(images: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     B = images.shape[0]
     x = torch.empty(images.shape, dtype=torch.float32, device=images.device)
@@ -296,12 +314,9 @@ def _augment_finish_op(
     _check_inputs(images, mean, std, labels, num_classes, smoothing, erase, erase_values, mix, mix_applied)
     check_launchable("images", images)
     x, targets = _outputs(images, num_classes)
-    if images.numel() == 0:
-        return x, targets
-    _launch(images, mean.contiguous(), std.contiguous(), labels, num_classes, smoothing,
-            erase if erase_top is not None else None, erase_values, mix if mix_use_cut is not None else None,
-            mix_applied, x, targets, interpret=interpreting(),
-            cuda_arithmetic=images.device.type == "cuda" or planning_active()).run()
+    args = (images, mean, std, labels, num_classes, smoothing, *erase, erase_values, *mix, mix_applied)
+    for launch in launch_plan("augment_finish", args, (x, targets), Target.of(images)):
+        launch.run()
     return x, targets
 
 

@@ -42,7 +42,7 @@ import torch
 import triton
 from torch import Tensor
 
-from vit_fast.fused.launch import Launch, check_launchable, check_same_device, interpreting, meta_tensor
+from vit_fast.fused.launch import Launch, Target, check_launchable, check_same_device, meta_tensor
 from vit_fast.kernels.augment_policy import augment_policy_kernel
 
 if TYPE_CHECKING:
@@ -184,6 +184,20 @@ def aot_every_config() -> list[KernelLaunch]:
 # Registered op: vit_fast::augment_policy
 
 
+def launch_plan(op: str, args: tuple, outputs: tuple, target: Target) -> list[Launch]:
+    """The launches of one call of ``vit_fast::augment_policy`` with ``args`` (the op's arguments,
+    in its schema's order) writing ``outputs`` (what the op returns), on ``target``. The real
+    implementation runs them; ``vit_fast.cost`` counts them."""
+    if op != "augment_policy":
+        raise ValueError(f"vit_fast::{op} is not the augment_policy op")
+    images, index, padding, oy, ox, flipped, policy_op, magnitude = args
+    index, oy, ox, flipped = _check_inputs(images, index, padding, oy, ox, flipped, policy_op, magnitude)
+    (out,) = outputs
+    if out.shape[0] == 0:
+        return []
+    return [_launch(images, index, padding, oy, ox, flipped, policy_op, magnitude, out, target.interpret)]
+
+
 def _empty_out(images: Tensor, index: Tensor) -> Tensor:
     _, C, H, W = images.shape
     return torch.empty((index.shape[0], C, H, W), dtype=torch.uint8, device=images.device)
@@ -196,8 +210,9 @@ def _augment_policy_op(images: Tensor, index: Tensor, padding: int, oy: Tensor, 
     index, oy, ox, flipped = _check_inputs(images, index, padding, oy, ox, flipped, op, magnitude)
     check_launchable("images", images)
     out = _empty_out(images, index)
-    if out.shape[0] > 0:
-        _launch(images, index, padding, oy, ox, flipped, op, magnitude, out, interpreting()).run()
+    for launch in launch_plan("augment_policy", (images, index, padding, oy, ox, flipped, op, magnitude), (out,),
+                              Target.of(images)):
+        launch.run()
     return out
 
 

@@ -49,7 +49,7 @@ import triton
 from torch import Tensor
 
 from vit_fast.fused.launch import (
-    SUPPORTED_DTYPES, Launch, accumulation_dtype, check_launchable, check_same_device, interpreting, meta_tensor,
+    SUPPORTED_DTYPES, Launch, Target, accumulation_dtype, check_launchable, check_same_device, meta_tensor,
 )
 from vit_fast.kernels.cross_entropy import cross_entropy_bwd_kernel, cross_entropy_fwd_kernel
 
@@ -143,9 +143,9 @@ def _target_args(logits: Tensor, target: Tensor) -> dict:
                 stride_tb=target.stride(0) if soft else 0, stride_tk=target.stride(1) if soft else 0)
 
 
-def _forward_launch(logits: Tensor, target: Tensor, loss: Tensor, label_smoothing: float) -> Launch:
+def _forward_launch(logits: Tensor, target: Tensor, loss: Tensor, label_smoothing: float, interpret: bool) -> Launch:
     batch, classes = logits.shape
-    cfg = choose_config(classes=classes, dtype=logits.dtype)
+    cfg = choose_config(classes=classes, dtype=logits.dtype, interpret=interpret)
     args = dict(Logits=logits, **_target_args(logits, target), Loss=loss,
                 stride_lb=logits.stride(0), stride_lk=logits.stride(1), B=batch, K=classes,
                 smoothing=float(label_smoothing))
@@ -177,7 +177,7 @@ def aot_launches(batch: int, classes: int, dtype: torch.dtype, soft: bool) -> li
     acc = accumulation_dtype(dtype)
     logits = t(batch, classes)
     target = t(batch, classes, dtype=torch.float32) if soft else t(batch, dtype=torch.int64)
-    launches = [_forward_launch(logits, target, t(dtype=acc), 0.1),
+    launches = [_forward_launch(logits, target, t(dtype=acc), 0.1, interpret=False),
                 _backward_launch(t(dtype=acc), logits, target, t(batch, classes), 0.1, interpret=False)]
     from vit_fast.aot import kernel_launches  # the compile tests' path only: running needs none of it
 
@@ -197,6 +197,21 @@ def aot_every_config() -> list[KernelLaunch]:
 # Registered ops: vit_fast::cross_entropy, vit_fast::cross_entropy_backward
 
 
+def launch_plan(op: str, args: tuple, outputs: tuple, target: Target) -> list[Launch]:
+    """The launches of one call of ``vit_fast::<op>`` (cross_entropy, cross_entropy_backward) with
+    ``args`` (the op's arguments, in its schema's order) writing ``outputs`` (what the op returns),
+    on ``target``. The real implementations run them; ``vit_fast.cost`` counts them."""
+    if op == "cross_entropy":
+        logits, target_, label_smoothing = args
+        return [_forward_launch(logits, target_, outputs[0], label_smoothing, target.interpret)]
+    if op == "cross_entropy_backward":
+        grad, logits, target_, label_smoothing = args
+        if logits.shape[0] == 0:
+            return []
+        return [_backward_launch(grad, logits, target_, outputs[0], label_smoothing, interpret=target.interpret)]
+    raise ValueError(f"vit_fast::{op} is not a cross-entropy op")
+
+
 def _loss(logits: Tensor) -> Tensor:
     return torch.empty((), dtype=accumulation_dtype(logits.dtype), device=logits.device)
 
@@ -208,7 +223,8 @@ def _cross_entropy_op(logits: Tensor, target: Tensor, label_smoothing: float) ->
     _check_inputs(logits, target, label_smoothing)
     check_launchable("logits", logits)
     loss = _loss(logits)
-    _forward_launch(logits, target, loss, label_smoothing).run()
+    for launch in launch_plan("cross_entropy", (logits, target, label_smoothing), (loss,), Target.of(logits)):
+        launch.run()
     return loss
 
 
@@ -224,8 +240,9 @@ def _cross_entropy_backward_op(grad: Tensor, logits: Tensor, target: Tensor, lab
     _check_backward(grad, logits, target, label_smoothing)
     check_launchable("logits", logits)
     dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    if logits.shape[0] > 0:
-        _backward_launch(grad, logits, target, dlogits, label_smoothing, interpret=interpreting()).run()
+    for launch in launch_plan("cross_entropy_backward", (grad, logits, target, label_smoothing), (dlogits,),
+                              Target.of(logits)):
+        launch.run()
     return dlogits
 
 

@@ -16,9 +16,8 @@ Public API:
     check_device(name, t)               a device some kernel can run on: CUDA, or the CPU (interpreter)
     check_launchable(name, t)           check_device, and CPU tensors only under the interpreter
     check_same_device(tensors) / check_same_dtype_device(tensors)
-    planning_active()                   whether planning() is on (device-branching code takes the GPU path)
-    planning()                          collect the launches an op's real implementation plans (on fake
-                                        tensors) instead of running them (for vit_fast.cost)
+    Target(interpret, device_type, multiprocessors)   where a launch plan runs: what its builders
+                                        decide by device; Target.of(t) for the tensor t's device
     meta_tensor(*shape, dtype)          an empty meta tensor: what ahead-of-time and planned launches take
     VIT_CIFAR_TOKENS, planned_samples(rows)   the images (of vit-cifar's 65 tokens) that planned
                                         launches with a per-sample scale divide their rows into
@@ -26,7 +25,11 @@ Public API:
 
 One builder per kernel launch returns a ``Launch``: the op runs it (``Launch.run``), and the
 ahead-of-time compile tests convert the very same object (``vit_fast.aot.kernel_launch``), so what
-is compiled ahead of time is what runs. This module never imports ``vit_fast.aot``: running an op
+is compiled ahead of time is what runs. Every fused Triton op module has one public
+``launch_plan(op, args, outputs, target) -> list[Launch]``: the launches one call of its registered
+op ``op`` makes with these arguments into these outputs on ``target``. Its real implementation
+allocates the outputs and runs that plan; ``vit_fast.cost`` asks the same function, on fake tensors,
+for a GPU's ``Target``. This module never imports ``vit_fast.aot``: running an op
 needs none of the compiler machinery.
 
 The checks are split by where they can run. ``check_device`` and the same-dtype/device checks
@@ -39,9 +42,9 @@ built on fake CPU tensors needs no interpreter.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -55,36 +58,34 @@ _DEVICE_HINT = ("the fused ops run on CUDA tensors (or CPU tensors with TRITON_I
                 "is imported)")
 
 
-# The launches collected by ``planning()``; None when launches run.
-_planned: list[Launch] | None = None
-
-
 def interpreting() -> bool:
     """Whether Triton runs ``@triton.jit`` functions in its interpreter (on CPU tensors). Triton reads
-    the variable when a kernel module is imported; this reads it when asked, so set it before both.
-    False while ``planning()``: a plan is the GPU's (its configs, its launches)."""
-    return _planned is None and os.environ.get(_INTERPRET_VARIABLE, "0") == "1"
+    the variable when a kernel module is imported; this reads it when asked, so set it before both."""
+    return os.environ.get(_INTERPRET_VARIABLE, "0") == "1"
 
 
-def planning_active() -> bool:
-    """Whether an op body runs under ``planning()``: code that picks a GPU-only path by device
-    (cuBLAS ``out_dtype`` products, for one) takes the GPU path then, so a plan is what a GPU runs."""
-    return _planned is not None
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-@contextlib.contextmanager
-def planning() -> Iterator[list[Launch]]:
-    """Within the block, ``Launch.run`` appends the launch to the yielded list instead of running it,
-    ``interpreting()`` is False and ``check_launchable`` accepts CPU tensors, so an op's real
-    implementation called on fake tensors plans exactly the launches (kernels, grids, tensor
-    arguments) it would issue on a GPU at those shapes. How ``vit_fast.cost`` counts a custom op's
-    kernels and bytes from its launcher."""
-    global _planned
-    outer, _planned = _planned, []
-    try:
-        yield _planned
-    finally:
-        _planned = outer
+@dataclass(frozen=True)
+class Target:
+    """Where a launch plan runs: every decision an op's launch builders take by device. A plan for
+    a GPU (``vit_fast.cost``'s, on fake tensors) passes it explicitly; a real implementation passes
+    ``Target.of`` its tensor."""
+
+    interpret: bool  # Triton's interpreter runs the kernels: its fixed tiles and INTERPRETING work-arounds
+    device_type: str  # "cuda" or "cpu": device-dependent arithmetic (augment_finish's torch CUDA division)
+    multiprocessors: int  # the GPU's SMs (0 off a GPU): grids sized by the GPU (LayerNorm's backward)
+
+    @classmethod
+    def of(cls, t: Tensor) -> Target:
+        """The target of a real implementation on ``t``'s device, in this process."""
+        if t.device.type == "cuda":
+            index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+            return cls(interpreting(), "cuda", _multiprocessor_count(index))
+        return cls(interpreting(), t.device.type, 0)
 
 
 def environment_without_interpreter() -> dict[str, str]:
@@ -95,7 +96,7 @@ def environment_without_interpreter() -> dict[str, str]:
 
 def meta_tensor(*shape: int, dtype: torch.dtype) -> Tensor:
     """An empty tensor of ``shape`` and ``dtype`` on the meta device (metadata, no memory): what the
-    ahead-of-time and planning builders (``aot_launches``, ``planned_launches``) hand the launchers.
+    ahead-of-time builders (``aot_launches``) hand the launchers.
     A builder with a default dtype binds it: ``functools.partial(meta_tensor, dtype=dtype)``."""
     return torch.empty(shape, dtype=dtype, device="meta")
 
@@ -150,7 +151,7 @@ def check_device(name: str, t: Tensor) -> None:
 def check_launchable(name: str, t: Tensor) -> None:
     """Real implementations only (fake tensors run no kernel): the tensor's device can run Triton here."""
     check_device(name, t)
-    if t.device.type == "cpu" and not interpreting() and _planned is None:
+    if t.device.type == "cpu" and not interpreting():
         raise ValueError(f"{name} is on the CPU, which cannot run the Triton kernels without the interpreter; "
                          f"{_DEVICE_HINT}")
 
@@ -213,9 +214,6 @@ class Launch:
     options: dict = field(default_factory=dict)
 
     def run(self) -> None:
-        if _planned is not None:  # planning(): record, do not run
-            _planned.append(self)
-            return
         first = next(v for v in self.args.values() if isinstance(v, Tensor))
         # Triton launches on the current CUDA device: make it the tensors' one.
         with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():

@@ -7,8 +7,8 @@ Public API (the same math as ``vit_fast.reference.layer_norm`` / ``add_layer_nor
         s = residual + scale[sample] * x, y = LN(s); scale is stochastic depth's (B,) keep/scale vector
     aot_launches(rows, width, dtype, residual, weight_dtype=None, ...)   the GPU's kernel launches,
         for vit_fast.aot's compile tests
-    planned_launches(rows, width, dtype, residual, multiprocessors=132, ...)   the same as Launch
-        objects (kernel, grid, meta tensors), for accounts of launches and bytes
+    launch_plan(op, args, outputs, target)   the launches of one call of a registered op (run by the
+                                        op, counted by vit_fast.cost)
     LayerNormConfig, choose_config(rows, width, dtype, *, max_programs, interpret=None)
         the kernels' tiles and the backward's grid (no autotuning)
 
@@ -54,7 +54,7 @@ from torch import Tensor
 
 from vit_fast.fused.launch import (
     VIT_CIFAR_TOKENS, KernelConfig, Launch, accumulation_dtype, check_launchable, check_same_device, interpreting,
-    meta_tensor, planned_samples, rows_per_sample_of,
+    meta_tensor, Target, planned_samples, rows_per_sample_of,
 )
 from vit_fast.kernels.layernorm import column_sum_kernel, layer_norm_bwd_kernel, layer_norm_fwd_kernel
 
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LayerNormConfig", "MAX_WIDTH", "add_layer_norm", "aot_launches", "aot_every_config", "choose_config",
-    "layer_norm", "planned_launches",
+    "launch_plan", "layer_norm",
 ]
 
 # A whole row lives in one program's registers. Up to 4096 every configuration compiles without
@@ -150,19 +150,13 @@ def _column_sum_tile(width: int, programs: int, interpret: bool) -> KernelConfig
     return KernelConfig(block_m=block_m, block_n=256, num_warps=2)
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _max_backward_programs(device: torch.device) -> int:
+def _max_backward_programs(target: Target) -> int:
     """Most programs of the backward grid. Each writes one row of weight/bias partial sums, so the
-    count trades the second reduction's size against parallelism: a few programs per SM on a GPU, a
-    fixed 8 under the interpreter. It depends only on the device, never on timing, so the
-    summation order (and the result) is the same on every run."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return 4 * _multiprocessor_count(index)
+    count trades the second reduction's size against parallelism: a few programs per SM on a GPU
+    (``target.multiprocessors``), a fixed 8 elsewhere (the interpreter). It depends only on the
+    target, never on timing, so the summation order (and the result) is the same on every run."""
+    if target.device_type == "cuda":
+        return 4 * target.multiprocessors
     return 8
 
 
@@ -364,12 +358,45 @@ def aot_every_config(rows: int = 128 * VIT_CIFAR_TOKENS, widths: tuple[int, ...]
     return list({launch.key: launch for launch in launches}.values())
 
 
-def planned_launches(rows: int, width: int, dtype: torch.dtype, residual: bool, multiprocessors: int = 132,
-                     **variant) -> list[Launch]:
-    """The ``Launch`` objects (kernel, grid, tensors) of one forward + backward on a GPU with
-    ``multiprocessors`` SMs, for accounts of launches and bytes; ``variant`` as ``aot_launches``."""
-    defaults = dict(weight_dtype=None, residual_dtype=None, out_dtype=None, scale=False, bias=True)
-    return _plans(rows, width, dtype, residual, **{**defaults, **variant}, multiprocessors=(multiprocessors,))
+def launch_plan(op: str, args: tuple, outputs: tuple, target: Target) -> list[Launch]:
+    """The launches of one call of ``vit_fast::<op>`` (layer_norm, add_layer_norm,
+    layer_norm_backward) with ``args`` (the op's arguments, in its schema's order) writing
+    ``outputs`` (what the op returns), on ``target``: its config, and the backward's program count
+    from ``target``'s multiprocessors. The real implementations run them; ``vit_fast.cost`` counts them."""
+    if op in ("layer_norm", "add_layer_norm"):
+        if op == "layer_norm":
+            (x, weight, bias, eps, out_dtype), residual, scale = args, None, None
+            y, mean, rstd = outputs
+            s = y
+        else:
+            x, residual, weight, bias, eps, out_dtype, scale = args
+            y, s, mean, rstd = outputs
+        x2 = _rows(x)
+        res2 = _rows(residual) if residual is not None else x2
+        rows = x2.shape[0]
+        if rows == 0:
+            return []
+        config = choose_config(rows=rows, width=x2.shape[1], dtype=x.dtype,
+                               max_programs=_max_backward_programs(target), interpret=target.interpret)
+        return [_forward_launch(x2, res2, scale.contiguous() if scale is not None else None, weight.contiguous(),
+                                bias.contiguous() if bias is not None else None, y, s, mean, rstd, eps,
+                                has_residual=residual is not None, rows_per_sample=rows_per_sample_of(x, scale),
+                                config=config, interpret=target.interpret)]
+    if op == "layer_norm_backward":
+        dy, ds, x, weight, mean, rstd, scale, branch_dtype = args
+        dx, placeholder, dweight, dbias = outputs
+        dbranch = placeholder if branch_dtype is not None else None
+        x2, dy2 = _rows(x), _rows(dy)
+        ds2 = _rows(ds) if ds is not None else None
+        rows = x2.shape[0]
+        if rows == 0:
+            return []
+        config = choose_config(rows=rows, width=x2.shape[1], dtype=x.dtype,
+                               max_programs=_max_backward_programs(target), interpret=target.interpret)
+        return _backward_launches(x2, weight.contiguous(), mean, rstd, dy2, ds2,
+                                  scale.contiguous() if scale is not None else None, dx, dbranch, dweight, dbias,
+                                  rows_per_sample_of(x, scale), config=config, interpret=target.interpret)
+    raise ValueError(f"vit_fast::{op} is not a LayerNorm op")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,20 +412,16 @@ def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | 
              out_dtype: torch.dtype | None, scale: Tensor | None):
     _check_inputs(x, weight, bias, eps, out_dtype, residual, scale)
     check_launchable("x", x)
-    x2 = _rows(x)
-    res2 = _rows(residual) if residual is not None else x2
-    rows = x2.shape[0]
     y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     s = torch.empty(x.shape, dtype=residual.dtype, device=x.device) if residual is not None else y
     mean, rstd = _stats(x, residual.dtype if residual is not None else x.dtype)
-    if rows > 0:
-        interpret = interpreting()
-        config = choose_config(rows=rows, width=x2.shape[1], dtype=x.dtype,
-                               max_programs=_max_backward_programs(x.device), interpret=interpret)
-        _forward_launch(x2, res2, scale.contiguous() if scale is not None else None, weight.contiguous(),
-                        bias.contiguous() if bias is not None else None, y, s, mean, rstd, eps,
-                        has_residual=residual is not None, rows_per_sample=rows_per_sample_of(x, scale),
-                        config=config, interpret=interpret).run()
+    if residual is None:
+        plan = launch_plan("layer_norm", (x, weight, bias, eps, out_dtype), (y, mean, rstd), Target.of(x))
+    else:
+        plan = launch_plan("add_layer_norm", (x, residual, weight, bias, eps, out_dtype, scale), (y, s, mean, rstd),
+                           Target.of(x))
+    for launch in plan:
+        launch.run()
     return y, s, mean, rstd
 
 
@@ -449,22 +472,15 @@ def _layer_norm_backward_op(
     branch's gradient is dx itself). dweight and dbias are in weight's dtype."""
     _check_backward(dy, ds, x, weight, mean, rstd, scale, branch_dtype)
     check_launchable("x", x)
-    x2, dy2 = _rows(x), _rows(dy)
-    ds2 = _rows(ds) if ds is not None else None
-    rows = x2.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dbranch = torch.empty(x.shape, dtype=branch_dtype, device=x.device) if branch_dtype is not None else None
     dweight = torch.empty_like(weight)
     dbias = torch.empty_like(weight)
     placeholder = dbranch if dbranch is not None else x.new_empty((0,))
-    if rows == 0:
+    if _rows(x).shape[0] == 0:
         return dx, placeholder, dweight.zero_(), dbias.zero_()
-    interpret = interpreting()
-    config = choose_config(rows=rows, width=x2.shape[1], dtype=x.dtype,
-                           max_programs=_max_backward_programs(x.device), interpret=interpret)
-    for launch in _backward_launches(x2, weight.contiguous(), mean, rstd, dy2, ds2,
-                                     scale.contiguous() if scale is not None else None, dx, dbranch, dweight, dbias,
-                                     rows_per_sample_of(x, scale), config=config, interpret=interpret):
+    for launch in launch_plan("layer_norm_backward", (dy, ds, x, weight, mean, rstd, scale, branch_dtype),
+                              (dx, placeholder, dweight, dbias), Target.of(x)):
         launch.run()
     return dx, placeholder, dweight, dbias
 

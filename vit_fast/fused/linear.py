@@ -11,7 +11,9 @@ Public API:
     LinearConfig, choose_config(rows, in_features, out_features, dtype, *, interpret=None)
                                                 the tiles of its forward and backward launches
     aot_launches(M, K, N, dtype, weight_dtype=torch.float32, bias=True)   its Triton launches on a
-        GPU, for vit_fast.aot's compile tests; planned_launches(...) the same as Launch objects;
+        GPU, for vit_fast.aot's compile tests;
+    launch_plan(op, args, outputs, target)   the launches of one call of a registered op (run by the
+        op, counted by vit_fast.cost);
         aot_every_config() vit-cifar's projections and head (``python -m vit_fast.aot --op linear``)
 
 Registered ops (namespace ``vit_fast``), each with a fake (meta) implementation:
@@ -33,16 +35,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from vit_fast.fused.launch import VIT_CIFAR_TOKENS, Launch, check_launchable, check_same_device, meta_tensor
+from vit_fast.fused.launch import (
+    VIT_CIFAR_TOKENS, Launch, Target, check_launchable, check_same_device, meta_tensor,
+)
 from vit_fast.fused.matmul import (
     InputGradOperands, MatmulConfig, WeightGradOperands, check_dtypes, check_linear_shapes, input_grad_config,
-    linear_bwd_launch, linear_grads, linear_launch, not_needed, product_config, weight_grad_config,
+    linear_bwd_launch, linear_grads_launches, linear_launch, product_config, weight_grad_config,
 )
 
 if TYPE_CHECKING:
     from vit_fast.aot import KernelLaunch
 
-__all__ = ["LinearConfig", "aot_every_config", "aot_launches", "choose_config", "linear", "planned_launches"]
+__all__ = ["LinearConfig", "aot_every_config", "aot_launches", "choose_config", "launch_plan", "linear"]
 
 
 # ----------------------------------------------------------------------------- launch config
@@ -91,9 +95,9 @@ def _check_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor) -> None:
 # ----------------------------------------------------------------------------- ahead-of-time compilation
 
 
-def planned_launches(M: int, K: int, N: int, dtype: torch.dtype,
-                     weight_dtype: torch.dtype = torch.float32, bias: bool = True) -> list[Launch]:
-    """``linear``'s Triton ``Launch`` objects (forward; backward: dX, dW and db) on meta tensors, for accounts."""
+def _aot_plans(M: int, K: int, N: int, dtype: torch.dtype,
+               weight_dtype: torch.dtype = torch.float32, bias: bool = True) -> list[Launch]:
+    """``linear``'s Triton ``Launch`` objects (forward; backward: dX, dW and db) on meta tensors."""
     t = partial(meta_tensor, dtype=dtype)
     x, w, grad_y = t(M, K), t(N, K, dtype=weight_dtype), t(M, N)
     grad_w_and_b = WeightGradOperands(grad_y, x, t(N, K, dtype=weight_dtype),
@@ -108,7 +112,7 @@ def aot_launches(M: int, K: int, N: int, dtype: torch.dtype,
     ``weight_dtype``: the forward and the backward's one launch (dX, dW and db)."""
     from vit_fast.aot import kernel_launches  # the compile tests' path only
 
-    return kernel_launches(planned_launches(M, K, N, dtype, weight_dtype, bias))
+    return kernel_launches(_aot_plans(M, K, N, dtype, weight_dtype, bias))
 
 
 def aot_every_config(batch: int = 128, tokens: int = VIT_CIFAR_TOKENS, dim: int = 192,
@@ -124,6 +128,30 @@ def aot_every_config(batch: int = 128, tokens: int = VIT_CIFAR_TOKENS, dim: int 
     return list({launch.key: launch for launch in launches}.values())
 
 
+def launch_plan(op: str, args: tuple, outputs: tuple, target: Target) -> list[Launch]:
+    """The launches of one call of ``vit_fast::<op>`` (linear, linear_backward) with ``args`` (the
+    op's arguments, in its schema's order) writing ``outputs`` (what the op returns), on
+    ``target``. The real implementations run them; ``vit_fast.cost`` counts them."""
+    if op == "linear":
+        x, weight, bias = args
+        (out,) = outputs
+        x2d = x.reshape(-1, x.shape[-1])
+        if not out.numel():  # an empty grid is not a valid launch
+            return []
+        return [linear_launch(x2d, weight, bias, None, out.reshape(x2d.shape[0], weight.shape[0]), "none",
+                              interpret=target.interpret)]
+    if op == "linear_backward":
+        grad_y, x, weight, needs = args
+        grad_x, grad_w, grad_b = outputs
+        with torch.autocast(x.device.type, enabled=False):
+            gy2d = grad_y.reshape(-1, weight.shape[0]).to(x.dtype)  # a no-op: y, hence grad_y, has x's dtype
+            x2d = x.reshape(-1, x.shape[-1])
+            return linear_grads_launches(
+                [(gy2d, x2d, grad_w if needs[1] else None, grad_b if needs[2] else None)],
+                (gy2d, weight, grad_x.reshape(x2d.shape)) if needs[0] else None, target.interpret)
+    raise ValueError(f"vit_fast::{op} is not a linear op")
+
+
 # ----------------------------------------------------------------------------- vit_fast::linear
 
 
@@ -132,11 +160,10 @@ def _linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x W^T + b in x's dtype, W and b converted in registers (fp32 master weights under autocast)."""
     _check_linear(x, weight, bias)
     check_launchable("x", x)
-    x2d = x.reshape(-1, x.shape[-1])
-    out = x.new_empty((x2d.shape[0], weight.shape[0]))
-    if out.numel():
-        linear_launch(x2d, weight, bias, None, out, "none").run()
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    for launch in launch_plan("linear", (x, weight, bias), (out,), Target.of(x)):
+        launch.run()
+    return out
 
 
 @_linear_op.register_fake
@@ -152,21 +179,23 @@ def _linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, needs: list[b
     grad_x in x's dtype, the weight's and bias's in the weight's dtype (fp32: reduced in fp32)."""
     _check_linear_backward(grad_y, x, weight)
     check_launchable("x", x)
-    with torch.autocast(x.device.type, enabled=False):
-        gy2d = grad_y.reshape(-1, weight.shape[0]).to(x.dtype)  # a no-op: y, hence grad_y, has x's dtype
-        x2d = x.reshape(-1, x.shape[-1])
-        [(grad_w, grad_b)], grad_x2d = linear_grads([(gy2d, x2d, needs[1], needs[2])],
-                                                    (gy2d, weight) if needs[0] else None, weight.dtype)
-        grad_x = grad_x2d.reshape(x.shape) if needs[0] else not_needed(x)
-    return grad_x, grad_w, grad_b
+    outputs = _backward_outputs(grad_y, x, weight, needs)
+    for launch in launch_plan("linear_backward", (grad_y, x, weight, needs), outputs, Target.of(x)):
+        launch.run()
+    return outputs
+
+
+def _backward_outputs(grad_y, x, weight, needs) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias), an empty placeholder for each one not needed."""
+    specs = ((x.shape, x.dtype), (weight.shape, weight.dtype), ((weight.shape[0],), weight.dtype))
+    return tuple(torch.empty(shape if need else (0,), dtype=dtype if need else x.dtype, device=x.device)
+                 for (shape, dtype), need in zip(specs, needs))
 
 
 @_linear_backward_op.register_fake
 def _(grad_y, x, weight, needs):
     _check_linear_backward(grad_y, x, weight)
-    specs = ((x.shape, x.dtype), (weight.shape, weight.dtype), ((weight.shape[0],), weight.dtype))
-    return tuple(torch.empty(shape if need else (0,), dtype=dtype if need else x.dtype, device=x.device)
-                 for (shape, dtype), need in zip(specs, needs))
+    return _backward_outputs(grad_y, x, weight, needs)
 
 
 def _linear_setup_context(ctx, inputs, output):

@@ -17,9 +17,8 @@ Public API (for the two op modules, their tests and the benchmarks):
     tile_grid(M, N, cfg)               the grid of an (M, N) output tiled by cfg
     WeightGradOperands(grad_y2d, x2d, grad_w, grad_b), InputGradOperands(grad_y2d, weight, grad_x)
                                        what one linear_bwd_launch computes
-    linear_grads(layers, input_grad, dtype, scale=None, rows_per_sample=1)   a backward's weight,
+    linear_grads_launches(layers, input_grad, interpret, scale=None, rows_per_sample=1)   a backward's weight,
                                        bias and input gradients of linear layers in one launch
-    not_needed(like)                   the empty placeholder of a gradient nobody asked for
 
 The launch builders pick each kernel's tiles with the rules above from the tensors they are
 given (a backward that differentiates fewer weights picks its weight-gradient tiles from those),
@@ -39,7 +38,7 @@ from vit_fast.kernels.mlp import linear_bwd_kernel, linear_fwd_kernel
 
 __all__ = [
     "INTERPRETER_CONFIG", "InputGradOperands", "MatmulConfig", "WeightGradOperands", "check_dtypes",
-    "check_linear_shapes", "input_grad_config", "linear_bwd_launch", "linear_grads", "linear_launch", "not_needed",
+    "check_linear_shapes", "input_grad_config", "linear_bwd_launch", "linear_grads_launches", "linear_launch",
     "product_config", "tile_grid", "weight_grad_config",
 ]
 
@@ -329,40 +328,28 @@ def linear_bwd_launch(layers: list[WeightGradOperands], input_grad: InputGradOpe
 # ----------------------------------------------------------------------------- backward helpers
 
 
-def not_needed(like: Tensor) -> Tensor:
-    # A custom op returns tensors, never None: an unrequested gradient is an empty placeholder
-    # (no compute, no memory) that the autograd formula turns back into None.
-    return like.new_empty((0,))
-
-
-def linear_grads(layers: list[tuple[Tensor, Tensor, bool, bool]], input_grad: tuple[Tensor, Tensor] | None,
-                 dtype: torch.dtype, scale: Tensor | None = None, rows_per_sample: int = 1
-                 ) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
-    """The backward products of linear layers over the same M rows, in one ``linear_bwd_kernel``
-    launch: (grad_w (N, K), grad_b (N,)) in ``dtype`` for each layer given as (grad_y2d (M, N), x2d
-    (M, K), needs_weight, needs_bias), ``scale`` scaling the first layer's grad_y2d per sample; and,
-    given ``input_grad`` = (grad_y2d (M, N), weight (N, K)), grad_y2d @ weight (M, K) in grad_y2d's
-    dtype (else None). Unneeded parameter gradients come back as empty placeholders; a layer whose
-    bias gradient alone is needed still has its weight gradient computed, then dropped (frozen
-    weights with trainable biases: not worth a kernel variant)."""
-    grads, operands = [], []
-    for index, (grad_y2d, x2d, needs_weight, needs_bias) in enumerate(layers):
-        if not (needs_weight or needs_bias):
-            grads.append((not_needed(x2d), not_needed(x2d)))
+def linear_grads_launches(layers: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]],
+                          input_grad: tuple[Tensor, Tensor, Tensor] | None, interpret: bool,
+                          scale: Tensor | None = None, rows_per_sample: int = 1) -> list[Launch]:
+    """The backward products of linear layers over the same M rows, as one ``linear_bwd_kernel``
+    launch (none when nothing is wanted or every output is empty): for each layer given as
+    (grad_y2d (M, N), x2d (M, K), grad_w (N, K) or None, grad_b (N,) or None), the wanted outputs
+    written (``scale`` scaling the first layer's grad_y2d per sample); and, given ``input_grad`` =
+    (grad_y2d (M, N), weight (N, K), grad_x (M, K)), grad_y2d @ weight. A layer whose bias gradient
+    alone is wanted still has its weight gradient computed, into a buffer allocated here, then
+    dropped (frozen weights with trainable biases: not worth a kernel variant)."""
+    operands = []
+    for index, (grad_y2d, x2d, grad_w, grad_b) in enumerate(layers):
+        if grad_w is None and grad_b is None:
             continue
-        grad_w = torch.empty((grad_y2d.shape[1], x2d.shape[1]), dtype=dtype, device=x2d.device)
-        grad_b = torch.empty((grad_y2d.shape[1],), dtype=dtype, device=x2d.device) if needs_bias else None
+        if grad_w is None:
+            grad_w = torch.empty((grad_y2d.shape[1], x2d.shape[1]), dtype=grad_b.dtype, device=x2d.device)
         operands.append((index, WeightGradOperands(grad_y2d, x2d, grad_w, grad_b)))
-        grads.append((grad_w if needs_weight else not_needed(x2d), grad_b if needs_bias else not_needed(x2d)))
-    grad_x = None
-    if input_grad is not None:
-        grad_y2d, weight = input_grad
-        grad_x = grad_y2d.new_empty((grad_y2d.shape[0], weight.shape[1]))
-    if operands or grad_x is not None:
-        scaled = bool(operands) and operands[0][0] == 0  # the scale belongs to layers[0]'s gradient only
-        launch = linear_bwd_launch([op for _, op in operands],
-                                   InputGradOperands(*input_grad, grad_x) if grad_x is not None else None,
-                                   scale=scale if scaled else None, rows_per_sample=rows_per_sample if scaled else 1)
-        if launch.grid[0]:  # no tiles: every output is empty (an empty grid is not a valid launch)
-            launch.run()
-    return grads, grad_x
+    if not operands and input_grad is None:
+        return []
+    scaled = bool(operands) and operands[0][0] == 0  # the scale belongs to layers[0]'s gradient only
+    launch = linear_bwd_launch([op for _, op in operands],
+                               InputGradOperands(*input_grad) if input_grad is not None else None,
+                               interpret=interpret, scale=scale if scaled else None,
+                               rows_per_sample=rows_per_sample if scaled else 1)
+    return [launch] if launch.grid[0] else []  # no tiles: every output is empty (not a valid launch)

@@ -9,8 +9,9 @@ Public API (shapes as in ``vit_fast.reference``; weights in nn.Linear layout (ou
                                                 kernels' builders, shared with the autocast linear
                                                 (``vit_fast.fused.linear``), are ``vit_fast.fused.matmul``'s
     aot_launches(M, d_in, hidden, d_out, dtype, approximate="none", residual=True, ...)
-        the GPU's kernel launches, for vit_fast.aot's compile tests; planned_launches(...) the same
-        as Launch objects (kernel, grid, tensors) for accounts of launches and bytes;
+        the GPU's kernel launches, for vit_fast.aot's compile tests;
+    launch_plan(op, args, outputs, target)   the launches of one call of a registered op (run by the
+        op, counted by vit_fast.cost);
         aot_every_config() vit-cifar's (``python -m vit_fast.aot --op mlp``)
 
 Registered ops (namespace ``vit_fast``), each with a fake (meta) implementation:
@@ -54,12 +55,12 @@ import torch
 from torch import Tensor
 
 from vit_fast.fused.launch import (
-    VIT_CIFAR_TOKENS, Launch, check_launchable, check_same_device, interpreting, meta_tensor, planned_samples,
+    VIT_CIFAR_TOKENS, Launch, Target, check_launchable, check_same_device, interpreting, meta_tensor, planned_samples,
     precision_constexprs, rows_per_sample_of,
 )
 from vit_fast.fused.matmul import (
     InputGradOperands, MatmulConfig, WeightGradOperands, check_dtypes, check_linear_shapes, input_grad_config,
-    linear_bwd_launch, linear_grads, linear_launch, not_needed, product_config, tile_grid, weight_grad_config,
+    linear_bwd_launch, linear_grads_launches, linear_launch, product_config, tile_grid, weight_grad_config,
 )
 from vit_fast.kernels.mlp import gelu_bwd_kernel
 
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
     from vit_fast.aot import KernelLaunch
 
 __all__ = ["MLPConfig", "aot_every_config", "aot_launches", "choose_config", "gelu_bwd_launch", "mlp",
-           "planned_launches"]
+           "launch_plan"]
 
 _APPROXIMATE_TO_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
 
@@ -233,14 +234,6 @@ def aot_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype,
     return kernel_launches(launches)
 
 
-def planned_launches(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, approximate: str = "none",
-                     residual: bool = True, **variant) -> list[Launch]:
-    """The Triton ``Launch`` objects (kernel, grid, meta tensors) of one forward + backward, for
-    accounts of launches and bytes (``variant`` as ``aot_launches``): every kernel the op runs."""
-    defaults = dict(weight_dtype=None, residual_dtype=None, scale=False, bias=True)
-    return _plans(M, d_in, hidden, d_out, dtype, approximate, residual, **{**defaults, **variant})
-
-
 def aot_every_config(batch: int = 128, tokens: int = VIT_CIFAR_TOKENS, dim: int = 192,
                      hidden: int = 384) -> list[KernelLaunch]:
     """The distinct launches of the fused model's MLPs in training, for ``python -m vit_fast.aot
@@ -255,6 +248,54 @@ def aot_every_config(batch: int = 128, tokens: int = VIT_CIFAR_TOKENS, dim: int 
     return list({launch.key: launch for launch in launches}.values())
 
 
+def launch_plan(op: str, args: tuple, outputs: tuple, target: Target) -> list[Launch]:
+    """The launches of one call of ``vit_fast::<op>`` (mlp, mlp_backward) with ``args`` (the op's
+    arguments, in its schema's order) writing ``outputs`` (what the op returns), on ``target``.
+    The real implementations run them; ``vit_fast.cost`` counts them."""
+    interpret = target.interpret
+    if op == "mlp":
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, scale = args
+        y, hidden = outputs
+        d_out = fc2_weight.shape[0]
+        x2d = x.reshape(-1, x.shape[-1])  # (M, D_in), a view whenever the strides allow
+        launches = []
+        if hidden.numel():  # an empty grid is not a valid launch
+            launches.append(linear_launch(x2d, fc1_weight, fc1_bias, None, hidden,
+                                          _APPROXIMATE_TO_ACTIVATION[approximate], interpret=interpret))
+        if y.numel():
+            res2d = residual.reshape(-1, d_out) if residual is not None else None
+            launches.append(linear_launch(hidden, fc2_weight, fc2_bias, res2d, y.reshape(-1, d_out), "none",
+                                          interpret=interpret, scale=scale,
+                                          rows_per_sample=rows_per_sample_of(x, scale)))
+        return launches
+    if op == "mlp_backward":
+        grad_y, x, w1, fc1_bias, w2, hidden, approximate, needs, scale = args
+        grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = outputs
+        # Only Triton kernels run here, but an autocast region around the backward must not re-cast
+        # any torch operator a future change adds.
+        with torch.autocast(x.device.type, enabled=False):
+            gy2d = grad_y.reshape(-1, w2.shape[0])  # (M, D_out); may be a stride-0 view: the kernels take strides
+            x2d = x.reshape(-1, x.shape[-1])  # (M, D_in)
+            M = x2d.shape[0]
+            per_sample = rows_per_sample_of(x, scale)
+            # The only product with an elementwise tail (GELU') is fused; it needs no pre-activation.
+            grad_pre = x.new_empty((M, w1.shape[0]))  # (M, Hd)
+            launches = []
+            if grad_pre.numel() and any(needs[:3]):
+                launches.append(gelu_bwd_launch(gy2d, x2d, w1, fc1_bias, w2, grad_pre,
+                                                _APPROXIMATE_TO_ACTIVATION[approximate], interpret=interpret,
+                                                scale=scale, rows_per_sample=per_sample))
+            # Everything else in one launch: fc2's weight and bias gradients (from grad_y as it came, the
+            # fp32 residual stream's under autocast, scaled and rounded to x's dtype in registers),
+            # fc1's, and dX = grad_pre W1.
+            launches += linear_grads_launches(
+                [(gy2d, hidden, grad_w2 if needs[3] else None, grad_b2 if needs[4] else None),
+                 (grad_pre, x2d, grad_w1 if needs[1] else None, grad_b1 if needs[2] else None)],
+                (grad_pre, w1, grad_x.reshape(x2d.shape)) if needs[0] else None, interpret, scale, per_sample)
+        return launches
+    raise ValueError(f"vit_fast::{op} is not an MLP op")
+
+
 # ----------------------------------------------------------------------------- vit_fast::mlp
 
 
@@ -263,18 +304,14 @@ def _mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: 
             approximate: str, residual: Tensor | None, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, scale)
     check_launchable("x", x)
-    lead, d_out = x.shape[:-1], fc2_weight.shape[0]
-    x2d = x.reshape(-1, x.shape[-1])  # (M, D_in), a view whenever the strides allow
-    M = x2d.shape[0]
+    M = math.prod(x.shape[:-1])
+    y = torch.empty((*x.shape[:-1], fc2_weight.shape[0]), dtype=residual.dtype if residual is not None else x.dtype,
+                    device=x.device)
     hidden = x.new_empty((M, fc1_weight.shape[0]))  # (M, Hd)
-    y = torch.empty((M, d_out), dtype=residual.dtype if residual is not None else x.dtype, device=x.device)
-    if hidden.numel():  # an empty grid is not a valid launch
-        linear_launch(x2d, fc1_weight, fc1_bias, None, hidden, _APPROXIMATE_TO_ACTIVATION[approximate]).run()
-    if y.numel():
-        res2d = residual.reshape(-1, d_out) if residual is not None else None
-        linear_launch(hidden, fc2_weight, fc2_bias, res2d, y, "none", scale=scale,
-                      rows_per_sample=rows_per_sample_of(x, scale)).run()
-    return y.reshape(*lead, d_out), hidden
+    for launch in launch_plan("mlp", (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, scale),
+                              (y, hidden), Target.of(x)):
+        launch.run()
+    return y, hidden
 
 
 @_mlp_op.register_fake
@@ -299,37 +336,27 @@ def _mlp_backward_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Te
     (fc2_bias's is fc1_weight's: the parameters share one)."""
     _check_mlp_backward(grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, approximate, needs, scale)
     check_launchable("x", x)
-    w1, w2 = fc1_weight, fc2_weight
-    # Only Triton kernels run here, but an autocast region around the backward must not re-cast
-    # any torch operator a future change adds.
-    with torch.autocast(x.device.type, enabled=False):
-        gy2d = grad_y.reshape(-1, w2.shape[0])  # (M, D_out); may be a stride-0 view: the kernels take strides
-        x2d = x.reshape(-1, x.shape[-1])  # (M, D_in)
-        M = x2d.shape[0]
-        per_sample = rows_per_sample_of(x, scale)
-        # The only product with an elementwise tail (GELU') is fused; it needs no pre-activation.
-        grad_pre = x.new_empty((M, w1.shape[0]))  # (M, Hd)
-        if grad_pre.numel() and any(needs[:3]):
-            gelu_bwd_launch(gy2d, x2d, w1, fc1_bias, w2, grad_pre, _APPROXIMATE_TO_ACTIVATION[approximate],
-                            scale=scale, rows_per_sample=per_sample).run()
-        # Everything else in one launch: fc2's weight and bias gradients (from grad_y as it came, the
-        # fp32 residual stream's under autocast, scaled and rounded to x's dtype in registers),
-        # fc1's, and dX = grad_pre W1.
-        [(grad_w2, grad_b2), (grad_w1, grad_b1)], grad_x2d = linear_grads(
-            [(gy2d, hidden, needs[3], needs[4]), (grad_pre, x2d, needs[1], needs[2])],
-            (grad_pre, w1) if needs[0] else None, w1.dtype, scale, per_sample)
-        grad_x = grad_x2d.reshape(x.shape) if needs[0] else not_needed(x)
-    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+    outputs = _backward_outputs(x, fc1_weight, fc2_weight, needs)
+    for launch in launch_plan("mlp_backward", (grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, approximate,
+                                               needs, scale), outputs, Target.of(x)):
+        launch.run()
+    return outputs
 
 
-@_mlp_backward_op.register_fake
-def _(grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, approximate, needs, scale=None):
-    _check_mlp_backward(grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, approximate, needs, scale)
+def _backward_outputs(x, fc1_weight, fc2_weight, needs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias), an empty
+    placeholder for each one not needed."""
     param = fc1_weight.dtype
     specs = ((x.shape, x.dtype), (fc1_weight.shape, param), ((fc1_weight.shape[0],), param),
              (fc2_weight.shape, param), ((fc2_weight.shape[0],), param))
     return tuple(torch.empty(shape if need else (0,), dtype=dtype if need else x.dtype, device=x.device)
                  for (shape, dtype), need in zip(specs, needs))
+
+
+@_mlp_backward_op.register_fake
+def _(grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, approximate, needs, scale=None):
+    _check_mlp_backward(grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, approximate, needs, scale)
+    return _backward_outputs(x, fc1_weight, fc2_weight, needs)
 
 
 # ----------------------------------------------------------------------------- autograd
