@@ -21,7 +21,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # --threads 0: nvcc compiles the -gencode targets (sm_80, sm_90, ... and PTX) side by side.
 export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} --threads 0"
 echo "[first_light] installing (build log: $log)"
-if timeout 240 "$python" -m pip install --no-build-isolation --no-deps --no-index -e . >"$log" 2>&1; then
+if timeout 240 "$python" -m pip install -v --no-build-isolation --no-deps --no-index -e . >"$log" 2>&1; then
     install_status=ok
 else
     install_status="failed (exit $?)"

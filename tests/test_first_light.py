@@ -176,3 +176,14 @@ def test_help_and_the_refusal_without_a_gpu(capsys):
     assert proc.returncode == 1 and proc.stderr.strip() == (
         "error: no CUDA GPU: first light needs one (torch.cuda.is_available() is False); "
         "`python -m vit_fast.first_light --dry-run` checks the plan on a CPU")
+
+
+def test_a_stage_whose_part_failed_is_not_ok(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "kernels.json").write_text(json.dumps({"fused": {"groups": []}, "torch": {"error": "x"}}))
+    (tmp_path / "bench_train.json").write_text(json.dumps({"rows": [{"preset": "vit-cifar", "batch": 128,
+                                                                     "torch/eager": {"ms": 1.0}, "fused/eager": {"error": "y"}}]}))
+    assert fl._with_errors("ok", fl._stage_errors("kernels", tmp_path)) == "failed: error in torch"
+    assert fl._with_errors("timed out after 110 s", fl._stage_errors("bench_train", tmp_path)) == (
+        "timed out after 110 s: error in fused/eager")
+    assert fl._with_errors("ok", fl._stage_errors("bench_train", tmp_path / "nothing")) == "ok"

@@ -207,7 +207,9 @@ def trace_kernels(trace: dict) -> list[dict]:
 def trace_kernel_ops(trace: dict) -> dict[tuple, list[str]]:
     """For each (kernel name, grid) of a trace with host operators: the operators around its
     launch, outermost first (e.g. ["aten::linear", "aten::addmm"]), found through the launch's
-    correlation id and the operators open on the launching thread at that moment."""
+    correlation id and the operators open on the launching thread at that moment. The first launch
+    of a (name, grid) speaks for all of them (a copy kernel launched by two operators is put down to
+    the first)."""
     events = trace.get("traceEvents", ())
     launches, ops = {}, defaultdict(list)
     for e in events:
@@ -527,7 +529,23 @@ def _last_line(log: Path) -> str:
     return lines[-1][:200] if lines else ""
 
 
-def test_groups() -> dict[str, list[str]]:
+def _stage_errors(name: str, out: Path) -> list[str]:
+    """The backends (kernels) or providers (bench_train) whose part of a stage failed."""
+    path = out / "parts" / "kernels.json" if name == "kernels" else out / "bench_train.json"
+    if not path.exists():
+        return []
+    payload = json.loads(path.read_text())
+    entries = payload.items() if name == "kernels" else payload.get("rows", [{}])[0].items()
+    return [k for k, v in entries if isinstance(v, dict) and "error" in v]
+
+
+def _with_errors(status: str, errors: list[str]) -> str:
+    if not errors:
+        return status
+    return f"{'failed' if status == 'ok' else status}: error in {', '.join(errors)}"
+
+
+def pytest_groups() -> dict[str, list[str]]:
     """The tests stage's pytest invocations, one process each: the gpu-marked tests, then each op's
     parity file (vit_fast.fused.registry) natively, without its offline compile tests."""
     from .fused import registry
@@ -576,7 +594,7 @@ def pytest_counts(text: str) -> dict:
 
 def stage_tests(out: Path, timeout: float) -> dict:
     procs = {}
-    for name, selection in test_groups().items():
+    for name, selection in pytest_groups().items():
         argv = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--no-header", *selection]
         procs[name] = _start(argv, out / "logs" / f"tests_{name}.log")
     status = _finish(procs, timeout)
@@ -585,7 +603,7 @@ def stage_tests(out: Path, timeout: float) -> dict:
         text = (out / "logs" / f"tests_{name}.log").read_text(errors="replace")
         if "No module named pytest" in text:
             status[name] = "not run: pytest is not installed here"
-        groups[name] = {"selection": " ".join(test_groups()[name]), "status": status[name], **pytest_counts(text)}
+        groups[name] = {"selection": " ".join(pytest_groups()[name]), "status": status[name], **pytest_counts(text)}
     return groups
 
 
@@ -809,12 +827,13 @@ def run(args: argparse.Namespace) -> int:
                                        out / "logs" / f"{name}.log")}, limit)[name]
         if name == "bench_train" and (out / "bench_train.json").exists():
             report["bench_train"] = json.loads((out / "bench_train.json").read_text())
+        status = _with_errors(status, _stage_errors(name, out))
         record(name, status, t_stage, limit, log=f"logs/{name}.log", last_line=_last_line(out / "logs" / f"{name}.log"))
 
     if args.skip_tests:
         record("tests", "not run (--skip-tests)", time.monotonic(), None)
     elif args.dry_run:
-        groups = test_groups()
+        groups = pytest_groups()
         missing = [g for g, sel in groups.items() if sel[0].endswith(".py") and not (ROOT / sel[0]).is_file()]
         if missing:
             raise SystemExit(f"the tests stage names test files that do not exist: {missing}")
