@@ -14,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 total_s=${FIRST_LIGHT_BUDGET_S:-480}
-python=${PYTHON:-python}
+python=${PYTHON:-$(command -v python || command -v python3)}
 log=$(mktemp "${TMPDIR:-/tmp}/first_light_install.XXXXXX.log")
 start=$(date +%s)
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}

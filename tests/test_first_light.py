@@ -98,6 +98,8 @@ def test_estimate_gpu_for_the_measured_gpu():
     chosen, note = fl.pick_estimate_gpu("NVIDIA L40S", both)
     assert chosen == "A100 SXM" and "do not describe it" in note
     assert fl.pick_estimate_gpu("NVIDIA H200", [])[0] is None
+    assert fl.pick_estimate_gpu("NVIDIA H200", ["A100", "H100"])[0] == "H100"  # keyed by the short names
+    assert fl.grid3("12x128") == (12, 128, 1) and fl.grid3([5]) == (5, 1, 1) and fl.grid3(None) is None
 
 
 def _report(calibration: dict) -> dict:

@@ -158,9 +158,11 @@ def pick_estimate_gpu(gpu_name: str | None, available: list[str]) -> tuple[str |
         return None, "the cost account has no estimate"
     if gpu_name:
         for key, modelled, note in ESTIMATE_GPU_FOR:
-            if key in gpu_name and modelled in available:
-                return modelled, (f"{gpu_name} measured against the {modelled} estimate"
-                                  + (f": {note}" if note else ""))
+            # The account's name ("H100 SXM"), else its short key ("H100").
+            found = [a for a in available if a == modelled] or [a for a in available if a == modelled.split()[0]]
+            if key in gpu_name and found:
+                return found[0], (f"{gpu_name} measured against the {found[0]} estimate"
+                                   + (f": {note}" if note else ""))
     first = available[0]
     if not gpu_name:
         return first, f"no GPU measured; the {first} estimate shown"
@@ -174,6 +176,10 @@ def grid3(grid) -> tuple[int, int, int] | None:
     """A launch grid as three ints (missing axes are 1); None when there is none."""
     if grid is None:
         return None
+    if isinstance(grid, str):  # "12x128", "(12, 128)"
+        grid = re.findall(r"\d+", grid) or None
+        if grid is None:
+            return None
     if isinstance(grid, (int, float)):
         grid = [grid]
     g = [int(v) for v in grid][:3]
