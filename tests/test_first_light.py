@@ -189,3 +189,56 @@ def test_a_stage_whose_part_failed_is_not_ok(tmp_path):
     assert fl._with_errors("timed out after 110 s", fl._stage_errors("bench_train", tmp_path)) == (
         "timed out after 110 s: error in fused/eager")
     assert fl._with_errors("ok", fl._stage_errors("bench_train", tmp_path / "nothing")) == "ok"
+
+
+def test_the_gpu_path_with_stand_in_stages(tmp_path, monkeypatch):
+    """The command's GPU path end to end on a CPU: every subprocess it starts is replaced by a stand-in
+    that writes what the real one would (made-up figures), one of them running past its limit."""
+    out = tmp_path / "out"
+    steps = 2
+    groups = fl.measured_groups(synthetic_replays(steps), steps, fl.trace_kernel_ops(synthetic_eager_trace()))
+    kernels_part = {"fused": {"mode": "cuda-graphs", "profiled_steps": steps, "groups": groups},
+                    "torch": {"error": "RuntimeError: boom"}}
+    bench = {"rows": [{"preset": "vit-cifar", "batch": 128, "fused/cuda-graphs": {
+        "ms": 2.0, "ms_p20": 1.9, "ms_p80": 2.1, "images_per_s": 64000.0, "peak_memory_gb": 1.5}}]}
+    cost = {"estimate": {"fused": {"H100 SXM": {"total_ms": 0.5, "forward_backward_ms": 0.4, "kernels": ESTIMATE_KERNELS}}}}
+    pytest_out = ("collected 3 items\ntests/test_a.py::test_x PASSED [ 33%]\ntests/test_a.py::test_y FAILED [ 66%]\n"
+                  "tests/test_a.py::test_z PASSED [100%]\n===== 1 failed, 2 passed in 1.00s =====\n")
+
+    def writer(path: Path, payload: dict, then: str = "") -> str:
+        return f"import pathlib, time; p = pathlib.Path({str(path)!r}); p.parent.mkdir(parents=True, exist_ok=True); " \
+               f"p.write_text({json.dumps(payload)!r}); {then}"
+
+    real_start = fl._start
+
+    def stand_in(argv, log):
+        if "--stage" in argv and argv[argv.index("--stage") + 1] == "kernels":
+            code = writer(out / "parts" / "kernels.json", kernels_part)
+        elif "--stage" in argv:  # bench_train: its first provider, then past the stage's limit
+            code = writer(out / "bench_train.json", bench, "time.sleep(60)")
+        elif "vit_fast.cost" in argv:
+            code = writer(Path(argv[argv.index("--json") + 1]), cost)
+        else:
+            assert argv[1:3] == ["-m", "pytest"], argv
+            code = f"import sys; print({pytest_out!r}); sys.exit(1)"
+        return real_start([sys.executable, "-c", code], log)
+
+    env = {"gpu": "NVIDIA H200", "sm_count": 132, "date_utc": "2026-01-01T00:00:00+00:00", "commit": "c" * 40}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fl, "environment_info", lambda: dict(env))
+    monkeypatch.setattr(fl, "_start", stand_in)
+    monkeypatch.setattr(fl, "pytest_groups", lambda: {"gpu-marked": ["-m", "gpu"]})
+    monkeypatch.setitem(fl.STAGE, "bench_train", fl.Stage("bench_train", 2, "stand-in"))
+    assert fl.main(["--out", str(out), "--budget-s", "60"]) == 1
+    report = json.loads((out / "first_light.json").read_text())
+    status = {s["name"]: s["status"] for s in report["stages"]}
+    assert status == {"environment": "ok", "kernels": "failed: error in torch", "bench_train": "timed out after 2 s",
+                      "tests": "not ok: gpu-marked", "estimate": "ok"}
+    assert report["title"] == "GPU first light: measurements on NVIDIA H200"
+    assert report["calibration"]["estimate_gpu"] == "H100 SXM"
+    rows = {r["name"]: r for r in report["calibration"]["backends"]["fused"]["rows"]}
+    assert rows["attention_fwd_kernel"]["ratio"] == pytest.approx(2.1)
+    assert report["bench_train"]["rows"][0]["fused/cuda-graphs"]["ms"] == 2.0
+    assert report["tests"]["gpu-marked"]["passed"] == 2 and report["tests"]["gpu-marked"]["failed"] == 1
+    md = (out / "FIRST_LIGHT.md").read_text()
+    assert "| fused/cuda-graphs | 2.000 | 1.900-2.100 | 64000 | 1.50 |" in md and "| torch/compile | not reached |" in md
