@@ -146,7 +146,8 @@ def environment_info() -> dict:
         info["extension"] = "built"
     except ImportError as err:
         info["extension"] = f"missing: {err}"
-    info["commit"] = _git("rev-parse", "HEAD")
+    # A copy of the tree without .git can name its commit in FIRST_LIGHT_COMMIT.
+    info["commit"] = _git("rev-parse", "HEAD") or os.environ.get("FIRST_LIGHT_COMMIT")
     status = _git("status", "--porcelain", "--untracked-files=no")
     info["uncommitted_changes"] = None if status is None else bool(status)
     return info
