@@ -94,37 +94,50 @@ class GPUSpec:
         return self.tensor_flops / (self.sms * self.schedulers_per_sm * self.clock_hz)
 
 
-# Sources:
-# - SMs, schedulers (4 processing blocks per SM), per-SM limits (32 CTAs, 64 warps, 228 / 164 KB
-#   shared memory): NVIDIA H100 Tensor Core GPU Architecture whitepaper (2022) and NVIDIA A100
-#   Tensor Core GPU Architecture whitepaper (2020); CUDA C++ Programming Guide, "Compute
-#   Capabilities" (vit_fast.aot.SM_LIMITS).
-# - Boost clock, bandwidth, dense bf16 and FP32 rates: NVIDIA H100 SXM5 datasheet (3.35 TB/s,
-#   989 TFLOP/s bf16 dense, 67 TFLOP/s FP32; 1.98 GHz maximum SM clock) and A100 SXM4 80 GB
-#   datasheet (2.0 TB/s, 312 TFLOP/s bf16 dense, 19.5 TFLOP/s FP32) with the A100 whitepaper's
-#   1410 MHz boost clock (also what Chips and Cheese observed under load, "Nvidia's H100: Funny L2,
-#   and Tons of Bandwidth", 2023).
-# - Global-memory latency ~400 cycles and dependent arithmetic latency 4 cycles on V100, A100
-#   and H100: Table 3 of doi:10.1016/j.ultsonch.2023.106546 (PMC10448217), which compiles
-#   microbenchmark figures of the three architectures; the order agrees with Jia et al.,
-#   "Dissecting the NVIDIA Volta GPU Architecture via Microbenchmarking" (arXiv:1804.06826) and
-#   Luo et al., "Benchmarking and Dissecting the Nvidia Hopper GPU Architecture" (arXiv:2402.13499),
-#   whose tables we did not transcribe: an unloaded pointer chase, so under load it is a floor.
-# - mma.sync m16n8k16 latency "20+ cycles" (one issue slot, tens of cycles to the result): the
-#   CuTe tutorial "Hello, MMA" (darshanbaslani.me); we assume 30 cycles on both architectures.
-# - Barrier cost: an assumption, 30 cycles for a bar.sync whose warps arrive together (no source
-#   found); it only matters for loops with many barriers (attention's backward).
-# - Issue efficiency: an assumption, 0.7 of one warp-instruction per scheduler per clock (dual
-#   issue does not exist since Volta; dependency and bank stalls take the rest).
-# - Graph launch: an assumption, 2 us per kernel of a CUDA graph (the GPU-side gap between
-#   dependent kernels: dispatch, the first wave's ramp-up, the last's drain), the middle of the
-#   1.5-3 us of issue 23's review; a graph removes the host's launch cost
-#   (developer.nvidia.com/blog/cuda-graphs), not this gap.
-# - Library efficiencies: assumptions. cuBLAS at M = 8320 rows and N, K of 192 to 768 runs 2-7
-#   waves of 128 x 128 tiles on 132 SMs with short K loops, so 50% of the dense peak (60% on the
-#   A100, whose peak is 3x lower and easier to reach); SDPA at head dim 16 does 16 MACs per loaded
-#   element, so 15% (25% A100); streaming kernels reach 80% of HBM bandwidth (typical of a copy
-#   kernel on both).
+# The source of every figure of GPUSpec (tests/test_gpu_time.py checks each field has one). An
+# "assumption" is ours, with its rationale; nothing here was measured by this project.
+SOURCES = {
+    "sms": "NVIDIA H100 Tensor Core GPU Architecture whitepaper (2022): 132 SMs on H100 SXM5; NVIDIA A100 "
+           "Tensor Core GPU Architecture whitepaper (2020): 108 SMs",
+    "schedulers_per_sm": "the same whitepapers: 4 processing blocks per SM, one warp scheduler each, "
+                         "dispatching one warp-instruction per clock",
+    "clock_hz": "H100 SXM5 1.98 GHz maximum boost (NVIDIA H100 datasheet / nvidia-smi max SM clock); A100 "
+                "1410 MHz boost (A100 whitepaper; also observed under load by Chips and Cheese, 'Nvidia's H100: "
+                "Funny L2, and Tons of Bandwidth', 2023)",
+    "bandwidth": "NVIDIA H100 SXM datasheet 3.35 TB/s; A100 SXM4 80 GB datasheet 2.0 TB/s",
+    "tensor_flops": "NVIDIA datasheets, dense (no sparsity) bf16 tensor core: H100 SXM 989 TFLOP/s, A100 312 TFLOP/s",
+    "fp32_flops": "NVIDIA datasheets, FP32 (non-tensor): H100 SXM 67 TFLOP/s, A100 19.5 TFLOP/s",
+    "max_ctas_per_sm": "CUDA C++ Programming Guide, 'Compute Capabilities' table: 32 resident blocks per SM "
+                       "(8.0, 9.0)",
+    "max_warps_per_sm": "the same table: 64 resident warps per SM (8.0, 9.0)",
+    "shared_bytes_per_sm": "the same table: 164 KB (8.0) and 228 KB (9.0) shared memory per SM",
+    "mma_latency_cycles": "assumption, 30 cycles: an mma.sync m16n8k16 takes one issue slot and 'a latency of 20+ "
+                          "cycles' (the CuTe tutorial 'Hello, MMA', darshanbaslani.me); Luo et al., 'Benchmarking "
+                          "and Dissecting the Nvidia Hopper GPU Architecture' (arXiv:2402.13499) measure mma "
+                          "latencies of this order on A100 and H800",
+    "global_load_latency_cycles": "about 400 cycles on V100, A100 and H100 (Table 3 of "
+                                  "doi:10.1016/j.ultsonch.2023.106546, PMC10448217, compiling microbenchmark "
+                                  "figures); the order of Jia et al., 'Dissecting the NVIDIA Volta GPU "
+                                  "Architecture via Microbenchmarking' (arXiv:1804.06826); an unloaded pointer "
+                                  "chase, so a floor under load",
+    "alu_latency_cycles": "4 cycles for dependent arithmetic (the same Table 3); kept for reference, the "
+                          "estimate charges one cycle per instruction of a warp's serial path",
+    "barrier_cycles": "assumption, 30 cycles for a bar.sync whose warps arrive together (no source found); "
+                      "it matters only for loops with many barriers (attention's backward)",
+    "issue_efficiency": "assumption, 0.7 of one warp-instruction per scheduler per clock: no dual issue since "
+                        "Volta, and dependency, bank and register-port stalls take the rest",
+    "graph_launch_s": "assumption, 2 us per kernel of a CUDA graph: the GPU-side gap between dependent kernels "
+                      "(dispatch, the first wave's ramp-up, the last wave's drain), the middle of issue 23's "
+                      "1.5-3 us; a graph removes the host's launch cost (NVIDIA, 'Getting Started with CUDA "
+                      "Graphs', developer.nvidia.com/blog/cuda-graphs), not this gap",
+    "gemm_efficiency": "assumption: cuBLAS at M = 8320 rows and N, K of 192 to 768 runs 2-7 waves of 128 x 128 "
+                       "tiles with K loops of 3-12 steps, so half the dense peak on the H100; 0.6 on the A100, "
+                       "whose peak is 3x lower and easier to approach",
+    "attention_efficiency": "assumption: SDPA at head dim 16 does only 16 multiply-adds per element it loads "
+                            "and softmaxes, so 15% of the tensor peak on the H100, 25% on the A100",
+    "memory_efficiency": "assumption: streaming (elementwise, reduction, AdamW) kernels reach 80% of the HBM "
+                         "bandwidth, typical of a large copy on both GPUs",
+}
 GPUS = {
     "H100": GPUSpec("H100 SXM", 90, sms=132, schedulers_per_sm=4, clock_hz=1.98e9, bandwidth=3.35e12,
                     tensor_flops=989e12, fp32_flops=67e12, max_ctas_per_sm=32, max_warps_per_sm=64,
@@ -164,7 +177,9 @@ def _sources_digest(module: str) -> str:
 def _cache_key(spec, capability: int) -> str:
     import triton
 
-    raw = json.dumps([spec.key, capability, triton.__version__, _sources_digest(spec.module)])
+    from .sass import PROFILE_VERSION
+
+    raw = json.dumps([spec.key, capability, triton.__version__, _sources_digest(spec.module), PROFILE_VERSION])
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
@@ -276,14 +291,14 @@ def _schedule(lengths: list[tuple[int, float]], slots: int) -> float:
     return end
 
 
-def iteration_cycles(own: dict, gpu: GPUSpec, warps_per_scheduler: float, pipelined: bool) -> float:
-    """Cycles of one loop iteration on the critical path (module docstring, latency (a) and (b))."""
-    n = own["instructions"]
+def iteration_cycles(loop, gpu: GPUSpec, warps_per_scheduler: float) -> float:
+    """Cycles of one source iteration of ``loop`` (a ``vit_fast.sass.LoopProfile``) on the
+    critical path (module docstring, latency (a) and (b))."""
+    n = loop.per_iteration("instructions")
     issue = n * warps_per_scheduler / gpu.issue_efficiency
-    serial = (n + own["barrier"] * gpu.barrier_cycles
-              + (own.get("mma_flops", 0) / gpu.tensor_flops_per_scheduler_cycle + gpu.mma_latency_cycles
-                 if own["mma"] else 0)
-              + (gpu.global_load_latency_cycles if own["global_load"] and not pipelined else 0))
+    mma = loop.per_iteration("mma_flops") / gpu.tensor_flops_per_scheduler_cycle + gpu.mma_latency_cycles
+    serial = (n + loop.per_iteration("barrier") * gpu.barrier_cycles + (mma if loop.own["mma"] else 0)
+              + (gpu.global_load_latency_cycles if loop.own["global_load"] and not loop.pipelined else 0))
     return max(issue, serial)
 
 
@@ -309,22 +324,26 @@ def estimate_triton(kernel: Kernel, gpu: GPUSpec, prof, resources) -> KernelEsti
         return max(1.0, active * warps / gpu.schedulers_per_sm)
 
     def trips(c, lp) -> int:
-        # An undeclared loop counts as run once per program (a test fails on it: gpu_work).
+        # An undeclared loop counts as run once per program (a test fails on it: gpu_work); the
+        # remainder of an unrolled loop is costed with its main loop.
+        if lp.remainder:
+            return 0
         return c.trips.get(lp.label, 1 if lp.label not in declared else 0)
 
     issue_warp_instructions, lengths = 0.0, []
     for c in classes:
-        per_program = straight + sum(lp.own["instructions"] * trips(c, lp) for lp in prof.loops)
+        per_program = straight + sum(lp.per_iteration() * trips(c, lp) for lp in prof.loops)
         issue_warp_instructions += c.programs * warps * per_program
         cycles = straight + gpu.global_load_latency_cycles + sum(
-            trips(c, lp) * iteration_cycles(lp.own, gpu, warps_per_scheduler(c), lp.pipelined) for lp in prof.loops)
+            trips(c, lp) * iteration_cycles(lp, gpu, warps_per_scheduler(c)) for lp in prof.loops)
         lengths.append((c.programs, cycles))
     issue_s = issue_warp_instructions / (gpu.sms * gpu.schedulers_per_sm * gpu.clock_hz * gpu.issue_efficiency)
     latency_s = _schedule(lengths, gpu.sms * ctas_per_sm) / gpu.clock_hz
     has_mma = any(lp.own["mma"] for lp in prof.loops) or prof.straight["mma"] > 0
     memory_s = (kernel.bytes_read + kernel.bytes_written) / gpu.bandwidth
     tensor_s = kernel.flops / (gpu.tensor_flops if has_mma else gpu.fp32_flops)
-    loops = [{"label": lp.label, "instructions": lp.own["instructions"], "mma": lp.own["mma"],
+    loops = [{"label": lp.label, "instructions": lp.per_iteration(), "unroll": lp.unroll, "remainder": lp.remainder,
+              "mma": lp.own["mma"],
               "barriers": lp.own["barrier"], "global_loads": lp.own["global_load"], "shuffles": lp.own["shuffle"],
               "divisions": lp.own["divisions"], "conversions": lp.own["conversion"], "pipelined": lp.pipelined,
               "depth": lp.depth, "trips": [trips(c, lp) for c in classes]} for lp in prof.loops]

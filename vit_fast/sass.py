@@ -22,6 +22,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
+# Part of the profile cache's key (vit_fast.gpu_time): bump it when what a profile holds changes.
+PROFILE_VERSION = 2
+
 _INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LINE_INFO = re.compile(r'^\s*//## File "([^"]+)", line (\d+)')
 _LABEL = re.compile(r"^(\.L_x_\d+|\.L_\w+):")
@@ -85,18 +88,13 @@ class Loop:
 
 
 def find_loops(instructions: list[Instruction]) -> list[Loop]:
-    """Every loop, outermost first: a branch to a lower (or its own) address closes a loop from
-    that target to the branch; branches back to one target are one loop (its last one closes
-    it); a loop whose span lies inside another's is nested in it. ``BRA`` to itself after the
-    kernel's EXIT (the trap padding) is no loop."""
+    """Every loop, outermost first: a branch to a lower address closes a loop from that target to
+    the branch; branches back to one target are one loop (its last one closes it); a loop whose
+    span lies inside another's is nested in it. A branch to itself is no source loop: the trap
+    after a kernel's or subroutine's end, or a wait that spins on a hardware barrier."""
     ends: dict[int, int] = {}
-    exited = False
     for ins in instructions:
-        if ins.mnemonic == "EXIT" and not ins.text.startswith("@"):
-            exited = True
-        if ins.mnemonic == "BRA" and ins.target is not None and ins.target <= ins.address:
-            if ins.target == ins.address and exited:
-                continue  # the trailing self-branch
+        if ins.mnemonic == "BRA" and ins.target is not None and ins.target < ins.address:
             ends[ins.target] = max(ends.get(ins.target, ins.target), ins.address)
     loops = sorted((Loop(s, e) for s, e in ends.items()), key=lambda loop: (loop.start, -loop.end))
     for i, loop in enumerate(loops):
@@ -319,8 +317,18 @@ class LoopProfile:
     end: int
     depth: int  # 0: outermost
     parent: int | None  # index of the enclosing loop in the profile's list
-    own: dict  # counts of the body's instructions outside nested loops (per iteration)
+    own: dict  # counts of the body's instructions outside nested loops (per SASS iteration)
     pipelined: bool  # global loads issued asynchronously (LDGSTS/TMA) ahead of their use
+    # ptxas may unroll a loop: a main loop doing ``unroll`` source iterations per pass and a
+    # remainder loop after it (same label and parent) doing one. The main loop's counts / unroll
+    # are then the cost of one source iteration; the remainder (``remainder`` True, fewer than
+    # ``unroll`` iterations per program) is not costed apart.
+    unroll: int = 1
+    remainder: bool = False
+
+    def per_iteration(self, name: str = "instructions") -> float:
+        """Count ``name`` per source iteration (an unrolled main loop's count / unroll)."""
+        return self.own.get(name, 0) / self.unroll
 
 
 @dataclass
@@ -359,5 +367,46 @@ def profile(text: str, kernel: str, capability: int, sources: SourceIndex | None
         own = counts(body)
         result.append(LoopProfile(label, loop.start, loop.end, depth,
                                   index[id(loop.parent)] if loop.parent else None, own, own["ldgsts"] > 0))
+    bodies = {i: [ins for ins in instructions if loop.contains(ins.address)
+                  and not any(child.contains(ins.address) for child in loop.children)] for i, loop in enumerate(loops)}
+    _mark_unrolled(result, bodies)
     outside = [ins for ins in instructions if not any(loop.contains(ins.address) for loop in loops)]
     return SassProfile(kernel, capability, result, counts(outside), len(instructions))
+
+
+# Loop control and address arithmetic, which an unrolled loop does not repeat per source iteration.
+_CONTROL = {"BRA", "ISETP", "IADD3", "IADD", "VIADD", "IMAD", "NOP", "BSSY", "BSYNC", "MOV", "UIADD3", "ULDC",
+            "LDC", "LEA", "UMOV", "SHF", "LOP3", "SEL", "PLOP3", "ISETP"}
+
+
+def unroll_factor(main: list[Instruction], remainder: list[Instruction]) -> int:
+    """Source iterations per pass of an unrolled loop: the ratio of the remainder's most repeated
+    work instruction (not loop control) in the main loop to its count in the remainder."""
+    def histogram(body):
+        h: dict[str, int] = {}
+        for ins in body:
+            if ins.mnemonic not in _CONTROL:
+                h[ins.opcode] = h.get(ins.opcode, 0) + 1
+        return h
+
+    m, r = histogram(main), histogram(remainder)
+    shared = [op for op in r if op in m]
+    if not shared:
+        return 1
+    op = max(shared, key=lambda o: (r[o], o))
+    return max(1, round(m[op] / r[op]))
+
+
+def _mark_unrolled(result: list[LoopProfile], bodies: dict) -> None:
+    groups: dict[tuple, list[int]] = {}
+    for i, lp in enumerate(result):
+        if lp.label is not None:
+            groups.setdefault((lp.label, lp.parent), []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        main = max(members, key=lambda i: result[i].own["instructions"])
+        rest = [i for i in members if i != main]
+        result[main].unroll = unroll_factor(bodies[main], bodies[min(rest, key=lambda i: result[i].own["instructions"])])
+        for i in rest:
+            result[i].remainder = True
