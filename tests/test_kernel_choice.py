@@ -202,3 +202,116 @@ def test_backend_for_maps_only_the_library_ops_of_a_fused_model():
     assert ViTClassifier(TINY_CFG, backend="fused").backend_for("mlp") == "fused"  # no choice: ours
     with pytest.raises(TypeError, match="kernels must be a KernelChoice or None, got dict"):
         fused.set_kernels({"mode": "ours"})
+
+
+# ------------------------------------------------------------------------------------------------
+# The training command: the flag, the start-up line, the checkpoint, --resume.
+
+# Two steps per epoch of a one-block model; the fused backend's model ops on the library run no
+# Triton kernel (the data phase's fused kernels run in the interpreter).
+TINY = ["--dataset", "synthetic", "--synthetic-size", "16", "--synthetic-classes", "4", "--image-size", "8",
+        "--patch-size", "4", "--dim", "32", "--heads", "2", "--depth", "1", "--batch-size", "8", "--epochs", "2",
+        "--warmup-epochs", "1", "--crop-padding", "1", "--recipe", "basic", "--device", "cpu"]
+
+
+def _setup(out_dir, *extra):
+    """The run `python -m vit_fast.train` would set up (the kernel choice made), without training."""
+    from vit_fast import run as run_mod
+    from vit_fast.distributed import World
+
+    config = train_mod.parse_args([*TINY, "--out-dir", str(out_dir), *extra])
+    train_mod.check_paths(config)
+    return run_mod.setup(config, World(), CPU)
+
+
+@pytest.fixture(scope="module")
+def library_run(tmp_path_factory):
+    """A fused run's directory after its first epoch with --kernels library, and its output."""
+    import contextlib
+    import io
+
+    out_dir = tmp_path_factory.mktemp("library_run")
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train_mod.train(train_mod.parse_args([*TINY, "--out-dir", str(out_dir), "--fused", "--kernels", "library",
+                                              "--stop-after", "1"]))
+    return out_dir, out.getvalue()
+
+
+def _copy(run_dir, tmp_path):
+    import shutil
+
+    return shutil.copytree(run_dir, tmp_path / "run")
+
+
+def test_the_choice_is_logged_recorded_and_kept_on_resume(library_run, tmp_path, capsys):
+    tmp_path, out = _copy(library_run[0], tmp_path), library_run[1]
+    assert ("kernels (library, forced by --kernels library): patch_embed=library layernorm=library "
+            "attention=library linear=library mlp=library cross_entropy=library\n") in out
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["kernels"]["ops"] == dict.fromkeys(KERNEL_OPS, "library") and ckpt["args"]["kernels"] == "library"
+    # --resume without --kernels: the checkpoint's choice, not re-timed.
+    train_mod.train(train_mod.parse_args([*TINY, "--out-dir", str(tmp_path), "--fused", "--resume"]))
+    assert "kernels (library, the checkpoint's choice, not re-timed; forced by --kernels library)" in (
+        capsys.readouterr().out)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["kernels"]["mode"] == "library"
+    # evaluate/predict's loader runs the recorded choice on "fused", ours without one.
+    model, _ = load_model(tmp_path / "checkpoint.pt", backend="fused")
+    assert model.backend_choice.kernels.library == KERNEL_OPS
+    # Another --kernels on resume is made afresh and logged as replacing the checkpoint's.
+    run = _setup(tmp_path, "--fused", "--resume", "--kernels", "ours")
+    assert run.kernels.mode == "ours" and run.model.backend_for("attention") == "fused"
+    out = capsys.readouterr().out
+    assert "kernels (ours, forced by --kernels ours)" in out
+    assert "--kernels ours replaces the checkpoint's 'library' choice" in out
+
+
+def test_a_damaged_recorded_choice_is_a_clear_error(library_run, tmp_path):
+    tmp_path = _copy(library_run[0], tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ckpt["kernels"]["ops"]["attention"] = "cudnn"
+    del ckpt["format"]
+    save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"its 'kernels' entry does not read: kernel choice \{'attention': "):
+        load_model(tmp_path / "checkpoint.pt", backend="fused")
+    with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint.pt: its 'kernels' entry does not read"):
+        _setup(tmp_path, "--fused", "--resume")
+
+
+def test_auto_on_the_cpu_is_ours_untimed_and_other_backends_ignore_the_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(kc.NO_TIMING_ENV, raising=False)
+    run = _setup(tmp_path / "fused", "--fused")
+    assert run.kernels == KernelChoice("auto", note=run.kernels.note) and not run.kernels.timed
+    assert "kernels (auto, not timed, ours everywhere: the device is cpu (timing needs a CUDA device))" in (
+        capsys.readouterr().out)
+    run = _setup(tmp_path / "torch", "--backend", "torch", "--kernels", "library")
+    assert run.kernels is None and run.model.backend_choice.kernels is None
+    assert ("note: --kernels library is ignored: it chooses between the fused backend's kernels and the "
+            "library's, and --backend torch runs none of ours") in capsys.readouterr().out
+
+
+def test_the_flag_is_documented_and_bad_values_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(["--help"])
+    assert exc.value.code == 0
+    assert "--kernels {auto,ours,library}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(["--fused", "--kernels", "fastest"])
+    assert exc.value.code == 2
+    assert "argument --kernels: invalid choice: 'fastest' (choose from" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# On a GPU: the real timer.
+
+
+@pytest.mark.gpu(reason="times our kernels and the library's on a CUDA device")
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda_graphs"])
+def test_auto_times_every_op_on_a_gpu(monkeypatch, graphed):
+    monkeypatch.delenv(kc.NO_TIMING_ENV, raising=False)
+    device = torch.device("cuda")
+    workload = kc.Workload(ViTConfig(dim=192, depth=9, num_heads=12, mlp_ratio=2.0), 128, True, 0.1, True, graphed)
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state(device)
+    choice, line = choose_for_run(None, None, device, workload)
+    assert torch.equal(rng[0], torch.get_rng_state()) and torch.equal(rng[1], torch.cuda.get_rng_state(device))
+    assert choice.mode == "auto" and [op for op, _, _ in choice.timings_us] == list(KERNEL_OPS)
+    assert line.startswith(f"kernels (auto, timed on {torch.cuda.get_device_name(device)}")
