@@ -114,6 +114,21 @@ def test_record_round_trip_and_damaged_records():
         KernelChoice("library", ("mlp", "attention"))
 
 
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16_autocast"])
+def test_the_timed_calls_compute_the_same_op_both_ways(amp):
+    """What "auto" times, run on the CPU (ours in the interpreter): each op's forward + backward on
+    the workload's shapes, ours and the library's, with outputs of the same shapes and dtypes and,
+    in fp32, the same values."""
+    workload = kc.Workload(WORKLOAD.cfg, 2, amp, label_smoothing=0.1, soft_targets=True)
+    for op in KERNEL_OPS:
+        call = kc._OpCall(op, workload, CPU)
+        ours, library = call.step("fused"), call.step("torch")
+        assert [o.shape for o in ours] == [o.shape for o in library], op
+        if not amp:
+            for a, b in zip(ours, library, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=op)
+
+
 # ------------------------------------------------------------------------------------------------
 # The model: a library choice runs the torch backend's op, on the same weights.
 

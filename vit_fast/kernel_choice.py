@@ -284,11 +284,13 @@ class _OpCall:
                 return [ops.mlp(*L[:5], cfg.gelu_approximate, backend, residual=L[5])]
         return [ops.cross_entropy(L[0], self.target, self.w.label_smoothing, backend)]
 
-    def step(self, backend: str) -> None:
+    def step(self, backend: str) -> list[Tensor]:
+        """Forward and backward; returns the forward's outputs."""
         outs = self.outputs(backend)
         if backend not in self.grads:
             self.grads[backend] = [torch.randn_like(o) for o in outs]
         torch.autograd.grad(outs, self.leaves, self.grads[backend])
+        return outs
 
 
 class CudaTimer:
