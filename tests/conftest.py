@@ -2,7 +2,9 @@
 
 Without a GPU, Triton kernels run in the interpreter on CPU tensors; the variable must be set
 before triton is first imported, which is why it is set here, at collection time. On a CUDA
-machine nothing is set and the same tests run the compiled kernels on the GPU.
+machine nothing is set and the same tests run the compiled kernels on the GPU. Either way
+``VIT_FAST_NO_KERNEL_TIMING`` is set, so the fused backend runs our kernels for every op unless a test
+asks for the library's.
 
 A test that only means something on a GPU carries ``@pytest.mark.gpu(reason=...)``; without CUDA it
 is skipped with that reason, and ``python -m pytest -m gpu`` selects exactly those tests on a GPU
@@ -16,6 +18,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests run our kernels: "--kernels auto" (the default) then picks ours without timing, on a GPU too;
+# a test that wants the library asks for it (vit_fast.kernel_choice).
+os.environ.setdefault("VIT_FAST_NO_KERNEL_TIMING", "1")
 
 import pytest  # noqa: E402
 

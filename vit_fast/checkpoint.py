@@ -10,6 +10,8 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only (no pi
   args        the training arguments       data       {"dataset", "classes", "mean", "std"}
   rng_ranks   data-parallel runs only: every rank's rng state, in rank order ("rng" is rank 0's)
   metrics     the last epoch's metrics line (also in metrics.jsonl)
+  kernels     --fused runs only: ours or the library's per op, as chosen at start-up
+              (``vit_fast.kernel_choice.KernelChoice.to_dict``); --resume keeps it, load_model uses it
 
 Integrity. torch.load does not check the CRC-32 that the zip container stores for each record
 (a flipped byte in a tensor loads silently), so ``load_checkpoint`` first reads every record
@@ -152,8 +154,10 @@ def load_checkpoint(path: str | Path, map_location="cpu", required: tuple[str, .
 
 
 def load_model(path: str | Path, backend: str = "torch", map_location="cpu"):
-    """The model stored in a checkpoint, in eval mode, and the checkpoint dict."""
+    """The model stored in a checkpoint, in eval mode, and the checkpoint dict. On "fused" it runs
+    the kernels the training run chose (the ``kernels`` entry; ours for every op without one)."""
     from .config import ViTConfig
+    from .kernel_choice import KernelChoice
     from .model import ViTClassifier
 
     ckpt = load_checkpoint(path, map_location)
@@ -162,6 +166,11 @@ def load_model(path: str | Path, backend: str = "torch", map_location="cpu"):
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} has an invalid model configuration: {err}") from None
     model = ViTClassifier(cfg, backend=backend)
+    if backend == "fused" and ckpt.get("kernels") is not None:
+        try:
+            model.set_kernels(KernelChoice.from_dict(ckpt["kernels"]))
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {path}: its 'kernels' entry does not read: {err}") from None
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:

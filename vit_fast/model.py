@@ -21,13 +21,17 @@ from torch import Tensor
 
 from . import ops
 from .config import ViTConfig
+from .kernel_choice import KernelChoice
 
 
 @dataclass(eq=False)
 class BackendChoice:
-    """The backend a model computes with. Held by reference, so every module sharing it sees a change."""
+    """The backend a model computes with. Held by reference, so every module sharing it sees a change.
+    ``kernels``: on "fused", which ops run the library's kernels instead of ours
+    (``vit_fast.kernel_choice``; None: ours for every op)."""
 
     name: str = "reference"  # one of vit_fast.config.BACKENDS
+    kernels: KernelChoice | None = None
 
     def __post_init__(self) -> None:
         ops.check_backend(self.name)
@@ -44,21 +48,33 @@ class UsesBackend:
     def backend(self) -> str:
         return self.backend_choice.name if self.backend_choice is not None else "reference"
 
+    def backend_for(self, op: str) -> str:
+        """The backend that computes ``op`` (one of ``kernel_choice.KERNEL_OPS``): the model's, except
+        on "fused" for an op its kernel choice puts on the library (then the torch backend's path)."""
+        choice = self.backend_choice
+        if choice is None or choice.kernels is None:
+            return self.backend
+        return choice.kernels.backend_for(op, choice.name)
+
 
 class LayerNorm(UsesBackend, nn.LayerNorm):
     """nn.LayerNorm's parameters, computed by the backend; ``forward_add`` fuses the residual add."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend_for("layernorm"))
 
     def forward_add(self, x: Tensor, residual: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(LayerNorm(s), s) with s = scale * x + residual; ``scale`` is stochastic depth's (B,) vector (DropPath)."""
-        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, self.backend, scale=scale)
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, self.backend_for("layernorm"),
+                                  scale=scale)
 
 
 class Linear(UsesBackend, nn.Linear):
+    """The qkv and output projections and the head (the kernel choice's "linear"); the MLP's two
+    products are the "mlp" op's (``Mlp`` calls them itself)."""
+
     def forward(self, x: Tensor) -> Tensor:
-        return ops.linear(x, self.weight, self.bias, self.backend)
+        return ops.linear(x, self.weight, self.bias, self.backend_for("linear"))
 
 
 class DropPath(nn.Module):
@@ -130,7 +146,8 @@ class PatchEmbed(UsesBackend, nn.Module):
         The class token and positional embedding are the classifier's parameters (timm's names
         ``cls_token`` and ``pos_embed``); they are passed in because the fused op computes all three
         steps at once."""
-        return ops.patch_embed(images, self.proj.weight, self.proj.bias, cls_token, pos_embed, self.backend)
+        return ops.patch_embed(images, self.proj.weight, self.proj.bias, cls_token, pos_embed,
+                               self.backend_for("patch_embed"))
 
 
 class Attention(UsesBackend, nn.Module):
@@ -149,7 +166,7 @@ class Attention(UsesBackend, nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, Dh)
         p = self.attn_dropout if self.training else 0.0
-        out = ops.attention_packed(qkv, p, self.backend)  # (B, N, D)
+        out = ops.attention_packed(qkv, p, self.backend_for("attention"))  # (B, N, D)
         return self.proj_drop(self.proj(out))
 
 
@@ -166,15 +183,18 @@ class Mlp(UsesBackend, nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
         """residual + scale * MLP(x); ``scale`` (B,), optional, is the block's stochastic-depth
         vector for this branch (``DropPath``), in the branch's dtype."""
+        backend = self.backend_for("mlp")
         if self.training and self.dropout > 0.0:
-            h = F.dropout(ops.gelu(self.fc1(x), self.approximate, self.backend), self.dropout)
-            y = F.dropout(self.fc2(h), self.dropout)
+            fc1, fc2 = self.fc1, self.fc2
+            h = F.dropout(ops.gelu(ops.linear(x, fc1.weight, fc1.bias, backend), self.approximate, backend),
+                          self.dropout)
+            y = F.dropout(ops.linear(h, fc2.weight, fc2.bias, backend), self.dropout)
             if scale is not None:
                 y = y * scale.view((y.shape[0],) + (1,) * (y.ndim - 1))
             return y + residual if residual is not None else y
         return ops.mlp(
             x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-            self.approximate, self.backend, residual=residual, scale=scale,
+            self.approximate, backend, residual=residual, scale=scale,
         )
 
 
@@ -280,6 +300,15 @@ class ViTClassifier(UsesBackend, nn.Module):
     def set_backend(self, backend: str) -> "ViTClassifier":
         """Compute with ``backend`` from now on (every submodule reads this model's one holder)."""
         self.backend_choice.name = ops.check_backend(backend)
+        return self
+
+    def set_kernels(self, kernels: KernelChoice | None) -> "ViTClassifier":
+        """On "fused", run the ops ``kernels`` puts on the library with the library's kernels (None:
+        ours for every op). A run sets it once, before its first step (and before a CUDA graph
+        capture, torch.compile or an EMA copy), and never changes it."""
+        if kernels is not None and not isinstance(kernels, KernelChoice):
+            raise TypeError(f"kernels must be a KernelChoice or None, got {type(kernels).__name__}")
+        self.backend_choice.kernels = kernels
         return self
 
     def _check_images(self, images: Tensor) -> None:

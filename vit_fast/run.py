@@ -32,6 +32,7 @@ from .cli import UsageError
 from .config import ViTConfig, get_preset
 from .ema import EMA
 from .evaluate import evaluate
+from .kernel_choice import KernelChoice, Workload, choose_for_run
 from .loader import DeviceLoader
 from .model import ViTClassifier
 from .optim import (
@@ -132,6 +133,7 @@ class TrainingRun:
     best: dict | None = None  # --keep-best: {"epoch", "top1", "weights"} of the best epoch so far
     watch: NonFiniteWatch | None = None  # setup makes one on the device
     graph: GraphedStep | None = None  # --cuda-graphs: replays the captured step
+    kernels: KernelChoice | None = None  # --fused: ours or the library's per op (set on the model; checkpointed)
     # A fresh run (not --resume) until its first checkpoint: the files in out_dir, if any, are still a
     # previous run's (--overwrite replaces them only then: save_epoch).
     replacing: bool = False
@@ -194,6 +196,11 @@ def setup(config: TrainConfig, world: dist_mod.World, device: torch.device) -> T
     test_loader = DeviceLoader(test_set.to(device), config.eval_batch_size, mean, std, train=False, **shard)
 
     model = ViTClassifier(cfg, backend=config.backend).to(device)
+    amp = device.type == "cuda" and not config.no_amp
+    # Before anything copies, wraps, compiles or captures the model: the choice holds for the run.
+    kernels, kernels_line = choose_run_kernels(config, world, device, cfg, train_loader, amp, resume_state,
+                                               out_dir / CHECKPOINT_FILE)
+    model.set_kernels(kernels)
     optimizer = make_optimizer(param_groups(model, config.weight_decay), config.lr, (config.beta1, config.beta2), device)
     scheduler = make_schedule(config, optimizer, len(train_loader))
     if world.is_distributed:
@@ -205,8 +212,8 @@ def setup(config: TrainConfig, world: dist_mod.World, device: torch.device) -> T
         scheduler=scheduler, train_loader=train_loader, test_loader=test_loader,
         data_info={"dataset": config.dataset, "classes": list(train_set.classes), "mean": mean, "std": std,
                    "fingerprint": fingerprint},
-        out_dir=out_dir, amp=device.type == "cuda" and not config.no_amp, log=print if world.is_main else _silent,
-        watch=NonFiniteWatch(device),
+        out_dir=out_dir, amp=amp, log=print if world.is_main else _silent,
+        watch=NonFiniteWatch(device), kernels=kernels,
         ema=EMA(model, config.ema) if config.ema > 0 else None,
         # Nothing is deleted here: a previous run's files (--overwrite, or a run that died before its
         # first checkpoint) are replaced when this run writes its first checkpoint (save_epoch).
@@ -219,7 +226,38 @@ def setup(config: TrainConfig, world: dist_mod.World, device: torch.device) -> T
     if config.cuda_graphs:
         run.graph = GraphedStep(run)
     _log_start(run)
+    if kernels_line is not None:
+        run.log(kernels_line)
     return run
+
+
+def choose_run_kernels(config: TrainConfig, world: dist_mod.World, device: torch.device, cfg: ViTConfig,
+                       train_loader: DeviceLoader, amp: bool, resume_state: dict | None,
+                       ckpt_path: Path) -> tuple[KernelChoice | None, str | None]:
+    """The run's kernel choice (``vit_fast.kernel_choice``) and its start-up log line: on "fused",
+    the checkpoint's choice when resuming (unless --kernels names another mode), else --kernels'
+    (default auto: timed on the run's shapes on a CUDA device); on another backend None, with a
+    note when --kernels was given. Under torchrun every rank times, and all use rank 0's choice."""
+    if config.backend != "fused":
+        note = None if config.kernels is None else (
+            f"note: --kernels {config.kernels} is ignored: it chooses between the fused backend's kernels and the "
+            f"library's, and --backend {config.backend} runs none of ours")
+        return None, note
+    recorded = resume_state.get("kernels") if resume_state is not None else None
+    if recorded is not None:
+        try:
+            KernelChoice.from_dict(recorded)
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {ckpt_path}: its 'kernels' entry does not read: {err}") from None
+    workload = Workload(cfg, train_loader.batch_size, amp, config.label_smoothing, train_loader.mixing,
+                        config.cuda_graphs)
+    choice, line = choose_for_run(config.kernels, recorded, device, workload)
+    if resume_state is not None and recorded is None:
+        line += f"; {ckpt_path} records no kernel choice (written before it was recorded, or on another backend)"
+    if world.is_distributed:
+        choice = KernelChoice.from_dict(dist_mod.all_gather_objects(choice.to_dict(), world)[0])
+        line += " (rank 0's choice, used by every rank)"
+    return choice, line
 
 
 def make_train_loader(config: TrainConfig, world: dist_mod.World, train_set: datasets.ImageDataset,
@@ -379,6 +417,8 @@ def save_epoch(run: TrainingRun, epoch: int, metrics: dict) -> None:
     }
     if run.ema is not None:
         state["ema"] = run.ema.state_dict()
+    if run.kernels is not None:
+        state["kernels"] = run.kernels.to_dict()
     if run.world.is_distributed:
         state["rng_ranks"] = rng_ranks
     save_checkpoint(state, run.ckpt_path)
@@ -406,8 +446,8 @@ def keep_best(run: TrainingRun, epoch: int, metrics: dict) -> None:
     if run.world.is_main:
         save_checkpoint({"config": run.cfg.to_dict(), "model": model.state_dict(), "epoch": epoch + 1,
                          "step": run.step, "args": run.config.to_dict(), "data": run.data_info, "metrics": metrics,
-                         "recipe": run.config.recipe_values.to_dict(),
-                         "weights": weights}, run.best_path)
+                         "recipe": run.config.recipe_values.to_dict(), "weights": weights,
+                         **({"kernels": run.kernels.to_dict()} if run.kernels is not None else {})}, run.best_path)
 
 
 def run_epochs(run: TrainingRun) -> dict:

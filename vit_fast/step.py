@@ -72,7 +72,8 @@ def train_step(run: TrainingRun, x: Tensor, y: Tensor,
         # those cached while it was captured.
         with autocast(run.device, run.amp, cache_enabled=not run.config.cuda_graphs):
             logits = run.forward(x)
-        loss = ops.cross_entropy(logits, y, run.config.label_smoothing, run.config.backend)
+        # The backend's loss, or on "fused" the library's where the run's kernel choice says so.
+        loss = ops.cross_entropy(logits, y, run.config.label_smoothing, run.model.backend_for("cross_entropy"))
         run.watch.update(loss.detach(), run.scheduler.steps)
         run.optimizer.zero_grad(set_to_none=True)
         (loss * loss_scale if loss_scale != 1.0 else loss).backward()

@@ -31,6 +31,7 @@ from . import recipes
 from .checkpoint import CheckpointError
 from .cli import UsageError, errors_handled
 from .config import BACKENDS, PRESETS
+from .kernel_choice import MODES as KERNEL_MODES
 from .paths import check_output_dir
 from .run import CHECKPOINT_FILE, check_graph_device, model_config, per_rank_batch, run_epochs, setup
 from .runtime import check_backend_device, check_device_name, resolve_device
@@ -50,6 +51,7 @@ class TrainConfig:
     preset: str
     backend: str  # "reference", "torch" or "fused": the model, the loss and the loader all read this
     fused: bool  # --fused was given (already folded into backend)
+    kernels: str | None  # --kernels: auto, ours or library (vit_fast.kernel_choice); None: not given
     depth: int | None
     dim: int | None
     heads: int | None
@@ -140,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="reference: the math written out; torch: PyTorch built-ins; fused: our kernels")
     m.add_argument("--fused", action="store_true", help="shorthand for --backend fused (needs an NVIDIA GPU)")
+    m.add_argument("--kernels", choices=KERNEL_MODES, default=None,
+                   help="with --fused, our kernel or the library's (SDPA, F.layer_norm, cuBLAS, ...) per op: auto "
+                        "times both at start-up on this run's shapes on a CUDA device and keeps the faster (ours "
+                        "on a CPU, untimed); ours or library force every op. Default: auto, or on --resume the "
+                        "checkpoint's choice. Logged at start-up, recorded in the checkpoint; ignored, with a "
+                        "note, on the other backends")
     m.add_argument("--depth", type=int, help="override the preset's depth")
     m.add_argument("--dim", type=int, help="override the preset's width")
     m.add_argument("--heads", type=int, help="override the preset's number of heads")
