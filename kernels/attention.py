@@ -158,6 +158,12 @@ def attention_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _add_pair(a0, a1, b0, b1):
+    """Combine step of a tl.reduce that sums two tensors at once."""
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def attention_bwd_dkdv_kernel(
     Q, K, V, dOut,  # (B, H, N, D) each, stride_*d == 1
     dK, dV,  # (B, H, N, D) views of the gradients, written in the input dtype
@@ -237,8 +243,10 @@ def attention_bwd_dkdv_kernel(
             # Divided by the recomputed rowsum(P), which is 1 up to the rounding of s - lse, so that
             # dS sums to zero over each row as in exact arithmetic: otherwise that rounding times a
             # component that all keys share (large where logits are large) would leak into dQ.
-            p_sum = tl.sum(p_t, axis=0)
-            delta = tl.where(mask_m, tl.sum(p_t * dp_t, axis=0) / tl.where(mask_m, p_sum, 1.0), 0.0)
+            # Both sums in one reduction: one exchange across the warps instead of two (a barrier
+            # less per query tile in the SASS).
+            p_sum, pdp_sum = tl.reduce((p_t, p_t * dp_t), 0, _add_pair)
+            delta = tl.where(mask_m, pdp_sum / tl.where(mask_m, p_sum, 1.0), 0.0)
         else:
             delta = tl.load(Delta + offs_m, mask=mask_m, other=0.0)
         ds_t = round_to(p_t * (dp_t - delta[None, :]), q.dtype, INTERPRETING)

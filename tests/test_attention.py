@@ -121,11 +121,28 @@ def test_gpu_configs(dtype, N, D, device):
     D = 128; 128 x 64 tiles beyond), run through the interpreter here: the suite's fixed
     interpreter tiles never cover them."""
     B, H = 2, 2
-    (qkv,) = _make_inputs("packed", B, H, N, D, dtype, device)
     cfg = fused.choose_config(D, N, dtype, interpret=False)
     if N <= fused.SINGLE_TILE_MAX_SEQ and dtype == torch.float16:  # fp32 has tiles of its own
         assert cfg.fuse_dq == (D <= 64) == (cfg.dkdv.block_n >= N)  # CIFAR: the backward is one launch
         assert len(fused.aot_launches(B, N, H, D, dtype)) == (2 if D <= 64 else 4)
+    _check_config_against_reference(cfg, dtype, N, D, device)
+
+
+@pytest.mark.parametrize("N", [1, 17, 65, 129])
+@pytest.mark.parametrize("D", [16, 48])
+def test_gpu_configs_bf16_awkward_lengths(N, D, device):
+    """The bf16 (autocast) GPU configurations at lengths 1, 17, 65 (one query row past 64) and 129
+    (past SINGLE_TILE_MAX_SEQ: the long-sequence tiles), D = 16 (vit-cifar) and 48 (padded to 64):
+    the one-warp 16-row forward tiles and the 4-warp fused backward, run through the interpreter."""
+    _check_config_against_reference(fused.choose_config(D, N, torch.bfloat16, interpret=False), torch.bfloat16,
+                                    N, D, device)
+
+
+def _check_config_against_reference(cfg, dtype, N, D, device):
+    """Forward and backward with ``cfg`` on packed (B=2, H=2) inputs against the fp64 reference:
+    fp32 within FP32_TOL, 16-bit by the parity rule."""
+    B, H = 2, 2
+    (qkv,) = _make_inputs("packed", B, H, N, D, dtype, device)
     scale = 1.0 / math.sqrt(D)
     q, k, v = split_qkv(qkv)
     out = torch.empty(B, N, H * D, device=device, dtype=dtype)
@@ -144,6 +161,32 @@ def test_gpu_configs(dtype, N, D, device):
         out_pt, (dqkv_pt,) = _forward_backward(reference.attention_packed, [qkv], grad)
         assert_parity(out, out_pt, out_ref.float(), name="out")
         assert_parity(dqkv, dqkv_pt, dqkv_ref.float(), name="dqkv")
+
+
+@pytest.mark.parametrize("preset", ["vit-cifar", "vit-small"])
+def test_default_step_warps_own_distinct_rows(preset):
+    """The training step's attention launches (bf16 autocast, N = 65, batch 128) give every warp
+    rows of its own: the MMA's warp tile is 16 rows, so a forward tile of BLOCK_M query rows takes
+    BLOCK_M / 16 warps (more would compute the same rows twice), and the fused backward's BLOCK_N
+    key rows split evenly into 16-row multiples over its warps."""
+    from vit_fast.config import get_preset
+    from vit_fast.cost_kernels import GPU_TARGET_MULTIPROCESSORS
+    from vit_fast.fused.launch import VIT_CIFAR_TOKENS, Target
+
+    cfg = get_preset(preset)
+    H, D = cfg.num_heads, cfg.dim // cfg.num_heads
+    B, N = 128, VIT_CIFAR_TOKENS  # the default step: batch 128 of 32x32 images in 4x4 patches, plus CLS
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    qkv = torch.empty(B, N, 3, H, D, **meta)
+    out, lse = torch.empty(B, N, H * D, **meta), torch.empty(B, H, N, device="meta", dtype=torch.float32)
+    target = Target(interpret=False, device_type="cuda", multiprocessors=GPU_TARGET_MULTIPROCESSORS)
+    (fwd,) = fused.launch_plan("attention_packed", (qkv, D ** -0.5), (out, lse), target)
+    assert fwd.constexprs["BLOCK_M"] == 16 * fwd.num_warps
+    backward = fused.launch_plan("attention_packed_backward", (out, qkv, out, lse, D ** -0.5),
+                                 (torch.empty_like(qkv),), target)
+    assert [launch.kernel.fn.__name__ for launch in backward] == ["attention_bwd_dkdv_kernel"]  # one launch
+    (dkdv,) = backward
+    assert dkdv.constexprs["BLOCK_N"] >= N and dkdv.constexprs["BLOCK_N"] % (16 * dkdv.num_warps) == 0
 
 
 def test_lse_is_row_logsumexp(device):

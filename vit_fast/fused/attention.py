@@ -114,26 +114,58 @@ def block_d(head_dim: int) -> int:
 def _short_sequence_config(bd: int, seq_len: int) -> AttentionConfig:
     """16-bit tiles for N <= SINGLE_TILE_MAX_SEQ, sized for ViT on CIFAR (N = 65, head dims 16-64).
 
-    A 128 x 128 forward tile at N = 65 is 74% padding (65^2 of 128^2 logits are real) and, with
-    8 warps at about 130 registers, one CTA per SM. Here the forward takes 32 query rows per
-    program and streams keys in tiles of 16 (BLOCK_D <= 32) or 32: at N = 65 that is 96 x 80
-    (55% real) or 96 x 96 (46% real) logits per head, in CTAs of 4 warps and 50-130 registers, so
-    several CTAs share an SM (the AOT report, ``python -m vit_fast.aot --op attention``, lists the
-    count per configuration). K and V are read by the three programs of a head from L2.
+    mma.sync computes 16-row warp tiles, and Triton lays a dot's warps along its rows first: a tile
+    of BLOCK_M rows with more than BLOCK_M / 16 warps has warps computing the same rows twice (the
+    former 32-row forward tile with 4 warps, ``warpsPerCTA = [4, 1]``, did each row twice). So the
+    forward takes 16 query rows and one warp per program, streaming keys 16 at a time: at N = 65 a
+    head is 5 programs of 80 x 80 logits (66% real), read K and V from L2, and a one-warp CTA needs
+    no barrier between warps. By SASS instruction count per head (loop body x trips + the rest,
+    times warps and programs) that is the cheapest of the tiles tried: 32 rows with 2 warps, 64
+    with 4 (two programs, the second one row), 16 with 32-key steps.
 
     The backward needs one program per head to own all keys (block_n = 64 or 128 >= N): it then
     completes dQ and computes delta itself (fuse_dq), one launch for the whole backward. Its query
-    step is 16 rows (80 padded rows at N = 65, where 32 gives 96) and its 128 keys are spread over
-    8 warps, 16 rows each (the MMA's row count), which keeps the dK and dV accumulators in
-    registers; 64-key programs take 4 warps. At BLOCK_D = 128 the k, v, dk and dv of 128 keys do
-    not fit one program's registers: there it owns 64 keys (fused up to N = 64, else two programs
-    per head and the dQ kernel).
+    step is 16 rows (80 padded rows at N = 65, where 32 gives 96). Its keys are the dots' rows
+    (dV = P^T dO and dK = dS^T Q): at head dim 16, 128 keys take 4 warps of 32 rows, which SASS
+    counts put a third below 8 warps of 16 (fewer warps share the cross-warp reductions of delta
+    and the copy of dS through shared memory for dQ) at the same 16 resident warps per SM, and
+    with 4 warps the q and dO tiles are 4 bytes a thread, enough for the pipelined asynchronous
+    copies (LDGSTS) that 2-byte loads do not get. The 16-row dQ product is still repeated by each
+    warp: splitting it into per-warp partial products summed across warps (tried) cost more
+    instructions and barriers than the repeated HMMAs. At head dims 32-64, 128 keys keep 8 warps:
+    4 take 230-255 registers on sm_80, whose layout then spreads the warps over the 16 queries.
+    At BLOCK_D = 128 the k, v, dk and dv of 128 keys do not fit one program's registers: there it
+    owns 64 keys (fused up to N = 64, else two programs per head and the dQ kernel).
+
+    SASS counts of the default step (vit-cifar, batch 128, bf16, N = 65, head dim 16; 1536 heads),
+    compiled with ``vit_fast.aot`` and read with ``cuobjdump -sass``, sm_90 (sm_80 alike unless
+    noted); per loop iteration; warp-instructions per head = programs x warps x (loop x trips +
+    the rest). Nothing has run on a GPU: the times are estimates (issue-bound, one instruction per
+    cycle per scheduler on 132 SMs x 4 schedulers at 1.98 GHz, H100 SXM; latency not hidden
+    would add to them).
+
+    =================  ======================  ======================  ==========================  ==========================
+    kernel             tile, warps, grid       warpsPerCTA (mma)       loop: instr/HMMA/BAR/SHFL   warp-instr/head, estimate
+    =================  ======================  ======================  ==========================  ==========================
+    forward, before    32 x 16, 4, 4608        [4, 1] (rows twice)     126 / 4 / 2 / 8, 5 trips    12000, 17.6 us
+    forward, after     16 x 16, 1, 7680        [1, 1]                  122 / 4 / 2 / 8, 5 trips    4840, 7.1 us
+    backward, before   128 keys x 16, 8, 1536  [8, 1]; dQ [8, 1]       367 / 20 / 10 / 48, 5 trips 17856, 26.2 us
+    backward, after    128 keys x 16, 4, 1536  [4, 1]; dQ [4, 1]       450 / 24 / 7 / 40, 5 trips  10976, 16.1 us
+    =================  ======================  ======================  ==========================  ==========================
+
+    (Backward on sm_80: 372 / 24 / 13 / 48 before, 421 / 32 / 7 / 40 after. The loads of q, dO and
+    lse in the backward loop: 2 LDG + 1 LDGSTS before, 3 LDGSTS issued a stage ahead after.) At
+    head dim 64 (vit-tiny, vit-small) the forward goes from 32 x 32 tiles with 4 warps laid
+    ``[1, 4]`` across the keys (237 instructions, 7 BAR, 32 SHFL per iteration, 3 trips; 14808
+    warp-instructions per head) to 16 x 16 with one warp (212, 2 BAR, 8 SHFL, 5 trips; 8200); its
+    backward is unchanged. The floors at head dim 16 (estimates): 13 MB moved forward and 23 MB
+    backward at 3.35 TB/s, 3.9 and 6.8 us per layer.
     """
     bn = 64 if seq_len <= 64 else 128
-    forward = KernelConfig(block_m=32, block_n=16 if bd <= 32 else 32, num_warps=4, num_stages=2)
+    forward = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=2)
     dkdv_n = bn if bd <= 64 else 64
     dkdv = KernelConfig(block_m=16 if bd <= 64 else 32, block_n=dkdv_n,
-                        num_warps=8 if dkdv_n * bd >= 64 * 128 or dkdv_n == 128 else 4, num_stages=2)
+                        num_warps=8 if (dkdv_n == 128 and bd > 16) or dkdv_n * bd >= 64 * 128 else 4, num_stages=2)
     # dQ (used where not fused: BLOCK_D = 128 and N > 64) keeps q, dO and dq beside the fp32 S and
     # dP tiles: 64 x 64 with 8 warps compiles without spills on both targets.
     dq = KernelConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
