@@ -1,7 +1,7 @@
 """Triton kernels of the transformer MLP: fc2(GELU(fc1(x))) (+ residual), forward and backward.
 
-Three kernels, all tiled matmuls accumulating ``tl.dot`` products in fp32 (fp64 for fp64
-inputs), that differ in what they reduce over and in their epilogues:
+Three matmul kernels, all tiled matmuls accumulating ``tl.dot`` products in fp32 (fp64 for fp64
+inputs), that differ in what they reduce over and in their epilogues, and two small helpers:
 
   linear_fwd_kernel      Out = residual + scale[sample] * act(X @ W^T + bias)
                          one BLOCK_M x BLOCK_N output tile per program, a K loop
@@ -10,18 +10,24 @@ inputs), that differ in what they reduce over and in their epilogues:
                          and optional scale (stochastic depth's per-sample 0 or 1/keep)
   gelu_bwd_kernel        DPre = ((scale * DY) @ W2) * GELU'(X @ W1^T + b1)
                          the gradient through fc2 and the GELU in one kernel; the
-                         pre-activation is recomputed in the same program (see below)
+                         pre-activation is recomputed in the same program (see below); its
+                         first column of tiles also stores the scale expanded to rows (RowScale)
   linear_bwd_kernel      the backward's remaining products, each tile by its own programs of
                          one grid: DW = (scale * DY)^T @ X and DB = column sums of scale * DY
                          for one or two layers (the MLP's fc2 then fc1), then DX = G @ W
                          (G the gradient of the layer's output, W its weight)
-                         a DW program owns one BLOCK_N x BLOCK_K tile and reduces over all M
-                         rows itself (fixed order, no atomics, no partial-sum pass); the bias
-                         sums ride along: every program adds the DY tiles it loads anyway
-                         into an fp32 accumulator and the first column of tiles stores it.
+                         a DW program owns one BLOCK_N x BLOCK_K tile and one slice of the M
+                         rows (rows_per_slice); with several slices it stores an fp32 partial
+                         tile, summed by weight_grad_reduce_kernel. The bias sums ride along in
+                         the programs of the first column of tiles (pid_k == 0), which add the DY
+                         tiles they load anyway into an fp32 accumulator. The scale is read per
+                         row (RowScale), contiguous: no division of row indices in the loop.
                          The DX programs are linear_fwd_kernel's tiles (W read as it is laid
                          out) and come last, so the many short ones fill the SMs that the
-                         few long DW programs leave idle.
+                         weight-gradient programs leave idle.
+  weight_grad_reduce_kernel   the slices' partials summed in slice order (fixed, no atomics)
+                         and rounded once to each gradient's dtype
+  row_scale_kernel       RowScale from the per-sample scale, where no gelu_bwd_kernel runs
 
 The backward kernel reads DY in its own dtype (the fp32 residual stream's gradient under
 autocast) and applies stochastic depth's scale in registers, so no scaled 16-bit copy of DY is
@@ -206,6 +212,7 @@ def linear_fwd_kernel(
 def gelu_bwd_kernel(
     DY,  # (M, K_OUT) gradient of the MLP output, any float dtype and strides (stride 0 included)
     Scale,  # (M // rows_per_sample,) the forward's per-sample scale of fc2's output; HAS_SCALE only
+    RowScale,  # (M,) output, ACC_DTYPE: Scale expanded to rows, for linear_bwd_kernel; STORE_ROW_SCALE only
     W2,  # (K_OUT, N) fc2 weight, nn.Linear layout (out_features, hidden), compute dtype or fp32
     X,  # (M, K_IN) MLP input, the compute dtype
     W1,  # (N, K_IN) fc1 weight, nn.Linear layout (hidden, in_features), compute dtype or fp32
@@ -224,6 +231,7 @@ def gelu_bwd_kernel(
     GROUP_M: tl.constexpr,
     HAS_BIAS1: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    STORE_ROW_SCALE: tl.constexpr,  # HAS_SCALE and the weight gradients of fc2 want the per-row scale
     ACTIVATION: tl.constexpr,  # "gelu" (erf) or "gelu_tanh": the form the forward used
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -241,6 +249,10 @@ def gelu_bwd_kernel(
     # the same for dW2 and db2, so no scaled copy of it is ever stored).
     if HAS_SCALE:
         keep = tl.load(Scale + offs_m // rows_per_sample, mask=row_ok, other=0.0).to(ACC_DTYPE)
+        if STORE_ROW_SCALE:
+            # The first column of tiles hands the rows' scales to linear_bwd_kernel, whose
+            # weight-gradient loop then loads them contiguously instead of dividing row indices.
+            tl.store(RowScale + offs_m, keep, mask=row_ok & (pid_n == 0))
     offs_k = tl.arange(0, BLOCK_K)
     dy_ptrs = DY + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyk  # (BLOCK_M, BLOCK_K)
     w2_ptrs = W2 + offs_k[:, None] * stride_w2k + offs_n[None, :] * stride_w2n  # (BLOCK_K, BLOCK_N)
@@ -275,6 +287,23 @@ def gelu_bwd_kernel(
 
 
 @triton.jit
+def row_scale_kernel(
+    Scale,  # (M // rows_per_sample,) per-sample scale
+    RowScale,  # (M,) output, ACC_DTYPE: RowScale[r] = Scale[r // rows_per_sample]
+    M,
+    rows_per_sample,
+    BLOCK_M: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """The per-row scale of linear_bwd_kernel when no gelu_bwd_kernel launch stores it (an MLP
+    backward that wants fc2's weight gradients but nothing below fc2)."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    keep = tl.load(Scale + offs_m // rows_per_sample, mask=row_ok, other=0.0).to(ACC_DTYPE)
+    tl.store(RowScale + offs_m, keep, mask=row_ok)
+
+
+@triton.jit
 def _weight_grad_tiles_k(K, BLOCK_K: tl.constexpr):
     # At least one column of tiles, so that a layer without inputs (K = 0) still gets the
     # programs that store its bias gradient.
@@ -282,11 +311,50 @@ def _weight_grad_tiles_k(K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _weight_grad_rows(
+    acc,  # (BLOCK_N, BLOCK_K) accumulator of (scale DY)^T X, returned with the rows added
+    bias_acc,  # (BLOCK_N, BLOCK_M) elementwise sums of scale DY, returned with the rows added if WITH_BIAS
+    dy_ptrs,  # (BLOCK_N, BLOCK_M) pointers to DY^T at the first row, m_begin
+    x_ptrs,  # (BLOCK_M, BLOCK_K) pointers to X at the first row
+    RowScale,  # (M,) per-row scale of DY; HAS_SCALE only
+    m_begin, m_end,  # the rows reduced: [m_begin, m_end)
+    n_ok, k_ok,  # the tile's valid columns of DY and of X
+    stride_dym, stride_xm,
+    BLOCK_M: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    WITH_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERPRETING: tl.constexpr,
+):
+    rows = tl.arange(0, BLOCK_M)
+    for m_start in range(m_begin, m_end, BLOCK_M):
+        row_ok = rows < m_end - m_start
+        dy = tl.load(dy_ptrs, mask=n_ok[:, None] & row_ok[None, :], other=0.0)
+        if HAS_SCALE:
+            # BLOCK_M contiguous per-row scales: no sample index to divide out, no gather.
+            keep = tl.load(RowScale + m_start + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)
+            dy = dy.to(ACC_DTYPE) * keep[None, :]
+        if WITH_BIAS:
+            bias_acc += dy.to(ACC_DTYPE)
+        a = round_to(dy, DOT_DTYPE, INTERPRETING)
+        b = round_to(tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), DOT_DTYPE, INTERPRETING)
+        acc = dot(a, b, acc, INPUT_PRECISION, INTERPRETING)
+        dy_ptrs += BLOCK_M * stride_dym
+        x_ptrs += BLOCK_M * stride_xm
+    return acc, bias_acc
+
+
+@triton.jit
 def _weight_grad_tile(
-    tile,  # this program's tile of DW, in row-major order over (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))
-    DY, Scale, X, DW, DB,  # as in linear_bwd_kernel, for one layer
+    program,  # this layer's weight-gradient program: slice program // tiles, tile program % tiles
+    DY, RowScale, X,  # as in linear_bwd_kernel, for one layer
+    DWOut,  # (N, K) contiguous: DW itself, or slice 0's partial tile of it (then DBOut's too)
+    DBOut,  # (N,) contiguous: DB, or slice 0's partial bias sums; HAS_BIAS only
+    out_slice_stride,  # elements from one slice's partials to the next (0 unsplit: one slice)
     M, N, K,
-    rows_per_sample,
+    rows_per_slice,  # rows each program reduces, a multiple of BLOCK_M (M or more: one slice)
     stride_dym, stride_dyn,
     stride_xm, stride_xk,
     BLOCK_M: tl.constexpr,
@@ -299,11 +367,16 @@ def _weight_grad_tile(
     INTERPRETING: tl.constexpr,
 ):
     tiles_k = _weight_grad_tiles_k(K, BLOCK_K)
+    tiles = tl.cdiv(N, BLOCK_N) * tiles_k
+    slice_id = program // tiles
+    tile = program % tiles
     pid_n = tile // tiles_k
     pid_k = tile % tiles_k
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rows = tl.arange(0, BLOCK_M).to(tl.int64)
+    m_begin = slice_id * rows_per_slice
+    m_end = tl.minimum(M, m_begin + rows_per_slice)
+    rows = m_begin.to(tl.int64) + tl.arange(0, BLOCK_M)
     n_ok = offs_n < N
     k_ok = offs_k < K
     dot_dtype = X.dtype.element_ty
@@ -311,32 +384,32 @@ def _weight_grad_tile(
     dy_ptrs = DY + offs_n[:, None] * stride_dyn + rows[None, :] * stride_dym
     x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
-    # The bias sums accumulate elementwise and are reduced once after the loop: no cross-thread
-    # reduction per step, and a fixed order. Every program accumulates them (a few adds per
-    # element next to the dot's BLOCK_K multiply-adds, and no branch in the pipelined loop); the
-    # programs of the first column of tiles (pid_k == 0) store them.
+    # The bias sums accumulate elementwise and are reduced once after the loop (no cross-thread
+    # reduction per step, a fixed order), by the first column of tiles only (pid_k == 0): the
+    # other programs run a loop without them.
     bias_acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC_DTYPE)
-    for m_start in range(0, M, BLOCK_M):
-        row_ok = rows < M - m_start
-        dy = tl.load(dy_ptrs, mask=n_ok[:, None] & row_ok[None, :], other=0.0)
-        if HAS_SCALE:
-            # Sample indices in int32 (rows < M fit): an int64 division per row cost ~70 registers.
-            sample = (m_start + tl.arange(0, BLOCK_M)) // rows_per_sample
-            keep = tl.load(Scale + sample, mask=row_ok, other=0.0).to(ACC_DTYPE)
-            dy = dy.to(ACC_DTYPE) * keep[None, :]
-        if HAS_BIAS:
-            bias_acc += dy.to(ACC_DTYPE)  # before any rounding to the dot's dtype: the fp32 gradient
-        a = round_to(dy, dot_dtype, INTERPRETING)
-        b = round_to(tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), dot_dtype, INTERPRETING)
-        acc = dot(a, b, acc, INPUT_PRECISION, INTERPRETING)
-        dy_ptrs += BLOCK_M * stride_dym
-        x_ptrs += BLOCK_M * stride_xm
-    # DW and DB are the op's own contiguous outputs: (N, K) with row stride K, and (N,).
-    dw_ptrs = DW + offs_n[:, None] * K + offs_k[None, :]
-    tl.store(dw_ptrs, round_to(acc, DW.dtype.element_ty, INTERPRETING), mask=n_ok[:, None] & k_ok[None, :])
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc, bias_acc = _weight_grad_rows(acc, bias_acc, dy_ptrs, x_ptrs, RowScale, m_begin, m_end, n_ok, k_ok,
+                                              stride_dym, stride_xm, BLOCK_M, HAS_SCALE, True, ACC_DTYPE, dot_dtype,
+                                              INPUT_PRECISION, INTERPRETING)
+        else:
+            acc, bias_acc = _weight_grad_rows(acc, bias_acc, dy_ptrs, x_ptrs, RowScale, m_begin, m_end, n_ok, k_ok,
+                                              stride_dym, stride_xm, BLOCK_M, HAS_SCALE, False, ACC_DTYPE, dot_dtype,
+                                              INPUT_PRECISION, INTERPRETING)
+    else:
+        acc, bias_acc = _weight_grad_rows(acc, bias_acc, dy_ptrs, x_ptrs, RowScale, m_begin, m_end, n_ok, k_ok,
+                                          stride_dym, stride_xm, BLOCK_M, HAS_SCALE, False, ACC_DTYPE, dot_dtype,
+                                          INPUT_PRECISION, INTERPRETING)
+    # DW and DB are contiguous: (N, K) with row stride K, and (N,); partials are the accumulator's
+    # dtype, so round_to leaves them as they are.
+    out_offset = slice_id.to(tl.int64) * out_slice_stride
+    dw_ptrs = DWOut + out_offset + offs_n[:, None] * K + offs_k[None, :]
+    tl.store(dw_ptrs, round_to(acc, DWOut.dtype.element_ty, INTERPRETING), mask=n_ok[:, None] & k_ok[None, :])
     if HAS_BIAS:
         db = tl.sum(bias_acc, axis=1)
-        tl.store(DB + offs_n, round_to(db, DB.dtype.element_ty, INTERPRETING), mask=n_ok & (pid_k == 0))
+        tl.store(DBOut + out_offset + offs_n, round_to(db, DBOut.dtype.element_ty, INTERPRETING),
+                 mask=n_ok & (pid_k == 0))
 
 
 @triton.jit
@@ -370,7 +443,7 @@ def _input_grad_tile(
 @triton.jit
 def linear_bwd_kernel(
     DY,  # (M, N) gradient of the first layer's output, any float dtype and strides (stride 0 included)
-    Scale,  # (M // rows_per_sample,) per-sample scale of DY's rows; HAS_SCALE only
+    RowScale,  # (M,) per-row scale of DY (stochastic depth's, expanded by gelu_bwd_kernel), ACC_DTYPE; HAS_SCALE only
     X,  # (M, K) the first layer's input, the compute dtype (the dot's operand dtype), any strides
     DW,  # (N, K) output, contiguous, the weight's dtype: (scale DY)^T X accumulated in ACC_DTYPE
     DB,  # (N,) output, contiguous, the bias's dtype: column sums of scale DY; HAS_BIAS only
@@ -378,9 +451,12 @@ def linear_bwd_kernel(
     G,  # (MX, NX) the gradient whose product with W is DX, the compute dtype, any strides; HAS_DX only
     W,  # (NX, KX) that layer's weight, the compute dtype or fp32, any strides; HAS_DX only
     DX,  # (MX, KX) output, contiguous, the compute dtype: G @ W; HAS_DX only
+    Partial,  # (slices, part_size) ACC_DTYPE partial sums, SPLIT only: per slice DW, DB, DW2, DB2 in a row
     M,  # rows, shared by the layers
     N, K, N2, K2, NX, KX,
-    rows_per_sample,
+    rows_per_slice,  # rows each weight-gradient program reduces, a multiple of BLOCK_M
+    slices,  # cdiv(M, rows_per_slice): weight-gradient programs per tile
+    part_db, part_dw2, part_db2, part_size,  # where DB's, DW2's and DB2's partials start in a slice's row; its length
     stride_dym, stride_dyn,
     stride_xm, stride_xk,
     stride_dy2m, stride_dy2n,
@@ -395,6 +471,7 @@ def linear_bwd_kernel(
     DX_BLOCK_K: tl.constexpr,  # output features reduced per step of a DX tile
     DX_GROUP_M: tl.constexpr,
     LAYERS: tl.constexpr,  # 0, 1 or 2 layers' weight (and bias) gradients, in this order
+    SPLIT: tl.constexpr,  # slices > 1: partials into Partial, summed by weight_grad_reduce_kernel
     HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_BIAS2: tl.constexpr,
@@ -403,24 +480,63 @@ def linear_bwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     INTERPRETING: tl.constexpr,
 ):
-    # Tiles in this order: the first layer's DW, the second's, DX. The weight-gradient programs
-    # each stream all M rows; the many short DX programs come last, so they fill the SMs that the
-    # long ones leave idle instead of delaying them.
-    tile = tl.program_id(0)
-    tiles = 0
+    # Programs in this order: the first layer's weight-gradient programs (slice-major: the tiles of
+    # one slice of rows run together and share its DY and X rows in L2), the second's, DX's tiles.
+    # The many short DX programs come last, so they fill the SMs the others leave idle.
+    program = tl.program_id(0)
+    programs = 0
     if LAYERS >= 1:
-        tiles = tl.cdiv(N, BLOCK_N) * _weight_grad_tiles_k(K, BLOCK_K)
-    tiles2 = 0
+        programs = tl.cdiv(N, BLOCK_N) * _weight_grad_tiles_k(K, BLOCK_K) * slices
+    programs2 = 0
     if LAYERS == 2:
-        tiles2 = tl.cdiv(N2, BLOCK_N) * _weight_grad_tiles_k(K2, BLOCK_K)
-    if tile < tiles:
-        _weight_grad_tile(tile, DY, Scale, X, DW, DB, M, N, K, rows_per_sample, stride_dym, stride_dyn,
-                          stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_K, HAS_SCALE, HAS_BIAS, ACC_DTYPE,
-                          INPUT_PRECISION, INTERPRETING)
-    elif tile < tiles + tiles2:
-        _weight_grad_tile(tile - tiles, DY2, Scale, X2, DW2, DB2, M, N2, K2, rows_per_sample, stride_dy2m,
-                          stride_dy2n, stride_x2m, stride_x2k, BLOCK_M, BLOCK_N, BLOCK_K, False, HAS_BIAS2,
-                          ACC_DTYPE, INPUT_PRECISION, INTERPRETING)
+        programs2 = tl.cdiv(N2, BLOCK_N) * _weight_grad_tiles_k(K2, BLOCK_K) * slices
+    if SPLIT:
+        dw_out, db_out, dw2_out, db2_out = Partial, Partial + part_db, Partial + part_dw2, Partial + part_db2
+        slice_stride = part_size
+    else:
+        dw_out, db_out, dw2_out, db2_out = DW, DB, DW2, DB2
+        slice_stride = 0
+    if program < programs:
+        _weight_grad_tile(program, DY, RowScale, X, dw_out, db_out, slice_stride, M, N, K, rows_per_slice,
+                          stride_dym, stride_dyn, stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_K, HAS_SCALE,
+                          HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, INTERPRETING)
+    elif program < programs + programs2:
+        _weight_grad_tile(program - programs, DY2, RowScale, X2, dw2_out, db2_out, slice_stride, M, N2, K2,
+                          rows_per_slice, stride_dy2m, stride_dy2n, stride_x2m, stride_x2k, BLOCK_M, BLOCK_N, BLOCK_K,
+                          False, HAS_BIAS2, ACC_DTYPE, INPUT_PRECISION, INTERPRETING)
     elif HAS_DX:
-        _input_grad_tile(tile - tiles - tiles2, G, W, DX, M, NX, KX, stride_gm, stride_gn, stride_wn, stride_wk,
-                         DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, DX_GROUP_M, ACC_DTYPE, INPUT_PRECISION, INTERPRETING)
+        _input_grad_tile(program - programs - programs2, G, W, DX, M, NX, KX, stride_gm, stride_gn, stride_wn,
+                         stride_wk, DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, DX_GROUP_M, ACC_DTYPE, INPUT_PRECISION,
+                         INTERPRETING)
+
+
+@triton.jit
+def _store_segment(Out, values, offs, start, end, INTERPRETING: tl.constexpr):
+    """Out[i - start] = values[i] for the offsets i in [start, end) (one output in a row of partials)."""
+    tl.store(Out + (offs - start), round_to(values, Out.dtype.element_ty, INTERPRETING),
+             mask=(offs >= start) & (offs < end))
+
+
+@triton.jit
+def weight_grad_reduce_kernel(
+    Partial,  # (slices, part_size) linear_bwd_kernel's partial sums, ACC_DTYPE, contiguous
+    DW, DB, DW2, DB2,  # outputs, contiguous, each its parameter's dtype (any valid pointer when absent)
+    slices,
+    part_db, part_dw2, part_db2, part_size,  # the outputs' segments of a row: DW [0, part_db), DB up to part_dw2, ...
+    BLOCK: tl.constexpr,
+    INTERPRETING: tl.constexpr,
+):
+    """The weight and bias gradients of a split linear_bwd_kernel launch: each element the sum of
+    its slices' partials in slice order (0, 1, 2, ...) in the partials' dtype, then rounded once to
+    its output's dtype. Fixed order, no atomics: the result does not depend on scheduling."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < part_size
+    ptrs = Partial + offs
+    total = tl.load(ptrs, mask=ok, other=0.0)
+    for _ in range(1, slices):
+        ptrs += part_size
+        total += tl.load(ptrs, mask=ok, other=0.0)
+    _store_segment(DW, total, offs, 0, part_db, INTERPRETING)
+    _store_segment(DB, total, offs, part_db, part_dw2, INTERPRETING)
+    _store_segment(DW2, total, offs, part_dw2, part_db2, INTERPRETING)
+    _store_segment(DB2, total, offs, part_db2, part_size, INTERPRETING)

@@ -288,8 +288,11 @@ def test_mlp_is_deterministic(device):
 # ----------------------------------------------------------------------------- linear_bwd_kernel
 
 # Tiles of 16 (the dot's minimum) so that the awkward shapes below span several of each: M = 37 is
-# two full row steps and a partial one, N = 24 and K = 20 a full and a partial tile.
+# two full row steps and a partial one, N = 24 and K = 20 a full and a partial tile. SPLIT_TILES
+# also splits the rows into slices of one step: 16, 16 and a partial 5 (each program a slice,
+# their partials summed by weight_grad_reduce_kernel).
 SMALL_TILES = matmul.MatmulConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1)
+SPLIT_TILES = dataclasses.replace(SMALL_TILES, split_rows=16)
 # (M, N, K) of the first layer and (N2, K2) of the second one of a grouped launch.
 WGRAD_SHAPE, WGRAD_SECOND = (37, 24, 20), (30, 11)
 # (operand dtype of X, incoming gradient's dtype, parameter dtype): fp32 throughout; bf16 with
@@ -300,15 +303,16 @@ WGRAD_DTYPES = [(torch.float32, torch.float32, torch.float32), (BF16, BF16, BF16
 
 def _weight_grad_inputs(device, M, layers, x_dtype, dy_dtype, param_dtype, bias, scale_samples=0):
     """Inputs and NaN-filled outputs (every element must be written) of a linear_bwd launch: one
-    WeightGradOperands per (N, K) in ``layers``, and a per-sample scale over ``scale_samples``
-    samples (0: none)."""
+    WeightGradOperands per (N, K) in ``layers``, and a per-row scale (M,) of ``scale_samples``
+    samples' draws (0: none), each repeated over M // scale_samples rows."""
     operands = []
     for n, k in layers:
         operands.append(matmul.WeightGradOperands(
             torch.randn(M, n, device=device, dtype=dy_dtype), torch.randn(M, k, device=device, dtype=x_dtype),
             torch.full((n, k), float("nan"), device=device, dtype=param_dtype),
             torch.full((n,), float("nan"), device=device, dtype=param_dtype) if bias else None))
-    scale = _keep_scale(scale_samples, torch.float32).to(device) if scale_samples else None
+    scale = (_keep_scale(scale_samples, torch.float32).repeat_interleave(M // scale_samples).to(device)
+             if scale_samples else None)
     return operands, scale
 
 
@@ -328,12 +332,13 @@ def _check(out, ref, low, label):
         assert_parity(out.double(), low().to(out.dtype), ref, name=label)
 
 
-def _check_weight_grads(op, scale, rows_per_sample, name):
-    """dW and db of one layer: the dot multiplies scale * dY (formed in fp32, as the kernel does)
-    rounded to X's dtype, what the tensor cores take; the bias sums scale * dY before that rounding."""
+def _check_weight_grads(op, row_scale, name):
+    """dW and db of one layer: the dot multiplies scale * dY (formed in fp32, as the kernel does;
+    ``row_scale`` (M,) per row) rounded to X's dtype, what the tensor cores take; the bias sums
+    scale * dY before that rounding."""
     dy = op.grad_y2d.float()
-    if scale is not None:
-        dy = dy * scale.float().repeat_interleave(rows_per_sample)[:, None]
+    if row_scale is not None:
+        dy = dy * row_scale.float()[:, None]
     dy_low = dy.to(op.x2d.dtype)
     _check(op.grad_w, dy_low.double().t() @ op.x2d.double(), lambda: dy_low.t() @ op.x2d, f"{name} grad_w")
     if op.grad_b is not None:
@@ -352,27 +357,35 @@ def _check_input_grad(op, name):
 LAUNCH_LAYOUTS = ["weights", "linear", "mlp", "input_grad"]
 
 
+def _run(launches) -> None:
+    for launch in launches:
+        launch.run()
+
+
 @pytest.mark.parametrize("dtypes", WGRAD_DTYPES, ids=["fp32", "bf16", "bf16_x_fp32_params"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("layout", LAUNCH_LAYOUTS)
-def test_linear_bwd_kernel_on_awkward_shapes(device, dtypes, bias, layout):
+@pytest.mark.parametrize("config", [SMALL_TILES, SPLIT_TILES], ids=["one_slice", "three_slices"])
+def test_linear_bwd_kernel_on_awkward_shapes(device, dtypes, bias, layout, config):
     """dW = dY^T X, db = column sums of dY and dX = dY W, for shapes that are no multiple of the
-    tiles, with and without biases, each product by its own programs of one grid."""
+    tiles, with and without biases, each product by its own programs of one grid; the weight
+    gradients over all rows at once, or over three slices of rows (the last one partial) whose
+    partials a second launch sums."""
     x_dtype, dy_dtype, param_dtype = dtypes
     M, N, K = WGRAD_SHAPE
     layers = {"weights": [(N, K)], "linear": [(N, K)], "mlp": [(N, K), WGRAD_SECOND], "input_grad": []}[layout]
-    rows_per_sample = 1
     operands, scale = _weight_grad_inputs(device, M, layers, x_dtype, dy_dtype, param_dtype, bias,
                                           scale_samples=M if layout == "mlp" else 0)
     dx_shape = (N, K) if layout != "mlp" else WGRAD_SECOND
     input_grad = _input_grad_operands(device, M, *dx_shape, x_dtype, param_dtype) if layout != "weights" else None
-    launch = matmul.linear_bwd_launch(operands, input_grad, scale=scale, rows_per_sample=rows_per_sample,
-                                     config=SMALL_TILES)
+    launches = matmul.linear_bwd_launch(operands, input_grad, row_scale=scale, config=config)
+    slices = 3 if config.split_rows and layers else 1
     dx_tiles = math.ceil(M / 16) * math.ceil(dx_shape[1] / 16) if input_grad is not None else 0
-    assert launch.grid == (sum(math.ceil(n / 16) * math.ceil(k / 16) for n, k in layers) + dx_tiles,)
-    launch.run()
+    assert launches[0].grid == (sum(math.ceil(n / 16) * math.ceil(k / 16) for n, k in layers) * slices + dx_tiles,)
+    assert [launch.kernel.__name__ for launch in launches][1:] == ["weight_grad_reduce_kernel"] * (slices > 1)
+    _run(launches)
     for i, op in enumerate(operands):
-        _check_weight_grads(op, scale if i == 0 else None, rows_per_sample, name=f"layer {i}")
+        _check_weight_grads(op, scale if i == 0 else None, name=f"layer {i}")
     if input_grad is not None:
         _check_input_grad(input_grad, name=layout)
 
@@ -384,24 +397,24 @@ def test_linear_bwd_kernel_with_the_launchers_config(device):
     M, N, K = 3 * 65, 40, 72
     operands, _ = _weight_grad_inputs(device, M, [(N, K)], BF16, torch.float32, torch.float32, bias=True)
     op = dataclasses.replace(operands[0], grad_y2d=torch.full((), 0.75, device=device).expand(M, N))
-    scale = _keep_scale(3, torch.float32).to(device)
+    scale = _keep_scale(3, torch.float32).repeat_interleave(65).to(device)
     input_grad = _input_grad_operands(device, M, N, K, BF16, torch.float32)
-    matmul.linear_bwd_launch([op], input_grad, scale=scale, rows_per_sample=65).run()
-    _check_weight_grads(op, scale, 65, name="stride-0 dY")
+    _run(matmul.linear_bwd_launch([op], input_grad, row_scale=scale))
+    _check_weight_grads(op, scale, name="stride-0 dY")
     _check_input_grad(input_grad, name="launcher's config")
 
 
 def test_linear_bwd_kernel_without_inputs_still_sums_the_bias(device):
     """K = 0 (a layer without inputs): no dW tiles, but one column of programs stores db."""
     operands, _ = _weight_grad_inputs(device, 37, [(24, 0)], torch.float32, torch.float32, torch.float32, bias=True)
-    matmul.linear_bwd_launch(operands, config=SMALL_TILES).run()
-    _check_weight_grads(operands[0], None, 1, name="K = 0")
+    _run(matmul.linear_bwd_launch(operands, config=SPLIT_TILES))
+    _check_weight_grads(operands[0], None, name="K = 0")
 
 
 def test_weight_grad_check_catches_a_dropped_bias_tile(device, tmp_path, monkeypatch):
-    """Mutation test: a copy of the kernel whose bias sum skips the last row step (the partial one,
-    where masking bugs live) must fail the check that the real kernel passes, while its dW, still
-    complete, passes."""
+    """Mutation test: a copy of the kernel whose bias sum skips the last row step of each slice (the
+    last slice's is the partial one, where masking bugs live) must fail the check that the real
+    kernel passes, while its dW, still complete, passes."""
     import importlib
     import inspect
 
@@ -410,28 +423,103 @@ def test_weight_grad_check_catches_a_dropped_bias_tile(device, tmp_path, monkeyp
     source = inspect.getsource(kernels)
     accumulate = "            bias_acc += dy.to(ACC_DTYPE)"
     assert source.count(accumulate) == 1, "the mutation's anchor moved: update this test with the kernel"
-    mutated = source.replace(accumulate, "            if m_start + BLOCK_M < M:\n    " + accumulate)
+    mutated = source.replace(accumulate, "            if m_start + BLOCK_M < m_end:\n    " + accumulate)
     (tmp_path / "mutated_mlp_kernels.py").write_text(mutated)
     monkeypatch.syspath_prepend(str(tmp_path))
     mutant = importlib.import_module("mutated_mlp_kernels").linear_bwd_kernel
 
     M, N, K = WGRAD_SHAPE
     operands, _ = _weight_grad_inputs(device, M, [(N, K)], torch.float32, torch.float32, torch.float32, bias=True)
-    launch = matmul.linear_bwd_launch(operands, config=SMALL_TILES)
-    launch.run()
-    _check_weight_grads(operands[0], None, 1, name="real kernel")
-    launch.kernel = mutant
-    launch.run()
-    _check_weight_grads(dataclasses.replace(operands[0], grad_b=None), None, 1, name="mutant's dW")
+    launches = matmul.linear_bwd_launch(operands, config=SPLIT_TILES)
+    _run(launches)
+    _check_weight_grads(operands[0], None, name="real kernel")
+    launches[0].kernel = mutant
+    _run(launches)
+    _check_weight_grads(dataclasses.replace(operands[0], grad_b=None), None, name="mutant's dW")
     with pytest.raises(AssertionError, match="grad_b"):
-        _check_weight_grads(operands[0], None, 1, name="mutant")
+        _check_weight_grads(operands[0], None, name="mutant")
+
+
+def test_split_weight_grads_match_fp64_tightly(device):
+    """fp64 throughout, three slices of rows (the last one partial) summed in slice order: dW and
+    db equal the fp64 product to fp64's default tolerance (only the summation order differs)."""
+    M, N, K = WGRAD_SHAPE
+    operands, scale = _weight_grad_inputs(device, M, [(N, K), WGRAD_SECOND], torch.float64, torch.float64,
+                                          torch.float64, bias=True, scale_samples=M)
+    launches = matmul.linear_bwd_launch(operands, row_scale=scale.double(), config=SPLIT_TILES)
+    assert launches[0].args["slices"] == 3 and M % launches[0].args["rows_per_slice"]  # a partial last slice
+    _run(launches)
+    for i, op in enumerate(operands):
+        dy = op.grad_y2d * (scale.double()[:, None] if i == 0 else 1.0)
+        torch.testing.assert_close(op.grad_w, dy.t() @ op.x2d, msg=lambda m: f"layer {i} grad_w: {m}")
+        torch.testing.assert_close(op.grad_b, dy.sum(0), msg=lambda m: f"layer {i} grad_b: {m}")
+
+
+def test_split_weight_grads_are_deterministic(device):
+    """Two runs of a split launch (the launcher's own config, several slices) are bit-identical:
+    fixed slices, a fixed order of their sum, no atomics."""
+    M, N, K = 3 * 65, 40, 72
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        operands, scale = _weight_grad_inputs(device, M, [(N, K), (24, 40)], BF16, torch.float32, torch.float32,
+                                              bias=True, scale_samples=3)
+        launches = matmul.linear_bwd_launch(operands, row_scale=scale)
+        assert launches[0].args["slices"] >= 2
+        _run(launches)
+        results.append([t for op in operands for t in (op.grad_w, op.grad_b)])
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def test_mlp_backward_of_fc2_alone_expands_the_scale_itself(device):
+    """Drop-path's scale with only fc2's gradients wanted: no gelu_bwd launch stores the per-row
+    scale, so row_scale_kernel does; dW2 and db2 match the fp64 reference of the kernel's math."""
+    from vit_fast.fused.launch import Target
+
+    inputs = {k: v.to(device=device, dtype=torch.float32) if v is not None else None
+              for k, v in make_inputs((3, 65), 24, 48, 24).items()}
+    x, w1, b1, w2, b2, r = (inputs[name] for name in NAMES)
+    scale = _keep_scale(3, torch.float32).to(device)
+    _, hidden = torch.ops.vit_fast.mlp(x, w1, b1, w2, b2, "none", r, scale)
+    needs = [False, False, False, True, True]
+    args = (inputs["grad_y"], x, w1, b1, w2, hidden, "none", needs, scale)
+    grads = torch.ops.vit_fast.mlp_backward(*args)
+    plan = fused.launch_plan("mlp_backward", args, grads, Target.of(x))
+    assert [launch.kernel.__name__ for launch in plan][:2] == ["row_scale_kernel", "linear_bwd_kernel"]
+    dy = inputs["grad_y"].reshape(-1, 24).double() * scale.double().repeat_interleave(65)[:, None]
+    _check(grads[3], dy.t() @ hidden.double(), None, "grad_fc2_weight")
+    _check(grads[4], dy.sum(0), None, "grad_fc2_bias")
+
+
+def test_vit_cifar_weight_grads_fill_an_h100():
+    """The planned backward launches of vit-cifar's step (batch 128: 8,320 rows, bf16 autocast,
+    drop-path): the MLP's, qkv's and the output projection's weight gradients run at least one
+    wave of an H100's 132 SMs of programs, each at most 32 row steps long, their rows split into
+    several slices whose fp32 partials stay within half the bytes of the dY and X they reduce."""
+    M, d = 128 * 65, 192
+    plans = {"mlp": fused._plans(M, d, 4 * d, d, BF16, "none", True, torch.float32, torch.float32, True, True),
+             "qkv": fused_linear._aot_plans(M, d, 3 * d, BF16), "proj": fused_linear._aot_plans(M, d, d, BF16)}
+    for name, launches in plans.items():
+        (launch,) = [launch for launch in launches if launch.kernel.__name__ == "linear_bwd_kernel"]
+        a, c = launch.args, launch.constexprs
+        tiles = sum(math.ceil(a[n] / c["BLOCK_N"]) * math.ceil(a[k] / c["BLOCK_K"])
+                    for n, k in (("N", "K"), ("N2", "K2"))[:c["LAYERS"]])
+        dx_tiles = math.ceil(M / c["DX_BLOCK_M"]) * math.ceil(a["KX"] / c["DX_BLOCK_N"])
+        assert launch.grid[0] - dx_tiles == tiles * a["slices"] >= 132, name
+        assert a["slices"] >= 2 and math.ceil(a["rows_per_slice"] / c["BLOCK_M"]) <= 32, name
+        layers = [(a["DY"], a["X"]), (a["DY2"], a["X2"])][:c["LAYERS"]]
+        operand_bytes = sum(t.numel() * t.element_size() for pair in layers for t in pair)
+        assert a["Partial"].numel() * a["Partial"].element_size() <= operand_bytes / 2, name
+        assert [launch.kernel.__name__ for launch in launches].count("weight_grad_reduce_kernel") == 1, name
 
 
 def test_backward_launch_counts_under_autocast():
     """What the cost account sees of one backward at vit-cifar's shapes under autocast (bf16
     activations, fp32 parameters, the fp32 residual stream's gradient, drop-path's scale):
     mlp_backward = gelu_bwd + one launch of both layers' dW/db and dX, linear_backward = one launch
-    of dX, dW and db, and no standalone cast."""
+    of dX, dW and db, and no standalone cast: at 520 rows the weight gradients' partials would
+    outweigh half their operands' bytes, so the rows are not split and no reduction launch follows."""
     from vit_fast import cost
 
     B, N, d, hidden = 8, 65, 192, 768
@@ -594,7 +682,7 @@ def vit_launches(dtype, widths=AOT_WIDTHS, ratios=AOT_RATIOS, rows=AOT_ROWS) -> 
 
 def _config(launch) -> tuple:
     c = launch.constexprs
-    return (launch.kernel, c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c.get("GROUP_M"), launch.num_warps,
+    return (launch.kernel, c.get("BLOCK_M"), c.get("BLOCK_N"), c.get("BLOCK_K"), c.get("GROUP_M"), launch.num_warps,
             launch.num_stages)
 
 
@@ -612,12 +700,17 @@ def test_vit_shapes_reach_every_16bit_config():
         configs = {_config(launch) for launch in vit_launches(dtype)}
         assert len({c for c in configs if c[0] == "linear_fwd_kernel"}) == 2, configs
         assert len({c for c in configs if c[0] == "gelu_bwd_kernel"}) == 2, configs
-        assert len({c for c in configs if c[0] == "linear_bwd_kernel"}) == 2, configs
+        assert len({c for c in configs if c[0] == "linear_bwd_kernel"}) == 1, configs  # one 16-bit config
 
 
 def _tiles(config) -> list:
     """The MatmulConfig of each kernel (part) of an op's config (MLPConfig, LinearConfig)."""
     return [getattr(config, field.name) for field in dataclasses.fields(config)]
+
+
+def _tiles_only(config: matmul.MatmulConfig) -> matmul.MatmulConfig:
+    """The config without its row-dependent slice of rows (``weight_grad_split_rows``)."""
+    return dataclasses.replace(config, split_rows=0)
 
 
 def test_interpreter_config_is_fixed():
@@ -627,10 +720,10 @@ def test_interpreter_config_is_fixed():
             for config in (fused.choose_config(rows=m, d_in=kk, hidden=n, d_out=kk, dtype=dt, interpret=True),
                            fused_linear.choose_config(rows=m, in_features=kk, out_features=n, dtype=dt,
                                                       interpret=True))
-            for tile in _tiles(config)} == {matmul.INTERPRETER_CONFIG}
+            for tile in map(_tiles_only, _tiles(config))} == {matmul.INTERPRETER_CONFIG}
     assert {matmul.product_config(k, rows=m, columns=n, dtype=dt, interpret=True)
             for k in ("linear", "gelu_bwd") for m, n, _, dt in sizes} == {matmul.INTERPRETER_CONFIG}
-    assert {matmul.weight_grad_config(rows=m, weights=[(n, kk)] * layers, dtype=dt, interpret=True)
+    assert {_tiles_only(matmul.weight_grad_config(rows=m, weights=[(n, kk)] * layers, dtype=dt, interpret=True))
             for m, n, kk, dt in sizes for layers in (1, 2)} == {matmul.INTERPRETER_CONFIG}
 
 
@@ -663,17 +756,19 @@ def test_every_launch_config_compiles_without_spills(dtype):
 
 
 def test_linear_bwd_configs_compile_without_spills():
-    """linear_bwd_kernel's two 16-bit configurations, each at a shape that picks it, as autocast
-    trains (bf16 activations, the fp32 residual stream's gradient, drop-path's scale, fp32
-    parameters): vit-cifar's MLP (D = 192, hidden 768, batch 128: 72 tiles of 64 x 64, below a wave,
-    so 32 x 32) and a D = 384 MLP (288 tiles: 64 x 64), both layers and dX in one launch."""
+    """linear_bwd_kernel's 16-bit configuration (64 x 64 tiles, rows split into slices) and the
+    reduction of its slices, as autocast trains (bf16 activations, the fp32 residual stream's
+    gradient, drop-path's per-row scale, fp32 parameters): vit-cifar's MLP (D = 192, hidden 768,
+    batch 128) and a D = 384 MLP, both layers and dX in one launch."""
     from vit_fast.aot import compile_launches
 
     launches = [launch for d in (192, 384)
                 for launch in fused.aot_launches(128 * 65, d, 4 * d, d, BF16, weight_dtype=torch.float32,
                                                  residual_dtype=torch.float32, scale=True)
-                if launch.kernel == "linear_bwd_kernel"]
-    assert {(launch.constexprs["BLOCK_N"], launch.constexprs["BLOCK_K"]) for launch in launches} == {(32, 32), (64, 64)}
+                if launch.kernel in ("linear_bwd_kernel", "weight_grad_reduce_kernel")]
+    assert {(launch.constexprs["BLOCK_N"], launch.constexprs["BLOCK_K"]) for launch in launches
+            if launch.kernel == "linear_bwd_kernel"} == {(64, 64)}
+    assert {launch.kernel for launch in launches} == {"linear_bwd_kernel", "weight_grad_reduce_kernel"}
     for launch, r in compile_launches(launches):
         assert not r.spills, f"{launch.describe()} sm_{r.capability} spills (LOCAL or STACK): {r}"
         assert r.fits_shared_memory, f"{launch.describe()} needs {r.shared_bytes} B of shared memory"

@@ -22,7 +22,8 @@ Registered ops (namespace ``vit_fast``), each with a fake (meta) implementation:
     vit_fast::linear_backward  (grad_y, x, weight, needs) -> (grad_x, grad_weight, grad_bias)
 
 Forward: ``linear_fwd_kernel`` (no activation) converting the weight in registers; backward, one
-``linear_bwd_kernel`` launch: dW and db (fp32 output) and dX. With weights in x's dtype (no
+``linear_bwd_kernel`` launch: dW and db (fp32 output) and dX, and, when the rows are split into
+slices (``matmul.weight_grad_split_rows``), one ``weight_grad_reduce_kernel`` launch summing them. With weights in x's dtype (no
 autocast) a linear stays ``F.linear``: cuBLAS with nothing to convert.
 """
 
@@ -97,13 +98,14 @@ def _check_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor) -> None:
 
 def _aot_plans(M: int, K: int, N: int, dtype: torch.dtype,
                weight_dtype: torch.dtype = torch.float32, bias: bool = True) -> list[Launch]:
-    """``linear``'s Triton ``Launch`` objects (forward; backward: dX, dW and db) on meta tensors."""
+    """``linear``'s Triton ``Launch`` objects (forward; backward: dX, dW and db, and the reduction of
+    the weight gradients' slices when the rows are split) on meta tensors."""
     t = partial(meta_tensor, dtype=dtype)
     x, w, grad_y = t(M, K), t(N, K, dtype=weight_dtype), t(M, N)
     grad_w_and_b = WeightGradOperands(grad_y, x, t(N, K, dtype=weight_dtype),
                                       t(N, dtype=weight_dtype) if bias else None)
     return [linear_launch(x, w, t(N, dtype=weight_dtype) if bias else None, None, t(M, N), "none", interpret=False),
-            linear_bwd_launch([grad_w_and_b], InputGradOperands(grad_y, w, t(M, K)), interpret=False)]
+            *linear_bwd_launch([grad_w_and_b], InputGradOperands(grad_y, w, t(M, K)), interpret=False)]
 
 
 def aot_launches(M: int, K: int, N: int, dtype: torch.dtype,

@@ -11,14 +11,19 @@ Public API (for the two op modules, their tests and the benchmarks):
     weight_grad_config(rows, weights, dtype, *, interpret=None), input_grad_config(weight_grad,
         dtype, *, interpret=None)      the weight- and input-gradient tiles of ``linear_bwd_kernel``
                                        (each op's ``choose_config`` composes these rules)
+    weight_grad_split_rows(rows, tiles, block_m, *, interpret)   the slice of rows each
+                                       weight-gradient program reduces (``MatmulConfig.split_rows``)
     check_linear_shapes(prefix, x_shape, weight, bias), check_dtypes(x, params, stream)
                                        input checks (metadata only)
-    linear_launch(...), linear_bwd_launch(layers, input_grad=None, ...)   the Launch of one kernel call
+    linear_launch(...)                 the Launch of one ``linear_fwd_kernel`` call
+    linear_bwd_launch(layers, input_grad=None, ...)   ``linear_bwd_kernel``'s Launch, and
+                                       ``weight_grad_reduce_kernel``'s when the rows are split
+    row_scale_launch(scale, rows_per_sample, row_scale)   a per-sample scale expanded to rows
     tile_grid(M, N, cfg)               the grid of an (M, N) output tiled by cfg
     WeightGradOperands(grad_y2d, x2d, grad_w, grad_b), InputGradOperands(grad_y2d, weight, grad_x)
                                        what one linear_bwd_launch computes
-    linear_grads_launches(layers, input_grad, interpret, scale=None, rows_per_sample=1)   a backward's weight,
-                                       bias and input gradients of linear layers in one launch
+    linear_grads_launches(layers, input_grad, interpret, row_scale=None)   a backward's weight,
+                                       bias and input gradients of linear layers (linear_bwd_launch)
 
 The launch builders pick each kernel's tiles with the rules above from the tensors they are
 given (a backward that differentiates fewer weights picks its weight-gradient tiles from those),
@@ -27,19 +32,20 @@ so what an op launches is what its ``choose_config`` reports.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from vit_fast.fused.launch import SUPPORTED_DTYPES, Launch, interpreting, precision_constexprs
-from vit_fast.kernels.mlp import linear_bwd_kernel, linear_fwd_kernel
+from vit_fast.fused.launch import SUPPORTED_DTYPES, Launch, accumulation_dtype, interpreting, precision_constexprs
+from vit_fast.kernels.mlp import linear_bwd_kernel, linear_fwd_kernel, row_scale_kernel, weight_grad_reduce_kernel
 
 __all__ = [
     "INTERPRETER_CONFIG", "InputGradOperands", "MatmulConfig", "WeightGradOperands", "check_dtypes",
     "check_linear_shapes", "input_grad_config", "linear_bwd_launch", "linear_grads_launches", "linear_launch",
-    "product_config", "tile_grid", "weight_grad_config",
+    "product_config", "row_scale_launch", "tile_grid", "weight_grad_config", "weight_grad_split_rows",
 ]
 
 # ----------------------------------------------------------------------------- launch configs
@@ -57,6 +63,9 @@ class MatmulConfig:
     group_m: int = 8  # row tiles per L2-friendly group (see _tile_coordinates in kernels/mlp.py)
     num_warps: int = 4
     num_stages: int = 3  # software-pipelining depth of the K loop (shared-memory buffers)
+    # Weight-gradient tiles only: the rows each program reduces (a multiple of block_m), its slice
+    # of M; 0: all of them, one slice (``weight_grad_split_rows``).
+    split_rows: int = 0
 
 
 # In Triton's interpreter one fixed, modest config: tiles of 64 keep the number of programs (the
@@ -112,42 +121,94 @@ def product_config(kernel: str, rows: int, columns: int, dtype: torch.dtype, *,
     return MatmulConfig(64, 64, block_k, group_m=8, num_warps=4, num_stages=3)
 
 
+# Sizing the weight-gradient grid (``weight_grad_split_rows``): an H100 SXM has 132 SMs (NVIDIA
+# H100 Tensor Core GPU Architecture whitepaper, table "Comparison of NVIDIA Data Center GPUs");
+# aim for two waves of weight-gradient programs, each 8 to 32 row steps long.
+_H100_SMS = 132
+_WEIGHT_GRAD_WAVES = 2
+_WEIGHT_GRAD_MIN_STEPS = 8
+_WEIGHT_GRAD_MAX_STEPS = 32
+# The partials (slices x (N K + N) x 4 bytes, written once and read once) stay within this
+# fraction of the bytes of the dY and X that they reduce.
+_PARTIAL_BYTES_FRACTION = 0.5
+# Under the interpreter each program reduces two row steps, so that test shapes span several slices.
+_INTERPRETER_SLICE_STEPS = 2
+
+
+def weight_grad_split_rows(rows: int, tiles: int, block_m: int, *, interpret: bool, max_slices: int | None = None
+                           ) -> int:
+    """The rows each weight-gradient program of ``linear_bwd_kernel`` reduces (its slice of the M
+    rows, a multiple of ``block_m``), for ``tiles`` dW tiles over ``rows`` rows; 0 for one slice.
+
+    Why slices: one program per tile reducing all M rows made vit-cifar's grids 9 to 72 tiles of
+    64 x 64 long programs of 130 to 260 steps (the GPU mostly idle). With S slices each of the
+    tiles x S programs reduces about M / S rows into an fp32 partial tile, and
+    ``weight_grad_reduce_kernel`` sums the S partials in slice order. The rule: S is the larger of
+    two waves of an H100's SMs (2 x 132 programs) and the slices that keep a program at most
+    _WEIGHT_GRAD_MAX_STEPS (32) row steps, but no more than leave each program
+    _WEIGHT_GRAD_MIN_STEPS (8) steps (below that the partial tile's store, 16 KB for 64 x 64,
+    outweighs the rows' 8 x 12 KB of loads) and no more than ``max_slices`` (the caller's bound on
+    the partials' bytes, S x (N x K + N) x 4, written once and read once). vit-cifar's figures are
+    in ``weight_grad_config``. Under the interpreter every program reduces
+    _INTERPRETER_SLICE_STEPS steps, so tests of a few row steps exercise the split."""
+    steps = math.ceil(rows / block_m)
+    if interpret:
+        slices = math.ceil(steps / _INTERPRETER_SLICE_STEPS)
+    else:
+        slices = max(math.ceil(_WEIGHT_GRAD_WAVES * _H100_SMS / max(tiles, 1)),
+                     math.ceil(steps / _WEIGHT_GRAD_MAX_STEPS))
+        slices = min(slices, steps // _WEIGHT_GRAD_MIN_STEPS, max_slices if max_slices is not None else slices)
+    if slices <= 1:
+        return 0
+    return math.ceil(steps / slices) * block_m
+
+
 def weight_grad_config(rows: int, weights: list[tuple[int, int]], dtype: torch.dtype, *,
                        interpret: bool | None = None) -> MatmulConfig:
     """The weight-gradient tiles' configuration in ``linear_bwd_kernel`` for dW = dY^T X over ``rows`` rows,
     for the weights of shapes ``weights`` [(N, K), ...] in one grid (the MLP's fc2 and fc1: two), dY
     and X in ``dtype``; the launch's warps and stages are this config's.
 
-    Each program owns one tile of one dW and reduces over all M rows itself (deterministic, no
-    atomics, no partial-sum pass), so the grid is the number of tiles, which the rows do not
-    change: vit-cifar's MLP weights (192 x 768 and 768 x 192) make 72 tiles of 64 x 64 and its
-    projections (576 x 192, 192 x 192, 100 x 192) 27, 9 and 6. Too few to fill an H100's 132 SMs,
-    so below one wave (_ONE_WAVE_TILES tiles of 64 x 64) the tile shrinks to 32 x 32: four times
-    the programs (288 for the MLP, 108, 36 and 24 for the projections) at twice the L2 traffic per
-    FLOP. The small-weight launches stay latency-bound (one program streams all M rows of its
-    panels); cuBLAS splits the reduction over more blocks and may be faster per GEMM on a GPU,
-    which only ``benchmarks/bench_mlp.py`` on a GPU can tell (no timing was taken). The dX tiles of
-    the same launch, many and short, come after these and fill the SMs they leave idle. What the
-    kernel buys for certain: the bias gradients in the same launch (no separate reduction reading
-    dY again), dY read in its own dtype with stochastic depth's scale applied in registers (no
-    scaled 16-bit copy), one launch for the whole backward of a linear (two for the MLP), and fp32
-    output without any 16-bit rounding.
+    Each program owns one tile of one dW and one slice of the rows (``weight_grad_split_rows``);
+    with more than one slice it writes an fp32 partial tile and ``weight_grad_reduce_kernel`` sums
+    the slices in a fixed order (deterministic, no atomics). The bias sums ride along in the first
+    column of tiles (pid_k == 0), stochastic depth's scale comes as a per-row vector (loaded
+    contiguously, no division in the loop), dY is read in its own dtype and scaled and rounded in
+    registers (no scaled 16-bit copy), and the parameter gradients are rounded once, from fp32.
 
-    - 16-bit: 4 warps, 3 stages; 64 rows per step for 32 x 32 tiles, 32 for 64 x 64 ones. Under
-      autocast the dY tile is fp32 and is scaled, summed and converted in registers next to the dot's
-      accumulator and the bias sums' (BLOCK_N x BLOCK_M fp32 each): at 64 x 64 x 64 that took 198 to
-      255 registers (sm_90, sm_80; a STACK frame on sm_80), at 64 x 64 x 32 about 100.
-    - fp32 and fp64 (accuracy paths): one small config each, as ``product_config``.
-    ``interpret`` defaults to ``launch.interpreting()`` (then the fixed INTERPRETER_CONFIG).
+    - 16-bit: 64 x 64 tiles (a warp group's wgmma M of 64 on sm_90), 32 rows per step, 4 warps,
+      3 stages. The slices give the grid its size, so small weights no longer need the 32 x 32
+      tiles of the unsplit kernel (4x the L2 traffic per FLOP, mma.sync only).
+    - fp32 and fp64 (accuracy paths): one small config each, as ``product_config``, split alike.
+    ``interpret`` defaults to ``launch.interpreting()`` (then INTERPRETER_CONFIG's tiles).
+
+    vit-cifar's training step (M = 8,320 rows, bf16 autocast): SASS instructions per step of the
+    weight-gradient loop on sm_90 (cuobjdump of the AOT compile; "bias" is the first column of
+    tiles' loop), before and after this scheme; docs/kernels.md has the hand-estimated times.
+
+    ======  ==================================  =============================================
+    launch  before: 32 x 32 tiles, 64 rows a    after: 64 x 64 tiles, 32 rows a step, slices
+            step, every program all M rows
+    ======  ==================================  =============================================
+    MLP     288 programs x 130 steps; fc2's     72 tiles x 9 slices = 648 programs x 29 steps;
+            scaled loop 632 SASS, 8 HMMA;       fc2 188 (bias) / 162, fc1 138 / 87, 2 HGMMA;
+            fc1's 125                           partials 10.7 MB against 35 MB of dY and X
+    qkv     108 x 130; 113, 8 HMMA              27 x 10 = 270 x 26; 134 / 81; 4.4 MB (12.8 MB)
+    proj    36 x 130; 113                       9 x 20 = 180 x 13; 134 / 81; 3.0 MB (6.4 MB)
+    head    24 x 2 (128 rows)                   6 x 1 x 4 steps: one slice, no reduction
+    ======  ==================================  =============================================
     """
     fixed = _fixed_config(dtype, interpret, fp32=MatmulConfig(16, 64, 64, group_m=1, num_warps=4, num_stages=3),
                           fp64=MatmulConfig(16, 32, 32, group_m=1, num_warps=4, num_stages=2))
-    if fixed is not None:
-        return fixed
-    tiles = sum(math.ceil(n / 64) * max(math.ceil(k / 64), 1) for n, k in weights)
-    if tiles >= _ONE_WAVE_TILES:
-        return MatmulConfig(32, 64, 64, group_m=1, num_warps=4, num_stages=3)
-    return MatmulConfig(64, 32, 32, group_m=1, num_warps=4, num_stages=3)
+    cfg = fixed or MatmulConfig(32, 64, 64, group_m=1, num_warps=4, num_stages=3)
+    tiles = sum(math.ceil(n / cfg.block_n) * max(math.ceil(k / cfg.block_k), 1) for n, k in weights)
+    interpret = interpreting() if interpret is None else interpret
+    # dY and X at least in ``dtype`` (dY may be wider: the fp32 residual stream's gradient).
+    operand_bytes = rows * sum(n + k for n, k in weights) * dtype.itemsize
+    partial_bytes = sum(n * k + n for n, k in weights) * accumulation_dtype(dtype).itemsize
+    max_slices = max(1, int(_PARTIAL_BYTES_FRACTION * operand_bytes / max(partial_bytes, 1)))
+    split_rows = weight_grad_split_rows(rows, tiles, cfg.block_m, interpret=interpret, max_slices=max_slices)
+    return dataclasses.replace(cfg, split_rows=split_rows)
 
 
 def input_grad_config(weight_grad: MatmulConfig, dtype: torch.dtype, *,
@@ -264,14 +325,20 @@ def _weight_grad_tiles(layer: WeightGradOperands, cfg: MatmulConfig) -> int:
     return math.ceil(n / cfg.block_n) * max(math.ceil(k / cfg.block_k), 1)  # as _weight_grad_tiles_k
 
 
+# Elements of the partials each weight_grad_reduce_kernel program sums (over every slice).
+_REDUCE_BLOCK = 1024
+
+
 def linear_bwd_launch(layers: list[WeightGradOperands], input_grad: InputGradOperands | None = None,
-                      interpret: bool | None = None, scale: Tensor | None = None, rows_per_sample: int = 1,
-                      config: MatmulConfig | None = None) -> Launch:
-    """One launch computing the weight and bias gradients of ``layers`` (one or two, over the same
-    rows; the first one's dY scaled per sample by ``scale``, stochastic depth's, (M // rows_per_sample,))
-    and ``input_grad``'s product, each tile by its own programs of one grid. ``config`` overrides
-    ``weight_grad_config`` and ``input_grad_config`` (tests use small tiles so that small
-    shapes span several)."""
+                      interpret: bool | None = None, row_scale: Tensor | None = None,
+                      config: MatmulConfig | None = None) -> list[Launch]:
+    """The launches computing the weight and bias gradients of ``layers`` (one or two, over the same
+    rows; the first one's dY scaled per row by ``row_scale``, (M,) in the accumulation dtype, e.g.
+    stochastic depth's per-sample scale expanded by ``gelu_bwd_kernel``) and ``input_grad``'s
+    product: one ``linear_bwd_kernel`` launch, each tile (and slice of rows) by its own programs of
+    one grid, followed by one ``weight_grad_reduce_kernel`` launch when the rows are split into
+    slices (``config.split_rows``). ``config`` overrides ``weight_grad_config`` and
+    ``input_grad_config`` (tests use small tiles so that small shapes span several)."""
     if interpret is None:
         interpret = interpreting()
     if not 0 <= len(layers) <= 2 or not (layers or input_grad):
@@ -285,14 +352,30 @@ def linear_bwd_launch(layers: list[WeightGradOperands], input_grad: InputGradOpe
     first = layers[0] if layers else None
     M = first.x2d.shape[0] if first else input_grad.grad_x.shape[0]
     dtype = first.x2d.dtype if first else input_grad.grad_x.dtype
+    if row_scale is not None and (tuple(row_scale.shape) != (M,) or row_scale.dtype != accumulation_dtype(dtype)):
+        raise ValueError(f"row_scale must have shape ({M},) and dtype {accumulation_dtype(dtype)}, got "
+                         f"{tuple(row_scale.shape)} {row_scale.dtype}")
     cfg = config or weight_grad_config(rows=M, weights=[tuple(layer.grad_w.shape) for layer in layers], dtype=dtype,
                                        interpret=interpret)
     dx_cfg = config or input_grad_config(weight_grad=cfg, dtype=dtype, interpret=interpret)
+    if cfg.split_rows < 0 or cfg.split_rows % cfg.block_m:
+        raise ValueError(f"split_rows must be 0 or a positive multiple of block_m = {cfg.block_m}, "
+                         f"got {cfg.split_rows}")
+    rows_per_slice = cfg.split_rows if 0 < cfg.split_rows < M and layers else M
+    slices = math.ceil(M / rows_per_slice) if rows_per_slice else 1
     # Unused pointer, size and stride arguments repeat present ones (their flags are off).
     some = input_grad.grad_x if input_grad else first.grad_w
     first = first or WeightGradOperands(input_grad.grad_y2d, input_grad.grad_x, some, None)
     second = layers[1] if len(layers) == 2 else first
     dx = input_grad or InputGradOperands(first.grad_y2d, first.grad_w, some)
+    # Each slice's row of partials: DW, DB, DW2, DB2 (the absent ones empty).
+    segments = [0] * 4
+    for index, layer in enumerate(layers):
+        segments[2 * index] = layer.grad_w.numel()
+        segments[2 * index + 1] = layer.grad_b.numel() if layer.grad_b is not None else 0
+    part_db, part_dw2, part_db2, part_size = (sum(segments[:i]) for i in range(1, 5))
+    split = slices > 1
+    partial = torch.empty((slices, part_size), dtype=accumulation_dtype(dtype), device=some.device) if split else None
 
     def operands(layer: WeightGradOperands, suffix: str) -> dict:
         return {f"DY{suffix}": layer.grad_y2d, f"X{suffix}": layer.x2d, f"DW{suffix}": layer.grad_w,
@@ -302,11 +385,14 @@ def linear_bwd_launch(layers: list[WeightGradOperands], input_grad: InputGradOpe
         return {f"stride_dy{suffix}m": layer.grad_y2d.stride(0), f"stride_dy{suffix}n": layer.grad_y2d.stride(1),
                 f"stride_x{suffix}m": layer.x2d.stride(0), f"stride_x{suffix}k": layer.x2d.stride(1)}
 
+    first_ops, second_ops = operands(first, ""), operands(second, "2")
     args = dict(
-        **operands(first, ""), Scale=scale if scale is not None else some, **operands(second, "2"),
-        G=dx.grad_y2d, W=dx.weight, DX=dx.grad_x,
+        DY=first_ops["DY"], RowScale=row_scale if row_scale is not None else some, X=first_ops["X"],
+        DW=first_ops["DW"], DB=first_ops["DB"], **second_ops,
+        G=dx.grad_y2d, W=dx.weight, DX=dx.grad_x, Partial=partial if split else some,
         M=M, N=first.grad_w.shape[0], K=first.grad_w.shape[1], N2=second.grad_w.shape[0], K2=second.grad_w.shape[1],
-        NX=dx.weight.shape[0], KX=dx.weight.shape[1], rows_per_sample=rows_per_sample,
+        NX=dx.weight.shape[0], KX=dx.weight.shape[1], rows_per_slice=rows_per_slice, slices=slices,
+        part_db=part_db, part_dw2=part_dw2, part_db2=part_db2, part_size=part_size,
         **strides(first, ""), **strides(second, "2"),
         stride_gm=dx.grad_y2d.stride(0), stride_gn=dx.grad_y2d.stride(1),
         stride_wn=dx.weight.stride(0), stride_wk=dx.weight.stride(1),
@@ -314,15 +400,33 @@ def linear_bwd_launch(layers: list[WeightGradOperands], input_grad: InputGradOpe
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DX_BLOCK_M=dx_cfg.block_m, DX_BLOCK_N=dx_cfg.block_n, DX_BLOCK_K=dx_cfg.block_k, DX_GROUP_M=dx_cfg.group_m,
-        LAYERS=len(layers), HAS_SCALE=scale is not None and bool(layers),
+        LAYERS=len(layers), SPLIT=split, HAS_SCALE=row_scale is not None and bool(layers),
         HAS_BIAS=bool(layers) and layers[0].grad_b is not None,
         HAS_BIAS2=len(layers) == 2 and layers[1].grad_b is not None, HAS_DX=input_grad is not None,
         **precision_constexprs(dtype), INTERPRETING=interpret,
     )
-    tiles = sum(_weight_grad_tiles(layer, cfg) for layer in layers)
+    programs = sum(_weight_grad_tiles(layer, cfg) for layer in layers) * slices
     if input_grad is not None:
-        tiles += math.ceil(M / dx_cfg.block_m) * math.ceil(input_grad.grad_x.shape[1] / dx_cfg.block_n)
-    return Launch(linear_bwd_kernel, (tiles,), args, constexprs, cfg.num_warps, cfg.num_stages)
+        programs += math.ceil(M / dx_cfg.block_m) * math.ceil(input_grad.grad_x.shape[1] / dx_cfg.block_n)
+    launches = [Launch(linear_bwd_kernel, (programs,), args, constexprs, cfg.num_warps, cfg.num_stages)]
+    if split:
+        reduce_args = dict(Partial=partial, DW=first_ops["DW"], DB=first_ops["DB"], DW2=second_ops["DW2"],
+                           DB2=second_ops["DB2"], slices=slices, part_db=part_db, part_dw2=part_dw2,
+                           part_db2=part_db2, part_size=part_size)
+        launches.append(Launch(weight_grad_reduce_kernel, (math.ceil(part_size / _REDUCE_BLOCK),), reduce_args,
+                               dict(BLOCK=_REDUCE_BLOCK, INTERPRETING=interpret), num_warps=4, num_stages=1))
+    return launches
+
+
+def row_scale_launch(scale: Tensor, rows_per_sample: int, row_scale: Tensor) -> Launch:
+    """The launch expanding a per-sample ``scale`` (M // rows_per_sample,) to ``row_scale`` (M,) in
+    the accumulation dtype, for an MLP backward that runs no ``gelu_bwd_kernel`` to store it."""
+    M = row_scale.shape[0]
+    block = 1024
+    return Launch(row_scale_kernel, (math.ceil(M / block),),
+                  dict(Scale=scale, RowScale=row_scale, M=M, rows_per_sample=rows_per_sample),
+                  dict(BLOCK_M=block, ACC_DTYPE=precision_constexprs(row_scale.dtype)["ACC_DTYPE"]), num_warps=4,
+                  num_stages=1)
 
 
 # ----------------------------------------------------------------------------- backward helpers
@@ -330,14 +434,14 @@ def linear_bwd_launch(layers: list[WeightGradOperands], input_grad: InputGradOpe
 
 def linear_grads_launches(layers: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]],
                           input_grad: tuple[Tensor, Tensor, Tensor] | None, interpret: bool,
-                          scale: Tensor | None = None, rows_per_sample: int = 1) -> list[Launch]:
-    """The backward products of linear layers over the same M rows, as one ``linear_bwd_kernel``
-    launch (none when nothing is wanted or every output is empty): for each layer given as
+                          row_scale: Tensor | None = None) -> list[Launch]:
+    """The backward products of linear layers over the same M rows, as ``linear_bwd_launch``'s
+    launches (none when nothing is wanted or every output is empty): for each layer given as
     (grad_y2d (M, N), x2d (M, K), grad_w (N, K) or None, grad_b (N,) or None), the wanted outputs
-    written (``scale`` scaling the first layer's grad_y2d per sample); and, given ``input_grad`` =
-    (grad_y2d (M, N), weight (N, K), grad_x (M, K)), grad_y2d @ weight. A layer whose bias gradient
-    alone is wanted still has its weight gradient computed, into a buffer allocated here, then
-    dropped (frozen weights with trainable biases: not worth a kernel variant)."""
+    written (``row_scale`` (M,) scaling the first layer's grad_y2d per row); and, given
+    ``input_grad`` = (grad_y2d (M, N), weight (N, K), grad_x (M, K)), grad_y2d @ weight. A layer
+    whose bias gradient alone is wanted still has its weight gradient computed, into a buffer
+    allocated here, then dropped (frozen weights with trainable biases: not worth a kernel variant)."""
     operands = []
     for index, (grad_y2d, x2d, grad_w, grad_b) in enumerate(layers):
         if grad_w is None and grad_b is None:
@@ -348,8 +452,7 @@ def linear_grads_launches(layers: list[tuple[Tensor, Tensor, Tensor | None, Tens
     if not operands and input_grad is None:
         return []
     scaled = bool(operands) and operands[0][0] == 0  # the scale belongs to layers[0]'s gradient only
-    launch = linear_bwd_launch([op for _, op in operands],
-                               InputGradOperands(*input_grad) if input_grad is not None else None,
-                               interpret=interpret, scale=scale if scaled else None,
-                               rows_per_sample=rows_per_sample if scaled else 1)
-    return [launch] if launch.grid[0] else []  # no tiles: every output is empty (not a valid launch)
+    launches = linear_bwd_launch([op for _, op in operands],
+                                 InputGradOperands(*input_grad) if input_grad is not None else None,
+                                 interpret=interpret, row_scale=row_scale if scaled else None)
+    return launches if launches[0].grid[0] else []  # no tiles: every output is empty (not a valid launch)

@@ -23,16 +23,17 @@ Registered ops (namespace ``vit_fast``), each with a fake (meta) implementation:
 Forward: two launches of ``linear_fwd_kernel``, fc1 with bias + GELU in the epilogue (the
 hidden activation is written once, the pre-activation never), fc2 with bias, stochastic depth's
 per-sample scale and the residual: y = residual + scale[sample] * (h W2^T + b2).
-Backward, all inside ``vit_fast::mlp_backward`` (one custom-op call per MLP backward), two
+Backward, all inside ``vit_fast::mlp_backward`` (one custom-op call per MLP backward), three
 launches: ``gelu_bwd_kernel`` computes grad_pre = ((scale dY) W2) * GELU'(pre), recomputing pre in
-the same program (why: ``kernels/mlp.py``); then one ``linear_bwd_kernel`` launch computes dW2 =
-(scale dY)^T H with db2, dW1 = grad_pre^T X with db1 and dX = grad_pre W1, each tile by its own
-programs of one grid, reading dY as it came (fp32 under autocast) and scaling and rounding it in
-registers, W1 converted in registers. This replaced five launches (dX in Triton or cuBLAS, two
+the same program (why: ``kernels/mlp.py``), and stores stochastic depth's scale expanded to rows;
+then one ``linear_bwd_kernel`` launch computes dW2 = (scale dY)^T H with db2, dW1 = grad_pre^T X
+with db1 and dX = grad_pre W1, each tile (of dW: and slice of rows) by its own programs of one
+grid, reading dY as it came (fp32 under autocast) and scaling and rounding it in registers, W1
+converted in registers; ``weight_grad_reduce_kernel`` sums the slices' fp32 partials in slice
+order (``matmul.weight_grad_config``). This replaced five launches (dX in Triton or cuBLAS, two
 cuBLAS weight GEMMs with fp32 output, two bias reductions) and the 16-bit copy of scale * dY that
-gelu_bwd stored for them. cuBLAS may still be faster per weight GEMM on a GPU, where each
-program of the Triton kernel streams all M rows of its panels (``matmul.weight_grad_config`` says
-what the grid costs): ``benchmarks/bench_mlp.py`` on a GPU is to settle it; no timing was taken.
+gelu_bwd stored for them. cuBLAS may still be faster per weight GEMM on a GPU:
+``benchmarks/bench_mlp.py`` on a GPU is to settle it; no timing was taken.
 The residual's gradient is dY itself, passed on by the autograd formula.
 
 Mixed precision (what ``vit_fast.ops`` passes under autocast): x is in the compute dtype (bf16),
@@ -55,12 +56,13 @@ import torch
 from torch import Tensor
 
 from vit_fast.fused.launch import (
-    VIT_CIFAR_TOKENS, Launch, Target, check_launchable, check_same_device, interpreting, meta_tensor, planned_samples,
-    precision_constexprs, rows_per_sample_of,
+    VIT_CIFAR_TOKENS, Launch, Target, accumulation_dtype, check_launchable, check_same_device, interpreting,
+    meta_tensor, planned_samples, precision_constexprs, rows_per_sample_of,
 )
 from vit_fast.fused.matmul import (
     InputGradOperands, MatmulConfig, WeightGradOperands, check_dtypes, check_linear_shapes, input_grad_config,
-    linear_bwd_launch, linear_grads_launches, linear_launch, product_config, tile_grid, weight_grad_config,
+    linear_bwd_launch, linear_grads_launches, linear_launch, product_config, row_scale_launch, tile_grid,
+    weight_grad_config,
 )
 from vit_fast.kernels.mlp import gelu_bwd_kernel
 
@@ -162,15 +164,18 @@ def _check_mlp_backward(grad_y, x, fc1_weight, fc1_bias, fc2_weight, hidden, app
 
 def gelu_bwd_launch(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, grad_pre: Tensor,
                     activation: str, interpret: bool | None = None, scale: Tensor | None = None,
-                    rows_per_sample: int = 1) -> Launch:
-    """The launch computing grad_pre = ((scale * grad_y2d) W2) * GELU'(x2d W1^T + b1), (M, hidden)."""
+                    rows_per_sample: int = 1, row_scale: Tensor | None = None) -> Launch:
+    """The launch computing grad_pre = ((scale * grad_y2d) W2) * GELU'(x2d W1^T + b1), (M, hidden),
+    and, given ``row_scale`` (M,) (with ``scale``), the per-sample scale expanded to rows into it:
+    what ``linear_bwd_kernel``'s weight-gradient loop reads instead of dividing row indices."""
     if interpret is None:
         interpret = interpreting()
     M, k_in = x2d.shape
     hidden, k_out = w1.shape[0], w2.shape[0]
     cfg = product_config("gelu_bwd", rows=M, columns=hidden, dtype=x2d.dtype, interpret=interpret)
     args = dict(
-        DY=grad_y2d, Scale=scale if scale is not None else grad_pre, W2=w2, X=x2d, W1=w1,
+        DY=grad_y2d, Scale=scale if scale is not None else grad_pre,
+        RowScale=row_scale if row_scale is not None else grad_pre, W2=w2, X=x2d, W1=w1,
         B1=b1 if b1 is not None else grad_pre, DPre=grad_pre,
         M=M, N=hidden, K_OUT=k_out, K_IN=k_in, rows_per_sample=rows_per_sample,
         stride_dym=grad_y2d.stride(0), stride_dyk=grad_y2d.stride(1),
@@ -182,7 +187,7 @@ def gelu_bwd_launch(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor | None
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         HAS_BIAS1=b1 is not None, HAS_SCALE=scale is not None,
-        ACTIVATION=activation, **precision_constexprs(x2d.dtype), INTERPRETING=interpret,
+        STORE_ROW_SCALE=scale is not None and row_scale is not None, ACTIVATION=activation, **precision_constexprs(x2d.dtype), INTERPRETING=interpret,
     )
     return Launch(gelu_bwd_kernel, tile_grid(M, hidden, cfg), args, constexprs, cfg.num_warps, cfg.num_stages)
 
@@ -204,17 +209,17 @@ def _plans(M: int, d_in: int, hidden: int, d_out: int, dtype: torch.dtype, appro
     rows_per_sample = rows_per_sample if scale else 1
     h, y, grad_y = t(M, hidden), t(M, d_out, dtype=out_dtype), t(M, d_out, dtype=out_dtype)
     grad_pre = t(M, hidden)
+    row_scale = t(M, dtype=accumulation_dtype(dtype)) if scale else None
     return [
         linear_launch(x, w1, b1, None, h, activation, interpret=interpret),  # fc1
         linear_launch(h, w2, b2, t(M, d_out, dtype=out_dtype) if residual else None, y, "none", interpret=interpret,
                       scale=scale_t, rows_per_sample=rows_per_sample),  # fc2
         gelu_bwd_launch(grad_y, x, w1, b1, w2, grad_pre, activation, interpret=interpret, scale=scale_t,
-                        rows_per_sample=rows_per_sample),
-        linear_bwd_launch(  # dW2, db2, dW1, db1, dX
+                        rows_per_sample=rows_per_sample, row_scale=row_scale),
+        *linear_bwd_launch(  # dW2, db2, dW1, db1, dX (and the sum of the weight gradients' slices)
             [WeightGradOperands(grad_y, h, torch.empty_like(w2), torch.empty_like(b2) if bias else None),
              WeightGradOperands(grad_pre, x, torch.empty_like(w1), torch.empty_like(b1) if bias else None)],
-            InputGradOperands(grad_pre, w1, t(M, d_in)), interpret=interpret, scale=scale_t,
-            rows_per_sample=rows_per_sample),
+            InputGradOperands(grad_pre, w1, t(M, d_in)), interpret=interpret, row_scale=row_scale),
     ]
 
 
@@ -280,18 +285,24 @@ def launch_plan(op: str, args: tuple, outputs: tuple, target: Target) -> list[La
             per_sample = rows_per_sample_of(x, scale)
             # The only product with an elementwise tail (GELU') is fused; it needs no pre-activation.
             grad_pre = x.new_empty((M, w1.shape[0]))  # (M, Hd)
+            # Stochastic depth's scale expanded to rows for fc2's weight gradients: stored by gelu_bwd's
+            # first column of tiles, or by a launch of its own when gelu_bwd does not run.
+            row_scale = (torch.empty(M, dtype=accumulation_dtype(x.dtype), device=x.device)
+                         if scale is not None and M and (needs[3] or needs[4]) else None)
             launches = []
             if grad_pre.numel() and any(needs[:3]):
                 launches.append(gelu_bwd_launch(gy2d, x2d, w1, fc1_bias, w2, grad_pre,
                                                 _APPROXIMATE_TO_ACTIVATION[approximate], interpret=interpret,
-                                                scale=scale, rows_per_sample=per_sample))
-            # Everything else in one launch: fc2's weight and bias gradients (from grad_y as it came, the
-            # fp32 residual stream's under autocast, scaled and rounded to x's dtype in registers),
-            # fc1's, and dX = grad_pre W1.
+                                                scale=scale, rows_per_sample=per_sample, row_scale=row_scale))
+            elif row_scale is not None:
+                launches.append(row_scale_launch(scale, per_sample, row_scale))
+            # Everything else in one launch (and the sum of its weight gradients' slices): fc2's weight and
+            # bias gradients (from grad_y as it came, the fp32 residual stream's under autocast, scaled
+            # and rounded to x's dtype in registers), fc1's, and dX = grad_pre W1.
             launches += linear_grads_launches(
                 [(gy2d, hidden, grad_w2 if needs[3] else None, grad_b2 if needs[4] else None),
                  (grad_pre, x2d, grad_w1 if needs[1] else None, grad_b1 if needs[2] else None)],
-                (grad_pre, w1, grad_x.reshape(x2d.shape)) if needs[0] else None, interpret, scale, per_sample)
+                (grad_pre, w1, grad_x.reshape(x2d.shape)) if needs[0] else None, interpret, row_scale)
         return launches
     raise ValueError(f"vit_fast::{op} is not an MLP op")
 
