@@ -43,13 +43,27 @@ def _one_class(loops: Callable[[dict], dict]) -> Callable[[dict, tuple], list[Pr
 
 
 def _linear_bwd(a: dict, grid: tuple) -> list[ProgramClass]:
-    """Weight-gradient tiles of the first layer, of the second (LAYERS == 2), then DX tiles: the
-    kernel's own tile order (``linear_bwd_kernel``)."""
+    """Weight-gradient programs of the first layer, of the second (LAYERS == 2), then DX tiles: the
+    kernel's own program order (``linear_bwd_kernel``). A layer's weight-gradient programs run
+    slice-major (``slices`` slices of ``rows_per_slice`` rows, the last one shorter); in a layer
+    with a bias, the tiles of the first column (pid_k == 0) run the bias-summing loop
+    (``_weight_grad_rows#1``), the others ``#2``, and without a bias every tile runs ``#3``. Per
+    slice the bias tiles are listed before the others (on the GPU they interleave within the
+    slice: the list schedule is the same up to that order)."""
     classes, used = [], 0
-    for layer, (n, k) in enumerate([(a["N"], a["K"]), (a["N2"], a["K2"])][:a["LAYERS"]], start=1):
-        tiles = _cdiv(n, a["BLOCK_N"]) * max(_cdiv(k, a["BLOCK_K"]), 1)
-        classes.append(ProgramClass(tiles, {f"_weight_grad_tile#{layer}/for m_start": _cdiv(a["M"], a["BLOCK_M"])}))
-        used += tiles
+    slices, per_slice, m, block_m = int(a["slices"]), int(a["rows_per_slice"]), int(a["M"]), int(a["BLOCK_M"])
+    layers = [(a["N"], a["K"], a["HAS_BIAS"]), (a["N2"], a["K2"], a["HAS_BIAS2"])][:a["LAYERS"]]
+    for layer, (n, k, has_bias) in enumerate(layers, start=1):
+        tiles_n, tiles_k = _cdiv(n, a["BLOCK_N"]), max(_cdiv(k, a["BLOCK_K"]), 1)
+        for s in range(slices):
+            trips = _cdiv(max(0, min(m, (s + 1) * per_slice) - s * per_slice), block_m)
+            loop = f"_weight_grad_tile#{layer}/_weight_grad_rows#{{}}/for m_start"
+            if has_bias:
+                classes.append(ProgramClass(tiles_n, {loop.format(1): trips}))
+                classes.append(ProgramClass(tiles_n * (tiles_k - 1), {loop.format(2): trips}))
+            else:
+                classes.append(ProgramClass(tiles_n * tiles_k, {loop.format(3): trips}))
+            used += tiles_n * tiles_k
     if a["HAS_DX"] and _programs(grid) > used:
         classes.append(ProgramClass(_programs(grid) - used,
                                     {"_input_grad_tile/_matmul_tile/for k_start": _cdiv(a["NX"], a["DX_BLOCK_K"])}))
@@ -96,6 +110,8 @@ PROGRAM_WORK: dict[str, Callable[[dict, tuple], list[ProgramClass]]] = {
     "gelu_bwd_kernel": _one_class(lambda a: {"for k_start": _cdiv(a["K_OUT"], a["BLOCK_K"]),
                                              "_matmul_tile/for k_start": _cdiv(a["K_IN"], a["BLOCK_K"])}),
     "linear_bwd_kernel": _linear_bwd,
+    "weight_grad_reduce_kernel": _one_class(lambda a: {"for _": max(int(a["slices"]) - 1, 0)}),
+    "row_scale_kernel": _one_class(lambda a: {}),
     "attention_fwd_kernel": _one_class(lambda a: {"for start_n": _cdiv(a["N_CTX"], a["BLOCK_N"])}),
     "attention_bwd_preprocess_kernel": _one_class(lambda a: {}),
     "attention_bwd_dkdv_kernel": _one_class(lambda a: {"for start_m": _cdiv(a["N_CTX"], a["BLOCK_M"])}),
