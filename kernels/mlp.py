@@ -519,23 +519,23 @@ def _store_segment(Out, values, offs, start, end, INTERPRETING: tl.constexpr):
 
 @triton.jit
 def weight_grad_reduce_kernel(
-    Partial,  # (slices, part_size) linear_bwd_kernel's partial sums, ACC_DTYPE, contiguous
+    Partial,  # (SLICES, part_size) linear_bwd_kernel's partial sums, ACC_DTYPE, contiguous
     DW, DB, DW2, DB2,  # outputs, contiguous, each its parameter's dtype (any valid pointer when absent)
-    slices,
     part_db, part_dw2, part_db2, part_size,  # the outputs' segments of a row: DW [0, part_db), DB up to part_dw2, ...
+    SLICES: tl.constexpr,  # partial rows to sum (a constant of the run: it follows the batch's rows)
     BLOCK: tl.constexpr,
     INTERPRETING: tl.constexpr,
 ):
     """The weight and bias gradients of a split linear_bwd_kernel launch: each element the sum of
     its slices' partials in slice order (0, 1, 2, ...) in the partials' dtype, then rounded once to
-    its output's dtype. Fixed order, no atomics: the result does not depend on scheduling."""
+    its output's dtype. Fixed order, no atomics: the result does not depend on scheduling. The
+    slices are unrolled (a constexpr count), so a thread issues all its loads before the first
+    add needs one: a runtime loop waited one load latency per slice (20 for vit-cifar's proj)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < part_size
-    ptrs = Partial + offs
-    total = tl.load(ptrs, mask=ok, other=0.0)
-    for _ in range(1, slices):
-        ptrs += part_size
-        total += tl.load(ptrs, mask=ok, other=0.0)
+    total = tl.load(Partial + offs, mask=ok, other=0.0)
+    for i in tl.static_range(1, SLICES):
+        total += tl.load(Partial + i * part_size + offs, mask=ok, other=0.0)
     _store_segment(DW, total, offs, 0, part_db, INTERPRETING)
     _store_segment(DB, total, offs, part_db, part_dw2, INTERPRETING)
     _store_segment(DW2, total, offs, part_dw2, part_db2, INTERPRETING)

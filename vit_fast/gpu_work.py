@@ -110,7 +110,7 @@ PROGRAM_WORK: dict[str, Callable[[dict, tuple], list[ProgramClass]]] = {
     "gelu_bwd_kernel": _one_class(lambda a: {"for k_start": _cdiv(a["K_OUT"], a["BLOCK_K"]),
                                              "_matmul_tile/for k_start": _cdiv(a["K_IN"], a["BLOCK_K"])}),
     "linear_bwd_kernel": _linear_bwd,
-    "weight_grad_reduce_kernel": _one_class(lambda a: {"for _": max(int(a["slices"]) - 1, 0)}),
+    "weight_grad_reduce_kernel": _one_class(lambda a: {}),  # its slices are unrolled (SLICES constexpr)
     "row_scale_kernel": _one_class(lambda a: {}),
     "attention_fwd_kernel": _one_class(lambda a: {"for start_n": _cdiv(a["N_CTX"], a["BLOCK_N"])}),
     "attention_bwd_preprocess_kernel": _one_class(lambda a: {}),

@@ -411,10 +411,11 @@ def linear_bwd_launch(layers: list[WeightGradOperands], input_grad: InputGradOpe
     launches = [Launch(linear_bwd_kernel, (programs,), args, constexprs, cfg.num_warps, cfg.num_stages)]
     if split:
         reduce_args = dict(Partial=partial, DW=first_ops["DW"], DB=first_ops["DB"], DW2=second_ops["DW2"],
-                           DB2=second_ops["DB2"], slices=slices, part_db=part_db, part_dw2=part_dw2,
+                           DB2=second_ops["DB2"], part_db=part_db, part_dw2=part_dw2,
                            part_db2=part_db2, part_size=part_size)
         launches.append(Launch(weight_grad_reduce_kernel, (math.ceil(part_size / _REDUCE_BLOCK),), reduce_args,
-                               dict(BLOCK=_REDUCE_BLOCK, INTERPRETING=interpret), num_warps=4, num_stages=1))
+                               dict(SLICES=slices, BLOCK=_REDUCE_BLOCK, INTERPRETING=interpret), num_warps=4,
+                               num_stages=1))
     return launches
 
 
