@@ -286,3 +286,61 @@ def test_keep_probabilities_survive_a_dtype_conversion(dtype):
     assert keep.tolist() == torch.tensor([1.0, 1.0, 0.9, 0.9]).tolist()
     assert "drop_path_keep" not in model.state_dict()  # not a parameter of the model: rebuilt from cfg
     assert ViTClassifier(SMALL).drop_path_keep is None  # no stochastic depth, no draw
+
+
+def test_backward_sums_no_stream_gradients():
+    """Every tensor of the residual stream feeds one op (each block's output is formed by the next
+    LayerNorm's forward_add), so on the fused backend, whose ops are one autograd node each, the
+    backward sums no two gradients of a stream tensor: of the (B, N, D) additions autograd makes,
+    only the patch embedding's output (read by block 0's norm1 and by its residual step) remains.
+    Chaining the blocks through ``ViTEncoder.forward`` instead adds one per block output read by a
+    next block. (The torch
+    and reference backends' add+LayerNorm is a composite that reads its sum twice, so autograd sums
+    inside it.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cfg = SMALL.replace(depth=3, dim=32, num_heads=2)
+    stream = (2, cfg.num_tokens, cfg.dim)
+
+    class StreamAdds(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.add and all(
+                    isinstance(a, torch.Tensor) and tuple(a.shape) == stream for a in args[:2]):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # On fake tensors the fused ops run their fake implementations: autograd's graph is the real
+    # one, and no kernel runs.
+    fake = FakeTensorMode()
+    model = ViTClassifier(cfg, backend="fused").train()
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            module._parameters[name] = torch.nn.Parameter(fake.from_tensor(param.detach()))
+
+    def blockwise(images):  # the same model, each block's output formed on its own
+        x = model.patch_embed(images, model.cls_token, model.pos_embed)
+        for block in model.blocks:
+            x = block(x)
+        return model.head(model.norm(x)[:, 0])
+
+    counts = []
+    for forward in (model, blockwise):
+        with fake:
+            loss = forward(torch.randn(2, 3, 32, 32)).square().sum()  # 2 images: the stream is (2, 65, 32)
+            with StreamAdds() as adds:
+                loss.backward()
+        counts.append(adds.count)
+    assert counts == [1, cfg.depth]
+    # The chained forward computes what the blocks compute on their own.
+    model = ViTClassifier(cfg, backend="torch").double().train()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(0)
+    chained = model(images)
+    torch.manual_seed(0)
+    torch.testing.assert_close(blockwise(images), chained, rtol=1e-12, atol=1e-12)

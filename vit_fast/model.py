@@ -193,14 +193,27 @@ class ViTEncoder(nn.Module):
     def forward(self, x: Tensor, scales: Tensor | None = None) -> Tensor:
         """x (B, N, D) -> the block's output; ``scales`` (2, B), optional: the stochastic-depth
         vectors of the attention and MLP branches (rows of the model's one draw per step, in the
-        branch dtype). Without them a block in training mode draws its own."""
-        branch = self.attn(self.norm1(x))
+        branch dtype). Without them a block in training mode draws its own. (``ViTClassifier``
+        chains its blocks through ``branches`` instead, so that each block's last residual add
+        rides in the next LayerNorm's op.)"""
+        y, s, scale2 = self.branches(self.norm1(x), x, scales)
+        if scale2 is not None:
+            y = y * scale2.view((y.shape[0],) + (1,) * (y.ndim - 1))
+        return s + y
+
+    def branches(self, h: Tensor, x: Tensor, scales: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The block on input x with h = norm1(x) given: (y, s, scale2), where s = x + scale1 *
+        attn(h) is the stream after the attention branch, y = mlp(norm2(s)) the MLP branch and
+        scale2 its stochastic-depth vector (None when inactive). The block's output is
+        s + scale2 * y, left to the caller: the classifier computes it in the next LayerNorm's
+        ``forward_add`` (one kernel on "fused"), so no block output feeds two ops and the backward
+        never sums two gradients of one stream tensor (an extra kernel per use)."""
+        branch = self.attn(h)
         scale1, scale2 = self.keep_scales(x, scales)
         # One op applies stochastic depth to the branch, produces the new residual stream and its
         # normalisation (one kernel on "fused").
-        h, x = self.norm2.forward_add(branch, x, scale1)
-        # The residual add and the MLP branch's stochastic depth ride in fc2's epilogue on "fused".
-        return self.mlp(h, residual=x, scale=scale2)
+        h, s = self.norm2.forward_add(branch, x, scale1)
+        return self.mlp(h), s, scale2
 
     def keep_scales(self, x: Tensor, scales: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """Each branch's scale, None for an inactive DropPath (the kernels then skip it)."""
@@ -294,9 +307,17 @@ class ViTClassifier(UsesBackend, nn.Module):
         x = self.patch_embed(images, self.cls_token, self.pos_embed)  # (B, N+1, D)
         scales = self.drop_path_scales(x)  # (2 * depth, B) or None
         x = self.pos_drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, scales[2 * i:2 * i + 2] if scales is not None else None)
-        return self.norm(x)
+        if not len(self.blocks):
+            return self.norm(x)
+        # Each block's output x = s + scale2 * y is formed by the op that normalises it for the
+        # next block (the final norm after the last), returning both: every stream tensor then has
+        # one consumer, and the backward adds no gradients of its own (see ViTEncoder.branches).
+        h = self.blocks[0].norm1(x)
+        norms = [block.norm1 for block in self.blocks[1:]] + [self.norm]
+        for i, (block, norm) in enumerate(zip(self.blocks, norms)):
+            y, s, scale2 = block.branches(h, x, scales[2 * i:2 * i + 2] if scales is not None else None)
+            h, x = norm.forward_add(y, s, scale2)
+        return h
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.forward_features(images)[:, 0])  # classify from the class token
