@@ -62,6 +62,9 @@ class KernelResources:
     spill_bytes: int  # LOCAL memory per thread: non-zero means registers spilled
     stack_bytes: int
     shared_bytes: int  # shared memory the launch requests (static + dynamic)
+    # The cubin's disassembly (``nvdisasm -c -gi``: SASS with source lines), when asked for
+    # (``compile_launches(..., sass=True)``, for ``vit_fast.gpu_time``); empty otherwise.
+    sass: str = field(default="", repr=False, compare=False)
 
     @property
     def fits_shared_memory(self) -> bool:
@@ -90,13 +93,24 @@ def resident_ctas(resources: KernelResources, num_warps: int) -> tuple[int, str]
     return by_limit[binding], binding
 
 
-def _cuobjdump() -> str:
+def _nvidia_tool(name: str) -> str:
     import triton
 
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"cuobjdump not found at {path}; the triton wheel ships it on Linux x86_64")
+        raise FileNotFoundError(f"{name} not found at {path}; the triton wheel ships it on Linux x86_64")
     return path
+
+
+def _cuobjdump() -> str:
+    return _nvidia_tool("cuobjdump")
+
+
+def disassemble(cubin: str) -> str:
+    """``nvdisasm -c -gi`` of a cubin file: its SASS, each run of instructions preceded by its
+    source line and the chain of inlined calls it came through (``vit_fast.sass`` reads it)."""
+    return subprocess.run([_nvidia_tool("nvdisasm"), "-c", "-gi", cubin], capture_output=True, text=True,
+                          check=True).stdout
 
 
 def compile_kernel(
@@ -108,6 +122,7 @@ def compile_kernel(
     num_stages: int = 3,
     divisible_by_16: tuple[str, ...] | list[str] = (),
     options: dict | None = None,
+    sass: bool = False,
 ) -> KernelResources:
     """Compile ``fn`` (a ``@triton.jit`` function) for ``sm_<capability>`` and read its resources.
 
@@ -119,7 +134,8 @@ def compile_kernel(
     never runs. ``options``: further compile options, as a launch passes them (``Launch.options``).
 
     Must run outside Triton's interpreter (under it ``@triton.jit`` functions are
-    interpreted functions that cannot be compiled): see ``compile_launches``.
+    interpreted functions that cannot be compiled): see ``compile_launches``. With ``sass``, the
+    result also holds the cubin's disassembly (``disassemble``).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -141,6 +157,7 @@ def compile_kernel(
         cubin = f.name
     try:
         report = subprocess.run([_cuobjdump(), "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+        text = disassemble(cubin) if sass else ""
     finally:
         os.unlink(cubin)
     match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", report)
@@ -154,6 +171,7 @@ def compile_kernel(
         spill_bytes=local,
         stack_bytes=stack,
         shared_bytes=max(static_shared, int(kernel.metadata.shared)),
+        sass=text,
     )
 
 
@@ -271,7 +289,7 @@ def kernel_launches(launches: Iterable[Launch]) -> list[KernelLaunch]:
     return list({k.key: k for k in map(kernel_launch, launches)}.values())
 
 
-def _compile_launch(launch: KernelLaunch, capability: int) -> KernelResources:
+def _compile_launch(launch: KernelLaunch, capability: int, sass: bool = False) -> KernelResources:
     import importlib
 
     import triton.language as tl
@@ -280,7 +298,7 @@ def _compile_launch(launch: KernelLaunch, capability: int) -> KernelResources:
     consts = {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
               for k, v in launch.constexprs.items()}
     return compile_kernel(fn, launch.signature, consts, capability, launch.num_warps, launch.num_stages,
-                          launch.divisible_by_16, launch.options)
+                          launch.divisible_by_16, launch.options, sass)
 
 
 class CompileError(RuntimeError):
@@ -288,12 +306,15 @@ class CompileError(RuntimeError):
     with that process's stderr."""
 
 
-def compile_launches(launches, targets=TARGETS, timeout: float = 1800) -> list[tuple[KernelLaunch, KernelResources]]:
+def compile_launches(launches, targets=TARGETS, timeout: float = 1800,
+                     sass: bool = False) -> list[tuple[KernelLaunch, KernelResources]]:
     """Compile each distinct launch for each target in a fresh Python process outside Triton's
-    interpreter (so this works from a test session that runs the kernels in the interpreter)."""
+    interpreter (so this works from a test session that runs the kernels in the interpreter);
+    with ``sass``, each result holds the cubin's disassembly too."""
     unique = list({launch.key: launch for launch in launches}.values())
     env = environment_without_interpreter()
-    payload = json.dumps({"launches": [asdict(launch) for launch in unique], "targets": list(targets)})
+    payload = json.dumps({"launches": [asdict(launch) for launch in unique], "targets": list(targets),
+                          "sass": sass})
     child = subprocess.run([sys.executable, "-m", "vit_fast.aot", "--child"], input=payload, env=env,
                            capture_output=True, text=True, timeout=timeout)
     if child.returncode != 0:
@@ -308,7 +329,7 @@ def _child_main() -> None:
     for i, d in enumerate(payload["launches"]):
         launch = KernelLaunch(**{**d, "divisible_by_16": tuple(d["divisible_by_16"])})
         for capability in payload["targets"]:
-            results.append((i, asdict(_compile_launch(launch, capability))))
+            results.append((i, asdict(_compile_launch(launch, capability, payload.get("sass", False)))))
     print(json.dumps(results))
 
 

@@ -71,6 +71,10 @@ too fast), summed ("graph": the step replayed from a CUDA graph), plus, for an u
 with no host sync lets the host run ahead of the GPU, so max(host, graph) is the optimistic
 bound. ``benchmarks/bench_train.py`` measures the step on a GPU.
 
+After the account, the GPU-time estimate of ``vit_fast.gpu_time`` (per kernel, from its SASS and
+stated hardware figures; ``--no-estimate`` skips it): the graphed step, its forward+backward phase
+and the kernels ranked by estimated time, per backend and GPU; also an estimate, not a timing.
+
 The module's parts: ``vit_fast.cost_account`` (the account types, the roofline model and the
 tables), ``vit_fast.cost_kernels`` (what each operator and custom-op call costs, and the recorder),
 and this module (the step drivers and the command line). Their public names are importable from here.
@@ -256,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fp32 forward + backward + AdamW step only (no data, autocast or clipping)")
     p.add_argument("--top", type=int, default=12, help="operators listed per backend")
     p.add_argument("--json", help="write the account here")
+    p.add_argument("--no-estimate", action="store_true",
+                   help="skip the GPU-time estimate from SASS (vit_fast.gpu_time; its first run compiles the "
+                        "step's Triton launches for sm_90 and sm_80, a few minutes, then reads them from the cache)")
+    p.add_argument("--estimate-top", type=int, default=15, help="kernels listed per backend and GPU in the estimate")
     return p
 
 
@@ -266,8 +274,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _main(args: argparse.Namespace) -> dict:
-    if args.batch_size <= 0 or args.top < 0:
-        raise UsageError(f"--batch-size must be positive and --top >= 0, got {args.batch_size} and {args.top}")
+    if args.batch_size <= 0 or args.top < 0 or args.estimate_top < 0:
+        raise UsageError(f"--batch-size must be positive and --top, --estimate-top >= 0, got {args.batch_size}, "
+                         f"{args.top} and {args.estimate_top}")
     if args.json:  # before the accounts, which take a while
         check_output_file(args.json, "--json")
     if args.pure:
@@ -295,6 +304,13 @@ def _main(args: argparse.Namespace) -> dict:
                   "custom_op_call_s": CUSTOM_OP_CALL_S,
                   "gpus": {k: vars(g) for k, g in GPUS.items()},
                   "backends": {b: s.to_dict() for b, s in steps.items()}}
+        if not args.no_estimate:
+            from . import gpu_time
+
+            estimates = {b: {g: gpu_time.estimate_step(s, g) for g in gpu_time.GPUS} for b, s in steps.items()}
+            print(gpu_time.format_estimates(estimates, args.estimate_top))
+            result["estimate"] = {b: {e.gpu: e.to_dict() for e in by_gpu.values()} for b, by_gpu in estimates.items()}
+            result["estimate_gpus"] = {k: vars(g) for k, g in gpu_time.GPUS.items()}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

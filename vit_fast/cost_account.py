@@ -36,12 +36,23 @@ GPUS = {
 
 @dataclass
 class Kernel:
-    """One kernel launch: what the roofline is summed over."""
+    """One kernel launch: what the roofline is summed over, and which launch it was (for the
+    GPU-time estimate, ``vit_fast.gpu_time``): ``name`` is the Triton kernel's function name, the
+    aten operator's name ("mm", "_fused_adamw_") or "patch_embed_<part>" for the C++ kernels;
+    ``grid`` the programs per grid axis of a Triton launch (None for library kernels); ``spec`` its
+    ``vit_fast.aot.KernelLaunch`` (None otherwise); ``args`` its non-tensor arguments with the
+    tensors' shapes (what ``vit_fast.gpu_work`` reads the programs' work from); ``phase`` the step
+    phase it ran in, when recorded by phase."""
 
     bytes_read: int
     bytes_written: int
     flops: int
     cast: bool = False
+    name: str = ""
+    grid: tuple | None = None
+    spec: object = field(default=None, repr=False, compare=False)
+    args: dict | None = field(default=None, repr=False, compare=False)
+    phase: str = ""
 
 
 @dataclass

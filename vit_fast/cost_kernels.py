@@ -78,7 +78,7 @@ def aten_flops(name: str, args: tuple, outs: list[torch.Tensor]) -> int:
 def launch_flops(launch, written_elements: int) -> int:
     """FLOPs of a planned Triton launch: our GEMM and attention kernels from their arguments,
     one per element written for the rest."""
-    name = getattr(launch.kernel, "__name__", "") or getattr(getattr(launch.kernel, "fn", None), "__name__", "")
+    name = kernel_name(launch)
     a = launch.args
     if name == "linear_fwd_kernel":
         return 2 * a["M"] * a["N"] * a["K"]
@@ -119,14 +119,15 @@ def _aten_kernel(func, args, kwargs, out) -> Kernel | None:
         if not (name == "copy_" and args[0].shape):
             return None
     if name == "copy_":  # a real copy into a buffer: read source, write destination
-        return Kernel(tensor_bytes(args[1]), tensor_bytes(args[0]), _numel(args[0]), _is_cast(name, args, []))
+        return Kernel(tensor_bytes(args[1]), tensor_bytes(args[0]), _numel(args[0]), _is_cast(name, args, []),
+                      name=name)
     read = sum(tensor_bytes(t) for t in _tensors((args, kwargs)))
     mutated = _tensors([a for a, arg in zip(args, func._schema.arguments)
                         if arg.alias_info is not None and arg.alias_info.is_write])
     mutated_ids = {id(t) for t in mutated}
     outs = [t for t in _tensors(out) if id(t) not in mutated_ids]
     written = sum(tensor_bytes(t) for t in mutated) + sum(tensor_bytes(t) for t in outs)
-    return Kernel(read, written, aten_flops(name, args, mutated + outs), _is_cast(name, args, outs))
+    return Kernel(read, written, aten_flops(name, args, mutated + outs), _is_cast(name, args, outs), name=name)
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -135,6 +136,22 @@ def _storage_key(t: torch.Tensor) -> int:
 
 def _view_key(t: torch.Tensor) -> tuple:
     return _storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
+
+
+def kernel_name(launch) -> str:
+    """The ``@triton.jit`` function's name of a planned launch (compiled or interpreted)."""
+    return getattr(launch.kernel, "__name__", "") or getattr(getattr(launch.kernel, "fn", None), "__name__", "")
+
+
+def launch_identity(launch) -> dict:
+    """Which launch a planned Triton ``Launch`` is, as ``Kernel`` fields: its kernel's name, grid,
+    ``vit_fast.aot.KernelLaunch`` (what ``vit_fast.gpu_time`` compiles) and its arguments, a
+    tensor by its shape (what ``vit_fast.gpu_work`` reads each program's work from)."""
+    from .aot import kernel_launch
+
+    args = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in launch.args.items()}
+    return {"name": kernel_name(launch), "grid": tuple(int(g) for g in launch.grid), "spec": kernel_launch(launch),
+            "args": {**args, **{k: v for k, v in launch.constexprs.items() if isinstance(v, (int, float, str))}}}
 
 
 class _Planner:
@@ -166,7 +183,8 @@ class _Planner:
                     self.written.add(s)
                 else:
                     read += tensor_bytes(t)
-            self.kernels.append(Kernel(read, written, launch_flops(launch, written_elements)))
+            self.kernels.append(Kernel(read, written, launch_flops(launch, written_elements),
+                                       **launch_identity(launch)))
         self.drained = len(self.launches)
 
     def aten(self, kernel: Kernel, outs: list[torch.Tensor]) -> None:
@@ -227,22 +245,24 @@ def _patch_embed_kernels(op: str, args: tuple, outs: list[torch.Tensor]) -> list
     if op == "patch_embed":  # (images, weight, bias, cls_token, pos_embed) -> (B, N + 1, D)
         weight, tokens = args[1], outs[0].shape[1]
         batch, patches = args[0].shape[0], tokens - 1
-        parts = [(patch_embed.kernel_count(op, batch, patches), _tensors(args), sum(map(tensor_bytes, outs)))]
+        parts = [("forward", patch_embed.kernel_count(op, batch, patches), _tensors(args),
+                  sum(map(tensor_bytes, outs)))]
     else:  # (grad_out (B, N + 1, D), images, weight, needs)
         grad_out, images, weight, needs = args
         batch, patches, dim = grad_out.shape[0], grad_out.shape[1] - 1, weight.shape[0]
         param_elements = weight.numel() + dim + dim + (patches + 1) * dim  # weight, bias, cls_token, pos_embed
         images_only, params_only = (True, False, False, False, False), (False, True, True, True, True)
-        parts = [(patch_embed.kernel_count(op, batch, patches, images_only), [grad_out, weight],
+        parts = [("backward_images", patch_embed.kernel_count(op, batch, patches, images_only), [grad_out, weight],
                   images.numel() * images.element_size())] if needs[0] else []
         if any(needs[1:]):
-            parts.append((patch_embed.kernel_count(op, batch, patches, params_only), [grad_out, images, weight],
-                          param_elements * weight.element_size()))
+            parts.append(("backward_params", patch_embed.kernel_count(op, batch, patches, params_only),
+                          [grad_out, images, weight], param_elements * weight.element_size()))
     kernels = []
-    for n, read, written in parts:
-        if n:
-            kernels += [Kernel(sum(map(tensor_bytes, read)), written, 2 * batch * patches * weight.numel())]
-            kernels += [Kernel(0, 0, 0) for _ in range(n - 1)]
+    for part, n, read, written in parts:
+        if n:  # named patch_embed_<part>, the part's further kernels patch_embed_<part>_<i>
+            kernels += [Kernel(sum(map(tensor_bytes, read)), written, 2 * batch * patches * weight.numel(),
+                               name=f"patch_embed_{part}")]
+            kernels += [Kernel(0, 0, 0, name=f"patch_embed_{part}_{i}") for i in range(2, n + 1)]
     return kernels
 
 
@@ -300,21 +320,27 @@ class CostRecorder(_KernelMode):
         super().__init__()
         self.account = account
         self.phases = phases
+        self.phase_name = ""
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        outer = self.account
-        self.account = self.phases.setdefault(name, CostAccount())
+        outer, outer_name = self.account, self.phase_name
+        self.account, self.phase_name = self.phases.setdefault(name, CostAccount()), name
         try:
             yield
         finally:
-            self.account = outer
+            self.account, self.phase_name = outer, outer_name
+
+    def _charge(self, key: str, kernels: list[Kernel]) -> None:
+        for k in kernels:
+            k.phase = self.phase_name
+        self.account.charge(key, kernels)
 
     def record(self, func, args, kwargs, out) -> None:
         ns, name = func.namespace, func.overloadpacket.__name__
         if ns == "vit_fast":
-            self.account.charge(f"{ns}::{name}", custom_op_kernels(func, args, kwargs, out))
+            self._charge(f"{ns}::{name}", custom_op_kernels(func, args, kwargs, out))
             return
         kernel = _aten_kernel(func, args, kwargs, out)
         if kernel is not None:
-            self.account.charge(f"{ns}::{name}", [kernel])
+            self._charge(f"{ns}::{name}", [kernel])
