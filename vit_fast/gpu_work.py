@@ -46,9 +46,13 @@ def _linear_bwd(a: dict, grid: tuple) -> list[ProgramClass]:
     """Weight-gradient tiles of the first layer, of the second (LAYERS == 2), then DX tiles: the
     kernel's own tile order (``linear_bwd_kernel``)."""
     classes, used = [], 0
+    # Each tile's rows are split into ``slices`` programs of ``rows_per_slice`` rows (the last one
+    # may be shorter; counted at the full length, as the longest program sets the critical path).
+    slices, rows = int(a.get("slices", 1)), min(int(a.get("rows_per_slice", a["M"])), int(a["M"]))
     for layer, (n, k) in enumerate([(a["N"], a["K"]), (a["N2"], a["K2"])][:a["LAYERS"]], start=1):
-        tiles = _cdiv(n, a["BLOCK_N"]) * max(_cdiv(k, a["BLOCK_K"]), 1)
-        classes.append(ProgramClass(tiles, {f"_weight_grad_tile#{layer}/for m_start": _cdiv(a["M"], a["BLOCK_M"])}))
+        tiles = _cdiv(n, a["BLOCK_N"]) * max(_cdiv(k, a["BLOCK_K"]), 1) * slices
+        classes.append(ProgramClass(tiles, {f"_weight_grad_tile#{layer}/_weight_grad_rows/for m_start":
+                                            _cdiv(rows, a["BLOCK_M"])}))
         used += tiles
     if a["HAS_DX"] and _programs(grid) > used:
         classes.append(ProgramClass(_programs(grid) - used,
@@ -96,6 +100,7 @@ PROGRAM_WORK: dict[str, Callable[[dict, tuple], list[ProgramClass]]] = {
     "gelu_bwd_kernel": _one_class(lambda a: {"for k_start": _cdiv(a["K_OUT"], a["BLOCK_K"]),
                                              "_matmul_tile/for k_start": _cdiv(a["K_IN"], a["BLOCK_K"])}),
     "linear_bwd_kernel": _linear_bwd,
+    "weight_grad_reduce_kernel": _one_class(lambda a: {"for _": max(int(a["slices"]) - 1, 0)}),
     "attention_fwd_kernel": _one_class(lambda a: {"for start_n": _cdiv(a["N_CTX"], a["BLOCK_N"])}),
     "attention_bwd_preprocess_kernel": _one_class(lambda a: {}),
     "attention_bwd_dkdv_kernel": _one_class(lambda a: {"for start_m": _cdiv(a["N_CTX"], a["BLOCK_M"])}),
