@@ -49,11 +49,17 @@ def _linear_bwd(a: dict, grid: tuple) -> list[ProgramClass]:
     # Each tile's rows are split into ``slices`` programs of ``rows_per_slice`` rows (the last one
     # may be shorter; counted at the full length, as the longest program sets the critical path).
     slices, rows = int(a.get("slices", 1)), min(int(a.get("rows_per_slice", a["M"])), int(a["M"]))
-    for layer, (n, k) in enumerate([(a["N"], a["K"]), (a["N2"], a["K2"])][:a["LAYERS"]], start=1):
-        tiles = _cdiv(n, a["BLOCK_N"]) * max(_cdiv(k, a["BLOCK_K"]), 1) * slices
-        classes.append(ProgramClass(tiles, {f"_weight_grad_tile#{layer}/_weight_grad_rows/for m_start":
-                                            _cdiv(rows, a["BLOCK_M"])}))
-        used += tiles
+    # ``_weight_grad_tile`` calls ``_weight_grad_rows`` in one of three places: #1 for the first
+    # column of tiles when the layer has a bias (it also sums dY), #2 for the other columns, #3
+    # without a bias.
+    trips = _cdiv(rows, a["BLOCK_M"])
+    layers = [(a["N"], a["K"], a["HAS_BIAS"]), (a["N2"], a["K2"], a["HAS_BIAS2"])][:a["LAYERS"]]
+    for layer, (n, k, bias) in enumerate(layers, start=1):
+        tiles_n, tiles_k = _cdiv(n, a["BLOCK_N"]), max(_cdiv(k, a["BLOCK_K"]), 1)
+        label = f"_weight_grad_tile#{layer}/_weight_grad_rows#{{}}/for m_start"
+        parts = [(tiles_n, 1), (tiles_n * (tiles_k - 1), 2)] if bias else [(tiles_n * tiles_k, 3)]
+        classes += [ProgramClass(count * slices, {label.format(call): trips}) for count, call in parts]
+        used += tiles_n * tiles_k * slices
     if a["HAS_DX"] and _programs(grid) > used:
         classes.append(ProgramClass(_programs(grid) - used,
                                     {"_input_grad_tile/_matmul_tile/for k_start": _cdiv(a["NX"], a["DX_BLOCK_K"])}))
