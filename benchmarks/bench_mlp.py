@@ -21,7 +21,8 @@ launches, fused beside torch (torch.profiler), to confirm or overturn two design
 without a GPU: recomputing the pre-activation in the GELU backward kernel (kernels/mlp.py; its
 alternative costs the write and read of the (M, Hd) pre-activation, timed as read_write_hidden)
 and computing the weight/bias/input gradients in one Triton launch (linear_bwd_kernel, each weight
-gradient tile reducing over all rows in one program) rather than cuBLAS (its kernels beside torch's).
+gradient tile reducing one slice of the rows, then weight_grad_reduce_kernel summing the slices)
+rather than cuBLAS (its kernels beside torch's).
 
 The goal (measured here, never claimed before): forward+backward at least 1.2x faster than
 the torch provider and not slower than torch.compile at the CIFAR shapes.

@@ -1,7 +1,7 @@
 """Triton kernels of the transformer MLP: fc2(GELU(fc1(x))) (+ residual), forward and backward.
 
-Three kernels, all tiled matmuls accumulating ``tl.dot`` products in fp32 (fp64 for fp64
-inputs), that differ in what they reduce over and in their epilogues:
+Three matmul kernels, all tiled matmuls accumulating ``tl.dot`` products in fp32 (fp64 for fp64
+inputs), that differ in what they reduce over and in their epilogues, and two small helpers:
 
   linear_fwd_kernel      Out = residual + scale[sample] * act(X @ W^T + bias)
                          one BLOCK_M x BLOCK_N output tile per program, a K loop
@@ -10,18 +10,24 @@ inputs), that differ in what they reduce over and in their epilogues:
                          and optional scale (stochastic depth's per-sample 0 or 1/keep)
   gelu_bwd_kernel        DPre = ((scale * DY) @ W2) * GELU'(X @ W1^T + b1)
                          the gradient through fc2 and the GELU in one kernel; the
-                         pre-activation is recomputed in the same program (see below)
+                         pre-activation is recomputed in the same program (see below); its
+                         first column of tiles also stores the scale expanded to rows (RowScale)
   linear_bwd_kernel      the backward's remaining products, each tile by its own programs of
                          one grid: DW = (scale * DY)^T @ X and DB = column sums of scale * DY
                          for one or two layers (the MLP's fc2 then fc1), then DX = G @ W
                          (G the gradient of the layer's output, W its weight)
-                         a DW program owns one BLOCK_N x BLOCK_K tile and reduces over all M
-                         rows itself (fixed order, no atomics, no partial-sum pass); the bias
-                         sums ride along: every program adds the DY tiles it loads anyway
-                         into an fp32 accumulator and the first column of tiles stores it.
+                         a DW program owns one BLOCK_N x BLOCK_K tile and one slice of the M
+                         rows (rows_per_slice); with several slices it stores an fp32 partial
+                         tile, summed by weight_grad_reduce_kernel. The bias sums ride along in
+                         the programs of the first column of tiles (pid_k == 0), which add the DY
+                         tiles they load anyway into an fp32 accumulator. The scale is read per
+                         row (RowScale), contiguous: no division of row indices in the loop.
                          The DX programs are linear_fwd_kernel's tiles (W read as it is laid
                          out) and come last, so the many short ones fill the SMs that the
-                         few long DW programs leave idle.
+                         weight-gradient programs leave idle.
+  weight_grad_reduce_kernel   the slices' partials summed in slice order (fixed, no atomics)
+                         and rounded once to each gradient's dtype
+  row_scale_kernel       RowScale from the per-sample scale, where no gelu_bwd_kernel runs
 
 The backward kernel reads DY in its own dtype (the fp32 residual stream's gradient under
 autocast) and applies stochastic depth's scale in registers, so no scaled 16-bit copy of DY is

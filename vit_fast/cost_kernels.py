@@ -88,6 +88,8 @@ def launch_flops(launch, written_elements: int) -> int:
         c = launch.constexprs
         products = [(a["N"], a["K"])] * (c["LAYERS"] >= 1) + [(a["N2"], a["K2"])] * (c["LAYERS"] == 2)
         return 2 * a["M"] * sum(n * k for n, k in products + [(a["NX"], a["KX"])] * c["HAS_DX"])
+    if name == "weight_grad_reduce_kernel":  # the slices' partials summed: one add per partial after the first
+        return (a["slices"] - 1) * a["part_size"]
     if name.startswith("attention_") and "Q" in a:
         per_product = 2 * math.prod(a["Q"].shape[:-1]) * a["N_CTX"] * a["HEAD_DIM"]  # one N x N x D product
         if name == "attention_fwd_kernel":

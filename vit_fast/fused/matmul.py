@@ -184,22 +184,21 @@ def weight_grad_config(rows: int, weights: list[tuple[int, int]], dtype: torch.d
     - fp32 and fp64 (accuracy paths): one small config each, as ``product_config``, split alike.
     ``interpret`` defaults to ``launch.interpreting()`` (then INTERPRETER_CONFIG's tiles).
 
-    vit-cifar's training step (M = 8,320 rows, bf16 autocast; sm_90 SASS of the weight-gradient
-    loop read with cuobjdump; times are hand estimates for an H100 SXM, not measurements, see
-    docs/kernels.md for the table and the arithmetic):
+    vit-cifar's training step (M = 8,320 rows, bf16 autocast): SASS instructions per step of the
+    weight-gradient loop on sm_90 (cuobjdump of the AOT compile; "bias" is the first column of
+    tiles' loop), before and after this scheme; docs/kernels.md has the hand-estimated times.
 
-    ========  =============================  ===============================
-    launch    before (32 x 32 tiles, 64      after (64 x 64 tiles, 32 rows,
-              rows a step, all M rows)       slices)
-    ========  =============================  ===============================
-    MLP       288 dW programs x 130 steps;   72 tiles x 9 slices = 648
-              fc2's scaled loop 632 SASS     programs x 29 steps; partials
-              instr. / step, 8 HMMA; fc1's   10.6 MB (S (N K + N) 4 bytes)
-              125                            against 35 MB of dY and X
-    qkv       108 x 130 steps, 113 / step    27 x 10 = 270 x 26; 4.4 MB
-    proj      36 x 130, 113 / step           9 x 29 = 261 x 9; 4.3 MB
-    head      24 x 2                         6 x 4, one slice (no reduction)
-    ========  =============================  ===============================
+    ======  ==================================  =============================================
+    launch  before: 32 x 32 tiles, 64 rows a    after: 64 x 64 tiles, 32 rows a step, slices
+            step, every program all M rows
+    ======  ==================================  =============================================
+    MLP     288 programs x 130 steps; fc2's     72 tiles x 9 slices = 648 programs x 29 steps;
+            scaled loop 632 SASS, 8 HMMA;       fc2 188 (bias) / 162, fc1 138 / 87, 2 HGMMA;
+            fc1's 125                           partials 10.7 MB against 35 MB of dY and X
+    qkv     108 x 130; 113, 8 HMMA              27 x 10 = 270 x 26; 134 / 81; 4.4 MB (12.8 MB)
+    proj    36 x 130; 113                       9 x 20 = 180 x 13; 134 / 81; 3.0 MB (6.4 MB)
+    head    24 x 2 (128 rows)                   6 x 1 x 4 steps: one slice, no reduction
+    ======  ==================================  =============================================
     """
     fixed = _fixed_config(dtype, interpret, fp32=MatmulConfig(16, 64, 64, group_m=1, num_warps=4, num_stages=3),
                           fp64=MatmulConfig(16, 32, 32, group_m=1, num_warps=4, num_stages=2))
