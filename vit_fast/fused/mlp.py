@@ -188,6 +188,7 @@ def gelu_bwd_launch(grad_y2d: Tensor, x2d: Tensor, w1: Tensor, b1: Tensor | None
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         HAS_BIAS1=b1 is not None, HAS_SCALE=scale is not None,
         STORE_ROW_SCALE=scale is not None and row_scale is not None, ACTIVATION=activation, **precision_constexprs(x2d.dtype), INTERPRETING=interpret,
+        EVEN_K_OUT=k_out % cfg.block_k == 0, EVEN_K_IN=k_in % cfg.block_k == 0,
     )
     return Launch(gelu_bwd_kernel, tile_grid(M, hidden, cfg), args, constexprs, cfg.num_warps, cfg.num_stages)
 
