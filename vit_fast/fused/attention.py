@@ -126,12 +126,16 @@ def _short_sequence_config(bd: int, seq_len: int) -> AttentionConfig:
     The backward needs one program per head to own all keys (block_n = 64 or 128 >= N): it then
     completes dQ and computes delta itself (fuse_dq), one launch for the whole backward. Its query
     step is 16 rows (80 padded rows at N = 65, where 32 gives 96). Its keys are the dots' rows
-    (dV = P^T dO and dK = dS^T Q): at head dim 16, 128 keys take 4 warps of 32 rows, which SASS
-    counts put a third below 8 warps of 16 (fewer warps share the cross-warp reductions of delta
-    and the copy of dS through shared memory for dQ) at the same 16 resident warps per SM, and
-    with 4 warps the q and dO tiles are 4 bytes a thread, enough for the pipelined asynchronous
-    copies (LDGSTS) that 2-byte loads do not get. The 16-row dQ product is still repeated by each
-    warp: splitting it into per-warp partial products summed across warps (tried) cost more
+    (dV = P^T dO and dK = dS^T Q): at head dim 16, 128 keys take 2 warps of 64 rows. Each warp's
+    loop is longer than with 4 warps of 32 (585 instructions, not 450: four 16-row mma tiles
+    instead of two), but the parts every warp repeats (the q, dO and lse loads, the 16-row dQ
+    product, the cross-warp reductions of delta) are done by half as many warps, so the SASS counts
+    per head fall by a third (table below); 214 registers (sm_90, 220 on sm_80) still leave 4 CTAs,
+    8 warps, per SM, enough for the 1536 programs to be about 3 waves on 132 SMs, as before. One
+    warp of 128 rows needs a 264-byte stack frame on sm_90; 32-query steps (3 trips instead of 5)
+    cost more per query than they save (4 warps: 11424 warp-instructions per head; 2 warps:
+    7828, with an 8-byte stack frame). The 16-row dQ product is still repeated by each warp:
+    splitting it into per-warp partial products summed across warps (tried with 4 warps) cost more
     instructions and barriers than the repeated HMMAs. At head dims 32-64, 128 keys keep 8 warps:
     4 take 230-255 registers on sm_80, whose layout then spreads the warps over the 16 queries.
     At BLOCK_D = 128 the k, v, dk and dv of 128 keys do not fit one program's registers: there it
@@ -150,10 +154,15 @@ def _short_sequence_config(bd: int, seq_len: int) -> AttentionConfig:
     forward, before    32 x 16, 4, 4608        [4, 1] (rows twice)     126 / 4 / 2 / 8, 5 trips    12000, 17.6 us
     forward, after     16 x 16, 1, 7680        [1, 1]                  122 / 4 / 2 / 8, 5 trips    4840, 7.1 us
     backward, before   128 keys x 16, 8, 1536  [8, 1]; dQ [8, 1]       367 / 20 / 10 / 48, 5 trips 17856, 26.2 us
-    backward, after    128 keys x 16, 4, 1536  [4, 1]; dQ [4, 1]       450 / 24 / 7 / 40, 5 trips  10976, 16.1 us
+    backward, 4 warps  128 keys x 16, 4, 1536  [4, 1]; dQ [4, 1]       450 / 24 / 7 / 40, 5 trips  10976, 16.1 us
+    backward, now      128 keys x 16, 2, 1536  [2, 1]; dQ [2, 1]       585 / 48 / 7 / 32, 5 trips  7064, 10.4 us
     =================  ======================  ======================  ==========================  ==========================
 
-    (Backward on sm_80: 372 / 24 / 13 / 48 before, 421 / 32 / 7 / 40 after. The loads of q, dO and
+    (The "mma" column counts HMMA instructions as ``vit_fast.sass`` does. vit_fast.gpu_time's
+    estimate of the backward, which adds latency, barriers and residency, goes from 25.0 us per
+    launch with 4 warps to 16.8 us with 2, against the target of 2 x (6.8 us floor + 2 us launch).
+    Backward on sm_80: 372 / 24 / 13 / 48 before, 421 / 32 / 7 / 40 with 4 warps, 591 / 48 / 7 /
+    32 with 2, 10192 and 7128 warp-instructions per head. The loads of q, dO and
     lse in the backward loop: 2 LDG + 1 LDGSTS before, 3 LDGSTS issued a stage ahead after.) At
     head dim 64 (vit-tiny, vit-small) the forward goes from 32 x 32 tiles with 4 warps laid
     ``[1, 4]`` across the keys (237 instructions, 7 BAR, 32 SHFL per iteration, 3 trips; 14808
@@ -164,8 +173,11 @@ def _short_sequence_config(bd: int, seq_len: int) -> AttentionConfig:
     bn = 64 if seq_len <= 64 else 128
     forward = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=2)
     dkdv_n = bn if bd <= 64 else 64
-    dkdv = KernelConfig(block_m=16 if bd <= 64 else 32, block_n=dkdv_n,
-                        num_warps=8 if (dkdv_n == 128 and bd > 16) or dkdv_n * bd >= 64 * 128 else 4, num_stages=2)
+    if (dkdv_n == 128 and bd > 16) or dkdv_n * bd >= 64 * 128:
+        dkdv_warps = 8
+    else:  # 128 keys at head dim 16 (N = 65): 2 warps of 64 keys, see the table above
+        dkdv_warps = 2 if dkdv_n == 128 else 4
+    dkdv = KernelConfig(block_m=16 if bd <= 64 else 32, block_n=dkdv_n, num_warps=dkdv_warps, num_stages=2)
     # dQ (used where not fused: BLOCK_D = 128 and N > 64) keeps q, dO and dq beside the fp32 S and
     # dP tiles: 64 x 64 with 8 warps compiles without spills on both targets.
     dq = KernelConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
