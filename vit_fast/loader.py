@@ -1,6 +1,7 @@
 """``DeviceLoader``: the batches of an epoch from a device-resident dataset, in an order drawn
 from (seed, epoch), sharded over data-parallel ranks, with repeated augmentation
-(``repeated_indices``); each training batch drawn and built by ``vit_fast.augment.pipeline``.
+(``repeated_indices``); each training batch's draws made from counters on the device
+(``vit_fast.augment.draws``) and the batch built by ``vit_fast.augment.pipeline``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from torch import Tensor
 
 from .augment.config import AugmentConfig
 from .config import BACKENDS
-from .augment.pipeline import BatchDraws, build_batch, draw_batch, normalize, policy_of
+from .augment.draws import DrawSpec, counter_draws, draw_spec, policy_tables
+from .augment.pipeline import build_batch, normalize, policy_of
 from .datasets import ImageDataset
 
 
@@ -46,14 +48,19 @@ def repeated_indices(
 class DeviceLoader:
     """Batches of a device-resident ImageDataset: shuffled, augmented and normalised on device.
 
-    Every epoch's order and augmentation come from generators seeded with (seed, epoch), so an
-    epoch is the same whether or not the run was interrupted before it. A training batch is built
-    in DeiT's order by ``vit_fast.augment.pipeline`` (``draw_batch``, then ``build_batch``): crop
-    and flip, the per-image policy (uint8), normalisation, random erasing, then mixup/cutmix, as
-    ``augment`` (a vit_fast.augment.config.AugmentConfig; default: crop and flip only) says.
-    Everything is drawn from the epoch's device generator with shapes fixed by the batch. Targets:
-    the labels (B,), or with mixing the mixed one-hot targets (B, K), unsmoothed (the loss applies
-    label smoothing).
+    Every epoch's order comes from a CPU generator seeded with (seed, epoch), and is copied to the
+    device once, when the epoch's iterator is made. Every draw of a training batch is a pure
+    function of (seed, epoch, step, image position) (``vit_fast.augment.draws``: Philox counters),
+    read from ``position``, an int64 (2,) device tensor (epoch, step) that each batch advances on
+    the device. So an epoch is the same whether or not the run was interrupted before it, and a
+    CUDA graph that captured ``train_batch`` draws the next batch at every replay with no host
+    work (``vit_fast.step.GraphedStep``). On a CUDA device the draws are one fused launch
+    (``vit_fast::augment_draw``) whatever the backend; elsewhere its torch twin, bit for bit the same.
+    A training batch is then built in DeiT's order by ``vit_fast.augment.pipeline.build_batch``:
+    crop and flip, the per-image policy (uint8), normalisation, random erasing, then mixup/cutmix,
+    as ``augment`` (a vit_fast.augment.config.AugmentConfig; default: crop and flip only) says.
+    Targets: the labels (B,), or with mixing the mixed one-hot targets (B, K), unsmoothed (the
+    loss applies label smoothing).
 
     Repeated augmentation (``augment.repeats`` k > 1; Hoffer et al. 2020, DeiT's RASampler): the epoch's
     order is its permutation with each index repeated k times in a row, cut to the dataset's size,
@@ -64,15 +71,14 @@ class DeviceLoader:
     Data parallel: with ``world_size`` ranks, ``batch_size`` is the per-rank batch. The epoch is
     cut into global batches of ``batch_size * world_size`` positions of one order (the same on
     every rank), and rank r takes positions r, r + world_size, ... of each: consecutive repeats of
-    an image go to different ranks, as DeiT deals them. The random draws of crop, flip, the policy
-    and erasing are made for the whole global batch and each rank applies its rows, so the ranks
-    together see exactly the images a single process with the global batch sees. Mixup and cutmix
-    pair images within the rank's own batch (as data-parallel training usually does), so with them
-    the multi-rank run is a different, equally valid, draw.
+    an image go to different ranks, as DeiT deals them. The draws of crop, flip, the policy and
+    erasing are keyed by the image's position in the global batch, so the ranks together see
+    exactly the images a single process with the global batch sees. Mixup and cutmix pair images
+    within the rank's own batch (as data-parallel training usually does), keyed by the rank, so
+    with them the multi-rank run is a different, equally valid, draw.
 
-    A batch is produced without host syncs: the normalisation constants live on the device from the
-    start, mixup/cutmix draw on the device (vit_fast.augment.mixing.draw_mix), and the epoch's shuffle is drawn
-    and copied to the device when the epoch's iterator is made, not at its first batch.
+    A batch is produced without host syncs: the normalisation constants, the policy's tables, the
+    epoch's order and ``position`` live on the device.
     ``drop_last`` drops an epoch's last partial global batch, so every batch has the same shape.
 
     ``backend`` is the model's (``vit_fast.config.BACKENDS``), so one string chooses for the model,
@@ -116,7 +122,12 @@ class DeviceLoader:
         self._std = torch.as_tensor(std, dtype=torch.float32, device=dev)
         self._classes = torch.arange(self.num_classes, device=dev)  # (K,), for one-hot targets
         # The policy's magnitude tables come from host data: built here, so that no batch copies them.
-        self.policy = policy_of(augment, dev, data.images.shape[2], data.images.shape[3]) if train else None
+        _, C, H, W = data.images.shape
+        self.policy = policy_of(augment, dev, H, W) if train else None
+        self._tables = policy_tables(self.policy, dev, H, W) if train else None
+        self.position = torch.zeros(2, dtype=torch.int64, device=dev)  # (epoch, step): what the next batch draws
+        self._order: Tensor | None = None  # the epoch's order on the device, filled in place every epoch
+        self._specs: dict[int, DrawSpec] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -152,30 +163,59 @@ class DeviceLoader:
     def mixing(self) -> bool:
         return self.train and self.augment.mixing
 
-    def draw(self, global_batch: int, rows: slice, batch: int, generator: torch.Generator) -> BatchDraws:
-        """Every draw of this rank's ``rows`` of a global batch (``batch`` images here): crop, flip,
-        the policy and erasing are drawn for the whole global batch and sliced, mixup / cutmix for
-        the rank's own batch (see the class docstring)."""
-        _, C, H, W = self.data.images.shape
-        draws = draw_batch(self.augment, self.policy, (global_batch, C, H, W), generator, self.data.images.device,
-                           mix_batch=batch, mix=self.mixing)
-        return draws.rows(rows)
+    def draw_spec(self, rows: int) -> DrawSpec:
+        """The draws of a batch of ``rows`` images on this rank (cached: the batch size is fixed but
+        for an epoch's last batch)."""
+        if rows not in self._specs:
+            _, C, H, W = self.data.images.shape
+            self._specs[rows] = draw_spec(self.augment, self.policy, self.seed, rows, (C, H, W), self.rank,
+                                          self.world_size, self.batch_size * self.world_size)
+        return self._specs[rows]
+
+    def begin_epoch(self) -> None:
+        """Copy the epoch's order to the device and set ``position`` to (epoch, 0): the once-per-epoch
+        host work of a training epoch (``train_batch`` then needs none)."""
+        order = self._indices(torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        dev = self.data.images.device
+        if self._order is None or self._order.shape != order.shape:
+            self._order = torch.empty(order.shape, dtype=torch.int64, device=dev)
+        if dev.type == "cuda":
+            order = order.pin_memory()  # an asynchronous copy; the caching host allocator keeps it alive
+        self._order.copy_(order, non_blocking=True)
+        self.position[0].fill_(self.epoch)
+        self.position[1].zero_()
+
+    def train_batch(self, rows: int) -> tuple[Tensor, Tensor]:
+        """The training batch at ``position`` (``rows`` images on this rank), advancing ``position``
+        to the next step: the draws (one fused launch on CUDA), the step's increment, the batch
+        (crop and flip + policy, then normalise + erase + mix: two fused launches on "fused").
+        Reads nothing back to the host, so a CUDA graph can capture it."""
+        if self._order is None:
+            raise RuntimeError("train_batch before begin_epoch: the epoch's order is not on the device yet")
+        spec = self.draw_spec(rows)
+        if self.position.is_cuda:
+            from .fused.augment_draw import augment_draw  # needs Triton; only on CUDA
+
+            index, labels, draws = augment_draw(spec, self._order, self.data.labels, self.position, self._tables)
+        else:
+            index, labels, draws = counter_draws(spec, self._order, self.data.labels, self.position, self._tables)
+        self.position[1:].add_(1)
+        return build_batch(self.data.images, index, labels, draws, self.augment, self.policy, self._mean, self._std,
+                           self._classes if self.mixing else None, fused=self.backend == "fused")
+
+    def batch_rows(self) -> list[int]:
+        """This rank's images in each batch of an epoch, in step order."""
+        return [len(range(start + self.rank, stop, self.world_size)) for start, stop in self._spans()]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        dev = self.data.images.device
-        gen_cpu = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        gen_dev = torch.Generator(device=dev).manual_seed(self.seed * 100_003 + self.epoch + 1)
-        idx = self._indices(gen_cpu).to(dev)
-        return self._batches(idx, gen_dev)
+        if not self.train:
+            return self._eval_batches()
+        self.begin_epoch()
+        return (self.train_batch(rows) for rows in self.batch_rows())
 
-    def _batches(self, idx: Tensor, gen_dev: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    def _eval_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        idx = torch.arange(len(self.data), device=self.data.images.device)
         mine = slice(self.rank, None, self.world_size)
         for start, stop in self._spans():
             sel = idx[start:stop][mine]
-            labels = self.data.labels[sel]
-            if not self.train:
-                yield normalize(self.data.images[sel], self._mean, self._std), labels
-                continue
-            draws = self.draw(stop - start, mine, sel.shape[0], gen_dev)
-            yield build_batch(self.data.images, sel, labels, draws, self.augment, self.policy, self._mean, self._std,
-                              self._classes if self.mixing else None, fused=self.backend == "fused")
+            yield normalize(self.data.images[sel], self._mean, self._std), self.data.labels[sel]
