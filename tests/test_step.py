@@ -332,9 +332,8 @@ def test_graph_and_compile_mode_argument_errors(tmp_path):
     parse("--cuda-graphs", "--compile", "--compile-mode", "default")  # checked as it is parsed
     with pytest.raises(SystemExit, match="--log-every must be >= 0, got -1"):
         parse("--log-every", "-1")  # checked as it is parsed
-    with pytest.raises(SystemExit, match=r"--cuda-graphs runs in a single process; this job has 2"):
-        run_mod.check_graph_device(parse("--cuda-graphs"), World(rank=0, local_rank=0, size=2),
-                                     torch.device("cuda", 0))
+    # Under torchrun each rank captures its own step: no refusal on a CUDA device.
+    run_mod.check_graph_device(parse("--cuda-graphs"), World(rank=0, local_rank=0, size=2), torch.device("cuda", 0))
     with pytest.raises(SystemExit):  # argparse: invalid choice
         parse("--compile-mode", "fastest")
 
@@ -404,49 +403,83 @@ class _FakeGraph:
 def test_graphed_step_warms_up_captures_and_replays_on_a_cpu(tmp_path, monkeypatch):
     """Kills the mutation that drops GraphedStep's ``replay()`` right after the capture (the
     captured batch would never be trained). With torch.cuda's streams and graphs replaced by
-    recording fakes (_FakeCuda) and the real ``train_step`` on a CPU: the first
+    recording fakes (_FakeCuda) and the real data phase and ``train_step`` on a CPU: the first
     GRAPH_WARMUP_STEPS calls are eager steps on one side stream, fenced by the stream waits; the
-    next call captures once and replays at once; later calls only replay. Every call is exactly
-    one optimizer step on its own batch, read from the same static buffers, and returns that
-    step's loss; the parameters end as those of as many eager steps; a batch of another shape is
+    next call captures once (the data phase with the step: the loader's batch is made inside the
+    graph) and replays at once; later calls only replay. Every call is exactly one optimizer step
+    on the loader's next batch, the batches and parameters are those of as many eager steps of
+    the epoch loop, the loss sum is the eager one, and between two replays the host dispatches no
+    tensor op at all (the host work of a step is the replay call); a batch of another size is
     refused."""
-    run = tiny_run(tmp_path / "graphed", "cpu", "--backend", "torch", "--recipe", "basic")
-    eager = tiny_run(tmp_path / "eager", "cpu", "--backend", "torch", "--recipe", "basic")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    extra = ("--backend", "torch", "--recipe", "lee2021", "--synthetic-size", "56", "--warmup-epochs", "1")
+    run, eager = tiny_run(tmp_path / "graphed", "cpu", *extra), tiny_run(tmp_path / "eager", "cpu", *extra)
     for a, b in zip(run.model.parameters(), eager.model.parameters()):
         b.data.copy_(a.data)  # the same starting point
     cuda = _FakeCuda()
     for name in ("Stream", "current_stream", "stream", "CUDAGraph", "graph"):
         monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
-    real_step, ran = step_mod.train_step, []
+    real, ran = step_mod.GraphedStep.data_and_step, []
 
-    def execute(run, x, y):
+    def execute(self, rows):
         cuda.log.append(("step on", cuda.current.name))
-        loss = real_step(run, x, y)
-        ran.append((x.data_ptr(), y.data_ptr(), x.clone(), y.clone(), loss.clone()))
+        before = self.run.train_loader.position.clone()
+        loss = real(self, rows)
+        ran.append((before, loss.clone()))
         return loss
 
-    def recorded_step(run, x, y, *rest, **options):
-        assert not rest and not options  # GraphedStep takes the default phases and loss scale
+    def recorded(self, rows):
         if cuda.capturing is None:
-            return execute(run, x, y)
+            return execute(self, rows)
         out = torch.zeros((), dtype=torch.float32)  # the graph's static output
-        cuda.capturing.recorded.append(lambda: out.copy_(execute(run, x, y)))
+        cuda.capturing.recorded.append(lambda: out.copy_(execute(self, rows)))
         cuda.log.append(("step recorded",))
         return out
 
-    monkeypatch.setattr(step_mod, "train_step", recorded_step)
+    class OpCounter(TorchDispatchMode):  # tensor ops dispatched outside the fake replays
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not replaying:
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    replaying = False
+    fake_replay = _FakeGraph.replay
+
+    def replay(graph):
+        nonlocal replaying
+        replaying = True
+        try:
+            fake_replay(graph)
+        finally:
+            replaying = False
+
+    monkeypatch.setattr(_FakeGraph, "replay", replay)
+    monkeypatch.setattr(step_mod.GraphedStep, "data_and_step", recorded)
     step, n_warm = step_mod.GraphedStep(run), step_mod.GRAPH_WARMUP_STEPS
     assert n_warm >= 1 and step.warmup_steps == n_warm
     warm = [("wait", "side", "for", "default"), ("enter stream", "side"), ("step on", "side"),
             ("exit stream", "side"), ("wait", "default", "for", "side")]
-    g = torch.Generator().manual_seed(0)
-    calls, losses, batches = n_warm + 3, [], []
+    loader = run.train_loader
+    rows = loader.batch_rows()
+    calls = len(rows)
+    assert calls >= n_warm + 3 and len(set(rows)) == 1
+    loader.set_epoch(0)
+    loader.begin_epoch()
+    losses = []
     torch.manual_seed(0)
     for i in range(calls):
-        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
-        batches.append((x, y))
         cuda.log.clear()
-        losses.append(step(x, y))
+        if i > n_warm:
+            with OpCounter() as counter:
+                losses.append(step(rows[i]))
+            assert counter.ops == [], f"call {i + 1}: the host dispatched {counter.ops} besides the replay"
+        else:
+            losses.append(step(rows[i]))
         if i == 0:
             expected = [("Stream",), *warm]
         elif i < n_warm:
@@ -458,21 +491,23 @@ def test_graphed_step_warms_up_captures_and_replays_on_a_cpu(tmp_path, monkeypat
             expected = [("replay",), ("step on", "default")]
         assert cuda.log == expected, f"call {i + 1}"
         assert len(ran) == i + 1 and int(run.scheduler.steps) == i + 1, f"call {i + 1}: one optimizer step per call"
-        x_ptr, y_ptr, x_seen, y_seen, loss = ran[-1]
-        assert (x_ptr, y_ptr) == (step.static_x.data_ptr(), step.static_y.data_ptr()), "the static buffers"
-        assert torch.equal(x_seen, x) and torch.equal(y_seen, y), f"call {i + 1} trained on another batch"
-        assert torch.equal(losses[-1], loss), f"call {i + 1} returned another step's loss"
+        assert ran[-1][0].tolist() == [0, i], f"call {i + 1} drew another step's batch"
+        assert torch.equal(losses[-1], ran[-1][1]), f"call {i + 1} returned another step's loss"
     assert len(step.graph.recorded) == 1 and all(out is losses[n_warm] for out in losses[n_warm:])  # static output
     assert all(int(s["step"]) == calls for s in run.optimizer.state.values())
     torch.manual_seed(0)
-    for i, (x, y) in enumerate(batches):
-        assert torch.equal(real_step(eager, x, y), ran[i][4]), f"step {i + 1}"
+    eager_sum = torch.zeros(())
+    for i, (x, y) in enumerate(step_mod.epoch_batches(eager, 0)):
+        loss = step_mod.train_step(eager, x, y)
+        assert torch.equal(loss, ran[i][1]), f"step {i + 1}"
+        eager_sum += loss * x.shape[0]
+    assert torch.equal(step.loss_sum, eager_sum)
     for (name, a), b in zip(run.model.named_parameters(), eager.model.parameters()):
         assert torch.equal(a, b), name
     cuda.log.clear()
-    with pytest.raises(RuntimeError, match=r"the CUDA graph was captured for batches of \(8, 3, 8, 8\) and \(8,\), "
-                                           r"got \(4, 3, 8, 8\) and \(4,\)"):
-        step(batches[0][0][:4], batches[0][1][:4])
+    with pytest.raises(RuntimeError, match=rf"the CUDA graph was captured for batches of {rows[0]} images per rank, "
+                                           r"got 4"):
+        step(4)
     assert cuda.log == [] and len(ran) == calls
 
 
@@ -486,8 +521,12 @@ def _losses(tmp_path, backend: str, *extra: str, steps: int = 8) -> torch.Tensor
     torch.manual_seed(0)
     run = run_mod.setup(args, World(), torch.device("cuda"))
     run.model.train()
-    batches = step_mod.epoch_batches(run, 0)
-    losses = [step_mod.run_step(run, *step_mod.next_batch(batches)).clone() for _ in range(steps)]
+    if run.graph is not None:
+        run.train_loader.begin_epoch()
+        losses = [run.graph(run.train_loader.batch_size).clone() for _ in range(steps)]
+    else:
+        batches = step_mod.epoch_batches(run, 0)
+        losses = [step_mod.run_step(run, *step_mod.next_batch(batches)).clone() for _ in range(steps)]
     return torch.stack(losses).float()
 
 

@@ -13,6 +13,7 @@ files as they are until it writes its own first checkpoint (``TrainingRun.replac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -59,15 +60,13 @@ RECIPE_ARGS = ("dataset", "seed", *recipes.FIELDS)
 
 
 def check_graph_device(config: TrainConfig, world: dist_mod.World, device: torch.device) -> None:
-    """--cuda-graphs needs a CUDA device and a single process (checked once the device is known)."""
+    """--cuda-graphs needs a CUDA device (checked once the device is known); under torchrun each
+    rank captures its own step, NCCL's all-reduce included (``vit_fast.step.GraphedStep``)."""
     if not config.cuda_graphs:
         return
     if device.type != "cuda":
         raise SystemExit(f"--cuda-graphs captures the training step in a CUDA graph and needs a CUDA device, "
                          f"but the device is {device}; drop --cuda-graphs on this machine")
-    if world.is_distributed:
-        raise SystemExit(f"--cuda-graphs runs in a single process; this job has {world.size} (torchrun): "
-                         "drop --cuda-graphs or run one process")
 
 
 def data_options(config: TrainConfig) -> dict:
@@ -222,7 +221,7 @@ def setup(config: TrainConfig, world: dist_mod.World, device: torch.device) -> T
     if resume_state is not None:
         check_steps_per_epoch(resume_state, len(train_loader), out_dir / CHECKPOINT_FILE)
         _resume(run, resume_state)
-    run.forward = _wrap(model, config.compile, world, device, config.compile_mode)
+    run.forward = _wrap(model, config.compile, world, device, config.compile_mode, config.cuda_graphs)
     if config.cuda_graphs:
         run.graph = GraphedStep(run)
     _log_start(run)
@@ -310,15 +309,21 @@ def _resume(run: TrainingRun, state: dict) -> None:
 
 
 def _wrap(model: ViTClassifier, compile_model: bool, world: dist_mod.World,
-          device: torch.device, compile_mode: str | None = None) -> Callable[[Tensor], Tensor]:
+          device: torch.device, compile_mode: str | None = None, cuda_graphs: bool = False) -> Callable[[Tensor], Tensor]:
     """What the training step calls: the model, under DDP with several ranks, compiled if asked."""
     trained = model
     if world.is_distributed:
         # DDP broadcasts rank 0's weights, then averages gradients over the ranks in backward
-        # (NCCL or gloo all-reduce); the backend choice inside the model is untouched.
+        # (NCCL or gloo all-reduce); the backend choice inside the model is untouched. A step
+        # captured whole in a CUDA graph needs DDP built on a side stream (PyTorch's CUDA
+        # semantics notes on DistributedDataParallel with whole-network capture).
         from torch.nn.parallel import DistributedDataParallel
 
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        side = torch.cuda.Stream(device) if cuda_graphs and device.type == "cuda" else None
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
     return torch.compile(trained, mode=compile_mode) if compile_model else trained
 
 
@@ -371,22 +376,36 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict:
     config, world, device = run.config, run.world, run.device
     run.model.train()
     global_sizes = run.train_loader.global_batch_sizes()
-    batches = epoch_batches(run, epoch)
+    graph = run.graph
+    if graph is None:
+        batches = epoch_batches(run, epoch)
+        loss_sum = torch.zeros((), device=device)
+    else:  # the graph makes each batch itself: the epoch's order and position go to the device here
+        run.train_loader.set_epoch(epoch)
+        run.train_loader.begin_epoch()
+        if graph.loss_sum is not None:
+            graph.loss_sum.zero_()
     readback = LossReadback(run)
-    loss_sum, seen = torch.zeros((), device=device), 0
+    seen = 0
     synchronize(device)
     t0 = time.perf_counter()
-    bar = _progress(batches, len(run.train_loader), f"epoch {epoch + 1}/{config.epochs}", enabled=world.is_main)
-    for i, (x, y) in enumerate(bar):
-        # DDP averages the ranks' gradients. Weighting each rank's mean loss by its share of the
-        # global batch makes that average the gradient of the global batch's mean loss, as a
-        # single process computes it (the factor is exactly 1 unless the last batch is uneven).
-        # Batch sizes are known on the host: the factor costs no sync.
-        scale = x.shape[0] * world.size / global_sizes[i] if world.is_distributed else 1.0
-        loss = run_step(run, x, y, scale)
+    rows_per_step = run.train_loader.batch_rows()
+    bar = _progress(rows_per_step, len(rows_per_step), f"epoch {epoch + 1}/{config.epochs}", enabled=world.is_main)
+    for i, rows in enumerate(bar):
+        if graph is not None:  # a replay and integer updates: no tensor is made on the host
+            loss = graph(rows)
+        else:
+            x, y = next(batches)
+            # DDP averages the ranks' gradients. Weighting each rank's mean loss by its share of
+            # the global batch makes that average the gradient of the global batch's mean loss,
+            # as a single process computes it (the factor is exactly 1 unless the last batch is
+            # uneven; under --cuda-graphs every batch is full). Batch sizes are known on the host:
+            # the factor costs no sync.
+            scale = rows * world.size / global_sizes[i] if world.is_distributed else 1.0
+            loss = run_step(run, x, y, scale)
+            loss_sum += loss * rows
         run.step += 1
-        loss_sum += loss * x.shape[0]
-        seen += x.shape[0]
+        seen += rows
         if config.log_every and run.step % config.log_every == 0:
             done = readback.take()
             readback.request(run.step, loss)
@@ -396,6 +415,8 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict:
     synchronize(device)
     elapsed = time.perf_counter() - t0
     stop_if_not_finite(run, int(world_first_bad(run)))
+    if graph is not None:
+        loss_sum = graph.loss_sum if graph.loss_sum is not None else torch.zeros((), device=device)
     totals = torch.stack([loss_sum.double(), torch.tensor(seen, device=device, dtype=torch.float64)])
     train_loss, seen_all = dist_mod.all_reduce_sum(totals, world).tolist()
     return {"epoch": epoch + 1, "step": run.step, "train_loss": train_loss / seen_all,

@@ -18,7 +18,7 @@ to the host: the learning rate is a device tensor written by ``LRSchedule.step``
 step counter, the optimizer (``make_optimizer``) is AdamW with ``fused=True`` (and
 ``capturable=True`` on CUDA), a non-finite loss sets a device flag (``NonFiniteWatch``) that
 ``LossReadback`` reads only at log points and epoch ends. ``GraphedStep`` (``--cuda-graphs``)
-captures ``train_step`` whole in one CUDA graph.
+captures the data phase and ``train_step`` whole in one CUDA graph.
 
 The step reads the run's resolved configuration (``run.config``, a ``vit_fast.train.TrainConfig``)
 and nothing else of the command line.
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 PHASES = ("data", "forward_backward", "clip", "optimizer")
 GRAPH_WARMUP_STEPS = 3  # eager steps before capture: lazy state (optimizer moments, compiled code) exists by then
+# Under DDP: PyTorch's CUDA semantics notes ask for at least 11 DDP-enabled eager iterations before
+# capturing a whole network with DistributedDataParallel (its buckets are rebuilt in the first ones).
+DDP_GRAPH_WARMUP_STEPS = 11
 
 
 def no_phase(name: str) -> contextlib.AbstractContextManager:
@@ -89,44 +92,62 @@ def train_step(run: TrainingRun, x: Tensor, y: Tensor,
 
 
 class GraphedStep:
-    """``train_step`` captured whole (forward, backward, clip, optimizer, lr update) in one CUDA
-    graph and replayed for every batch (--cuda-graphs).
+    """The whole step, data phase included, captured in one CUDA graph and replayed for every
+    batch (--cuda-graphs): the batch's draws, the step's advance of the loader's ``position``, the
+    batch itself (``DeviceLoader.train_batch``), forward, backward, clip, optimizer, lr update and
+    the epoch's loss sum (``loss_sum``).
 
-    Each batch is copied into static input buffers. The first GRAPH_WARMUP_STEPS calls are ordinary
-    eager steps on a side stream (as capture requires: the optimizer's moments, cuBLAS workspaces
-    and compiled code get allocated there, not inside the graph); the next call captures the step
-    and replays it, later calls only replay. Warm-up steps are real training steps on real batches,
-    so a graphed run takes exactly the steps an eager one does. Dropout and stochastic depth draw
-    from the CUDA default generator, which advances its Philox offset on every replay. Everything
-    the step updates lives in tensors updated in place (parameters, optimizer state, the lr tensor
-    and step counter of LRSchedule, NonFiniteWatch), so a resumed run, which restores those before
-    the capture, continues exactly."""
+    A replay reads everything from device memory: the epoch's order (copied in place once per
+    epoch by ``DeviceLoader.begin_epoch``), (epoch, step) from ``position``, the parameters and
+    optimizer state. So the host work of a step is the replay call and a few integer updates in
+    the epoch loop: no tensor is created and no Python loop over images or parameters runs
+    (``tests/test_step.py`` counts the ops dispatched between replays: none).
 
-    def __init__(self, run: TrainingRun, warmup_steps: int = GRAPH_WARMUP_STEPS) -> None:
+    The first ``warmup_steps`` calls are ordinary eager steps on a side stream (as capture
+    requires: the optimizer's moments, cuBLAS workspaces and compiled code get allocated there,
+    not inside the graph); the next call captures the step and replays it, later calls only
+    replay. Warm-up steps are real training steps on real batches, so a graphed run takes exactly
+    the steps an eager one does. Under DDP (torchrun) the warm-up is DDP_GRAPH_WARMUP_STEPS
+    eager steps and DDP was built on a side stream, as PyTorch's notes on whole-network capture
+    with DistributedDataParallel ask: the gradient buckets exist before capture, and the NCCL
+    all-reduces are captured in the graph (every rank captures and replays the same graph).
+    Dropout and stochastic depth draw from the CUDA default generator, which advances its Philox
+    offset on every replay. Everything the step updates lives in tensors updated in place, so a
+    resumed run, which restores those before the capture, continues exactly."""
+
+    def __init__(self, run: TrainingRun, warmup_steps: int | None = None) -> None:
+        if warmup_steps is None:
+            warmup_steps = DDP_GRAPH_WARMUP_STEPS if run.world.is_distributed else GRAPH_WARMUP_STEPS
         self.run, self.warmup_steps = run, warmup_steps
         self.eager_steps = 0
         self.side: torch.cuda.Stream | None = None  # the warm-up steps' stream
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_x: Tensor | None = None
-        self.static_y: Tensor | None = None
+        self.rows: int | None = None  # the captured batch's images on this rank
         self.loss: Tensor | None = None
+        self.loss_sum: Tensor | None = None  # sum of loss x rows since the last reset (epoch start)
 
-    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.static_x is None:
-            self.static_x, self.static_y = x.clone(), y.clone()
-        else:
-            if x.shape != self.static_x.shape or y.shape != self.static_y.shape:
-                raise RuntimeError(f"the CUDA graph was captured for batches of {tuple(self.static_x.shape)} and "
-                                   f"{tuple(self.static_y.shape)}, got {tuple(x.shape)} and {tuple(y.shape)}")
-            self.static_x.copy_(x)
-            self.static_y.copy_(y)
+    def data_and_step(self, rows: int) -> Tensor:
+        """What the graph holds: the next batch, the step on it, the loss added to ``loss_sum``."""
+        x, y = self.run.train_loader.train_batch(rows)
+        loss = train_step(self.run, x, y)
+        self.loss_sum.add_(loss * rows)
+        return loss
+
+    def __call__(self, rows: int) -> Tensor:
+        """One training step on the loader's next batch of ``rows`` images; returns its loss (a
+        static device tensor, overwritten by the next call)."""
+        if self.rows is None:
+            self.rows = rows
+            self.loss_sum = torch.zeros((), dtype=torch.float32, device=self.run.device)
+        elif rows != self.rows:
+            raise RuntimeError(f"the CUDA graph was captured for batches of {self.rows} images per rank, got {rows}")
         if self.graph is not None:
             self.graph.replay()
         elif self.eager_steps < self.warmup_steps:
             self.side = self.side or torch.cuda.Stream(self.run.device)
             self.side.wait_stream(torch.cuda.current_stream(self.run.device))
             with torch.cuda.stream(self.side):
-                self.loss = train_step(self.run, self.static_x, self.static_y)
+                self.loss = self.data_and_step(rows)
             torch.cuda.current_stream(self.run.device).wait_stream(self.side)
             self.eager_steps += 1
         else:
@@ -134,15 +155,14 @@ class GraphedStep:
             # Gradients are allocated afresh inside the capture, from the graph's memory pool.
             self.run.optimizer.zero_grad(set_to_none=True)
             with torch.cuda.graph(self.graph):
-                self.loss = train_step(self.run, self.static_x, self.static_y)
+                self.loss = self.data_and_step(rows)
             self.graph.replay()  # capture only records: this runs the batch
         return self.loss
 
 
 def run_step(run: TrainingRun, x: Tensor, y: Tensor, loss_scale: float = 1.0) -> Tensor:
-    """A training step as the epoch loop takes it: replayed from the CUDA graph under --cuda-graphs."""
-    if run.graph is not None:
-        return run.graph(x, y)  # loss_scale is 1: one process, full batches
+    """An eager training step as the epoch loop takes it (under --cuda-graphs the loop calls
+    ``run.graph(rows)`` instead, which makes the batch inside the graph)."""
     return train_step(run, x, y, loss_scale=loss_scale)
 
 
