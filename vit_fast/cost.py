@@ -215,8 +215,10 @@ def account_step_as_trained(preset: str = "vit-cifar", batch_size: int = 128, ba
     loader = run.train_loader
     data = loader.data
     data.images, data.labels = fake_mode.from_tensor(data.images), fake_mode.from_tensor(data.labels)
-    for name in ("_mean", "_std", "_classes"):
+    for name in ("_mean", "_std", "_classes", "position"):
         setattr(loader, name, fake_mode.from_tensor(getattr(loader, name)))
+    loader._tables = tuple(fake_mode.from_tensor(t) for t in loader._tables)
+    loader.fused_draws = True  # on a GPU every backend draws with the fused kernel (vit_fast.loader)
     run.amp = True
     phases: dict[str, CostAccount] = {p: CostAccount() for p in step_mod.PHASES}
     with fake_mode, _foreach_on_fake_tensors():

@@ -128,6 +128,9 @@ class DeviceLoader:
         self.position = torch.zeros(2, dtype=torch.int64, device=dev)  # (epoch, step): what the next batch draws
         self._order: Tensor | None = None  # the epoch's order on the device, filled in place every epoch
         self._specs: dict[int, DrawSpec] = {}
+        # Whether the draws run as the fused kernel (None: on CUDA devices). The cost account sets
+        # True to count, on fake CPU tensors, what a GPU runs.
+        self.fused_draws: bool | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -193,8 +196,8 @@ class DeviceLoader:
         if self._order is None:
             raise RuntimeError("train_batch before begin_epoch: the epoch's order is not on the device yet")
         spec = self.draw_spec(rows)
-        if self.position.is_cuda:
-            from .fused.augment_draw import augment_draw  # needs Triton; only on CUDA
+        if self.position.is_cuda if self.fused_draws is None else self.fused_draws:
+            from .fused.augment_draw import augment_draw  # needs Triton
 
             index, labels, draws = augment_draw(spec, self._order, self.data.labels, self.position, self._tables)
         else:

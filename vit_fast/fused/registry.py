@@ -90,8 +90,11 @@ OPS: tuple[FusedOp, ...] = (
     FusedOp("cross_entropy", "vit_fast.fused.cross_entropy", (("cross_entropy", "cross_entropy_backward"),),
             "triton", "kernels/cross_entropy.py", "tests/test_cross_entropy.py", None,
             ("torch.nn.functional.cross_entropy",)),
-    # The data phase's two kernels: no autograd, no benchmark of their own (their cost is in
+    # The data phase's kernels: no autograd, no benchmark of their own (their cost is in
     # `python -m vit_fast.cost`, the pipeline's throughput in benchmarks/bench_data.py).
+    FusedOp("augment_draw", "vit_fast.fused.augment_draw", (("augment_draw", None),),
+            "triton", "kernels/augment_draw.py", "tests/test_fused_augment_draw.py", None,
+            ("vit_fast.augment.draws.counter_draws",)),
     FusedOp("augment_policy", "vit_fast.fused.augment_policy", (("augment_policy", None),),
             "triton", "kernels/augment_policy.py", "tests/test_fused_augment_policy.py", None,
             ("vit_fast.augment.pipeline.apply_crop_flip", "vit_fast.augment.policies.Policy.apply")),
