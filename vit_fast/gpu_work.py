@@ -123,6 +123,10 @@ PROGRAM_WORK: dict[str, Callable[[dict, tuple], list[ProgramClass]]] = {
     "cross_entropy_bwd_kernel": _one_class(lambda a: {}),
     "augment_policy_kernel": _augment_policy,
     "augment_finish_kernel": _augment_finish,
+    # The draws: every loop (Philox rounds, policy steps, erasing tries, Gamma proposals) is a
+    # static range, unrolled; the noise kernel has none either.
+    "augment_draw_kernel": _one_class(lambda a: {}),
+    "normal_fill_kernel": _one_class(lambda a: {}),
 }
 
 
