@@ -103,8 +103,8 @@ def test_safetensors_loads_strictly_into_timm_with_the_same_logits(ckpts, tmp_pa
     hub = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(hub(x), want, rtol=0, atol=1e-5)
-    assert hub.pretrained_cfg["mean"] == tuple(ours["preprocessing"]["mean"]) or \
-        list(hub.pretrained_cfg["mean"]) == ours["preprocessing"]["mean"]
+    assert list(hub.pretrained_cfg["mean"]) == ours["preprocessing"]["mean"]
+    assert list(hub.pretrained_cfg["input_size"]) == [3, 32, 32]
 
 
 def test_torch_export_program_has_a_dynamic_batch_and_the_torch_math(ckpts, tmp_path):
@@ -155,6 +155,13 @@ def test_ema_weights_are_first_class(ckpts, tmp_path):
     for rep, key in ((report, "ema"), (raw, "model")):
         loss = torch.nn.functional.cross_entropy(our_logits(state[key], x), test.labels).item()
         assert rep["loss"] == pytest.approx(loss, rel=1e-5) and rep["weights"] == ("ema" if key == "ema" else "raw")
+
+    # best.pt keeps whichever weights scored higher as its model; its "weights" entry says which.
+    best = save_checkpoint({**{k: v for k, v in state.items() if k != "ema"}, "model": state["ema"], "weights": "ema"},
+                           tmp_path / "best.pt")
+    assert exported(best, tmp_path / "best", "safetensors")["vit_fast"]["weights"] == "ema"
+    with pytest.raises(SystemExit, match=r"checkpoint .*best.pt holds only the EMA weights .*use --weights ema"):
+        evaluate.main(["--checkpoint", str(best), "--device", "cpu", "--weights", "raw"])
 
     # Asked of a checkpoint without them, every command names the checkpoint.
     message = r"checkpoint .*no_ema.pt has no EMA weights \(it was trained without --ema\)"

@@ -114,6 +114,7 @@ def export_config(ckpt: dict, path, cfg: ViTConfig, fmt: str) -> dict:
         "vit_fast": {"format": EXPORT_FORMAT, "export_format": fmt, "file": FORMATS[fmt], "config": cfg.to_dict(),
                      "classes": classes, "preprocessing": preprocessing, "weights": ckpt["weights"],
                      "checkpoint": str(path), "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
+                     "epochs_planned": (ckpt.get("recipe") or {}).get("epochs", (ckpt.get("args") or {}).get("epochs")),
                      "dataset": info["dataset"], "fingerprint": info.get("fingerprint"),
                      "recipe": ckpt.get("recipe"), "metrics": ckpt.get("metrics")},
     }
@@ -137,13 +138,38 @@ def _metrics_lines(metrics: dict | None, weights: str) -> list[str]:
     return lines or [f"- {json.dumps(metrics)}"]
 
 
+# How each format loads, for the model card: a sentence, a runnable snippet (OUT: the export
+# directory; ``images`` the normalised input) and, for the cards of the other formats, the load in short.
+_LOADING = {"safetensors": "With timm (`pip install timm safetensors`), or with vit_fast "
+                           "(`python -m vit_fast.predict --model OUT image.jpg`):",
+            "torch-export": "With PyTorch alone, any batch size:",
+            "onnx": f"With ONNX Runtime (`pip install onnxruntime`), opset {ONNX_OPSET}, any batch size; the input is "
+                    "named `images`, the output `logits`:"}
+_SNIPPETS = {
+    "safetensors": "import json, timm, safetensors.torch\n"
+                   "config = json.load(open('OUT/config.json'))\n"
+                   "model = timm.models.VisionTransformer(**config['model_args']).eval()\n"
+                   "model.load_state_dict(safetensors.torch.load_file('OUT/model.safetensors'), strict=True)\n"
+                   "# or: model = timm.create_model('local-dir:OUT', pretrained=True).eval()",
+    "torch-export": "import torch\n"
+                    "program = torch.export.load('OUT/model.pt2')\n"
+                    "logits = program.module()(images)  # images: float32 tensor (B, {c}, {h}, {w}), normalised",
+    "onnx": "import onnxruntime\n"
+            "session = onnxruntime.InferenceSession('OUT/model.onnx')\n"
+            "logits, = session.run(None, {{'images': images}})  # images: float32 numpy (B, {c}, {h}, {w}), normalised",
+}
+_IN_SHORT = {"safetensors": ("timm", "timm.create_model('local-dir:OUT', pretrained=True)"),
+             "torch-export": ("PyTorch alone", "torch.export.load('OUT/model.pt2').module()"),
+             "onnx": ("ONNX Runtime", "onnxruntime.InferenceSession('OUT/model.onnx')")}
+
+
 def model_card(config: dict) -> str:
     """README.md of an export, from its config.json."""
     ours = config["vit_fast"]
     cfg, pre, fmt = ViTConfig.from_dict(ours["config"]), ours["preprocessing"], ours["export_format"]
     params = sum(v for v in _parameter_counts(cfg).values())
     recipe = ours.get("recipe") or {}
-    args_epochs = recipe.get("epochs")
+    planned = ours.get("epochs_planned")
     fingerprint = ours.get("fingerprint") or {}
     classes = ours["classes"]
     shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
@@ -151,17 +177,18 @@ def model_card(config: dict) -> str:
     lines = [
         f"# ViT ({cfg.num_classes} classes, {cfg.image_size}x{cfg.image_size}), exported by vit_fast", "",
         f"`{ours['file']}` ({fmt}) holds the {'exponential moving average (EMA) of the' if ours['weights'] == 'ema' else 'raw'} "
-        f"weights of `{ours['checkpoint']}` after epoch {ours['epoch']} (step {ours['step']}).",
+        f"weights of `{ours['checkpoint']}` after epoch {ours['epoch']}"
+        + (f" (step {ours['step']})." if ours.get("step") is not None else "."),
         "`config.json` holds the same facts for programs.", "",
         "## Architecture", "",
         f"A Vision Transformer (Dosovitskiy et al. 2021) in timm's `VisionTransformer` layout: {cfg.patch_size}x"
         f"{cfg.patch_size} patches ({cfg.num_patches} patches + a class token = {cfg.num_tokens} tokens), width "
-        f"{cfg.dim}, {cfg.depth} pre-LN blocks of {cfg.num_heads} heads, MLP hidden width {cfg.mlp_hidden} "
+        f"{cfg.dim}, {cfg.depth} pre-LN block{'s' if cfg.depth > 1 else ''} of {cfg.num_heads} heads, MLP hidden width {cfg.mlp_hidden} "
         f"({'tanh-approximated' if cfg.gelu_approximate == 'tanh' else 'exact'} GELU), LayerNorm eps "
         f"{cfg.layer_norm_eps:g}, qkv bias {'on' if cfg.qkv_bias else 'off'}; the class token's final "
         f"normalised state goes through a linear head. {params:,} parameters.", "",
         "## Training", "",
-        f"- recipe `{recipe.get('name', 'not recorded')}`, {ours['epoch']} of {args_epochs if args_epochs else '?'} "
+        f"- recipe `{recipe.get('name', 'not recorded')}`, {ours['epoch']} of {planned if planned else '?'} "
         "epochs" + (f": batch {recipe.get('batch_size')}, lr {recipe.get('lr')}, weight decay "
                     f"{recipe.get('weight_decay')}, label smoothing {recipe.get('label_smoothing')}, drop path "
                     f"{recipe.get('drop_path')}, EMA decay {recipe.get('ema')}" if recipe else ""),
@@ -181,29 +208,15 @@ def model_card(config: dict) -> str:
               f"with mean {pre['mean']} and std {pre['std']}: x = (rgb / 255 - mean) / std. Resize the whole image "
               f"to {h}x{w} (bicubic, no crop). The output is logits (B, {cfg.num_classes}); softmax gives the "
               "probabilities, in the order of `label_names` in config.json.", "",
-              "## Loading", ""]
-    if fmt == "safetensors":
-        lines += ["With timm (`pip install timm safetensors`):", "", "```python",
-                  "import json, timm, safetensors.torch",
-                  "config = json.load(open('OUT/config.json'))",
-                  "model = timm.models.VisionTransformer(**config['model_args']).eval()",
-                  "model.load_state_dict(safetensors.torch.load_file('OUT/model.safetensors'), strict=True)",
-                  "# or: model = timm.create_model('local-dir:OUT', pretrained=True).eval()", "```", ""]
-        if "timm_note" in ours:
-            lines += [f"Note: {ours['timm_note']}.", ""]
-        lines += ["With vit_fast: `python -m vit_fast.predict --model OUT image.jpg`.", ""]
-    elif fmt == "torch-export":
-        lines += ["With PyTorch alone (any batch size):", "", "```python", "import torch",
-                  "program = torch.export.load('OUT/model.pt2')",
-                  f"logits = program.module()(images)  # images: float32 (B, {c}, {h}, {w}), normalised", "```", ""]
-    else:
-        lines += [f"With ONNX Runtime (`pip install onnxruntime`; opset {ONNX_OPSET}, any batch size):", "", "```python",
-                  "import onnxruntime",
-                  "session = onnxruntime.InferenceSession('OUT/model.onnx')",
-                  f"logits, = session.run(None, {{'images': images}})  # images: float32 numpy (B, {c}, {h}, {w}), normalised",
-                  "```", "", "The graph's input is named `images`, its output `logits`; the batch dimension is `batch`.", ""]
-    lines += ["For the other formats, export again with `python -m vit_fast.export CHECKPOINT OUT --format "
-              "safetensors|torch-export|onnx`.", ""]
+              "## Loading", "", f"`OUT` below is this directory. {_LOADING[fmt]}", "", "```python",
+              *_SNIPPETS[fmt].format(c=c, h=h, w=w).splitlines(), "```", ""]
+    if fmt == "safetensors" and "timm_note" in ours:
+        lines += [f"Note: {ours['timm_note']}.", ""]
+    lines += ["Other runtimes take another export of the same checkpoint "
+              "(`python -m vit_fast.export CHECKPOINT OUT --format FORMAT`):", ""]
+    lines += [f"- {_IN_SHORT[other][0]}: `--format {other}`, then `{_IN_SHORT[other][1]}`" for other in FORMATS
+              if other != fmt]
+    lines.append("")
     return "\n".join(lines)
 
 
