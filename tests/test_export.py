@@ -5,10 +5,14 @@ export, the model card, and the errors.
 The checkpoint is written here by the project's own save function (a tiny model with random
 weights, an EMA beside them, a synthetic dataset's fingerprint): no training run is needed."""
 
+import importlib.util
 import json
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,3 +286,23 @@ def test_export_cli(ckpts, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vit_fast.export", str(ckpt_path), str(tmp_path / "out"),
                            "--format", "safetensors"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_the_readme_export_commands_run_as_shown(ckpts, tmp_path, monkeypatch):
+    """The python commands of the README's Export section, verbatim, where a default training run left
+    its checkpoint (runs/vit/checkpoint.pt) and beside an image cat.jpg."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Export\n\n```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.startswith("python -m vit_fast.")]
+    assert [c[2] for c in commands] == ["vit_fast.export", "vit_fast.export", "vit_fast.predict"], commands
+    ckpt_path, _, _ = ckpts
+    (tmp_path / "runs" / "vit").mkdir(parents=True)
+    shutil.copy(ckpt_path, tmp_path / "runs" / "vit" / "checkpoint.pt")
+    Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(tmp_path / "cat.jpg")
+    monkeypatch.chdir(tmp_path)
+    mains = {"vit_fast.export": export.main, "vit_fast.predict": predict.main}
+    for argv in commands:
+        if "onnx" in argv and any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript")):
+            continue  # the ONNX case of test_onnx_graph_matches_the_model_in_onnxruntime says why it skips
+        mains[argv[2]](argv[3:])
+    assert (tmp_path / "export" / "vit" / "model.safetensors").is_file()

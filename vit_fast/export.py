@@ -71,8 +71,8 @@ def require(module: str, purpose: str):
         return importlib.import_module(module)
     except ImportError as err:
         raise ExportError(f"{purpose} needs the Python package {package!r}, which is not installed ({err}); "
-                          f"install it with: pip install {package} (or everything the export uses: "
-                          "pip install -e '.[export]')") from None
+                          f"install it with: pip install {package} (or, in a checkout, everything the export "
+                          "uses: pip install --no-build-isolation -e '.[export]')") from None
 
 
 # ----------------------------------------------------------------------------- config and card
