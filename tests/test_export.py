@@ -306,3 +306,50 @@ def test_the_readme_export_commands_run_as_shown(ckpts, tmp_path, monkeypatch):
             continue  # the ONNX case of test_onnx_graph_matches_the_model_in_onnxruntime says why it skips
         mains[argv[2]](argv[3:])
     assert (tmp_path / "export" / "vit" / "model.safetensors").is_file()
+
+
+def test_a_trained_ema_checkpoint_evaluates_and_exports_its_ema_weights(tmp_path):
+    """A real --ema run (one epoch of a tiny model, a few seconds): evaluate --weights ema gives the
+    run's own EMA figures, and the export holds the checkpoint's EMA tensors."""
+    from vit_fast import train as train_mod
+    from vit_fast.checkpoint import load_checkpoint
+
+    st = pytest.importorskip("safetensors.torch", reason="pip install safetensors")
+    train_mod.train(train_mod.parse_args([
+        "--dataset", "synthetic", "--synthetic-size", "128", "--synthetic-classes", "3", "--dim", "16", "--heads", "2",
+        "--depth", "1", "--batch-size", "32", "--epochs", "1", "--warmup-epochs", "1", "--recipe", "basic",
+        "--ema", "0.5", "--device", "cpu", "--seed", "2", "--out-dir", str(tmp_path / "run")]))
+    ckpt_path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    report = evaluate.main(["--checkpoint", str(ckpt_path), "--device", "cpu", "--weights", "ema"])
+    assert report["weights"] == "ema" and report["top1"] == ckpt["metrics"]["ema_top1"]
+    assert report["loss"] == pytest.approx(ckpt["metrics"]["ema_val_loss"], rel=1e-6)
+    exported(ckpt_path, tmp_path / "out", "safetensors", "--weights", "ema")
+    weights = st.load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert weights.keys() == ckpt["ema"].keys() and all(torch.equal(weights[k], v) for k, v in ckpt["ema"].items())
+    assert not all(torch.equal(ckpt["ema"][k], v) for k, v in ckpt["model"].items())  # not the raw weights
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "recipe `basic`, 1 of 1 epochs" in card and f"top-1 {ckpt['metrics']['ema_top1']:.2f}%" in card
+
+
+def test_timm_model_args_cover_the_tanh_gelu():
+    """config.json's model_args for a model with the tanh GELU (act_layer "gelu_tanh") build a timm
+    model that computes our logits."""
+    timm = pytest.importorskip("timm", reason="timm is the loader model_args are for (pip install timm)")
+    cfg = CFG.replace(gelu_approximate="tanh")
+    torch.manual_seed(4)
+    ours = ViTClassifier(cfg, backend="torch").eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    theirs = timm.models.VisionTransformer(**json.loads(json.dumps(export.timm_model_args(cfg)))).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = images(3)
+    with torch.no_grad():
+        want = ours(x)
+        assert want.abs().max() > 1
+        torch.testing.assert_close(theirs(x), want, rtol=0, atol=1e-5)
+        # The exact GELU's model_args build a model that differs from this one: the argument matters.
+        exact = timm.models.VisionTransformer(**export.timm_model_args(CFG)).eval()
+        exact.load_state_dict(ours.state_dict(), strict=True)
+        assert (exact(x) - want).abs().max() > 1e-5
