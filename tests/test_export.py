@@ -26,7 +26,8 @@ from vit_fast.config import ViTConfig
 from vit_fast.datasets import channel_stats, fingerprint, load_split
 from vit_fast.model import ViTClassifier
 
-CFG = ViTConfig(dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5)
+# Stochastic depth and dropout on, as the recipes train: the exports are of the eval-mode model.
+CFG = ViTConfig(dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5, drop_path=0.1, dropout=0.1)
 SPLIT = {"image_size": 32, "synthetic_size": 64, "synthetic_classes": 5, "seed": 3}
 
 

@@ -51,7 +51,7 @@ from .evaluate import checkpoint_data
 EXPORT_FORMAT = "vit_fast-export/1"
 FORMATS = {"safetensors": "model.safetensors", "torch-export": "model.pt2", "onnx": "model.onnx"}
 CONFIG_FILE, CARD_FILE = "config.json", "README.md"
-ONNX_OPSET = 18  # the opset torch.onnx's torch.export-based exporter targets by default
+ONNX_OPSET = 18  # pinned, so that an export does not change with torch.onnx's default
 # The example batch the graphs are traced with (not 1: torch.export specialises a size of 1) and the
 # batch they are checked on (another size, so a batch fixed by mistake fails the check).
 TRACE_BATCH, CHECK_BATCH = 2, 3
