@@ -167,6 +167,10 @@ def test_ema_weights_are_first_class(ckpts, tmp_path):
     assert exported(best, tmp_path / "best", "safetensors")["vit_fast"]["weights"] == "ema"
     with pytest.raises(SystemExit, match=r"checkpoint .*best.pt holds only the EMA weights .*use --weights ema"):
         evaluate.main(["--checkpoint", str(best), "--device", "cpu", "--weights", "raw"])
+    best_raw = save_checkpoint({**{k: v for k, v in state.items() if k != "ema"}, "weights": "raw"},
+                               tmp_path / "best_raw.pt")
+    with pytest.raises(SystemExit, match=r"checkpoint .*best_raw.pt holds only the raw weights .*use --weights raw"):
+        exported(best_raw, tmp_path / "none", "safetensors", "--weights", "ema")
 
     # Asked of a checkpoint without them, every command names the checkpoint.
     message = r"checkpoint .*no_ema.pt has no EMA weights \(it was trained without --ema\)"

@@ -169,6 +169,9 @@ def select_weights(ckpt: dict, path: str | Path, weights: str | None = None) -> 
         return ckpt["model"], holds
     if weights == "ema":
         ema = ckpt.get("ema")
+        if ema is None and "weights" in ckpt:
+            raise CheckpointError(f"checkpoint {path} holds only the raw weights (its 'weights' entry: it is a "
+                                  "best.pt whose raw weights scored higher); use --weights raw")
         if ema is None:
             raise CheckpointError(f"checkpoint {path} has no EMA weights (it was trained without --ema); "
                                   "use the raw weights (--weights raw)")
