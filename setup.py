@@ -146,6 +146,10 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=read_requirements("requirements.txt"),
-    extras_require={"test": read_requirements("requirements-test.txt")},
-    entry_points={"console_scripts": ["vit-fast-train = vit_fast.train:main"]},
+    # "export": what `python -m vit_fast.export` needs beyond torch (safetensors, ONNX); the tests
+    # exercise every format, so the test extra holds it too.
+    extras_require={"test": read_requirements("requirements-test.txt") + read_requirements("requirements-export.txt"),
+                    "export": read_requirements("requirements-export.txt")},
+    entry_points={"console_scripts": ["vit-fast-train = vit_fast.train:main",
+                                      "vit-fast-export = vit_fast.export:main"]},
 )

@@ -10,6 +10,8 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only (no pi
   args        the training arguments       data       {"dataset", "classes", "mean", "std"}
   rng_ranks   data-parallel runs only: every rank's rng state, in rank order ("rng" is rank 0's)
   metrics     the last epoch's metrics line (also in metrics.jsonl)
+  ema         --ema runs only: the averaged weights, a state_dict like "model"
+  weights     best.pt only: "raw" or "ema", which weights its "model" entry holds
   kernels     --fused runs only: ours or the library's per op, as chosen at start-up
               (``vit_fast.kernel_choice.KernelChoice.to_dict``); --resume keeps it, load_model uses it
 
@@ -30,6 +32,9 @@ from pathlib import Path
 import torch
 
 FORMAT = "vit_fast/1"
+
+# Which weights of a checkpoint to run: the trained ones or their exponential moving average (--ema).
+WEIGHTS = ("raw", "ema")
 
 # The entries a checkpoint must have for each use, and the type each entry must have.
 MODEL_ENTRIES = ("config", "model")
@@ -153,9 +158,41 @@ def load_checkpoint(path: str | Path, map_location="cpu", required: tuple[str, .
     return ckpt
 
 
-def load_model(path: str | Path, backend: str = "torch", map_location="cpu"):
-    """The model stored in a checkpoint, in eval mode, and the checkpoint dict. On "fused" it runs
-    the kernels the training run chose (the ``kernels`` entry; ours for every op without one)."""
+def select_weights(ckpt: dict, path: str | Path, weights: str | None = None) -> tuple[dict, str]:
+    """(state_dict, "raw" or "ema"): the weights of ``ckpt`` that ``weights`` names. None takes the
+    "model" entry, which is the raw weights, except in a best.pt whose "weights" entry says it
+    holds the EMA ones. "ema" takes the "ema" entry, or the "model" entry of such a best.pt."""
+    if weights is not None and weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS} or None, got {weights!r}")
+    holds = ckpt.get("weights", "raw")  # what the "model" entry is
+    if weights is None or weights == holds:
+        return ckpt["model"], holds
+    if weights == "ema":
+        ema = ckpt.get("ema")
+        if ema is None and "weights" in ckpt:
+            raise CheckpointError(f"checkpoint {path} holds only the raw weights (its 'weights' entry: it is a "
+                                  "best.pt whose raw weights scored higher); use --weights raw")
+        if ema is None:
+            raise CheckpointError(f"checkpoint {path} has no EMA weights (it was trained without --ema); "
+                                  "use the raw weights (--weights raw)")
+        bad = [k for k, v in ema.items() if not isinstance(v, torch.Tensor)] if isinstance(ema, dict) else ["(all)"]
+        if bad:
+            raise CheckpointError(f"checkpoint {path}: 'ema' should map parameter names to tensors like 'model', "
+                                  f"but {bad[0]!r} is not a tensor")
+        nonfinite = non_finite_tensors({"model": ema})
+        if nonfinite:
+            raise CheckpointError(f"checkpoint {path} is corrupt: its EMA weights hold NaN or infinity, first "
+                                  f"{nonfinite[0].replace('model', 'ema', 1)}")
+        return ema, "ema"
+    raise CheckpointError(f"checkpoint {path} holds only the EMA weights (its 'weights' entry: it is a best.pt "
+                          "whose EMA weights scored higher); use --weights ema")
+
+
+def load_model(path: str | Path, backend: str = "torch", map_location="cpu", weights: str | None = None):
+    """The model stored in a checkpoint, in eval mode, and the checkpoint dict with its "model" entry
+    set to the weights loaded and its "weights" entry to their kind, "raw" or "ema" (``weights``
+    chooses them, see ``select_weights``; None, the default, loads the "model" entry). On "fused" it runs the kernels the training run chose (the ``kernels`` entry;
+    ours for every op without one)."""
     from .config import ViTConfig
     from .kernel_choice import KernelChoice
     from .model import ViTClassifier
@@ -171,8 +208,9 @@ def load_model(path: str | Path, backend: str = "torch", map_location="cpu"):
             model.set_kernels(KernelChoice.from_dict(ckpt["kernels"]))
         except ValueError as err:
             raise CheckpointError(f"checkpoint {path}: its 'kernels' entry does not read: {err}") from None
+    state, held = select_weights(ckpt, path, weights)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {path} does not match its own config: {err}") from err
-    return model.eval(), ckpt
+    return model.eval(), {**ckpt, "model": state, "weights": held}

@@ -2,6 +2,7 @@
 
     python -m vit_fast.evaluate --checkpoint runs/vit/checkpoint.pt
     python -m vit_fast.evaluate --checkpoint runs/vit/checkpoint.pt --json eval.json --device cpu
+    python -m vit_fast.evaluate --checkpoint runs/vit/checkpoint.pt --weights ema   # a run with --ema
 
 Reports top-1 and top-5 accuracy, the accuracy of every class and the class pairs the model
 confuses most (true class predicted as another), as a table and optionally as JSON. The dataset
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from . import datasets
 from . import distributed as dist_mod
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import WEIGHTS, CheckpointError, load_model
 from .cli import UsageError, errors_handled
 from .loader import DeviceLoader
 from .paths import check_output_file
@@ -116,11 +117,13 @@ def summarize(top: torch.Tensor, labels: torch.Tensor, loss_sum: float, classes:
 def evaluate_checkpoint(
     path: str | Path, data_dir: str = "./data", dataset: str | None = None, device: str = "auto",
     batch_size: int = 512, backend: str = "torch", download: bool = True, num_pairs: int = 10,
+    weights: str | None = None,
 ) -> dict:
-    """Evaluate the checkpoint at ``path`` on its dataset's test split; returns the report dict."""
+    """Evaluate the checkpoint at ``path`` on its dataset's test split; returns the report dict.
+    ``weights``: "raw", "ema" or None (the checkpoint's model entry), see checkpoint.select_weights."""
     dev = resolve_device(device)
     check_backend_device(backend, dev)
-    model, ckpt = load_model(path, backend=backend)
+    model, ckpt = load_model(path, backend=backend, weights=weights)
     info = checkpoint_data(ckpt, path)
     dataset = dataset or info["dataset"]
     test_set = datasets.load_split(dataset, data_dir, False, download=download, **split_options(ckpt))
@@ -141,11 +144,13 @@ def evaluate_checkpoint(
     amp = dev.type == "cuda"
     top, labels, loss_sum = predict_topk(model.to(dev), loader, dev, amp)
     report = summarize(top, labels, loss_sum, test_set.classes, num_pairs)
-    return {"checkpoint": str(path), "dataset": dataset, "epoch": ckpt.get("epoch"), **report}
+    return {"checkpoint": str(path), "weights": ckpt["weights"], "dataset": dataset, "epoch": ckpt.get("epoch"),
+            **report}
 
 
 def format_report(report: dict, worst: int = 10) -> str:
-    lines = [f"{report['checkpoint']} (epoch {report['epoch']}) on the {report['dataset']} test split, "
+    weights = " EMA weights" if report.get("weights") == "ema" else ""
+    lines = [f"{report['checkpoint']}{weights} (epoch {report['epoch']}) on the {report['dataset']} test split, "
              f"{report['num_images']} images",
              f"  top-1 {report['top1']:6.2f}%   top-5 {report['top5']:6.2f}%   loss {report['loss']:.4f}", ""]
     scored = sorted(((acc, name) for name, acc in report["per_class"].items() if acc is not None))
@@ -170,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-download", action="store_true", help="never try to download a missing dataset")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--backend", default="torch", choices=("reference", "torch", "fused"))
+    p.add_argument("--weights", choices=WEIGHTS, help="the trained weights or their moving average (a run with "
+                   "--ema); default: the checkpoint's model entry (raw; for best.pt, whichever it kept)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--pairs", type=int, default=10, help="how many confused class pairs to list")
     p.add_argument("--json", help="also write the report (with every class's accuracy) to this JSON file")
@@ -182,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.json:
             check_output_file(args.json, "--json")  # before the evaluation, not after it
         report = evaluate_checkpoint(args.checkpoint, args.data_dir, args.dataset, args.device, args.batch_size,
-                                     args.backend, not args.no_download, args.pairs)
+                                     args.backend, not args.no_download, args.pairs, args.weights)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
