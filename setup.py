@@ -139,7 +139,7 @@ setup(
     version="0.1.0",
     description="A Vision Transformer for CIFAR-100 with fused Triton and CUDA kernels",
     python_requires=">=3.10",
-    packages=["vit_fast", "vit_fast.fused", "vit_fast.kernels"],
+    packages=["vit_fast", "vit_fast.augment", "vit_fast.fused", "vit_fast.kernels"],
     # Device code lives at the top level (kernels/, csrc/) but is imported through the package:
     # a top-level import name "kernels" would collide with the PyPI package of that name.
     package_dir={"vit_fast": "vit_fast", "vit_fast.kernels": "kernels"},
