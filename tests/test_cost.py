@@ -199,6 +199,26 @@ def test_step_table_and_json(tmp_path, capsys):
     assert set(fused["phases"]) == set(step_mod.PHASES) and fused["total"]["host_syncs"] == 0
     assert fused["roofline"]["H100"]["eager_ms"] > fused["roofline"]["H100"]["graph_ms"] > 0
     assert math.isclose(sum(p["launches"] for p in fused["phases"].values()), fused["total"]["launches"])
+    # Host time per step: eager dispatches every launch and custom-op call, a graphed step one replay.
+    assert "host time per step (modelled" in text
+    for backend in ("torch", "fused"):
+        total, host = data["backends"][backend]["total"], data["host_per_step"][backend]
+        assert host["graphed_s"] == cost.GRAPH_REPLAY_S
+        assert math.isclose(host["eager_s"], total["launches"] * cost.LAUNCH_OVERHEAD_S
+                            + total["custom_op_calls"] * cost.CUSTOM_OP_CALL_S)
+
+
+def test_data_phase_and_step_counts_of_issue_24():
+    """The default step (vit-cifar, batch 128, lee2021) counted on fake tensors: the fused data
+    phase at most 10 dispatched ops (the draws, the step's advance, the two pixel kernels), the
+    whole fused step at most 150, and the torch data phase only its pixel work after the same draw."""
+    steps = {b: cost.account_step_as_trained("vit-cifar", 128, b) for b in ("torch", "fused")}
+    calls = {b: {p: sum(o.calls for o in a.ops.values()) for p, a in s.phases.items()} for b, s in steps.items()}
+    fused_data = steps["fused"].phases["data"].ops
+    assert set(fused_data) == {"vit_fast::augment_draw", "aten::add_", "vit_fast::augment_policy",
+                               "vit_fast::augment_finish"}, sorted(fused_data)
+    assert calls["fused"]["data"] <= 10 and sum(calls["fused"].values()) <= 150, calls["fused"]
+    assert steps["torch"].phases["data"].ops["vit_fast::augment_draw"].calls == 1
 
 
 def test_cli_pure_prints_tables_and_writes_json(tmp_path, capsys):

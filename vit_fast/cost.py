@@ -94,8 +94,8 @@ import torch.nn.functional as F
 from .cli import UsageError, errors_handled
 from .config import BACKENDS, PRESETS, get_preset
 from .cost_account import (
-    CUSTOM_OP_CALL_S, GPU, GPUS, LAUNCH_OVERHEAD_S, CostAccount, Kernel, OpCost, StepAccount, format_step_table,
-    format_table, merge,
+    CUSTOM_OP_CALL_S, GPU, GPUS, GRAPH_REPLAY_S, LAUNCH_OVERHEAD_S, CostAccount, Kernel, OpCost, StepAccount,
+    format_step_table, format_table, host_time_per_step, merge,
 )
 from .cost_kernels import (
     GPU_TARGET_MULTIPROCESSORS, CostRecorder, aten_flops, custom_op_kernels, launch_flops, tensor_bytes,
@@ -104,7 +104,7 @@ from .paths import check_output_file
 from .recipes import RECIPES
 
 __all__ = [
-    "CUSTOM_OP_CALL_S", "GPU", "GPUS", "GPU_TARGET_MULTIPROCESSORS", "LAUNCH_OVERHEAD_S", "CostAccount", "CostRecorder",
+    "CUSTOM_OP_CALL_S", "GPU", "GPUS", "GRAPH_REPLAY_S", "GPU_TARGET_MULTIPROCESSORS", "LAUNCH_OVERHEAD_S", "CostAccount", "CostRecorder",
     "Kernel", "OpCost", "StepAccount", "account_step_as_trained", "account_training_step", "aten_flops",
     "build_parser", "custom_op_kernels", "format_step_table", "format_table", "launch_flops", "main", "merge",
     "tensor_bytes", "training_args",
@@ -247,6 +247,17 @@ def account_step_as_trained(preset: str = "vit-cifar", batch_size: int = 128, ba
     return StepAccount(backend, phases, syncs)
 
 
+def format_host_time(host: dict, estimate: dict | None) -> str:
+    """The modelled host time per step beside the estimated GPU time of the graphed step."""
+    lines = ["\nhost time per step (modelled: LAUNCH_OVERHEAD_S, CUSTOM_OP_CALL_S, GRAPH_REPLAY_S) beside the GPU "
+             "time of the graphed step (estimate, H100 SXM)",
+             f"  {'backend':10s} {'eager host ms':>14s} {'graphed host ms':>16s} {'graphed GPU ms':>15s}"]
+    for backend, h in host.items():
+        gpu = estimate[backend]["H100 SXM"]["total_ms"] if estimate else float("nan")
+        lines.append(f"  {backend:10s} {h['eager_s'] * 1e3:14.3f} {h['graphed_s'] * 1e3:16.3f} {gpu:15.3f}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vit_fast.cost",
                                 description="Per-step cost account (kernels, casts, bytes, FLOPs, host syncs) "
@@ -313,6 +324,9 @@ def _main(args: argparse.Namespace) -> dict:
             print(gpu_time.format_estimates(estimates, args.estimate_top))
             result["estimate"] = {b: {e.gpu: e.to_dict() for e in by_gpu.values()} for b, by_gpu in estimates.items()}
             result["estimate_gpus"] = {k: vars(g) for k, g in gpu_time.GPUS.items()}
+        host = {b: host_time_per_step(s.total.launches, s.total.custom_op_calls) for b, s in steps.items()}
+        result["host_per_step"] = host
+        print(format_host_time(host, result.get("estimate")))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -19,6 +19,19 @@ LAUNCH_OVERHEAD_S = 5e-6
 # Extra host time of a Python-level custom-op call (torch.library's Python dispatch around the
 # op's body): measured 17 us over its body's own ops on the same machine, assumed 15 us.
 CUSTOM_OP_CALL_S = 15e-6
+# Host time of a step replayed from one CUDA graph (--cuda-graphs, data phase included): the Python
+# call of CUDAGraph.replay (one cudaGraphLaunch) and the epoch loop's integer updates; no tensor
+# is made and no op dispatched (tests/test_step.py counts none). Assumed, not measured: a Python
+# call into the runtime costs a few microseconds on the development machine and a graph launch
+# a few more; 10 us is the figure until a GPU measures it.
+GRAPH_REPLAY_S = 10e-6
+
+
+def host_time_per_step(launches: int, custom_op_calls: int) -> dict[str, float]:
+    """Modelled host seconds of one step: eager (every launch and custom-op call dispatched from
+    Python) and graphed (one replay)."""
+    return {"eager_s": launches * LAUNCH_OVERHEAD_S + custom_op_calls * CUSTOM_OP_CALL_S,
+            "graphed_s": GRAPH_REPLAY_S}
 
 
 @dataclass(frozen=True)
