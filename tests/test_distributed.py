@@ -174,3 +174,38 @@ def test_indivisible_batch_under_torchrun_is_a_clear_error(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match=r"--batch-size 127 is the global batch and must be divisible by .*\(2\)"):
         single(tmp_path, "--batch-size", "127")
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_graphed_step_under_ddp_warms_up_as_pytorch_asks():
+    """Under torchrun the graphed step runs DDP_GRAPH_WARMUP_STEPS (11) eager steps before capture
+    (PyTorch's notes on whole-network capture with DistributedDataParallel); one process, 3."""
+    from types import SimpleNamespace
+
+    from vit_fast import step as step_mod
+    from vit_fast.distributed import World
+
+    two = SimpleNamespace(world=World(rank=1, local_rank=1, size=2), device=torch.device("cpu"))
+    one = SimpleNamespace(world=World(), device=torch.device("cpu"))
+    assert step_mod.GraphedStep(two).warmup_steps == step_mod.DDP_GRAPH_WARMUP_STEPS == 11
+    assert step_mod.GraphedStep(one).warmup_steps == step_mod.GRAPH_WARMUP_STEPS
+
+
+TWO_GPUS = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                              reason="--cuda-graphs under torchrun captures NCCL's all-reduce in each rank's graph: "
+                                     "it needs two CUDA GPUs")
+
+
+@pytest.mark.gpu(reason="--cuda-graphs under torchrun needs CUDA GPUs and NCCL")
+@TWO_GPUS
+def test_cuda_graphs_under_two_ranks_train_like_eager_two_ranks(tmp_path):
+    """Two NCCL ranks of 64 images, 16 steps per epoch (the graph is captured after 11 eager warm-up steps and
+    replayed from then on, the data phase included) against the same two ranks without graphs, in
+    fp32: the same weights after two epochs and a resume."""
+    gpu = ["--device", "cuda", "--no-amp", "--batch-size", "128", "--synthetic-size", "2048"]
+    for name, extra in (("graphed", ["--cuda-graphs"]), ("eager", [])):
+        torchrun(tmp_path / name, *gpu, *extra, "--stop-after", "1")
+        torchrun(tmp_path / name, *gpu, *extra, "--resume")
+    graphed = load_checkpoint(tmp_path / "graphed" / "checkpoint.pt")
+    eager = load_checkpoint(tmp_path / "eager" / "checkpoint.pt")
+    assert graphed["step"] == eager["step"] == 32
+    assert_same_weights(graphed["model"], eager["model"])
