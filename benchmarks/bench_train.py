@@ -11,8 +11,8 @@ Providers: backend (reference, torch, fused) x step mode:
 - eager: the model as is;
 - compile: ``--compile`` (torch.compile, default mode);
 - reduce-overhead: ``--compile --compile-mode reduce-overhead`` (compiled, CUDA graphs of its own);
-- cuda-graphs: ``--cuda-graphs``, the whole step captured in one CUDA graph and replayed; the
-  batch is copied into the graph's static buffers, so the data phase is timed too.
+- cuda-graphs: ``--cuda-graphs``, the whole step, data phase included, captured in one CUDA graph
+  and replayed.
 
 The dataset is synthetic, of the preset's image size and class count, and a whole number of
 batches long, so every batch has the same shape (no recompilation, no dropped batch). Without a
@@ -61,20 +61,31 @@ def training_run(preset: str, batch: int, backend: str, mode: str, extra: list[s
 
 
 def step_fn(run):
-    """One training step as the epoch loop takes it: the next batch, then ``run_step``; a new epoch
-    (its shuffle drawn) when one runs out, as training does."""
+    """One training step as the epoch loop takes it: the next batch, then ``run_step``; under
+    --cuda-graphs one ``run.graph(rows)``, which makes the batch inside the graph. A new epoch (its
+    shuffle drawn and copied to the device) when one runs out, as training does."""
     from vit_fast import step as step_mod
 
-    state = {"epoch": 0, "batches": step_mod.epoch_batches(run, 0)}
+    loader = run.train_loader
+    state = {"epoch": 0}
+
+    def begin(epoch: int):
+        if run.graph is None:
+            return step_mod.epoch_batches(run, epoch)
+        loader.set_epoch(epoch)
+        loader.begin_epoch()
+        return iter(loader.batch_rows())
+
+    state["items"] = begin(0)
 
     def step():
         try:
-            x, y = next(state["batches"])
+            item = next(state["items"])
         except StopIteration:
             state["epoch"] += 1
-            state["batches"] = step_mod.epoch_batches(run, state["epoch"])
-            x, y = next(state["batches"])
-        return step_mod.run_step(run, x, y)
+            state["items"] = begin(state["epoch"])
+            item = next(state["items"])
+        return run.graph(item) if run.graph is not None else step_mod.run_step(run, *item)
 
     return step
 
