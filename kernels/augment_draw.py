@@ -24,14 +24,17 @@ The arithmetic on the random words, and the order of the draws, is ``vit_fast.au
 (``umulhi(x, n)`` in [0, n)), uniforms ``(x >> 8) * 2**-24`` (exact in float32), normals by
 Box-Muller. Exactness: ln, e**x, cos and sin are computed here from +, *, / alone (``soft_log``,
 ``soft_exp``, ``cos_sin_turn``: range reduction and short series), square roots and divisions
-are IEEE (``tl.sqrt_rn``, ``tl.div_rn``), and the launcher turns off fma contraction, so every
-operation rounds as torch's float32 ops round it: the draws are the twin's bit for bit, on a GPU,
-under the interpreter and on any CPU, and every backend builds the same batches from a seed
-(the tests check the twin against this kernel, field by field, bit for bit).
+are IEEE (``tl.sqrt_rn``, ``tl.div_rn``), the erasing box's integer sides are exact whatever the
+root (``round_sqrt``), and the launcher turns off fma contraction, so every operation rounds as
+torch's float32 ops round it: the draws are the twin's bit for bit under the interpreter on any
+CPU (tested field by field), and by that reasoning on a GPU (a GPU test compares them; no GPU has
+run it yet).
 
-Design: one program per BLOCK_B rows, everything a (BLOCK_B,) vector; the draws are a few hundred
-Philox rounds per row, so the launch is latency-, not memory-bound, and one launch replaces the
-hundred-odd small kernels the generator-based draws took.
+Design: programs of BLOCK_B rows, everything a (BLOCK_B,) vector: the image draws in the first
+programs, the mix draws (64 Gamma proposals per row, the longest chain) in programs of their own
+that run beside them. The draws are a few hundred Philox rounds per row, so the launch is
+latency-, not memory-bound, and one launch replaces the hundred-odd small kernels the
+generator-based draws took.
 """
 
 from __future__ import annotations
@@ -104,9 +107,9 @@ def soft_log(x):
 
 @triton.jit
 def soft_exp(x):
-    """e**x for float32 x, clamped to [-87, 88], from +, *, / alone: x = k ln 2 + r, |r| <= ln 2 / 2,
+    """e**x for float32 x, clamped to [-80, 88], from +, *, / alone: x = k ln 2 + r, |r| <= ln 2 / 2,
     e**r to r**8 / 8! (relative error < 1e-7), times 2**k built from its bits."""
-    x = tl.minimum(tl.maximum(x, -87.0), 88.0)
+    x = tl.minimum(tl.maximum(x, -80.0), 88.0)  # e**-80 is a normal float32: no denormal to flush
     k = tl.floor(x * INV_LN2 + 0.5)
     r = (x - k * LN2_HI) - k * LN2_LO
     p = r * (1.0 / 40320.0) + (1.0 / 5040.0)
@@ -147,6 +150,17 @@ def cos_sin_turn(u):
 
 
 @triton.jit
+def round_sqrt(x):
+    """floor(sqrt(x) + 1/2) of the exact square root, for 0 <= x < 2**20: the hardware's
+    approximate root (within one of the answer), then one exact correction each way by comparing
+    the odd squares (2k +- 1)**2 (exact integers below 2**24) with 4x. Exact with any root, so
+    no IEEE square root (and its slow-path call) is needed."""
+    k = tl.floor(tl.sqrt(x) + 0.5)
+    k = tl.where((2.0 * k + 1.0) * (2.0 * k + 1.0) <= 4.0 * x, k + 1.0, k)
+    return tl.where((2.0 * k - 1.0) * (2.0 * k - 1.0) > 4.0 * x, k - 1.0, k)
+
+
+@triton.jit
 def box_muller(xa, xb):
     """Two words as a standard normal pair: sqrt(-2 ln(1 - u_a)) (cos, sin)(2 pi u_b)."""
     r = tl.sqrt_rn(-2.0 * soft_log(1.0 - uniform(xa)))
@@ -176,7 +190,8 @@ def gamma(m, c1, c2, k0, k1, stream, d, c, inv_shape):
         found = found | ok
         if j == 0:
             boost = tl.maximum(uniform(x3), 1e-30)
-    return g * soft_exp(soft_log(boost) * inv_shape)
+    # Clamped to a normal number: a GPU may flush a denormal product to zero, a CPU keeps it.
+    return tl.maximum(g * soft_exp(soft_log(boost) * inv_shape), 1e-30)
 
 
 @triton.jit
@@ -191,21 +206,26 @@ def beta(m, c1, c2, k0, k1, stream, d, c, inv_shape):
 @triton.jit
 def augment_draw_kernel(
     Order, Labels, Position, OpTab, ProbTab, MagTab, SignTab,
-    Index, LabelsOut, OY, OX, Flip, Op, Mag, ETop, ELeft, EH, EW, EOn,
+    Index, LabelsOut, OY, OX, Flip, Op, Mag, ETop, ELeft, EH, EW, EOn, Values0,
     UseCut, LamMix, Y0, Y1, X0, X1, Lam, Applied,
-    seed_lo, seed_hi, rank, world, global_batch, B, MIX_ROWS, H, W, padding,
+    seed_lo, seed_hi, rank, world, global_batch, n_order, B, MIX_ROWS, image_programs, H, W, padding,
     n_choices, fixed_bin, num_bins, stride_tab,
     erase_p, area_lo, area_span, log_ratio_lo, log_ratio_span,
     mixup_d, mixup_c, mixup_inv, cutmix_d, cutmix_c, cutmix_inv, switch_prob, mix_prob,
     POLICY: tl.constexpr, S: tl.constexpr, CROP: tl.constexpr, FLIP: tl.constexpr,
-    ERASE: tl.constexpr, TRIES: tl.constexpr, MIXUP: tl.constexpr, CUTMIX: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    ERASE: tl.constexpr, ZERO_VALUES: tl.constexpr, TRIES: tl.constexpr, MIXUP: tl.constexpr,
+    CUTMIX: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """One program per BLOCK_B rows of the batch; POLICY 0 none, 1 AutoAugment's table of
-    sub-policies (n_choices x S, one sub-policy per image), 2 a table of ops (RandAugment,
-    TrivialAugment: one op per step, bin ``fixed_bin`` or drawn from ``num_bins`` when -1)."""
+    """Programs [0, image_programs) draw BLOCK_B images each; the programs after them draw BLOCK_B
+    mix rows each, so the mix's Gamma proposals (the longest serial chain) run beside the image
+    draws rather than after them. POLICY 0 none, 1 AutoAugment's table of sub-policies
+    (n_choices x S, one sub-policy per image), 2 a table of ops (RandAugment, TrivialAugment: one
+    op per step, bin ``fixed_bin`` or drawn from ``num_bins`` when -1). ZERO_VALUES: store the
+    0-dim erasing value ("const": zero, the mean colour) from program 0. A position past the end of
+    the epoch's order (n_order) reads image 0: never out of bounds."""
     pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    first = tl.where(pid < image_programs, pid, pid - image_programs) * BLOCK_B
+    rows = first + tl.arange(0, BLOCK_B)
     live = rows < B
     epoch = tl.load(Position)
     step = tl.load(Position + 1)
@@ -216,99 +236,104 @@ def augment_draw_kernel(
     g = rank + rows.to(tl.int64) * world
     c0 = g.to(tl.uint32)
     zero = rows.to(tl.uint32) * 0
-
-    index = tl.load(Order + step * global_batch + g, mask=live, other=0)
-    tl.store(Index + rows, index, mask=live)
-    tl.store(LabelsOut + rows, tl.load(Labels + index, mask=live, other=0), mask=live)
-
-    x0, x1, x2, x3 = philox(c0, c1, c2, zero, k0, k1)
-    if CROP:
-        span = (rows * 0 + 2 * padding + 1).to(tl.uint32)
-        tl.store(OY + rows, below(x0, span), mask=live)
-        tl.store(OX + rows, below(x1, span), mask=live)
-    if FLIP:
-        tl.store(Flip + rows, (x2 >> 31) != 0, mask=live)
-    if POLICY == 1:
-        sub = below(x3, (rows * 0 + n_choices).to(tl.uint32))
-    for s in tl.static_range(S):
-        y0, y1, y2, y3 = philox(c0, c1, c2, zero + 1 + s, k0, k1)
-        if POLICY == 1:
-            at = sub * stride_tab + s
-            applied = uniform(y0) < tl.load(ProbTab + at, mask=live, other=0.0)
-            op = tl.where(applied, tl.load(OpTab + at, mask=live, other=0), 0)
-            mag = tl.load(MagTab + at, mask=live, other=0.0)
-            signed = tl.load(SignTab + at, mask=live, other=0) != 0
-        else:
-            which = below(y0, (rows * 0 + n_choices).to(tl.uint32))
-            if fixed_bin >= 0:
-                bin_ = which * 0 + fixed_bin
-            else:
-                bin_ = below(y1, (rows * 0 + num_bins).to(tl.uint32))
-            op = tl.load(OpTab + which, mask=live, other=0)
-            mag = tl.load(MagTab + which * stride_tab + bin_, mask=live, other=0.0)
-            signed = tl.load(SignTab + which, mask=live, other=0) != 0
-        negative = signed & (uniform(y2) < 0.5)
-        tl.store(Op + s * B + rows, op, mask=live)
-        tl.store(Mag + s * B + rows, tl.where(negative, -mag, mag), mask=live)
-
     area_total = (rows * 0 + H * W).to(tl.float32)
-    if ERASE:
-        found = rows < 0
-        eh = tl.zeros((BLOCK_B,), tl.float32)
-        ew = eh
-        for t in tl.static_range(TRIES):
-            z0, z1, _, _ = philox(c0, c1, c2, zero + 32 + t, k0, k1)
-            area = area_total * (area_lo + area_span * uniform(z0))
-            aspect = soft_exp(log_ratio_lo + log_ratio_span * uniform(z1))
-            h = tl.floor(tl.sqrt_rn(area * aspect) + 0.5)
-            w = tl.floor(tl.sqrt_rn(tl.div_rn(area, aspect)) + 0.5)
-            fits = (h < H) & (w < W) & ~found
-            eh = tl.where(fits, h, eh)
-            ew = tl.where(fits, w, ew)
-            found = found | fits
-        p0, p1, p2, _ = philox(c0, c1, c2, zero + 48, k0, k1)
-        on = found & (uniform(p0) < erase_p)
-        tl.store(ETop + rows, tl.floor(uniform(p1) * ((H + 1) - eh)), mask=live)
-        tl.store(ELeft + rows, tl.floor(uniform(p2) * ((W + 1) - ew)), mask=live)
-        tl.store(EH + rows, eh, mask=live)
-        tl.store(EW + rows, ew, mask=live)
-        tl.store(EOn + rows, on, mask=live)
 
-    if MIXUP or CUTMIX:
-        mixing = rows < MIX_ROWS
-        m = rows.to(tl.uint32)
-        base = MIX_STREAM + rank * 256
-        q0, q1, q2, q3 = philox(m, c1, c2, zero + base, k0, k1)
-        if MIXUP and CUTMIX:
-            use_cut = uniform(q0) < switch_prob
-        else:
-            use_cut = (rows * 0 + CUTMIX) != 0
-        if MIXUP:
-            lam_mix = beta(m, c1, c2, k0, k1, base + 1, mixup_d, mixup_c, mixup_inv)
-        else:
-            lam_mix = tl.full((BLOCK_B,), 1.0, tl.float32)
-        if CUTMIX:
-            lam_cut = beta(m, c1, c2, k0, k1, base + 33, cutmix_d, cutmix_c, cutmix_inv)
-        else:
-            lam_cut = tl.full((BLOCK_B,), 1.0, tl.float32)
-        cut = tl.sqrt_rn(1.0 - lam_cut)
-        half_h = tl.floor(tl.floor(H * cut) * 0.5)
-        half_w = tl.floor(tl.floor(W * cut) * 0.5)
-        cy = tl.floor(uniform(q1) * H)
-        cx = tl.floor(uniform(q2) * W)
-        y0 = tl.minimum(tl.maximum(cy - half_h, 0.0), H * 1.0)
-        y1 = tl.minimum(tl.maximum(cy + half_h, 0.0), H * 1.0)
-        x0_ = tl.minimum(tl.maximum(cx - half_w, 0.0), W * 1.0)
-        x1_ = tl.minimum(tl.maximum(cx + half_w, 0.0), W * 1.0)
-        lam_box = 1.0 - tl.div_rn((y1 - y0) * (x1_ - x0_), area_total)
-        tl.store(UseCut + rows, use_cut, mask=mixing)
-        tl.store(LamMix + rows, lam_mix, mask=mixing)
-        tl.store(Y0 + rows, y0, mask=mixing)
-        tl.store(Y1 + rows, y1, mask=mixing)
-        tl.store(X0 + rows, x0_, mask=mixing)
-        tl.store(X1 + rows, x1_, mask=mixing)
-        tl.store(Lam + rows, tl.where(use_cut, lam_box, lam_mix), mask=mixing)
-        tl.store(Applied + rows, uniform(q3) < mix_prob, mask=mixing)
+    if pid < image_programs:
+        at = step * global_batch + g
+        index = tl.load(Order + at, mask=live & (at < n_order), other=0)
+        tl.store(Index + rows, index, mask=live)
+        tl.store(LabelsOut + rows, tl.load(Labels + index, mask=live, other=0), mask=live)
+
+        x0, x1, x2, x3 = philox(c0, c1, c2, zero, k0, k1)
+        if CROP:
+            span = (rows * 0 + 2 * padding + 1).to(tl.uint32)
+            tl.store(OY + rows, below(x0, span), mask=live)
+            tl.store(OX + rows, below(x1, span), mask=live)
+        if FLIP:
+            tl.store(Flip + rows, (x2 >> 31) != 0, mask=live)
+        if POLICY == 1:
+            sub = below(x3, (rows * 0 + n_choices).to(tl.uint32))
+        for s in tl.static_range(S):
+            y0, y1, y2, y3 = philox(c0, c1, c2, zero + 1 + s, k0, k1)
+            if POLICY == 1:
+                at = sub * stride_tab + s
+                applied = uniform(y0) < tl.load(ProbTab + at, mask=live, other=0.0)
+                op = tl.where(applied, tl.load(OpTab + at, mask=live, other=0), 0)
+                mag = tl.load(MagTab + at, mask=live, other=0.0)
+                signed = tl.load(SignTab + at, mask=live, other=0) != 0
+            else:
+                which = below(y0, (rows * 0 + n_choices).to(tl.uint32))
+                if fixed_bin >= 0:
+                    bin_ = which * 0 + fixed_bin
+                else:
+                    bin_ = below(y1, (rows * 0 + num_bins).to(tl.uint32))
+                op = tl.load(OpTab + which, mask=live, other=0)
+                mag = tl.load(MagTab + which * stride_tab + bin_, mask=live, other=0.0)
+                signed = tl.load(SignTab + which, mask=live, other=0) != 0
+            negative = signed & (uniform(y2) < 0.5)
+            tl.store(Op + s * B + rows, op, mask=live)
+            tl.store(Mag + s * B + rows, tl.where(negative, -mag, mag), mask=live)
+
+        if ZERO_VALUES:
+            if pid == 0:
+                tl.store(Values0, 0.0)
+        if ERASE:
+            found = rows < 0
+            eh = tl.zeros((BLOCK_B,), tl.float32)
+            ew = eh
+            for t in tl.static_range(TRIES):
+                z0, z1, _, _ = philox(c0, c1, c2, zero + 32 + t, k0, k1)
+                area = area_total * (area_lo + area_span * uniform(z0))
+                log_aspect = log_ratio_lo + log_ratio_span * uniform(z1)
+                h = round_sqrt(area * soft_exp(log_aspect))
+                w = round_sqrt(area * soft_exp(-log_aspect))  # area / aspect, without a division
+                fits = (h < H) & (w < W) & ~found
+                eh = tl.where(fits, h, eh)
+                ew = tl.where(fits, w, ew)
+                found = found | fits
+            p0, p1, p2, _ = philox(c0, c1, c2, zero + 48, k0, k1)
+            on = found & (uniform(p0) < erase_p)
+            tl.store(ETop + rows, tl.floor(uniform(p1) * ((H + 1) - eh)), mask=live)
+            tl.store(ELeft + rows, tl.floor(uniform(p2) * ((W + 1) - ew)), mask=live)
+            tl.store(EH + rows, eh, mask=live)
+            tl.store(EW + rows, ew, mask=live)
+            tl.store(EOn + rows, on, mask=live)
+    else:
+        if MIXUP or CUTMIX:
+            mixing = rows < MIX_ROWS
+            m = rows.to(tl.uint32)
+            base = MIX_STREAM + rank * 256
+            q0, q1, q2, q3 = philox(m, c1, c2, zero + base, k0, k1)
+            if MIXUP and CUTMIX:
+                use_cut = uniform(q0) < switch_prob
+            else:
+                use_cut = (rows * 0 + CUTMIX) != 0
+            if MIXUP:
+                lam_mix = beta(m, c1, c2, k0, k1, base + 1, mixup_d, mixup_c, mixup_inv)
+            else:
+                lam_mix = tl.full((BLOCK_B,), 1.0, tl.float32)
+            if CUTMIX:
+                lam_cut = beta(m, c1, c2, k0, k1, base + 33, cutmix_d, cutmix_c, cutmix_inv)
+            else:
+                lam_cut = tl.full((BLOCK_B,), 1.0, tl.float32)
+            cut = tl.sqrt_rn(1.0 - lam_cut)
+            half_h = tl.floor(tl.floor(H * cut) * 0.5)
+            half_w = tl.floor(tl.floor(W * cut) * 0.5)
+            cy = tl.floor(uniform(q1) * H)
+            cx = tl.floor(uniform(q2) * W)
+            box_y0 = tl.minimum(tl.maximum(cy - half_h, 0.0), H * 1.0)
+            box_y1 = tl.minimum(tl.maximum(cy + half_h, 0.0), H * 1.0)
+            box_x0 = tl.minimum(tl.maximum(cx - half_w, 0.0), W * 1.0)
+            box_x1 = tl.minimum(tl.maximum(cx + half_w, 0.0), W * 1.0)
+            lam_box = 1.0 - tl.div_rn((box_y1 - box_y0) * (box_x1 - box_x0), area_total)
+            tl.store(UseCut + rows, use_cut, mask=mixing)
+            tl.store(LamMix + rows, lam_mix, mask=mixing)
+            tl.store(Y0 + rows, box_y0, mask=mixing)
+            tl.store(Y1 + rows, box_y1, mask=mixing)
+            tl.store(X0 + rows, box_x0, mask=mixing)
+            tl.store(X1 + rows, box_x1, mask=mixing)
+            tl.store(Lam + rows, tl.where(use_cut, lam_box, lam_mix), mask=mixing)
+            tl.store(Applied + rows, uniform(q3) < mix_prob, mask=mixing)
 
 
 @triton.jit

@@ -279,9 +279,9 @@ FUSED_LOADER_CASES = {
 @pytest.mark.parametrize("case", list(FUSED_LOADER_CASES))
 @pytest.mark.parametrize("world_size,rank", [(1, 0), (2, 1)])
 def test_fused_loader_yields_the_torch_loaders_batches(case, world_size, rank):
-    """The fused data phase (augment_policy, then vit_fast::augment_finish) makes the same draws in
-    the same order and builds the same batches, bit for bit, over several batches and epochs
-    (rank 1 of 2: the global batch's draws sliced to the rank's rows)."""
+    """The fused data phase (augment_policy, then vit_fast::augment_finish) builds the same batches
+    from the same counter-based draws, bit for bit, over several batches and epochs (rank 1 of 2:
+    the rank's rows of the global batch)."""
     torch_loader, fused_loader = _loader_pairs(FUSED_LOADER_CASES[case](), world_size, rank)
     batches = 0
     for epoch in (0, 1):
@@ -308,14 +308,48 @@ def test_fused_data_phase_makes_no_host_syncs():
 
 @pytest.mark.gpu(reason="the fused kernels' CUDA arithmetic is compared with "
                     "torch's CUDA kernels only on a GPU (the CPU runs of the test above use the interpreter)")
-def test_fused_loader_yields_the_torch_loaders_batches_on_cuda():
+@pytest.mark.parametrize("case", ["lee2021", "deit_elem"])
+def test_fused_loader_yields_the_reference_loaders_batches_on_cuda(case):
+    """On a GPU the fused loader draws with the draw kernel and the reference loader with its
+    torch twin: equal batches check the kernel's CUDA arithmetic against the twin's and the fused
+    pixel kernels against torch's CUDA ops."""
     ds = datasets.synthetic(64, 10, seed=0)
     mean, std = datasets.channel_stats(ds.images)
     ds = ds.to("cuda")
-    loaders = [DeviceLoader(ds, 16, mean, std, train=True, augment=_recipe_augment("lee2021"), seed=1, backend=backend)
-               for backend in ("torch", "fused")]
-    for (x, y), (xf, yf) in zip(*loaders, strict=True):
-        assert torch.equal(xf, x) and torch.equal(yf, y)
+    loaders = [DeviceLoader(ds, 16, mean, std, train=True, augment=FUSED_LOADER_CASES[case](), seed=1,
+                            backend=backend) for backend in ("reference", "fused")]
+    assert not loaders[0].uses_draw_kernel and loaders[1].uses_draw_kernel
+    for epoch in (0, 1):
+        for loader in loaders:
+            loader.set_epoch(epoch)
+        for (x, y), (xf, yf) in zip(*loaders, strict=True):
+            assert torch.equal(xf, x) and torch.equal(yf, y)
+
+
+def test_an_epochs_batches_do_not_depend_on_the_epochs_before():
+    """Resume exactness at the loader: a fresh loader set to epoch 2 yields what one that ran
+    epochs 0 and 1 (and half of epoch 2 once) yields, and the draw kernel (under the interpreter)
+    yields what the twin does, through the loader."""
+    ds = datasets.synthetic(24, 4, image_size=8, seed=0)
+    mean, std = datasets.channel_stats(ds.images)
+    augment = _recipe_augment("lee2021", crop_padding=1)
+
+    def loader(**kw):
+        return DeviceLoader(ds, 8, mean, std, train=True, augment=augment, seed=4, **kw)
+
+    ran = loader()
+    for epoch in (0, 1):
+        ran.set_epoch(epoch)
+        list(ran)
+    ran.set_epoch(2)
+    next(iter(ran))  # an interrupted pass: the next pass starts the epoch again
+    fresh, kernel = loader(), loader(backend="fused")
+    kernel.fused_draws = True
+    for one in (ran, fresh, kernel):
+        one.set_epoch(2)
+    for (x, y), (xf, yf), (xk, yk) in zip(ran, fresh, kernel, strict=True):
+        assert torch.equal(x, xf) and torch.equal(y, yf)
+        assert torch.equal(x, xk) and torch.equal(y, yk)
 
 
 def test_fingerprint_covers_the_labels_and_a_relabelled_split_is_refused_on_resume(tmp_path):

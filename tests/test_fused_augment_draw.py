@@ -90,17 +90,48 @@ def test_philox_known_answer():
     assert [int(w) for w in D.philox(zero, zero, zero, zero, 0, 0)] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
 
 
-def test_a_draw_is_a_function_of_its_position_not_of_history():
-    """Resume exactness: step 5 of epoch 2 drawn fresh equals step 5 reached after other draws, and
-    different steps, epochs and seeds draw differently."""
+def test_draws_differ_by_step_epoch_and_seed():
+    """Each word of the counter and the key reaches the draws (resume exactness is checked at the
+    loader, tests/test_data.py)."""
     spec, order, labels, tables = _setup(CONFIGS["lee2021"], 16)
     at = lambda e, s, sp=spec: _flat(D.counter_draws(sp, order, labels, torch.tensor([e, s]), tables))  # noqa: E731
-    for e, s in ((0, 0), (2, 4), (1, 1)):
-        at(e, s)
-    first, again = at(2, 5), at(2, 5)
-    assert all(a is None or torch.equal(a, again[k]) for k, a in first.items())
-    for other in (at(2, 6), at(3, 5), at(2, 5, replace(spec, seed=spec.seed + 1))):
+    first = at(2, 5)
+    for other in (at(2, 6), at(3, 5), at(2, 5, replace(spec, seed=spec.seed + 1)),
+                  at(2, 5, replace(spec, seed=spec.seed + (1 << 32)))):
         assert not torch.equal(first["oy"] * 9 + first["ox"], other["oy"] * 9 + other["ox"])
+
+
+@pytest.mark.parametrize("seed,epoch,step", [(2**31 + 7, 2**31 + 3, 1), (3 * 2**32 + 5, 0, 4)])
+def test_kernel_equals_the_twin_at_large_seeds_and_counters(seed, epoch, step):
+    """Seed halves and counters past 2**31 (signed 32-bit arguments would change them)."""
+    spec, order, labels, tables = _setup(CONFIGS["trivial_rand_cutmix"], 9, seed=seed)
+    position = torch.tensor([epoch, step])
+    fused = _flat(augment_draw(spec, order, labels, position, tables))
+    twin = _flat(D.counter_draws(spec, order, labels, position, tables))
+    for key, a in fused.items():
+        assert (a is None and twin[key] is None) or torch.equal(a, twin[key]), key
+
+
+@pytest.mark.gpu(reason="the draw kernel's CUDA arithmetic against its torch twin on the CPU needs a GPU")
+@pytest.mark.parametrize("seed", [1234, 2**31 + 7, 3 * 2**32 + 5])
+def test_kernel_on_cuda_equals_the_twin_on_the_cpu(seed):
+    """Every field, every recipe, several positions, and a small Beta (mixup 0.1: tiny Gammas)."""
+    configs = {**CONFIGS, "small_beta": AugmentConfig(mixup=0.1, cutmix=0.1, mix_mode="elem", mix_prob=1.0)}
+    for name, config in configs.items():
+        spec, order, labels, tables = _setup(config, 37, rank=1, world=2, seed=seed, global_batch=80)
+        for epoch, step in ((0, 0), (3, 2), (2**31 + 1, 3)):
+            position = torch.tensor([epoch, step])
+            twin = _flat(D.counter_draws(spec, order, labels, position, tables))
+            fused = _flat(augment_draw(spec, order.cuda(), labels.cuda(), position.cuda(),
+                                       tuple(t.cuda() for t in tables)))
+            for key, a in fused.items():
+                assert (a is None and twin[key] is None) or torch.equal(a.cpu(), twin[key]), (name, epoch, step, key)
+
+
+def test_stream_ranges_are_checked():
+    with pytest.raises(ValueError, match="at most 31 policy steps per image, got 32"):
+        D.draw_spec(AugmentConfig(policy="randaugment", randaugment_ops=32), policy_of(
+            AugmentConfig(policy="randaugment", randaugment_ops=32)), 0, 4, (3, 8, 8))
 
 
 def test_ranks_draw_the_global_batchs_rows():
@@ -146,3 +177,16 @@ def test_bad_inputs_are_refused_with_the_value():
         augment_draw(spec, order.int(), labels, torch.zeros(2, dtype=torch.long), tables)
     with pytest.raises(ValueError, match=r"mix_rows must be 0, 1 or the batch \(8\), got 3"):
         augment_draw(replace(spec, mix_rows=3), order, labels, torch.zeros(2, dtype=torch.long), tables)
+
+
+def test_aot_compiles_without_spills():
+    """The lee2021 draws of a vit-cifar batch with per-pixel noise (``aot_every_config``) compile
+    for sm_80 and sm_90, without fma contraction and without spills."""
+    from vit_fast.aot import TARGETS, compile_launches
+    from vit_fast.fused import augment_draw as fused
+
+    results = compile_launches(fused.aot_every_config())
+    assert {r.capability for _, r in results} == set(TARGETS) and len(results) == 2 * len(TARGETS)
+    for launch, r in results:
+        assert launch.options == {"enable_fp_fusion": False}
+        assert not r.spills and r.fits_shared_memory, f"{launch.describe()} sm_{r.capability}: {r}"

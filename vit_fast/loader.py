@@ -6,6 +6,7 @@ from (seed, epoch), sharded over data-parallel ranks, with repeated augmentation
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Iterator
 
@@ -55,7 +56,8 @@ class DeviceLoader:
     the device. So an epoch is the same whether or not the run was interrupted before it, and a
     CUDA graph that captured ``train_batch`` draws the next batch at every replay with no host
     work (``vit_fast.step.GraphedStep``). On a CUDA device the draws are one fused launch
-    (``vit_fast::augment_draw``) whatever the backend; elsewhere its torch twin, bit for bit the same.
+    (``vit_fast::augment_draw``) on the torch and fused backends; elsewhere, and on the reference
+    backend, its torch twin, which computes the same bits (``uses_draw_kernel``).
     A training batch is then built in DeiT's order by ``vit_fast.augment.pipeline.build_batch``:
     crop and flip, the per-image policy (uint8), normalisation, random erasing, then mixup/cutmix,
     as ``augment`` (a vit_fast.augment.config.AugmentConfig; default: crop and flip only) says.
@@ -128,8 +130,9 @@ class DeviceLoader:
         self.position = torch.zeros(2, dtype=torch.int64, device=dev)  # (epoch, step): what the next batch draws
         self._order: Tensor | None = None  # the epoch's order on the device, filled in place every epoch
         self._specs: dict[int, DrawSpec] = {}
-        # Whether the draws run as the fused kernel (None: on CUDA devices). The cost account sets
-        # True to count, on fake CPU tensors, what a GPU runs.
+        # Whether the draws run as the fused kernel (None: on CUDA devices, for every backend but
+        # "reference", when Triton is installed). The cost account sets True to count, on fake CPU
+        # tensors, what a GPU runs.
         self.fused_draws: bool | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -196,7 +199,7 @@ class DeviceLoader:
         if self._order is None:
             raise RuntimeError("train_batch before begin_epoch: the epoch's order is not on the device yet")
         spec = self.draw_spec(rows)
-        if self.position.is_cuda if self.fused_draws is None else self.fused_draws:
+        if self.uses_draw_kernel:
             from .fused.augment_draw import augment_draw  # needs Triton
 
             index, labels, draws = augment_draw(spec, self._order, self.data.labels, self.position, self._tables)
@@ -205,6 +208,15 @@ class DeviceLoader:
         self.position[1:].add_(1)
         return build_batch(self.data.images, index, labels, draws, self.augment, self.policy, self._mean, self._std,
                            self._classes if self.mixing else None, fused=self.backend == "fused")
+
+    @property
+    def uses_draw_kernel(self) -> bool:
+        """Whether a batch's draws are the fused kernel's (else its torch twin's: the same bits).
+        The reference backend keeps the twin, the plain-torch statement of the draws, so that on a
+        GPU it checks the kernel rather than sharing it."""
+        if self.fused_draws is not None:
+            return self.fused_draws
+        return self.position.is_cuda and self.backend != "reference" and importlib.util.find_spec("triton") is not None
 
     def batch_rows(self) -> list[int]:
         """This rank's images in each batch of an epoch, in step order."""

@@ -100,8 +100,9 @@ class GraphedStep:
     A replay reads everything from device memory: the epoch's order (copied in place once per
     epoch by ``DeviceLoader.begin_epoch``), (epoch, step) from ``position``, the parameters and
     optimizer state. So the host work of a step is the replay call and a few integer updates in
-    the epoch loop: no tensor is created and no Python loop over images or parameters runs
-    (``tests/test_step.py`` counts the ops dispatched between replays: none).
+    the epoch loop: no tensor is created and no Python loop over images or parameters runs, but
+    for the loss read-back at --log-every points and the epoch's end (``tests/test_step.py``
+    counts the ops dispatched between replays: none).
 
     The first ``warmup_steps`` calls are ordinary eager steps on a side stream (as capture
     requires: the optimizer's moments, cuBLAS workspaces and compiled code get allocated there,

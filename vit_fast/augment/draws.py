@@ -48,6 +48,9 @@ PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # and its Weyl key increments
 MIX_STREAM = 1 << 20  # counter word 3 of mix draws: MIX_STREAM + rank * 256 + k
 NOISE_STREAM = 1024  # of erasing noise element e: NOISE_STREAM + e // 4
 ERASE_TRIES = 10  # as torchvision and timm
+MAX_POLICY_STEPS = 31  # streams 1..31; erasing's start at 32
+MAX_ERASE_PIXELS = 1 << 19  # round_sqrt is exact below 2**20 (box area x aspect <= 1.34 H W)
+MAX_NOISE_PER_IMAGE = 4 * (MIX_STREAM - NOISE_STREAM)  # noise streams end where mixing's begin
 ERASE_MIN_AREA = 0.02
 LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
 LN2_HI, LN2_LO = 0.693115234375, 3.194618494528623e-05  # ln 2 = HI + LO, HI with 12 significant bits
@@ -135,6 +138,15 @@ def draw_spec(config: AugmentConfig, policy: Policy | None, seed: int, batch: in
         kind, choices, bins = 2, len(RANDOM_OPS), policy.num_bins
         steps, fixed = (policy.num_ops, policy.magnitude) if policy.kind == "randaugment" else (1, -1)
     mix_rows = (1 if config.mix_mode == "batch" else batch) if config.mixing else 0
+    # The counter streams must not overlap (see the module docstring): policy steps use 1..31,
+    # erasing 32..48, noise NOISE_STREAM + e // 4 below MIX_STREAM, mixing 256 per rank.
+    if steps > MAX_POLICY_STEPS:
+        raise ValueError(f"at most {MAX_POLICY_STEPS} policy steps per image, got {steps} (randaugment_ops)")
+    if config.erase > 0 and H * W > MAX_ERASE_PIXELS:
+        raise ValueError(f"random erasing takes images of at most {MAX_ERASE_PIXELS} pixels, got {H} x {W}")
+    if config.erase > 0 and config.erase_mode == "pixel" and C * H * W > MAX_NOISE_PER_IMAGE:
+        raise ValueError(f"an image of at most {MAX_NOISE_PER_IMAGE} values can draw erasing noise, got "
+                         f"{C} x {H} x {W}")
     return DrawSpec(
         seed=seed, rank=rank, world=world, global_batch=batch * world if global_batch is None else global_batch, batch=batch, mix_rows=mix_rows,
         channels=C, height=H, width=W, padding=config.crop_padding, crop=config.crop_padding > 0 or config.flip,
@@ -209,8 +221,9 @@ def soft_log(x: Tensor) -> Tensor:
 
 
 def soft_exp(x: Tensor) -> Tensor:
-    """e**x of float32 x clamped to [-87, 88] (the kernel's ``soft_exp``, op for op)."""
-    x = x.clamp(-87.0, 88.0)
+    """e**x of float32 x clamped to [-80, 88] (the kernel's ``soft_exp``, op for op; e**-80 is a
+    normal float32, so no device can flush a result to zero)."""
+    x = x.clamp(-80.0, 88.0)
     k = torch.floor(x * INV_LN2 + 0.5)
     r = (x - k * LN2_HI) - k * LN2_LO
     p = r * (1.0 / 40320.0) + (1.0 / 5040.0)
@@ -239,6 +252,14 @@ def cos_sin_turn(u: Tensor) -> tuple[Tensor, Tensor]:
     return cos, sin
 
 
+def round_sqrt(x: Tensor) -> Tensor:
+    """floor(sqrt(x) + 1/2) of the exact square root, 0 <= x < 2**20 (the kernel's ``round_sqrt``:
+    any root within one of the answer, then exact corrections by the odd squares)."""
+    k = torch.floor(torch.sqrt(x) + 0.5)
+    k = torch.where((2.0 * k + 1.0) * (2.0 * k + 1.0) <= 4.0 * x, k + 1.0, k)
+    return torch.where((2.0 * k - 1.0) * (2.0 * k - 1.0) > 4.0 * x, k - 1.0, k)
+
+
 def box_muller(xa: Tensor, xb: Tensor) -> tuple[Tensor, Tensor]:
     """Two words as a standard normal pair: sqrt(-2 ln(1 - u_a)) (cos, sin)(2 pi u_b)."""
     r = exact_sqrt(-2.0 * soft_log(1.0 - uniform(xa)))
@@ -264,7 +285,8 @@ def _gamma(m: Tensor, step: Tensor, epoch: Tensor, key: tuple[int, int], stream:
         found = found | ok
         if j == 0:
             boost = uniform(x3).clamp_min(1e-30)
-    return g * soft_exp(soft_log(boost) * inv_shape)
+    # Clamped to a normal number: a GPU may flush a denormal product to zero, a CPU keeps it.
+    return (g * soft_exp(soft_log(boost) * inv_shape)).clamp_min(1e-30)
 
 
 def _beta(m: Tensor, step: Tensor, epoch: Tensor, key: tuple[int, int], stream: int, alpha: float) -> Tensor:
@@ -338,9 +360,9 @@ def _erase_draws(spec: DrawSpec, g: Tensor, step: Tensor, epoch: Tensor, key: tu
     for t in range(ERASE_TRIES):
         z0, z1, _, _ = philox(g, step, epoch, torch.full_like(g, 32 + t), *key)
         area = area_total * (ERASE_MIN_AREA + spec.erase_span * uniform(z0))
-        aspect = soft_exp(LOG_RATIO[0] + (LOG_RATIO[1] - LOG_RATIO[0]) * uniform(z1))
-        h = torch.floor(exact_sqrt(area * aspect) + 0.5)
-        w = torch.floor(exact_sqrt(exact_div(area, aspect)) + 0.5)
+        log_aspect = LOG_RATIO[0] + (LOG_RATIO[1] - LOG_RATIO[0]) * uniform(z1)
+        h = round_sqrt(area * soft_exp(log_aspect))
+        w = round_sqrt(area * soft_exp(-log_aspect))  # area / aspect, without a division
         fits = (h < H) & (w < W) & ~found
         eh, ew = torch.where(fits, h, eh), torch.where(fits, w, ew)
         found = found | fits

@@ -43,7 +43,7 @@ __all__ = ["OUTPUTS", "aot_every_config", "aot_launches", "augment_draw", "launc
 
 OUTPUTS = ("index", "labels", "oy", "ox", "flipped", "op", "magnitude", "top", "left", "height", "width", "on",
            "values", "use_cut", "lam_mix", "y0", "y1", "x0", "x1", "lam", "applied")
-BLOCK_B = 128  # rows per program: the batch of a vit-cifar step in one program
+BLOCK_B = 128  # rows per program: a vit-cifar step's images in one program, its mix rows in another
 NOISE_BLOCK = 256  # noise quads (4 values each) per program
 
 
@@ -79,17 +79,19 @@ def _launches(order: Tensor, labels: Tensor, position: Tensor, tables: tuple[Ten
               outs: tuple[Tensor, ...]) -> list[Launch]:
     op_tab, prob_tab, mag_tab, sign_tab = tables
     o = dict(zip(OUTPUTS, outs))
+    image_programs = (spec.batch + BLOCK_B - 1) // BLOCK_B
+    mix_programs = (spec.mix_rows + BLOCK_B - 1) // BLOCK_B
     lo, hi = spec.seed_words
     mixup, cutmix = gamma_constants(spec.mixup), gamma_constants(spec.cutmix)
     args = dict(
         Order=order, Labels=labels, Position=position, OpTab=op_tab, ProbTab=prob_tab, MagTab=mag_tab,
         SignTab=sign_tab, Index=o["index"], LabelsOut=o["labels"], OY=o["oy"], OX=o["ox"], Flip=o["flipped"],
         Op=o["op"], Mag=o["magnitude"], ETop=o["top"], ELeft=o["left"], EH=o["height"], EW=o["width"], EOn=o["on"],
-        UseCut=o["use_cut"], LamMix=o["lam_mix"], Y0=o["y0"], Y1=o["y1"], X0=o["x0"], X1=o["x1"], Lam=o["lam"],
+        Values0=o["values"], UseCut=o["use_cut"], LamMix=o["lam_mix"], Y0=o["y0"], Y1=o["y1"], X0=o["x0"], X1=o["x1"], Lam=o["lam"],
         Applied=o["applied"],
         # The key's words as int32 bit patterns would change sign; both halves fit an int64 argument.
-        seed_lo=lo, seed_hi=hi, rank=spec.rank, world=spec.world, global_batch=spec.global_batch, B=spec.batch,
-        MIX_ROWS=spec.mix_rows, H=spec.height, W=spec.width, padding=spec.padding, n_choices=spec.n_choices,
+        seed_lo=lo, seed_hi=hi, rank=spec.rank, world=spec.world, global_batch=spec.global_batch,
+        n_order=order.shape[0], B=spec.batch, MIX_ROWS=spec.mix_rows, image_programs=image_programs, H=spec.height, W=spec.width, padding=spec.padding, n_choices=spec.n_choices,
         fixed_bin=spec.fixed_bin, num_bins=spec.num_bins, stride_tab=mag_tab.stride(0) if mag_tab.ndim == 2 else 0,
         erase_p=spec.erase_p, area_lo=ERASE_MIN_AREA, area_span=spec.erase_span, log_ratio_lo=LOG_RATIO[0],
         log_ratio_span=LOG_RATIO[1] - LOG_RATIO[0], mixup_d=mixup[0], mixup_c=mixup[1], mixup_inv=mixup[2],
@@ -97,11 +99,11 @@ def _launches(order: Tensor, labels: Tensor, position: Tensor, tables: tuple[Ten
         mix_prob=spec.mix_prob,
     )
     constexprs = dict(POLICY=spec.policy, S=spec.steps, CROP=spec.crop, FLIP=spec.flip, ERASE=spec.erase_p > 0,
-                      TRIES=10, MIXUP=spec.mix_rows > 0 and spec.mixup > 0, CUTMIX=spec.mix_rows > 0 and spec.cutmix > 0,
+                      ZERO_VALUES=spec.erase_p > 0 and o["values"].ndim == 0, TRIES=10, MIXUP=spec.mix_rows > 0 and spec.mixup > 0, CUTMIX=spec.mix_rows > 0 and spec.cutmix > 0,
                       BLOCK_B=BLOCK_B)
     # No fma contraction: every product rounds on its own, as torch's float32 ops round it.
     exact = {"enable_fp_fusion": False}
-    grid = ((spec.batch + BLOCK_B - 1) // BLOCK_B,)
+    grid = (image_programs + mix_programs,)
     launches = [Launch(augment_draw_kernel, grid, args, constexprs, num_warps=4, num_stages=1, options=exact)]
     values = o["values"]
     if spec.erase_p > 0 and values.ndim:
@@ -137,8 +139,6 @@ def _augment_draw_op(order: Tensor, labels: Tensor, position: Tensor, op_table: 
     outs = _outputs(spec, order.device)
     for launch in _launches(order, labels, position, tables, spec, outs):
         launch.run()
-    if spec.erase_p > 0 and not outs[12].ndim:
-        outs[12].zero_()  # "const": the mean colour, zero in normalised units (a 0-dim fill)
     return list(outs)
 
 
