@@ -105,6 +105,8 @@ def test_tiny_imagenet_layout(tmp_path):
     assert train.classes == ["n01", "n02"] and train.labels.tolist() == [0, 0, 1, 1]
     assert val.classes == ["n01", "n02"] and val.labels.tolist() == [1, 0, 1]
     assert torch.equal(val.images[1], torch.from_numpy(image_folder.decode_image(root / "val/images/val_1.JPEG", 8)))
+    write_png(root / "test" / "images" / "test_0.JPEG", seed=20)  # Tiny-ImageNet's test/ has no labels
+    assert [s.directory.name for s in image_folder.prepare(root, 8, log=print, progress=False)] == ["train", "val"]
     (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\nval_9.JPEG\tn01\n")
     with pytest.raises(datasets.DatasetNotFoundError, match=r"val_annotations.txt names .*val/images/val_9.JPEG, "
                                                             "which does not exist"):

@@ -372,16 +372,17 @@ def load_image_folder(root: str | Path, train: bool, image_size: int, *, cache_d
 
 def prepare(root: str | Path, image_size: int = 32, cache_dir: str | Path | None = None, workers: int | None = None,
             log: Callable[[str], None] = print, progress: bool = True) -> list[PreparedSplit]:
-    """Prepare every split of ``root`` there is (train/, val/, test/) and log its size."""
+    """Prepare the splits of ``root`` a run reads, train/ and the evaluation split (val/, else
+    test/, where there is one: Tiny-ImageNet's unlabelled test/ is left alone), and log their sizes."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(f"image folder {root} does not exist or is not a directory")
-    split_directory(root, True)  # a folder without train/ is an error naming the layout
+    directories = [split_directory(root, True)]  # a folder without train/ is an error naming the layout
+    if (root / "val").is_dir() or (root / "test").is_dir():
+        directories.append(split_directory(root, False))
     done = []
-    for name in ("train", "val", "test"):
-        directory = root / name
-        if not directory.is_dir():
-            continue
+    for directory in directories:
+        name = directory.name
         split = prepare_split(directory, image_size, split_cache(root, directory, image_size, cache_dir), workers,
                               log, progress)
         how = "from the cache" if split.cached else ("decoded, cached" if split.cache else "decoded, not cached")
