@@ -21,16 +21,50 @@ as ``data_mod``) still reaches the datasets and the loader through this one.
 
 from __future__ import annotations
 
-from .augment.config import AugmentConfig
-from .augment.pipeline import normalize
-from .datasets import (CIFAR_MD5, DATASETS, MAX_IMAGE_PIXELS, DatasetIntegrityError, DatasetNotFoundError,
-                       ImageDataset, ImageReadError, align_classes, channel_stats, file_md5, fingerprint,
-                       fingerprint_changes, load_cifar, load_data, load_image_folder, load_split, read_image,
-                       synthetic)
+from typing import TYPE_CHECKING
+
+from .image_files import DatasetIntegrityError
 from .image_folder import prepare
-from .loader import DeviceLoader
-from .preview import MAX_PREVIEW_IMAGES, preview, preview_path
-from .preview import main as preview_main
+
+if TYPE_CHECKING:
+    from .augment.config import AugmentConfig
+    from .augment.pipeline import normalize
+    from .datasets import (CIFAR_MD5, DATASETS, MAX_IMAGE_PIXELS, DatasetNotFoundError, ImageDataset, ImageReadError,
+                           align_classes, channel_stats, file_md5, fingerprint, fingerprint_changes, load_cifar,
+                           load_data, load_image_folder, load_split, read_image, synthetic)
+    from .loader import DeviceLoader
+    from .preview import MAX_PREVIEW_IMAGES, preview, preview_path
+
+# The names below are imported on first use (__getattr__): ``prepare`` on a folder whose cache is
+# current then runs without importing torch, most of such a command's time.
+_DATASETS_NAMES = ("CIFAR_MD5", "DATASETS", "MAX_IMAGE_PIXELS", "DatasetNotFoundError", "ImageDataset",
+                   "ImageReadError", "align_classes", "channel_stats", "file_md5", "fingerprint", "fingerprint_changes",
+                   "load_cifar", "load_data", "load_image_folder", "load_split", "read_image", "synthetic")
+_PREVIEW_NAMES = ("MAX_PREVIEW_IMAGES", "preview", "preview_path")
+
+
+def __getattr__(name: str):
+    if name in _DATASETS_NAMES:
+        from . import datasets
+
+        return getattr(datasets, name)
+    if name in _PREVIEW_NAMES:
+        from . import preview
+
+        return getattr(preview, name)
+    if name == "AugmentConfig":
+        from .augment.config import AugmentConfig
+
+        return AugmentConfig
+    if name == "normalize":
+        from .augment.pipeline import normalize
+
+        return normalize
+    if name == "DeviceLoader":
+        from .loader import DeviceLoader
+
+        return DeviceLoader
+    raise AttributeError(f"module 'vit_fast.data' has no attribute {name!r}")
 
 __all__ = [
     "AugmentConfig", "CIFAR_MD5", "DATASETS", "DatasetIntegrityError", "DatasetNotFoundError", "DeviceLoader",
@@ -58,7 +92,7 @@ def prepare_main(argv: list[str] | None = None) -> list:
         for name in ("image_size", "workers"):
             if getattr(args, name) is not None and getattr(args, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-        return prepare(args.data_dir, args.image_size, args.cache_dir, args.workers)
+        return prepare(args.data_dir, args.image_size, args.cache_dir, args.workers, tensors=False)
 
 
 def main(argv: list[str] | None = None):
@@ -73,6 +107,8 @@ def main(argv: list[str] | None = None):
               "       python -m vit_fast.data --preview PNG [options]\n\n"
               "prepare: decode an image folder once into its cache (prepare --help for the options)\n"
               "--preview: a grid of augmented training images; its options follow\n")
+    from .preview import main as preview_main
+
     return preview_main(argv)
 
 

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .image_files import DatasetIntegrityError, DatasetNotFoundError, ImageDataset, read_image
 
@@ -182,6 +181,7 @@ def list_split(directory: str | Path) -> SplitListing:
 def decode_image(path: str | Path, image_size: int) -> np.ndarray:
     """The image at ``path`` as uint8 (3, image_size, image_size): read_image, then an antialiased
     bilinear resize of the uint8 tensor (what the image folder's torchvision transform did)."""
+    import torch
     from torchvision.transforms.v2 import functional as TF
 
     pixels = torch.from_numpy(np.array(read_image(path), dtype=np.uint8)).permute(2, 0, 1)
@@ -198,6 +198,8 @@ def _decode_chunk(paths: list[str], image_size: int) -> np.ndarray:
 
 
 def _worker_init() -> None:
+    import torch
+
     torch.set_num_threads(1)  # the workers share the cores; one thread each
 
 
@@ -211,7 +213,7 @@ def decode_all(paths: list[str], image_size: int, out: np.ndarray, workers: int 
     core), with a progress bar. The first bad file stops it with read_image's error naming it."""
     from tqdm import tqdm
 
-    import torchvision.transforms.v2.functional  # noqa: F401  (imported once, before workers fork)
+    import torchvision.transforms.v2.functional  # noqa: F401  (imported once, before the workers start)
 
     workers = default_workers() if workers is None else workers
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr, mininterval=0.5)
@@ -277,7 +279,9 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 @dataclass
 class PreparedSplit:
-    dataset: ImageDataset
+    dataset: ImageDataset | None  # None when asked for no tensors (the prepare command)
+    count: int
+    classes: list[str]
     directory: Path
     layout: str
     cached: bool  # loaded from the cache, nothing decoded
@@ -286,10 +290,22 @@ class PreparedSplit:
 
 
 def prepare_split(directory: str | Path, image_size: int, cache: Path | None, workers: int | None = None,
-                  log: Callable[[str], None] = print, progress: bool = True) -> PreparedSplit:
+                  log: Callable[[str], None] = print, progress: bool = True, tensors: bool = True) -> PreparedSplit:
     """The split in ``directory`` at ``image_size``: from the cache in ``cache`` when it matches
-    the folder, else decoded (and the cache written; ``cache`` None or unwritable: in memory only)."""
+    the folder, else decoded (and the cache written; ``cache`` None or unwritable: in memory only).
+    ``tensors`` False: no ImageDataset is made (a current cache is then checked without torch)."""
     start = time.perf_counter()
+
+    def done(images: np.ndarray | None, cached: bool) -> PreparedSplit:
+        dataset = None
+        if tensors:
+            import torch
+
+            dataset = ImageDataset(torch.from_numpy(images), torch.tensor(listing.labels, dtype=torch.int64),
+                                   listing.classes)
+        return PreparedSplit(dataset, n, listing.classes, directory, listing.layout, cached, cache,
+                             time.perf_counter() - start)
+
     directory = Path(directory)
     listing = list_split(directory)
     fingerprint = listing.fingerprint(image_size)
@@ -305,10 +321,7 @@ def prepare_split(directory: str | Path, image_size: int, cache: Path | None, wo
                 images = np.load(cache / "images.npy", mmap_mode="c")  # copy-on-write: writable, never written back
                 labels = np.load(cache / "labels.npy")
                 if images.shape == (n, 3, image_size, image_size) and labels.tolist() == listing.labels:
-                    dataset = ImageDataset(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
-                                           listing.classes)
-                    return PreparedSplit(dataset, directory, listing.layout, True, cache,
-                                         time.perf_counter() - start)
+                    return done(images, True)
                 log(f"{directory}: the cache in {cache} does not match its manifest; decoding again")
             except (OSError, ValueError) as err:
                 log(f"{directory}: the cache in {cache} cannot be read ({err}); decoding again")
@@ -350,8 +363,7 @@ def prepare_split(directory: str | Path, image_size: int, cache: Path | None, wo
         _write_atomic(cache / "labels.npy", write_labels)
         _write_atomic(cache / "manifest.json", write_manifest)  # last: it vouches for the arrays
         images = np.load(cache / "images.npy", mmap_mode="c")
-    dataset = ImageDataset(torch.from_numpy(images), torch.tensor(listing.labels, dtype=torch.int64), listing.classes)
-    return PreparedSplit(dataset, directory, listing.layout, False, cache, time.perf_counter() - start)
+    return done(images, False)
 
 
 def split_cache(root: str | Path, directory: Path, image_size: int, cache_dir: str | Path | None) -> Path:
@@ -371,7 +383,7 @@ def load_image_folder(root: str | Path, train: bool, image_size: int, *, cache_d
 
 
 def prepare(root: str | Path, image_size: int = 32, cache_dir: str | Path | None = None, workers: int | None = None,
-            log: Callable[[str], None] = print, progress: bool = True) -> list[PreparedSplit]:
+            log: Callable[[str], None] = print, progress: bool = True, tensors: bool = True) -> list[PreparedSplit]:
     """Prepare the splits of ``root`` a run reads, train/ and the evaluation split (val/, else
     test/, where there is one: Tiny-ImageNet's unlabelled test/ is left alone), and log their sizes."""
     root = Path(root)
@@ -384,9 +396,9 @@ def prepare(root: str | Path, image_size: int = 32, cache_dir: str | Path | None
     for directory in directories:
         name = directory.name
         split = prepare_split(directory, image_size, split_cache(root, directory, image_size, cache_dir), workers,
-                              log, progress)
+                              log, progress, tensors)
         how = "from the cache" if split.cached else ("decoded, cached" if split.cache else "decoded, not cached")
-        log(f"{name}: {len(split.dataset)} images, {len(split.dataset.classes)} classes ({split.layout}; {how} "
+        log(f"{name}: {split.count} images, {len(split.classes)} classes ({split.layout}; {how} "
             f"in {split.seconds:.2f} s)")
         done.append(split)
     return done
