@@ -28,6 +28,7 @@ import csv
 import hashlib
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -269,7 +270,7 @@ def _changes(saved: dict, listing: SplitListing) -> str:
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` through a temporary file and a rename: a reader (another rank, another
     node) sees the old file or the whole new one, never a partial one."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # unique on a shared disk
     try:
         write(tmp)
         os.replace(tmp, path)
