@@ -280,6 +280,8 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 @dataclass
 class PreparedSplit:
+    """One split as ``prepare_split`` left it: its data, and whether it came from the cache."""
+
     dataset: ImageDataset | None  # None when asked for no tensors (the prepare command)
     count: int
     classes: list[str]
