@@ -52,15 +52,27 @@ def test_second_prepare_hits_the_cache_and_changes_are_detected(tmp_path):
     split = reload()
     assert not split.cached and len(split.dataset) == 7
     assert lines == [f"{root / 'train'} changed since its cache was written: 1 added (dog/new.png), 0 removed, "
-                     "0 modified; decoding again"]
+                     "0 modified; decoding 1 image(s), the other 6 taken from the cache"]
+    assert_fresh(split.dataset, root / "train")
     assert reload().cached
     write_png(root / "train" / "cat" / "0.png", seed=123)  # same name and size, other pixels
     os.utime(root / "train" / "cat" / "0.png", ns=(1, 1))  # and a modification time unlike the old one's
     split = reload()
-    assert not split.cached and "0 added, 0 removed, 1 modified (cat/0.png)" in lines[0]
+    assert not split.cached and "0 added, 0 removed, 1 modified (cat/0.png); decoding 1 image(s)" in lines[0]
     assert torch.equal(split.dataset.images[0], torch.from_numpy(image_folder.decode_image(root / "train/cat/0.png", 8)))
+    assert_fresh(split.dataset, root / "train")
     (root / "train" / "dog" / "new.png").unlink()
-    assert not reload().cached and "0 added, 1 removed (dog/new.png)" in lines[0]
+    split = reload()
+    assert not split.cached and "0 added, 1 removed (dog/new.png), 0 modified; decoding 0 image(s), the other 6" in lines[0]
+    assert_fresh(split.dataset, root / "train")
+
+
+def assert_fresh(dataset, directory):
+    """``dataset`` (rebuilt from the cache's unchanged rows and the files decoded again) is what
+    decoding every file of ``directory`` gives."""
+    listing = image_folder.list_split(directory)
+    fresh = np.stack([image_folder.decode_image(directory / rel, dataset.images.shape[-1]) for rel in listing.files])
+    assert torch.equal(dataset.images, torch.from_numpy(fresh)) and dataset.labels.tolist() == listing.labels
 
 
 def test_parallel_decoding_equals_serial_and_names_a_bad_file(tmp_path, monkeypatch):
@@ -69,6 +81,11 @@ def test_parallel_decoding_equals_serial_and_names_a_bad_file(tmp_path, monkeypa
     monkeypatch.setattr(image_folder, "MIN_PARALLEL_IMAGES", 0)
     parallel = datasets.load_image_folder(root, True, 8, cache_dir=tmp_path / "parallel", workers=2, progress=False)
     assert torch.equal(serial.images, parallel.images) and torch.equal(serial.labels, parallel.labels)
+    for name in ("cat/2.png", "dog/0.png", "dog/5.png", "cat/new.png"):  # rows decoded again between kept ones
+        write_png(root / "train" / name, seed=len(name))
+        os.utime(root / "train" / name, ns=(2, 2))
+    rebuilt = datasets.load_image_folder(root, True, 8, cache_dir=tmp_path / "parallel", workers=2, progress=False)
+    assert_fresh(rebuilt, root / "train")
     (root / "train" / "dog" / "4.png").write_bytes(b"not a png")
     with pytest.raises(datasets.ImageReadError, match=r"dog/4.png is not an image Pillow can read"):
         datasets.load_image_folder(root, True, 8, cache_dir=tmp_path / "parallel", workers=2, progress=False)

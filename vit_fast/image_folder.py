@@ -6,7 +6,8 @@ first use) decodes every image of each split once, in parallel worker processes,
 file with its size and modification time, the classes and a fingerprint of all that. Later loads
 list the folder again (one ``stat`` per file, no decoding), compare it with the manifest and, when
 nothing changed, memory-map the cached array: a fraction of a second instead of minutes of
-Pillow. A file added, removed or modified is reported and the split is decoded again.
+Pillow. A file added, removed or modified is reported and the split's cache written again, with
+only the new and modified files decoded.
 
 Layouts of a split directory (``DATA_DIR/train``, ``DATA_DIR/val`` or ``DATA_DIR/test``), first
 match wins:
@@ -209,19 +210,21 @@ def default_workers() -> int:
 
 
 def decode_all(paths: list[str], image_size: int, out: np.ndarray, workers: int | None = None,
-               progress: bool = True, desc: str = "decoding") -> None:
-    """Decode ``paths`` into ``out`` (N, 3, S, S), in ``workers`` processes (default: one per
-    core), with a progress bar. The first bad file stops it with read_image's error naming it."""
+               progress: bool = True, desc: str = "decoding", rows: list[int] | None = None) -> None:
+    """Decode ``paths`` into rows ``rows`` (default: 0, 1, ...) of ``out`` (N, 3, S, S), in
+    ``workers`` processes (default: one per core), with a progress bar. The first bad file stops
+    it with read_image's error naming it."""
     from tqdm import tqdm
 
     import torchvision.transforms.v2.functional  # noqa: F401  (imported once, before the workers start)
 
     workers = default_workers() if workers is None else workers
+    rows = np.arange(len(paths)) if rows is None else np.asarray(rows, dtype=np.int64)
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr, mininterval=0.5)
     with bar:
         if workers <= 1 or len(paths) < MIN_PARALLEL_IMAGES:
             for i, path in enumerate(paths):
-                out[i] = decode_image(path, image_size)
+                out[rows[i]] = decode_image(path, image_size)
                 bar.update(1)
             return
         chunk = max(16, min(512, len(paths) // (workers * 8)))
@@ -237,7 +240,7 @@ def decode_all(paths: list[str], image_size: int, out: np.ndarray, workers: int 
                             other.cancel()
                         raise future.exception()
                     block = future.result()
-                    out[start:start + len(block)] = block
+                    out[rows[start:start + len(block)]] = block
                     bar.update(len(block))
 
 
@@ -278,6 +281,30 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _reusable_rows(saved: dict, cache: Path, listing: SplitListing, image_size: int) -> tuple[np.ndarray | None,
+                                                                                               dict[int, int]]:
+    """The cached images of the manifest ``saved`` and {row now: row there} of every file it lists
+    with the same size and modification time, which need no decoding again."""
+    count = saved.get("count")
+    if saved.get("version") != CACHE_VERSION or saved.get("image_size") != image_size or not isinstance(count, int):
+        return None, {}
+    try:
+        old = np.load(cache / "images.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return None, {}
+    if old.shape != (count, 3, image_size, image_size):
+        return None, {}
+    # The manifest is removed before the arrays are replaced and written after them, so while it
+    # exists the arrays are the ones it lists, files first in their rows' order.
+    there = {rel: (row, (size, mtime)) for row, (rel, size, mtime) in enumerate(saved.get("entries", [])[:count])}
+    reuse = {}
+    for row, (rel, size, mtime) in enumerate(listing.entries[:len(listing.files)]):
+        hit = there.get(rel)
+        if hit is not None and hit[1] == (size, mtime):
+            reuse[row] = hit[0]
+    return old, reuse
+
+
 @dataclass
 class PreparedSplit:
     """One split as ``prepare_split`` left it: its data, and whether it came from the cache."""
@@ -314,6 +341,7 @@ def prepare_split(directory: str | Path, image_size: int, cache: Path | None, wo
     fingerprint = listing.fingerprint(image_size)
     n = len(listing.files)
     manifest_path = cache / "manifest.json" if cache is not None else None
+    old, reuse = None, {}  # cached rows a changed folder still has
     if manifest_path is not None and manifest_path.is_file():
         try:
             saved = json.loads(manifest_path.read_text())
@@ -329,7 +357,10 @@ def prepare_split(directory: str | Path, image_size: int, cache: Path | None, wo
             except (OSError, ValueError) as err:
                 log(f"{directory}: the cache in {cache} cannot be read ({err}); decoding again")
         else:
-            log(f"{directory} changed since its cache was written: {_changes(saved, listing)}; decoding again")
+            old, reuse = _reusable_rows(saved, cache, listing, image_size)
+            again = (f"decoding {n - len(reuse)} image(s), the other {len(reuse)} taken from the cache" if reuse
+                     else "decoding again")
+            log(f"{directory} changed since its cache was written: {_changes(saved, listing)}; {again}")
     if cache is not None:
         try:
             cache.mkdir(parents=True, exist_ok=True)
@@ -339,15 +370,23 @@ def prepare_split(directory: str | Path, image_size: int, cache: Path | None, wo
             log(f"note: cannot write the cache of {directory} ({err}); decoding into memory only, every run. "
                 "Pass --cache-dir DIR to keep a cache elsewhere")
             cache = None
-    paths = [str(directory / rel) for rel in listing.files]
+    todo = [row for row in range(n) if row not in reuse]
+    paths = [str(directory / listing.files[row]) for row in todo]
     desc = f"decoding {directory.name}/"
+
+    def fill(out: np.ndarray) -> None:
+        now, there = np.fromiter(reuse.keys(), np.int64), np.fromiter(reuse.values(), np.int64)
+        for s in range(0, len(now), 4096):  # in blocks: a few MB of memory at a time
+            out[now[s:s + 4096]] = old[there[s:s + 4096]]
+        decode_all(paths, image_size, out, workers, progress, desc, todo)
+
     if cache is None:
         images = np.empty((n, 3, image_size, image_size), np.uint8)
-        decode_all(paths, image_size, images, workers, progress, desc)
+        fill(images)
     else:
         def write_images(tmp: Path) -> None:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 3, image_size, image_size))
-            decode_all(paths, image_size, out, workers, progress, desc)
+            fill(out)
             out.flush()
             del out
 
