@@ -52,7 +52,8 @@ def _torch(logits, target, smoothing=SMOOTHING):
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["labels", "soft"])
-@pytest.mark.parametrize("batch,classes", [(1, 7), (128, 100), (37, 1000), (130, 7)])
+# (64, 200): vit-64 on Tiny-ImageNet (vit_fast.config).
+@pytest.mark.parametrize("batch,classes", [(1, 7), (128, 100), (37, 1000), (130, 7), (64, 200)])
 @pytest.mark.parametrize("smoothing", [0.0, SMOOTHING])
 def test_fp32_matches_pytorch(device, batch, classes, soft, smoothing):
     logits, target = _inputs(batch, classes, soft, device)

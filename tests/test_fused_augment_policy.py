@@ -110,7 +110,8 @@ def test_reductions_on_edge_images(name, device):
         assert torch.equal(out[5].cpu(), step_zero) and torch.equal(out[1].cpu(), images[1])
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+# 64x64 (vit-64's images): four of the kernel's 1024-pixel blocks per image, where 32x32 fills one.
+@pytest.mark.parametrize("shape", [*SHAPES, (64, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("kind", ["autoaugment", "randaugment", "trivialaugment"])
 def test_whole_policies_match_torch(kind, shape, device):
     """The policies' own draws (Policy.draw: every op, bin and sign they can produce), two steps

@@ -200,7 +200,8 @@ def test_mlp_without_biases(device, missing):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, BF16])
-@pytest.mark.parametrize("shape", [((3, 65), 48, 144), ((1, 1), 200, 100), ((7,), 40, 13)], ids=str)
+# ((5,), 192, 200): vit-64's head on the class tokens (192 wide, Tiny-ImageNet's 200 classes).
+@pytest.mark.parametrize("shape", [((3, 65), 48, 144), ((1, 1), 200, 100), ((7,), 40, 13), ((5,), 192, 200)], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_linear_mixed_precision_parity(device, shape, dtype, bias):
     """The projections under autocast: 16-bit x, fp32 weight and bias converted in the kernel; y and
@@ -729,11 +730,11 @@ def test_interpreter_config_is_fixed():
 
 def test_linear_launches_compile_without_spills():
     """The autocast projections' launches (qkv, output projection, head; forward and dX) at the
-    presets' shapes, fp32 weights converted in registers."""
+    presets' shapes (the head at 100 classes and vit-64's 200), fp32 weights converted in registers."""
     from vit_fast.aot import compile_launches
 
     launches = [launch for dtype in (torch.float16, torch.bfloat16) for m in (128 * 65, 8 * 65, 128)
-                for d in AOT_WIDTHS for n in (3 * d, d, 100)
+                for d in AOT_WIDTHS for n in (3 * d, d, 100, 200)
                 for launch in _without_linear_bwd(fused_linear.aot_launches(m, d, n, dtype, torch.float32))]
     for launch, r in compile_launches(launches):
         assert not r.spills, f"{launch.describe()} sm_{r.capability} spills: {r}"

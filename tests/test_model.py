@@ -20,10 +20,10 @@ def expected_parameter_count(cfg: ViTConfig) -> int:
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_shapes_and_parameter_counts(name):
     cfg = PRESETS[name]
-    assert (cfg.image_size, cfg.patch_size, cfg.num_tokens) == (32, 4, 65)
+    assert (cfg.image_size, cfg.patch_size, cfg.num_tokens) == ((64, 8, 65) if name == "vit-64" else (32, 4, 65))
     model = build_model(name)
     assert sum(p.numel() for p in model.parameters()) == expected_parameter_count(cfg)
-    logits = model(torch.randn(2, 3, 32, 32))
+    logits = model(torch.randn(2, 3, cfg.image_size, cfg.image_size))
     assert logits.shape == (2, cfg.num_classes)
 
 

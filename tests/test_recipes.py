@@ -51,7 +51,7 @@ def test_flags_override_the_preset_and_the_rest_comes_from_it():
         train_mod.parse_args(["--recipe", "deit"])
     with pytest.raises(ValueError, match=r"unknown recipe fields \['warmup'\]"):
         recipes.get_recipe("lee2021", warmup=3)
-    assert "[lee2021 0.25, basic 0, fast 0]" in " ".join(train_mod.build_parser().format_help().split())
+    assert "[lee2021 0.25, basic 0, fast 0, lee2021-64 0.25]" in " ".join(train_mod.build_parser().format_help().split())
 
 
 def test_the_recipe_hands_out_its_augmentation_as_the_loaders_config():

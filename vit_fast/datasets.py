@@ -7,8 +7,10 @@ lives on the device, where ``vit_fast.loader.DeviceLoader`` builds each batch wi
 nothing of the loader or the augmentation.
 
 Sources: CIFAR-100 and CIFAR-10 in their official python-pickle format (downloaded through
-torchvision when missing and online), an image folder (``root/train/<class>/*.png`` and
-``root/val/<class>/*``), and a synthetic, learnable task for smoke runs and tests.
+torchvision when missing and online), an image folder (its layouts and its prepared cache are
+``vit_fast.image_folder``), and a synthetic, learnable task for smoke runs and tests.
+``ImageDataset``, the errors and ``read_image`` live in ``vit_fast.image_files`` and are
+re-exported here.
 
 Integrity: CIFAR files are checked against their official MD5 sums before they are read and are
 unpickled by an unpickler that admits only what those files contain; every image file is read
@@ -21,14 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import image_folder
+from .image_files import (MAX_IMAGE_PIXELS, DatasetIntegrityError, DatasetNotFoundError, ImageDataset,  # noqa: F401
+                          ImageReadError, read_image)
 
 DATASETS = ("cifar100", "cifar10", "imagefolder", "synthetic")
 
@@ -78,42 +82,6 @@ CIFAR_MD5: dict[str, dict[str, str]] = {
         "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
     },
 }
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    pass
-
-
-class DatasetIntegrityError(ValueError):
-    """A dataset file that is not what it should be (wrong checksum, forbidden pickle content,
-    unreadable image, class sets that do not match); the message names the file or the classes."""
-
-
-class ImageReadError(DatasetIntegrityError):
-    pass
-
-
-@dataclass
-class ImageDataset:
-    """Images (N, C, H, W) uint8 and labels (N,) int64, with the class names."""
-
-    images: Tensor
-    labels: Tensor
-    classes: list[str]
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
-        if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
-        if len(self.labels) and not (0 <= int(self.labels.min()) and int(self.labels.max()) < len(self.classes)):
-            raise ValueError(f"labels must lie in [0, {len(self.classes)}), got [{int(self.labels.min())}, {int(self.labels.max())}]")
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def to(self, device) -> "ImageDataset":
-        return ImageDataset(self.images.to(device), self.labels.to(device), self.classes)
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -218,69 +186,6 @@ def load_cifar(
     return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), classes)
 
 
-# Pillow's default limit. A larger image is refused before it is decoded: a small file can claim
-# (and decompress to) billions of pixels, a decompression bomb.
-MAX_IMAGE_PIXELS = 89_478_485
-
-# Pillow modes of 8 bits per channel: convert("RGB") keeps their scale.
-_EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
-
-
-def _to_rgb8(img, path: Path):
-    """``img`` as an 8-bit RGB Pillow image, with 16-bit and float pixels scaled to 0..255."""
-    from PIL import Image
-
-    if img.mode in _EIGHT_BIT_MODES:
-        return img.convert("RGB")
-    if img.mode.startswith("I;16"):  # 16-bit grayscale (PNG, TIFF): 65535 is white
-        gray = np.asarray(img).astype(np.float32) * (255 / 65535)
-    elif img.mode == "F":  # float (TIFF): accepted in [0, 1], the usual convention
-        gray = np.asarray(img, dtype=np.float32)
-        lo, hi = float(gray.min(initial=0.0)), float(gray.max(initial=0.0))
-        if not np.isfinite(gray).all() or lo < 0 or hi > 1:
-            raise ImageReadError(f"{path} has float pixels in [{lo}, {hi}]; expected values in [0, 1] "
-                                 "(convert it to an 8- or 16-bit image)")
-        gray = gray * 255
-    else:  # "I" (32-bit integers) and rarer modes carry no scale Pillow can tell us
-        raise ImageReadError(f"{path} has pixel mode {img.mode!r}, whose value range is unknown; expected an "
-                             "8- or 16-bit image or float pixels in [0, 1]")
-    return Image.fromarray(np.round(gray).clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
-
-
-def read_image(path: str | Path):
-    """The image file at ``path`` as an 8-bit RGB Pillow image, decoded in full. Every way a file
-    can fail (missing, a directory, empty, not an image, truncated, too large, a pixel format
-    without a known scale) is one error naming the file."""
-    from PIL import Image
-
-    path = Path(path)
-    if path.is_dir():
-        raise ImageReadError(f"{path} is a directory; expected an image file")
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    if path.stat().st_size == 0:
-        raise ImageReadError(f"{path} is empty (0 bytes); expected an image file")
-    try:
-        with warnings.catch_warnings():
-            # Pillow warns between its limit and twice it, then decodes; the check below refuses instead.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        with img:
-            width, height = img.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ImageReadError(f"{path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} "
-                                     "allowed (a decompression bomb?); downscale it first")
-            img.load()
-            return _to_rgb8(img, path)
-    except ImageReadError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise ImageReadError(f"{path} is refused as a decompression bomb: {err}") from None
-    except (OSError, SyntaxError, ValueError) as err:  # Pillow raises all three on damaged files
-        raise ImageReadError(f"{path} is not an image Pillow can read (PNG, JPEG, ...), or it is truncated "
-                             f"or damaged: {err}") from None
-
-
 def align_classes(split: ImageDataset, classes: list[str], where: str) -> ImageDataset:
     """``split`` relabelled to index ``classes`` (the training classes): its classes must be the same
     or a subset, matched by name, never by position. ``where`` names the split in the error."""
@@ -298,27 +203,11 @@ def align_classes(split: ImageDataset, classes: list[str], where: str) -> ImageD
     return ImageDataset(split.images, mapping[split.labels], list(classes))
 
 
-def load_image_folder(root: str | Path, train: bool, image_size: int) -> ImageDataset:
-    """``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` (or ``test/``), resized
-    to image_size x image_size RGB and held as uint8. The classes are the split's own folders;
-    ``align_classes`` maps a val/test split onto the training classes."""
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
-
-    split_dirs = ["train"] if train else ["val", "test"]
-    split = next((Path(root) / s for s in split_dirs if (Path(root) / s).is_dir()), None)
-    if split is None:
-        raise DatasetNotFoundError(
-            f"image folder {Path(root).resolve()} has no {' or '.join(split_dirs)}/ directory; expected "
-            f"{root}/train/<class>/<image> and {root}/val/<class>/<image>"
-        )
-    to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize((image_size, image_size), antialias=True)])
-    try:
-        folder = ImageFolder(str(split), loader=read_image, transform=to_tensor)
-    except FileNotFoundError as err:  # no class folders, or a class folder without images
-        raise DatasetNotFoundError(f"image folder {split}: {err}") from None
-    images = torch.stack([folder[i][0] for i in range(len(folder))])
-    return ImageDataset(images, torch.tensor(folder.targets, dtype=torch.int64), list(folder.classes))
+def load_image_folder(root: str | Path, train: bool, image_size: int, **options) -> ImageDataset:
+    """The training split (``train``) or the val/test split of the image folder ``root``, at
+    image_size x image_size, through its prepared cache (vit_fast.image_folder.load_image_folder,
+    whose keyword ``options`` these are)."""
+    return image_folder.load_image_folder(root, train, image_size, **options)
 
 
 def fingerprint(dataset: str, train: ImageDataset, test: ImageDataset) -> dict:
@@ -377,13 +266,16 @@ def load_split(
     synthetic_size: int = 2048,  # training images of the synthetic task (its test split is a quarter of that)
     synthetic_classes: int = 10,
     seed: int = 0,  # the synthetic task's draw
+    cache_dir: str | Path | None = None,  # an image folder's prepared cache: None, beside the data
+    log=print,  # where an image folder's cache reports (a callable taking one line)
+    progress: bool = True,  # an image folder's decoding progress bar
 ) -> ImageDataset:
     """The training or the test split of ``dataset`` (one of DATASETS); the defaults are those of
     ``python -m vit_fast.train``."""
     if dataset in _CIFAR:
         return load_cifar(data_dir, dataset, train, download)
     if dataset == "imagefolder":
-        return load_image_folder(data_dir, train, image_size)
+        return load_image_folder(data_dir, train, image_size, cache_dir=cache_dir, log=log, progress=progress)
     if dataset != "synthetic":
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
     n = synthetic_size

@@ -31,7 +31,7 @@ from .paths import check_output_file
 from .runtime import autocast, check_backend_device, resolve_device
 
 # The training arguments that, with the dataset and its directory, define a split (datasets.load_split's options).
-SPLIT_ARGS = ("image_size", "synthetic_size", "synthetic_classes", "seed")
+SPLIT_ARGS = ("image_size", "synthetic_size", "synthetic_classes", "seed", "cache_dir")
 
 
 @torch.no_grad()

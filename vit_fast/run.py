@@ -72,7 +72,8 @@ def check_graph_device(config: TrainConfig, world: dist_mod.World, device: torch
 def data_options(config: TrainConfig) -> dict:
     """data.load_split's keyword options from the data arguments of a training run."""
     return dict(download=not config.no_download, image_size=config.image_size, synthetic_size=config.synthetic_size,
-                synthetic_classes=config.synthetic_classes, seed=config.seed)
+                synthetic_classes=config.synthetic_classes, seed=config.seed,
+                cache_dir=getattr(config, "cache_dir", None))
 
 
 def per_rank_batch(global_batch: int, world: dist_mod.World) -> int:
@@ -176,7 +177,14 @@ def setup(config: TrainConfig, world: dist_mod.World, device: torch.device) -> T
     out_dir = Path(config.out_dir)
     resume_state = _resume_state(config, out_dir / CHECKPOINT_FILE)
     torch.manual_seed(config.seed)
-    train_set, test_set = datasets.load_data(config.dataset, config.data_dir, **data_options(config))
+    log = print if world.is_main else _silent
+    if config.dataset == "imagefolder" and world.is_distributed:
+        # One process per machine decodes a folder that has no cache yet; the others wait and load it.
+        if world.local_rank == 0:
+            datasets.load_data(config.dataset, config.data_dir, **data_options(config), log=log, progress=world.is_main)
+        dist_mod.barrier(world)
+    train_set, test_set = datasets.load_data(config.dataset, config.data_dir, **data_options(config), log=log,
+                                             progress=world.is_main)
     fingerprint = datasets.fingerprint(config.dataset, train_set, test_set)  # on the host, before .to(device)
     if resume_state is not None:
         check_resume_data(resume_state, fingerprint, out_dir / CHECKPOINT_FILE, print if world.is_main else _silent)

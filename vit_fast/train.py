@@ -63,6 +63,7 @@ class TrainConfig:
     data_dir: str
     no_download: bool
     image_size: int
+    cache_dir: str | None  # an image folder's prepared cache (None: DATA_DIR/.vit_fast_cache)
     synthetic_size: int
     synthetic_classes: int
     # the recipe's values (vit_fast.recipes.FIELDS), resolved
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", default="./data", help="where the dataset is (or is downloaded to)")
     d.add_argument("--no-download", action="store_true", help="never try to download a missing dataset")
     d.add_argument("--image-size", type=int, default=32, help="image folder and synthetic data are resized to this")
+    d.add_argument("--cache-dir", default=None,
+                   help="--dataset imagefolder: keep the decoded images' cache here (for a read-only --data-dir) "
+                        "instead of DATA_DIR/.vit_fast_cache (python -m vit_fast.data prepare makes it ahead)")
     d.add_argument("--synthetic-size", type=int, default=2048, help="training images of --dataset synthetic")
     d.add_argument("--synthetic-classes", type=int, default=10, help="at least 2")
     recipes.add_augment_arguments(p.add_argument_group("augmentation (recipe)"))

@@ -122,10 +122,13 @@ def aot_every_config(batch: int = 128, tokens: int = VIT_CIFAR_TOKENS, dim: int 
     """The distinct launches of the fused model's autocast linears in training, for ``python -m
     vit_fast.aot --op linear``: vit-cifar's shapes by default (``batch`` images of ``tokens``
     tokens, width ``dim``, ``classes`` head outputs), under bf16 autocast (bf16 activations, fp32
-    parameters): the qkv and output projections and the head (on the class tokens)."""
+    parameters): the qkv and output projections and the head (on the class tokens), the head also
+    at vit-64's 200 classes (Tiny-ImageNet) and 1000 (ImageNet 64x64); vit-64's other shapes are
+    vit-cifar's (65 tokens, width 192)."""
     M = batch * tokens
     launches = []
-    for rows, n in ((M, 3 * dim), (M, dim), (batch, classes)):  # qkv, proj, head (class tokens)
+    heads = [(batch, c) for c in dict.fromkeys((classes, 200, 1000))]
+    for rows, n in ((M, 3 * dim), (M, dim), *heads):  # qkv, proj, heads (class tokens)
         launches += aot_launches(rows, dim, n, torch.bfloat16)
     return list({launch.key: launch for launch in launches}.values())
 
