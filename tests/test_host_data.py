@@ -82,7 +82,7 @@ def test_data_on_host_choice():
     cuda, cpu, free = torch.device("cuda", 0), torch.device("cpu"), 10_000
     fits = int(DATA_SHARE_OF_FREE * free)
     assert not data_on_host("auto", cuda, fits, free_bytes=free)  # at most the share: on the GPU
-    assert data_on_host("auto", cuda, fits + 1, free_bytes=free)  # above it: pinned host memory
+    assert data_on_host("auto", cuda, fits + 1, free_bytes=free)  # above it: host memory
     assert not data_on_host("cuda", cuda, 10 * free, free_bytes=free)  # as asked, even when it will not fit
     assert data_on_host("cpu", cuda, 1, free_bytes=free)
     assert not data_on_host("auto", cpu, 10**12) and data_on_host("cpu", cpu, 1)  # a CPU run: host memory
@@ -99,7 +99,7 @@ def test_data_placement_reads_both_splits_and_says_why():
     auto = types.SimpleNamespace(data_device="auto")
     cuda = torch.device("cuda", 0)
     on_host, line = run_mod.data_placement(auto, cuda, train_set, test_set, free_bytes=19_199)
-    assert on_host and "pinned host memory" in line and "(auto: more than 50% of the GPU's" in line
+    assert on_host and "host memory, each batch copied to the device" in line and "(auto: more than 50% of the GPU's" in line
     on_host, line = run_mod.data_placement(auto, cuda, train_set, test_set, free_bytes=19_200)
     assert not on_host and "(auto: no more than 50%" in line
     assert run_mod.data_placement(auto, torch.device("cpu"), train_set, test_set) == (False, None)
@@ -140,17 +140,17 @@ def test_training_from_host_memory_equals_the_resident_run(tmp_path, capsys):
         assert torch.equal(a["model"][name], b["model"][name]), name
 
 
-@pytest.mark.gpu(reason="pinned host memory, the copy stream and its events exist only on a GPU")
+@pytest.mark.gpu(reason="pinned buffers, the copy stream and its events exist only on a GPU")
 @pytest.mark.parametrize("backend", ["torch", "fused"])
 def test_pinned_host_loader_yields_the_device_loaders_batches_on_cuda(backend):
     resident, staged = _loaders(backend, augment=recipes.get_recipe("lee2021").augmentation(), size=100,
                                 device="cuda")
-    assert staged.data.images.is_pinned() and resident.data.images.is_cuda
+    assert staged._pinned[0].is_pinned() and staged.data.images.device.type == "cpu" and resident.data.images.is_cuda
     assert _assert_same_epochs(resident, staged, epochs=(0, 1, 2)) >= 30
 
 
 @pytest.mark.gpu(reason="CUDA graphs need a GPU")
-def test_graphed_run_from_pinned_memory_equals_the_resident_graphed_run(tmp_path):
+def test_graphed_run_from_host_memory_equals_the_resident_graphed_run(tmp_path):
     """--cuda-graphs with the copy before each replay: the same weights as the resident graphed run."""
     base = [*TINY[:-6], "--device", "cuda", "--cuda-graphs", "--epochs", "2", "--seed", "3"]
     for name, extra in (("resident", ["--data-device", "cuda"]), ("staged", ["--data-device", "cpu"])):

@@ -2,8 +2,8 @@
 from (seed, epoch), sharded over data-parallel ranks, with repeated augmentation
 (``repeated_indices``); each training batch's draws made from counters on the device
 (``vit_fast.augment.draws``) and the batch built by ``vit_fast.augment.pipeline``. A dataset
-larger than the GPU stays in pinned host memory (``host_images``), each batch's images staged to the
-device asynchronously; ``data_on_host`` decides where a run keeps its data (``--data-device``).
+larger than the GPU stays in host memory (``host_images``), each batch's images staged to the
+device asynchronously through pinned buffers; ``data_on_host`` decides where a run keeps its data (``--data-device``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ DATA_DEVICES = ("auto", "cuda", "cpu")
 # free memory at start-up (torch.cuda.mem_get_info, read before the model is built). The other half
 # must hold what training allocates after it: the weights, their gradients and AdamW's two moments,
 # the batch's activations (several GB for a ViT at batch 1024), cuBLAS workspaces, a CUDA graph's
-# memory pool and the caching allocator's slack. A set above it stays in pinned host memory.
+# memory pool and the caching allocator's slack. A set above it stays in host memory.
 DATA_SHARE_OF_FREE = 0.5
 # Host-resident data: pinned host buffers the batches are gathered into, used in turn; the host waits
 # for buffer k's previous copy to the device (HOST_BUFFERS steps back) before refilling it.
@@ -36,7 +36,7 @@ def data_on_host(choice: str, device: torch.device, nbytes: int, free_bytes: int
     """Whether a run keeps its uint8 images in host memory (``DeviceLoader``'s ``host_images``) for
     ``--data-device`` ``choice`` on the training ``device``, the images taking ``nbytes``.
 
-    On a CUDA device: "cuda" keeps them on the GPU, "cpu" in pinned host memory, "auto" on the GPU
+    On a CUDA device: "cuda" keeps them on the GPU, "cpu" in host memory, "auto" on the GPU
     when ``nbytes`` is at most DATA_SHARE_OF_FREE of ``free_bytes`` (default: the device's free
     memory now, ``torch.cuda.mem_get_info``), else on the host. On a CPU device the images are in
     host memory whatever the choice: "auto" indexes the set directly (as "cuda" would on a GPU),
@@ -126,8 +126,9 @@ class DeviceLoader:
     Evaluation batches are the same either way.
 
     Host-resident data (``host_images``; ``--data-device cpu``, or auto when the set is too big for
-    the GPU): the uint8 images stay in host memory (pinned when ``device`` is CUDA), only the labels
-    and the epoch's order go to ``device``. The host knows the epoch's order, so ``stage`` gathers a
+    the GPU): the uint8 images stay in host memory as given (not page-locked: a memory-mapped array
+    works, and pinning a set of tens of GB would lock that much RAM, rounded up to a power of two by
+    torch's pinned allocator), only the labels and the epoch's order go to ``device``. The host knows the epoch's order, so ``stage`` gathers a
     step's images itself (``index_select`` into one of HOST_BUFFERS pinned buffers, in turn) and
     copies them with ``non_blocking`` on a side stream into half ``step % 2`` of a static device
     staging buffer (2 batches); the compute stream waits for that copy's event, and the next copy
@@ -194,14 +195,12 @@ class DeviceLoader:
     @staticmethod
     def _placed(data: ImageDataset, device: torch.device, host_images: bool) -> ImageDataset:
         """The dataset as the loader keeps it: all on ``device``, or (``host_images``) the images in
-        host memory, pinned for asynchronous copies when ``device`` is CUDA, and the labels on ``device``."""
+        host memory (pageable: only the batch buffers ``stage`` gathers into are pinned) and the
+        labels on ``device``."""
         if not host_images:
             placed = data.images.device == device and data.labels.device == device
             return data if placed else data.to(device)
-        images = data.images.cpu()
-        if device.type == "cuda" and not images.is_pinned():
-            images = images.pin_memory()
-        return ImageDataset(images, data.labels.to(device), data.classes)
+        return ImageDataset(data.images.cpu(), data.labels.to(device), data.classes)
 
     def _init_staging(self, C: int, H: int, W: int) -> None:
         """The host path's buffers, allocated once: the device staging buffer (two batches), the

@@ -287,7 +287,7 @@ def data_placement(config: TrainConfig, device: torch.device, train_set: dataset
         raise UsageError(str(err)) from None
     if device.type != "cuda" and not on_host:
         return on_host, None  # the usual CPU run: nothing to say
-    where = "pinned host memory, each batch copied to the device" if on_host else f"{device} memory"
+    where = "host memory, each batch copied to the device through pinned buffers" if on_host else f"{device} memory"
     if device.type != "cuda":
         where = "host memory, each batch gathered into a staging buffer"
     why = ""

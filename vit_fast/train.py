@@ -198,10 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave after this many epochs in this invocation (time-sliced jobs; continue with --resume)")
     r.add_argument("--eval-batch-size", type=int, default=512, help="per rank")
     r.add_argument("--data-device", default="auto", choices=DATA_DEVICES,
-                   help="where the uint8 training and test images live: cuda (GPU memory), cpu (pinned host "
-                        "memory, each batch's images copied to the GPU asynchronously: for datasets larger than "
-                        "the GPU), auto (the GPU when the images take at most half of its free memory, else "
-                        "the host). On a CPU run the images are in host memory either way (cuda is an error)")
+                   help="where the uint8 training and test images live: cuda (GPU memory), cpu (host memory, "
+                        "each batch's images copied to the GPU asynchronously through pinned buffers: for "
+                        "datasets larger than the GPU), auto (the GPU when the images take at most half of its "
+                        "free memory, else the host). On a CPU run the images are in host memory either way "
+                        "(cuda is an error)")
     r.add_argument("--cuda-graphs", action="store_true",
                    help="capture the whole training step in one CUDA graph and replay it (needs CUDA, one process; "
                         "drops each epoch's last partial batch so that every batch has the same shape)")
