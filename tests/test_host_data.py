@@ -1,6 +1,7 @@
 """Datasets larger than the GPU: host-resident images staged per batch (DeviceLoader's
 ``host_images``), the same batches as the device-resident loader's, and --data-device's choice."""
 
+import contextlib
 import types
 
 import pytest
@@ -67,6 +68,70 @@ def test_host_data_phase_makes_no_host_syncs():
             with counter.phase("data"):
                 next(batches)
     counter.assert_sync_free()
+
+
+class _FakeEvent:
+    made = 0  # events made so far: each is named by its rank, E0, E1, ...
+
+    def __init__(self, log: list) -> None:
+        self.log, self.name = log, f"E{_FakeEvent.made}"
+        _FakeEvent.made += 1
+        log.append(("Event", self.name))
+
+    def record(self, stream) -> None:
+        self.log.append(("record", self.name, "on", stream.name))
+
+    def synchronize(self) -> None:
+        self.log.append(("host waits for", self.name))
+
+
+class _FakeStream:
+    def __init__(self, log: list, name: str) -> None:
+        self.log, self.name = log, name
+
+    def wait_event(self, event: _FakeEvent) -> None:
+        self.log.append(("wait", self.name, "for", event.name))
+
+
+def test_staging_events_order_the_copies_on_a_cpu(monkeypatch):
+    """The CUDA path's protocol, with torch.cuda's streams and events replaced by recording fakes on
+    a CPU (the copies run for real): step s's copy goes to pinned buffer and staging half s % 2 on
+    the copy stream; before it the host waits for that buffer's copy of step s - 2 and the copy
+    stream for the release of step s - 2's batch; the compute stream waits for the copy; the batch's
+    release is recorded on the compute stream. And the batches are still the resident loader's."""
+    log: list = []
+    compute = _FakeStream(log, "compute")
+
+    @contextlib.contextmanager
+    def stream(s):
+        log.append(("enter", s.name))
+        yield
+        log.append(("exit", s.name))
+
+    monkeypatch.setattr(_FakeEvent, "made", 0)
+    monkeypatch.setattr(torch.cuda, "Event", lambda: _FakeEvent(log))
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    resident, staged = _loaders("torch", size=48)  # 6 full batches of 8 per epoch
+    staged._copy_stream = _FakeStream(log, "copy")
+    steps = 0
+    for epoch in (0, 1):
+        resident.set_epoch(epoch)
+        staged.set_epoch(epoch)
+        for (x, y), (xs, ys) in zip(resident, staged, strict=True):
+            assert torch.equal(xs, x) and torch.equal(ys, y), f"epoch {epoch} step {steps}"
+            copied, consumed = ("E0", "E1") if steps % 2 == 0 else ("E2", "E3")
+            first = steps < 2
+            expected = [
+                *([] if first else [("host waits for", copied), ("wait", "copy", "for", consumed)]),
+                ("enter", "copy"), *([("Event", copied)] if first else []), ("record", copied, "on", "copy"),
+                ("exit", "copy"), ("wait", "compute", "for", copied),
+                *([("Event", consumed)] if first else []), ("record", consumed, "on", "compute"),
+            ]
+            assert log == expected, f"step {steps}: {log}"
+            log.clear()
+            steps += 1
+    assert steps == 12
 
 
 def test_staging_errors_name_the_problem():
