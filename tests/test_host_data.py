@@ -14,6 +14,7 @@ from vit_fast.augment.config import AugmentConfig
 from vit_fast.checkpoint import load_checkpoint
 from vit_fast.loader import DATA_SHARE_OF_FREE, DeviceLoader, data_on_host
 from vit_fast.syncs import count_host_syncs
+from vit_fast.testing import assert_same_batches
 
 
 def _loaders(backend: str, world_size: int = 1, rank: int = 0, augment: AugmentConfig | None = None,
@@ -27,18 +28,6 @@ def _loaders(backend: str, world_size: int = 1, rank: int = 0, augment: AugmentC
                          backend=backend, device=device, host_images=host) for host in (False, True)]
 
 
-def _assert_same_epochs(resident: DeviceLoader, staged: DeviceLoader, epochs=(0, 1)) -> int:
-    batches = 0
-    for epoch in epochs:
-        resident.set_epoch(epoch)
-        staged.set_epoch(epoch)
-        for (x, y), (xs, ys) in zip(resident, staged, strict=True):
-            assert torch.equal(xs, x), f"epoch {epoch} batch {batches}: max difference {(xs - x).abs().max():.3g}"
-            assert torch.equal(ys, y) and ys.dtype == y.dtype, f"epoch {epoch} batch {batches}: targets differ"
-            batches += 1
-    return batches
-
-
 @pytest.mark.parametrize("backend", ["torch", "fused"])
 @pytest.mark.parametrize("world_size,rank", [(1, 0), (2, 1)])
 def test_host_loader_yields_the_device_loaders_batches(backend, world_size, rank):
@@ -47,7 +36,7 @@ def test_host_loader_yields_the_device_loaders_batches(backend, world_size, rank
     ("fused" under Triton's interpreter on a CPU)."""
     resident, staged = _loaders(backend, world_size, rank)
     assert staged.host_images and staged.data.images.device.type == "cpu"
-    assert _assert_same_epochs(resident, staged) >= 6
+    assert assert_same_batches(resident, staged) >= 6
 
 
 def test_host_evaluation_batches_are_the_device_loaders():
@@ -211,7 +200,7 @@ def test_pinned_host_loader_yields_the_device_loaders_batches_on_cuda(backend):
     resident, staged = _loaders(backend, augment=recipes.get_recipe("lee2021").augmentation(), size=100,
                                 device="cuda")
     assert staged._pinned[0].is_pinned() and staged.data.images.device.type == "cpu" and resident.data.images.is_cuda
-    assert _assert_same_epochs(resident, staged, epochs=(0, 1, 2)) >= 30
+    assert assert_same_batches(resident, staged, epochs=(0, 1, 2)) >= 30
 
 
 @pytest.mark.gpu(reason="CUDA graphs need a GPU")
