@@ -3,7 +3,8 @@ from (seed, epoch), sharded over data-parallel ranks, with repeated augmentation
 (``repeated_indices``); each training batch's draws made from counters on the device
 (``vit_fast.augment.draws``) and the batch built by ``vit_fast.augment.pipeline``. A dataset
 larger than the GPU stays in host memory (``host_images``), each batch's images staged to the
-device asynchronously through pinned buffers; ``data_on_host`` decides where a run keeps its data (``--data-device``).
+device asynchronously through pinned buffers; ``data_on_host`` decides where a run keeps its data
+(``--data-device``).
 """
 
 from __future__ import annotations
@@ -128,10 +129,10 @@ class DeviceLoader:
     Host-resident data (``host_images``; ``--data-device cpu``, or auto when the set is too big for
     the GPU): the uint8 images stay in host memory as given (not page-locked: a memory-mapped array
     works, and pinning a set of tens of GB would lock that much RAM, rounded up to a power of two by
-    torch's pinned allocator), only the labels and the epoch's order go to ``device``. The host knows the epoch's order, so ``stage`` gathers a
-    step's images itself (``index_select`` into one of HOST_BUFFERS pinned buffers, in turn) and
-    copies them with ``non_blocking`` on a side stream into half ``step % 2`` of a static device
-    staging buffer (2 batches); the compute stream waits for that copy's event, and the next copy
+    torch's pinned allocator), only the labels and the epoch's order go to ``device``. The host
+    knows the epoch's order, so ``stage`` gathers a step's images itself (``index_select`` into one
+    of HOST_BUFFERS pinned buffers, in turn) and copies them with ``non_blocking`` on a side stream
+    into half ``step % 2`` of a static device staging buffer (2 batches); the compute stream waits for that copy's event, and the next copy
     into the same half waits for the event recorded after the batch that read it (``release``). The
     batch is built from the staging rows (their draws are the same: the draws are keyed by position,
     the labels read through the device's order), so the batches are the device-resident path's, bit
@@ -305,7 +306,8 @@ class DeviceLoader:
                 self._copy_stream.wait_event(self._consumed[half])
             with torch.cuda.stream(self._copy_stream):
                 dest.copy_(pinned, non_blocking=True)
-                self._copied[k] = self._copied[k] or torch.cuda.Event()
+                if self._copied[k] is None:
+                    self._copied[k] = torch.cuda.Event()
                 self._copied[k].record(self._copy_stream)
             torch.cuda.current_stream(self.device).wait_event(self._copied[k])
         self._host_step += 1
@@ -317,7 +319,8 @@ class DeviceLoader:
         if not self.host_images or self._copy_stream is None:
             return
         half = (self._host_step - 1) % 2
-        self._consumed[half] = self._consumed[half] or torch.cuda.Event()
+        if self._consumed[half] is None:
+            self._consumed[half] = torch.cuda.Event()
         self._consumed[half].record(torch.cuda.current_stream(self.device))
 
     def train_batch(self, rows: int, stage: bool = True) -> tuple[Tensor, Tensor]:
