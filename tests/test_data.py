@@ -14,6 +14,7 @@ from vit_fast import datasets
 from vit_fast.augment import mixing, pipeline
 from vit_fast.augment.config import AugmentConfig
 from vit_fast.loader import DeviceLoader, repeated_indices
+from vit_fast.testing import assert_same_batches
 
 
 def write_cifar100(root, n_train=20, n_test=10, seed=0):
@@ -283,15 +284,7 @@ def test_fused_loader_yields_the_torch_loaders_batches(case, world_size, rank):
     from the same counter-based draws, bit for bit, over several batches and epochs (rank 1 of 2:
     the rank's rows of the global batch)."""
     torch_loader, fused_loader = _loader_pairs(FUSED_LOADER_CASES[case](), world_size, rank)
-    batches = 0
-    for epoch in (0, 1):
-        torch_loader.set_epoch(epoch)
-        fused_loader.set_epoch(epoch)
-        for (x, y), (xf, yf) in zip(torch_loader, fused_loader, strict=True):
-            assert torch.equal(xf, x), f"epoch {epoch} batch {batches}: max difference {(xf - x).abs().max():.3g}"
-            assert torch.equal(yf, y) and yf.dtype == y.dtype, f"epoch {epoch} batch {batches}: targets differ"
-            batches += 1
-    assert batches >= 6
+    assert assert_same_batches(torch_loader, fused_loader) >= 6
 
 
 def test_fused_data_phase_makes_no_host_syncs():

@@ -400,7 +400,13 @@ class _FakeGraph:
             work()
 
 
-def test_graphed_step_warms_up_captures_and_replays_on_a_cpu(tmp_path, monkeypatch):
+# Host-resident data ("cpu"): the host stages each batch's images before the replay (a gather and a
+# copy into the static staging buffer: these ops and no other), and the captured data phase reads them.
+STAGING_OPS = {"aten.slice.Tensor", "aten.index_select.out", "aten.copy_.default"}
+
+
+@pytest.mark.parametrize("data_device", ["auto", "cpu"])
+def test_graphed_step_warms_up_captures_and_replays_on_a_cpu(tmp_path, monkeypatch, data_device):
     """Kills the mutation that drops GraphedStep's ``replay()`` right after the capture (the
     captured batch would never be trained). With torch.cuda's streams and graphs replaced by
     recording fakes (_FakeCuda) and the real data phase and ``train_step`` on a CPU: the first
@@ -410,11 +416,14 @@ def test_graphed_step_warms_up_captures_and_replays_on_a_cpu(tmp_path, monkeypat
     on the loader's next batch, the batches and parameters are those of as many eager steps of
     the epoch loop, the loss sum is the eager one, and between two replays the host dispatches no
     tensor op at all (the host work of a step is the replay call); a batch of another size is
-    refused."""
+    refused. With ``--data-device cpu`` the graphed run stages each batch from host memory and
+    still matches the eager steps of the device-resident run, bit for bit."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     extra = ("--backend", "torch", "--recipe", "lee2021", "--synthetic-size", "56", "--warmup-epochs", "1")
-    run, eager = tiny_run(tmp_path / "graphed", "cpu", *extra), tiny_run(tmp_path / "eager", "cpu", *extra)
+    run = tiny_run(tmp_path / "graphed", "cpu", *extra, "--data-device", data_device)
+    eager = tiny_run(tmp_path / "eager", "cpu", *extra)
+    assert run.train_loader.host_images == (data_device == "cpu") and not eager.train_loader.host_images
     for a, b in zip(run.model.parameters(), eager.model.parameters()):
         b.data.copy_(a.data)  # the same starting point
     cuda = _FakeCuda()
@@ -477,7 +486,11 @@ def test_graphed_step_warms_up_captures_and_replays_on_a_cpu(tmp_path, monkeypat
         if i > n_warm:
             with OpCounter() as counter:
                 losses.append(step(rows[i]))
-            assert counter.ops == [], f"call {i + 1}: the host dispatched {counter.ops} besides the replay"
+            if data_device == "cpu":
+                assert "aten.index_select.out" in counter.ops and set(counter.ops) <= STAGING_OPS, (
+                    f"call {i + 1}: the host dispatched {counter.ops} besides staging the batch and the replay")
+            else:
+                assert counter.ops == [], f"call {i + 1}: the host dispatched {counter.ops} besides the replay"
         else:
             losses.append(step(rows[i]))
         if i == 0:

@@ -34,7 +34,7 @@ from .config import ViTConfig, get_preset
 from .ema import EMA
 from .evaluate import evaluate
 from .kernel_choice import KernelChoice, Workload, choose_for_run
-from .loader import DeviceLoader
+from .loader import DATA_SHARE_OF_FREE, DeviceLoader, data_on_host
 from .model import ViTClassifier
 from .optim import (
     NO_BAD_STEP,
@@ -67,6 +67,15 @@ def check_graph_device(config: TrainConfig, world: dist_mod.World, device: torch
     if device.type != "cuda":
         raise SystemExit(f"--cuda-graphs captures the training step in a CUDA graph and needs a CUDA device, "
                          f"but the device is {device}; drop --cuda-graphs on this machine")
+
+
+def check_data_device(config: TrainConfig, device: torch.device) -> None:
+    """--data-device cuda needs a CUDA device (checked once the device is known, before any data is
+    loaded); auto and cpu hold on any device (``vit_fast.loader.data_on_host``)."""
+    try:
+        data_on_host(config.data_device, device, 0, free_bytes=0)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def data_options(config: TrainConfig) -> dict:
@@ -199,8 +208,10 @@ def setup(config: TrainConfig, world: dist_mod.World, device: torch.device) -> T
                          f"(checkpoint, now): {diff}")
     mean, std = datasets.channel_stats(train_set.images)
     shard = dict(rank=world.rank, world_size=world.size)
-    train_loader = make_train_loader(config, world, train_set.to(device), mean, std)
-    test_loader = DeviceLoader(test_set.to(device), config.eval_batch_size, mean, std, train=False, **shard)
+    on_host, data_line = data_placement(config, device, train_set, test_set)
+    train_loader = make_train_loader(config, world, train_set, mean, std, device=device, host_images=on_host)
+    test_loader = DeviceLoader(test_set, config.eval_batch_size, mean, std, train=False, device=device,
+                               host_images=on_host, **shard)
 
     model = ViTClassifier(cfg, backend=config.backend).to(device)
     amp = device.type == "cuda" and not config.no_amp
@@ -233,6 +244,8 @@ def setup(config: TrainConfig, world: dist_mod.World, device: torch.device) -> T
     if config.cuda_graphs:
         run.graph = GraphedStep(run)
     _log_start(run)
+    if data_line is not None:
+        run.log(data_line)
     if kernels_line is not None:
         run.log(kernels_line)
     return run
@@ -267,15 +280,44 @@ def choose_run_kernels(config: TrainConfig, world: dist_mod.World, device: torch
     return choice, line
 
 
+def data_placement(config: TrainConfig, device: torch.device, train_set: datasets.ImageDataset,
+                   test_set: datasets.ImageDataset, free_bytes: int | None = None) -> tuple[bool, str | None]:
+    """Where the run keeps its images (--data-device, ``vit_fast.loader.data_on_host``: True for host
+    memory), from the uint8 bytes of both splits, and the start-up line that says so (None on a CPU
+    run that indexes its set directly). ``free_bytes``: the GPU's free memory (default: read from
+    the device)."""
+    nbytes = train_set.images.numel() + test_set.images.numel()
+    if device.type == "cuda" and config.data_device == "auto" and free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    try:
+        on_host = data_on_host(config.data_device, device, nbytes, free_bytes)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if device.type != "cuda" and not on_host:
+        return on_host, None  # the usual CPU run: nothing to say
+    where = "host memory, each batch copied to the device through pinned buffers" if on_host else f"{device} memory"
+    if device.type != "cuda":
+        where = "host memory, each batch gathered into a staging buffer"
+    why = ""
+    if device.type == "cuda" and config.data_device == "auto":
+        share = f"{DATA_SHARE_OF_FREE:.0%} of the GPU's {free_bytes / 1e9:.1f} GB free"
+        why = f" (auto: {'more' if on_host else 'no more'} than {share})"
+    size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+    return on_host, f"data: {size} of uint8 images in {where}{why}"
+
+
 def make_train_loader(config: TrainConfig, world: dist_mod.World, train_set: datasets.ImageDataset,
-                      mean: list[float], std: list[float], log: Callable[..., None] = print) -> DeviceLoader:
-    """The training loader. Under --cuda-graphs every batch must have the graph's shape, so the last
+                      mean: list[float], std: list[float], log: Callable[..., None] = print,
+                      device: torch.device | None = None, host_images: bool = False) -> DeviceLoader:
+    """The training loader on ``device`` (default: the images' device), the images there or in host
+    memory (``host_images``). Under --cuda-graphs every batch must have the graph's shape, so the last
     partial batch of each epoch is dropped (logged with its size). The fused backend builds its
     batches with the fused data kernels (the same batches: see DeviceLoader's ``backend``)."""
     recipe = config.recipe_values
     loader = DeviceLoader(train_set, per_rank_batch(config.batch_size, world), mean, std, train=True,
-                                   augment=recipe.augmentation(), seed=config.seed, drop_last=config.cuda_graphs,
-                                   rank=world.rank, world_size=world.size, backend=config.backend)
+                          augment=recipe.augmentation(), seed=config.seed, drop_last=config.cuda_graphs,
+                          rank=world.rank, world_size=world.size, backend=config.backend, device=device,
+                          host_images=host_images)
     dropped = len(train_set) - sum(loader.global_batch_sizes())
     if config.cuda_graphs and dropped and world.is_main:
         log(f"--cuda-graphs: every batch has the captured graph's shape, so each epoch's last partial batch of "

@@ -102,7 +102,10 @@ class GraphedStep:
     optimizer state. So the host work of a step is the replay call and a few integer updates in
     the epoch loop: no tensor is created and no Python loop over images or parameters runs, but
     for the loss read-back at --log-every points and the epoch's end (``tests/test_step.py``
-    counts the ops dispatched between replays: none).
+    counts the ops dispatched between replays: none). With the images in host memory
+    (``--data-device cpu``) the host also gathers the batch's images and queues their copy into
+    the graph's static staging buffer before each replay, and records an event after it
+    (``DeviceLoader.stage`` and ``release``); the captured data phase reads that buffer.
 
     The first ``warmup_steps`` calls are ordinary eager steps on a side stream (as capture
     requires: the optimizer's moments, cuBLAS workspaces and compiled code get allocated there,
@@ -129,7 +132,7 @@ class GraphedStep:
 
     def data_and_step(self, rows: int) -> Tensor:
         """What the graph holds: the next batch, the step on it, the loss added to ``loss_sum``."""
-        x, y = self.run.train_loader.train_batch(rows)
+        x, y = self.run.train_loader.train_batch(rows, stage=False)  # staged by __call__, outside the graph
         loss = train_step(self.run, x, y)
         self.loss_sum.add_(loss * rows)
         return loss
@@ -142,6 +145,8 @@ class GraphedStep:
             self.loss_sum = torch.zeros((), dtype=torch.float32, device=self.run.device)
         elif rows != self.rows:
             raise RuntimeError(f"the CUDA graph was captured for batches of {self.rows} images per rank, got {rows}")
+        loader = self.run.train_loader
+        loader.stage(rows)  # host-resident data: the batch's images to the graph's static staging buffer
         if self.graph is not None:
             self.graph.replay()
         elif self.eager_steps < self.warmup_steps:
@@ -158,6 +163,7 @@ class GraphedStep:
             with torch.cuda.graph(self.graph):
                 self.loss = self.data_and_step(rows)
             self.graph.replay()  # capture only records: this runs the batch
+        loader.release()
         return self.loss
 
 

@@ -388,3 +388,17 @@ def check_forward_backward_relative(fused_fn, ref_fn, inputs: list[torch.Tensor]
         assert a.dtype == b.dtype, f"{name} grad {i}: dtype {a.dtype}, expected {b.dtype}"
         assert_parity_relative(a, b, c, rel, name=f"{name} grad {i}")
 
+
+
+def assert_same_batches(loader, other, epochs: Iterable[int] = (0, 1)) -> int:
+    """Two training loaders (``vit_fast.loader.DeviceLoader``) yield the same batches, bit for bit,
+    over ``epochs``: images, targets and the targets' dtype. Returns the batches compared."""
+    batches = 0
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        other.set_epoch(epoch)
+        for (x, y), (xo, yo) in zip(loader, other, strict=True):
+            assert torch.equal(xo, x), f"epoch {epoch} batch {batches}: max difference {(xo - x).abs().max():.3g}"
+            assert torch.equal(yo, y) and yo.dtype == y.dtype, f"epoch {epoch} batch {batches}: targets differ"
+            batches += 1
+    return batches

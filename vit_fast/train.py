@@ -33,7 +33,9 @@ from .cli import UsageError, errors_handled
 from .config import BACKENDS, PRESETS
 from .kernel_choice import MODES as KERNEL_MODES
 from .paths import check_output_dir
-from .run import CHECKPOINT_FILE, check_graph_device, model_config, per_rank_batch, run_epochs, setup
+from .loader import DATA_DEVICES
+from .run import (CHECKPOINT_FILE, check_data_device, check_graph_device, model_config, per_rank_batch,
+                  run_epochs, setup)
 from .runtime import check_backend_device, check_device_name, resolve_device
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -104,6 +106,7 @@ class TrainConfig:
     keep_best: bool
     stop_after: int | None
     eval_batch_size: int
+    data_device: str  # auto, cuda or cpu: where the uint8 images live (vit_fast.loader.data_on_host)
     cuda_graphs: bool
     log_every: int
 
@@ -198,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stop-after", type=int, default=None,
                    help="leave after this many epochs in this invocation (time-sliced jobs; continue with --resume)")
     r.add_argument("--eval-batch-size", type=int, default=512, help="per rank")
+    r.add_argument("--data-device", default="auto", choices=DATA_DEVICES,
+                   help="where the uint8 training and test images live: cuda (GPU memory), cpu (host memory, "
+                        "each batch's images copied to the GPU asynchronously through pinned buffers: for "
+                        "datasets larger than the GPU), auto (the GPU when the images take at most half of its "
+                        "free memory, else the host). On a CPU run the images are in host memory either way "
+                        "(cuda is an error)")
     r.add_argument("--cuda-graphs", action="store_true",
                    help="capture the whole training step in one CUDA graph and replay it (needs CUDA, one process; "
                         "drops each epoch's last partial batch so that every batch has the same shape)")
@@ -279,6 +288,7 @@ def train(config: TrainConfig) -> dict:
     device = dist_mod.device_for(world, config.device) if world.is_distributed else resolve_device(config.device)
     check_backend_device(config.backend, device)
     check_graph_device(config, world, device)
+    check_data_device(config, device)
     per_rank_batch(config.batch_size, world)
     dist_mod.init(world, device)
     try:
