@@ -173,12 +173,12 @@ def test_step_as_trained_has_every_phase_and_no_host_sync(as_trained):
         if name != "fused":  # the fused step converts in its kernels' registers (see below)
             assert ops["aten::_to_copy"].casts > 0, f"{name}: bf16 autocast should cast"
     fused = as_trained["fused"]
-    # On a GPU every backend draws its batch with the one fused draw kernel (vit_fast.loader), so
-    # the torch and reference steps call exactly that op, in their data phase, and nothing else.
+    # On a GPU the torch backend draws its batch with the fused draw kernel (vit_fast.loader), so it
+    # calls exactly that op, in its data phase; the reference backend keeps the draws' torch twin.
     assert fused.total.custom_op_calls > 1
-    for name in ("torch", "reference"):
-        assert as_trained[name].total.custom_op_calls == 1, name
-        assert as_trained[name].phases["data"].ops["vit_fast::augment_draw"].calls == 1, name
+    assert as_trained["torch"].total.custom_op_calls == 1
+    assert as_trained["torch"].phases["data"].ops["vit_fast::augment_draw"].calls == 1
+    assert as_trained["reference"].total.custom_op_calls == 0
     # The model's phases are the same code whatever the data phase did.
     assert fused.phases["forward_backward"].launches < as_trained["reference"].phases["forward_backward"].launches
 

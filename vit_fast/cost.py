@@ -218,7 +218,9 @@ def account_step_as_trained(preset: str = "vit-cifar", batch_size: int = 128, ba
     for name in ("_mean", "_std", "_classes", "position"):
         setattr(loader, name, fake_mode.from_tensor(getattr(loader, name)))
     loader._tables = tuple(fake_mode.from_tensor(t) for t in loader._tables)
-    loader.fused_draws = True  # on a GPU every backend draws with the fused kernel (vit_fast.loader)
+    # What a GPU runs (vit_fast.loader.DeviceLoader.uses_draw_kernel): the draw kernel on the torch and
+    # fused backends, its torch twin on the reference backend.
+    loader.fused_draws = backend != "reference"
     run.amp = True
     phases: dict[str, CostAccount] = {p: CostAccount() for p in step_mod.PHASES}
     with fake_mode, _foreach_on_fake_tensors():

@@ -267,24 +267,29 @@ def box_muller(xa: Tensor, xb: Tensor) -> tuple[Tensor, Tensor]:
     return r * c, r * s
 
 
+GAMMA_PROPOSALS = 16
+
+
+def _first(ok: Tensor, values: Tensor, default: float = 0.0) -> Tensor:
+    """Along the last dimension, the value where ``ok`` is first True (``default`` where it never
+    is): the kernel's running "not found yet" selection, made at once."""
+    first = ok.int().argmax(dim=-1, keepdim=True)  # argmax returns the first maximum
+    return torch.where(ok.any(dim=-1), values.gather(-1, first).squeeze(-1), default)
+
+
 def _gamma(m: Tensor, step: Tensor, epoch: Tensor, key: tuple[int, int], stream: int, alpha: float) -> Tensor:
+    """Gamma(alpha) per row (the kernel's ``gamma``): its 16 proposals drawn at once, (n, 16)."""
     d, c, inv_shape = gamma_constants(alpha)
-    g = torch.zeros(m.shape, dtype=torch.float32, device=m.device)
-    found = torch.zeros(m.shape, dtype=torch.bool, device=m.device)
-    boost = g
-    for j in range(16):
-        x0, x1, x2, x3 = philox(m, step, epoch, torch.full_like(m, stream + j), *key)
-        z, _ = box_muller(x0, x1)
-        v = 1.0 + c * z
-        v = (v * v) * v
-        v_pos = v.clamp_min(1e-30)
-        lhs = soft_log(uniform(x2).clamp_min(1e-30))
-        rhs = ((0.5 * z) * z + d) - d * v + d * soft_log(v_pos)
-        ok = (v > 0) & (lhs < rhs)
-        g = torch.where(ok & ~found, v_pos * d, g)
-        found = found | ok
-        if j == 0:
-            boost = uniform(x3).clamp_min(1e-30)
+    proposals = stream + torch.arange(GAMMA_PROPOSALS, device=m.device)
+    x0, x1, x2, x3 = philox(m.view(-1, 1), step, epoch, proposals.view(1, -1), *key)
+    z, _ = box_muller(x0, x1)
+    v = 1.0 + c * z
+    v = (v * v) * v
+    v_pos = v.clamp_min(1e-30)
+    lhs = soft_log(uniform(x2).clamp_min(1e-30))
+    rhs = ((0.5 * z) * z + d) - d * v + d * soft_log(v_pos)
+    g = _first((v > 0) & (lhs < rhs), v_pos * d)
+    boost = uniform(x3[:, 0]).clamp_min(1e-30)
     # Clamped to a normal number: a GPU may flush a denormal product to zero, a CPU keeps it.
     return (g * soft_exp(soft_log(boost) * inv_shape)).clamp_min(1e-30)
 
@@ -355,17 +360,15 @@ def counter_draws(spec: DrawSpec, order: Tensor, labels: Tensor, position: Tenso
 def _erase_draws(spec: DrawSpec, g: Tensor, step: Tensor, epoch: Tensor, key: tuple[int, int]) -> EraseDraw:
     H, W, B = spec.height, spec.width, spec.batch
     area_total = float(H * W)
-    found = torch.zeros(B, dtype=torch.bool, device=g.device)
-    eh = ew = torch.zeros(B, dtype=torch.float32, device=g.device)
-    for t in range(ERASE_TRIES):
-        z0, z1, _, _ = philox(g, step, epoch, torch.full_like(g, 32 + t), *key)
-        area = area_total * (ERASE_MIN_AREA + spec.erase_span * uniform(z0))
-        log_aspect = LOG_RATIO[0] + (LOG_RATIO[1] - LOG_RATIO[0]) * uniform(z1)
-        h = round_sqrt(area * soft_exp(log_aspect))
-        w = round_sqrt(area * soft_exp(-log_aspect))  # area / aspect, without a division
-        fits = (h < H) & (w < W) & ~found
-        eh, ew = torch.where(fits, h, eh), torch.where(fits, w, ew)
-        found = found | fits
+    tries = 32 + torch.arange(ERASE_TRIES, device=g.device)
+    z0, z1, _, _ = philox(g.view(-1, 1), step, epoch, tries.view(1, -1), *key)  # (B, tries)
+    area = area_total * (ERASE_MIN_AREA + spec.erase_span * uniform(z0))
+    log_aspect = LOG_RATIO[0] + (LOG_RATIO[1] - LOG_RATIO[0]) * uniform(z1)
+    h = round_sqrt(area * soft_exp(log_aspect))
+    w = round_sqrt(area * soft_exp(-log_aspect))  # area / aspect, without a division
+    fits = (h < H) & (w < W)
+    found = fits.any(dim=1)
+    eh, ew = _first(fits, h), _first(fits, w)
     p0, p1, p2, _ = philox(g, step, epoch, torch.full_like(g, 48), *key)
     on = found & (uniform(p0) < spec.erase_p)
     top = torch.floor(uniform(p1) * ((H + 1) - eh))
